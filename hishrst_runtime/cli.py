@@ -1,0 +1,64 @@
+"""The ``hishrst`` umbrella command.
+
+Subcommands live in their stage's package and are imported only when invoked, so ``hishrst run``
+(and ``hishrst-run``) never import torch: only ``synth``, ``fit``, ``evaluate``, ``export`` and
+``demo`` pull in the training stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from hishrst_runtime import __version__
+
+__all__ = ["main", "run_main"]
+
+# name -> (module, attribute, one-line help). Help text lives here so that `hishrst --help`
+# does not import any subcommand module.
+_SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "synth": ("hishrst_train.cli", "synth", "Generate a synthetic Visium dataset (Space Ranger outs)."),
+    "fit": ("hishrst_train.cli", "fit", "Train HisHRST on a Visium section (recovery or generation task)."),
+    "evaluate": ("hishrst_train.cli", "evaluate", "Per-gene PCC/MSE/MAE, SSIM and ARI of a fitted run."),
+    "export": ("hishrst_export.cli", "export", "Export a fitted run to an ONNX/TensorRT model bundle."),
+    "run": ("hishrst_runtime.run_cli", "run", "Predict dense expression over whole slides (OME-Zarr)."),
+    "convert": ("hishrst_runtime.convert", "convert_cmd", "Convert SVS / (OME-)TIFF slides to OME-Zarr 0.5."),
+    "demo": ("hishrst_train.demo", "demo", "Synthesize, train, export and run end to end on a demo slide."),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(_SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in _SUBCOMMANDS:
+            return None
+        module, attr, _ = _SUBCOMMANDS[name]
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            missing = getattr(e, "name", None) or str(e)
+            extra = "train" if module.startswith("hishrst_train") else "export" if "export" in module else None
+            hint = f' Install it with: pip install "hishrst[{extra}]"' if extra else ""
+            raise click.ClickException(f"`hishrst {name}` needs {missing!r}, which is not installed.{hint}") from e
+        return getattr(mod, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_) for name, (_, _, help_) in _SUBCOMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hishrst")
+def main() -> None:
+    """HisHRST: predict spatial gene expression from H&E histology."""
+
+
+def run_main() -> None:
+    """Entry point of ``hishrst-run`` (same as ``hishrst run``)."""
+    from hishrst_runtime.run_cli import run
+
+    run(prog_name="hishrst-run")

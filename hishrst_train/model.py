@@ -1,0 +1,232 @@
+"""The HisHRST network: frozen-encoder features + position information → attention block → gene head.
+
+``forward(features [B, N, D], positions [B, N, 2], mask [B, N] | None) -> expression [B, N, G]``
+
+* position information is added to the features:
+  - ``grid``: the reference implementation's learned x/y embeddings (512 each) of integer array
+    coordinates — positions are truncated with ``.long()`` exactly as the reference does;
+  - ``continuous`` (default): multi-scale sinusoidal features of physical coordinates in µm
+    (wavelengths log-spaced between ``min_wavelength_um`` and ``max_wavelength_um``) followed by a
+    learned linear map. It is defined at any density: fractional positions never collapse.
+* ``depth`` pre-norm transformer blocks (multi-head attention, 4 heads × 64 by default, then a GELU
+  MLP of width ``mlp_dim`` = D by default), each with residual connections, mixing the spots of a
+  neighbour group. ``mask`` (1 = real spot, 0 = padding) keeps padded spots out of the attention.
+* gene head: Linear(D → 2048), ReLU, LayerNorm, Linear(2048 → G), and a final ReLU.
+
+Parameter names mirror the reference (``trans.layers.{i}.{0|1}...``, ``gene_head.*``) so that
+:func:`import_reference_state_dict` is a direct mapping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["HisHRSTConfig", "HisHRST", "import_reference_state_dict", "MASK_NEG"]
+
+#: Additive attention bias for padded keys. Finite and fp16-safe; exp(-1e4) underflows to 0.
+MASK_NEG = 1.0e4
+
+
+@dataclass
+class HisHRSTConfig:
+    """Hyper-parameters of :class:`HisHRST` (saved in every checkpoint's ``config.json``)."""
+
+    feature_dim: int = 1024
+    n_genes: int = 1000
+    depth: int = 1
+    heads: int = 4
+    dim_head: int = 64
+    mlp_dim: int | None = None  # defaults to feature_dim, as in the reference
+    head_hidden: int = 2048
+    dropout: float = 0.0
+    position_mode: Literal["continuous", "grid"] = "continuous"
+    grid_size: int = 512
+    pos_n_freqs: int = 16
+    min_wavelength_um: float = 50.0
+    max_wavelength_um: float = 20000.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "HisHRSTConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class ContinuousPosition(nn.Module):
+    """Sinusoidal features of (x, y) in µm at log-spaced wavelengths, then a learned linear map."""
+
+    def __init__(self, dim: int, *, n_freqs: int, min_wavelength_um: float, max_wavelength_um: float) -> None:
+        super().__init__()
+        wl = torch.logspace(math.log10(min_wavelength_um), math.log10(max_wavelength_um), n_freqs, dtype=torch.float64)
+        self.register_buffer("angular", (2 * math.pi / wl).to(torch.float32), persistent=True)
+        self.proj = nn.Linear(4 * n_freqs, dim)
+
+    def forward(self, pos_um: torch.Tensor) -> torch.Tensor:
+        ang = pos_um.float().unsqueeze(-1) * self.angular  # [B, N, 2, F]
+        feats = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1).flatten(-2)  # [B, N, 4F]
+        return self.proj(feats)
+
+
+class GridPosition(nn.Module):
+    """The reference's learned embeddings of integer array coordinates (x → x_embed, y → y_embed)."""
+
+    def __init__(self, dim: int, *, grid_size: int) -> None:
+        super().__init__()
+        self.x_embed = nn.Embedding(grid_size, dim)
+        self.y_embed = nn.Embedding(grid_size, dim)
+
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        return self.x_embed(pos[..., 0].long()) + self.y_embed(pos[..., 1].long())
+
+
+class PreNorm(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.fn(self.norm(x), **kwargs)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention written with plain matmul/softmax (exports cleanly to ONNX/TensorRT)."""
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, dropout: float) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head, self.scale = heads, dim_head, dim_head**-0.5
+        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, *, bias: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.to_qkv(x).reshape(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, N, d]
+        dots = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        if bias is not None:
+            dots = dots + bias
+        attn = torch.softmax(dots.float(), dim=-1).to(v.dtype)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
+        return self.to_out(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, *, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Transformer(nn.Module):
+    def __init__(self, dim: int, *, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleList(
+                [
+                    PreNorm(dim, Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout)),
+                    PreNorm(dim, FeedForward(dim, mlp_dim, dropout=dropout)),
+                ]
+            )
+            for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, *, bias: torch.Tensor | None = None) -> torch.Tensor:
+        for attn, ff in self.layers:
+            x = attn(x, bias=bias) + x
+            x = ff(x) + x
+        return x
+
+
+class HisHRST(nn.Module):
+    """HisHRST head over frozen-encoder features. See the module docstring for the architecture."""
+
+    def __init__(self, config: HisHRSTConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        cfg = config or HisHRSTConfig(**kwargs)
+        if config is not None and kwargs:
+            raise TypeError("pass either a HisHRSTConfig or keyword arguments, not both")
+        if cfg.position_mode not in ("continuous", "grid"):
+            raise ValueError(f"position_mode must be 'continuous' or 'grid', got {cfg.position_mode!r}")
+        self.config = cfg
+        d = cfg.feature_dim
+        if cfg.position_mode == "grid":
+            self.pos = GridPosition(d, grid_size=cfg.grid_size)
+        else:
+            self.pos = ContinuousPosition(
+                d, n_freqs=cfg.pos_n_freqs, min_wavelength_um=cfg.min_wavelength_um, max_wavelength_um=cfg.max_wavelength_um
+            )
+        self.trans = Transformer(
+            d, depth=cfg.depth, heads=cfg.heads, dim_head=cfg.dim_head, mlp_dim=cfg.mlp_dim or d, dropout=cfg.dropout
+        )
+        self.gene_head = nn.Sequential(
+            nn.Linear(d, cfg.head_hidden), nn.ReLU(), nn.LayerNorm(cfg.head_hidden), nn.Linear(cfg.head_hidden, cfg.n_genes)
+        )
+
+    def forward(
+        self, features: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``features [B, N, D]``, ``positions [B, N, 2]`` (µm, or array coords in grid mode), ``mask [B, N]``."""
+        x = features + self.pos(positions).to(features.dtype)
+        bias = None
+        if mask is not None:
+            bias = ((mask.to(x.dtype) - 1.0) * MASK_NEG)[:, None, None, :]  # [B, 1, 1, N]
+        h = self.trans(x, bias=bias)
+        return F.relu(self.gene_head(h))
+
+
+def import_reference_state_dict(state_dict: Mapping[str, torch.Tensor], **config: Any) -> HisHRST:
+    """Build a :class:`HisHRST` (grid position mode) from a state dict saved by the reference code.
+
+    The reference's ``HistoSGE`` module names its parameters ``x_embed.*``, ``y_embed.*``,
+    ``trans.layers.*`` and ``gene_head.*`` (plus an unused ``layer_norm.*``, ignored here). Feature
+    dimension, depth, gene count and grid size are read from the tensors; ``config`` may set the rest
+    (e.g. ``heads``, ``dim_head``). The returned model's output equals the reference's second output
+    (``F.relu(gene_head(h))``) for the same inputs.
+    """
+    sd = dict(state_dict)
+    required = ["x_embed.weight", "y_embed.weight", "gene_head.0.weight", "gene_head.3.weight"]
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise KeyError(f"not a HisHRST reference state dict: missing {', '.join(missing)}")
+    grid_size, dim = sd["x_embed.weight"].shape
+    depth = len({k.split(".")[2] for k in sd if k.startswith("trans.layers.")})
+    heads = config.pop("heads", 4)
+    dim_head = config.pop("dim_head", sd["trans.layers.0.0.fn.to_qkv.weight"].shape[0] // 3 // heads)
+    cfg = HisHRSTConfig(
+        feature_dim=dim,
+        n_genes=sd["gene_head.3.weight"].shape[0],
+        depth=depth,
+        heads=heads,
+        dim_head=dim_head,
+        mlp_dim=sd["trans.layers.0.1.fn.net.0.weight"].shape[0],
+        head_hidden=sd["gene_head.0.weight"].shape[0],
+        position_mode="grid",
+        grid_size=grid_size,
+        **config,
+    )
+    model = HisHRST(cfg)
+    mapped = {}
+    for k, v in sd.items():
+        if k.startswith(("x_embed.", "y_embed.")):
+            mapped["pos." + k] = v
+        elif k.startswith(("trans.", "gene_head.")):
+            mapped[k] = v
+        elif k.startswith("layer_norm."):
+            continue  # defined but unused by the reference forward
+        else:
+            raise KeyError(f"unexpected parameter {k!r} in reference state dict")
+    model.load_state_dict(mapped, strict=True)
+    return model
