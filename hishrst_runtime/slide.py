@@ -243,15 +243,15 @@ class Slide:
     def thumbnail(self, *, max_side: int = 1024) -> np.ndarray:
         """A uint8 RGB ``(h, w, 3)`` overview whose longer side is ``max_side`` pixels (or less).
 
-        Read from the coarsest level whose longer side is still ≥ ``max_side`` (the coarsest
-        level if none is that large) and resized with Pillow. A single huge level is decimated
+        Read from the coarsest level whose longer side is still ≥ ``max_side`` (level 0, not
+        upsampled, when even it is smaller) and resized with Pillow. A single huge level is decimated
         chunk row by chunk row, so level 0 is never loaded whole. Its pixel size in µm / pixel is
         :meth:`thumbnail_mpp` of its shape.
         """
         if max_side < 1:
             raise ValueError(f"max_side must be >= 1 pixel, got {max_side!r}")
         big = [lv for lv in self.levels if max(lv.shape) >= max_side]
-        lv = big[-1] if big else self.levels[-1]
+        lv = big[-1] if big else self.levels[0]  # level 0 is small then
         h, w = lv.shape
         scale = min(1.0, max_side / max(h, w))
         oh, ow = max(1, round(h * scale)), max(1, round(w * scale))

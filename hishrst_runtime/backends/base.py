@@ -204,15 +204,23 @@ def has_nvidia_smi() -> bool:
 def gpu_name(device_id: int = 0) -> str | None:
     """Marketing name of GPU ``device_id`` (e.g. ``"NVIDIA H100 80GB HBM3"``), or ``None`` without a GPU.
 
-    Asks ``nvidia-smi --query-gpu=name`` first, then cuda-python's ``cudaGetDeviceProperties``. Both
-    report the driver's device name, so an engine's recorded GPU compares equal across the two.
-    Cached per process.
+    Asks ``nvidia-smi --query-gpu=name`` first (no CUDA context is created; ``device_id`` is mapped
+    through ``CUDA_VISIBLE_DEVICES``), then cuda-python's ``cudaGetDeviceProperties``. Both report the
+    driver's device name, so an engine's recorded GPU compares equal across the two. Cached per process.
     """
     smi = shutil.which("nvidia-smi")
     if smi is not None:
+        # nvidia-smi numbers GPUs by PCI bus and ignores CUDA_VISIBLE_DEVICES; map the CUDA ordinal
+        # through it (entries may be indices or UUIDs, both accepted by --id).
+        smi_id = str(device_id)
+        if "CUDA_VISIBLE_DEVICES" in os.environ:
+            visible = [v.strip() for v in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if v.strip()]
+            if device_id >= len(visible) or visible[0].startswith("-"):
+                return None  # CUDA sees no such device
+            smi_id = visible[device_id]
         try:
             res = subprocess.run(
-                [smi, f"--id={device_id}", "--query-gpu=name", "--format=csv,noheader"],
+                [smi, f"--id={smi_id}", "--query-gpu=name", "--format=csv,noheader"],
                 capture_output=True,
                 text=True,
                 timeout=20,

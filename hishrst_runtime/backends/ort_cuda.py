@@ -46,8 +46,12 @@ def cuda_provider_options(device_id: int = 0) -> dict[str, Any]:
     }
 
 
-def explain_missing_provider(ep: str, session_providers: list[str]) -> str:
-    """The message for a session that came up without execution provider ``ep``."""
+def explain_missing_provider(ep: str, session_providers: list[str] | None = None) -> str:
+    """Why execution provider ``ep`` is unusable, and the fix.
+
+    ``session_providers`` is what a session that came up without ``ep`` got instead (``None`` when no
+    session was created because this onnxruntime build does not have ``ep`` at all).
+    """
     import onnxruntime as ort
 
     avail = ort.get_available_providers()
@@ -66,8 +70,9 @@ def explain_missing_provider(ep: str, session_providers: list[str]) -> str:
             f"onnxruntime lists {ep} but could not create it: the CUDA or cuDNN libraries onnxruntime-gpu "
             "was built against are missing (or the wrong major version), or no NVIDIA GPU / driver is visible"
         )
+    fallback = f"; the session silently fell back to {', '.join(session_providers) or 'nothing'}" if session_providers else ""
     return (
-        f"{why}; the session fell back to {', '.join(session_providers) or 'nothing'}. "
+        f"{why}{fallback}. "
         f"Fix: {GPU_EXTRA_HINT}; check `nvidia-smi` and `python -c \"import onnxruntime; onnxruntime.print_debug_info()\"` "
         "(onnxruntime >= 1.21), or choose --provider cpu"
     )
@@ -88,20 +93,22 @@ class OrtCudaBackend(BackendBase):
     def __init__(self, model_path: str | Path, *, device_id: int = 0, threads: int | None = None) -> None:
         self.model_path = check_model_path(model_path)
         self.device_id = int(device_id)
-        self._session = self._create_session(
-            [(self._EP, cuda_provider_options(self.device_id)), "CPUExecutionProvider"], threads=threads
-        )
+        self._open([(self._EP, cuda_provider_options(self.device_id)), "CPUExecutionProvider"], threads=threads)
+
+    def _open(self, providers: list[Any], *, threads: int | None) -> None:
+        """Create the session (refusing a silent CPU fallback) and read its inputs and outputs."""
+        import onnxruntime as ort
+
+        self._session = self._create_session(providers, threads=threads)
         io = ort_session_io(self._session)
         self.input_names = io["input_names"]
         self.input_dtypes = io["input_dtypes"]
         self.input_shapes = io["input_shapes"]
         self.output_names = io["output_names"]
-        import onnxruntime as ort
-
-        self.name = f"onnxruntime-cuda-{ort.__version__}"
+        self.name = f"onnxruntime-{self.provider}-{ort.__version__}"
 
     def _create_session(self, providers: list[Any], *, threads: int | None) -> Any:
-        """Create the session and refuse a silent CPU fallback."""
+        """Create the session and check that ``self._EP`` is really in use."""
         import onnxruntime as ort
 
         preload_ort_cuda_libraries()
@@ -137,7 +144,6 @@ class OrtCudaBackend(BackendBase):
             outputs = binding.copy_outputs_to_cpu()
         except ort_errors() as e:
             raise BackendError(f"{self.model_path}: inference failed on {self.name} device {self.device_id} ({e})") from e
-        del device_inputs
         return [np.asarray(o) for o in outputs]
 
     def close(self) -> None:

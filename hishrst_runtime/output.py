@@ -1,0 +1,599 @@
+"""The per-slide output store: an AnnData zarr store written incrementally and crash-safely.
+
+Layout
+------
+``OUT.zarr`` is a plain AnnData store (zarr format 2, which every AnnData release reads)::
+
+    X                  float32 [points, genes], chunked by ``chunk_rows`` rows x all genes
+    obs                grid_row, grid_col (int64), tissue_fraction (float32); index "p0", "p1", ...
+    var                index = gene names
+    obsm/spatial       float64 [points, 2], level-0 pixel (x, y)
+    uns                the run's JSON-able metadata (bundle hash, mpp, pitch, timings, ...) and
+                       uns["spatial"][library_id] = {"images": {"lowres"[, "hires"]: uint8 HWC},
+                       "scalefactors": {...}, "metadata": {}} so scanpy.pl.spatial / squidpy plot it.
+
+Everything except the contents of ``X`` is written by AnnData's own writer
+(:func:`anndata.io.write_elem`), so the encoding attributes are always the ones AnnData expects;
+``X`` is created empty by zarr with AnnData's ``array``/``0.2.0`` encoding and filled by chunk rows.
+
+Crash safety
+------------
+* The store is built in ``OUT.zarr.partial`` (itself assembled in a ``.partial.tmp-*`` directory and
+  renamed, so a ``.partial`` always has a full skeleton). :meth:`OutputStore.finalize` writes
+  ``hishrst_status: "complete"`` into the root attributes, then publishes the store with one atomic
+  ``rename(OUT.zarr.partial, OUT.zarr)``: ``OUT.zarr`` exists only when complete, and
+  :meth:`OutputStore.status` says ``"incomplete"`` for anything before the rename.
+* Rows arrive in any order and are buffered per X chunk (``chunk_rows`` rows x all genes). A chunk
+  goes to zarr as one whole, chunk-aligned write (zarr never merges or clobbers partial chunks) when
+  all its rows are present, when the buffers exceed ``max_buffer_bytes`` (least recently used
+  first), every ``flush_interval_s`` and on :meth:`~OutputStore.flush`. A chunk with rows already on
+  disk is read back into its buffer first, so a rewrite always carries every earlier row.
+* Progress is durable per chunk: ``.hishrst_progress/chunk-XXXXXXXX.bits`` (inside the partial
+  store) is the packed bitmap of the chunk's rows on disk. Flushing chunk k is *unclaim, write,
+  claim*: delete k's bitmap, write the X chunk (fsync), write the new bitmap to a temp file and
+  ``os.replace`` it in (fsync). A kill at any instant (``kill -9``, OOM, Slurm time limit) leaves
+  every claimed row intact; at worst the rows of the one chunk being written are lost and
+  recomputed. :meth:`~OutputStore.open_incomplete` rebuilds :meth:`~OutputStore.done_mask` from the
+  bitmaps, the runtime computes only the missing rows, and since predictions are deterministic per
+  row a resumed run gives exactly the X of an uninterrupted one.
+
+One process writes a slide (hold a :class:`hishrst_runtime.jobs.SlideLock`); the methods are
+thread-safe (one internal lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = ["OutputExistsError", "OutputMismatchError", "IncompleteOutputError", "OutputStatus", "SpatialImages",
+           "OutputStore", "partial_path", "write_h5ad"]
+
+OutputStatus = Literal["missing", "incomplete", "complete"]
+
+FORMAT_VERSION = 1
+STATUS_ATTR = "hishrst_status"
+PARTIAL_SUFFIX = ".partial"
+PROGRESS_DIR = ".hishrst_progress"
+DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_MAX_BUFFER_BYTES = 256 << 20
+
+
+class OutputExistsError(FileExistsError):
+    """An output (complete or incomplete) already exists and overwriting was not requested."""
+
+
+class OutputMismatchError(ValueError):
+    """An incomplete output was made with different points, genes or metadata than this run."""
+
+
+class IncompleteOutputError(RuntimeError):
+    """An operation needs a complete output (or all rows written) but it is not."""
+
+
+@dataclass(frozen=True)
+class SpatialImages:
+    """Slide thumbnail(s) and scale factors for ``uns['spatial'][library_id]`` (10x Visium layout).
+
+    ``lowres_scalef`` / ``hires_scalef``: image pixels per level-0 pixel. ``spot_diameter_fullres``:
+    the query-point diameter in level-0 pixels (what scanpy uses as spot size).
+    """
+
+    library_id: str
+    lowres: np.ndarray
+    lowres_scalef: float
+    spot_diameter_fullres: float
+    hires: np.ndarray | None = None
+    hires_scalef: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, img in (("lowres", self.lowres), ("hires", self.hires)):
+            if img is not None and not (isinstance(img, np.ndarray) and img.dtype == np.uint8
+                                        and img.ndim == 3 and img.shape[2] in (3, 4)):
+                raise ValueError(f"SpatialImages.{name} must be a uint8 HxWx3 (RGB) or HxWx4 array, got "
+                                 f"{getattr(img, 'dtype', type(img))} {getattr(img, 'shape', '')}")
+        if (self.hires is None) != (self.hires_scalef is None):
+            raise ValueError("SpatialImages: give hires and hires_scalef together, or neither")
+        for name in ("lowres_scalef", "spot_diameter_fullres", "hires_scalef"):
+            v = getattr(self, name)
+            if v is not None and not (np.isfinite(v) and v > 0):
+                raise ValueError(f"SpatialImages.{name} must be a positive number, got {v!r}")
+        if not self.library_id or "/" in self.library_id:
+            raise ValueError(f"SpatialImages.library_id must be a non-empty name without '/', got {self.library_id!r}")
+
+    def to_uns(self) -> dict[str, Any]:
+        """The ``uns['spatial']`` dict: ``{library_id: {images, scalefactors, metadata}}``."""
+        images = {"lowres": self.lowres, **({"hires": self.hires} if self.hires is not None else {})}
+        scalefactors = {
+            "tissue_lowres_scalef": float(self.lowres_scalef),
+            # Space Ranger always writes both factors; without a hires image, mirror lowres.
+            "tissue_hires_scalef": float(self.hires_scalef if self.hires_scalef is not None else self.lowres_scalef),
+            "spot_diameter_fullres": float(self.spot_diameter_fullres),
+        }
+        return {self.library_id: {"images": images, "scalefactors": scalefactors, "metadata": {}}}
+
+
+def partial_path(path: str | os.PathLike[str]) -> Path:
+    """Where the output for ``path`` is built until it is finalized (``OUT.zarr.partial``)."""
+    p = Path(path)
+    return p.with_name(p.name + PARTIAL_SUFFIX)
+
+
+
+def _read_root_attrs(store: Path) -> dict[str, Any] | None:
+    try:
+        with open(store / ".zattrs", encoding="utf-8") as f:
+            attrs = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return attrs if isinstance(attrs, dict) else None
+
+
+def _fsync_path(path: Path, *, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except FileNotFoundError:
+        return
+    try:
+        with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes, *, fsync: bool) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if fsync:
+        _fsync_path(path.parent, directory=True)
+
+
+def _update_root_attrs(store: Path, updates: Mapping[str, Any], *, fsync: bool) -> None:
+    attrs = _read_root_attrs(store)
+    if attrs is None:
+        raise IncompleteOutputError(f"{store}: root attributes (.zattrs) are unreadable; rerun with --overwrite")
+    attrs.update(updates)
+    _atomic_write(store / ".zattrs", json.dumps(attrs, indent=2).encode(), fsync=fsync)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a directory tree: first renamed away atomically, so no half-deleted store is ever seen."""
+    if path.exists():
+        trash = path.with_name(f"{path.name}.trash-{uuid.uuid4().hex[:8]}")
+        os.rename(path, trash)
+        shutil.rmtree(trash)
+
+
+_SKIP = object()
+
+
+def _to_uns(value: Any, key: str) -> Any:
+    """Convert a JSON-able value to what AnnData writes to ``uns`` (None is dropped: AnnData < 0.12 cannot read it)."""
+    if value is None:
+        return _SKIP
+    if isinstance(value, (np.ndarray, bool, int, float, str)):
+        return value
+    if isinstance(value, (np.generic, os.PathLike)):
+        return os.fspath(value) if isinstance(value, os.PathLike) else value.item()
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or not k or "/" in k:
+                raise ValueError(f"uns key {key}/{k!r} must be a non-empty string without '/'")
+            conv = _to_uns(v, f"{key}/{k}")
+            if conv is not _SKIP:
+                out[k] = conv
+        return out
+    if isinstance(value, (list, tuple)):  # numbers -> array, strings -> string array, anything else -> JSON text
+        if all(isinstance(v, (bool, int, float, np.number, np.bool_)) for v in value):
+            return np.asarray(value, dtype=None if value else np.float64)
+        if all(isinstance(v, str) for v in value):
+            return np.asarray(value, dtype=object)
+        return json.dumps(value, default=str)
+    raise TypeError(f"uns value {key!r} of type {type(value).__name__} cannot be stored; use JSON-able values")
+
+
+def _values_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        if not (isinstance(a, Mapping) and isinstance(b, Mapping)) or set(a) != set(b):
+            return False
+        return all(_values_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (np.ndarray, list, tuple)) or isinstance(b, (np.ndarray, list, tuple)):
+        a_arr, b_arr = np.asarray(a), np.asarray(b)
+        if a_arr.dtype.kind in "OUT" or b_arr.dtype.kind in "OUT":
+            return a_arr.shape == b_arr.shape and [str(x) for x in a_arr.ravel()] == [str(x) for x in b_arr.ravel()]
+        return bool(np.array_equal(a_arr, b_arr))
+    if isinstance(a, str) or isinstance(b, str):
+        return str(a) == str(b)
+    return bool(a == b)
+
+
+def _auto_chunk_rows(n_obs: int, n_vars: int) -> int:
+    return int(max(1, min(max(n_obs, 1), DEFAULT_CHUNK_BYTES // (4 * max(n_vars, 1)))))
+
+
+def _check_points(obs_xy_px: Any, grid_index: Any, tissue_fraction: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    xy = np.asarray(obs_xy_px, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
+        raise ValueError(f"obs_xy_px must be a finite [N, 2] array of level-0 (x, y) pixels, got shape {xy.shape}")
+    grid = np.asarray(grid_index)
+    if grid.shape != xy.shape or (grid.size and grid.dtype.kind not in "iu"):
+        raise ValueError(f"grid_index must be an integer [N, 2] array matching obs_xy_px {xy.shape}, "
+                         f"got {grid.dtype} {grid.shape}")
+    tf = np.asarray(tissue_fraction, dtype=np.float32)
+    if tf.shape != (xy.shape[0],):
+        raise ValueError(f"tissue_fraction must have shape ({xy.shape[0]},), got {tf.shape}")
+    return xy, grid.astype(np.int64), tf
+
+
+@dataclass
+class _ChunkBuffer:
+    """One X chunk in memory: values [rows, G], which rows hold values, whether disk is behind."""
+
+    data: np.ndarray
+    filled: np.ndarray
+    dirty: bool = False
+
+
+
+class OutputStore:
+    """An incrementally written, crash-safe AnnData zarr store for one slide (see the module docstring).
+
+    Get one with :meth:`create` (new run) or :meth:`open_incomplete` (``--resume``); feed it with
+    :meth:`write_rows`; publish it with :meth:`finalize`.
+    """
+
+    def __init__(self, path: Path, *, fsync: bool, max_buffer_bytes: int, flush_interval_s: float) -> None:
+        """Internal: use :meth:`create` or :meth:`open_incomplete`."""
+        import zarr
+
+        self.path = path
+        self.work_path = partial_path(path)
+        self._root = zarr.open_group(self.work_path, mode="r+", zarr_format=2, use_consolidated=False)
+        self._X = self._root["X"]
+        self.n_obs, self.n_vars = (int(s) for s in self._X.shape)
+        self.chunk_rows = int(self._X.chunks[0])
+        self._fsync = fsync
+        self._max_buffer_bytes = int(max_buffer_bytes)
+        self._flush_interval_s = float(flush_interval_s)
+        self._buffers: OrderedDict[int, _ChunkBuffer] = OrderedDict()
+        self._lock = threading.RLock()
+        self._last_flush = time.monotonic()
+        self._finalized = False
+        self._done = self._load_done()
+
+    @classmethod
+    def create(
+        cls, path: str | os.PathLike[str], *,
+        obs_xy_px: np.ndarray, grid_index: np.ndarray, tissue_fraction: np.ndarray,
+        genes: Sequence[str], uns: Mapping[str, Any], spatial: SpatialImages | None = None,
+        chunk_rows: int | None = None, overwrite: bool = False, fsync: bool = True,
+        max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES, flush_interval_s: float = 60.0,
+    ) -> OutputStore:
+        """Create a new, empty (incomplete) output for ``path`` (``OUT.zarr``).
+
+        ``obs_xy_px``: [N, 2] level-0 pixel (x, y); ``grid_index``: [N, 2] int (row, col);
+        ``tissue_fraction``: [N] in [0, 1]; ``genes``: G unique names; ``uns``: JSON-able metadata;
+        ``spatial``: thumbnail + scale factors for ``uns['spatial']``; ``chunk_rows``: X rows per chunk
+        (default: about 4 MiB per chunk). Raises :class:`OutputExistsError` when ``OUT.zarr`` or
+        ``OUT.zarr.partial`` exists, unless ``overwrite`` (which deletes them).
+        """
+        import anndata as ad
+        import pandas as pd
+        import zarr
+
+        final = Path(path)
+        xy, grid, tf = _check_points(obs_xy_px, grid_index, tissue_fraction)
+        gene_list = [str(g) for g in genes]
+        if not gene_list or len(set(gene_list)) != len(gene_list):
+            raise ValueError(f"genes must be a non-empty list of unique names (got {len(gene_list)}, "
+                             f"{len(gene_list) - len(set(gene_list))} duplicates)")
+        n_obs, n_vars = xy.shape[0], len(gene_list)
+        rows = _auto_chunk_rows(n_obs, n_vars) if chunk_rows is None else int(chunk_rows)
+        if rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        uns_dict = _to_uns(dict(uns), "uns")
+        if spatial is not None:
+            if "spatial" in uns_dict:
+                raise ValueError("give the slide images either as spatial= or as uns['spatial'], not both")
+            uns_dict["spatial"] = spatial.to_uns()
+
+        work = partial_path(final)
+        if final.exists() or work.exists():
+            if not overwrite:
+                which = final if final.exists() else work
+                state = OutputStore.status(final)
+                hint = "--overwrite to replace it" if state == "complete" else "--resume to finish it or --overwrite"
+                raise OutputExistsError(f"{which}: an {state} output already exists; use {hint}")
+            _remove_tree(final)
+            _remove_tree(work)
+        final.parent.mkdir(parents=True, exist_ok=True)
+
+        tmp = final.with_name(f"{work.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            obs = pd.DataFrame(
+                {"grid_row": grid[:, 0], "grid_col": grid[:, 1], "tissue_fraction": tf},
+                index=pd.Index([f"p{i}" for i in range(n_obs)], dtype=object),
+            )
+            var = pd.DataFrame(index=pd.Index(gene_list, dtype=object))
+            skeleton = ad.AnnData(obs=obs, var=var, obsm={"spatial": xy}, uns=uns_dict)
+            root = zarr.open_group(tmp, mode="w", zarr_format=2)
+            ad.io.write_elem(root, "/", skeleton)
+            if "raw" in root:  # AnnData >= 0.12 writes raw=None as a 'null' element older releases cannot read
+                del root["raw"]
+            X = root.create_array("X", shape=(n_obs, n_vars), chunks=(rows, n_vars), dtype="float32", fill_value=0.0)
+            X.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            root.attrs.update({STATUS_ATTR: "incomplete", "hishrst_format_version": FORMAT_VERSION})
+            (tmp / PROGRESS_DIR).mkdir()
+            os.rename(tmp, work)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if fsync:
+            _fsync_path(final.parent, directory=True)
+        return cls(final, fsync=fsync, max_buffer_bytes=max_buffer_bytes, flush_interval_s=flush_interval_s)
+
+    @classmethod
+    def open_incomplete(
+        cls, path: str | os.PathLike[str], *,
+        obs_xy_px: np.ndarray | None = None, grid_index: np.ndarray | None = None,
+        genes: Sequence[str] | None = None, expected_uns: Mapping[str, Any] | None = None,
+        fsync: bool = True, max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES, flush_interval_s: float = 60.0,
+    ) -> OutputStore:
+        """Reopen ``OUT.zarr.partial`` to finish it (``--resume``).
+
+        Whatever is given is compared with what the store holds: ``obs_xy_px`` / ``grid_index``
+        (the query points), ``genes``, and each ``expected_uns`` key (e.g. ``{"bundle_hash": ...}``)
+        against ``uns``; any difference raises :class:`OutputMismatchError`.
+        """
+        import anndata as ad
+
+        final = Path(path)
+        work = partial_path(final)
+        state = OutputStore.status(final)
+        if state == "complete" or (state == "incomplete" and not work.is_dir()):
+            what = "is already complete, nothing to resume" if state == "complete" else "was not written by hishrst"
+            raise OutputExistsError(f"{final}: the output {what}; use --overwrite to recompute it")
+        if state == "missing":
+            raise FileNotFoundError(f"{work}: no incomplete output to resume; run without --resume")
+        try:
+            store = cls(final, fsync=fsync, max_buffer_bytes=max_buffer_bytes, flush_interval_s=flush_interval_s)
+        except (KeyError, OSError, ValueError) as e:
+            raise OutputMismatchError(f"{work}: the incomplete output is unreadable ({e}); use --overwrite") from e
+
+        def mismatch(what: str, detail: str) -> OutputMismatchError:
+            return OutputMismatchError(f"{work}: the incomplete output was made with different {what} than this run "
+                                       f"({detail}); rerun with --overwrite to discard it and start again")
+
+        if genes is not None:
+            stored = [str(g) for g in ad.io.read_elem(store._root["var"]).index]
+            if stored != [str(g) for g in genes]:
+                raise mismatch("genes", f"{len(stored)} stored vs {len(genes)} now")
+        if obs_xy_px is not None:
+            stored_xy = np.asarray(store._root["obsm"]["spatial"][...])
+            xy = np.asarray(obs_xy_px, dtype=np.float64)
+            if stored_xy.shape != xy.shape or not np.array_equal(stored_xy, xy):
+                raise mismatch("query points", f"{stored_xy.shape[0]} stored vs {xy.shape[0]} now")
+        if grid_index is not None:
+            obs = store._root["obs"]
+            stored_grid = np.stack([obs["grid_row"][...], obs["grid_col"][...]], axis=1)
+            if not _values_equal(stored_grid, np.asarray(grid_index)):
+                raise mismatch("grid indices", "grid_row/grid_col differ")
+        for key, want in (expected_uns or {}).items():
+            uns = store._root["uns"]
+            have = ad.io.read_elem(uns[key]) if key in uns else None
+            if have is None or not _values_equal(have, want):
+                raise mismatch(f"uns[{key!r}]", f"stored {have!r} vs {want!r} now")
+        return store
+
+    @staticmethod
+    def status(path: str | os.PathLike[str]) -> OutputStatus:
+        """``"complete"`` if ``OUT.zarr`` exists and is marked complete, ``"incomplete"`` if a partial
+        (or an unmarked ``OUT.zarr``) exists, else ``"missing"``."""
+        final = Path(path)
+        if final.exists():
+            attrs = _read_root_attrs(final)
+            return "complete" if attrs is not None and attrs.get(STATUS_ATTR) == "complete" else "incomplete"
+        return "incomplete" if partial_path(final).exists() else "missing"
+
+    def _progress_file(self, k: int) -> Path:
+        return self.work_path / PROGRESS_DIR / f"chunk-{k:08d}.bits"
+
+    def _chunk_bounds(self, k: int) -> tuple[int, int]:
+        return k * self.chunk_rows, min((k + 1) * self.chunk_rows, self.n_obs)
+
+    def _load_done(self) -> np.ndarray:
+        attrs = _read_root_attrs(self.work_path) or {}
+        if attrs.get(STATUS_ATTR) == "complete":  # crashed inside finalize, after every row was on disk
+            return np.ones(self.n_obs, dtype=bool)
+        done = np.zeros(self.n_obs, dtype=bool)
+        progress = self.work_path / PROGRESS_DIR
+        progress.mkdir(exist_ok=True)
+        for f in progress.glob("chunk-*.bits"):
+            k = int(f.stem[6:]) if f.stem[6:].isdigit() else -1
+            lo, hi = self._chunk_bounds(k)
+            if k < 0 or lo >= hi:
+                continue
+            bits = np.frombuffer(f.read_bytes(), dtype=np.uint8)
+            if bits.size == (hi - lo + 7) // 8:  # files are replaced atomically; anything else is foreign
+                done[lo:hi] = np.unpackbits(bits, count=hi - lo).astype(bool)
+        return done
+
+    def done_mask(self) -> np.ndarray:
+        """Bool [N]: rows whose values are on disk and claimed by a durable progress record."""
+        with self._lock:
+            return self._done.copy()
+
+    def missing_rows(self) -> np.ndarray:
+        """int64 indices of the rows not yet durably written (``~done_mask()``)."""
+        return np.flatnonzero(~self.done_mask())
+
+    def write_rows(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Store predictions ``values`` (float [len(rows), G]) for point indices ``rows`` (any order).
+
+        Rows are buffered and reach disk with their chunk (see the module docstring); call
+        :meth:`flush` to force them out.
+        """
+        rows_arr = np.asarray(rows)
+        if rows_arr.ndim != 1 or (rows_arr.size and rows_arr.dtype.kind not in "iu"):
+            raise ValueError(f"rows must be a 1-D integer array, got {rows_arr.dtype} {rows_arr.shape}")
+        vals = np.asarray(values)
+        if vals.shape != (rows_arr.size, self.n_vars) or (vals.size and vals.dtype.kind != "f"):
+            raise ValueError(f"values must be a float array of shape ({rows_arr.size}, {self.n_vars}), "
+                             f"got {vals.dtype} {vals.shape}")
+        if rows_arr.size == 0:
+            return
+        rows_arr = rows_arr.astype(np.int64)
+        if rows_arr.min() < 0 or rows_arr.max() >= self.n_obs:
+            raise IndexError(f"rows out of range [0, {self.n_obs}): min {rows_arr.min()}, max {rows_arr.max()}")
+        vals = vals.astype(np.float32, copy=False)
+        with self._lock:
+            self._check_open()
+            chunk_of = rows_arr // self.chunk_rows
+            order = np.argsort(chunk_of, kind="stable")
+            ks, starts = np.unique(chunk_of[order], return_index=True)
+            for k, sel in zip(ks.tolist(), np.split(order, starts[1:])):
+                buf = self._buffer(k)
+                local = rows_arr[sel] - k * self.chunk_rows
+                buf.data[local] = vals[sel]
+                buf.filled[local] = True
+                buf.dirty = True
+                if buf.filled.all():
+                    self._flush_chunk(k, buf)
+                    del self._buffers[k]
+            self._enforce_memory()
+            if time.monotonic() - self._last_flush >= self._flush_interval_s:
+                self._flush_all()
+
+    def flush(self) -> None:
+        """Write every buffered row to disk and record it as done."""
+        with self._lock:
+            self._check_open()
+            self._flush_all()
+
+    def _check_open(self) -> None:
+        if self._finalized:
+            raise RuntimeError(f"{self.path}: the output is finalized; no more writes")
+
+    def _buffer(self, k: int) -> _ChunkBuffer:
+        buf = self._buffers.get(k)
+        if buf is not None:
+            self._buffers.move_to_end(k)
+            return buf
+        lo, hi = self._chunk_bounds(k)
+        filled = self._done[lo:hi].copy()  # rows already on disk are read back, so a rewrite keeps them
+        shape = (hi - lo, self.n_vars)
+        data = np.array(self._X[lo:hi], dtype=np.float32) if filled.any() else np.zeros(shape, np.float32)
+        buf = self._buffers[k] = _ChunkBuffer(data, filled)
+        return buf
+
+    def _flush_chunk(self, k: int, buf: _ChunkBuffer) -> None:
+        if not buf.dirty:
+            return
+        lo, hi = self._chunk_bounds(k)
+        progress = self._progress_file(k)
+        if progress.exists():  # unclaim first: a kill during the X write must not leave claimed rows torn
+            progress.unlink()
+            if self._fsync:
+                _fsync_path(progress.parent, directory=True)
+        self._X[lo:hi] = buf.data
+        if self._fsync:
+            _fsync_path(self.work_path / "X" / f"{k}.0")
+        _atomic_write(progress, np.packbits(buf.filled).tobytes(), fsync=self._fsync)
+        self._done[lo:hi] = buf.filled
+        buf.dirty = False
+
+    def _flush_all(self) -> None:
+        for k, buf in list(self._buffers.items()):
+            self._flush_chunk(k, buf)
+        self._last_flush = time.monotonic()
+
+    def _enforce_memory(self) -> None:
+        """Flush and drop least recently used chunk buffers while they exceed ``max_buffer_bytes``."""
+        while len(self._buffers) > 1 and sum(b.data.nbytes for b in self._buffers.values()) > self._max_buffer_bytes:
+            self._flush_chunk(*self._buffers.popitem(last=False))
+
+    def finalize(self, extra_uns: Mapping[str, Any] | None = None) -> None:
+        """Flush, add ``extra_uns`` (e.g. timings) to ``uns``, mark complete and publish ``OUT.zarr``.
+
+        Raises :class:`IncompleteOutputError` if any row was never written.
+        """
+        import anndata as ad
+        import zarr
+
+        with self._lock:
+            self._check_open()
+            self._flush_all()
+            missing = int((~self._done).sum())
+            if missing:
+                raise IncompleteOutputError(f"{self.work_path}: {missing} of {self.n_obs} rows were never written")
+            for key, value in _to_uns(dict(extra_uns or {}), "uns").items():
+                ad.io.write_elem(self._root["uns"], key, value)
+            _update_root_attrs(self.work_path, {STATUS_ATTR: "complete", "hishrst_completed_at": time.time()},
+                               fsync=self._fsync)
+            shutil.rmtree(self.work_path / PROGRESS_DIR, ignore_errors=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "consolidated metadata is not in the v2 spec"
+                zarr.consolidate_metadata(str(self.work_path), zarr_format=2)
+            if self.path.exists():
+                raise OutputExistsError(f"{self.path}: appeared while this run was writing {self.work_path}; "
+                                        "another job wrote the same slide (use a SlideLock)")
+            os.rename(self.work_path, self.path)
+            if self._fsync:
+                _fsync_path(self.path.parent, directory=True)
+            self._finalized = True
+            self._buffers.clear()
+
+    def close(self) -> None:
+        """Flush buffered rows (the output stays incomplete until :meth:`finalize`)."""
+        with self._lock:
+            if not self._finalized:
+                self._flush_all()
+
+    def __enter__(self) -> OutputStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"OutputStore({str(self.path)!r}, n_obs={self.n_obs}, n_vars={self.n_vars}, "
+                f"chunk_rows={self.chunk_rows}, done={int(self._done.sum())})")
+
+
+def write_h5ad(zarr_path: str | os.PathLike[str], h5ad_path: str | os.PathLike[str]) -> Path:
+    """Convert a complete output to ``.h5ad`` (``--h5ad``), via a temp file and an atomic rename."""
+    import anndata as ad
+
+    src, dst = Path(zarr_path), Path(h5ad_path)
+    state = OutputStore.status(src)
+    if state != "complete":
+        raise IncompleteOutputError(f"{src}: output is {state}; finish it before converting to h5ad")
+    adata = ad.read_zarr(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
