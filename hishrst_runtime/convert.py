@@ -61,7 +61,9 @@ class ConvertError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def pyramid_shapes(height: int, width: int, *, n_levels: int | None = None, min_side: int = 1024) -> list[tuple[int, int]]:
+def pyramid_shapes(
+    height: int, width: int, *, n_levels: int | None = None, min_side: int = 1024
+) -> list[tuple[int, int]]:
     """(H, W) in pixels of each pyramid level; each is ``ceil(previous / 2)``.
 
     With ``n_levels=None`` levels are added while the smallest side of the last one exceeds
@@ -77,37 +79,53 @@ def pyramid_shapes(height: int, width: int, *, n_levels: int | None = None, min_
     return shapes
 
 
-def _pool2(block: np.ndarray) -> np.ndarray:
-    """2 × 2 mean pooling of a uint8 HWC block (odd edges are replicated)."""
-    h, w = block.shape[:2]
-    if h % 2:
-        block = np.concatenate([block, block[-1:]], axis=0)
-    if w % 2:
-        block = np.concatenate([block, block[:, -1:]], axis=1)
-    s = block[0::2, 0::2].astype(np.uint16)
-    s += block[1::2, 0::2]
-    s += block[0::2, 1::2]
-    s += block[1::2, 1::2]
+def _pool2(block: np.ndarray, row_axis: int = 0) -> np.ndarray:
+    """2 × 2 mean pooling of a uint8 block whose rows / columns are axes ``row_axis`` / ``row_axis + 1``.
+
+    Odd edges are replicated, so the result has ``ceil(h / 2) × ceil(w / 2)`` pixels.
+    """
+    for ax in (row_axis, row_axis + 1):
+        if block.shape[ax] % 2:
+            block = np.concatenate([block, block.take([-1], axis=ax)], axis=ax)
+
+    def part(r: int, c: int) -> np.ndarray:
+        idx: list[slice] = [slice(None)] * block.ndim
+        idx[row_axis], idx[row_axis + 1] = slice(r, None, 2), slice(c, None, 2)
+        return block[tuple(idx)]
+
+    s = part(0, 0).astype(np.uint16)
+    s += part(1, 0)
+    s += part(0, 1)
+    s += part(1, 1)
     s += 2
     return (s >> 2).astype(np.uint8)
+
+
+#: read(y0, y1, x0, x1) -> uint8 RGB block in the store layout: (3, h, w) for "cyx", (h, w, 3) for "yxc"
+_Reader = Callable[[int, int, int, int], np.ndarray]
 
 
 class _RowCache:
     """Serves increasing row ranges of one column band, reading the source in aligned pieces once."""
 
-    def __init__(self, read: Callable[[int, int, int, int], np.ndarray], x0: int, x1: int, height: int, align: int) -> None:
+    def __init__(self, read: _Reader, x0: int, x1: int, height: int, align: int, *, row_axis: int) -> None:
         self.read, self.x0, self.x1, self.height, self.align = read, x0, x1, height, max(1, align)
+        self.row_axis = row_axis
         self.buf: np.ndarray | None = None
         self.b0 = self.b1 = 0
 
+    def _rows(self, buf: np.ndarray, a: int, b: int | None) -> np.ndarray:
+        return buf[a:b] if self.row_axis == 0 else buf[:, a:b]
+
     def rows(self, a: int, b: int) -> np.ndarray:
-        """Rows ``[a, b)`` of the band as uint8 ``(b - a, x1 - x0, 3)``; ``a`` must not decrease."""
+        """Rows ``[a, b)`` of the band (store layout); ``a`` must not decrease between calls."""
         if self.buf is None or a < self.b0 or a > self.b1:
             start = a - a % self.align
-            self.buf = np.empty((0, self.x1 - self.x0, 3), dtype=np.uint8)
+            w = self.x1 - self.x0
+            self.buf = np.empty((0, w, 3) if self.row_axis == 0 else (3, 0, w), dtype=np.uint8)
             self.b0 = self.b1 = start
         if a > self.b0:  # drop rows that will not be asked for again
-            self.buf = self.buf[a - self.b0 :]
+            self.buf = self._rows(self.buf, a - self.b0, None)
             self.b0 = a
         pieces = [self.buf]
         while self.b1 < b:
@@ -115,13 +133,13 @@ class _RowCache:
             pieces.append(self.read(self.b1, end, self.x0, self.x1))
             self.b1 = end
         if len(pieces) > 1:
-            self.buf = np.concatenate(pieces, axis=0)
-        return self.buf[a - self.b0 : b - self.b0]
+            self.buf = np.concatenate(pieces, axis=self.row_axis)
+        return self._rows(self.buf, a - self.b0, b - self.b0)
 
 
-def _array_reader(image: Any) -> tuple[int, int, Callable[[int, int, int, int], np.ndarray]]:
+def _array_reader(image: Any, axes: str) -> tuple[int, int, _Reader]:
     shape = tuple(int(s) for s in image.shape)
-    if len(shape) != 3 or shape[2] not in (3, 4):
+    if len(shape) != 3 or shape[2] not in (3, 4) or shape[0] < 1 or shape[1] < 1:
         raise ConvertError(f"expected an RGB(A) image of shape (H, W, 3|4), got shape {shape}; "
                            "convert it to RGB first")
     dtype = getattr(image, "dtype", None)
@@ -129,12 +147,15 @@ def _array_reader(image: Any) -> tuple[int, int, Callable[[int, int, int, int], 
         raise ConvertError(f"expected uint8 pixels, got {np.dtype(dtype)}; convert the image to 8-bit RGB first")
 
     def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        return np.ascontiguousarray(np.asarray(image[y0:y1, x0:x1])[..., :3], dtype=np.uint8)
+        block = np.asarray(image[y0:y1, x0:x1])[..., :3]
+        return np.ascontiguousarray(block.transpose(2, 0, 1) if axes == "cyx" else block, dtype=np.uint8)
 
     return shape[0], shape[1], read
 
 
-def _ngff_metadata(shapes: list[tuple[int, int]], *, mpp: float | None, version: str, axes: str, name: str) -> dict[str, Any]:
+def _ngff_metadata(
+    shapes: list[tuple[int, int]], *, mpp: float | None, version: str, axes: str, name: str
+) -> dict[str, Any]:
     unit = {"unit": "micrometer"} if mpp is not None else {}
     axes_md = [{"name": "c", "type": "channel"} if a == "c" else {"name": a, "type": "space", **unit} for a in axes]
     base = float(mpp) if mpp is not None else 1.0
@@ -143,12 +164,14 @@ def _ngff_metadata(shapes: list[tuple[int, int]], *, mpp: float | None, version:
         s = base * 2.0**k
         datasets.append({"path": str(k), "coordinateTransformations": [
             {"type": "scale", "scale": [1.0 if a == "c" else s for a in axes]}]})
-    ms: dict[str, Any] = {"name": name, "axes": axes_md, "datasets": datasets, "type": "mean",
-                          "metadata": {"description": "2x2 mean pooling per level", "method": "hishrst_runtime.convert"}}
-    colors = [("FF0000", "red"), ("00FF00", "green"), ("0000FF", "blue")]
-    omero: dict[str, Any] = {"channels": [{"color": c, "label": lab, "active": True, "coefficient": 1.0, "family": "linear",
-                                           "inverted": False, "window": {"min": 0, "max": 255, "start": 0, "end": 255}}
-                                          for c, lab in colors], "rdefs": {"model": "color"}}
+    ms: dict[str, Any] = {
+        "name": name, "axes": axes_md, "datasets": datasets, "type": "mean",
+        "metadata": {"description": "2x2 mean pooling per level", "method": "hishrst_runtime.convert"},
+    }
+    window = {"min": 0, "max": 255, "start": 0, "end": 255}
+    channels = [{"color": c, "label": lab, "active": True, "coefficient": 1.0, "family": "linear", "inverted": False,
+                 "window": dict(window)} for c, lab in (("FF0000", "red"), ("00FF00", "green"), ("0000FF", "blue"))]
+    omero: dict[str, Any] = {"channels": channels, "rdefs": {"model": "color"}}
     if version == "0.4":
         ms["version"] = "0.4"
         omero["version"] = "0.4"
@@ -193,14 +216,17 @@ def write_ome_zarr(
         raise ValueError(f"chunk must be an integer number of pixels in [16, 16384], got {chunk!r}")
     if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
         raise ValueError(f"mpp must be a positive number of µm/pixel, got {mpp!r}")
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
-    height, width, read = _array_reader(image)
+    height, width, read = _array_reader(image, axes)
     out = Path(out_path)
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out}: already exists; remove it or pass overwrite=True")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
     shapes = pyramid_shapes(height, width, n_levels=n_levels)
     zarr_format = 3 if version == "0.5" else 2
     root = zarr.open_group(str(out), mode="w-", zarr_format=zarr_format)
@@ -213,8 +239,10 @@ def write_ome_zarr(
         arrays.append(root.create_array(str(k), shape=shp, chunks=chk, dtype="uint8", fill_value=255, **kw))
 
     band = max(chunk, _BAND_PX // chunk * chunk)
+    row_axis = 1 if axes == "cyx" else 0
     total = sum(h * w for h, w in shapes)
-    with tqdm(total=total, unit="px", unit_scale=True, desc=f"writing {out.name}", disable=not progress, leave=False) as bar:
+    bar = tqdm(total=total, unit="px", unit_scale=True, desc=f"writing {out.name}", disable=not progress, leave=False)
+    with bar:
         for k, (h, w) in enumerate(shapes):
             if k == 0:
                 src_read, sh, sw, factor, align = read, height, width, 1, source_align_rows or chunk
@@ -226,14 +254,14 @@ def write_ome_zarr(
             dst = arrays[k]
             for bx0 in range(0, w, band):
                 bx1 = min(bx0 + band, w)
-                cache = _RowCache(src_read, bx0 * factor, min(bx1 * factor, sw), sh, align)
+                cache = _RowCache(src_read, bx0 * factor, min(bx1 * factor, sw), sh, align, row_axis=row_axis)
                 for y0 in range(0, h, chunk):
                     y1 = min(y0 + chunk, h)
                     block = cache.rows(y0 * factor, min(y1 * factor, sh))
                     if factor == 2:
-                        block = _pool2(block)
+                        block = _pool2(block, row_axis)
                     if axes == "cyx":
-                        dst[:, y0:y1, bx0:bx1] = block.transpose(2, 0, 1)
+                        dst[:, y0:y1, bx0:bx1] = block
                     else:
                         dst[y0:y1, bx0:bx1, :] = block
                     bar.update((y1 - y0) * (bx1 - bx0))
@@ -244,10 +272,10 @@ def write_ome_zarr(
     return out
 
 
-def _zarr_reader(arr: Any, axes: str) -> Callable[[int, int, int, int], np.ndarray]:
+def _zarr_reader(arr: Any, axes: str) -> _Reader:
     def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         if axes == "cyx":
-            return np.ascontiguousarray(np.asarray(arr[:, y0:y1, x0:x1]).transpose(1, 2, 0))
+            return np.asarray(arr[:, y0:y1, x0:x1])
         return np.asarray(arr[y0:y1, x0:x1, :])
 
     return read
@@ -307,7 +335,8 @@ def tiff_pixel_size(tif: Any) -> tuple[float | None, str]:
         v = _ome_mpp(tif.ome_metadata)
         if v is not None:
             return v, "OME PhysicalSizeX/Y"
-    xres, yres, unit = _tag_value(page, "XResolution"), _tag_value(page, "YResolution"), _tag_value(page, "ResolutionUnit")
+    xres, yres = _tag_value(page, "XResolution"), _tag_value(page, "YResolution")
+    unit = _tag_value(page, "ResolutionUnit")
     per_um = {2: 25400.0, 3: 10000.0}.get(int(unit) if unit is not None else 2)
     if xres is not None and per_um is not None:
         vals = []
@@ -357,10 +386,10 @@ class _TiffLevel0:
             except (ValueError, OSError):
                 self.array = None
         if self.array is None:
-            self.array = zarr.open(lvl.aszarr() if lvl is not series else series.aszarr(level=0), mode="r")
+            self.array = zarr.open(series.aszarr(level=0), mode="r")
             if self.align_rows > 4096:  # giant strips: read them in smaller pieces
                 self.align_rows = 4096
-        if tuple(self.array.shape) != tuple(shape):  # memmap may not squeeze like the series
+        if isinstance(self.array, np.ndarray) and self.array.shape != shape:  # memmap is not squeezed
             self.array = self.array.reshape(shape)
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
@@ -432,7 +461,10 @@ def convert_slide(
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
         tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
     else:
         tmp.rename(out)
     return out

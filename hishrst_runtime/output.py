@@ -44,6 +44,7 @@ thread-safe (one internal lock).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -115,11 +116,10 @@ class SpatialImages:
             raise ValueError(f"SpatialImages.library_id must be a non-empty name without '/', got {self.library_id!r}")
 
     def to_uns(self) -> dict[str, Any]:
-        """The ``uns['spatial']`` dict: ``{library_id: {images, scalefactors, metadata}}``."""
+        """``{library_id: {images, scalefactors, metadata}}``; without hires, tissue_hires_scalef mirrors lowres."""
         images = {"lowres": self.lowres, **({"hires": self.hires} if self.hires is not None else {})}
         scalefactors = {
             "tissue_lowres_scalef": float(self.lowres_scalef),
-            # Space Ranger always writes both factors; without a hires image, mirror lowres.
             "tissue_hires_scalef": float(self.hires_scalef if self.hires_scalef is not None else self.lowres_scalef),
             "spot_diameter_fullres": float(self.spot_diameter_fullres),
         }
@@ -130,7 +130,6 @@ def partial_path(path: str | os.PathLike[str]) -> Path:
     """Where the output for ``path`` is built until it is finalized (``OUT.zarr.partial``)."""
     p = Path(path)
     return p.with_name(p.name + PARTIAL_SUFFIX)
-
 
 
 def _read_root_attrs(store: Path) -> dict[str, Any] | None:
@@ -213,9 +212,8 @@ def _to_uns(value: Any, key: str) -> Any:
 
 def _values_equal(a: Any, b: Any) -> bool:
     if isinstance(a, Mapping) or isinstance(b, Mapping):
-        if not (isinstance(a, Mapping) and isinstance(b, Mapping)) or set(a) != set(b):
-            return False
-        return all(_values_equal(a[k], b[k]) for k in a)
+        both = isinstance(a, Mapping) and isinstance(b, Mapping) and set(a) == set(b)
+        return both and all(_values_equal(a[k], b[k]) for k in a)
     if isinstance(a, (np.ndarray, list, tuple)) or isinstance(b, (np.ndarray, list, tuple)):
         a_arr, b_arr = np.asarray(a), np.asarray(b)
         if a_arr.dtype.kind in "OUT" or b_arr.dtype.kind in "OUT":
@@ -267,8 +265,8 @@ class OutputStore:
 
         self.path = path
         self.work_path = partial_path(path)
-        self._root = zarr.open_group(self.work_path, mode="r+", zarr_format=2, use_consolidated=False)
-        self._X = self._root["X"]
+        self._root: Any = zarr.open_group(self.work_path, mode="r+", zarr_format=2, use_consolidated=False)
+        self._X = cast("zarr.Array", self._root["X"])
         self.n_obs, self.n_vars = (int(s) for s in self._X.shape)
         self.chunk_rows = int(self._X.chunks[0])
         self._fsync = fsync
@@ -326,6 +324,10 @@ class OutputStore:
             _remove_tree(final)
             _remove_tree(work)
         final.parent.mkdir(parents=True, exist_ok=True)
+        prefix = glob.escape(final.name)  # debris of a killed create / overwrite (the caller holds the SlideLock)
+        for pattern in (".partial.tmp-*", ".trash-*", ".partial.trash-*"):
+            for junk in final.parent.glob(prefix + pattern):
+                shutil.rmtree(junk, ignore_errors=True)
 
         tmp = final.with_name(f"{work.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
@@ -397,11 +399,12 @@ class OutputStore:
             stored_grid = np.stack([obs["grid_row"][...], obs["grid_col"][...]], axis=1)
             if not _values_equal(stored_grid, np.asarray(grid_index)):
                 raise mismatch("grid indices", "grid_row/grid_col differ")
-        for key, want in (expected_uns or {}).items():
-            uns = store._root["uns"]
-            have = ad.io.read_elem(uns[key]) if key in uns else None
-            if have is None or not _values_equal(have, want):
-                raise mismatch(f"uns[{key!r}]", f"stored {have!r} vs {want!r} now")
+        uns = store._root["uns"]
+        for key, value in (expected_uns or {}).items():
+            want = _to_uns(value, key)  # normalised exactly as create() stored it (None values dropped)
+            have = ad.io.read_elem(uns[key]) if key in uns else _SKIP
+            if (have is _SKIP) != (want is _SKIP) or (want is not _SKIP and not _values_equal(have, want)):
+                raise mismatch(f"uns[{key!r}]", f"stored {have!r} vs {value!r} now")
         return store
 
     @staticmethod
@@ -413,9 +416,6 @@ class OutputStore:
             attrs = _read_root_attrs(final)
             return "complete" if attrs is not None and attrs.get(STATUS_ATTR) == "complete" else "incomplete"
         return "incomplete" if partial_path(final).exists() else "missing"
-
-    def _progress_file(self, k: int) -> Path:
-        return self.work_path / PROGRESS_DIR / f"chunk-{k:08d}.bits"
 
     def _chunk_bounds(self, k: int) -> tuple[int, int]:
         return k * self.chunk_rows, min((k + 1) * self.chunk_rows, self.n_obs)
@@ -470,7 +470,7 @@ class OutputStore:
             chunk_of = rows_arr // self.chunk_rows
             order = np.argsort(chunk_of, kind="stable")
             ks, starts = np.unique(chunk_of[order], return_index=True)
-            for k, sel in zip(ks.tolist(), np.split(order, starts[1:])):
+            for k, sel in zip(ks.tolist(), np.split(order, starts[1:]), strict=True):
                 buf = self._buffer(k)
                 local = rows_arr[sel] - k * self.chunk_rows
                 buf.data[local] = vals[sel]
@@ -509,7 +509,7 @@ class OutputStore:
         if not buf.dirty:
             return
         lo, hi = self._chunk_bounds(k)
-        progress = self._progress_file(k)
+        progress = self.work_path / PROGRESS_DIR / f"chunk-{k:08d}.bits"
         if progress.exists():  # unclaim first: a kill during the X write must not leave claimed rows torn
             progress.unlink()
             if self._fsync:

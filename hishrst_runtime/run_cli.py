@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,7 +40,8 @@ def _load_engines(bundle: Any, provider: str, *, cache_dir: Path | None) -> tupl
         enc = NoopBackend(lambda f: (len(f["tiles"]), d))
         head = NoopBackend(lambda f: (*f["features"].shape[:2], g))
         return enc, head, "noop"
-    chosen = resolve_provider(provider)  # type: ignore[arg-type]
+    has_engine = bundle.file_entry("encoder_trt") is not None and bundle.file_entry("head_trt") is not None
+    chosen = resolve_provider(provider, engine_available=has_engine)  # type: ignore[arg-type]
     engines = []
     for key in ("encoder", "head"):
         trt = bundle.file_entry(f"{key}_trt")
@@ -50,6 +50,16 @@ def _load_engines(bundle: Any, provider: str, *, cache_dir: Path | None) -> tupl
                 raise click.ClickException(f"{bundle.root}: no TensorRT engine in the bundle; export with --tensorrt")
             engines.append(load_backend(bundle.path(f"{key}_trt"), provider="trt-native",
                                         expected={"gpu": trt.get("gpu"), "tensorrt_version": trt.get("tensorrt_version")}))
+        elif chosen == "tensorrt":
+            d = int(bundle.encoder["feature_dim"])
+            m, n = int(bundle.manifest.get("max_batch", 64)), bundle.max_group_size
+            shapes = None if key == "encoder" else {
+                name: ((1, 1) + tail, (8, n) + tail, (m, n) + tail)
+                for name, tail in (("features", (d,)), ("positions", (2,)), ("mask", ()))
+            }
+            entry = bundle.file_entry(key) or {}
+            engines.append(load_backend(bundle.path(key), provider=chosen, cache_dir=cache_dir, max_batch=m, shapes=shapes,
+                                        model_sha256=entry.get("sha256"), fp16=entry.get("precision") == "fp16"))
         else:
             engines.append(load_backend(bundle.path(key), provider=chosen, cache_dir=cache_dir))
     return engines[0], engines[1], chosen

@@ -95,6 +95,8 @@ class Level:
         The box is **clipped** to the level bounds, so the result can be smaller than requested
         (empty, ``(0, 0, 3)``, for a box entirely outside). Use ``cut_patch`` for white padding.
         """
+        if self._array is None:
+            raise ValueError("the slide is closed; open it again with open_slide()")
         h, w = self.shape
         cx0, cy0 = min(max(int(x0), 0), w), min(max(int(y0), 0), h)
         cx1, cy1 = min(max(int(x1), cx0), w), min(max(int(y1), cy0), h)
@@ -290,7 +292,7 @@ def _find_multiscales(root: Any, path: str) -> tuple[Any, list[dict[str, Any]], 
     candidates = [root]
     try:
         child = root.get("0")
-    except Exception:  # noqa: BLE001 - any store error here just means "no bioformats2raw child"
+    except (KeyError, OSError, ValueError):  # an unreadable child just means "no bioformats2raw image"
         child = None
     if child is not None and hasattr(child, "attrs") and not hasattr(child, "shape"):
         candidates.append(child)
@@ -334,7 +336,8 @@ def _axes_of(ms: dict[str, Any], ndim: int, path: str) -> tuple[list[str], list[
             names.append(str(a).lower())
             units.append(None)
     if len(names) != ndim:
-        raise _fail(path, f"the multiscales metadata lists {len(names)} axes {names} but the arrays have {ndim} dimensions",
+        raise _fail(path, f"the multiscales metadata lists {len(names)} axes {names} "
+                    f"but the arrays have {ndim} dimensions",
                     "Re-write the store with consistent metadata (e.g. `hishrst convert`).")
     return names, units
 
@@ -357,15 +360,16 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Sli
         if not p.exists():
             raise _fail(spath, "no such file or directory", "Check the path of the OME-Zarr store.")
         if not p.is_dir():
-            hint = (" Convert it first with `hishrst convert "
-                    f"{p.name} {p.stem}.zarr`." if p.suffix.lower() in {".svs", ".tif", ".tiff", ".ndpi", ".scn"} else "")
+            is_tiff = p.suffix.lower() in {".svs", ".tif", ".tiff", ".ndpi", ".scn"}
+            hint = f" Convert it first with `hishrst convert {p.name} {p.stem}.zarr`." if is_tiff else ""
             raise _fail(spath, "not a zarr store (it is a file, OME-Zarr stores are directories)",
                         "Pass the .zarr directory of an OME-Zarr image." + hint)
     try:
         root = zarr.open_group(spath, mode="r")
     except Exception as e:  # noqa: BLE001 - zarr raises several types for "not a group"
         raise _fail(spath, f"not a zarr store ({type(e).__name__}: {e})",
-                    "Pass the .zarr directory of an OME-Zarr image, or convert the slide with `hishrst convert`.") from e
+                    "Pass the .zarr directory of an OME-Zarr image, "
+                    "or convert the slide with `hishrst convert`.") from e
 
     group, multiscales, version = _find_multiscales(root, spath)
     if not multiscales or not isinstance(multiscales[0], dict):
@@ -373,7 +377,8 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Sli
     ms = multiscales[0]
     datasets = ms.get("datasets") or []
     if not datasets:
-        raise _fail(spath, "the multiscale image lists no datasets (pyramid levels)", "Re-write the store (e.g. `hishrst convert`).")
+        raise _fail(spath, "the multiscale image lists no datasets (pyramid levels)",
+                    "Re-write the store (e.g. `hishrst convert`).")
 
     arrays = []
     for ds in datasets:

@@ -41,7 +41,7 @@ import threading
 import urllib.parse
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -108,6 +108,12 @@ class EncoderSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "timm_kwargs", MappingProxyType(dict(self.timm_kwargs)))
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of the spec (for manifests and run configs)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(timm_kwargs=dict(self.timm_kwargs), mean=list(self.mean), std=list(self.std))
+        return d
+
 
 ENCODERS: dict[str, EncoderSpec] = {
     "uni": EncoderSpec(
@@ -127,20 +133,10 @@ ENCODERS: dict[str, EncoderSpec] = {
     "uni2-h": EncoderSpec(
         name="uni2-h",
         arch="vit_giant_patch14_224",
-        timm_kwargs={
-            "img_size": 224,
-            "patch_size": 14,
-            "depth": 24,
-            "num_heads": 24,
-            "init_values": 1e-5,
-            "embed_dim": 1536,
-            "mlp_ratio": 2.66667 * 2,
-            "num_classes": 0,
-            "no_embed_class": True,
-            "mlp_layer": "SwiGLUPacked",
-            "act_layer": "SiLU",
-            "reg_tokens": 8,
-            "dynamic_img_size": True,
+        timm_kwargs={  # as in the UNI2-h model card
+            "img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
+            "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "num_classes": 0, "no_embed_class": True,
+            "mlp_layer": "SwiGLUPacked", "act_layer": "SiLU", "reg_tokens": 8, "dynamic_img_size": True,
         },
         input_size=224,
         mean=IMAGENET_MEAN,
@@ -156,14 +152,8 @@ ENCODERS: dict[str, EncoderSpec] = {
         name="test-vit",
         arch="vit_tiny_patch16_224",
         timm_kwargs={
-            "img_size": 64,
-            "patch_size": 16,
-            "embed_dim": 64,
-            "depth": 2,
-            "num_heads": 2,
-            "init_values": 1e-5,
-            "num_classes": 0,
-            "dynamic_img_size": True,
+            "img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2, "init_values": 1e-5,
+            "num_classes": 0, "dynamic_img_size": True,
         },
         input_size=64,
         mean=IMAGENET_MEAN,
@@ -279,7 +269,7 @@ def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> tuple[bool, str]:
     proxy = urllib.request.getproxies().get(url.scheme or "https")
     if proxy and not urllib.request.proxy_bypass(host):
         p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = p.hostname or host, p.port or 8080
+        host, port = p.hostname or host, p.port or (443 if p.scheme == "https" else 80)
     return _can_connect(host, port, timeout), f"{host}:{port}"
 
 
@@ -576,9 +566,12 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
     """
     spec = getattr(encoder, "spec", None)
     sd = encoder.state_dict()
-    state = tuple((k, v.data_ptr(), v._version, v.device.type) for k, v in sd.items())
+    try:
+        state: tuple[Any, ...] | None = tuple((k, v.data_ptr(), v._version, v.device.type) for k, v in sd.items())
+    except RuntimeError:  # inference tensors have no version counter: hash every time
+        state = None
     cached = getattr(encoder, "_fingerprint", None)
-    if cached is not None and cached[0] == state:
+    if state is not None and cached is not None and cached[0] == state:
         return cached[1]
     h = hashlib.blake2b(digest_size=8)
     if spec is not None:
@@ -592,6 +585,6 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy())
     digest = h.hexdigest()
-    if isinstance(encoder, EncoderModule):
+    if isinstance(encoder, EncoderModule) and state is not None:
         encoder._fingerprint = (state, digest)
     return digest

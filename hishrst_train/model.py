@@ -2,7 +2,8 @@
 
 ``forward(features [B, N, D], positions [B, N, 2], mask [B, N] | None) -> expression [B, N, G]``
 
-* position information is added to the features:
+* the features are standardised per dimension with training-set statistics (buffers ``feat_mean`` /
+  ``feat_std``; identity for imported reference weights), then position information is added:
   - ``grid``: the reference implementation's learned x/y embeddings (512 each) of integer array
     coordinates — positions are truncated with ``.long()`` exactly as the reference does;
   - ``continuous`` (default): multi-scale sinusoidal features of physical coordinates in µm
@@ -44,7 +45,7 @@ class HisHRSTConfig:
     dim_head: int = 64
     mlp_dim: int | None = None  # defaults to feature_dim, as in the reference
     head_hidden: int = 2048
-    dropout: float = 0.0
+    dropout: float = 0.1
     position_mode: Literal["continuous", "grid"] = "continuous"
     grid_size: int = 512
     pos_n_freqs: int = 16
@@ -174,12 +175,22 @@ class HisHRST(nn.Module):
         self.gene_head = nn.Sequential(
             nn.Linear(d, cfg.head_hidden), nn.ReLU(), nn.LayerNorm(cfg.head_hidden), nn.Linear(cfg.head_hidden, cfg.n_genes)
         )
+        # Per-dimension standardisation of the frozen features with training-set statistics
+        # (identity until set_feature_stats; identity for imported reference weights).
+        self.register_buffer("feat_mean", torch.zeros(d))
+        self.register_buffer("feat_std", torch.ones(d))
+
+    @torch.no_grad()
+    def set_feature_stats(self, features: torch.Tensor) -> None:
+        """Standardise inputs with the mean/std of ``features [N, D]`` (the training spots' features)."""
+        self.feat_mean.copy_(features.mean(0))
+        self.feat_std.copy_(features.std(0).clamp_min(1e-6))
 
     def forward(
         self, features: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``features [B, N, D]``, ``positions [B, N, 2]`` (µm, or array coords in grid mode), ``mask [B, N]``."""
-        x = features + self.pos(positions).to(features.dtype)
+        x = (features - self.feat_mean) / self.feat_std + self.pos(positions).to(features.dtype)
         bias = None
         if mask is not None:
             bias = ((mask.to(x.dtype) - 1.0) * MASK_NEG)[:, None, None, :]  # [B, 1, 1, N]
@@ -228,5 +239,7 @@ def import_reference_state_dict(state_dict: Mapping[str, torch.Tensor], **config
             continue  # defined but unused by the reference forward
         else:
             raise KeyError(f"unexpected parameter {k!r} in reference state dict")
+    mapped["feat_mean"] = model.feat_mean.clone()
+    mapped["feat_std"] = model.feat_std.clone()
     model.load_state_dict(mapped, strict=True)
     return model

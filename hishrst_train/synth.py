@@ -35,6 +35,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -69,8 +72,8 @@ class SynthPreset:
 
 
 PRESETS: dict[str, SynthPreset] = {
-    "small": SynthPreset(18, 30, 0.6, 300, 100.0, (110, 110, 230, 110, 200, 200), 0.62, 2500.0),
-    "dlpfc": SynthPreset(78, 128, 0.5705, 2000, 150.0, (260, 240, 650, 230, 520, 520), 0.62, 3500.0),
+    "small": SynthPreset(18, 30, 0.6, 300, 100.0, (110, 110, 230, 110, 200, 200), 0.5, 2500.0),
+    "dlpfc": SynthPreset(78, 128, 0.5705, 2000, 150.0, (300, 250, 900, 250, 600, 650), 0.55, 3500.0),
 }
 
 # Per-region rendering parameters (index 0..6 = REGION_NAMES, 7 = background).
@@ -82,11 +85,11 @@ _HALO = np.array([0.0, 0.0, 0.32, 0.0, 0.42, 0.12, 0.0, 0], np.float64)  # neuro
 _HEMA_BG = np.array([0.04, 0.13, 0.09, 0.15, 0.08, 0.11, 0.03, 0], np.float32)  # neuropil purple
 _EOSIN = np.array([0.30, 0.42, 0.48, 0.40, 0.55, 0.47, 0.72, 0], np.float32)
 _EOSIN_TEX = np.array([0.25, 0.15, 0.18, 0.12, 0.20, 0.18, 0.10, 0], np.float32)
-_FIBRE = np.array([0.0, 0.0, 0.0, 0.0, 0.05, 0.12, 0.55, 0], np.float32)
+_FIBRE = np.array([0.0, 0.0, 0.0, 0.0, 0.05, 0.12, 0.40, 0], np.float32)
 _UMI_FACTOR = np.array([0.8, 1.1, 1.1, 1.05, 1.0, 0.95, 0.6], np.float64)
 # Beer–Lambert optical densities per unit stain (RGB).
 _OD_HEMA = np.array([0.65, 0.70, 0.29], np.float32) * 1.6
-_OD_EOSIN = np.array([0.07, 0.99, 0.11], np.float32) * 0.9
+_OD_EOSIN = np.array([0.10, 0.80, 0.30], np.float32)
 _OD_GLASS = np.array([0.025, 0.03, 0.02], np.float32)
 
 _MARKERS: dict[int, tuple[str, ...]] = {
@@ -131,7 +134,7 @@ class _Tissue:
         ext_x = (p.n_cols - 1) * VISIUM_PITCH_UM / 2.0
         ext_y = (p.n_rows - 1) * VISIUM_PITCH_UM * np.sqrt(3.0) / 2.0
         self.cx, self.cy = ext_x / 2.0, ext_y / 2.0
-        self.ax, self.ay = 0.56 * ext_x, 0.56 * ext_y
+        self.ax, self.ay = 0.6 * ext_x, 0.6 * ext_y
         ext = max(ext_x, ext_y)
         cortex = float(sum(p.layer_um))
         self.bounds = np.cumsum(p.layer_um).astype(np.float32)  # depth where each layer ends
@@ -257,6 +260,7 @@ class _Renderer:
         lin = affine[:, :2]
         self.lin = lin
         self.inv = np.linalg.inv(lin)
+        self.fibre_px = tissue.fibre_dir + np.arctan2(lin[1, 0], lin[0, 0])  # fibre direction in pixels
         self.off = affine[:, 2]
         self.eos_fine = _ValueNoise(rng, box, 12.0)
         self.eos_coarse = _ValueNoise(rng, box, 90.0)
@@ -293,27 +297,31 @@ class _Renderer:
         for g in self.groups:
             R = g["R"]
             lo, hi = np.searchsorted(g["y"], [y0 - R - 1, y0 + hh + R + 1])
-            if hi <= lo:
-                continue
-            sl = slice(lo, hi)
-            icx, icy = np.rint(g["x"][sl]).astype(np.int64), np.rint(g["y"][sl]).astype(np.int64)
-            fx = (g["x"][sl] - icx).astype(np.float32)[:, None, None]
-            fy = (g["y"][sl] - icy).astype(np.float32)[:, None, None]
-            o = np.arange(-R, R + 1, dtype=np.float32)
-            dx, dy = o[None, None, :] - fx, o[None, :, None] - fy
-            c, s = g["c"][sl].astype(np.float32)[:, None, None], g["s"][sl].astype(np.float32)[:, None, None]
-            u = (dx * c + dy * s) / g["a"][sl].astype(np.float32)[:, None, None]
-            v = (dy * c - dx * s) / g["b"][sl].astype(np.float32)[:, None, None]
-            q = u * u + v * v
-            val = np.clip((1.0 - q) * 3.0, 0.0, 1.0) * (0.8 + 0.2 * np.clip(1.0 - q, 0, 1))
-            val *= g["inten"][sl].astype(np.float32)[:, None, None]
-            if g["halo"][sl].max() > 0:
-                halo = np.clip((1.0 - q / 4.0) * 2.0, 0.0, 1.0) * g["halo"][sl].astype(np.float32)[:, None, None]
-                val = np.maximum(val, halo)
-            iy = icy[:, None, None] + o.astype(np.int64)[None, :, None] - y0
-            ix = icx[:, None, None] + o.astype(np.int64)[None, None, :]
-            ok = (val > 0.01) & (iy >= 0) & (iy < hh) & (ix >= 0) & (ix < ww)
-            np.maximum.at(flat, (iy * ww + ix)[ok], val[ok])
+            step = max(1, 2_000_000 // (2 * R + 1) ** 2)  # cap temporaries at a few tens of MB
+            for start in range(int(lo), int(hi), step):
+                self._stamp_chunk(flat, g, slice(start, min(int(hi), start + step)), y0, hh, ww)
+
+    @staticmethod
+    def _stamp_chunk(flat: np.ndarray, g: dict, sl: slice, y0: int, hh: int, ww: int) -> None:
+        R = g["R"]
+        icx, icy = np.rint(g["x"][sl]).astype(np.int64), np.rint(g["y"][sl]).astype(np.int64)
+        fx = (g["x"][sl] - icx).astype(np.float32)[:, None, None]
+        fy = (g["y"][sl] - icy).astype(np.float32)[:, None, None]
+        o = np.arange(-R, R + 1, dtype=np.float32)
+        dx, dy = o[None, None, :] - fx, o[None, :, None] - fy
+        c, s = g["c"][sl].astype(np.float32)[:, None, None], g["s"][sl].astype(np.float32)[:, None, None]
+        u = (dx * c + dy * s) / g["a"][sl].astype(np.float32)[:, None, None]
+        v = (dy * c - dx * s) / g["b"][sl].astype(np.float32)[:, None, None]
+        q = u * u + v * v
+        val = np.clip((1.0 - q) * 3.0, 0.0, 1.0) * (0.8 + 0.2 * np.clip(1.0 - q, 0, 1))
+        val *= g["inten"][sl].astype(np.float32)[:, None, None]
+        if g["halo"][sl].max() > 0:
+            halo = np.clip((1.0 - q / 4.0) * 2.0, 0.0, 1.0) * g["halo"][sl].astype(np.float32)[:, None, None]
+            val = np.maximum(val, halo)
+        iy = icy[:, None, None] + o.astype(np.int64)[None, :, None] - y0
+        ix = icx[:, None, None] + o.astype(np.int64)[None, None, :]
+        ok = (val > 0.01) & (iy >= 0) & (iy < hh) & (ix >= 0) & (ix < ww)
+        np.maximum.at(flat, (iy * ww + ix)[ok], val[ok])
 
     def strip(self, y0: int, y1: int) -> np.ndarray:
         """RGB uint8 rows ``[y0, y1)`` of the full-resolution image."""
@@ -330,29 +338,49 @@ class _Renderer:
         def up(a: np.ndarray) -> np.ndarray:
             return np.repeat(np.repeat(a, b, axis=0), b, axis=1)[:hh, :ww]
 
-        lab_p = up(lab)
-        tissue = lab_p != _BG
+        # background has zero stain (_HEMA_BG/_EOSIN/_FIBRE are 0 at index _BG): no mask needed
         hema = up(_HEMA_BG[lab])
         eos = up(_EOSIN[lab] * (1.0 + _EOSIN_TEX[lab] * eos_n))
         fib_amp = _FIBRE[lab]
         if fib_amp.any():  # thin streaks along the fibre direction, period ≈ 7 µm
             k = 2 * np.pi / (7.0 / self.mpp)
-            nx, ny = np.float32(-np.sin(self.fibre_dir) * k), np.float32(np.cos(self.fibre_dir) * k)
+            nx, ny = np.float32(-np.sin(self.fibre_px) * k), np.float32(np.cos(self.fibre_px) * k)
             t = nx * np.arange(ww, dtype=np.float32)[None, :] + ny * np.arange(y0, y1, dtype=np.float32)[:, None]
-            streak = np.sin(t + up(phase))
-            eos *= 1.0 + up(fib_amp) * (streak * streak * streak)
+            t += up(phase)
+            np.sin(t, out=t)
+            t *= t * t
+            t *= up(fib_amp)
+            t += 1.0
+            eos *= t
+            del t
         nuc = np.zeros((hh, ww), np.float32)
         self._stamp(nuc, y0)
-        hema = np.maximum(hema, nuc) * tissue
-        eos *= tissue
-        eos *= 1.0 - 0.6 * np.minimum(nuc, 1.0)  # nuclei are less pink
+        np.maximum(hema, nuc, out=hema)
+        np.minimum(nuc, 1.0, out=nuc)
+        nuc *= -0.6
+        nuc += 1.0
+        eos *= nuc  # nuclei are less pink
         grain = np.random.default_rng([self.seed, 99, y0]).standard_normal((hh, ww), dtype=np.float32)
-        grain = 1.0 + np.where(tissue, np.float32(0.07), np.float32(0.15)) * grain
+        grain *= up(np.where(lab == _BG, np.float32(0.15), np.float32(0.07)))
+        grain += 1.0
+        hema *= grain
+        eos *= grain
         glass_p = up(1.0 + 0.3 * glass)
+        glass_p *= grain
         out = np.empty((hh, ww, 3), np.uint8)
+        od, tmp = nuc, grain  # reuse buffers
         for ch in range(3):
-            od = (hema * _OD_HEMA[ch] + eos * _OD_EOSIN[ch] + _OD_GLASS[ch] * glass_p) * grain
-            out[..., ch] = np.clip(255.0 * np.exp(-od) + 0.5, 0, 255).astype(np.uint8)
+            np.multiply(hema, _OD_HEMA[ch], out=od)
+            np.multiply(eos, _OD_EOSIN[ch], out=tmp)
+            od += tmp
+            np.multiply(glass_p, _OD_GLASS[ch], out=tmp)
+            od += tmp
+            np.negative(od, out=od)
+            np.exp(od, out=od)
+            od *= 255.0
+            od += 0.5
+            np.minimum(od, 255.0, out=od)
+            out[..., ch] = od
         return out
 
 
@@ -361,8 +389,13 @@ def _downsample2(a: np.ndarray) -> np.ndarray:
     h, w = a.shape[:2]
     if h % 2 or w % 2:
         a = np.pad(a, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    s = a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2, 3).astype(np.uint16).sum(axis=(1, 3))
-    return ((s + 2) // 4).astype(np.uint8)
+    s = a[0::2, 0::2].astype(np.uint16)
+    s += a[1::2, 0::2]
+    s += a[0::2, 1::2]
+    s += a[1::2, 1::2]
+    s += 2
+    s >>= 2
+    return s.astype(np.uint8)
 
 
 def _resize(a: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
@@ -371,10 +404,20 @@ def _resize(a: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(a).resize(size_wh, Image.LANCZOS))
 
 
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Like ``np.savez_compressed`` but with fast (level-1) deflate; readable by ``np.load``."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for key, val in arrays.items():
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(val), allow_pickle=False)
+
+
 def _save_png(a: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    Image.fromarray(a).save(path, compress_level=6)
+    Image.fromarray(a).save(path, compress_level=1)
 
 
 def make_synthetic_visium(
@@ -393,7 +436,7 @@ def make_synthetic_visium(
     """
     import tifffile
 
-    from hishrst_train.io import write_10x_h5
+    from hishrst_train.io import _write_10x_arrays
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -452,14 +495,14 @@ def make_synthetic_visium(
     theta = gp["theta"][None, :]
     counts = rng_count.poisson(rng_count.gamma(theta, mean / theta)).astype(np.int32)
 
-    import anndata as ad
     import pandas as pd
-    import scipy.sparse as sp
 
-    var = pd.DataFrame({"gene_ids": gp["ids"].astype(str), "feature_types": "Gene Expression", "genome": "GRCh38"},
-                       index=pd.Index(gp["names"].astype(str)))
-    adata = ad.AnnData(X=sp.csr_matrix(counts), obs=pd.DataFrame(index=pd.Index(barcodes[order])), var=var)
-    write_10x_h5(adata, outs / "filtered_feature_bc_matrix.h5", library_id=f"synthetic_{preset}_{seed}")
+    _write_10x_arrays(
+        outs / "filtered_feature_bc_matrix.h5", counts, barcodes=barcodes[order], names=gp["names"], ids=gp["ids"],
+        feature_types=np.full(p.n_genes, "Gene Expression"), genomes=np.full(p.n_genes, "GRCh38"),
+        library_id=f"synthetic_{preset}_{seed}", chemistry_description="Spatial 3' v1",
+        software_version="spaceranger-2.0.0 (hishrst synthetic)",
+    )
 
     # --- spatial/ ------------------------------------------------------------------------------------
     pos = pd.DataFrame({"barcode": barcodes, "in_tissue": in_tissue.astype(int), "array_row": rows, "array_col": cols,
@@ -481,14 +524,29 @@ def make_synthetic_visium(
     level0 = np.empty((height, width, 3), np.uint8) if max(height, width) < 4000 else None  # small: keep for PNGs
 
     def tiles() -> Iterator[np.ndarray]:
-        for y0 in range(0, height, _TILE):
-            y1 = min(height, y0 + _TILE)
-            s = ren.strip(y0, y1)
-            level1[y0 // 2 : (y1 + 1) // 2] = _downsample2(s)
-            if level0 is not None:
-                level0[y0:y1] = s
-            for x0 in range(0, width, _TILE):
-                yield s[:, x0 : x0 + _TILE]
+        # strips are rendered ahead by a small thread pool (numpy releases the GIL), consumed in order
+        starts = iter(range(0, height, _TILE))
+        workers = max(1, min(2, os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque = deque()
+
+            def submit() -> None:
+                y = next(starts, None)
+                if y is not None:
+                    pending.append((y, pool.submit(ren.strip, y, min(height, y + _TILE))))
+
+            for _ in range(workers + 1):
+                submit()
+            while pending:
+                y0, fut = pending.popleft()
+                submit()
+                s = fut.result()
+                y1 = y0 + s.shape[0]
+                level1[y0 // 2 : (y1 + 1) // 2] = _downsample2(s)
+                if level0 is not None:
+                    level0[y0:y1] = s
+                for x0 in range(0, width, _TILE):
+                    yield s[:, x0 : x0 + _TILE]
 
     desc = json.dumps({"mpp": p.mpp, "generator": "hishrst.synth", "preset": preset, "seed": int(seed)})
     comp = {"compression": "jpeg", "compressionargs": {"level": 90}} if compression == "jpeg" else {
@@ -511,8 +569,7 @@ def make_synthetic_visium(
         src = [lv for lv in pyramid if max(lv.shape[:2]) >= max(size)]
         _save_png(_resize(src[-1] if src else pyramid[0], size), outs / "spatial" / f"tissue_{name}_image.png")
 
-    np.savez_compressed(
-        out_dir / "truth.npz",
+    truth = dict(
         barcodes=barcodes[order].astype(str), region_names=np.asarray(REGION_NAMES), region_fractions=frac[order].astype(np.float32),
         tissue_fraction=tfrac[order].astype(np.float32), depth_um=depth_all[order].astype(np.float32),
         expected_means=mean.astype(np.float32), library_size=lib.astype(np.float32), spot_xy_px=spot_px[order],
@@ -520,6 +577,7 @@ def make_synthetic_visium(
         marker_region=gp["marker_region"], region_log_means=gp["logmu"].astype(np.float32), affine_um_to_px=affine,
         mpp=np.float64(p.mpp), image_shape=np.array([height, width, 3]), seed=np.int64(seed), preset=np.str_(preset),
     )
+    _save_npz(out_dir / "truth.npz", truth)
     log.info("synthetic Visium %s (seed %d): %d/%d spots in tissue, image %d×%d px", preset, seed, len(order), len(rows), width, height)
     return outs
 

@@ -34,7 +34,7 @@ class TrainConfig:
     epochs: int = 100
     lr: float = 1e-3
     warmup_frac: float = 0.1
-    batch_groups: int = 4
+    batch_groups: int = 1
     weight_decay: float = 0.0
     seed: int = 0
 
@@ -81,7 +81,10 @@ def train_model(
         raise ValueError(f"epochs must be ≥ 1, got {tc.epochs}")
     seed_everything(tc.seed)
     rng = np.random.default_rng(tc.seed)
-    model = HisHRST(model_config).to(device)
+    model = HisHRST(model_config)
+    train_rows = np.unique(np.concatenate(groups)) if groups else np.arange(len(features))
+    model.set_feature_stats(torch.from_numpy(np.asarray(features[train_rows], dtype=np.float32)))
+    model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     steps_per_epoch = math.ceil(len(groups) / tc.batch_groups)
     total = max(1, steps_per_epoch * tc.epochs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -70,6 +71,7 @@ def test_registry_lookup_and_unknown_name():
     uni2 = get_encoder_spec("uni2-h")
     assert (uni2.hf_repo, uni2.feature_dim, uni2.timm_kwargs["reg_tokens"]) == ("MahmoodLab/UNI2-h", 1536, 8)
     assert get_encoder_spec("test-vit").hf_repo is None
+    assert json.loads(json.dumps(uni2.to_dict()))["timm_kwargs"]["mlp_layer"] == "SwiGLUPacked"
     with pytest.raises(KeyError) as info:
         get_encoder_spec("unii")
     for name in ENCODERS:

@@ -14,12 +14,17 @@ therefore creates (once per process) a tiny session per GPU provider and checks 
 really came up. Importing this package imports neither torch nor tensorrt (nor onnxruntime); the
 engines are imported when a backend is loaded or a provider probed.
 
-Typical use::
+Typical use (``files.encoder_trt`` is the bundle's optional engine, recorded with its GPU and
+TensorRT version)::
 
-    provider = resolve_provider("auto", engine_available=bundle.file_entry("encoder_engine") is not None)
-    backend = load_backend(bundle.path("encoder"), provider=provider)
+    engine = bundle.file_entry("encoder_trt")
+    backend = load_backend(
+        bundle.path("encoder"), provider="auto",
+        engine_path=bundle.path("encoder_trt") if engine else None, expected=engine,
+        model_sha256=bundle.file_entry("encoder")["sha256"],
+    )
     print(f"encoder: {backend.name} ({backend.provider})")
-    feats = backend.run({"images": tiles})[0]
+    feats = backend.run({"tiles": tiles})[0]
 """
 
 from __future__ import annotations
@@ -179,13 +184,15 @@ def load_backend(
     """Load a model on a provider and return its :class:`Backend`.
 
     Args:
-        model_path: the ``.onnx`` file (may be ``None`` only for ``"trt-native"``).
+        model_path: the ``.onnx`` file; for ``"trt-native"`` it may be ``None`` (then ``engine_path``
+            is used) or the engine file itself.
         provider: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"tensorrt"`` or ``"trt-native"``. With
             ``"auto"`` the providers are tried fastest first and one that fails to load is skipped
             with a warning; an explicit provider never falls back.
         cache_dir: engine/timing-cache root for ``"tensorrt"`` (default ``$HISHRST_CACHE_DIR/trt``
             or ``~/.cache/hishrst/trt``).
-        engine_path: serialized TensorRT engine for ``"trt-native"``.
+        engine_path: serialized TensorRT engine for ``"trt-native"`` (and, with ``"auto"``, whether
+            ``"trt-native"`` is a candidate).
         device_id: CUDA device ordinal.
         threads: CPU intra-op threads (default: physical cores).
         fp16: allow FP16 kernels in the onnxruntime TensorRT provider.
@@ -231,12 +238,14 @@ def _load(
     model_sha256: str | None,
 ) -> Backend:
     if provider == "trt-native":
-        if engine_path is None:
+        # The engine may come as engine_path or, for convenience, as the only path given.
+        engine = engine_path if engine_path is not None else model_path
+        if engine is None or Path(engine).suffix == ".onnx":
             raise BackendError("provider 'trt-native' needs the bundle's TensorRT engine (engine_path); "
                                "export one with `hishrst export ... --tensorrt` or use --provider tensorrt")
         from hishrst_runtime.backends.tensorrt_native import TensorRTNativeBackend
 
-        return TensorRTNativeBackend(engine_path, expected=expected, device_id=device_id)
+        return TensorRTNativeBackend(engine, expected=expected, device_id=device_id)
     if model_path is None:
         raise BackendError(f"provider {provider!r} needs the ONNX model path")
     if provider == "cpu":

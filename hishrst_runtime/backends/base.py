@@ -15,15 +15,15 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
 __all__ = [
-    "Backend",
-    "BackendError",
-    "BackendBase",
     "GPU_EXTRA_HINT",
+    "Backend",
+    "BackendBase",
+    "BackendError",
     "check_model_path",
     "default_threads",
     "gpu_name",
@@ -32,12 +32,15 @@ __all__ = [
     "ort_session_io",
     "ort_session_options",
     "ort_type_to_numpy",
-    "prepare_feeds",
     "preload_ort_cuda_libraries",
+    "prepare_feeds",
 ]
 
 #: The install instruction given whenever a GPU provider is missing from onnxruntime.
-GPU_EXTRA_HINT = "pip uninstall -y onnxruntime && pip install 'hishrst[gpu]'  (installs onnxruntime-gpu and tensorrt)"
+GPU_EXTRA_HINT = (
+    "pip install 'hishrst[gpu]' && pip install --force-reinstall --no-deps onnxruntime-gpu "
+    "(onnxruntime and onnxruntime-gpu share the `onnxruntime` module, so the GPU build must be installed last)"
+)
 
 
 class BackendError(RuntimeError):
@@ -72,6 +75,9 @@ class Backend(Protocol):
         ...
 
 
+_B = TypeVar("_B", bound="BackendBase")
+
+
 class BackendBase:
     """Mix-in with the behaviour every backend shares: context manager, feed checking, repr."""
 
@@ -82,17 +88,23 @@ class BackendBase:
     input_dtypes: list[np.dtype]
     input_shapes: list[tuple[int | None, ...]]
 
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:  # pragma: no cover - overridden
+        """Run the model (implemented by each backend)."""
+        raise NotImplementedError
+
     def close(self) -> None:  # pragma: no cover - overridden
         """Release resources (overridden by backends that hold any)."""
 
-    def __enter__(self) -> BackendBase:
+    def __enter__(self: _B) -> _B:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        ins = ", ".join(f"{n}:{np.dtype(d).name}{list(s)}" for n, d, s in zip(self.input_names, self.input_dtypes, self.input_shapes))
+        ins = ", ".join(
+            f"{n}:{np.dtype(d).name}{list(s)}" for n, d, s in zip(self.input_names, self.input_dtypes, self.input_shapes)
+        )
         return f"<{type(self).__name__} {self.name} provider={self.provider} inputs=[{ins}] outputs={self.output_names}>"
 
     def _prepare(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

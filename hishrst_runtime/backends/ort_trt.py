@@ -143,9 +143,11 @@ def onnx_input_shapes(model_path: str | Path) -> dict[str, tuple[int | None, ...
     model_path = Path(model_path)
     try:
         import onnx
+
+        have_onnx = True
     except ImportError:
-        onnx = None
-    if onnx is not None:
+        have_onnx = False
+    if have_onnx:
         model = onnx.load(str(model_path), load_external_data=False)
         init_names = {t.name for t in model.graph.initializer}
         shapes: dict[str, tuple[int | None, ...]] = {}
@@ -194,7 +196,9 @@ def profile_shapes(
                 raise ValueError(f"shapes[{name!r}]: min/opt/max must all have rank {len(dims)} (model shape {tuple(dims)})")
             for i, d in enumerate(dims):
                 if not lo[i] <= mid[i] <= hi[i] or (d is not None and not lo[i] == mid[i] == hi[i] == d):
-                    raise ValueError(f"shapes[{name!r}]: dimension {i} range {lo[i]}/{mid[i]}/{hi[i]} is invalid for model dim {d}")
+                    raise ValueError(
+                        f"shapes[{name!r}]: dimension {i} range {lo[i]}/{mid[i]}/{hi[i]} is invalid for model dim {d}"
+                    )
             out[name] = (lo, mid, hi)
             continue
         if all(d is not None for d in dims):
@@ -274,8 +278,17 @@ class OrtTensorrtBackend(OrtCudaBackend):
             options["trt_profile_min_shapes"] = _profile_option(profile, 0)
             options["trt_profile_opt_shapes"] = _profile_option(profile, 1)
             options["trt_profile_max_shapes"] = _profile_option(profile, 2)
+        if not any(self.cache_dir.glob("*.engine")):
+            log.warning(
+                "%s: building TensorRT engines (first run for this model/GPU/TensorRT; this can take minutes); "
+                "they are cached in %s", self.model_path, self.cache_dir,
+            )
         self.profile = profile
         self.fp16 = bool(fp16)
         self.provider_options = options
-        providers = [(self._EP, options), ("CUDAExecutionProvider", cuda_provider_options(self.device_id)), "CPUExecutionProvider"]
+        providers = [
+            (self._EP, options),
+            ("CUDAExecutionProvider", cuda_provider_options(self.device_id)),
+            "CPUExecutionProvider",
+        ]
         self._open(providers, threads=threads)

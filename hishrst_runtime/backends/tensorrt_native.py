@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from hishrst_runtime.backends.base import GPU_EXTRA_HINT, BackendBase, BackendError, gpu_name
+from hishrst_runtime.backends.base import BackendBase, BackendError, gpu_name
 
 __all__ = ["TensorRTNativeBackend", "check_engine_compat", "import_tensorrt"]
 
@@ -154,8 +154,8 @@ def _cuda_memory(device_id: int) -> _CudaPython | _CuPy:
         return _CuPy(device_id)
     except ImportError as e:
         raise BackendError(
-            "the native TensorRT backend needs cuda-python (or CuPy) for device memory; "
-            f"install it with: pip install 'hishrst[gpu]' (pip install cuda-python) — {GPU_EXTRA_HINT}"
+            "the native TensorRT backend needs cuda-python (or CuPy) for device memory; install it with "
+            "pip install 'hishrst[gpu]' or pip install cuda-python (or use --provider tensorrt / cuda)"
         ) from e
 
 
