@@ -83,10 +83,8 @@ def _read_10x_h5(path: Path, *, gex_only: bool = True) -> tuple[Any, dict[str, A
             ftypes = _decode(feats["feature_type"][()]) if "feature_type" in feats else None
             genome = _decode(feats["genome"][()]) if "genome" in feats else None
         elif len(f.keys()) == 1:  # Cell Ranger 2 layout: one group per genome
-            gname = next(iter(f.keys()))
-            g = f[gname]
-            ids, names, ftypes = g.get("genes"), g.get("gene_names"), None
-            genome = None
+            g = f[next(iter(f.keys()))]
+            ids, names, ftypes, genome = g.get("genes"), g.get("gene_names"), None, None
         else:
             raise _error(path, f"no 'matrix' group (found {sorted(f.keys())})", "pass a 10x feature-barcode matrix .h5 file")
         missing = [k for k in ("barcodes", "data", "indices", "indptr", "shape") if k not in g]
@@ -119,8 +117,7 @@ def _read_10x_h5(path: Path, *, gex_only: bool = True) -> tuple[Any, dict[str, A
     adata = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(barcodes.astype(str))), var=var)
     if gex_only and "feature_types" in var:
         adata = adata[:, var["feature_types"].to_numpy() == "Gene Expression"].copy()
-    if not adata.var_names.is_unique:
-        adata.var_names_make_unique()
+    adata.var_names_make_unique()
     return adata, attrs
 
 
@@ -269,9 +266,6 @@ class FullresImage:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"FullresImage({self.path!r}, shape={self.shape})"
-
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.uint8:
@@ -312,19 +306,22 @@ def open_fullres_image(path: str | Path) -> FullresImage:
         if len(axes) != len(arr.shape):
             raise _error(path, f"unexpected TIFF layout (axes {axes!r}, shape {arr.shape})", "convert to an RGB TIFF")
         return FullresImage(arr, axes=axes, path=str(path), closer=store)
-    try:
-        from PIL import Image
+    return FullresImage(_pil_read(path, decode=True), axes="YXS", path=str(path))
 
-        old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None  # slides are legitimately huge
-        try:
-            with Image.open(path) as im:
-                a = np.asarray(im.convert("RGB"))
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
+
+def _pil_read(path: Path, *, decode: bool) -> Any:
+    """Decode a PNG/JPEG to RGB uint8 (``decode``) or return its (height, width) without decoding."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # slides are legitimately huge
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB")) if decode else (int(im.size[1]), int(im.size[0]))
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
         raise _error(path, f"cannot read the image ({e})", "pass a TIFF, PNG or JPEG image") from e
-    return FullresImage(a, axes="YXS", path=str(path))
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
 
 
 def _is_tiff(path: Path) -> bool:
@@ -398,19 +395,7 @@ def _image_hw(path: Path) -> tuple[int, int]:
         except (tifffile.TiffFileError, OSError, ValueError, IndexError) as e:
             raise _error(path, f"cannot read the TIFF image ({e})", "check the file is a complete, valid TIFF") from e
         return int(shp.get("Y", 0)), int(shp.get("X", 0))
-    from PIL import Image
-
-    try:
-        old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
-    except (OSError, ValueError) as e:
-        raise _error(path, f"cannot read the image ({e})", "pass a TIFF, PNG or JPEG image") from e
-    return int(h), int(w)
+    return _pil_read(path, decode=False)
 
 
 def _check_bounds(xy: np.ndarray, hw: tuple[int, int], path: Path, *, tol_px: float, what: str) -> None:

@@ -52,7 +52,7 @@ def test_shards_property() -> None:
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
 
-    @hypothesis.settings(max_examples=150, deadline=None)
+    @hypothesis.settings(max_examples=100, deadline=None)
     @hypothesis.given(st.lists(st.text(max_size=6), max_size=30), st.integers(min_value=1, max_value=12))
     def prop(items: list[str], count: int) -> None:
         check_partition(items, count)

@@ -260,6 +260,7 @@ def test_write_h5ad_roundtrip(tmp_path: Path) -> None:
     assert [p.name for p in h5.parent.iterdir()] == ["s.h5ad"]  # no temp file left
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::PendingDeprecationWarning")
 def test_scanpy_spatial_plot(tmp_path: Path) -> None:
     sc = pytest.importorskip("scanpy")
     import matplotlib
@@ -350,9 +351,11 @@ def test_sigkill_then_resume_gives_identical_x(tmp_path: Path) -> None:
     b_path.parent.mkdir()
     a = start_writer(a_path, tmp_path / "a.log", seed=3, pause=0.03)
     b = start_writer(b_path, tmp_path / "b.log", seed=4, pause=0.0)
-    attempted_a = kill_when(a, tmp_path / "a.log", after_lines=12, delay=0.0)
+    # b (fast) first: its kill comes ~0.1 s after its first batch, while a (slow) is still well under way
     attempted_b = kill_when(b, tmp_path / "b.log", after_lines=1,
                             delay=float(np.random.default_rng().uniform(0.0, 0.2)))
+    attempted_a = kill_when(a, tmp_path / "a.log", after_lines=12, delay=0.0)
+    assert a.returncode == -signal.SIGKILL
     resume_and_finish(a_path, attempted_a, expect_partial=True)
     resume_and_finish(b_path, attempted_b, expect_partial=False)
 
