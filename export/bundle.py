@@ -1,27 +1,40 @@
 """``hishrst export``: a fitted run + its encoder → a versioned, parity-checked model bundle.
 
-The chain is ``export_encoder_onnx`` → ``export_head_onnx`` → parity checks → (``build_engine`` for
-TensorRT) → ``manifest.json``. The bundle is written into a temporary sibling directory and renamed
-into place only when every step has passed, so a failed export never leaves a bundle that looks
-complete.
+The chain is ``export_encoder_onnx`` → ``export_head_onnx`` → parity checks (ONNX Runtime CPU vs
+PyTorch fp32, on random tiles and on real tiles cut from the run's training section) → optional
+TensorRT engines → ``manifest.json`` → validation with the runtime's own :func:`load_bundle`. The
+bundle is written into a temporary sibling directory and renamed into place only when every step
+has passed, so a failed export never leaves a bundle (nor a half-written one) behind, and
+``--overwrite`` replaces an existing bundle only after the new one is complete.
+
+Bundle layout (schema :data:`hishrst_runtime.manifest.SCHEMA_VERSION`)::
+
+    <out>/manifest.json       the contract (see hishrst_runtime.manifest)
+    <out>/encoder.onnx        uint8 tiles [B, S, S, 3] → features [B, D]
+    <out>/encoder.onnx.data   only for models > ~1.9 GB (ONNX external data; listed with its SHA-256)
+    <out>/head.onnx           features [G, N, D], positions [G, N, 2] (µm), mask [G, N] → expression
+    <out>/encoder.plan, head.plan   only with --tensorrt
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 
 from hishrst_runtime import __version__
 from hishrst_runtime.grouping import group_points, pad_groups
-from hishrst_runtime.manifest import load_bundle, sha256_file, write_manifest
+from hishrst_runtime.manifest import SCHEMA_NAME, load_bundle, sha256_file, write_manifest
 from hishrst_runtime.patches import cut_patches, patch_side_px
 
-__all__ = ["export_bundle", "LICENSE_NOTICES", "ExportError"]
+__all__ = ["export_bundle", "LICENSE_NOTICES", "ExportError", "N_REAL", "N_RANDOM"]
 
 LICENSE_NOTICES = {
     "CC-BY-NC-ND-4.0": (
@@ -30,28 +43,127 @@ LICENSE_NOTICES = {
         "do not publish it, and cite the model. hishrst never ships such bundles."
     ),
 }
+#: Real tiles (from the training section) and random tiles used by the encoder parity check.
 N_REAL = 64
+N_RANDOM = 16
 
 
 class ExportError(RuntimeError):
     """The export cannot proceed (bad run directory, output exists, TensorRT unavailable, …)."""
 
 
-def _real_inputs(config: dict[str, Any], encoder: Any, n: int = N_REAL) -> tuple[np.ndarray, np.ndarray] | None:
-    """Up to ``n`` real tiles and their level-0 pixel centres from the run's training section."""
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _real_inputs(config: dict[str, Any], encoder: Any, *, data: str | Path | None, n: int = N_REAL
+                 ) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
+    """Up to ``n`` real tiles and their level-0 pixel centres from the run's training section.
+
+    Returns ``((tiles uint8 [n, S, S, 3], centres_px [n, 2]) | None, status)``; ``status`` says where the
+    tiles came from or why none could be read (the section moved: pass ``data``).
+    """
     from hishrst_train.io import open_fullres_image
     from hishrst_train.tasks import load_section
 
+    source = str(data) if data is not None else str(config.get("data", ""))
     try:
-        adata = load_section(config["data"])
+        adata = load_section(source)
         img = open_fullres_image(adata.uns["hishrst"]["fullres_image"])
-    except (OSError, ValueError, KeyError):
-        return None
+    except (OSError, ValueError, KeyError) as e:
+        return None, f"unavailable: cannot read the training section {source!r} ({type(e).__name__}: {e})"
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
     first = group_points(xy, max_size=config["grouping"]["max_size"])
     idx = np.concatenate(first)[:n]
     side = patch_side_px(config["patch"]["size_um"], config["patch"]["train_mpp"])
-    return cut_patches(img, xy[idx], side=side, out_size=encoder.input_size), xy[idx]
+    tiles = cut_patches(img, xy[idx], side=side, out_size=encoder.input_size)
+    return (tiles, xy[idx]), f"{len(idx)} spots of {source}"
+
+
+def _parity_inputs(config: dict[str, Any], encoder: Any, *, rng: np.random.Generator, data: str | Path | None
+                   ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]], str]:
+    """Encoder tile sets and head feeds (``random`` and, when readable, ``real``) for the parity checks."""
+    import torch
+
+    s = int(encoder.input_size)
+    d = int(encoder.feature_dim)
+    tiles = {"random": rng.integers(0, 256, (N_RANDOM, s, s, 3), dtype=np.uint8)}
+    rf = rng.standard_normal((3, 50, d)).astype(np.float32)
+    rp = (rng.random((3, 50, 2)) * 6000).astype(np.float32)
+    rm = np.ones((3, 50), np.float32)
+    rm[1, 37:] = 0
+    feeds = {"random": {"features": rf, "positions": rp, "mask": rm}}
+    real, status = _real_inputs(config, encoder, data=data)
+    if real is not None:
+        tiles["real"] = real[0]
+        with torch.no_grad():
+            feats = encoder(torch.from_numpy(real[0])).numpy()
+        groups = group_points(real[1], max_size=config["grouping"]["max_size"])
+        index, mask = pad_groups(groups)
+        safe = np.where(index < 0, 0, index)
+        pos = (real[1] * config["patch"]["train_mpp"]).astype(np.float32)  # level-0 px → µm
+        feeds["real"] = {"features": feats[safe], "positions": pos[safe], "mask": mask}
+    return tiles, feeds, status
+
+
+def _file_entry(path: Path, precision: str) -> dict[str, Any]:
+    """Manifest entry of an ONNX file: path, SHA-256, size, precision and its external-data files."""
+    from hishrst_export.onnx_export import external_data_files
+
+    entry: dict[str, Any] = {"path": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+                             "format": "onnx", "precision": precision}
+    ext = external_data_files(path)
+    if ext:
+        entry["external_data"] = [
+            {"path": rel, "sha256": sha256_file(path.parent / rel), "bytes": (path.parent / rel).stat().st_size}
+            for rel in ext
+        ]
+    return entry
+
+
+def _listed(files: dict[str, Any]) -> set[str]:
+    names = set()
+    for entry in files.values():
+        names.add(entry["path"])
+        names.update(x["path"] for x in entry.get("external_data", []))
+    return names
+
+
+def _check_out(out: Path, *, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise ExportError(f"{out}: already exists; pass --overwrite to replace it, or choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            is_bundle = json.loads((out / "manifest.json").read_text()).get("schema") == SCHEMA_NAME
+        except (OSError, ValueError, AttributeError):
+            is_bundle = False
+        if not is_bundle:
+            raise ExportError(f"{out}: exists and is not a hishrst bundle (no valid manifest.json); refusing to "
+                              "replace it even with --overwrite — choose another --out or delete it yourself")
+    elif not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory; choose another --out")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished bundle ``tmp`` to ``out``, replacing an old bundle only once ``tmp`` is complete."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"hishrst": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
 
 
 def export_bundle(
@@ -63,141 +175,173 @@ def export_bundle(
     tensorrt: bool = False,
     opset: int = 17,
     weights: str | Path | None = None,
+    data: str | Path | None = None,
     overwrite: bool = False,
     seed: int = 0,
+    echo: Callable[[str], None] = _stderr,
 ) -> dict[str, Any]:
     """Export ``run_dir`` (written by ``hishrst fit``) into the bundle directory ``out``.
 
-    Returns the manifest. Raises :class:`ExportError` for unusable input and
-    :class:`hishrst_export.onnx_export.ParityError` when a parity check fails (nothing is written).
-    """
-    import torch
+    Args:
+        run_dir: the fitted run (``config.json`` + ``model.safetensors``).
+        out: bundle directory to create (must not exist unless ``overwrite``; only an existing
+            hishrst bundle or an empty directory is ever replaced).
+        precision: ``"fp32"`` or ``"fp16"`` (mixed precision; see ``hishrst_export.onnx_export``).
+        max_batch: largest batch (tiles, or head groups) for TensorRT profiles; also a parity chunk size.
+        tensorrt: also build TensorRT engines (needs TensorRT >= 10 and an NVIDIA GPU; checked first).
+        opset: ONNX opset.
+        weights: encoder weights file, if the run's has moved.
+        data: the training section (Space Ranger ``outs``), if it moved since ``hishrst fit``; its
+            tiles feed the real-tile parity check.
+        overwrite: replace an existing bundle.
+        seed: seed of the random parity inputs.
+        echo: where notices (licence, missing real tiles) go; stderr by default.
 
-    from hishrst_export.onnx_export import encoder_parity, export_encoder_onnx, export_head_onnx, head_parity
-    from hishrst_train.encoders import load_encoder
+    Returns the manifest. Raises :class:`ExportError` for unusable input and
+    :class:`hishrst_export.onnx_export.ParityError` when a parity check fails; in both cases nothing
+    is written (an existing bundle at ``out`` is left as it was).
+    """
+    from hishrst_export.onnx_export import (
+        EXTERNAL_DATA_THRESHOLD,
+        encoder_parity,
+        export_encoder_onnx,
+        export_head_onnx,
+        head_parity,
+    )
+    from hishrst_train.encoders import WeightsError, load_encoder
     from hishrst_train.train import load_checkpoint
 
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir, out = Path(run_dir), Path(out).absolute()
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
     if max_batch < 1:
         raise ExportError(f"--max-batch must be ≥ 1, got {max_batch}")
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out}: already exists; pass --overwrite to replace it, or choose another --out")
     trt_info = None
-    if tensorrt:  # fail before writing anything
+    if tensorrt:  # fail before reading or writing anything
         from hishrst_export.tensorrt import TensorRTUnavailable, tensorrt_info
 
         try:
             trt_info = tensorrt_info()
         except TensorRTUnavailable as e:
-            raise ExportError(f"--tensorrt: {e}") from e
+            raise ExportError(f"--tensorrt: cannot build TensorRT engines on this machine: {e}. Nothing was "
+                              "written; export without --tensorrt (the runtime can build engines itself with "
+                              "--provider tensorrt), or run the export on the GPU machine") from e
+    _check_out(out, overwrite=overwrite)
     try:
         model, config = load_checkpoint(run_dir)
     except (FileNotFoundError, ValueError) as e:
         raise ExportError(str(e)) from e
-    if config["position"]["mode"] != "continuous":
+    try:
+        enc_cfg = config["encoder"]
+        mode = config["position"]["mode"]
+        _ = (config["patch"]["size_um"], config["patch"]["train_mpp"], config["grouping"]["max_size"], config["genes"])
+    except (KeyError, TypeError) as e:
+        raise ExportError(f"{run_dir / 'config.json'}: missing field {e}; re-run `hishrst fit` with this version") from e
+    if mode != "continuous":
         raise ExportError(
             f"{run_dir}: trained with grid position mode, which needs Visium array coordinates that whole slides "
             "do not have; re-fit with --position continuous to deploy it"
         )
-    enc_cfg = config["encoder"]
-    encoder = load_encoder(enc_cfg["name"], weights=weights or enc_cfg.get("weights"))
-    if enc_cfg["gated"]:
-        print(f"NOTICE ({enc_cfg['license']}): {LICENSE_NOTICES.get(enc_cfg['license'], 'gated weights: check the licence')}")
+    try:
+        encoder = load_encoder(enc_cfg["name"], weights=weights or enc_cfg.get("weights"))
+    except (WeightsError, KeyError) as e:
+        raise ExportError(f"{run_dir}: cannot load encoder {enc_cfg.get('name')!r}: {e}") from e
+    gated = bool(enc_cfg.get("gated"))
+    notice = LICENSE_NOTICES.get(enc_cfg.get("license", ""), "gated weights: check the licence") if gated else None
+    if notice:
+        echo(f"NOTICE ({enc_cfg['license']}): {notice}")
 
     t0 = time.perf_counter()
-    tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         enc_path = export_encoder_onnx(encoder, tmp / "encoder.onnx", opset=opset, precision=precision)
-        head_path = export_head_onnx(model, tmp / "head.onnx", opset=opset, precision=precision)
-
         rng = np.random.default_rng(seed)
-        s = encoder.input_size
-        tiles = {"random": rng.integers(0, 256, (16, s, s, 3), dtype=np.uint8)}
-        real = _real_inputs(config, encoder)
-        if real is not None:
-            tiles["real"] = real[0]
-        enc_report = encoder_parity(encoder, enc_path, tiles=tiles, precision=precision)
-
-        d = model.config.feature_dim
-        rf = rng.standard_normal((3, 50, d)).astype(np.float32)
-        rp = (rng.random((3, 50, 2)) * 6000).astype(np.float32)
-        rm = np.ones((3, 50), np.float32)
-        rm[1, 37:] = 0
-        feeds = {"random": {"features": rf, "positions": rp, "mask": rm}}
-        if real is not None:
-            with torch.no_grad():
-                feats = encoder(torch.from_numpy(real[0])).numpy()
-            groups = group_points(real[1], max_size=config["grouping"]["max_size"])
-            index, mask = pad_groups(groups)
-            safe = np.where(index < 0, 0, index)
-            pos = (real[1] * config["patch"]["train_mpp"]).astype(np.float32)
-            feeds["real"] = {"features": feats[safe], "positions": pos[safe], "mask": mask}
+        tiles, feeds, real_status = _parity_inputs(config, encoder, rng=rng, data=data)
+        if "real" not in tiles:
+            echo(f"WARNING: real-tile parity check skipped — {real_status}; pass --data OUTS_DIR to include it")
+        batch_sizes = tuple(dict.fromkeys((1, 7, max_batch)))
+        enc_report = encoder_parity(encoder, enc_path, tiles=tiles, precision=precision, batch_sizes=batch_sizes)
+        head_path = export_head_onnx(model, tmp / "head.onnx", opset=opset, precision=precision)
         head_report = head_parity(model, head_path, feeds=feeds, precision=precision)
 
-        files: dict[str, Any] = {}
-        for key, path in (("encoder", enc_path), ("head", head_path)):
-            entry: dict[str, Any] = {"path": path.name, "sha256": sha256_file(path), "format": "onnx", "precision": precision}
-            data = path.with_name(path.name + ".data")
-            if data.exists():
-                entry["external_data"] = [data.name]
-                entry["external_data_sha256"] = [sha256_file(data)]
-            files[key] = entry
+        files = {"encoder": _file_entry(enc_path, precision), "head": _file_entry(head_path, precision)}
         if tensorrt:
-            from hishrst_export.tensorrt import build_engine, engine_parity
+            files.update(_engines(tmp, enc_path, head_path, feeds=feeds, tiles=tiles, precision=precision,
+                                  max_batch=max_batch, d=int(model.config.feature_dim), trt_info=trt_info or {}))
+        stray = sorted({p.name for p in tmp.iterdir()} - _listed(files))
+        if stray:
+            raise ExportError(f"{tmp}: the export wrote files the manifest would not list ({stray}); report this bug")
 
-            for key, path in (("encoder", enc_path), ("head", head_path)):
-                shapes = None if key == "encoder" else {
-                    k: ((1, 1) + tail, (8, 50) + tail, (max_batch, 64) + tail)
-                    for k, tail in (("features", (d,)), ("positions", (2,)), ("mask", ()))
-                }
-                eng = build_engine(path, out_path=tmp / f"{key}.plan", precision=precision, max_batch=max_batch,
-                                   shapes=shapes, timing_cache=tmp / "timing.cache")
-                sample = {"tiles": tiles["random"][:4]} if key == "encoder" else feeds["random"]
-                files[f"{key}_trt"] = {
-                    "path": eng.name, "sha256": sha256_file(eng), "format": "tensorrt", "precision": precision,
-                    "gpu": trt_info["gpu"], "tensorrt_version": trt_info["version"],
-                    "parity_vs_onnxruntime": engine_parity(eng, path, sample),
-                }
-            (tmp / "timing.cache").unlink(missing_ok=True)
-
+        mcfg = model.config.to_dict()
         manifest = {
             "hishrst_version": __version__,
             "created_unix": int(time.time()),
             "encoder": {
-                "name": enc_cfg["name"], "fingerprint": enc_cfg["fingerprint"], "input_size": int(encoder.input_size),
-                "feature_dim": int(encoder.feature_dim), "input": {"name": "tiles", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
-                "normalisation": {"scale": 1 / 255, "mean": enc_cfg["mean"], "std": enc_cfg["std"], "in_graph": True},
-                "gated": bool(enc_cfg["gated"]), "license": enc_cfg["license"],
+                "name": enc_cfg["name"], "architecture": encoder.spec.arch, "fingerprint": enc_cfg.get("fingerprint"),
+                "input_size": int(encoder.input_size), "feature_dim": int(encoder.feature_dim),
+                "input": {"name": "tiles", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
+                "normalisation": {"scale": 1 / 255, "mean": list(encoder.spec.mean), "std": list(encoder.spec.std),
+                                  "formula": "(tiles / 255 - mean) / std, per RGB channel", "in_graph": True},
+                "gated": gated, "license": enc_cfg.get("license"),
             },
             "patch": config["patch"],
-            "position": {**config["position"], **{k: model.config.to_dict()[k] for k in ("pos_n_freqs", "min_wavelength_um", "max_wavelength_um")}},
+            "position": {**config["position"], **{k: mcfg[k] for k in ("pos_n_freqs", "min_wavelength_um", "max_wavelength_um")}},
             "grouping": config["grouping"],
-            "genes": config["genes"],
+            "genes": list(config["genes"]),
             "output": {"name": "expression", "meaning": "log1p of counts per 10k (normalize_total to 1e4, then log1p)",
-                       "target_sum": config["preprocessing"]["target_sum"], "dtype": "float32"},
+                       "target_sum": config.get("preprocessing", {}).get("target_sum", 1e4), "dtype": "float32",
+                       "shape": "[groups, points, genes]"},
             "head": {"inputs": ["features", "positions", "mask"], "max_group_size": config["grouping"]["max_size"]},
-            "preprocessing": config["preprocessing"],
+            "preprocessing": config.get("preprocessing", {}),
             "files": files,
             "onnx_opset": opset,
             "max_batch": max_batch,
-            "parity": {"reference": "PyTorch (CPU) vs ONNX Runtime CPU", "precision": precision,
-                       "encoder": enc_report, "head": head_report},
-            "license": {"gated": bool(enc_cfg["gated"]), "redistributable": not enc_cfg["gated"],
-                        "notice": LICENSE_NOTICES.get(enc_cfg["license"]) if enc_cfg["gated"] else None},
-            "source_run": {"task": config["task"], "hishrst_version": config["hishrst_version"]},
+            "external_data_threshold_bytes": EXTERNAL_DATA_THRESHOLD,
+            "parity": {
+                "reference": "PyTorch fp32 (CPU) vs ONNX Runtime CPU; for fp16 the figures are the accuracy cost "
+                             "of half precision",
+                "precision": precision, "seed": seed, "real_tiles": real_status,
+                "encoder": enc_report, "head": head_report,
+            },
+            "license": {"gated": gated, "redistributable": not gated, "notice": notice},
+            "source_run": {"task": config.get("task"), "hishrst_version": config.get("hishrst_version"),
+                           "data": config.get("data")},
+            "exporter": _versions(),
             "export_seconds": round(time.perf_counter() - t0, 2),
         }
         write_manifest(tmp, manifest)
         load_bundle(tmp)  # the runtime's own validation must accept what we wrote
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return json.loads((out / "manifest.json").read_text())
+
+
+def _engines(tmp: Path, enc_path: Path, head_path: Path, *, feeds: dict[str, dict[str, np.ndarray]],
+             tiles: dict[str, np.ndarray], precision: str, max_batch: int, d: int, trt_info: dict[str, Any]
+             ) -> dict[str, Any]:
+    """Build and parity-check TensorRT engines for both models; manifest entries keyed ``<model>_trt``."""
+    from hishrst_export.tensorrt import EngineParityError, TensorRTBuildError, TensorRTUnavailable, build_engine, engine_parity
+
+    entries: dict[str, Any] = {}
+    try:
+        for key, path in (("encoder", enc_path), ("head", head_path)):
+            shapes = None if key == "encoder" else {
+                k: ((1, 1) + tail, (8, 50) + tail, (max_batch, 64) + tail)
+                for k, tail in (("features", (d,)), ("positions", (2,)), ("mask", ()))
+            }
+            eng = build_engine(path, out_path=tmp / f"{key}.plan", precision=precision,  # type: ignore[arg-type]
+                               max_batch=max_batch, shapes=shapes, timing_cache=tmp / "timing.cache")
+            sample = {"tiles": tiles["random"][:4]} if key == "encoder" else feeds["random"]
+            entries[f"{key}_trt"] = {
+                "path": eng.name, "sha256": sha256_file(eng), "bytes": eng.stat().st_size, "format": "tensorrt",
+                "precision": precision, "gpu": trt_info.get("gpu"), "tensorrt_version": trt_info.get("version"),
+                "parity_vs_onnxruntime": engine_parity(eng, path, sample),
+            }
+    except (TensorRTUnavailable, TensorRTBuildError, EngineParityError) as e:
+        raise ExportError(f"--tensorrt: {e}") from e
+    finally:
+        (tmp / "timing.cache").unlink(missing_ok=True)
+    return entries

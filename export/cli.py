@@ -1,43 +1,81 @@
-"""``hishrst export`` command."""
+"""``hishrst export`` command: prints a summary with the parity figures of the new bundle."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-__all__ = ["export"]
+__all__ = ["export", "format_summary"]
+
+
+def _mb(n: int | None) -> str:
+    return f"{n / 1e6:.1f} MB" if n is not None else "?"
+
+
+def format_summary(m: dict[str, Any], out: Path) -> list[str]:
+    """Human-readable summary lines of a bundle manifest ``m`` written to ``out``."""
+    enc = m["encoder"]
+    par = m["parity"]
+    lines = [
+        f"bundle written to {out} ({m['export_seconds']} s, schema {m['schema_version']}, opset {m['onnx_opset']})",
+        f"  encoder  {enc['name']} ({enc['input_size']} px uint8 RGB → {enc['feature_dim']}-d), "
+        f"patch {m['patch']['size_um']:g} µm at {m['patch']['train_mpp']:g} µm/px, genes {len(m['genes'])}",
+    ]
+    for key, f in m["files"].items():
+        lines.append(f"  {key:<12} {f['path']:<14} {f['precision']}  {_mb(f.get('bytes'))}  sha256 {f['sha256'][:12]}…")
+        for x in f.get("external_data", []):
+            lines.append(f"  {'':<12} {x['path']:<14} external data  {_mb(x.get('bytes'))}  sha256 {x['sha256'][:12]}…")
+    lines.append(f"  parity ({par['precision']}; {par['reference']}):")
+    for part in ("encoder", "head"):
+        for label, r in par[part].items():
+            tol = r["tolerance"]
+            lines.append(
+                f"    {part:<8}{label:<8} max|Δ| {r['max_abs']:.2e}  scaled {r['scaled_max_abs']:.2e} "
+                f"(≤ {tol['scaled_max_abs']:g})  min PCC {r['min_gene_pcc']:.6f} (≥ {tol['min_gene_pcc']:g})"
+            )
+    if "real" not in par["encoder"]:
+        lines.append(f"    real tiles: {par.get('real_tiles', 'unavailable')}")
+    if par["precision"] == "fp16":
+        worst = max(r["scaled_max_abs"] for part in ("encoder", "head") for r in par[part].values())
+        pcc = min(r["min_gene_pcc"] for part in ("encoder", "head") for r in par[part].values())
+        lines.append(f"  fp16 accuracy cost vs PyTorch fp32: worst scaled error {worst:.2e}, worst per-gene PCC {pcc:.6f}")
+    for key, f in m["files"].items():
+        if f.get("format") == "tensorrt":
+            lines.append(f"  {key}: TensorRT {f.get('tensorrt_version')} on {f.get('gpu')} (runs only there)")
+    if m["license"]["gated"]:
+        lines.append(f"  LICENCE ({m['encoder'].get('license')}): {m['license']['notice']}")
+    return lines
 
 
 @click.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle directory to write.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: half-precision weights/activations (LayerNorm, softmax, positions kept fp32).")
 @click.option("--max-batch", type=int, default=64, show_default=True, help="Largest batch for TensorRT profiles.")
 @click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines (needs TensorRT and a GPU).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Encoder weights file, if the run used one that has moved.")
+@click.option("--data", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Training section (Space Ranger outs), if it moved since `hishrst fit` (real-tile parity check).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
 def export(run_dir: Path, out: Path, precision: str, max_batch: int, tensorrt: bool, opset: int,
-           weights: Path | None, overwrite: bool) -> None:
+           weights: Path | None, data: Path | None, overwrite: bool) -> None:
     """Export a fitted RUN_DIR to an ONNX (and optionally TensorRT) model bundle, parity-checked."""
     from hishrst_export.bundle import ExportError, export_bundle
     from hishrst_export.onnx_export import ParityError
 
     try:
         m = export_bundle(run_dir, out=out, precision=precision, max_batch=max_batch, tensorrt=tensorrt,  # type: ignore[arg-type]
-                          opset=opset, weights=weights, overwrite=overwrite)
-    except (ExportError, ParityError) as e:
+                          opset=opset, weights=weights, data=data, overwrite=overwrite,
+                          echo=lambda s: click.echo(s, err=True))
+    except ParityError as e:
+        raise click.ClickException(f"parity check failed, no bundle written: {e}") from e
+    except ExportError as e:
         raise click.ClickException(str(e)) from e
-    click.echo(f"\nbundle written to {out} ({m['export_seconds']} s)")
-    click.echo(f"  encoder  {m['encoder']['name']} ({m['encoder']['input_size']} px → {m['encoder']['feature_dim']}-d), genes {len(m['genes'])}")
-    for key, f in m["files"].items():
-        click.echo(f"  {key:<12} {f['path']:<14} {f['precision']}  sha256 {f['sha256'][:12]}…")
-    click.echo(f"  parity ({m['parity']['precision']}, ONNX Runtime CPU vs PyTorch):")
-    for part in ("encoder", "head"):
-        for label, r in m["parity"][part].items():
-            click.echo(f"    {part:<8}{label:<8} max|Δ| {r['max_abs']:.2e}  scaled {r['scaled_max_abs']:.2e} "
-                       f"(≤ {r['tolerance']['scaled_max_abs']:g})  min PCC {r['min_gene_pcc']:.6f}")
-    if m["license"]["gated"]:
-        click.echo(f"  LICENCE: {m['license']['notice']}")
+    click.echo("")
+    for line in format_summary(m, out):
+        click.echo(line)

@@ -1,34 +1,64 @@
-"""The model bundle manifest: schema, validation and loading (torch-free).
+"""The model bundle manifest: schema, validation, upgrades and loading (torch-free).
 
 A bundle is a directory holding ``manifest.json`` and the files it lists (``encoder.onnx``,
 ``head.onnx``, optional TensorRT engines, ONNX external-data files). The manifest is the contract
-between export and the runtime. It is versioned (``schema_version``); loaders upgrade older versions
-in memory so that bundles written by earlier releases keep loading.
+between ``hishrst export`` and the runtime; :func:`load_bundle` is the one loader and validates it.
+
+Schema (``schema = "hishrst-bundle"``, ``schema_version`` = :data:`SCHEMA_VERSION` = 1)::
+
+    hishrst_version, created_unix
+    encoder     {name, input_size (px), feature_dim, input {dtype uint8, layout NHWC, channels RGB},
+                 normalisation {scale, mean, std, in_graph}, gated, license}
+    patch       {size_um (µm), train_mpp (µm/px), resize, pad_value}
+    position    {mode ("continuous"), units ("um"), pos_n_freqs, min_wavelength_um, max_wavelength_um}
+    grouping    {method, max_size, coords ("level0_px")}
+    genes       [names]                      (the head's output columns, in order)
+    output      {name, meaning, target_sum, dtype}
+    files       {key: {path, sha256, precision, format, [external_data: [{path, sha256}]],
+                       [gpu, tensorrt_version] for engines}}   keys: encoder, head, [encoder_trt, head_trt]
+    onnx_opset, max_batch, parity {precision, encoder {...}, head {...}}, license {...}
+
+Versioning: every schema change bumps :data:`SCHEMA_VERSION` and adds an upgrade function
+``vN → vN+1`` to :data:`_UPGRADES`. :func:`load_bundle` applies the chain in memory, so bundles
+written by older releases keep loading; manifests from a *newer* release are refused with a clear
+error. Version 0 is the pre-release layout (no ``grouping.coords``, no ``output.target_sum``, and
+external data as two parallel lists ``external_data`` / ``external_data_sha256``).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 __all__ = [
     "SCHEMA_NAME",
     "SCHEMA_VERSION",
+    "SUPPORTED_SCHEMA_VERSIONS",
     "BundleError",
     "Bundle",
     "load_bundle",
     "sha256_file",
+    "upgrade_manifest",
     "write_manifest",
 ]
 
 SCHEMA_NAME = "hishrst-bundle"
 SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
 
 _REQUIRED_TOP = ("schema", "schema_version", "encoder", "patch", "position", "grouping", "genes", "output", "files")
+_REQUIRED_NESTED = {
+    "encoder": ("name", "input_size", "feature_dim"),
+    "patch": ("size_um", "train_mpp"),
+    "position": ("mode",),
+    "grouping": ("max_size",),
+    "output": ("meaning",),
+}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class BundleError(ValueError):
@@ -44,12 +74,75 @@ def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# ------------------------------------------------------------------------------------------ upgrades
+
+
+def _v0_to_v1(m: dict[str, Any]) -> dict[str, Any]:
+    """Pre-release layout → 1: add ``grouping.coords`` and ``output.target_sum``; external data as dicts."""
+    m.setdefault("grouping", {}).setdefault("coords", "level0_px")  # v0 always grouped level-0 pixels
+    m.setdefault("output", {}).setdefault("target_sum", 1e4)  # v0 always normalised to 10k counts
+    for entry in (m.get("files") or {}).values():
+        if isinstance(entry, dict) and "external_data_sha256" in entry:
+            names, hashes = entry.get("external_data", []), entry.pop("external_data_sha256")
+            if not isinstance(names, list) or not isinstance(hashes, list) or len(names) != len(hashes):
+                raise BundleError("schema 0 files entry lists external_data and external_data_sha256 of different lengths")
+            entry["external_data"] = [{"path": p, "sha256": h} for p, h in zip(names, hashes)]
+    return m
+
+
+#: ``{from_version: upgrade to from_version + 1}``; each function gets a deep copy and returns it.
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1}
+SUPPORTED_SCHEMA_VERSIONS = tuple(sorted({*_UPGRADES, SCHEMA_VERSION}))
+
+
+def upgrade_manifest(manifest: dict[str, Any], *, path: Path | str = "manifest.json") -> dict[str, Any]:
+    """Return ``manifest`` upgraded to :data:`SCHEMA_VERSION` (a new dict; the input is not modified).
+
+    Raises :class:`BundleError` naming ``path`` for a missing, non-integer, newer or unknown version.
+    """
+    version = manifest.get("schema_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise BundleError(f"{path}: schema_version must be an integer, got {version!r}; re-export the bundle")
+    if version > SCHEMA_VERSION:
+        raise BundleError(
+            f"{path}: schema_version {version} was written by a newer hishrst (this one, {_own_version()}, reads "
+            f"versions {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}); upgrade hishrst (pip install -U hishrst)"
+        )
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise BundleError(
+            f"{path}: schema_version {version} is not supported (supported: "
+            f"{', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}); re-export the bundle with this hishrst"
+        )
+    m = copy.deepcopy(manifest)
+    while version < SCHEMA_VERSION:
+        try:
+            m = _UPGRADES[version](m)
+        except BundleError as e:
+            raise BundleError(f"{path}: cannot upgrade schema {version} → {version + 1}: {e}") from e
+        version += 1
+        m["schema_version"] = version
+    return m
+
+
+def _own_version() -> str:
+    from hishrst_runtime import __version__
+
+    return __version__
+
+
+# ------------------------------------------------------------------------------------------ the bundle
+
+
 @dataclass(frozen=True)
 class Bundle:
-    """A validated bundle: its directory and the (upgraded) manifest."""
+    """A validated bundle: its directory and the (upgraded) manifest.
+
+    ``source_schema_version`` is the version found on disk before any in-memory upgrade.
+    """
 
     root: Path
     manifest: dict[str, Any] = field(repr=False)
+    source_schema_version: int = SCHEMA_VERSION
 
     @property
     def genes(self) -> list[str]:
@@ -61,6 +154,7 @@ class Bundle:
 
     @property
     def patch_um(self) -> float:
+        """Patch side in µm."""
         return float(self.manifest["patch"]["size_um"])
 
     @property
@@ -82,46 +176,89 @@ class Bundle:
             raise BundleError(f"{self.root / 'manifest.json'}: the bundle has no '{key}' file")
         return _safe_join(self.root, entry["path"], where=f"files.{key}.path")
 
+    def external_data(self, key: str) -> list[Path]:
+        """Absolute paths of the ONNX external-data files of ``files[key]`` (empty for most models)."""
+        entry = self.file_entry(key) or {}
+        return [_safe_join(self.root, x["path"], where=f"files.{key}.external_data") for x in entry.get("external_data", [])]
+
     @property
     def sha256(self) -> str:
         """Hash of the manifest itself (identifies the bundle in outputs and caches)."""
         return sha256_file(self.root / "manifest.json")
 
 
-def _safe_join(root: Path, rel: str, *, where: str) -> Path:
+def _safe_join(root: Path, rel: Any, *, where: str) -> Path:
     """Join a manifest path to the bundle root, refusing anything that could leave the bundle."""
+    mpath = root / "manifest.json"
     if not isinstance(rel, str) or not rel:
-        raise BundleError(f"{root / 'manifest.json'}: {where} must be a non-empty relative path, got {rel!r}")
+        raise BundleError(f"{mpath}: {where} must be a non-empty relative path, got {rel!r}; re-export the bundle")
     p = PurePosixPath(rel)
     if p.is_absolute() or "\\" in rel or ":" in rel or any(part == ".." for part in p.parts):
         raise BundleError(
-            f"{root / 'manifest.json'}: {where} = {rel!r} points outside the bundle; "
-            "manifest paths must be plain relative paths inside the bundle directory"
+            f"{mpath}: {where} = {rel!r} points outside the bundle; "
+            "manifest paths must be plain relative paths inside the bundle directory — re-export the bundle"
         )
     full = (root / p).resolve()
     if not full.is_relative_to(root.resolve()):
-        raise BundleError(f"{root / 'manifest.json'}: {where} = {rel!r} resolves outside the bundle (symlink?)")
+        raise BundleError(
+            f"{mpath}: {where} = {rel!r} resolves to {full}, outside the bundle (a symlink?); "
+            "copy the real file into the bundle directory"
+        )
     return full
 
 
-def _upgrade(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Upgrade an older manifest to the current schema in memory (no-op for version 1)."""
-    version = manifest.get("schema_version")
-    if version not in SUPPORTED_SCHEMA_VERSIONS:
-        raise BundleError(
-            f"{path}: schema_version {version!r} is not supported by hishrst "
-            f"(supports {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}); "
-            "upgrade hishrst to load bundles written by newer releases"
-        )
-    return manifest
+def _check_file(root: Path, rel: Any, want: Any, *, where: str, verify: bool) -> None:
+    mpath = root / "manifest.json"
+    full = _safe_join(root, rel, where=f"{where}.path")
+    if not isinstance(want, str) or not _SHA256.match(want):
+        raise BundleError(f"{mpath}: {where}.sha256 must be a 64-digit hex SHA-256, got {want!r}; re-export the bundle")
+    if not full.is_file():
+        raise BundleError(f"{full}: listed in the manifest as {where} but missing; copy the whole bundle directory")
+    if verify:
+        digest = sha256_file(full)
+        if digest != want:
+            raise BundleError(
+                f"{full}: SHA-256 {digest[:12]}… does not match the manifest ({want[:12]}…, {where}); "
+                "the file was modified or corrupted — re-copy or re-export the bundle"
+            )
+
+
+def _validate(root: Path, manifest: dict[str, Any], *, verify_hashes: bool) -> None:
+    mpath = root / "manifest.json"
+    missing = [k for k in _REQUIRED_TOP if k not in manifest]
+    if missing:
+        raise BundleError(f"{mpath}: missing required field(s) {', '.join(missing)}; re-export the bundle")
+    for section, keys in _REQUIRED_NESTED.items():
+        value = manifest[section]
+        absent = [k for k in keys if not isinstance(value, dict) or k not in value]
+        if absent:
+            raise BundleError(f"{mpath}: missing field(s) {', '.join(f'{section}.{k}' for k in absent)}; re-export the bundle")
+    if not isinstance(manifest["genes"], list) or not manifest["genes"]:
+        raise BundleError(f"{mpath}: 'genes' must be a non-empty list of gene names; re-export the bundle")
+    files = manifest["files"]
+    if not isinstance(files, dict) or "encoder" not in files or "head" not in files:
+        raise BundleError(f"{mpath}: 'files' must list at least 'encoder' and 'head'; re-export the bundle")
+    for key, entry in files.items():
+        if not isinstance(entry, dict) or "path" not in entry or "sha256" not in entry:
+            raise BundleError(f"{mpath}: files.{key} must have 'path' and 'sha256'; re-export the bundle")
+        _check_file(root, entry["path"], entry["sha256"], where=f"files.{key}", verify=verify_hashes)
+        ext = entry.get("external_data", [])
+        if not isinstance(ext, list):
+            raise BundleError(f"{mpath}: files.{key}.external_data must be a list of {{path, sha256}}; re-export the bundle")
+        for i, x in enumerate(ext):
+            where = f"files.{key}.external_data[{i}]"
+            if not isinstance(x, dict) or "path" not in x or "sha256" not in x:
+                raise BundleError(f"{mpath}: {where} must have 'path' and 'sha256'; re-export the bundle")
+            _check_file(root, x["path"], x["sha256"], where=where, verify=verify_hashes)
 
 
 def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
     """Load and validate a bundle directory.
 
-    Checks the schema name and version, the required fields, that every listed file stays inside the
-    bundle and exists, and (``verify_hashes=True``) that each file's SHA-256 matches. Every failure
-    raises :class:`BundleError` naming the file and the fix.
+    Checks the schema name and version (upgrading older versions in memory), the required fields,
+    that every listed file (external data included) stays inside the bundle and exists, and
+    (``verify_hashes=True``) that each file's SHA-256 matches. Every failure raises
+    :class:`BundleError` naming the offending file and the fix.
     """
     root = Path(root)
     mpath = root / "manifest.json"
@@ -130,48 +267,22 @@ def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
     if not mpath.is_file():
         raise BundleError(f"{mpath}: missing; {root} is not a hishrst bundle (run `hishrst export` to make one)")
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{mpath}: not valid JSON ({e}); re-export the bundle") from e
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA_NAME:
-        raise BundleError(f"{mpath}: not a hishrst bundle manifest (schema is not {SCHEMA_NAME!r})")
-    manifest = _upgrade(manifest, mpath)
-    missing = [k for k in _REQUIRED_TOP if k not in manifest]
-    if missing:
-        raise BundleError(f"{mpath}: missing required field(s) {', '.join(missing)}; re-export the bundle")
-    files = manifest["files"]
-    if not isinstance(files, dict) or "encoder" not in files or "head" not in files:
-        raise BundleError(f"{mpath}: 'files' must list at least 'encoder' and 'head'")
-    for key, entry in files.items():
-        if not isinstance(entry, dict) or "path" not in entry or "sha256" not in entry:
-            raise BundleError(f"{mpath}: files.{key} must have 'path' and 'sha256'")
-        paths = [entry["path"], *entry.get("external_data", [])]
-        for i, rel in enumerate(paths):
-            full = _safe_join(root, rel, where=f"files.{key}.path" if i == 0 else f"files.{key}.external_data")
-            if not full.is_file():
-                raise BundleError(f"{full}: listed in the manifest as files.{key} but missing; copy the whole bundle directory")
-        if verify_hashes:
-            full = _safe_join(root, entry["path"], where=f"files.{key}.path")
-            digest = sha256_file(full)
-            if digest != entry["sha256"]:
-                raise BundleError(
-                    f"{full}: SHA-256 {digest[:12]}… does not match the manifest ({str(entry['sha256'])[:12]}…); "
-                    "the file was modified or corrupted — re-copy or re-export the bundle"
-                )
-            for rel, want in zip(entry.get("external_data", []), entry.get("external_data_sha256", [])):
-                full = _safe_join(root, rel, where=f"files.{key}.external_data")
-                if sha256_file(full) != want:
-                    raise BundleError(f"{full}: SHA-256 does not match the manifest; re-copy or re-export the bundle")
-    if not isinstance(manifest["genes"], list) or not manifest["genes"]:
-        raise BundleError(f"{mpath}: 'genes' must be a non-empty list of gene names")
-    return Bundle(root=root, manifest=manifest)
+        raise BundleError(f"{mpath}: not a hishrst bundle manifest (schema is not {SCHEMA_NAME!r}); re-export the bundle")
+    source_version = manifest.get("schema_version")
+    manifest = upgrade_manifest(manifest, path=mpath)
+    _validate(root, manifest, verify_hashes=verify_hashes)
+    return Bundle(root=root, manifest=manifest, source_schema_version=int(source_version))
 
 
 def write_manifest(root: str | Path, manifest: dict[str, Any]) -> Path:
-    """Write ``manifest.json`` atomically (temp file + rename) and return its path."""
+    """Write ``manifest.json`` (current schema) atomically (temp file + rename) and return its path."""
     root = Path(root)
     manifest = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, **manifest}
     tmp = root / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     tmp.replace(root / "manifest.json")
     return root / "manifest.json"

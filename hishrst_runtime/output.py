@@ -37,8 +37,7 @@ Crash safety
   bitmaps, the runtime computes only the missing rows, and since predictions are deterministic per
   row a resumed run gives exactly the X of an uninterrupted one.
 
-One process writes a slide (hold a :class:`hishrst_runtime.jobs.SlideLock`); the methods are
-thread-safe (one internal lock).
+One process writes a slide (hold a :class:`~hishrst_runtime.jobs.SlideLock`); methods are thread-safe.
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ import contextlib
 import glob
 import json
 import os
+import reprlib
 import shutil
 import threading
 import time
@@ -366,8 +366,6 @@ class OutputStore:
         (the query points), ``genes``, and each ``expected_uns`` key (e.g. ``{"bundle_hash": ...}``)
         against ``uns``; any difference raises :class:`OutputMismatchError`.
         """
-        import anndata as ad
-
         final = Path(path)
         work = partial_path(final)
         state = OutputStore.status(final)
@@ -385,6 +383,8 @@ class OutputStore:
             return OutputMismatchError(f"{work}: the incomplete output was made with different {what} than this run "
                                        f"({detail}); rerun with --overwrite to discard it and start again")
 
+        if genes is not None or expected_uns:
+            import anndata as ad  # only here: a bare resume (no checks) does not pay for importing anndata
         if genes is not None:
             stored = [str(g) for g in ad.io.read_elem(store._root["var"]).index]
             if stored != [str(g) for g in genes]:
@@ -404,7 +404,7 @@ class OutputStore:
             want = _to_uns(value, key)  # normalised exactly as create() stored it (None values dropped)
             have = ad.io.read_elem(uns[key]) if key in uns else _SKIP
             if (have is _SKIP) != (want is _SKIP) or (want is not _SKIP and not _values_equal(have, want)):
-                raise mismatch(f"uns[{key!r}]", f"stored {have!r} vs {value!r} now")
+                raise mismatch(f"uns[{key!r}]", f"stored {reprlib.repr(have)} vs {reprlib.repr(value)} now")
         return store
 
     @staticmethod

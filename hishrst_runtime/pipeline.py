@@ -1,33 +1,39 @@
-"""The streaming whole-slide pipeline: tiles → encoder → head over neighbour groups → output store.
+"""The streaming whole-slide pipeline: tiles → encoder → head over neighbour groups → output rows.
 
 For one slide:
 
-1. open the OME-Zarr store and pick the pyramid level nearest the bundle's training resolution;
-2. detect tissue on a low-resolution thumbnail and lay query points over tissue on a hexagonal or
-   square grid at ``pitch_um`` (or take explicit points);
-3. group the points with :func:`hishrst_runtime.grouping.group_points` — the same function, on the
-   same level-0 pixel coordinates, that training used — and cut the groups into *work units* of at
-   least ``batch_size`` points;
-4. reader threads fetch each unit's chunk-aligned region (decoded chunks are shared through a small
-   LRU cache), cut and resample the patches to exactly the bundle's physical patch size, and queue
-   the uint8 tiles; a bounded queue keeps memory flat;
-5. the main thread runs the encoder in batches of ``batch_size`` and the head over the unit's
-   groups, and writes the rows to the output store as each unit finishes.
+1. :func:`prepare_slide` opens the OME-Zarr store, picks the pyramid level nearest the bundle's
+   training resolution, detects tissue on a low-resolution thumbnail and lays query points over
+   tissue on a hexagonal or square grid at ``pitch_um`` (or takes explicit points). The points are
+   grouped with :func:`hishrst_runtime.grouping.group_points` — the same function, on the same
+   level-0 pixel coordinates, that training used. Grid points are then *renumbered in group order*
+   (group ``k`` holds rows ``start_k .. start_k + n_k - 1``), so output rows arrive in increasing
+   order and every X chunk of the output store fills up, is written once and leaves memory.
+   Explicit points keep their order (row ``i`` is point ``i``).
+2. :func:`predict_slide` cuts the groups into *work units* of at least ``batch_size`` points (a
+   fixed function of the groups, so a resumed run forms exactly the units, encoder batches and head
+   batches of an uninterrupted one). Reader threads cut each unit's patches from the chosen level
+   through a bounded LRU cache of decoded, chunk-aligned blocks (:class:`ChunkCache`; never a
+   region bigger than one chunk, never the whole slide) and resample them to the encoder's input
+   size; the patch side is ``round(patch_um / level_mpp)`` pixels, i.e. the trained physical size.
+3. The calling thread runs the encoder in batches of ``batch_size`` tiles, then the head over the
+   unit's groups (padded to the bundle's ``max_group_size``), and hands the rows to ``write``.
 
-Peak memory is bounded by (workers + queue depth) work units and the chunk cache, independent of the
-slide's size. The next slide is prepared (opened, tissue detected, points laid) in the background
-while the current one runs.
+Peak memory is bounded independently of the slide's size: the chunk cache (``cache_bytes``), at
+most ``max(2, 2 * workers)`` units of tiles in flight, and the per-point arrays (points, groups,
+done mask). The next slide is prepared in the background while the current one runs
+(:func:`hishrst_runtime.run_cli.run_slides`).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 
@@ -36,10 +42,22 @@ from hishrst_runtime.grouping import group_points, pad_groups
 from hishrst_runtime.manifest import Bundle
 from hishrst_runtime.patches import cut_patch, patch_side_px, resize_patch
 
-__all__ = ["PreparedSlide", "prepare_slide", "predict_slide", "ChunkCache", "NoopBackend", "StageTimer", "DEFAULT_PITCH_UM"]
+__all__ = [
+    "DEFAULT_PITCH_UM",
+    "DEFAULT_CACHE_BYTES",
+    "StageTimer",
+    "ChunkCache",
+    "NoopBackend",
+    "PreparedSlide",
+    "prepare_slide",
+    "work_units",
+    "predict_slide",
+]
 
-#: 4× Visium density: a hexagonal grid at half of Visium's 100 µm pitch.
+#: 4× Visium density: a hexagonal grid at half of Visium's 100 µm pitch (µm).
 DEFAULT_PITCH_UM = 50.0
+#: Default bound of the decoded-chunk cache (bytes).
+DEFAULT_CACHE_BYTES = 128 << 20
 
 
 class StageTimer:
@@ -50,47 +68,71 @@ class StageTimer:
         self.seconds: dict[str, float] = {}
 
     def add(self, stage: str, seconds: float) -> None:
+        """Add ``seconds`` (wall-clock s) to ``stage``."""
         with self._lock:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
 
 class ChunkCache:
-    """LRU cache of decoded level chunks, so that neighbouring work units never decode a chunk twice."""
+    """Bounded LRU cache of decoded level chunks, shared by the reader threads.
 
-    def __init__(self, level: Any, *, max_bytes: int = 256 << 20, timer: StageTimer | None = None) -> None:
-        self.level, self.max_bytes, self.timer = level, max_bytes, timer
+    Every read of the level is one whole chunk (chunk-aligned, clipped at the level's edge); regions
+    are assembled from cached chunks, so neighbouring patches never decode a chunk twice and no read
+    is ever bigger than a chunk. The cache holds at most ``max_bytes`` bytes of decoded pixels (plus
+    the one chunk being inserted when a single chunk is larger than that). Concurrent requests for
+    the same chunk wait for one decode instead of decoding it twice.
+    """
+
+    def __init__(self, level: Any, *, max_bytes: int = DEFAULT_CACHE_BYTES, timer: StageTimer | None = None) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
+        self.level, self.max_bytes, self.timer = level, int(max_bytes), timer
         self._data: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._loading: dict[tuple[int, int], threading.Event] = {}
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
+        #: Largest number of bytes the cache ever held (for tests and benchmarks).
+        self.peak_bytes = 0
 
     def _chunk(self, cy: int, cx: int) -> np.ndarray:
-        with self._lock:
-            arr = self._data.get((cy, cx))
-            if arr is not None:
-                self._data.move_to_end((cy, cx))
-                self.hits += 1
-                return arr
-        ch, cw = self.level.chunks
-        h, w = self.level.shape[:2]
-        t0 = time.perf_counter()
-        arr = self.level.read_region(cx * cw, cy * ch, min((cx + 1) * cw, w), min((cy + 1) * ch, h))
-        if self.timer:
-            self.timer.add("read_decode", time.perf_counter() - t0)
-        with self._lock:
-            self.misses += 1
-            if (cy, cx) not in self._data:
-                self._data[(cy, cx)] = arr
+        key = (cy, cx)
+        while True:
+            with self._lock:
+                arr = self._data.get(key)
+                if arr is not None:
+                    self._data.move_to_end(key)
+                    self.hits += 1
+                    return arr
+                event = self._loading.get(key)
+                if event is None:  # this thread decodes it
+                    event = self._loading[key] = threading.Event()
+                    self.misses += 1
+                    break
+            event.wait()  # another thread is decoding it; then look again (it may be evicted already)
+        try:
+            ch, cw = self.level.chunks
+            h, w = self.level.shape[:2]
+            t0 = time.perf_counter()
+            arr = self.level.read_region(cx * cw, cy * ch, min((cx + 1) * cw, w), min((cy + 1) * ch, h))
+            if self.timer:
+                self.timer.add("read_decode", time.perf_counter() - t0)
+            with self._lock:
+                self._data[key] = arr
                 self._bytes += arr.nbytes
-            while self._bytes > self.max_bytes and len(self._data) > 1:
-                _, old = self._data.popitem(last=False)
-                self._bytes -= old.nbytes
+                self.peak_bytes = max(self.peak_bytes, self._bytes)
+                while self._bytes > self.max_bytes and len(self._data) > 1:
+                    _, old = self._data.popitem(last=False)
+                    self._bytes -= old.nbytes
+        finally:
+            with self._lock:
+                self._loading.pop(key).set()
         return arr
 
     def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-        """Region ``[y0:y1, x0:x1]`` of the level (clipped to it), assembled from whole chunks."""
+        """Region ``[y0:y1, x0:x1]`` (level pixels, clipped to the level) as uint8 ``(h, w, 3)``."""
         h, w = self.level.shape[:2]
-        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        x0, y0, x1, y1 = max(int(x0), 0), max(int(y0), 0), min(int(x1), w), min(int(y1), h)
         out = np.empty((max(0, y1 - y0), max(0, x1 - x0), 3), dtype=np.uint8)
         if out.size == 0:
             return out
@@ -105,16 +147,17 @@ class ChunkCache:
         return out
 
 
-class _Region:
-    """A region of a level with an origin, usable by ``cut_patch`` in level coordinates (clips; pads white)."""
+class _CachedImage:
+    """A level seen through a :class:`ChunkCache` as an ``(H, W, 3)`` array for ``cut_patch``."""
 
-    def __init__(self, data: np.ndarray, x0: int, y0: int, level_hw: tuple[int, int]) -> None:
-        self.data, self.x0, self.y0 = data, x0, y0
-        self.shape = (level_hw[0], level_hw[1], 3)
+    def __init__(self, cache: ChunkCache) -> None:
+        self.cache = cache
+        h, w = cache.level.shape[:2]
+        self.shape = (int(h), int(w), 3)
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         ys, xs = key
-        return self.data[ys.start - self.y0 : ys.stop - self.y0, xs.start - self.x0 : xs.stop - self.x0]
+        return self.cache.read(xs.start, ys.start, xs.stop, ys.stop)
 
 
 class NoopBackend:
@@ -124,32 +167,49 @@ class NoopBackend:
         self._shape, self.name, self.provider = output_shape, name, "noop"
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Zeros of the shape ``output_shape(feeds)`` (float32)."""
         return [np.zeros(self._shape(feeds), dtype=np.float32)]
 
     def close(self) -> None:
-        pass
+        """Nothing to release."""
 
 
 @dataclass
 class PreparedSlide:
-    """Everything known about a slide before inference: level, points, groups, tissue, thumbnail."""
+    """Everything known about a slide before inference: level, points, groups, tissue, thumbnail.
+
+    ``points_px``: ``[N, 2]`` float64 level-0 pixel (x, y); ``grid_index``: ``[N, 2]`` int64 (row, col)
+    on the query grid (``-1`` for explicit points); ``tissue_fraction``: ``[N]`` float32 in [0, 1];
+    ``groups``: int64 index arrays partitioning ``range(N)``; ``thumbnail`` / ``tissue_mask``: RGB uint8
+    overview and its boolean tissue mask, ``thumbnail_scale`` overview pixels per level-0 pixel;
+    ``pitch_um``: grid pitch in µm (``None`` for explicit points); ``seconds``: preparation wall time.
+    """
 
     path: Path
     slide: Any
     level_index: int
-    points_px: np.ndarray  # [N, 2] level-0 pixels (x, y)
-    grid_index: np.ndarray  # [N, 2] (row, col) on the query grid; -1 for explicit points
-    tissue_fraction: np.ndarray  # [N]
+    points_px: np.ndarray
+    grid_index: np.ndarray
+    tissue_fraction: np.ndarray
     groups: list[np.ndarray]
     thumbnail: np.ndarray
-    thumbnail_scale: float  # thumbnail pixels per level-0 pixel
+    thumbnail_scale: float
     tissue_mask: np.ndarray
     pitch_um: float | None
+    grid: str | None = None
+    min_tissue: float | None = None
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
 
+    def close(self) -> None:
+        """Release the slide's array handles."""
+        close = getattr(self.slide, "close", None)
+        if close is not None:
+            close()
+
 
 def _grid_points(shape0: tuple[int, int], mpp0: float, pitch_um: float, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Grid over the whole slide: (level-0 pixel (x, y) ``[N, 2]``, (row, col) ``[N, 2]`` int64)."""
     h, w = shape0
     half = pitch_um / 2.0
     pts_um = query_grid(half, half, w * mpp0 - half, h * mpp0 - half, pitch_um=pitch_um, kind=kind)  # type: ignore[arg-type]
@@ -171,49 +231,81 @@ def prepare_slide(
     points_px: np.ndarray | None = None,
     thumbnail_side: int = 1024,
 ) -> PreparedSlide:
-    """Open a slide and lay out its query points and neighbour groups (no inference yet)."""
+    """Open a slide and lay out its query points and neighbour groups (no inference yet).
+
+    ``mpp`` (µm per level-0 pixel) overrides or supplies the store's pixel size. Grid points lie
+    ``pitch_um`` µm apart and are kept where the tissue fraction of their ``patch_um`` window is at
+    least ``min_tissue``; they are numbered in group order. Explicit ``points_px`` (``[N, 2]``
+    level-0 pixel (x, y)) are all kept, in their order. ``thumbnail_side`` is the overview's longer
+    side in pixels. Raises :class:`hishrst_runtime.slide.SlideError` for unusable stores.
+    """
     from hishrst_runtime.slide import open_slide
     from hishrst_runtime.tissue import detect_tissue, tissue_fraction_at
 
+    if not (np.isfinite(pitch_um) and pitch_um > 0):
+        raise ValueError(f"pitch must be a positive number of µm, got {pitch_um!r}")
+    if grid not in ("hex", "square"):
+        raise ValueError(f"grid must be 'hex' or 'square', got {grid!r}")
+    if not 0.0 <= min_tissue <= 1.0:
+        raise ValueError(f"min_tissue must be a fraction in [0, 1], got {min_tissue!r}")
     t0 = time.perf_counter()
     slide = open_slide(path, mpp=mpp)
-    level_index = slide.level_for_mpp(bundle.train_mpp)
-    thumb = slide.thumbnail(max_side=thumbnail_side)
-    thumb_mpp = slide.thumbnail_mpp(thumb.shape)
-    mask = detect_tissue(thumb)
-    if points_px is None:
-        pts, grid_index = _grid_points(slide.shape0, slide.mpp0, pitch_um, grid)
-        frac = tissue_fraction_at(mask, thumb_mpp, pts * slide.mpp0, radius_um=bundle.patch_um / 2)
-        keep = frac >= min_tissue
-        pts, grid_index, frac = pts[keep], grid_index[keep], frac[keep]
-    else:
-        pts = np.asarray(points_px, dtype=np.float64)
-        if pts.ndim != 2 or pts.shape[1] != 2:
-            raise ValueError(f"points must be [N, 2] level-0 pixel (x, y), got shape {pts.shape}")
-        grid_index = np.full((len(pts), 2), -1, dtype=np.int64)
-        frac = tissue_fraction_at(mask, thumb_mpp, pts * slide.mpp0, radius_um=bundle.patch_um / 2)
-        pitch_um = None  # type: ignore[assignment]
-    groups = group_points(pts, max_size=bundle.max_group_size)
+    try:
+        level_index = slide.level_for_mpp(bundle.train_mpp)
+        thumb = slide.thumbnail(max_side=thumbnail_side)
+        thumb_mpp = slide.thumbnail_mpp(thumb.shape)
+        mask = detect_tissue(thumb)
+        radius = bundle.patch_um / 2.0
+        pitch: float | None
+        if points_px is None:
+            pts, grid_index = _grid_points(slide.shape0, slide.mpp0, pitch_um, grid)
+            frac = tissue_fraction_at(mask, thumb_mpp, pts * slide.mpp0, radius_um=radius)
+            keep = frac >= min_tissue
+            pts, grid_index, frac = pts[keep], grid_index[keep], frac[keep]
+            groups = group_points(pts, max_size=bundle.max_group_size)
+            if groups:  # renumber in group order: output rows then arrive in increasing order
+                order = np.concatenate(groups)
+                pts, grid_index, frac = pts[order], grid_index[order], frac[order]
+                starts = np.cumsum([0] + [len(g) for g in groups[:-1]])
+                groups = [np.arange(s, s + len(g), dtype=np.int64) for s, g in zip(starts, groups)]
+            pitch, kind, min_t = float(pitch_um), str(grid), float(min_tissue)
+        else:
+            pts = np.asarray(points_px, dtype=np.float64)
+            if pts.ndim != 2 or pts.shape[1] != 2 or not np.isfinite(pts).all():
+                raise ValueError(f"{path}: explicit points must be a finite [N, 2] array of level-0 pixel (x, y), "
+                                 f"got shape {pts.shape}")
+            grid_index = np.full((len(pts), 2), -1, dtype=np.int64)
+            frac = tissue_fraction_at(mask, thumb_mpp, pts * slide.mpp0, radius_um=radius)
+            groups = group_points(pts, max_size=bundle.max_group_size)
+            pitch, kind, min_t = None, None, None
+    except BaseException:
+        slide.close()
+        raise
     return PreparedSlide(
         path=Path(path), slide=slide, level_index=level_index, points_px=pts, grid_index=grid_index,
         tissue_fraction=frac.astype(np.float32), groups=groups, thumbnail=thumb,
-        thumbnail_scale=thumb.shape[1] / slide.shape0[1], tissue_mask=mask, pitch_um=pitch_um,
-        seconds=time.perf_counter() - t0,
+        thumbnail_scale=thumb.shape[1] / slide.shape0[1], tissue_mask=mask, pitch_um=pitch, grid=kind,
+        min_tissue=min_t, seconds=time.perf_counter() - t0,
     )
 
 
-def _units(groups: list[np.ndarray], batch_size: int) -> Iterator[list[int]]:
-    """Consecutive group indices whose point counts add up to at least ``batch_size``."""
+def work_units(groups: list[np.ndarray], batch_size: int) -> list[list[int]]:
+    """Consecutive group indices whose point counts add up to at least ``batch_size`` (the last may be short).
+
+    A fixed function of the groups: a resumed run forms exactly the units of an uninterrupted one.
+    """
+    units: list[list[int]] = []
     unit: list[int] = []
     n = 0
     for gi, g in enumerate(groups):
         unit.append(gi)
         n += len(g)
         if n >= batch_size:
-            yield unit
+            units.append(unit)
             unit, n = [], 0
     if unit:
-        yield unit
+        units.append(unit)
+    return units
 
 
 def predict_slide(
@@ -225,80 +317,115 @@ def predict_slide(
     write: Callable[[np.ndarray, np.ndarray], None],
     done: np.ndarray | None = None,
     batch_size: int = 64,
+    head_batch: int | None = None,
     workers: int = 2,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
     progress: Callable[[int], None] | None = None,
     timer: StageTimer | None = None,
 ) -> dict[str, Any]:
-    """Run encoder + head over every group of ``prep`` not yet ``done``; ``write(rows, values)`` per unit.
+    """Run encoder + head over every work unit of ``prep`` not yet ``done``; ``write(rows, values)`` per unit.
 
-    Returns counters (points, units, seconds, cache statistics). Groups are the unit of resumption:
-    a group whose rows are all ``done`` is skipped; any other group is recomputed whole, so a
-    resumed run produces exactly the rows an uninterrupted run would.
+    ``rows`` are int64 point indices, ``values`` float32 ``[len(rows), genes]``. ``batch_size`` is the
+    encoder batch (tiles), ``head_batch`` the most groups per head call (default: the bundle's
+    ``max_batch``), ``workers`` the reader threads (0: read in the calling thread), ``cache_bytes`` the
+    chunk cache bound (bytes). ``progress(n)`` is called with the points of each finished unit.
+
+    A unit whose rows are all ``done`` is skipped; any other unit is recomputed whole (rows already
+    on disk are rewritten with identical values), so a resumed run computes exactly the batches an
+    uninterrupted run does and writes exactly its values. Returns counters and stage timings.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 tiles, got {batch_size!r}")
     timer = timer or StageTimer()
     level = prep.slide.levels[prep.level_index]
     ds = float(level.downsample)
     side = patch_side_px(bundle.patch_um, float(level.mpp))
     size = int(bundle.encoder["input_size"])
     mpp0 = float(prep.slide.mpp0)
-    cache = ChunkCache(level, timer=timer)
-    todo = [g for g in range(len(prep.groups)) if done is None or not done[prep.groups[g]].all()]
-    units = list(_units([prep.groups[g] for g in todo], batch_size))
-    units = [[todo[i] for i in u] for u in units]
+    pad_to = max([bundle.max_group_size, *(len(g) for g in prep.groups)])
+    max_groups = max(1, int(head_batch or bundle.manifest.get("max_batch", 64)))
+    cache = ChunkCache(level, max_bytes=cache_bytes, timer=timer)
+    image = _CachedImage(cache)
+    all_units = work_units(prep.groups, batch_size)
+    units = [u for u in all_units if done is None or not done[np.concatenate([prep.groups[g] for g in u])].all()]
 
     def load(unit: list[int]) -> tuple[list[int], np.ndarray]:
         idx = np.concatenate([prep.groups[g] for g in unit])
-        c = prep.points_px[idx] / ds
-        half = side / 2.0 + 1
-        x0, y0 = int(np.floor(c[:, 0].min() - half)), int(np.floor(c[:, 1].min() - half))
-        x1, y1 = int(np.ceil(c[:, 0].max() + half)) + 1, int(np.ceil(c[:, 1].max() + half)) + 1
-        region = _Region(cache.read(x0, y0, x1, y1), max(x0, 0), max(y0, 0), level.shape[:2])
+        centers = prep.points_px[idx] / ds
         t0 = time.perf_counter()
         tiles = np.empty((len(idx), size, size, 3), dtype=np.uint8)
-        for i, ci in enumerate(c):
-            tiles[i] = resize_patch(cut_patch(region, ci, side), size)
-        timer.add("cut_resample", time.perf_counter() - t0)
+        for i, c in enumerate(centers):
+            tiles[i] = resize_patch(cut_patch(image, c, side), size)
+        timer.add("cut_resample", time.perf_counter() - t0)  # includes waiting for chunk decodes
         return unit, tiles
+
+    def infer(unit: list[int], tiles: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        feats = np.concatenate([np.asarray(encoder.run({"tiles": tiles[i : i + batch_size]})[0], dtype=np.float32)
+                                for i in range(0, len(tiles), batch_size)])
+        timer.add("encoder", time.perf_counter() - t0)
+        if feats.ndim != 2 or feats.shape[0] != len(tiles):
+            raise RuntimeError(f"{bundle.root}: the encoder returned features of shape {feats.shape} for "
+                               f"{len(tiles)} tiles; re-export the bundle")
+        t0 = time.perf_counter()
+        groups = [prep.groups[g] for g in unit]
+        idx = np.concatenate(groups)
+        starts = np.cumsum([0] + [len(g) for g in groups[:-1]])
+        local, mask = pad_groups([np.arange(s, s + len(g)) for s, g in zip(starts, groups)], size=pad_to)
+        safe = np.where(local < 0, 0, local)
+        pos_um = (prep.points_px[idx] * mpp0).astype(np.float32)
+        outs = []
+        for s in range(0, len(groups), max_groups):
+            sl = slice(s, s + max_groups)
+            outs.append(np.asarray(head.run({"features": feats[safe[sl]], "positions": pos_um[safe[sl]],
+                                             "mask": mask[sl]})[0], dtype=np.float32))
+        out = np.concatenate(outs)
+        valid = local >= 0
+        timer.add("head", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        write(idx[local[valid]], np.ascontiguousarray(out[valid]))
+        timer.add("write", time.perf_counter() - t0)
 
     n_done = 0
     t_start = time.perf_counter()
-    depth = max(2, 2 * workers)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hishrst-read") as pool:
-        pending: list[Future] = []
-        it = iter(units)
-        for u in it:
-            pending.append(pool.submit(load, u))
-            if len(pending) >= depth:
-                break
-        while pending:
-            t0 = time.perf_counter()
-            unit, tiles = pending.pop(0).result()
-            timer.add("wait_for_tiles", time.perf_counter() - t0)
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(load, nxt))
-            t0 = time.perf_counter()
-            feats = np.concatenate([encoder.run({"tiles": tiles[i : i + batch_size]})[0] for i in range(0, len(tiles), batch_size)])
-            timer.add("encoder", time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            groups = [prep.groups[g] for g in unit]
-            local, mask = pad_groups([np.arange(len(g)) + sum(len(x) for x in groups[:k]) for k, g in enumerate(groups)])
-            safe = np.where(local < 0, 0, local)
-            idx = np.concatenate(groups)
-            pos_um = (prep.points_px[idx] * mpp0).astype(np.float32)
-            out = head.run({"features": feats[safe].astype(np.float32), "positions": pos_um[safe], "mask": mask})[0]
-            timer.add("head", time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            write(idx, np.ascontiguousarray(out[local >= 0], dtype=np.float32))
-            timer.add("write", time.perf_counter() - t0)
-            n_done += len(idx)
+    if workers <= 0:
+        for u in units:
+            infer(*load(u))
+            n = sum(len(prep.groups[g]) for g in u)
+            n_done += n
             if progress:
-                progress(len(idx))
+                progress(n)
+    else:
+        depth = max(2, 2 * workers)  # units of tiles in flight: bounds memory
+        pending: deque[Future] = deque()
+        it = iter(units)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hishrst-read") as pool:
+            try:
+                for u in it:
+                    pending.append(pool.submit(load, u))
+                    if len(pending) >= depth:
+                        break
+                while pending:
+                    t0 = time.perf_counter()
+                    unit, tiles = pending.popleft().result()
+                    timer.add("wait_for_tiles", time.perf_counter() - t0)
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(load, nxt))
+                    infer(unit, tiles)
+                    n = sum(len(prep.groups[g]) for g in unit)
+                    n_done += n
+                    if progress:
+                        progress(n)
+            finally:
+                for f in pending:  # on an error: drop queued reads instead of finishing them
+                    f.cancel()
     return {
         "points_computed": int(n_done),
-        "units": len(units),
+        "units": len(all_units),
+        "units_computed": len(units),
         "seconds": time.perf_counter() - t_start,
-        "chunk_cache": {"hits": cache.hits, "misses": cache.misses},
+        "chunk_cache": {"hits": cache.hits, "misses": cache.misses, "peak_bytes": cache.peak_bytes},
         "level": prep.level_index,
         "level_mpp": float(level.mpp),
         "patch_side_px": side,

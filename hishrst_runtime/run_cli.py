@@ -2,32 +2,55 @@
 
 Torch-free: this module and everything it imports use numpy, zarr, Pillow and ONNX Runtime /
 TensorRT only.
+
+Per slide ``S.ome.zarr`` (or ``S.zarr``) the output is ``OUT/S.zarr``, an AnnData zarr store written
+crash-safely by :class:`hishrst_runtime.output.OutputStore` (built in ``OUT/S.zarr.partial`` and renamed
+when complete), guarded by the lock file ``OUT/S.zarr.lock`` so several jobs can share ``OUT``.
+A complete output is skipped unless ``--overwrite``; an incomplete one is finished by ``--resume``.
+One slide's failure is reported and the others go on; the exit status is 1 when any slide failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 import traceback
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 import numpy as np
 
-__all__ = ["run", "run_slides", "slide_output_path"]
+__all__ = ["run", "run_slides", "slide_output_path", "output_collisions"]
+
+#: Output X chunks hold at most this many rows (and at most ~4 MiB): progress is durable per chunk.
+MAX_CHUNK_ROWS = 1024
+#: Bound of the output store's row buffers (bytes).
+OUTPUT_BUFFER_BYTES = 64 << 20
+#: Seconds between refreshes of a held slide lock (its heartbeat for jobs on other hosts).
+LOCK_REFRESH_S = 60.0
 
 
 def slide_output_path(slide: Path, out_dir: Path) -> Path:
     """``OUT_DIR/<slide name without .zarr / .ome.zarr>.zarr``."""
-    name = slide.name.rstrip("/")
+    name = Path(slide).name.rstrip("/")
     for suffix in (".ome.zarr", ".zarr"):
-        if name.endswith(suffix):
+        if name.endswith(suffix) and len(name) > len(suffix):
             name = name[: -len(suffix)]
             break
     return out_dir / f"{name}.zarr"
+
+
+def output_collisions(slides: list[Path], out_dir: Path) -> dict[Path, list[Path]]:
+    """Outputs that more than one of ``slides`` would write (``{output: [slides]}``; empty when none)."""
+    by_out: dict[Path, list[Path]] = {}
+    for s in slides:
+        by_out.setdefault(slide_output_path(s, out_dir), []).append(s)
+    return {o: s for o, s in by_out.items() if len({str(Path(p).resolve()) for p in s}) > 1}
 
 
 def _load_engines(bundle: Any, provider: str, *, cache_dir: Path | None) -> tuple[Any, Any, str]:
@@ -42,26 +65,34 @@ def _load_engines(bundle: Any, provider: str, *, cache_dir: Path | None) -> tupl
         return enc, head, "noop"
     has_engine = bundle.file_entry("encoder_trt") is not None and bundle.file_entry("head_trt") is not None
     chosen = resolve_provider(provider, engine_available=has_engine)  # type: ignore[arg-type]
-    engines = []
-    for key in ("encoder", "head"):
-        trt = bundle.file_entry(f"{key}_trt")
-        if chosen == "trt-native":
-            if trt is None:
-                raise click.ClickException(f"{bundle.root}: no TensorRT engine in the bundle; export with --tensorrt")
-            engines.append(load_backend(bundle.path(f"{key}_trt"), provider="trt-native",
-                                        expected={"gpu": trt.get("gpu"), "tensorrt_version": trt.get("tensorrt_version")}))
-        elif chosen == "tensorrt":
-            d = int(bundle.encoder["feature_dim"])
-            m, n = int(bundle.manifest.get("max_batch", 64)), bundle.max_group_size
-            shapes = None if key == "encoder" else {
-                name: ((1, 1) + tail, (8, n) + tail, (m, n) + tail)
-                for name, tail in (("features", (d,)), ("positions", (2,)), ("mask", ()))
-            }
-            entry = bundle.file_entry(key) or {}
-            engines.append(load_backend(bundle.path(key), provider=chosen, cache_dir=cache_dir, max_batch=m, shapes=shapes,
-                                        model_sha256=entry.get("sha256"), fp16=entry.get("precision") == "fp16"))
-        else:
-            engines.append(load_backend(bundle.path(key), provider=chosen, cache_dir=cache_dir))
+    engines: list[Any] = []
+    try:
+        for key in ("encoder", "head"):
+            trt = bundle.file_entry(f"{key}_trt")
+            if chosen == "trt-native":
+                if trt is None:
+                    raise click.ClickException(f"{bundle.root}: no TensorRT engine in the bundle; "
+                                               "export with `hishrst export --tensorrt` or use --provider tensorrt")
+                engines.append(load_backend(bundle.path(f"{key}_trt"), provider="trt-native",
+                                            expected={"gpu": trt.get("gpu"), "tensorrt_version": trt.get("tensorrt_version")}))
+            elif chosen == "tensorrt":
+                d = int(bundle.encoder["feature_dim"])
+                m, n = int(bundle.manifest.get("max_batch", 64)), bundle.max_group_size
+                shapes = None if key == "encoder" else {
+                    name: ((1, 1) + tail, (8, n) + tail, (m, n) + tail)
+                    for name, tail in (("features", (d,)), ("positions", (2,)), ("mask", ()))
+                }
+                entry = bundle.file_entry(key) or {}
+                engines.append(load_backend(bundle.path(key), provider=chosen, cache_dir=cache_dir, max_batch=m,
+                                            shapes=shapes, model_sha256=entry.get("sha256"),
+                                            fp16=entry.get("precision") == "fp16"))
+            else:
+                engines.append(load_backend(bundle.path(key), provider=chosen, cache_dir=cache_dir))
+    except BaseException:
+        for eng in engines:
+            with contextlib.suppress(Exception):
+                eng.close()
+        raise
     return engines[0], engines[1], chosen
 
 
@@ -82,136 +113,226 @@ def run_slides(
     min_tissue: float = 0.25,
     points_px: dict[str, np.ndarray] | None = None,
     cache_dir: Path | None = None,
+    cache_bytes: int | None = None,
     progress: bool = True,
-    echo: Any = click.echo,
+    echo: Callable[[str], Any] = click.echo,
 ) -> list[dict[str, Any]]:
-    """Run the pipeline over ``slides``; returns one result dict per slide (status ok/skipped/failed)."""
+    """Run the pipeline over ``slides``; returns one result dict per slide (status ok/skipped/failed).
+
+    ``pitch_um``: query-grid pitch in µm (default 50, 4× Visium density); ``mpp``: µm per level-0
+    pixel, overriding or supplying the stores'; ``min_tissue``: least tissue fraction under a grid
+    point's patch; ``points_px``: ``{str(slide): [N, 2] level-0 pixel (x, y)}`` explicit points
+    instead of the grid (all kept, in order); ``cache_bytes``: decoded-chunk cache bound per slide.
+    Bundle and engine problems raise (:class:`~hishrst_runtime.manifest.BundleError`,
+    :class:`~hishrst_runtime.backends.BackendError`) before anything is written; a slide's own
+    problem is reported in its result (``status="failed"``, ``reason``) and the others go on.
+    """
     from tqdm.auto import tqdm
 
     from hishrst_runtime.jobs import SlideLock
-    from hishrst_runtime.manifest import load_bundle
-    from hishrst_runtime.output import OutputStore, SpatialImages, write_h5ad
-    from hishrst_runtime.pipeline import DEFAULT_PITCH_UM, StageTimer, predict_slide, prepare_slide
+    from hishrst_runtime.manifest import BundleError, load_bundle
+    from hishrst_runtime.output import OutputStore, write_h5ad
+    from hishrst_runtime.pipeline import DEFAULT_CACHE_BYTES, DEFAULT_PITCH_UM, prepare_slide
 
+    pitch = float(pitch_um or DEFAULT_PITCH_UM)
+    if batch_size < 1 or workers < 0:
+        raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
+    if not (np.isfinite(pitch) and pitch > 0) or not 0.0 <= min_tissue <= 1.0:
+        raise ValueError(f"pitch_um must be > 0 µm and min_tissue in [0, 1], got {pitch} and {min_tissue}")
     bundle = load_bundle(bundle_dir)
     if bundle.manifest["position"]["mode"] != "continuous":
-        raise click.ClickException(f"{bundle_dir}: bundles in grid position mode cannot run on whole slides")
+        raise BundleError(f"{bundle_dir / 'manifest.json'}: the bundle encodes grid (array) positions, which only "
+                          "exist on Visium slides; re-train with --position-mode continuous to run on whole slides")
     encoder, head, chosen = _load_engines(bundle, provider, cache_dir=cache_dir)
-    echo(f"engine: {chosen}" + (" (auto-selected)" if provider == "auto" else ""))
-    bundle_hash = bundle.sha256
-    pitch = float(pitch_um or DEFAULT_PITCH_UM)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def prepare(path: Path) -> Any:
-        pts = (points_px or {}).get(str(path))
-        return prepare_slide(path, bundle, mpp=mpp, pitch_um=pitch, grid=grid, min_tissue=min_tissue, points_px=pts)  # type: ignore[arg-type]
-
-    results: list[dict[str, Any]] = []
-    overall = tqdm(total=len(slides), desc="slides", unit="slide", disable=not progress, position=0)
-    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hishrst-prefetch")
-    futures: dict[int, Future] = {}
-
-    def schedule(i: int) -> None:
-        if i < len(slides) and i not in futures:
-            futures[i] = prefetch.submit(prepare, slides[i])
-
     try:
-        for i, path in enumerate(slides):
-            out = slide_output_path(path, out_dir)
-            res: dict[str, Any] = {"slide": str(path), "output": str(out)}
-            lock = SlideLock(out)
-            state = OutputStore.status(out)
-            if state == "complete" and not overwrite:
-                res.update(status="skipped", reason="already complete (use --overwrite to recompute)")
+        echo(f"engine: {chosen}" + (" (auto-selected)" if provider == "auto" else ""))
+        max_batch = int(bundle.manifest.get("max_batch", 64))
+        if chosen in ("tensorrt", "trt-native") and batch_size > max_batch:
+            echo(f"batch size {batch_size} > the TensorRT profile's {max_batch}; using {max_batch}")
+            batch_size = max_batch
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as e:
+            raise click.ClickException(f"{out_dir}: exists and is not a directory; choose another --out") from e
+        ctx = _Context(bundle=bundle, encoder=encoder, head=head, provider=chosen, pitch=pitch, resume=resume,
+                       overwrite=overwrite, batch_size=batch_size, workers=workers, progress=progress,
+                       cache_bytes=int(cache_bytes or DEFAULT_CACHE_BYTES))
+
+        def prepare(path: Path) -> Any:
+            pts = (points_px or {}).get(str(path))
+            return prepare_slide(path, bundle, mpp=mpp, pitch_um=pitch, grid=grid,  # type: ignore[arg-type]
+                                 min_tissue=min_tissue, points_px=pts)
+
+        outs = [slide_output_path(p, out_dir) for p in slides]
+        collided = {o for o in output_collisions(slides, out_dir)}
+        results: list[dict[str, Any]] = []
+        overall = tqdm(total=len(slides), desc="slides", unit="slide", disable=not progress, position=0)
+        prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hishrst-prefetch")
+        futures: dict[int, Future] = {}
+
+        def drop(i: int) -> None:
+            """Forget slide i's prefetch; close its slide once (and if) it is ready."""
+            fut = futures.pop(i, None)
+            if fut is not None and not fut.cancel():
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().close())
+
+        def prefetch_after(i: int) -> None:
+            """Prepare (in the background) the next slide after i that will need work."""
+            for j in range(i + 1, len(slides)):
+                if outs[j] in collided:
+                    continue
+                if overwrite or OutputStore.status(outs[j]) != "complete":
+                    if j not in futures:
+                        futures[j] = prefetch.submit(prepare, slides[j])
+                    return
+
+        try:
+            for i, path in enumerate(slides):
+                out = outs[i]
+                res: dict[str, Any] = {"slide": str(path), "output": str(out)}
                 results.append(res)
+                lock = SlideLock(out)
+                if out in collided:
+                    others = ", ".join(str(s) for s in slides if slide_output_path(s, out_dir) == out)
+                    res.update(status="failed", reason=f"{out}: several slides would write this output ({others}); "
+                               "rename the slides or run them with different --out")
+                elif OutputStore.status(out) == "complete" and not overwrite:
+                    drop(i)
+                    res.update(status="skipped", reason="already complete (use --overwrite to recompute)")
+                    if h5ad and not out.with_suffix(".h5ad").exists():
+                        with contextlib.suppress(Exception):
+                            write_h5ad(out, out.with_suffix(".h5ad"))
+                elif not lock.acquire():
+                    drop(i)
+                    info = lock.holder()
+                    who = info.describe() if info is not None else "another job"
+                    res.update(status="skipped", reason=f"locked by {who} ({lock.path}); it is being processed "
+                               "elsewhere (delete the lock file if that job is gone)")
+                else:
+                    t0 = time.perf_counter()
+                    prep = None
+                    try:
+                        fut = futures.pop(i, None) or prefetch.submit(prepare, path)
+                        try:
+                            prep = fut.result()
+                        finally:
+                            prefetch_after(i)  # the next slide is prepared while this one runs
+                        res.update(_run_one(prep, out, ctx, lock))
+                        if h5ad:
+                            write_h5ad(out, out.with_suffix(".h5ad"))
+                        res["status"] = "ok"
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except Exception as e:  # noqa: BLE001 - one slide's failure must not stop the others
+                        res.update(status="failed", reason=f"{type(e).__name__}: {e}")
+                        if os.environ.get("HISHRST_DEBUG"):
+                            traceback.print_exc()
+                    finally:
+                        res["seconds"] = round(time.perf_counter() - t0, 2)
+                        if prep is not None:
+                            prep.close()
+                        lock.release()
                 overall.update(1)
-                continue
-            if not lock.acquire():
-                res.update(status="skipped", reason=f"locked by another job ({lock.path})")
-                results.append(res)
-                overall.update(1)
-                continue
-            try:
-                schedule(i)
-                t0 = time.perf_counter()
-                prep = futures.pop(i).result()
-                schedule(i + 1)  # prefetch the next slide while this one runs
-                res.update(_run_one(prep, bundle, out, encoder=encoder, head=head, provider=chosen, pitch=pitch,
-                                    bundle_hash=bundle_hash, resume=resume, overwrite=overwrite, batch_size=batch_size,
-                                    workers=workers, progress=progress, OutputStore=OutputStore,
-                                    SpatialImages=SpatialImages, StageTimer=StageTimer, predict_slide=predict_slide))
-                if h5ad:
-                    write_h5ad(out, out.with_suffix(".h5ad"))
-                res["seconds"] = round(time.perf_counter() - t0, 2)
-                res["status"] = "ok"
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as e:  # noqa: BLE001 - one slide's failure must not stop the others
-                res.update(status="failed", reason=f"{type(e).__name__}: {e}")
-                if os.environ.get("HISHRST_DEBUG"):
-                    traceback.print_exc()
-                futures.pop(i, None)
-                schedule(i + 1)
-            finally:
-                lock.release()
-            results.append(res)
-            overall.update(1)
+        finally:
+            overall.close()
+            for j in list(futures):
+                drop(j)
+            prefetch.shutdown(wait=True, cancel_futures=True)
     finally:
-        overall.close()
-        prefetch.shutdown(wait=True, cancel_futures=True)
         for eng in (encoder, head):
-            eng.close()
+            with contextlib.suppress(Exception):
+                eng.close()
     return results
 
 
-def _run_one(prep: Any, bundle: Any, out: Path, *, encoder: Any, head: Any, provider: str, pitch: float,
-             bundle_hash: str, resume: bool, overwrite: bool, batch_size: int, workers: int, progress: bool,
-             OutputStore: Any, SpatialImages: Any, StageTimer: Any, predict_slide: Any) -> dict[str, Any]:
+class _Context:
+    """What every slide of one run shares (engines, options)."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+def _library_id(path: Path) -> str:
+    return slide_output_path(path, Path(".")).name[: -len(".zarr")].replace("/", "_") or "slide"
+
+
+def _run_one(prep: Any, out: Path, ctx: Any, lock: Any) -> dict[str, Any]:
+    """Predict one prepared slide into ``out``; returns the result fields (points, speed, stats)."""
     from tqdm.auto import tqdm
 
-    slide = prep.slide
+    from hishrst_runtime import __version__
+    from hishrst_runtime.output import OutputStore, SpatialImages
+    from hishrst_runtime.pipeline import StageTimer, predict_slide
+
+    bundle, slide = ctx.bundle, prep.slide
     n = len(prep.points_px)
     if n == 0:
-        raise ValueError(f"{prep.path}: no tissue found at the chosen grid (try --min-tissue lower or check the slide)")
-    uns = {
-        "hishrst": {
-            "bundle_hash": bundle_hash, "bundle": str(bundle.root), "mpp": float(slide.mpp0),
-            "pitch_um": prep.pitch_um, "level": int(prep.level_index), "slide": str(prep.path),
-            "output_meaning": bundle.manifest["output"]["meaning"],
-        }
+        raise ValueError(f"{prep.path}: no tissue found under the query grid (tissue detected on "
+                         f"{float(prep.tissue_mask.mean()):.1%} of the overview); lower --min-tissue, "
+                         "check the slide, or pass explicit points")
+    level = slide.levels[prep.level_index]
+    # Everything that determines the rows' values: compared on --resume.
+    identity = {
+        "bundle_hash": bundle.sha256, "mpp": float(slide.mpp0), "mpp_source": str(slide.mpp_source),
+        "level": int(prep.level_index), "level_mpp": float(level.mpp), "patch_um": bundle.patch_um,
+        "points": "grid" if prep.pitch_um is not None else "explicit", "pitch_um": prep.pitch_um, "grid": prep.grid,
+        "min_tissue": prep.min_tissue, "output_meaning": bundle.manifest["output"]["meaning"],
+        "tissue_mask": prep.tissue_mask.astype(np.uint8), "tissue_mask_scalef": float(prep.thumbnail_scale),
     }
     spatial = SpatialImages(
-        library_id=prep.path.name.split(".")[0] or "slide", lowres=prep.thumbnail, lowres_scalef=prep.thumbnail_scale,
+        library_id=_library_id(prep.path), lowres=prep.thumbnail, lowres_scalef=prep.thumbnail_scale,
         spot_diameter_fullres=(prep.pitch_um or bundle.patch_um) / float(slide.mpp0),
     )
-    if resume and OutputStore.status(out) == "incomplete":
+    store_kw = {"max_buffer_bytes": OUTPUT_BUFFER_BYTES}
+    if ctx.resume and OutputStore.status(out) == "incomplete":
         store = OutputStore.open_incomplete(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
-                                            genes=bundle.genes, expected_uns={"hishrst": uns["hishrst"]})
+                                            genes=bundle.genes, expected_uns={"hishrst": identity}, **store_kw)
         resumed = True
     else:
+        rows = max(1, min(MAX_CHUNK_ROWS, n, (4 << 20) // (4 * len(bundle.genes))))
         store = OutputStore.create(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
-                                   tissue_fraction=prep.tissue_fraction, genes=bundle.genes, uns=uns,
-                                   spatial=spatial, overwrite=overwrite)
+                                   tissue_fraction=prep.tissue_fraction, genes=bundle.genes, uns={"hishrst": identity},
+                                   spatial=spatial, overwrite=ctx.overwrite, chunk_rows=rows, **store_kw)
         resumed = False
     timer = StageTimer()
     done = store.done_mask()
-    bar = tqdm(total=n, initial=int(done.sum()), desc=prep.path.name[:30], unit="pt", disable=not progress,
+    bar = tqdm(total=n, initial=int(done.sum()), desc=prep.path.name[:30], unit="pt", disable=not ctx.progress,
                leave=False, position=1)
+    last_refresh = [time.monotonic()]
+
+    def advance(k: int) -> None:
+        bar.update(k)
+        if time.monotonic() - last_refresh[0] > LOCK_REFRESH_S:
+            lock.refresh()
+            last_refresh[0] = time.monotonic()
+
     try:
-        stats = predict_slide(prep, bundle, encoder=encoder, head=head, write=store.write_rows, done=done,
-                              batch_size=batch_size, workers=workers, progress=bar.update, timer=timer)
+        stats = predict_slide(prep, bundle, encoder=ctx.encoder, head=ctx.head, write=store.write_rows, done=done,
+                              batch_size=ctx.batch_size, workers=ctx.workers, cache_bytes=ctx.cache_bytes,
+                              progress=advance, timer=timer)
+        t0 = time.perf_counter()
+        store.flush()
+        timer.add("write", time.perf_counter() - t0)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            store.close()  # keep every finished row for --resume
+        raise
     finally:
         bar.close()
-    t0 = time.perf_counter()
-    store.finalize({"timings": {k: round(v, 3) for k, v in stats["stages"].items()} | {"prepare": round(prep.seconds, 3)},
-                    "engine": provider, "resumed": resumed})
-    stats["stages"]["finalize"] = time.perf_counter() - t0
+    tiles_per_s = stats["points_computed"] / max(stats["seconds"], 1e-9)
+    timings = {k: round(v, 3) for k, v in timer.seconds.items()} | {"prepare": round(prep.seconds, 3)}
+    store.finalize({"hishrst_run": {
+        "slide": str(prep.path.resolve()), "bundle": str(Path(bundle.root).resolve()), "engine": ctx.provider,
+        "hishrst_version": __version__, "resumed": resumed, "points": n, "points_computed": stats["points_computed"],
+        "tiles_per_s": round(tiles_per_s, 1), "seconds": round(stats["seconds"], 3), "timings": timings,
+        "patch_side_px": int(stats["patch_side_px"]), "chunk_cache": stats["chunk_cache"],
+    }})
     return {"points": n, "computed": stats["points_computed"], "resumed": resumed,
-            "tiles_per_s": round(stats["points_computed"] / max(stats["seconds"], 1e-9), 1), "stats": stats}
+            "tiles_per_s": round(tiles_per_s, 1), "stats": stats}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("slides", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Model bundle directory written by `hishrst export`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -238,8 +359,20 @@ def run(slides: tuple[Path, ...], bundle_dir: Path, out_dir: Path, pitch_um: flo
     from hishrst_runtime.jobs import parse_shard, shard_from_env, shard_items
     from hishrst_runtime.manifest import BundleError
 
-    if batch_size < 1 or workers < 0:
-        raise click.BadParameter("--batch-size must be ≥ 1 and --workers ≥ 0")
+    if batch_size < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--batch-size")
+    if workers < 0:
+        raise click.BadParameter("must be >= 0 (0 reads in the inference thread)", param_hint="--workers")
+    if pitch_um is not None and not (np.isfinite(pitch_um) and pitch_um > 0):
+        raise click.BadParameter("must be a positive number of µm", param_hint="--pitch-um")
+    if not 0.0 <= min_tissue <= 1.0:
+        raise click.BadParameter("must be a fraction in [0, 1]", param_hint="--min-tissue")
+    if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
+        raise click.BadParameter("must be a positive number of µm per pixel, e.g. 0.5", param_hint="--mpp")
+    collisions = output_collisions(list(slides), out_dir)  # on the full list, so every shard agrees
+    if collisions:
+        lines = "; ".join(f"{o.name} <- {', '.join(map(str, s))}" for o, s in collisions.items())
+        raise click.BadParameter(f"several slides would write the same output ({lines}); rename them", param_hint="SLIDES")
     items = list(slides)
     try:
         sh = parse_shard(shard) if shard else shard_from_env()
@@ -260,7 +393,8 @@ def run(slides: tuple[Path, ...], bundle_dir: Path, out_dir: Path, pitch_um: flo
                    f"{r.get('tiles_per_s', ''):>10}{r.get('seconds', ''):>9}")
         if r["status"] != "ok":
             click.echo(f"    {r.get('reason', '')}")
-    failed = [r for r in results if r["status"] == "failed"]
-    if failed:
-        click.echo(f"{len(failed)} of {len(results)} slides failed", err=True)
+    counts = Counter(r["status"] for r in results)
+    click.echo(f"{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed (of {len(results)} slides)")
+    if counts["failed"]:
+        click.echo(f"{counts['failed']} of {len(results)} slides failed", err=True)
         sys.exit(1)

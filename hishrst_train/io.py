@@ -17,6 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
+import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,16 +30,8 @@ import scipy.sparse as sp
 
 from hishrst_runtime.geometry import mpp_from_spot_diameter
 
-__all__ = [
-    "DataError",
-    "read_visium",
-    "read_10x_h5",
-    "write_10x_h5",
-    "read_h5ad_with_image",
-    "open_fullres_image",
-    "image_mpp",
-    "FullresImage",
-]
+__all__ = ["DataError", "FullresImage", "image_mpp", "open_fullres_image", "read_10x_h5", "read_h5ad_with_image",
+           "read_visium", "write_10x_h5"]
 
 log = logging.getLogger("hishrst")
 
@@ -110,14 +105,15 @@ def _read_10x_h5(path: Path, *, gex_only: bool = True) -> tuple[Any, dict[str, A
     X = sp.csr_matrix((data.astype(np.float32), indices.astype(np.int64), indptr.astype(np.int64)), shape=(n_bc, n_genes))
     X.sort_indices()
     var = pd.DataFrame({"gene_ids": ids.astype(str)}, index=pd.Index(names.astype(str)))
-    if ftypes is not None:
-        var["feature_types"] = ftypes.astype(str)
-    if genome is not None:
-        var["genome"] = genome.astype(str)
-    adata = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(barcodes.astype(str))), var=var)
-    if gex_only and "feature_types" in var:
-        adata = adata[:, var["feature_types"].to_numpy() == "Gene Expression"].copy()
-    adata.var_names_make_unique()
+    for col, vals in (("feature_types", ftypes), ("genome", genome)):
+        if vals is not None:
+            var[col] = vals.astype(str)
+    with warnings.catch_warnings():  # duplicate symbols are made unique below, as scanpy does
+        warnings.filterwarnings("ignore", message="Variable names are not unique")
+        adata = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(barcodes.astype(str))), var=var)
+        if gex_only and "feature_types" in var:
+            adata = adata[:, var["feature_types"].to_numpy() == "Gene Expression"].copy()
+        adata.var_names_make_unique()
     return adata, attrs
 
 
@@ -131,13 +127,8 @@ def read_10x_h5(path: str | Path, *, gex_only: bool = True) -> Any:
 
 
 def write_10x_h5(
-    adata: Any,
-    path: str | Path,
-    *,
-    library_id: str | None = None,
-    genome: str = "unknown",
-    chemistry_description: str = "Spatial 3' v1",
-    software_version: str = "hishrst",
+    adata: Any, path: str | Path, *, library_id: str | None = None, genome: str = "unknown",
+    chemistry_description: str = "Spatial 3' v1", software_version: str = "hishrst",
 ) -> Path:
     """Write AnnData counts as a 10x HDF5 feature-barcode matrix (CSC genes × barcodes, int32 data).
 
@@ -159,17 +150,8 @@ def write_10x_h5(
 
 
 def _write_10x_arrays(
-    path: Path,
-    X: Any,
-    *,
-    barcodes: Any,
-    names: Any,
-    ids: Any,
-    feature_types: Any,
-    genomes: Any,
-    library_id: str,
-    chemistry_description: str,
-    software_version: str,
+    path: Path, X: Any, *, barcodes: Any, names: Any, ids: Any, feature_types: Any, genomes: Any,
+    library_id: str, chemistry_description: str, software_version: str,
 ) -> None:
     """Write a barcodes × genes count matrix as a 10x HDF5 file (the arrays behind :func:`write_10x_h5`)."""
     X = sp.csr_matrix(X) if not sp.issparse(X) else sp.csr_matrix(X, copy=True)
@@ -188,24 +170,18 @@ def _write_10x_arrays(
     kw = {"compression": "gzip", "compression_opts": 4}
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
-        f.attrs["filetype"] = "matrix"
-        f.attrs["version"] = 2
-        f.attrs["library_ids"] = np.array([library_id.encode()])
-        f.attrs["original_gem_groups"] = np.array([1], dtype=np.int64)
-        f.attrs["chemistry_description"] = chemistry_description
-        f.attrs["software_version"] = software_version
+        f.attrs.update({"filetype": "matrix", "version": 2, "library_ids": np.array([library_id.encode()]),
+                        "original_gem_groups": np.array([1], dtype=np.int64),
+                        "chemistry_description": chemistry_description, "software_version": software_version})
         g = f.create_group("matrix")
-        g.create_dataset("barcodes", data=b(barcodes), **kw)
-        g.create_dataset("data", data=data.astype(np.int32), **kw)
-        g.create_dataset("indices", data=X.indices.astype(np.int64), **kw)
-        g.create_dataset("indptr", data=X.indptr.astype(np.int64), **kw)
+        for key, arr in (("barcodes", b(barcodes)), ("data", data.astype(np.int32)),
+                         ("indices", X.indices.astype(np.int64)), ("indptr", X.indptr.astype(np.int64))):
+            g.create_dataset(key, data=arr, **kw)
         g.create_dataset("shape", data=np.array([n_var, n_obs], dtype=np.int32))
         ft = g.create_group("features")
         ft.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
-        ft.create_dataset("feature_type", data=b(feature_types), **kw)
-        ft.create_dataset("genome", data=b(genomes), **kw)
-        ft.create_dataset("id", data=b(ids), **kw)
-        ft.create_dataset("name", data=b(names), **kw)
+        for key, vals in (("feature_type", feature_types), ("genome", genomes), ("id", ids), ("name", names)):
+            ft.create_dataset(key, data=b(vals), **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,38 +194,67 @@ class FullresImage:
 
     ``img[y0:y1, x0:x1]`` reads only that region and returns an ``(h, w, 3)`` uint8 numpy array, so it
     works with :func:`hishrst_runtime.patches.cut_patch`. Greyscale is expanded to RGB, alpha dropped,
-    planar (``CYX``) layouts transposed, 16-bit scaled to 8-bit.
+    planar (``CYX``) layouts transposed, 16-bit scaled to 8-bit. Decoded TIFF tiles are kept in a
+    thread-safe LRU cache of ``cache_mb`` MiB, so neighbouring patches do not decode a tile twice.
     """
 
-    def __init__(self, array: Any, *, axes: str, path: str, closer: Any = None) -> None:
+    def __init__(self, array: Any, *, axes: str, path: str, closer: Any = None, cache_mb: float = 256.0) -> None:
         self._a, self._axes, self.path, self._closer = array, axes, path, closer
         if "Y" not in axes or "X" not in axes:
             raise _error(path, f"image axes {axes!r} have no Y/X plane", "convert the image to an RGB TIFF or PNG")
         shp = dict(zip(axes, array.shape))
         self.shape = (int(shp["Y"]), int(shp["X"]), 3)
-        self.dtype = np.dtype(np.uint8)
-        self.ndim = 3
+        self.dtype, self.ndim = np.dtype(np.uint8), 3
+        chunks = getattr(array, "chunks", None) if axes[:2] == "YX" else None
+        self._chunks = (int(chunks[0]), int(chunks[1])) if chunks is not None else None
+        tile_bytes = int(np.prod(chunks)) * array.dtype.itemsize if chunks is not None else 1
+        self._cache_max = max(4, int(cache_mb * 2**20) // max(tile_bytes, 1))
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        if not isinstance(key, tuple):
-            key = (key,)
-        ys = key[0] if len(key) > 0 else slice(None)
-        xs = key[1] if len(key) > 1 else slice(None)
-        if not isinstance(ys, slice) or not isinstance(xs, slice):
+        key = key if isinstance(key, tuple) else (key,)
+        ys, xs = (key + (slice(None), slice(None)))[:2]
+        if not isinstance(ys, slice) or not isinstance(xs, slice) or len(key) > 2:
             raise TypeError("FullresImage supports slice indexing [y0:y1, x0:x1] only")
-        idx = tuple(ys if ax == "Y" else xs if ax == "X" else slice(None) for ax in self._axes)
-        a = np.asarray(self._a[idx])
+        a = self._read(ys, xs)
         other = [ax for ax in self._axes if ax not in "YX"]
-        order = [self._axes.index("Y"), self._axes.index("X")] + [self._axes.index(ax) for ax in other]
-        a = a.transpose(order)
-        a = a.reshape(a.shape[0], a.shape[1], -1)
-        a = _to_uint8(a)
+        a = a.transpose([self._axes.index("Y"), self._axes.index("X")] + [self._axes.index(ax) for ax in other])
+        a = _to_uint8(a.reshape(a.shape[0], a.shape[1], -1))
         if a.shape[2] == 1:
             a = np.repeat(a, 3, axis=2)
-        out = a[..., :3]
-        if len(key) > 2:
-            out = out[(slice(None), slice(None), key[2])]
-        return np.ascontiguousarray(out)
+        return np.ascontiguousarray(a[..., :3])
+
+    def _read(self, ys: slice, xs: slice) -> np.ndarray:
+        """The region in the array's own axis order, assembled from cached tiles where possible."""
+        (y0, y1, sy), (x0, x1, sx) = ys.indices(self.shape[0]), xs.indices(self.shape[1])
+        if self._chunks is None or sy != 1 or sx != 1 or y1 <= y0 or x1 <= x0:
+            return np.asarray(self._a[tuple(ys if ax == "Y" else xs if ax == "X" else slice(None) for ax in self._axes)])
+        ch, cw = self._chunks
+        tys, txs = range(y0 // ch, (y1 - 1) // ch + 1), range(x0 // cw, (x1 - 1) // cw + 1)
+        if len(tys) * len(txs) > self._cache_max // 2:  # a big region: read it directly
+            return np.asarray(self._a[y0:y1, x0:x1])
+        out = np.empty((y1 - y0, x1 - x0, *self._a.shape[2:]), self._a.dtype)
+        for ty in tys:
+            for tx in txs:
+                tile, oy, ox = self._tile(ty, tx), ty * ch, tx * cw
+                a0, a1, b0, b1 = max(y0, oy), min(y1, oy + ch), max(x0, ox), min(x1, ox + cw)
+                out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = tile[a0 - oy : a1 - oy, b0 - ox : b1 - ox]
+        return out
+
+    def _tile(self, ty: int, tx: int) -> np.ndarray:
+        with self._lock:
+            tile = self._cache.get((ty, tx))
+            if tile is not None:
+                self._cache.move_to_end((ty, tx))
+                return tile
+        ch, cw = self._chunks or (1, 1)
+        tile = np.asarray(self._a[ty * ch : (ty + 1) * ch, tx * cw : (tx + 1) * cw])
+        with self._lock:
+            self._cache[(ty, tx)] = tile
+            while len(self._cache) > self._cache_max:
+                self._cache.popitem(last=False)
+        return tile
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         a = self[:, :]
@@ -260,10 +265,10 @@ class FullresImage:
             self._closer.close()
             self._closer = None
 
-    def __enter__(self) -> "FullresImage":
+    def __enter__(self) -> FullresImage:  # noqa: PYI034
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -272,18 +277,17 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
         return a
     if a.dtype == np.uint16:
         return (a >> 8).astype(np.uint8)
-    if a.dtype == bool:
-        return a.astype(np.uint8) * 255
     if np.issubdtype(a.dtype, np.floating):
         return np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return np.clip(a, 0, 255).astype(np.uint8)
 
 
-def open_fullres_image(path: str | Path) -> FullresImage:
+def open_fullres_image(path: str | Path, *, cache_mb: float = 256.0) -> FullresImage:
     """Open a full-resolution image lazily as an ``(H, W, 3)`` RGB uint8 array-like.
 
     TIFF (incl. pyramidal, tiled, JPEG/zlib, SVS/OME) is read through tifffile's zarr store (level 0
-    only, tile by tile); PNG/JPEG are decoded with Pillow into memory.
+    only, tile by tile, ``cache_mb`` MiB of decoded tiles cached); PNG/JPEG are decoded with Pillow
+    into memory.
     """
     path = Path(path)
     if not path.is_file():
@@ -297,7 +301,7 @@ def open_fullres_image(path: str | Path) -> FullresImage:
                 series = tif.series[0]
                 axes = series.levels[0].axes if hasattr(series, "levels") else series.axes
             store = tifffile.imread(path, aszarr=True, series=0, level=0)
-            arr = zarr.open(store, mode="r")
+            arr: Any = zarr.open(store, mode="r")
         except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError) as e:
             raise _error(path, f"cannot read the TIFF image ({e})", "check the file is a complete, valid TIFF (re-export it)") from e
         if hasattr(arr, "keys"):  # a group: pick level 0
@@ -305,7 +309,7 @@ def open_fullres_image(path: str | Path) -> FullresImage:
         axes = axes.replace("Q", "").replace("I", "") if len(axes) != len(arr.shape) else axes
         if len(axes) != len(arr.shape):
             raise _error(path, f"unexpected TIFF layout (axes {axes!r}, shape {arr.shape})", "convert to an RGB TIFF")
-        return FullresImage(arr, axes=axes, path=str(path), closer=store)
+        return FullresImage(arr, axes=axes, path=str(path), closer=store, cache_mb=cache_mb)
     return FullresImage(_pil_read(path, decode=True), axes="YXS", path=str(path))
 
 
@@ -347,7 +351,7 @@ def image_mpp(path: str | Path) -> float | None:
 
     try:
         with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
+            page: Any = tif.pages.first
             desc = page.description or ""
             ome = tif.ome_metadata if tif.is_ome else None
             unit = int(page.tags["ResolutionUnit"].value) if "ResolutionUnit" in page.tags else 1
@@ -455,13 +459,8 @@ def _find_fullres(outs: Path) -> Path | None:
 
 
 def read_visium(
-    path: str | Path,
-    *,
-    library_id: str | None = None,
-    image: Literal["hires", "lowres", "full"] = "full",
-    fullres_image: str | Path | None = None,
-    count_file: str = "filtered_feature_bc_matrix.h5",
-    load_images: bool = True,
+    path: str | Path, *, library_id: str | None = None, image: Literal["hires", "lowres", "full"] = "full",
+    fullres_image: str | Path | None = None, count_file: str = "filtered_feature_bc_matrix.h5", load_images: bool = True,
 ) -> Any:
     """Read a Space Ranger ``outs`` folder into AnnData (scanpy/squidpy conventions, see module docs).
 
@@ -492,9 +491,8 @@ def read_visium(
         raise _error(pos_path, f"{len(missing)} of {adata.n_obs} matrix barcodes are missing from the positions file "
                      f"(e.g. {list(missing[:3])})", "use the spatial/ folder from the same Space Ranger run as the matrix")
     p = pos.loc[adata.obs_names]
-    adata.obs["in_tissue"] = p["in_tissue"].to_numpy(np.int64)
-    adata.obs["array_row"] = p["array_row"].to_numpy(np.int64)
-    adata.obs["array_col"] = p["array_col"].to_numpy(np.int64)
+    for col in ("in_tissue", "array_row", "array_col"):
+        adata.obs[col] = p[col].to_numpy(np.int64)
     adata.obsm["spatial"] = p[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
 
     sf_path = spatial / "scalefactors_json.json"
@@ -515,8 +513,7 @@ def read_visium(
             images[res] = np.asarray(open_fullres_image(ip)[:, :])
     tol = spot_d / 2.0
     meta: dict[str, Any] = {"image": image}
-    mpp_spot = mpp_from_spot_diameter(spot_d)
-    mpp = mpp_spot
+    mpp = mpp_spot = mpp_from_spot_diameter(spot_d)
     full = Path(fullres_image) if fullres_image is not None else (_find_fullres(outs) if image == "full" else None)
     if image == "full":
         if full is None:

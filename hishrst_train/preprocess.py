@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["select_hvgs", "normalize_log1p", "preprocess"]
+__all__ = ["normalize_log1p", "preprocess", "select_hvgs"]
 
 log = logging.getLogger("hishrst")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -143,7 +144,11 @@ def test_create_validation(tmp_path: Path) -> None:
 
 def test_exists_and_overwrite(tmp_path: Path) -> None:
     path = tmp_path / "s.zarr"
+    for debris in ("s.zarr.partial.tmp-dead", "s.zarr.trash-1", "s.zarr.partial.trash-2"):  # a killed create
+        (tmp_path / debris / "X").mkdir(parents=True)
+    (tmp_path / "other.zarr.trash-3").mkdir()
     store = create(path, n=40)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.zarr.trash-3", "s.zarr.partial"]
     with pytest.raises(OutputExistsError, match="--resume"):  # an incomplete one exists
         create(path, n=40)
     write_all(store, np.arange(40))
@@ -155,7 +160,7 @@ def test_exists_and_overwrite(tmp_path: Path) -> None:
     write_all(store, np.arange(20))
     store.finalize()
     assert ad.read_zarr(path).n_obs == 20
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.zarr.trash-3", "s.zarr"]
 
 
 def test_resume_refuses_mismatch(tmp_path: Path) -> None:
@@ -278,33 +283,35 @@ def test_scanpy_spatial_plot(tmp_path: Path) -> None:
     plt.close("all")
 
 
-CHILD = textwrap.dedent(
-    """
-    import sys, time
-    import numpy as np
-    sys.path.insert(0, {tests!r})
-    from test_output import create, expected_values
-    path, log, seed, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-    # flush after every batch (fsync off: a SIGKILL does not lose the page cache) so kills land mid-flush too
-    store = create(__import__("pathlib").Path(path), n=400, max_buffer_bytes=4 * 32 * 6 * 4, flush_interval_s=0.0,
-                   fsync=False)
-    rng = np.random.default_rng(seed)
-    rows = rng.permutation(400)
-    with open(log, "a") as f:
-        for b in np.array_split(rows, 40):
-            f.write(" ".join(map(str, b)) + "\\n"); f.flush()   # intent first, then the write
-            store.write_rows(b, expected_values(b))
-            if pause:
-                time.sleep(pause)
-    store.finalize({{"timings": {{"total_s": 1.0}}}})
-    """
-)
+CHILD = """
+import sys, time
+import numpy as np
+from hishrst_runtime.output import OutputStore
+path, log, seed, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+GENES = {genes!r}
+{expected_values}
+# flush after every batch (fsync off: a SIGKILL does not lose the page cache) so kills land mid-flush too
+store = OutputStore.open_incomplete(path, max_buffer_bytes=4 * 32 * 6 * 4, flush_interval_s=0.0, fsync=False)
+rows = np.random.default_rng(seed).permutation(400)
+with open(log, "a") as f:
+    for b in np.array_split(rows, 40):
+        f.write(" ".join(map(str, b)) + "\\n")  # intent first, then the write
+        f.flush()
+        store.write_rows(b, expected_values(b))
+        if pause:
+            time.sleep(pause)
+store.finalize({{"timings": {{"total_s": 1.0}}}})
+"""
 
 
 def start_writer(path: Path, log: Path, *, seed: int, pause: float) -> subprocess.Popen[bytes]:
-    """Start a writer subprocess; it logs each batch's rows to ``log`` just before writing them."""
+    """Create the store here, then fill it in a subprocess (numpy + hishrst_runtime only: quick to start).
+
+    The writer logs each batch's rows to ``log`` just before writing them.
+    """
+    create(path, n=400, fsync=False).close()
     log.write_text("")
-    script = CHILD.format(tests=str(Path(__file__).resolve().parent))
+    script = CHILD.format(genes=GENES, expected_values=textwrap.dedent(inspect.getsource(expected_values)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-c", script, str(path), str(log), str(seed), str(pause)], env=env)
 

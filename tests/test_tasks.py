@@ -1,0 +1,121 @@
+"""The training stage end to end on the synthetic `small` preset with the test encoder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from hishrst_train.evaluate import evaluate_run  # noqa: E402
+from hishrst_train.synth import make_synthetic_visium  # noqa: E402
+from hishrst_train.tasks import fit_run, load_section  # noqa: E402
+
+EPOCHS = 60
+
+
+@pytest.fixture(scope="module")
+def section(tmp_path_factory):
+    return make_synthetic_visium(tmp_path_factory.mktemp("sec"), preset="small", seed=0)
+
+
+@pytest.fixture(scope="module")
+def runs(section, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    img = fit_run(section, out=root / "image", epochs=EPOCHS, progress=False, cache_dir=root / "cache")
+    pos = fit_run(section, out=root / "pos", epochs=EPOCHS, progress=False, cache_dir=root / "cache", image_features=False)
+    return root, img, pos
+
+
+def test_recovery_beats_mean_and_position_only_baselines(runs):
+    root, _, _ = runs
+    with_image = evaluate_run(root / "image", ssim=False, ari=False)
+    position_only = evaluate_run(root / "pos", ssim=False, ari=False)
+    m, p = with_image["model"], position_only["model"]
+    # The mean-expression baseline is constant per gene: its PCC is undefined, scored 0 and counted.
+    assert with_image["baseline_mean"]["n_constant"] == m["n_genes"]
+    assert with_image["baseline_mean"]["pcc_mean_constant_as_zero"] == 0.0
+    assert m["pcc_mean_constant_as_zero"] > 0.05
+    assert m["pcc_mean_constant_as_zero"] > p["pcc_mean_constant_as_zero"] + 0.01, (m, p)
+
+
+def test_run_directory_contents_and_leakage_rule(runs, section):
+    root, summary, _ = runs
+    run = root / "image"
+    for name in ("model.safetensors", "config.json", "predictions.h5ad", "split.json", "history.json"):
+        assert (run / name).is_file()
+    split = json.loads((run / "split.json").read_text())
+    assert not set(split["train"]) & set(split["heldout"])
+    pred = ad.read_h5ad(run / "predictions.h5ad")
+    assert set(pred.obs_names) == set(split["heldout"])  # scored on held-out spots only
+    # Gene selection saw the training spots only.
+    from hishrst_train.preprocess import select_hvgs
+
+    adata = load_section(section)
+    mask = adata.obs_names.isin(split["train"])
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["genes"] == list(select_hvgs(adata, n_top=1000, train_mask=mask))
+    assert cfg["patch"]["size_um"] == 64.0 and cfg["grouping"]["max_size"] == 50
+    assert summary["n_train"] + summary["n_heldout"] == adata.n_obs
+
+
+def test_evaluate_writes_metrics_and_ssim_ari(runs):
+    root, _, _ = runs
+    s = evaluate_run(root / "image")
+    assert (root / "image" / "metrics.json").is_file()
+    lines = (root / "image" / "per_gene_metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("gene,pcc,mse,mae,constant,ssim")
+    assert -1 <= s["ari_prediction"] <= 1 and 0 < s["model"]["ssim_mean"] <= 1
+
+
+def test_generation_task_dense_grid(section, tmp_path):
+    s = fit_run(section, out=tmp_path / "gen", task="generation", epochs=3, progress=False, cache_dir=tmp_path / "c")
+    dense = ad.read_h5ad(tmp_path / "gen" / "dense.h5ad")
+    assert dense.n_obs == s["n_dense"] and 3.0 < dense.n_obs / s["n_spots"] < 4.0
+    assert np.all(np.asarray(dense.X) >= 0)
+    # Positions come from the fitted array→pixel affine: measured spots land on their pixels.
+    adata = load_section(section)
+    A = np.asarray(dense.uns["array_to_pixel_affine"])
+    rc = adata.obs[["array_row", "array_col"]].to_numpy(float)
+    np.testing.assert_allclose(rc @ A[:, :2].T + A[:, 2], adata.obsm["spatial"], atol=1.0)
+    with pytest.raises(ValueError, match="generation run has no held-out"):
+        evaluate_run(tmp_path / "gen")
+
+
+def test_fit_errors_clearly(tmp_path):
+    with pytest.raises(ValueError, match="task"):
+        fit_run(tmp_path, out=tmp_path / "r", task="upscale")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="--image"):
+        fit_run(tmp_path / "x.h5ad", out=tmp_path / "r")
+
+
+def test_cli_help_lists_commands_without_importing_torch():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from hishrst_runtime.cli import main\n"
+        "r = CliRunner().invoke(main, ['--help'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "for c in ('synth', 'fit', 'evaluate', 'export', 'run', 'convert', 'demo'): assert c in r.output\n"
+        "r = CliRunner().invoke(main, ['run', '--help'])\n"
+        "assert r.exit_code == 0 and '--bundle' in r.output, r.output\n"
+        "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("cmd", ["synth", "fit", "evaluate", "export", "convert", "demo"])
+def test_every_subcommand_has_help(cmd):
+    from click.testing import CliRunner
+
+    from hishrst_runtime.cli import main
+
+    r = CliRunner().invoke(main, [cmd, "--help"])
+    assert r.exit_code == 0, r.output
+    assert "Usage" in r.output
