@@ -24,17 +24,23 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from hishrst_runtime import __version__
 from hishrst_runtime.grouping import group_points, pad_groups
-from hishrst_runtime.manifest import SCHEMA_NAME, load_bundle, sha256_file, write_manifest
+from hishrst_runtime.manifest import (
+    SCHEMA_NAME,
+    load_bundle,
+    sha256_file,
+    write_manifest,
+)
 from hishrst_runtime.patches import cut_patches, patch_side_px
 
-__all__ = ["export_bundle", "LICENSE_NOTICES", "ExportError", "N_REAL", "N_RANDOM"]
+__all__ = ["LICENSE_NOTICES", "N_RANDOM", "N_REAL", "ExportError", "export_bundle"]
 
 LICENSE_NOTICES = {
     "CC-BY-NC-ND-4.0": (
@@ -208,7 +214,8 @@ def export_bundle(
         export_head_onnx,
         head_parity,
     )
-    from hishrst_train.encoders import WeightsError, load_encoder
+
+    from hishrst_train.encoders import WeightsError, encoder_fingerprint, load_encoder
     from hishrst_train.train import load_checkpoint
 
     run_dir, out = Path(run_dir), Path(out).absolute()
@@ -246,6 +253,13 @@ def export_bundle(
         encoder = load_encoder(enc_cfg["name"], weights=weights or enc_cfg.get("weights"))
     except (WeightsError, KeyError) as e:
         raise ExportError(f"{run_dir}: cannot load encoder {enc_cfg.get('name')!r}: {e}") from e
+    fingerprint = encoder_fingerprint(encoder)
+    if enc_cfg.get("fingerprint") and enc_cfg["fingerprint"] != fingerprint:
+        raise ExportError(
+            f"{run_dir / 'config.json'}: the encoder weights differ from those the run was trained with (fingerprint "
+            f"{fingerprint} vs {enc_cfg['fingerprint']}), so the head would get features it was not trained on; "
+            "pass the weights used by `hishrst fit` with --weights"
+        )
     gated = bool(enc_cfg.get("gated"))
     notice = LICENSE_NOTICES.get(enc_cfg.get("license", ""), "gated weights: check the licence") if gated else None
     if notice:
@@ -268,7 +282,8 @@ def export_bundle(
         files = {"encoder": _file_entry(enc_path, precision), "head": _file_entry(head_path, precision)}
         if tensorrt:
             files.update(_engines(tmp, enc_path, head_path, feeds=feeds, tiles=tiles, precision=precision,
-                                  max_batch=max_batch, d=int(model.config.feature_dim), trt_info=trt_info or {}))
+                                  max_batch=max_batch, d=int(model.config.feature_dim),
+                                  n=int(config["grouping"]["max_size"]), trt_info=trt_info or {}))
         stray = sorted({p.name for p in tmp.iterdir()} - _listed(files))
         if stray:
             raise ExportError(f"{tmp}: the export wrote files the manifest would not list ({stray}); report this bug")
@@ -278,7 +293,7 @@ def export_bundle(
             "hishrst_version": __version__,
             "created_unix": int(time.time()),
             "encoder": {
-                "name": enc_cfg["name"], "architecture": encoder.spec.arch, "fingerprint": enc_cfg.get("fingerprint"),
+                "name": enc_cfg["name"], "architecture": encoder.spec.arch, "fingerprint": fingerprint,
                 "input_size": int(encoder.input_size), "feature_dim": int(encoder.feature_dim),
                 "input": {"name": "tiles", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
                 "normalisation": {"scale": 1 / 255, "mean": list(encoder.spec.mean), "std": list(encoder.spec.std),
@@ -320,16 +335,27 @@ def export_bundle(
 
 
 def _engines(tmp: Path, enc_path: Path, head_path: Path, *, feeds: dict[str, dict[str, np.ndarray]],
-             tiles: dict[str, np.ndarray], precision: str, max_batch: int, d: int, trt_info: dict[str, Any]
+             tiles: dict[str, np.ndarray], precision: str, max_batch: int, d: int, n: int, trt_info: dict[str, Any]
              ) -> dict[str, Any]:
-    """Build and parity-check TensorRT engines for both models; manifest entries keyed ``<model>_trt``."""
-    from hishrst_export.tensorrt import EngineParityError, TensorRTBuildError, TensorRTUnavailable, build_engine, engine_parity
+    """Build and parity-check TensorRT engines for both models; manifest entries keyed ``<model>_trt``.
+
+    The head's profile covers 1…``max_batch`` groups of 1…max(``n``, 64) points (``n`` = max group size).
+    """
+    n_max = max(int(n), 64)
+    opt = min(8, max_batch)
+    from hishrst_export.tensorrt import (
+        EngineParityError,
+        TensorRTBuildError,
+        TensorRTUnavailable,
+        build_engine,
+        engine_parity,
+    )
 
     entries: dict[str, Any] = {}
     try:
         for key, path in (("encoder", enc_path), ("head", head_path)):
             shapes = None if key == "encoder" else {
-                k: ((1, 1) + tail, (8, 50) + tail, (max_batch, 64) + tail)
+                k: ((1, 1) + tail, (opt, max(1, int(n))) + tail, (max_batch, n_max) + tail)
                 for k, tail in (("features", (d,)), ("positions", (2,)), ("mask", ()))
             }
             eng = build_engine(path, out_path=tmp / f"{key}.plan", precision=precision,  # type: ignore[arg-type]

@@ -20,14 +20,14 @@ def format_summary(m: dict[str, Any], out: Path) -> list[str]:
     par = m["parity"]
     lines = [
         f"bundle written to {out} ({m['export_seconds']} s, schema {m['schema_version']}, opset {m['onnx_opset']})",
-        f"  encoder  {enc['name']} ({enc['input_size']} px uint8 RGB → {enc['feature_dim']}-d), "
-        f"patch {m['patch']['size_um']:g} µm at {m['patch']['train_mpp']:g} µm/px, genes {len(m['genes'])}",
+        (f"  encoder  {enc['name']} ({enc['input_size']} px uint8 RGB → {enc['feature_dim']}-d), "
+         f"patch {m['patch']['size_um']:g} µm at {m['patch']['train_mpp']:g} µm/px, genes {len(m['genes'])}"),
     ]
     for key, f in m["files"].items():
         lines.append(f"  {key:<12} {f['path']:<14} {f['precision']}  {_mb(f.get('bytes'))}  sha256 {f['sha256'][:12]}…")
         for x in f.get("external_data", []):
             lines.append(f"  {'':<12} {x['path']:<14} external data  {_mb(x.get('bytes'))}  sha256 {x['sha256'][:12]}…")
-    lines.append(f"  parity ({par['precision']}; {par['reference']}):")
+    lines.append(f"  parity ({par['precision']}, ONNX Runtime CPU vs PyTorch fp32 on the CPU):")
     for part in ("encoder", "head"):
         for label, r in par[part].items():
             tol = r["tolerance"]

@@ -27,24 +27,25 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 __all__ = [
-    "export_encoder_onnx",
-    "export_head_onnx",
-    "encoder_parity",
-    "head_parity",
-    "external_data_files",
-    "ParityError",
     "ENCODER_IO",
+    "EXTERNAL_DATA_THRESHOLD",
     "HEAD_IO",
     "PARITY_TOLERANCE",
-    "EXTERNAL_DATA_THRESHOLD",
+    "ParityError",
+    "encoder_parity",
+    "export_encoder_onnx",
+    "export_head_onnx",
+    "external_data_files",
+    "head_parity",
 ]
 
 Precision = Literal["fp32", "fp16"]
@@ -316,7 +317,7 @@ def encoder_parity(encoder: nn.Module, onnx_path: str | Path, *, tiles: dict[str
         worst = max(stats, key=lambda s: s["scaled_max_abs"] if np.isfinite(s["scaled_max_abs"]) else np.inf)
         worst["min_gene_pcc"] = min(s["min_gene_pcc"] for s in stats)
         report[label] = _verdict(f"{onnx_path} ({label} tiles)", worst, precision)
-        report[label].update(n_tiles=int(len(t)), batch_sizes=[int(b) for b in batch_sizes])
+        report[label].update(n_tiles=len(t), batch_sizes=[int(b) for b in batch_sizes])
     return report
 
 

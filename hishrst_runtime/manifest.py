@@ -31,16 +31,17 @@ import copy
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any
 
 __all__ = [
     "SCHEMA_NAME",
     "SCHEMA_VERSION",
     "SUPPORTED_SCHEMA_VERSIONS",
-    "BundleError",
     "Bundle",
+    "BundleError",
     "load_bundle",
     "sha256_file",
     "upgrade_manifest",

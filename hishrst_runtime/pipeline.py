@@ -78,9 +78,9 @@ class ChunkCache:
 
     Every read of the level is one whole chunk (chunk-aligned, clipped at the level's edge); regions
     are assembled from cached chunks, so neighbouring patches never decode a chunk twice and no read
-    is ever bigger than a chunk. The cache holds at most ``max_bytes`` bytes of decoded pixels (plus
-    the one chunk being inserted when a single chunk is larger than that). Concurrent requests for
-    the same chunk wait for one decode instead of decoding it twice.
+    is ever bigger than a chunk. The cache holds at most ``max(max_bytes, one chunk)`` bytes of
+    decoded pixels, momentarily one chunk more while inserting. Concurrent requests for the same
+    chunk wait for one decode instead of decoding it twice.
     """
 
     def __init__(self, level: Any, *, max_bytes: int = DEFAULT_CACHE_BYTES, timer: StageTimer | None = None) -> None:

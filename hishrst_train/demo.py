@@ -99,10 +99,12 @@ def _plot(out: Path, *, gene_metrics: Path, adata, dense: Path) -> Path:
                     / np.asarray(adata.X.sum(1)).ravel() * 1e4)
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.2), constrained_layout=True)
     xy = adata.obsm["spatial"]
-    a = axes[0].scatter(xy[:, 0], xy[:, 1], c=meas, s=9, cmap="magma")
+    dval = np.asarray(pred[:, gene].X).ravel()
+    vmax = float(max(np.percentile(meas, 99.5), np.percentile(dval, 99.5)))  # one colour scale for both maps
+    a = axes[0].scatter(xy[:, 0], xy[:, 1], c=meas, s=9, cmap="magma", vmin=0, vmax=vmax)
     axes[0].set_title(f"{gene}: measured (Visium spots, {adata.n_obs})")
     dxy = pred.obsm["spatial"]
-    b = axes[1].scatter(dxy[:, 0], dxy[:, 1], c=np.asarray(pred[:, gene].X).ravel(), s=2.5, cmap="magma")
+    b = axes[1].scatter(dxy[:, 0], dxy[:, 1], c=dval, s=2.5, cmap="magma", vmin=0, vmax=vmax)
     axes[1].set_title(f"{gene}: predicted by hishrst-run (4× density, {pred.n_obs} points)")
     for ax, sc in zip(axes, (a, b)):
         ax.set_aspect("equal")

@@ -1,0 +1,25 @@
+"""`hishrst demo` — the README's main-job command — on the small preset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+
+def test_demo_small_end_to_end(tmp_path):
+    from click.testing import CliRunner
+
+    from hishrst_runtime.cli import main
+
+    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--preset", "small", "--epochs", "5"])
+    assert r.exit_code == 0, r.output
+    assert "hishrst demo summary" in r.output and "tiles/s" in r.output
+    s = json.loads((tmp_path / "d" / "demo_summary.json").read_text())
+    assert s["dense_points"] > 0 and s["run_tiles_per_s"] > 0
+    assert (tmp_path / "d" / "predictions" / "slide.zarr").is_dir()
+    assert all(v <= 1e-4 for part in s["export_parity"].values() for v in part.values())
+    png = tmp_path / "d" / s["png"].split("/")[-1]
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
