@@ -29,11 +29,15 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from hishrst_train.encoders import EncoderModule
+    from hishrst_train.model import HisHRST
 
 __all__ = [
     "ENCODER_IO",
@@ -81,12 +85,12 @@ def _plain_attention(module: nn.Module) -> Iterator[None]:
     """Temporarily disable timm's fused attention (exported as plain MatMul/Softmax instead)."""
     saved = [(m, m.fused_attn) for m in module.modules() if hasattr(m, "fused_attn")]
     for m, _ in saved:
-        m.fused_attn = False
+        setattr(m, "fused_attn", False)  # noqa: B010 - attribute of timm's Attention, unknown to nn.Module
     try:
         yield
     finally:
         for m, v in saved:
-            m.fused_attn = v
+            setattr(m, "fused_attn", v)  # noqa: B010
 
 
 def _iter_tensors(graph: Any) -> Iterator[Any]:
@@ -219,7 +223,7 @@ def _check(path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=False)
 
 
-def export_encoder_onnx(encoder: nn.Module, out_path: str | Path, *, opset: int = 17, precision: Precision = "fp32") -> Path:
+def export_encoder_onnx(encoder: EncoderModule, out_path: str | Path, *, opset: int = 17, precision: Precision = "fp32") -> Path:
     """Export an encoder taking uint8 NHWC tiles (``hishrst_train.encoders.EncoderModule``) to ONNX.
 
     ``encoder.input_size`` (pixels) fixes the spatial size; the batch is dynamic. Returns ``out_path``.
@@ -237,7 +241,7 @@ def export_encoder_onnx(encoder: nn.Module, out_path: str | Path, *, opset: int 
     return out_path
 
 
-def export_head_onnx(model: nn.Module, out_path: str | Path, *, opset: int = 17, precision: Precision = "fp32") -> Path:
+def export_head_onnx(model: HisHRST, out_path: str | Path, *, opset: int = 17, precision: Precision = "fp32") -> Path:
     """Export a :class:`hishrst_train.model.HisHRST` head (features, positions in µm, mask → expression)."""
     out_path = Path(out_path)
     d = model.config.feature_dim
@@ -296,7 +300,7 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def encoder_parity(encoder: nn.Module, onnx_path: str | Path, *, tiles: dict[str, np.ndarray],
+def encoder_parity(encoder: EncoderModule, onnx_path: str | Path, *, tiles: dict[str, np.ndarray],
                    precision: Precision = "fp32", batch_sizes: tuple[int, ...] = (1, 7)) -> dict[str, Any]:
     """Run ONNX Runtime (CPU) vs PyTorch on sets of uint8 tiles; raise :class:`ParityError` on failure.
 
@@ -321,7 +325,7 @@ def encoder_parity(encoder: nn.Module, onnx_path: str | Path, *, tiles: dict[str
     return report
 
 
-def head_parity(model: nn.Module, onnx_path: str | Path, *, feeds: dict[str, dict[str, np.ndarray]],
+def head_parity(model: HisHRST, onnx_path: str | Path, *, feeds: dict[str, dict[str, np.ndarray]],
                 precision: Precision = "fp32") -> dict[str, Any]:
     """Run ONNX Runtime (CPU) vs PyTorch on labelled head inputs; errors and per-gene PCC over real points."""
     sess = _session(Path(onnx_path))

@@ -34,7 +34,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 __all__ = [
     "SCHEMA_NAME",
@@ -276,7 +276,7 @@ def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
     source_version = manifest.get("schema_version")
     manifest = upgrade_manifest(manifest, path=mpath)
     _validate(root, manifest, verify_hashes=verify_hashes)
-    return Bundle(root=root, manifest=manifest, source_schema_version=int(source_version))
+    return Bundle(root=root, manifest=manifest, source_schema_version=cast(int, source_version))  # checked by the upgrade
 
 
 def write_manifest(root: str | Path, manifest: dict[str, Any]) -> Path:

@@ -323,9 +323,8 @@ def _run_one(prep: Any, out: Path, ctx: Any, lock: Any) -> dict[str, Any]:
     timings = {k: round(v, 3) for k, v in timer.seconds.items()} | {"prepare": round(prep.seconds, 3)}
     store.finalize({"hishrst_run": {
         "slide": str(prep.path.resolve()), "bundle": str(Path(bundle.root).resolve()), "engine": ctx.provider,
-        "hishrst_version": __version__, "resumed": resumed, "points": n, "points_computed": stats["points_computed"],
-        "tiles_per_s": round(tiles_per_s, 1), "seconds": round(stats["seconds"], 3), "timings": timings,
-        "patch_side_px": int(stats["patch_side_px"]), "chunk_cache": stats["chunk_cache"],
+        "hishrst_version": __version__, "resumed": resumed, "points_computed": stats["points_computed"],
+        "patch_side_px": int(stats["patch_side_px"]), "tiles_per_s": round(tiles_per_s, 1), "timings": timings,
     }})
     return {"points": n, "computed": stats["points_computed"], "resumed": resumed,
             "tiles_per_s": round(tiles_per_s, 1), "stats": stats}

@@ -1,0 +1,58 @@
+"""hishrst_train — data, preprocessing, encoders, features, the HisHRST model, training and evaluation.
+
+Needs the ``[train]`` extra (torch, timm, scanpy, …). Heavy modules are imported on first use, so
+``import hishrst_train`` is cheap and never touches the network.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "HisHRST",
+    "HisHRSTConfig",
+    "import_reference_state_dict",
+    "make_synthetic_visium",
+    "read_visium",
+    "read_h5ad_with_image",
+    "select_hvgs",
+    "normalize_log1p",
+    "load_encoder",
+    "extract_features",
+    "train_model",
+    "predict",
+    "fit_run",
+    "evaluate_run",
+]
+
+_WHERE = {
+    "HisHRST": "model",
+    "HisHRSTConfig": "model",
+    "import_reference_state_dict": "model",
+    "make_synthetic_visium": "synth",
+    "read_visium": "io",
+    "read_h5ad_with_image": "io",
+    "select_hvgs": "preprocess",
+    "normalize_log1p": "preprocess",
+    "load_encoder": "encoders",
+    "extract_features": "features",
+    "train_model": "train",
+    "predict": "train",
+    "fit_run": "tasks",
+    "evaluate_run": "evaluate",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        try:
+            module = importlib.import_module(f"hishrst_train.{_WHERE[name]}")
+        except ImportError as e:
+            raise ImportError(f"hishrst_train.{name} needs the training extra: pip install \"hishrst[train]\" ({e})") from e
+        return getattr(module, name)
+    raise AttributeError(f"module 'hishrst_train' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

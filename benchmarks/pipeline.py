@@ -1,0 +1,243 @@
+"""Whole-slide pipeline throughput: ``hishrst-run`` end to end on a DLPFC-sized synthetic slide and on a
+4×-area slide (the same image tiled 2 × 2, written lazily), each run in a fresh subprocess.
+
+Per slide size it measures the real engine and the no-op engine (``--provider noop``: the pipeline's
+ceiling), with tiles/s, per-stage seconds (``stats["stages"]``) and peak RSS; then the engine alone
+(encoder + head backends on pre-cut tiles of the same work units, same batch size). It reports
+end-to-end / engine-only throughput (target ≥ 90 %) and RSS flatness between the sizes (target: the
+4× slide within 20 % of the 1× slide's peak, and ≤ 1.5 GB).
+
+    python -m benchmarks.pipeline            # dlpfc preset, bundle: test-vit, 1000 genes
+    python -m benchmarks.pipeline --quick    # small preset, 1-epoch 50-gene bundle
+    python -m benchmarks.pipeline --bundle my_bundle/ --provider cuda --batch-size 128
+
+Stage seconds of the reader stages (read_decode, cut_resample) are summed over the reader threads and
+can exceed the wall time. "end-to-end" tiles/s = points / the slide's seconds in ``run_slides``
+(prepare: open + tissue detection + grid; predict; flush; finalize); "stream" tiles/s = points / the
+seconds of ``predict_slide`` alone. Both exclude interpreter start-up and engine loading.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from benchmarks._common import (
+    JsonlWriter,
+    base_parser,
+    data_plan,
+    ensure_bundle,
+    ensure_slides,
+    mb,
+    print_table,
+    run_child,
+    workdir_of,
+)
+
+TARGET_RATIO = 0.90
+TARGET_RSS_GROWTH = 0.20
+TARGET_RSS_MB = 1536.0
+
+
+# ------------------------------------------------------------------------------ children (torch-free)
+
+
+def _store_prepare_seconds(store: Path) -> float | None:
+    """``prepare`` seconds recorded by ``hishrst-run`` in the output store (best effort)."""
+    try:
+        import zarr
+
+        v = zarr.open_group(str(store), mode="r")["uns/hishrst_run/timings/prepare"][...]
+        return float(np.asarray(v))
+    except Exception:  # noqa: BLE001 - the layout of uns is the output module's business
+        return None
+
+
+def run_pipeline_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size: int, workers: int) -> dict:
+    """``run_slides`` on one slide (what ``hishrst-run`` calls); returns its timings."""
+    from hishrst_runtime.run_cli import run_slides
+
+    said: list[str] = []
+    t0 = time.perf_counter()
+    res = run_slides([Path(slide)], bundle_dir=Path(bundle), out_dir=Path(out_dir), provider=provider,
+                     batch_size=batch_size, workers=workers, overwrite=True, progress=False, echo=said.append)
+    wall = time.perf_counter() - t0
+    r = res[0]
+    if r.get("status") != "ok":
+        raise RuntimeError(f"hishrst-run failed on {slide}: {r.get('reason')}")
+    m = next((re.match(r"engine: (\S+)", s) for s in said if s.startswith("engine:")), None)
+    stats = r["stats"]
+    return {"engine": m.group(1) if m else provider, "points": r["points"], "points_computed": r["computed"],
+            "slide_seconds": r["seconds"], "stream_seconds": stats["seconds"], "stages": stats.get("stages", {}),
+            "prepare_seconds": _store_prepare_seconds(Path(r["output"])), "chunk_cache": stats.get("chunk_cache"),
+            "patch_side_px": stats.get("patch_side_px"), "units": stats.get("units"), "run_slides_wall_s": wall}
+
+
+def _engines(bundle: Any, provider: str) -> tuple[Any, Any, str]:
+    """The encoder and head backends exactly as ``hishrst-run`` loads them."""
+    try:
+        from hishrst_runtime.run_cli import _load_engines
+
+        return _load_engines(bundle, provider, cache_dir=None)
+    except (ImportError, TypeError):  # fall back to the public API (cpu / cuda)
+        from hishrst_runtime.backends import load_backend, resolve_provider
+
+        chosen = resolve_provider(provider)  # type: ignore[arg-type]
+        return (load_backend(bundle.path("encoder"), provider=chosen),  # type: ignore[arg-type]
+                load_backend(bundle.path("head"), provider=chosen), chosen)  # type: ignore[arg-type]
+
+
+def engine_only_child(slide: str, bundle: str, provider: str, batch_size: int, max_tile_mb: float,
+                      min_time: float) -> dict:
+    """Encoder + head backends alone on pre-cut tiles, unit by unit as ``predict_slide`` calls them."""
+    from hishrst_runtime.grouping import pad_groups
+    from hishrst_runtime.manifest import load_bundle
+    from hishrst_runtime.patches import cut_patches, patch_side_px
+    from hishrst_runtime.pipeline import prepare_slide, work_units
+
+    b = load_bundle(Path(bundle))
+    encoder, head, chosen = _engines(b, provider)
+    prep = prepare_slide(Path(slide), b)
+    level = prep.slide.levels[prep.level_index]
+    side = patch_side_px(b.patch_um, float(level.mpp))
+    size = int(b.encoder["input_size"])
+    mpp0 = float(prep.slide.mpp0)
+    pad_to = max([b.max_group_size, *(len(g) for g in prep.groups)])
+    max_groups = max(1, int(b.manifest.get("max_batch", 64)))
+    budget = int(max_tile_mb * 2**20) // (size * size * 3)
+    sample: list[tuple[list[np.ndarray], np.ndarray]] = []
+    n_tiles = 0
+    for unit in work_units(prep.groups, batch_size):
+        groups = [prep.groups[g] for g in unit]
+        idx = np.concatenate(groups)
+        if sample and n_tiles + len(idx) > budget:
+            break
+        tiles = cut_patches(level.image, prep.points_px[idx] / float(level.downsample), side=side, out_size=size)
+        sample.append((groups, tiles))
+        n_tiles += len(idx)
+    prep.close()
+
+    def infer(groups: list[np.ndarray], tiles: np.ndarray) -> None:
+        feats = np.concatenate([np.asarray(encoder.run({"tiles": tiles[i : i + batch_size]})[0], dtype=np.float32)
+                                for i in range(0, len(tiles), batch_size)])
+        idx = np.concatenate(groups)
+        starts = np.cumsum([0] + [len(g) for g in groups[:-1]])
+        local, mask = pad_groups([np.arange(s, s + len(g)) for s, g in zip(starts, groups)], size=pad_to)
+        safe = np.where(local < 0, 0, local)
+        pos = (prep.points_px[idx] * mpp0).astype(np.float32)
+        for s in range(0, len(groups), max_groups):
+            sl = slice(s, s + max_groups)
+            head.run({"features": feats[safe[sl]], "positions": pos[safe[sl]], "mask": mask[sl]})
+
+    infer(*sample[0])  # warm-up
+    done, t0 = 0, time.perf_counter()
+    while done == 0 or time.perf_counter() - t0 < min_time:
+        for groups, tiles in sample:
+            infer(groups, tiles)
+            done += len(tiles)
+    seconds = time.perf_counter() - t0
+    for eng in (encoder, head):
+        eng.close()
+    return {"engine": chosen, "tiles": done, "sample_tiles": n_tiles, "seconds": seconds, "tiles_per_s": done / seconds}
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = base_parser("pipeline", __doc__.split("\n\n")[0])
+    p.add_argument("--bundle", type=Path, default=None, help="bundle to run (default: a test-vit bundle fitted on the preset)")
+    p.add_argument("--provider", default="auto", help="hishrst-run --provider (default auto: the fastest available)")
+    p.add_argument("--batch-size", type=int, default=64, help="encoder batch size (hishrst-run default 64)")
+    p.add_argument("--workers", type=int, default=2, help="reader threads (hishrst-run default 2)")
+    p.add_argument("--sizes", default="1x,4x", help="slide sizes to run: 1x, 4x (default both)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per configuration (the fastest is reported)")
+    args = p.parse_args(argv)
+    work = workdir_of(args)
+    preset, epochs, genes = data_plan(args.quick)
+    slides = ensure_slides(work, preset)
+    bundle = args.bundle.resolve() if args.bundle else ensure_bundle(work, preset, epochs=epochs, n_genes=genes)[1]
+    sizes = [s for s in args.sizes.split(",") if s in slides]
+    common = {"preset": preset, "bundle": str(bundle), "batch_size": args.batch_size, "workers": args.workers}
+    scratch = work / "out-pipeline"
+    rows: list[dict[str, Any]] = []
+    with JsonlWriter(args.out, benchmark="pipeline", quick=args.quick, append=args.append) as out:
+        for provider in (args.provider, "noop"):
+            for size in sizes:
+                best = None
+                for rep in range(max(1, args.repeats)):
+                    shutil.rmtree(scratch, ignore_errors=True)
+                    print(f"hishrst-run {slides[size].name} --provider {provider} (run {rep + 1}) ...", flush=True)
+                    r = run_child("benchmarks.pipeline:run_pipeline_child",
+                                  {"slide": str(slides[size]), "bundle": str(bundle), "out_dir": str(scratch),
+                                   "provider": provider, "batch_size": args.batch_size, "workers": args.workers})
+                    if best is None or r["slide_seconds"] < best["slide_seconds"]:
+                        best = r
+                shutil.rmtree(scratch, ignore_errors=True)
+                r = best
+                st = r["stages"]
+                rec = out.write({**common, "kind": "noop" if provider == "noop" else "end_to_end", "status": "ok",
+                                 "slide": f"{preset}-{size}", "slide_path": str(slides[size]), "provider": provider,
+                                 "engine": r["engine"], "points": r["points"],
+                                 "tiles_per_s": r["points_computed"] / r["slide_seconds"],
+                                 "stream_tiles_per_s": r["points_computed"] / r["stream_seconds"],
+                                 "slide_seconds": r["slide_seconds"], "stream_seconds": r["stream_seconds"],
+                                 "prepare_seconds": r["prepare_seconds"], "stages": st,
+                                 "peak_rss_mb": mb(r["child_maxrss_bytes"]), "tree_peak_rss_mb": mb(r["tree_peak_rss_bytes"]),
+                                 "process_wall_s": r["process_wall_s"], "torch_imported": r["torch_imported"],
+                                 "chunk_cache": r["chunk_cache"], "patch_side_px": r["patch_side_px"],
+                                 "equivalent_cli": f"hishrst-run {slides[size]} --bundle {bundle} --out OUT --provider "
+                                                   f"{provider} --batch-size {args.batch_size} --workers {args.workers}"})
+                rows.append({**rec, **{f"s_{k}": v for k, v in st.items()}})
+        print("engine alone on pre-cut tiles ...", flush=True)
+        e = run_child("benchmarks.pipeline:engine_only_child",
+                      {"slide": str(slides[sizes[0]]), "bundle": str(bundle), "provider": args.provider,
+                       "batch_size": args.batch_size, "max_tile_mb": 256.0, "min_time": 1.0 if args.quick else 10.0})
+        eng = out.write({**common, "kind": "engine_only", "status": "ok", "slide": f"{preset}-{sizes[0]}",
+                         "provider": args.provider, "engine": e["engine"], "tiles_per_s": e["tiles_per_s"],
+                         "tiles": e["tiles"], "sample_tiles": e["sample_tiles"], "seconds": e["seconds"],
+                         "peak_rss_mb": mb(e["child_maxrss_bytes"])})
+        rows.append(eng)
+        e2e = {r["slide"]: r for r in rows if r.get("kind") == "end_to_end"}
+        summary: dict[str, Any] = {**common, "kind": "summary", "status": "ok", "engine_only_tiles_per_s": eng["tiles_per_s"],
+                                   "targets": {"ratio_min": TARGET_RATIO, "rss_growth_max": TARGET_RSS_GROWTH,
+                                               "rss_max_mb": TARGET_RSS_MB}}
+        for name, r in e2e.items():
+            tag = name.rsplit("-", 1)[1]
+            summary[f"ratio_{tag}"] = r["tiles_per_s"] / eng["tiles_per_s"]
+            summary[f"stream_ratio_{tag}"] = r["stream_tiles_per_s"] / eng["tiles_per_s"]
+            summary[f"peak_rss_mb_{tag}"] = r["peak_rss_mb"]
+        if "peak_rss_mb_1x" in summary and "peak_rss_mb_4x" in summary:
+            summary["rss_growth"] = summary["peak_rss_mb_4x"] / summary["peak_rss_mb_1x"] - 1
+            summary["rss_flat"] = summary["rss_growth"] <= TARGET_RSS_GROWTH and summary["peak_rss_mb_4x"] <= TARGET_RSS_MB
+        summary["ratio_met"] = all(summary[k] >= TARGET_RATIO for k in summary if k.startswith("ratio_"))
+        out.write(summary)
+        print_table([r for r in rows if r.get("kind") != "engine_only"],
+                    [("slide", "slide"), ("engine", "engine"), ("points", "points"), ("tiles_per_s", "tiles/s"),
+                     ("stream_tiles_per_s", "stream tiles/s"), ("slide_seconds", "slide s"), ("prepare_seconds", "prepare s"),
+                     ("s_read_decode", "read+decode s"), ("s_cut_resample", "cut+resample s"), ("s_encoder", "encoder s"),
+                     ("s_head", "head s"), ("s_write", "write s"), ("peak_rss_mb", "peak RSS MB")],
+                    title=f"hishrst-run end to end ({'quick' if args.quick else 'full'} run, batch {args.batch_size})")
+        print(f"\nengine alone ({eng['engine']}, pre-cut tiles): {eng['tiles_per_s']:.1f} tiles/s")
+        for tag in ("1x", "4x"):
+            if f"ratio_{tag}" in summary:
+                print(f"end-to-end / engine-only ({tag}): {100 * summary[f'ratio_{tag}']:.0f} % "
+                      f"(stream only: {100 * summary[f'stream_ratio_{tag}']:.0f} %; target ≥ {100 * TARGET_RATIO:.0f} %)")
+        if "rss_growth" in summary:
+            print(f"peak RSS 1x → 4x: {summary['peak_rss_mb_1x']:.0f} → {summary['peak_rss_mb_4x']:.0f} MB "
+                  f"({100 * summary['rss_growth']:+.0f} %; target within {100 * TARGET_RSS_GROWTH:.0f} % and ≤ {TARGET_RSS_MB:.0f} MB)")
+        print(f"-> {args.out}")
+        return out.records
+
+
+if __name__ == "__main__":
+    main()
