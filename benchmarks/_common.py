@@ -69,15 +69,20 @@ def workdir_of(args: argparse.Namespace) -> Path:
     return path
 
 
-def int_list(text: str) -> list[int]:
-    """``"1,8,32"`` → ``[1, 8, 32]`` (argparse type)."""
+def int_list(text: str, *, minimum: int = 1) -> list[int]:
+    """``"1,8,32"`` → ``[1, 8, 32]`` (argparse type; every value ≥ ``minimum``)."""
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not vals or min(vals) < minimum:
+        raise argparse.ArgumentTypeError(f"expected integers ≥ {minimum}, got {text!r}")
     return vals
+
+
+def count_list(text: str) -> list[int]:
+    """Like :func:`int_list` but allowing 0 (e.g. DataLoader ``num_workers``)."""
+    return int_list(text, minimum=0)
 
 
 def str_list(text: str) -> list[str]:

@@ -1,8 +1,9 @@
 """Whole-slide pipeline throughput: ``hishrst-run`` end to end on a DLPFC-sized synthetic slide and on a
-4×-area slide (the same image tiled 2 × 2, written lazily), each run in a fresh subprocess.
+4×-area slide (the same image tiled 2 × 2, written lazily), each slide size in its own fresh process.
 
-Per slide size it measures the real engine and the no-op engine (``--provider noop``: the pipeline's
-ceiling), with tiles/s, per-stage seconds (``stats["stages"]``) and peak RSS; then the engine alone
+In that process: ``run_slides`` (what ``hishrst-run`` runs) with the real engine, then the process's
+peak RSS is taken, then the no-op engine (``--provider noop``: the pipeline's ceiling); tiles/s and
+per-stage seconds (``stats["stages"]``) of both. For the first size, the engine alone follows
 (encoder + head backends on pre-cut tiles of the same work units, same batch size). It reports
 end-to-end / engine-only throughput (target ≥ 90 %) and RSS flatness between the sizes (target: the
 4× slide within 20 % of the 1× slide's peak, and ≤ 1.5 GB).
@@ -147,7 +148,24 @@ def engine_only_child(slide: str, bundle: str, provider: str, batch_size: int, m
     seconds = time.perf_counter() - t0
     for eng in (encoder, head):
         eng.close()
-    return {"engine": chosen, "tiles": done, "sample_tiles": n_tiles, "seconds": seconds, "tiles_per_s": done / seconds}
+    return {"engine": chosen, "tiles": done, "sample_tiles": n_tiles, "seconds": seconds, "tiles_per_s": done / seconds,
+            "seconds_per_tile": seconds / done}
+
+
+def size_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size: int, workers: int,
+               engine_only: dict | None = None) -> dict:
+    """One slide size in one fresh process: ``hishrst-run`` with the real engine (peak RSS taken right
+    after it), then with the no-op engine, then (if asked) the engine alone on pre-cut tiles."""
+    import resource
+
+    real = run_pipeline_child(slide, bundle, out_dir, provider, batch_size, workers)
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    real["maxrss_bytes"] = int(ru if sys.platform == "darwin" else ru * 1024)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    noop = run_pipeline_child(slide, bundle, out_dir, "noop", batch_size, workers)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    eng = engine_only_child(slide, bundle, provider, batch_size, **engine_only) if engine_only else None
+    return {"real": real, "noop": noop, "engine_only": eng, "torch_after_real": real.get("torch_imported")}
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -167,46 +185,52 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     slides = ensure_slides(work, preset)
     bundle = args.bundle.resolve() if args.bundle else ensure_bundle(work, preset, epochs=epochs, n_genes=genes)[1]
     sizes = [s for s in args.sizes.split(",") if s in slides]
+    if not sizes:
+        p.error(f"--sizes: choose from {', '.join(slides)}")
     common = {"preset": preset, "bundle": str(bundle), "batch_size": args.batch_size, "workers": args.workers}
     scratch = work / "out-pipeline"
     rows: list[dict[str, Any]] = []
     with JsonlWriter(args.out, benchmark="pipeline", quick=args.quick, append=args.append) as out:
-        for provider in (args.provider, "noop"):
-            for size in sizes:
-                best = None
-                for rep in range(max(1, args.repeats)):
-                    shutil.rmtree(scratch, ignore_errors=True)
-                    print(f"hishrst-run {slides[size].name} --provider {provider} (run {rep + 1}) ...", flush=True)
-                    r = run_child("benchmarks.pipeline:run_pipeline_child",
-                                  {"slide": str(slides[size]), "bundle": str(bundle), "out_dir": str(scratch),
-                                   "provider": provider, "batch_size": args.batch_size, "workers": args.workers})
-                    if best is None or r["slide_seconds"] < best["slide_seconds"]:
-                        best = r
+        eng = None
+        for i, size in enumerate(sizes):
+            best: dict[str, Any] = {}
+            for rep in range(max(1, args.repeats)):
                 shutil.rmtree(scratch, ignore_errors=True)
-                r = best
+                print(f"hishrst-run {slides[size].name}: --provider {args.provider}, then noop"
+                      f"{', then the engine alone' if i == 0 else ''} (fresh process, run {rep + 1}) ...", flush=True)
+                r = run_child("benchmarks.pipeline:size_child",
+                              {"slide": str(slides[size]), "bundle": str(bundle), "out_dir": str(scratch),
+                               "provider": args.provider, "batch_size": args.batch_size, "workers": args.workers,
+                               "engine_only": {"max_tile_mb": 256.0, "min_time": 1.0 if args.quick else 10.0} if i == 0 else None})
+                for key, cost in (("real", "slide_seconds"), ("noop", "slide_seconds"), ("engine_only", "seconds_per_tile")):
+                    if r[key] is not None and (key not in best or r[key][cost] < best[key][cost]):
+                        best[key] = r[key]
+            shutil.rmtree(scratch, ignore_errors=True)
+            for key in ("real", "noop"):
+                r = best[key]
                 st = r["stages"]
-                rec = out.write({**common, "kind": "noop" if provider == "noop" else "end_to_end", "status": "ok",
+                provider = args.provider if key == "real" else "noop"
+                rec = out.write({**common, "kind": "end_to_end" if key == "real" else "noop", "status": "ok",
                                  "slide": f"{preset}-{size}", "slide_path": str(slides[size]), "provider": provider,
                                  "engine": r["engine"], "points": r["points"],
                                  "tiles_per_s": r["points_computed"] / r["slide_seconds"],
                                  "stream_tiles_per_s": r["points_computed"] / r["stream_seconds"],
                                  "slide_seconds": r["slide_seconds"], "stream_seconds": r["stream_seconds"],
                                  "prepare_seconds": r["prepare_seconds"], "stages": st,
-                                 "peak_rss_mb": mb(r["child_maxrss_bytes"]), "tree_peak_rss_mb": mb(r["tree_peak_rss_bytes"]),
-                                 "process_wall_s": r["process_wall_s"], "torch_imported": r["torch_imported"],
+                                 "other_seconds": r["slide_seconds"] - r["stream_seconds"] - (r["prepare_seconds"] or 0.0),
+                                 # peak RSS of the fresh process right after the real-engine run (None for the no-op
+                                 # run, which follows it in the same process)
+                                 "peak_rss_mb": mb(r.get("maxrss_bytes")), "torch_imported": r["torch_imported"],
                                  "chunk_cache": r["chunk_cache"], "patch_side_px": r["patch_side_px"],
                                  "equivalent_cli": f"hishrst-run {slides[size]} --bundle {bundle} --out OUT --provider "
                                                    f"{provider} --batch-size {args.batch_size} --workers {args.workers}"})
                 rows.append({**rec, **{f"s_{k}": v for k, v in st.items()}})
-        print("engine alone on pre-cut tiles ...", flush=True)
-        e = run_child("benchmarks.pipeline:engine_only_child",
-                      {"slide": str(slides[sizes[0]]), "bundle": str(bundle), "provider": args.provider,
-                       "batch_size": args.batch_size, "max_tile_mb": 256.0, "min_time": 1.0 if args.quick else 10.0})
-        eng = out.write({**common, "kind": "engine_only", "status": "ok", "slide": f"{preset}-{sizes[0]}",
-                         "provider": args.provider, "engine": e["engine"], "tiles_per_s": e["tiles_per_s"],
-                         "tiles": e["tiles"], "sample_tiles": e["sample_tiles"], "seconds": e["seconds"],
-                         "peak_rss_mb": mb(e["child_maxrss_bytes"])})
-        rows.append(eng)
+            if "engine_only" in best:
+                e = best["engine_only"]
+                eng = out.write({**common, "kind": "engine_only", "status": "ok", "slide": f"{preset}-{size}",
+                                 "provider": args.provider, "engine": e["engine"], "tiles_per_s": e["tiles_per_s"],
+                                 "tiles": e["tiles"], "sample_tiles": e["sample_tiles"], "seconds": e["seconds"]})
+        assert eng is not None
         e2e = {r["slide"]: r for r in rows if r.get("kind") == "end_to_end"}
         summary: dict[str, Any] = {**common, "kind": "summary", "status": "ok", "engine_only_tiles_per_s": eng["tiles_per_s"],
                                    "targets": {"ratio_min": TARGET_RATIO, "rss_growth_max": TARGET_RSS_GROWTH,
@@ -224,6 +248,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print_table([r for r in rows if r.get("kind") != "engine_only"],
                     [("slide", "slide"), ("engine", "engine"), ("points", "points"), ("tiles_per_s", "tiles/s"),
                      ("stream_tiles_per_s", "stream tiles/s"), ("slide_seconds", "slide s"), ("prepare_seconds", "prepare s"),
+                     ("other_seconds", "store+finalize s"),
                      ("s_read_decode", "read+decode s"), ("s_cut_resample", "cut+resample s"), ("s_encoder", "encoder s"),
                      ("s_head", "head s"), ("s_write", "write s"), ("peak_rss_mb", "peak RSS MB")],
                     title=f"hishrst-run end to end ({'quick' if args.quick else 'full'} run, batch {args.batch_size})")

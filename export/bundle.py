@@ -74,7 +74,7 @@ def _real_inputs(config: dict[str, Any], encoder: Any, *, data: str | Path | Non
 
     source = str(data) if data is not None else str(config.get("data", ""))
     try:
-        adata = load_section(source)
+        adata = load_section(source, image=config.get("image"), mpp=config.get("mpp_override"))
         img = open_fullres_image(adata.uns["hishrst"]["fullres_image"])
     except (OSError, ValueError, KeyError) as e:
         return None, f"unavailable: cannot read the training section {source!r} ({type(e).__name__}: {e})"
@@ -268,6 +268,9 @@ def export_bundle(
     t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the bundle gets the usual directory mode
     try:
         enc_path = export_encoder_onnx(encoder, tmp / "encoder.onnx", opset=opset, precision=precision)
         rng = np.random.default_rng(seed)

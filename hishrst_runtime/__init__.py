@@ -2,14 +2,49 @@
 
 Shared, torch-free logic (geometry, spot grids, neighbour grouping, patch cutting, the bundle
 manifest) lives here; ``hishrst_train`` imports it so that training and inference cannot drift apart.
-Importing this package never imports torch or timm.
+Importing this package (or anything in it) never imports torch or timm.
 """
 
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("hishrst")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
-__all__ = ["__version__"]
+__all__ = [
+    "__version__",
+    "group_points",
+    "load_bundle",
+    "Bundle",
+    "BundleError",
+    "open_slide",
+    "convert_slide",
+    "run_slides",
+    "load_backend",
+]
+
+_WHERE = {
+    "group_points": "grouping",
+    "load_bundle": "manifest",
+    "Bundle": "manifest",
+    "BundleError": "manifest",
+    "open_slide": "slide",
+    "convert_slide": "convert",
+    "run_slides": "run_cli",
+    "load_backend": "backends",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"hishrst_runtime.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'hishrst_runtime' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

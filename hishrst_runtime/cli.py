@@ -36,13 +36,16 @@ class _LazyGroup(click.Group):
         if name not in _SUBCOMMANDS:
             return None
         module, attr, _ = _SUBCOMMANDS[name]
+        extra = "train" if module.startswith("hishrst_train") else "export" if module.startswith("hishrst_export") else None
+        hint = f' Install it with: pip install "hishrst[{extra}]"' if extra else ""
         try:
             mod = importlib.import_module(module)
-        except ImportError as e:
-            missing = getattr(e, "name", None) or str(e)
-            extra = "train" if module.startswith("hishrst_train") else "export" if "export" in module else None
-            hint = f' Install it with: pip install "hishrst[{extra}]"' if extra else ""
+        except ModuleNotFoundError as e:  # an optional dependency (torch, onnx, ...) is not installed
+            missing = e.name or str(e)
             raise click.ClickException(f"`hishrst {name}` needs {missing!r}, which is not installed.{hint}") from e
+        except ImportError as e:  # installed but broken (e.g. a shared library that does not load)
+            raise click.ClickException(f"`hishrst {name}` cannot import its dependencies ({e}); reinstall the "
+                                       f"package named in the message.{hint}") from e
         return getattr(mod, attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

@@ -30,10 +30,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -328,7 +329,8 @@ def predict_slide(
     ``rows`` are int64 point indices, ``values`` float32 ``[len(rows), genes]``. ``batch_size`` is the
     encoder batch (tiles), ``head_batch`` the most groups per head call (default: the bundle's
     ``max_batch``), ``workers`` the reader threads (0: read in the calling thread), ``cache_bytes`` the
-    chunk cache bound (bytes). ``progress(n)`` is called with the points of each finished unit.
+    chunk cache bound (bytes). ``progress(n)`` is called after each unit with its rows that were not
+    ``done`` before.
 
     A unit whose rows are all ``done`` is skipped; any other unit is recomputed whole (rows already
     on disk are rewritten with identical values), so a resumed run computes exactly the batches an
@@ -388,13 +390,17 @@ def predict_slide(
 
     n_done = 0
     t_start = time.perf_counter()
+    def finished(unit: list[int]) -> None:
+        nonlocal n_done
+        idx = np.concatenate([prep.groups[g] for g in unit])
+        n_done += len(idx)
+        if progress:  # rows new to the output (a resumed unit may rewrite rows already on disk)
+            progress(len(idx) if done is None else int((~done[idx]).sum()))
+
     if workers <= 0:
         for u in units:
             infer(*load(u))
-            n = sum(len(prep.groups[g]) for g in u)
-            n_done += n
-            if progress:
-                progress(n)
+            finished(u)
     else:
         depth = max(2, 2 * workers)  # units of tiles in flight: bounds memory
         pending: deque[Future] = deque()
@@ -413,10 +419,7 @@ def predict_slide(
                     if nxt is not None:
                         pending.append(pool.submit(load, nxt))
                     infer(unit, tiles)
-                    n = sum(len(prep.groups[g]) for g in unit)
-                    n_done += n
-                    if progress:
-                        progress(n)
+                    finished(unit)
             finally:
                 for f in pending:  # on an error: drop queued reads instead of finishing them
                     f.cancel()

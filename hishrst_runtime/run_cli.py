@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 import numpy as np
@@ -83,11 +86,12 @@ def _load_engines(bundle: Any, provider: str, *, cache_dir: Path | None) -> tupl
                     for name, tail in (("features", (d,)), ("positions", (2,)), ("mask", ()))
                 }
                 entry = bundle.file_entry(key) or {}
-                engines.append(load_backend(bundle.path(key), provider=chosen, cache_dir=cache_dir, max_batch=m,
+                engines.append(load_backend(bundle.path(key), provider="tensorrt", cache_dir=cache_dir, max_batch=m,
                                             shapes=shapes, model_sha256=entry.get("sha256"),
                                             fp16=entry.get("precision") == "fp16"))
             else:
-                engines.append(load_backend(bundle.path(key), provider=chosen, cache_dir=cache_dir))
+                engines.append(load_backend(bundle.path(key), provider=chosen,  # type: ignore[arg-type]
+                                            cache_dir=cache_dir))
     except BaseException:
         for eng in engines:
             with contextlib.suppress(Exception):
@@ -176,6 +180,16 @@ def run_slides(
             if fut is not None and not fut.cancel():
                 fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().close())
 
+        def skip_complete(i: int, res: dict[str, Any]) -> None:
+            drop(i)
+            res.update(status="skipped", reason="already complete (use --overwrite to recompute)")
+            h5 = outs[i].with_suffix(".h5ad")
+            if h5ad and not h5.exists():
+                try:
+                    write_h5ad(outs[i], h5)
+                except (OSError, ValueError, RuntimeError) as e:
+                    res["reason"] += f"; writing {h5} failed ({type(e).__name__}: {e})"
+
         def prefetch_after(i: int) -> None:
             """Prepare (in the background) the next slide after i that will need work."""
             for j in range(i + 1, len(slides)):
@@ -196,18 +210,17 @@ def run_slides(
                     others = ", ".join(str(s) for s in slides if slide_output_path(s, out_dir) == out)
                     res.update(status="failed", reason=f"{out}: several slides would write this output ({others}); "
                                "rename the slides or run them with different --out")
-                elif OutputStore.status(out) == "complete" and not overwrite:
-                    drop(i)
-                    res.update(status="skipped", reason="already complete (use --overwrite to recompute)")
-                    if h5ad and not out.with_suffix(".h5ad").exists():
-                        with contextlib.suppress(Exception):
-                            write_h5ad(out, out.with_suffix(".h5ad"))
+                elif not overwrite and OutputStore.status(out) == "complete":
+                    skip_complete(i, res)
                 elif not lock.acquire():
                     drop(i)
                     info = lock.holder()
                     who = info.describe() if info is not None else "another job"
                     res.update(status="skipped", reason=f"locked by {who} ({lock.path}); it is being processed "
                                "elsewhere (delete the lock file if that job is gone)")
+                elif not overwrite and OutputStore.status(out) == "complete":  # finished by another job meanwhile
+                    lock.release()
+                    skip_complete(i, res)
                 else:
                     t0 = time.perf_counter()
                     prep = None
@@ -245,18 +258,35 @@ def run_slides(
     return results
 
 
+@dataclass(frozen=True)
 class _Context:
-    """What every slide of one run shares (engines, options)."""
+    """What every slide of one run shares: bundle, engines and options (see :func:`run_slides`)."""
 
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
+    bundle: Any
+    encoder: Any
+    head: Any
+    provider: str
+    pitch: float
+    resume: bool
+    overwrite: bool
+    batch_size: int
+    workers: int
+    progress: bool
+    cache_bytes: int
+
+
+def _discard(path: Path) -> None:
+    """Delete a store directory: renamed away first, so no half-deleted store is ever seen."""
+    trash = path.with_name(f"{path.name}.trash-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _library_id(path: Path) -> str:
     return slide_output_path(path, Path(".")).name[: -len(".zarr")].replace("/", "_") or "slide"
 
 
-def _run_one(prep: Any, out: Path, ctx: Any, lock: Any) -> dict[str, Any]:
+def _run_one(prep: Any, out: Path, ctx: _Context, lock: Any) -> dict[str, Any]:
     """Predict one prepared slide into ``out``; returns the result fields (points, speed, stats)."""
     from tqdm.auto import tqdm
 
@@ -283,16 +313,17 @@ def _run_one(prep: Any, out: Path, ctx: Any, lock: Any) -> dict[str, Any]:
         library_id=_library_id(prep.path), lowres=prep.thumbnail, lowres_scalef=prep.thumbnail_scale,
         spot_diameter_fullres=(prep.pitch_um or bundle.patch_um) / float(slide.mpp0),
     )
-    store_kw = {"max_buffer_bytes": OUTPUT_BUFFER_BYTES}
     if ctx.resume and OutputStore.status(out) == "incomplete":
         store = OutputStore.open_incomplete(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
-                                            genes=bundle.genes, expected_uns={"hishrst": identity}, **store_kw)
+                                            genes=bundle.genes, expected_uns={"hishrst": identity},
+                                            max_buffer_bytes=OUTPUT_BUFFER_BYTES)
         resumed = True
     else:
         rows = max(1, min(MAX_CHUNK_ROWS, n, (4 << 20) // (4 * len(bundle.genes))))
         store = OutputStore.create(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
                                    tissue_fraction=prep.tissue_fraction, genes=bundle.genes, uns={"hishrst": identity},
-                                   spatial=spatial, overwrite=ctx.overwrite, chunk_rows=rows, **store_kw)
+                                   spatial=spatial, overwrite=ctx.overwrite, chunk_rows=rows,
+                                   max_buffer_bytes=OUTPUT_BUFFER_BYTES)
         resumed = False
     timer = StageTimer()
     done = store.done_mask()
@@ -316,11 +347,14 @@ def _run_one(prep: Any, out: Path, ctx: Any, lock: Any) -> dict[str, Any]:
     except BaseException:
         with contextlib.suppress(Exception):
             store.close()  # keep every finished row for --resume
+            if not resumed and not store.done_mask().any():  # nothing computed: leave no output at all
+                _discard(store.work_path)
         raise
     finally:
         bar.close()
     tiles_per_s = stats["points_computed"] / max(stats["seconds"], 1e-9)
-    timings = {k: round(v, 3) for k, v in timer.seconds.items()} | {"prepare": round(prep.seconds, 3)}
+    timings = {k: round(v, 3) for k, v in timer.seconds.items()} | {"prepare": round(prep.seconds, 3),
+                                                                     "predict": round(stats["seconds"], 3)}
     store.finalize({"hishrst_run": {
         "slide": str(prep.path.resolve()), "bundle": str(Path(bundle.root).resolve()), "engine": ctx.provider,
         "hishrst_version": __version__, "resumed": resumed, "points_computed": stats["points_computed"],

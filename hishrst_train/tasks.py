@@ -189,7 +189,9 @@ def fit_run(
     config = {
         "hishrst_version": __version__,
         "task": task,
-        "data": str(data),
+        "data": str(Path(data).resolve()),
+        "image": str(Path(image).resolve()) if image else None,
+        "mpp_override": mpp,
         "genes": list(genes),
         "encoder": {
             "name": encoder,

@@ -179,14 +179,15 @@ def test_real_bundle_validation_errors(small_bundle: Path, tmp_path: Path) -> No
 # ------------------------------------------------------------------------------------- exports
 
 
-def test_fp16_gated_export_via_cli(small_run: Path, small_bundle: Path, tmp_path: Path) -> None:
-    """fp16 through the CLI, with the run marked as using a gated encoder: notice, figures, tolerance."""
+def test_fp16_gated_export_via_cli(small_run: Path, small_bundle: Path, small_section: Path, tmp_path: Path) -> None:
+    """fp16 through the CLI, with the run marked as using a gated encoder and its section moved (--data)."""
     run = _copy(small_run, tmp_path / "run")
     cfg = json.loads((run / "config.json").read_text())
     cfg["encoder"].update(gated=True, license="CC-BY-NC-ND-4.0")
+    cfg["data"] = str(tmp_path / "moved" / "outs")
     (run / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "bundle16"
-    res = CliRunner().invoke(export_cmd, [str(run), "--out", str(out), "--precision", "fp16"])
+    res = CliRunner().invoke(export_cmd, [str(run), "--out", str(out), "--precision", "fp16", "--data", str(small_section)])
     assert res.exit_code == 0, res.output + repr(res.exception)
     text = res.output
     assert "NOTICE (CC-BY-NC-ND-4.0)" in text and "LICENCE" in text and "redistribution" in text
@@ -271,8 +272,16 @@ def test_broken_export_fails_parity_and_writes_nothing(small_run: Path, small_bu
 def test_external_data_is_listed_hashed_and_verified(small_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a 0-byte threshold every model takes the > 2 GB path: one .onnx.data per model, in the manifest."""
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    run = _copy(small_run, tmp_path / "run")  # also: the training section has moved away
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"] = str(tmp_path / "moved" / "outs")
+    (run / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "ext"
-    m = export_bundle(small_run, out=out, **QUIET)
+    notes: list[str] = []
+    m = export_bundle(run, out=out, echo=notes.append)
+    assert any("real-tile parity check skipped" in n and "--data" in n for n in notes)
+    assert set(m["parity"]["encoder"]) == set(m["parity"]["head"]) == {"random"}
+    assert m["parity"]["real_tiles"].startswith("unavailable")
     assert sorted(p.name for p in out.iterdir()) == [
         "encoder.onnx", "encoder.onnx.data", "head.onnx", "head.onnx.data", "manifest.json"]
     for key in ("encoder", "head"):

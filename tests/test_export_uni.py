@@ -46,7 +46,7 @@ def _real_tiles(outs: Path, n: int, size: int) -> np.ndarray:
     return cut_patches(img, xy, side=side, out_size=size)
 
 
-@pytest.mark.parametrize("precision", ["fp32"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_uni_export_parity(small_section: Path, tmp_path: Path, precision: str) -> None:
     encoder = load_encoder("uni", random_init=True)
     n_params = sum(p.numel() for p in encoder.parameters())

@@ -1,0 +1,118 @@
+"""Render the JSON-lines results as the Markdown tables of ``benchmarks/RESULTS.md`` (numbers are copied
+from the measurements, never typed by hand).
+
+    python -m benchmarks.report                        # all of benchmarks/results/*.jsonl -> stdout
+    python -m benchmarks.report --dir /tmp/run --md /tmp/run/RESULTS.tables.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import RESULTS_DIR, fmt, read_jsonl
+
+
+def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
+    body = ["| " + " | ".join(fmt(_get(r, k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def _get(r: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        r = r.get(part) if isinstance(r, dict) else None  # type: ignore[assignment]
+    return r
+
+
+def _machine(recs: list[dict[str, Any]]) -> str:
+    m = recs[0]["machine"]
+    v = m.get("versions", {})
+    quick = any(r.get("quick") for r in recs)
+    loads = [r["load_avg_1m"] for r in recs if r.get("load_avg_1m") is not None]
+    return (f"*Machine*: {m.get('cpu_model')} ({m.get('cores_usable')} usable / {m.get('cores_logical')} logical cores, "
+            f"{m.get('memory_gb')} GB), GPU: {m.get('gpu') or 'none'}; torch {v.get('torch')}, onnxruntime "
+            f"{v.get('onnxruntime-gpu') or v.get('onnxruntime')}, tensorrt {v.get('tensorrt') or '-'}; "
+            f"{recs[0]['timestamp']}; 1-min load average during the run {min(loads, default=0):.1f}–{max(loads, default=0):.1f}"
+            f"{' — **QUICK run: placeholder numbers**' if quick else ''}.\n\n*Command*: `{recs[0]['command']}`")
+
+
+def _short(text: str, n: int = 220) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def section(name: str, recs: list[dict[str, Any]]) -> str:
+    ok = [r for r in recs if r.get("status") == "ok"]
+    skipped = [r for r in recs if r.get("status") == "skipped"]
+    out = [f"### {name}", "", _machine(recs), ""]
+    if name == "encoder":
+        gpu = any(r.get("pct_of_peak") is not None for r in ok)
+        cols = [("encoder", "encoder"), ("backend", "backend"), ("label", "engine"), ("device", "device"),
+                ("batch_size", "batch"), ("tiles_per_s", "tiles/s"), ("ms_per_batch_median", "ms/batch")]
+        cols += [("tflops", "TFLOP/s"), ("pct_of_peak", "% of fp16 peak")] if gpu else []
+        out.append(md_table(ok, cols))
+    elif name == "pipeline":
+        runs = [r for r in ok if r.get("kind") in ("end_to_end", "noop")]
+        out.append(md_table(runs, [("slide", "slide"), ("engine", "engine"), ("points", "points"), ("tiles_per_s", "tiles/s"),
+                                   ("stream_tiles_per_s", "stream tiles/s"), ("slide_seconds", "slide s"),
+                                   ("prepare_seconds", "prepare s"), ("other_seconds", "store+finalize s"),
+                                   ("stages.read_decode", "read+decode s"), ("stages.cut_resample", "cut+resample s"),
+                                   ("stages.encoder", "encoder s"), ("stages.head", "head s"), ("stages.write", "write s"),
+                                   ("peak_rss_mb", "peak RSS MB")]))
+        out.append("")
+        out.append(md_table([r for r in ok if r.get("kind") == "engine_only"],
+                            [("slide", "engine only, tiles of"), ("engine", "engine"), ("tiles_per_s", "tiles/s"), ("tiles", "tiles")]))
+        for s in (r for r in ok if r.get("kind") == "summary"):
+            out.append("")
+            out.append(md_table([s], [("ratio_1x", "e2e/engine 1×"), ("ratio_4x", "e2e/engine 4×"),
+                                      ("stream_ratio_1x", "stream/engine 1×"), ("stream_ratio_4x", "stream/engine 4×"),
+                                      ("peak_rss_mb_1x", "RSS 1× MB"), ("peak_rss_mb_4x", "RSS 4× MB"),
+                                      ("rss_growth", "RSS growth"), ("ratio_met", "≥ 90 %"), ("rss_flat", "RSS flat")]))
+    elif name == "reference":
+        rows = [{**r, "name": r["pipeline"] + (f" (num_workers={r['num_workers']})" if "num_workers" in r else "")}
+                for r in ok if r.get("pipeline")]
+        out.append(md_table(rows, [("name", "pipeline"), ("engine", "engine"), ("points", "points"), ("tiles_per_s", "tiles/s"),
+                                   ("seconds", "seconds"), ("peak_rss_mb", "peak RSS MB"), ("tree_peak_rss_mb", "tree RSS MB")]))
+        for s in (r for r in ok if r.get("kind") == "summary"):
+            out.append("")
+            out.append(md_table([s], [("speedup", "ours / reference tiles/s"), ("speedup_vs", "vs"),
+                                      ("rss_ratio_ref_over_ours", "reference / ours peak RSS"), ("target_met", "≥ 3×")]))
+    elif name == "training":
+        out.append(md_table([r for r in ok if r.get("kind") == "features"],
+                            [("preset", "preset"), ("encoder", "encoder"), ("device", "device"), ("batch_size", "batch"),
+                             ("tiles", "tiles"), ("tiles_per_s", "tiles/s")]))
+        out.append("")
+        out.append(md_table([r for r in ok if r.get("kind") == "fit"],
+                            [("preset", "preset"), ("device", "device"), ("train_spots", "train spots"), ("groups", "groups"),
+                             ("n_genes", "genes"), ("epochs", "epochs"), ("seconds_per_epoch", "s/epoch")]))
+    if skipped:
+        out += ["", "Not measured:", *[f"- {' '.join(str(r.get(k)) for k in ('encoder', 'backend', 'batch_size') if r.get(k) is not None)}: "
+                                       f"{_short(r['reason'])}" for r in skipped]]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", type=Path, default=RESULTS_DIR, help="folder of <name>.jsonl files")
+    p.add_argument("--md", type=Path, default=None, help="write the Markdown here (default: stdout only)")
+    args = p.parse_args(argv)
+    parts = []
+    for name in ("encoder", "pipeline", "reference", "training"):
+        f = args.dir / f"{name}.jsonl"
+        if f.is_file() and f.stat().st_size:
+            parts.append(section(name, read_jsonl(f)))
+    text = "\n".join(parts) or f"no results in {args.dir}\n"
+    print(text)
+    if args.md:
+        args.md.write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

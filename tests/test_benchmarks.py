@@ -1,0 +1,205 @@
+"""The benchmark scripts run end to end with ``--quick`` and write well-formed JSON lines.
+
+Each script runs in a subprocess exactly as documented (``python -m benchmarks.<name> --quick``);
+the synthetic section, slides and bundle they share are built once per session into a temporary work
+directory. Only the shape and sanity of the measurements are checked (records present, numbers
+positive and finite), never speed targets: timings on shared CI machines are noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SCRIPT_TIMEOUT_S = 300
+
+
+def _run(args: list[str], *, timeout: float = SCRIPT_TIMEOUT_S) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _script(name: str, out: Path, workdir: Path, *extra: str) -> list[dict]:
+    proc = _run(["-m", f"benchmarks.{name}", "--quick", "--out", str(out), "--workdir", str(workdir), *extra])
+    assert out.is_file(), proc.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records, f"{out} is empty"
+    for r in records:
+        assert r["benchmark"] == name and r["quick"] is True
+        assert r["status"] in ("ok", "skipped")
+        if r["status"] == "skipped":
+            assert r["reason"]
+        m = r["machine"]
+        assert m["cpu_model"] and m["cores_logical"] >= 1 and "gpu" in m
+        assert "torch" in m["versions"] and "onnxruntime" in m["versions"]
+        assert r["timestamp"] and r["command"].startswith("python")
+    return records
+
+
+def _positive(*values: object) -> None:
+    for v in values:
+        assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, v
+
+
+@pytest.fixture(scope="session")
+def bench_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic small section, its 1×/4× OME-Zarr slides and a 1-epoch bundle, shared by the tests."""
+    work = tmp_path_factory.mktemp("bench-work")
+    _run(["-m", "benchmarks._common", "prepare", "--quick", "--workdir", str(work)])
+    return work
+
+
+@pytest.fixture(scope="module")
+def encoder_jsonl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    tmp = tmp_path_factory.mktemp("bench-encoder")
+    out = tmp / "encoder.jsonl"
+    return out, _script("encoder", out, tmp / "work")
+
+
+# --------------------------------------------------------------------------------------------- scripts
+
+
+def test_encoder_quick(encoder_jsonl: tuple[Path, list[dict]]) -> None:
+    _, records = encoder_jsonl
+    ok = [r for r in records if r["status"] == "ok"]
+    for backend in ("torch-fp32", "torch-autocast", "ort-cpu"):
+        sizes = {r["batch_size"] for r in ok if r["encoder"] == "test-vit" and r["backend"] == backend}
+        assert len(sizes) >= 2, (backend, sizes)
+    for r in ok:
+        _positive(r["tiles_per_s"], r["ms_per_batch_median"], r["flops_per_tile"], r["tflops"])
+        assert r["iters"] >= 1
+    # every backend that was not measured says why
+    measured = {r["backend"] for r in ok}
+    skipped = {r.get("backend") for r in records if r["status"] == "skipped"}
+    from benchmarks.encoder import BACKENDS
+
+    assert set(BACKENDS) <= measured | skipped
+    assert any(r["status"] == "skipped" and r["encoder"] == "uni" for r in records)  # quick: UNI skipped, with a reason
+
+
+def test_plot_from_encoder_results(encoder_jsonl: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    src, _ = encoder_jsonl
+    out, png = tmp_path / "plot.jsonl", tmp_path / "tiles.png"
+    _run(["benchmarks/plot.py", "--quick", "--in", str(src), "--out", str(out), "--png", str(png)])  # path form
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["benchmark"] == "plot" and rec["lines"] >= 3 and rec["points"] >= 6
+
+
+def test_pipeline_quick(bench_work: Path, tmp_path: Path) -> None:
+    records = _script("pipeline", tmp_path / "pipeline.jsonl", bench_work)
+    by_kind: dict[str, list[dict]] = {}
+    for r in records:
+        by_kind.setdefault(r.get("kind", ""), []).append(r)
+    assert {r["slide"] for r in by_kind["end_to_end"]} == {"small-1x", "small-4x"}
+    assert {r["slide"] for r in by_kind["noop"]} == {"small-1x", "small-4x"}
+    e2e = {r["slide"]: r for r in by_kind["end_to_end"]}
+    assert e2e["small-4x"]["points"] > 3 * e2e["small-1x"]["points"]  # 4× the area
+    for r in by_kind["end_to_end"] + by_kind["noop"]:
+        _positive(r["tiles_per_s"], r["stream_tiles_per_s"], r["slide_seconds"], r["peak_rss_mb"], r["points"])
+        for stage in ("read_decode", "cut_resample", "encoder", "head", "write"):
+            assert stage in r["stages"] and math.isfinite(r["stages"][stage]) and r["stages"][stage] >= 0
+        assert r["torch_imported"] is False  # the runtime's memory, not torch's
+    assert all(r["engine"] == "noop" for r in by_kind["noop"])
+    (eng,) = by_kind["engine_only"]
+    _positive(eng["tiles_per_s"], eng["tiles"])
+    (s,) = by_kind["summary"]
+    _positive(s["ratio_1x"], s["ratio_4x"], s["stream_ratio_1x"], s["peak_rss_mb_1x"], s["peak_rss_mb_4x"])
+    assert math.isfinite(s["rss_growth"]) and isinstance(s["rss_flat"], bool)
+
+
+def test_reference_quick(bench_work: Path, tmp_path: Path) -> None:
+    records = _script("reference", tmp_path / "reference.jsonl", bench_work, "--ref-workers", "0")
+    ours = [r for r in records if r.get("pipeline") == "ours"]
+    refs = [r for r in records if r.get("pipeline") == "reference"]
+    (s,) = [r for r in records if r.get("kind") == "summary"]
+    assert len(ours) == 1 and [r["num_workers"] for r in refs] == [0]
+    assert ours[0]["points"] == refs[0]["points"] > 0  # the same points
+    for r in ours + refs:
+        _positive(r["tiles_per_s"], r["seconds"], r["peak_rss_mb"])
+    _positive(s["speedup"], s["rss_ratio_ref_over_ours"])
+
+
+def test_training_quick(bench_work: Path, tmp_path: Path) -> None:
+    records = _script("training", tmp_path / "training.jsonl", bench_work)
+    feats = [r for r in records if r["kind"] == "features"]
+    fits = [r for r in records if r["kind"] == "fit"]
+    assert feats and fits and {r["device"] for r in fits} >= {"cpu"}
+    for r in feats:
+        _positive(r["tiles_per_s"], r["tiles"], r["batch_size"])
+    for r in fits:
+        _positive(r["seconds_per_epoch"], r["epochs"], r["train_spots"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("HISHRST_BENCH_UNI"), reason="set HISHRST_BENCH_UNI=1: builds and exports "
+                    "the full UNI architecture (minutes on a small CPU)")
+def test_encoder_uni(tmp_path: Path) -> None:
+    records = _script("encoder", tmp_path / "encoder.jsonl", tmp_path / "work", "--encoders", "uni",
+                      "--batch-sizes", "1", "--backends", "torch-fp32,ort-cpu")
+    ok = [r for r in records if r["status"] == "ok"]
+    assert {r["backend"] for r in ok} == {"torch-fp32", "ort-cpu"}
+    assert all(abs(r["flops_per_tile"] / 123.2e9 - 1) < 0.01 for r in ok)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def test_vit_flops_match_uni_reference() -> None:
+    from benchmarks.encoder import vit_flops_per_tile
+    from hishrst_train.encoders import build_backbone, get_encoder_spec
+
+    spec = get_encoder_spec("uni")
+    flops = vit_flops_per_tile(build_backbone(spec, device="meta"), spec.input_size)
+    assert abs(flops / 123.2e9 - 1) < 0.005  # ViT-L/16 at 224 px: 61.6 GMAC per tile
+
+
+def test_gpu_peak_lookup() -> None:
+    from benchmarks.encoder import gpu_peak_tflops
+
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_peak_tflops("NVIDIA H200") == 989.4
+    assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu_peak_tflops("NVIDIA L40S") == 362.0
+    assert gpu_peak_tflops("NVIDIA L4") == 121.0
+    assert gpu_peak_tflops("Some Future GPU") is None and gpu_peak_tflops(None) is None
+
+
+def test_tiled_2x2_matches_numpy_tile() -> None:
+    from benchmarks._common import Tiled2x2
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    big, want = Tiled2x2(img), np.tile(img, (2, 2, 1))
+    assert big.shape == want.shape
+    for _ in range(50):
+        y0, y1 = sorted(rng.integers(0, want.shape[0] + 1, 2))
+        x0, x1 = sorted(rng.integers(0, want.shape[1] + 1, 2))
+        np.testing.assert_array_equal(big[y0:y1, x0:x1], want[y0:y1, x0:x1])
+
+
+def test_time_call_counts_and_skips_warmup_when_slow() -> None:
+    from benchmarks._common import time_call
+
+    calls = []
+    t = time_call(lambda: calls.append(1), warmup=2, min_time=0.0, min_iters=3)
+    assert t["iters"] == 3 and len(calls) == 5 and 0 <= t["min_s"] <= t["median_s"]
+    import time as _time
+
+    slow = []
+    t = time_call(lambda: (slow.append(1), _time.sleep(0.03)), warmup=3, min_time=0.0, min_iters=5, slow_s=0.01)
+    assert len(slow) == 3 and t["iters"] == 2  # one warm-up call, then the minimum of 2
