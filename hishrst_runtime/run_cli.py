@@ -82,7 +82,7 @@ def _load_engines(bundle: Any, provider: str, *, cache_dir: Path | None) -> tupl
                 d = int(bundle.encoder["feature_dim"])
                 m, n = int(bundle.manifest.get("max_batch", 64)), bundle.max_group_size
                 shapes = None if key == "encoder" else {
-                    name: ((1, 1) + tail, (8, n) + tail, (m, n) + tail)
+                    name: ((1, 1) + tail, (min(8, m), n) + tail, (m, n) + tail)
                     for name, tail in (("features", (d,)), ("positions", (2,)), ("mask", ()))
                 }
                 entry = bundle.file_entry(key) or {}

@@ -45,6 +45,20 @@ def otsu_threshold(values: np.ndarray, *, bins: int = 256, value_range: tuple[fl
     return float(edges[int(np.argmax(between)) + 1])
 
 
+def _all_tissue_aware(valid: np.ndarray, otsu: float, floor: float) -> float:
+    """Otsu's threshold, never below ``floor``; the floor itself when both Otsu classes are tissue.
+
+    On an overview that is tissue everywhere (a crop, a TMA core, a zoomed region) Otsu splits nuclei
+    from cytoplasm instead of tissue from glass. If even the lower class sits well above the glass
+    floor (its mean > 2 × floor), there is no glass to separate and the floor is the threshold.
+    """
+    thr = max(otsu, floor)
+    lower = valid[valid <= thr]
+    if valid.size and (lower.size == 0 or float(lower.mean()) > 2.0 * floor):
+        return floor
+    return thr
+
+
 def detect_tissue(
     thumb_rgb: np.ndarray,
     *,
@@ -79,11 +93,11 @@ def detect_tissue(
     if method == "otsu-saturation":
         feat = np.divide(vmax - vmin, vmax, out=np.zeros_like(vmax), where=vmax > 0)
         valid = feat[~black]
-        thr = max(otsu_threshold(valid, value_range=(0.0, 1.0)) if valid.size else 1.0, _MIN_SATURATION)
+        thr = _all_tissue_aware(valid, otsu_threshold(valid, value_range=(0.0, 1.0)) if valid.size else 1.0, _MIN_SATURATION)
     else:
         feat = 255.0 - rgb.mean(axis=-1)
         valid = feat[~black]
-        thr = max(otsu_threshold(valid, value_range=(0.0, 255.0)) if valid.size else 255.0, _MIN_DARKNESS)
+        thr = _all_tissue_aware(valid, otsu_threshold(valid, value_range=(0.0, 255.0)) if valid.size else 255.0, _MIN_DARKNESS)
     mask = (feat > thr) & ~black
     if exclude_pen:
         green = (g > r + 15) & (g >= b)

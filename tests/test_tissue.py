@@ -94,3 +94,16 @@ def test_tissue_fraction_at_square_and_disk() -> None:
     assert tissue_fraction_at(mask, 2.0, np.zeros((0, 2)), radius_um=5.0).shape == (0,)
     with pytest.raises(ValueError):
         tissue_fraction_at(mask, 0.0, pts, radius_um=5.0)
+
+
+def test_all_tissue_overview_is_all_tissue(tmp_path):
+    """A crop that is tissue everywhere must not be split into nuclei vs cytoplasm (and then emptied)."""
+    from hishrst_train.synth import make_synthetic_visium
+    from hishrst_train.io import open_fullres_image
+
+    make_synthetic_visium(tmp_path / "s", preset="small", seed=0)
+    img = open_fullres_image(tmp_path / "s" / "image.tif")
+    h, w = img.shape[:2]
+    crop = np.asarray(img[h // 2 - 300 : h // 2 + 300, w // 2 - 300 : w // 2 + 300])
+    mask = detect_tissue(crop)
+    assert mask.mean() > 0.9
