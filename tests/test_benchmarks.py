@@ -109,7 +109,9 @@ def test_pipeline_quick(bench_work: Path, tmp_path: Path) -> None:
     e2e = {r["slide"]: r for r in by_kind["end_to_end"]}
     assert e2e["small-4x"]["points"] > 3 * e2e["small-1x"]["points"]  # 4× the area
     for r in by_kind["end_to_end"] + by_kind["noop"]:
-        _positive(r["tiles_per_s"], r["stream_tiles_per_s"], r["slide_seconds"], r["peak_rss_mb"], r["points"])
+        _positive(r["tiles_per_s"], r["stream_tiles_per_s"], r["slide_seconds"], r["points"])
+        if r["kind"] == "end_to_end":  # peak RSS of the fresh process, taken right after the real-engine run
+            _positive(r["peak_rss_mb"])
         for stage in ("read_decode", "cut_resample", "encoder", "head", "write"):
             assert stage in r["stages"] and math.isfinite(r["stages"][stage]) and r["stages"][stage] >= 0
         assert r["torch_imported"] is False  # the runtime's memory, not torch's

@@ -13,29 +13,30 @@ import pytest
 pytest.importorskip("torch")
 
 from hishrst_train.evaluate import evaluate_run  # noqa: E402
-from hishrst_train.synth import make_synthetic_visium  # noqa: E402
 from hishrst_train.tasks import fit_run, load_section  # noqa: E402
 
-EPOCHS = 60
+@pytest.fixture(scope="module")
+def section(small_section):
+    return small_section
 
 
 @pytest.fixture(scope="module")
-def section(tmp_path_factory):
-    return make_synthetic_visium(tmp_path_factory.mktemp("sec"), preset="small", seed=0)
+def runs(small_run, small_section, tmp_path_factory):
+    """The shared image run (conftest) and a position-only run trained identically but without image features."""
+    from conftest import SMALL_RUN_EPOCHS, torch_threads
 
-
-@pytest.fixture(scope="module")
-def runs(section, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    img = fit_run(section, out=root / "image", epochs=EPOCHS, progress=False, cache_dir=root / "cache")
-    pos = fit_run(section, out=root / "pos", epochs=EPOCHS, progress=False, cache_dir=root / "cache", image_features=False)
-    return root, img, pos
+    with torch_threads(1):
+        pos = fit_run(small_section, out=root / "pos", epochs=SMALL_RUN_EPOCHS, progress=False,
+                      cache_dir=root / "cache", image_features=False)
+    summary = json.loads((small_run / "config.json").read_text())["summary"]
+    return small_run, summary, root / "pos"
 
 
 def test_recovery_beats_mean_and_position_only_baselines(runs):
-    root, _, _ = runs
-    with_image = evaluate_run(root / "image", ssim=False, ari=False)
-    position_only = evaluate_run(root / "pos", ssim=False, ari=False)
+    run, _, pos = runs
+    with_image = evaluate_run(run, ssim=False, ari=False)
+    position_only = evaluate_run(pos, ssim=False, ari=False)
     m, p = with_image["model"], position_only["model"]
     # The mean-expression baseline is constant per gene: its PCC is undefined, scored 0 and counted.
     assert with_image["baseline_mean"]["n_constant"] == m["n_genes"]
@@ -45,8 +46,7 @@ def test_recovery_beats_mean_and_position_only_baselines(runs):
 
 
 def test_run_directory_contents_and_leakage_rule(runs, section):
-    root, summary, _ = runs
-    run = root / "image"
+    run, summary, _ = runs
     for name in ("model.safetensors", "config.json", "predictions.h5ad", "split.json", "history.json"):
         assert (run / name).is_file()
     split = json.loads((run / "split.json").read_text())
@@ -65,16 +65,19 @@ def test_run_directory_contents_and_leakage_rule(runs, section):
 
 
 def test_evaluate_writes_metrics_and_ssim_ari(runs):
-    root, _, _ = runs
-    s = evaluate_run(root / "image")
-    assert (root / "image" / "metrics.json").is_file()
-    lines = (root / "image" / "per_gene_metrics.csv").read_text().splitlines()
+    run, _, _ = runs
+    s = evaluate_run(run)
+    assert (run / "metrics.json").is_file()
+    lines = (run / "per_gene_metrics.csv").read_text().splitlines()
     assert lines[0].startswith("gene,pcc,mse,mae,constant,ssim")
     assert -1 <= s["ari_prediction"] <= 1 and 0 < s["model"]["ssim_mean"] <= 1
 
 
 def test_generation_task_dense_grid(section, tmp_path):
-    s = fit_run(section, out=tmp_path / "gen", task="generation", epochs=3, progress=False, cache_dir=tmp_path / "c")
+    from conftest import torch_threads
+
+    with torch_threads(1):
+        s = fit_run(section, out=tmp_path / "gen", task="generation", epochs=3, progress=False, cache_dir=tmp_path / "c")
     dense = ad.read_h5ad(tmp_path / "gen" / "dense.h5ad")
     assert dense.n_obs == s["n_dense"] and 3.0 < dense.n_obs / s["n_spots"] < 4.0
     assert np.all(np.asarray(dense.X) >= 0)
