@@ -15,15 +15,24 @@ On a GPU each row also gives the achieved TFLOP/s and its share of the GPU's den
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from benchmarks._common import JsonlWriter, base_parser, int_list, print_table, str_list, time_call, workdir_of
+from benchmarks._common import (
+    JsonlWriter,
+    base_parser,
+    int_list,
+    print_table,
+    str_list,
+    time_call,
+    workdir_of,
+)
 
 BACKENDS = ("torch-fp32", "torch-autocast", "torch-compile", "ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
 ENCODERS = ("test-vit", "uni")
@@ -78,7 +87,7 @@ def _torch_runner(enc: Any, device: str, mode: str) -> tuple[Callable[[np.ndarra
     if mode == "autocast":
         dtype = torch.float16 if device == "cuda" else torch.bfloat16
         label = "fp16 autocast" if device == "cuda" else "bf16 autocast"
-        ctx = lambda: torch.autocast(device_type=device, dtype=dtype)  # noqa: E731
+        ctx = lambda: torch.autocast(device_type=device, dtype=dtype)
     elif mode == "compile":
         import torch._dynamo as dynamo
 
@@ -100,6 +109,7 @@ def _torch_runner(enc: Any, device: str, mode: str) -> tuple[Callable[[np.ndarra
 def _onnx(enc: Any, workdir: Path, precision: str) -> Path:
     """The encoder's ONNX export, cached by name + weights fingerprint + precision."""
     from hishrst_export.onnx_export import export_encoder_onnx
+
     from hishrst_train.encoders import encoder_fingerprint
 
     path = workdir / "onnx" / f"{enc.spec.name}-{encoder_fingerprint(enc)}-{precision}.onnx"
@@ -223,7 +233,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 for bs in batches:
                     tiles = rng.integers(0, 256, (bs, enc.input_size, enc.input_size, 3), dtype=np.uint8)
                     try:
-                        t = time_call(lambda: run(tiles), **timing)
+                        t = time_call(lambda run=run, tiles=tiles: run(tiles), **timing)
                     except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch
                         out.skip(f"{type(e).__name__}: {str(e)[:300]}", **base, batch_size=bs)
                         continue

@@ -32,15 +32,13 @@ import numpy as np
 from benchmarks._common import (
     JsonlWriter,
     base_parser,
-    data_plan,
-    ensure_bundle,
-    ensure_slides,
     count_list,
     mb,
     print_table,
     run_child,
     workdir_of,
 )
+from benchmarks._data import data_plan, ensure_bundle, ensure_slides
 
 TARGET_SPEEDUP = 3.0
 
@@ -81,7 +79,7 @@ def reference_child(image: str, points_file: str, run_dir: str, mpp: float, batc
 
         def __getitem__(self, i: int) -> Any:
             x, y = pts[i]
-            x0, y0 = max(int(round(x - side / 2)), 0), max(int(round(y - side / 2)), 0)
+            x0, y0 = max(round(float(x) - side / 2), 0), max(round(float(y) - side / 2), 0)
             return tf(Image.fromarray(img[y0 : y0 + side, x0 : x0 + side]))
 
     t1 = time.perf_counter()
@@ -101,7 +99,7 @@ def reference_child(image: str, points_file: str, run_dir: str, mpp: float, batc
     a.write_h5ad(out_path)
     t_write = time.perf_counter() - t1
     seconds = time.perf_counter() - t0
-    return {"points": int(len(pts)), "seconds": seconds, "tiles_per_s": len(pts) / seconds, "threads": torch.get_num_threads(),
+    return {"points": len(pts), "seconds": seconds, "tiles_per_s": len(pts) / seconds, "threads": torch.get_num_threads(),
             "stages": {"read_whole_image": t_read, "patches_transforms_encoder": t_enc, "head": t_head, "write": t_write}}
 
 

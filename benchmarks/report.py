@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,18 +40,19 @@ def _machine(recs: list[dict[str, Any]]) -> str:
     return (f"*Machine*: {m.get('cpu_model')} ({m.get('cores_usable')} usable / {m.get('cores_logical')} logical cores, "
             f"{m.get('memory_gb')} GB), GPU: {m.get('gpu') or 'none'}; torch {v.get('torch')}, onnxruntime "
             f"{v.get('onnxruntime-gpu') or v.get('onnxruntime')}, tensorrt {v.get('tensorrt') or '-'}; "
-            f"{recs[0]['timestamp']}; 1-min load average during the run {min(loads, default=0):.1f}–{max(loads, default=0):.1f}"
-            f"{' — **QUICK run: placeholder numbers**' if quick else ''}.\n\n*Command*: `{recs[0]['command']}`")
+            f"{recs[0]['timestamp']} – {recs[-1]['timestamp']}; 1-min load average during the run {min(loads, default=0):.1f}–{max(loads, default=0):.1f}"
+            f"{' — **QUICK run: placeholder numbers**' if quick else ''}.\n\n*Command*: "
+            + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in recs)))
 
 
 def _short(text: str, n: int = 220) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def section(name: str, recs: list[dict[str, Any]]) -> str:
+def section(name: str, recs: list[dict[str, Any]], *, title: str | None = None) -> str:
     ok = [r for r in recs if r.get("status") == "ok"]
     skipped = [r for r in recs if r.get("status") == "skipped"]
-    out = [f"### {name}", "", _machine(recs), ""]
+    out = [f"### {title or name}", "", _machine(recs), ""]
     if name == "encoder":
         gpu = any(r.get("pct_of_peak") is not None for r in ok)
         cols = [("encoder", "encoder"), ("backend", "backend"), ("label", "engine"), ("device", "device"),
@@ -104,9 +106,9 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     parts = []
     for name in ("encoder", "pipeline", "reference", "training"):
-        f = args.dir / f"{name}.jsonl"
-        if f.is_file() and f.stat().st_size:
-            parts.append(section(name, read_jsonl(f)))
+        for f in sorted(args.dir.glob(f"{name}*.jsonl")):  # e.g. pipeline.jsonl, pipeline-ort-nospin.jsonl
+            if f.stat().st_size:
+                parts.append(section(name, read_jsonl(f), title=f.stem))
     text = "\n".join(parts) or f"no results in {args.dir}\n"
     print(text)
     if args.md:

@@ -19,7 +19,15 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from benchmarks._common import JsonlWriter, base_parser, ensure_section, int_list, print_table, str_list, workdir_of
+from benchmarks._common import (
+    JsonlWriter,
+    base_parser,
+    int_list,
+    print_table,
+    str_list,
+    workdir_of,
+)
+from benchmarks._data import ensure_section
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

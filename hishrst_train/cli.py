@@ -36,7 +36,10 @@ def synth(out_dir: Path, preset: str, seed: int) -> None:
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Full-resolution image (needed when DATA is an .h5ad).")
 @click.option("--mpp", type=float, default=None, help="µm per full-resolution pixel (overrides the scalefactors).")
-@click.option("--epochs", type=int, default=100, show_default=True)
+@click.option("--epochs", type=int, default=100, show_default=True,
+              help="Maximum epochs; training stops early when the validation MSE stops improving.")
+@click.option("--val-frac", type=float, default=0.1, show_default=True,
+              help="Fraction of the training spots kept aside for early stopping (0 disables it).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n-genes", type=int, default=1000, show_default=True, help="Highly variable genes to predict.")
 @click.option("--patch-um", type=float, default=DEFAULT_PATCH_UM, show_default=True, help="Patch side in µm.")
@@ -44,19 +47,21 @@ def synth(out_dir: Path, preset: str, seed: int) -> None:
 @click.option("--densify", type=float, default=4.0, show_default=True, help="Generation task: density factor.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Feature-extraction batch size.")
 def fit(data: Path, out: Path, task: str, encoder: str, weights: Path | None, image: Path | None, mpp: float | None,
-        epochs: int, seed: int, n_genes: int, patch_um: float, position_mode: str, densify: float, batch_size: int) -> None:
+        epochs: int, val_frac: float, seed: int, n_genes: int, patch_um: float, position_mode: str, densify: float, batch_size: int) -> None:
     """Train HisHRST on DATA (Space Ranger outs directory, or .h5ad with --image)."""
     from hishrst_train.tasks import fit_run
 
     try:
         s = fit_run(data, out=out, task=task, encoder=encoder, weights=weights, image=image, mpp=mpp,  # type: ignore[arg-type]
                     epochs=epochs, seed=seed, n_genes=n_genes, patch_um=patch_um, position_mode=position_mode,  # type: ignore[arg-type]
-                    densify=densify, batch_size=batch_size)
+                    densify=densify, batch_size=batch_size, val_frac=val_frac)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"\n{task} run written to {out}")
-    rows = [("spots", s["n_spots"]), ("training spots", s["n_train"]),
+    rows = [("spots", s["n_spots"]), ("training spots", s["n_train"]), ("validation spots", s["n_val"]),
             ("held-out spots" if task == "recovery" else "dense points", s.get("n_heldout", s.get("n_dense"))),
+            ("epochs (best)", f"{s['epochs_run']} ({s['best_epoch']})"),
+            ("best val. MSE", f"{s['best_val_mse']:.4f}" if s["best_val_mse"] is not None else "n/a"),
             ("final train MSE", f"{s['final_train_mse']:.4f}"), ("features (s)", s["seconds_features"]),
             ("training (s/epoch)", s["seconds_per_epoch"]), ("total (s)", s["seconds_total"])]
     for k, v in rows:

@@ -85,6 +85,7 @@ def fit_run(
     max_group: int = 50,
     batch_size: int = 64,
     image_features: bool = True,
+    val_frac: float = 0.1,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -92,6 +93,8 @@ def fit_run(
 
     ``patch_um`` is the patch side in µm; ``densify`` the density factor of the generation grid;
     ``image_features=False`` trains the position-only ablation (features replaced by zeros).
+    ``val_frac`` of the training spots (seeded; never held-out spots) is kept aside for early
+    stopping: ``epochs`` is then a maximum, and the weights of the best validation epoch are kept.
     Returns a summary dict (also stored in ``config.json``).
     """
     import torch
@@ -132,17 +135,26 @@ def fit_run(
 
     pos = spot_positions(xy, mpp=mpp_v, mode=position_mode, array_rc=array_rc)
     train_idx = np.flatnonzero(train_mask)
+    val_groups = None
+    if val_frac > 0:
+        perm = np.random.default_rng(seed + 1).permutation(train_idx)
+        n_val = int(round(len(train_idx) * val_frac))
+        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        val_groups = [val_idx[g] for g in group_points(xy[val_idx], max_size=max_group)] if n_val else None
     groups = [train_idx[g] for g in group_points(xy[train_idx], max_size=max_group)]
     mcfg = HisHRSTConfig(feature_dim=enc.feature_dim, n_genes=len(genes), position_mode=position_mode)
     tcfg = TrainConfig(epochs=epochs, seed=seed)
     t_train = time.perf_counter()
-    model, history = train_model(feats, pos, expr, groups=groups, model_config=mcfg, train_config=tcfg, progress=progress)
+    hist: dict[str, list[float]] = {}
+    model, history = train_model(feats, pos, expr, groups=groups, val_groups=val_groups, model_config=mcfg,
+                                 train_config=tcfg, history_out=hist, progress=progress)
     t_train = time.perf_counter() - t_train
 
     obs = adata.obs[["array_row", "array_col"]].copy()
     if "layer" in adata.obs:
         obs["layer"] = adata.obs["layer"].astype(str).values
-    summary: dict[str, Any] = {"task": task, "n_spots": int(adata.n_obs), "n_train": int(train_mask.sum())}
+    summary: dict[str, Any] = {"task": task, "n_spots": int(adata.n_obs), "n_train": int(len(train_idx)),
+                               "n_val": int(train_mask.sum()) - int(len(train_idx))}
     if task == "recovery":
         test_idx = np.flatnonzero(~train_mask)
         test_groups = [test_idx[g] for g in group_points(xy[test_idx], max_size=max_group)]
@@ -176,14 +188,19 @@ def fit_run(
         summary.update(n_dense=int(len(dense_rc)), densify=float(densify))
 
     (out / "split.json").write_text(
-        json.dumps({"seed": seed, "train": adata.obs_names[train_mask].tolist(), "heldout": adata.obs_names[~train_mask].tolist()})
+        json.dumps({"seed": seed, "train": adata.obs_names[train_idx].tolist(),
+                    "validation": adata.obs_names[np.setdiff1d(np.flatnonzero(train_mask), train_idx)].tolist(),
+                    "heldout": adata.obs_names[~train_mask].tolist()})
     )
-    (out / "history.json").write_text(json.dumps({"train_mse": history}))
+    (out / "history.json").write_text(json.dumps(hist))
     summary.update(
         final_train_mse=history[-1],
+        epochs_run=len(history),
+        best_epoch=int(hist["best_epoch"][0]),
+        best_val_mse=min(hist["val_mse"]) if hist.get("val_mse") else None,
         seconds_features=round(t_feat, 2),
         seconds_train=round(t_train, 2),
-        seconds_per_epoch=round(t_train / epochs, 4),
+        seconds_per_epoch=round(t_train / max(1, len(history)), 4),
         seconds_total=round(time.perf_counter() - t0, 2),
     )
     config = {

@@ -37,6 +37,9 @@ class TrainConfig:
     batch_groups: int = 1
     weight_decay: float = 0.0
     seed: int = 0
+    #: Early stopping: stop when the validation MSE has not improved for this many epochs (and keep
+    #: the best epoch's weights). Only used when validation groups are given.
+    patience: int = 10
 
 
 def seed_everything(seed: int) -> None:
@@ -64,13 +67,18 @@ def train_model(
     groups: list[np.ndarray],
     model_config: HisHRSTConfig,
     train_config: TrainConfig | None = None,
+    val_groups: list[np.ndarray] | None = None,
+    history_out: dict[str, list[float]] | None = None,
     progress: bool = True,
     device: str = "cpu",
 ) -> tuple[HisHRST, list[float]]:
     """Fit a :class:`HisHRST` on ``features [N, D]``, ``positions [N, 2]`` and ``targets [N, G]``.
 
-    ``groups`` partitions the training spots (indices into the arrays) into neighbour groups. Returns
-    the model (eval mode, on CPU) and the mean training loss of each epoch.
+    ``groups`` partitions the training spots (indices into the arrays) into neighbour groups. With
+    ``val_groups`` (validation spots, disjoint from the training spots), the validation MSE is measured
+    after every epoch, training stops after ``patience`` epochs without improvement, and the best
+    epoch's weights are returned. Returns the model (eval mode, on CPU) and the mean training loss of
+    each epoch run; ``history_out`` (if given) also receives ``val_mse`` and ``best_epoch``.
     """
     tc = train_config or TrainConfig()
     if len(features) != len(positions) or len(features) != len(targets):
@@ -100,9 +108,11 @@ def train_model(
     p = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.float32))
     y = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
     history: list[float] = []
+    val_hist: list[float] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     model.train()
     bar = tqdm(range(tc.epochs), desc="training", unit="epoch", disable=not progress)
-    for _ in bar:
+    for epoch in bar:
         losses = []
         for index, mask in _batches(groups, tc.batch_groups, rng):
             m = torch.from_numpy(mask).to(device)
@@ -115,8 +125,35 @@ def train_model(
             sched.step()
             losses.append(loss.item())
         history.append(float(np.mean(losses)))
-        bar.set_postfix(mse=f"{history[-1]:.4f}")
+        if val_groups:
+            val = _val_mse(model, f, p, y, val_groups, device)
+            val_hist.append(val)
+            if best is None or val < best[0]:
+                best = (val, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            bar.set_postfix(mse=f"{history[-1]:.4f}", val=f"{val:.4f}")
+            if epoch - best[1] >= tc.patience:
+                break
+        else:
+            bar.set_postfix(mse=f"{history[-1]:.4f}")
+    if best is not None:
+        model.load_state_dict(best[2])
+    if history_out is not None:
+        history_out.update(train_mse=history, val_mse=val_hist, best_epoch=[best[1] + 1] if best else [len(history)])
     return model.eval().cpu(), history
+
+
+@torch.no_grad()
+def _val_mse(model: HisHRST, f: torch.Tensor, p: torch.Tensor, y: torch.Tensor, groups: list[np.ndarray], device: str) -> float:
+    model.eval()
+    total, count = 0.0, 0.0
+    for index, mask in _batches(groups, 32, None):
+        m = torch.from_numpy(mask).to(device)
+        out = model(_gather(f, index).to(device), _gather(p, index).to(device), m)
+        err = ((out - _gather(y, index).to(device)) ** 2).mean(-1)
+        total += float((err * m).sum())
+        count += float(m.sum())
+    model.train()
+    return total / max(count, 1.0)
 
 
 @torch.inference_mode()

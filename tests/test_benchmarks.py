@@ -27,7 +27,7 @@ SCRIPT_TIMEOUT_S = 300
 
 def _run(args: list[str], *, timeout: float = SCRIPT_TIMEOUT_S) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -58,7 +58,7 @@ def _positive(*values: object) -> None:
 def bench_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic small section, its 1×/4× OME-Zarr slides and a 1-epoch bundle, shared by the tests."""
     work = tmp_path_factory.mktemp("bench-work")
-    _run(["-m", "benchmarks._common", "prepare", "--quick", "--workdir", str(work)])
+    _run(["-m", "benchmarks._data", "prepare", "--quick", "--workdir", str(work)])
     return work
 
 
@@ -182,7 +182,7 @@ def test_gpu_peak_lookup() -> None:
 
 
 def test_tiled_2x2_matches_numpy_tile() -> None:
-    from benchmarks._common import Tiled2x2
+    from benchmarks._data import Tiled2x2
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)

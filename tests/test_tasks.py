@@ -51,17 +51,19 @@ def test_run_directory_contents_and_leakage_rule(runs, section):
         assert (run / name).is_file()
     split = json.loads((run / "split.json").read_text())
     assert not set(split["train"]) & set(split["heldout"])
+    assert not set(split["validation"]) & (set(split["heldout"]) | set(split["train"]))
     pred = ad.read_h5ad(run / "predictions.h5ad")
     assert set(pred.obs_names) == set(split["heldout"])  # scored on held-out spots only
     # Gene selection saw the training spots only.
     from hishrst_train.preprocess import select_hvgs
 
     adata = load_section(section)
-    mask = adata.obs_names.isin(split["train"])
+    mask = adata.obs_names.isin(split["train"] + split["validation"])
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["genes"] == list(select_hvgs(adata, n_top=1000, train_mask=mask))
     assert cfg["patch"]["size_um"] == 64.0 and cfg["grouping"]["max_size"] == 50
-    assert summary["n_train"] + summary["n_heldout"] == adata.n_obs
+    assert summary["n_train"] + summary["n_val"] + summary["n_heldout"] == adata.n_obs
+    assert summary["n_val"] > 0 and 1 <= summary["best_epoch"] <= summary["epochs_run"]
 
 
 def test_evaluate_writes_metrics_and_ssim_ari(runs):
@@ -122,3 +124,24 @@ def test_every_subcommand_has_help(cmd):
     r = CliRunner().invoke(main, [cmd, "--help"])
     assert r.exit_code == 0, r.output
     assert "Usage" in r.output
+
+
+def test_early_stopping_keeps_the_best_validation_epoch():
+    from hishrst_runtime.grouping import group_points
+    from hishrst_train.model import HisHRSTConfig
+    from hishrst_train.train import TrainConfig, train_model
+
+    rng = np.random.default_rng(0)
+    n = 300
+    feats = rng.standard_normal((n, 16)).astype(np.float32)
+    xy = rng.random((n, 2)) * 3000
+    y = rng.random((n, 8)).astype(np.float32)  # pure noise: validation error can only get worse
+    tr, va = np.arange(0, 240), np.arange(240, n)
+    hist: dict = {}
+    train_model(feats, xy, y, groups=[tr[g] for g in group_points(xy[tr])], val_groups=[va[g] for g in group_points(xy[va])],
+                model_config=HisHRSTConfig(feature_dim=16, n_genes=8), train_config=TrainConfig(epochs=200, patience=3),
+                history_out=hist, progress=False)
+    assert len(hist["train_mse"]) < 200  # stopped early
+    best = hist["best_epoch"][0]
+    assert hist["val_mse"][best - 1] == min(hist["val_mse"])
+    assert len(hist["train_mse"]) == best + 3
