@@ -106,6 +106,8 @@ def engine_only_child(slide: str, bundle: str, provider: str, batch_size: int, m
 
     b = load_bundle(Path(bundle))
     encoder, head, chosen = _engines(b, provider)
+    if chosen in ("tensorrt", "trt-native"):  # as run_slides: TensorRT profiles stop at the bundle's max_batch
+        batch_size = min(batch_size, int(b.manifest.get("max_batch", 64)))
     prep = prepare_slide(Path(slide), b)
     level = prep.slide.levels[prep.level_index]
     side = patch_side_px(b.patch_um, float(level.mpp))

@@ -37,10 +37,11 @@ def _machine(recs: list[dict[str, Any]]) -> str:
     v = m.get("versions", {})
     quick = any(r.get("quick") for r in recs)
     loads = [r["load_avg_1m"] for r in recs if r.get("load_avg_1m") is not None]
+    stamps = [r["timestamp"] for r in recs]
     return (f"*Machine*: {m.get('cpu_model')} ({m.get('cores_usable')} usable / {m.get('cores_logical')} logical cores, "
             f"{m.get('memory_gb')} GB), GPU: {m.get('gpu') or 'none'}; torch {v.get('torch')}, onnxruntime "
             f"{v.get('onnxruntime-gpu') or v.get('onnxruntime')}, tensorrt {v.get('tensorrt') or '-'}; "
-            f"{recs[0]['timestamp']} – {recs[-1]['timestamp']}; 1-min load average during the run {min(loads, default=0):.1f}–{max(loads, default=0):.1f}"
+            f"{min(stamps)} – {max(stamps)}; 1-min load average during the run {min(loads, default=0):.1f}–{max(loads, default=0):.1f}"
             f"{' — **QUICK run: placeholder numbers**' if quick else ''}.\n\n*Command*: "
             + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in recs)))
 
@@ -77,10 +78,12 @@ def section(name: str, recs: list[dict[str, Any]], *, title: str | None = None) 
                                       ("peak_rss_mb_1x", "RSS 1× MB"), ("peak_rss_mb_4x", "RSS 4× MB"),
                                       ("rss_growth", "RSS growth"), ("ratio_met", "≥ 90 %"), ("rss_flat", "RSS flat")]))
     elif name == "reference":
-        rows = [{**r, "name": r["pipeline"] + (f" (num_workers={r['num_workers']})" if "num_workers" in r else "")}
+        rows = [{**r, "name": r["pipeline"] + (f" (num_workers={r['num_workers']})" if "num_workers" in r else ""),
+                 "stage_s": ", ".join(f"{k} {fmt(v)}" for k, v in (r.get("stages") or {}).items() if v is not None)}
                 for r in ok if r.get("pipeline")]
         out.append(md_table(rows, [("name", "pipeline"), ("engine", "engine"), ("points", "points"), ("tiles_per_s", "tiles/s"),
-                                   ("seconds", "seconds"), ("peak_rss_mb", "peak RSS MB"), ("tree_peak_rss_mb", "tree RSS MB")]))
+                                   ("seconds", "seconds"), ("peak_rss_mb", "peak RSS MB"), ("tree_peak_rss_mb", "tree RSS MB"),
+                                   ("stage_s", "stage seconds (reader stages summed over threads)")]))
         for s in (r for r in ok if r.get("kind") == "summary"):
             out.append("")
             out.append(md_table([s], [("speedup", "ours / reference tiles/s"), ("speedup_vs", "vs"),
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     parts = []
     for name in ("encoder", "pipeline", "reference", "training"):
-        for f in sorted(args.dir.glob(f"{name}*.jsonl")):  # e.g. pipeline.jsonl, pipeline-ort-nospin.jsonl
+        files = sorted(args.dir.glob(f"{name}*.jsonl"), key=lambda f: (f.stem != name, f.stem))
+        for f in files:  # <name>.jsonl first, then variants such as pipeline-whatif-ort-nospin.jsonl
             if f.stat().st_size:
                 parts.append(section(name, read_jsonl(f), title=f.stem))
     text = "\n".join(parts) or f"no results in {args.dir}\n"
