@@ -8,8 +8,8 @@ and writes the versioned ``manifest.json``. Needs the ``[export]`` extra (plus `
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from hishrst_runtime._lazy import lazy_attributes
+
 
 __all__ = [
     "export_bundle",
@@ -32,15 +32,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        try:
-            module = importlib.import_module(f"hishrst_export.{_WHERE[name]}")
-        except ImportError as e:
-            raise ImportError(f"hishrst_export.{name} needs the export extra: pip install \"hishrst[export]\" ({e})") from e
-        return getattr(module, name)
-    raise AttributeError(f"module 'hishrst_export' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes("hishrst_export", _WHERE, extra='export')

@@ -7,9 +7,9 @@ Importing this package (or anything in it) never imports torch or timm.
 
 from __future__ import annotations
 
-import importlib
+from hishrst_runtime._lazy import lazy_attributes
+
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
 
 try:
     __version__ = version("hishrst")
@@ -40,11 +40,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"hishrst_runtime.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'hishrst_runtime' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes("hishrst_runtime", _WHERE)

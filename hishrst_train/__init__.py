@@ -6,8 +6,8 @@ Needs the ``[train]`` extra (torch, timm, scanpy, …). Heavy modules are import
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from hishrst_runtime._lazy import lazy_attributes
+
 
 __all__ = [
     "HisHRST",
@@ -44,15 +44,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        try:
-            module = importlib.import_module(f"hishrst_train.{_WHERE[name]}")
-        except ImportError as e:
-            raise ImportError(f"hishrst_train.{name} needs the training extra: pip install \"hishrst[train]\" ({e})") from e
-        return getattr(module, name)
-    raise AttributeError(f"module 'hishrst_train' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes("hishrst_train", _WHERE, extra='train')
