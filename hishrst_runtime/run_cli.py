@@ -56,7 +56,8 @@ def output_collisions(slides: list[Path], out_dir: Path) -> dict[Path, list[Path
     return {o: s for o, s in by_out.items() if len({str(Path(p).resolve()) for p in s}) > 1}
 
 
-def _load_engines(bundle: Any, provider: str, *, cache_dir: Path | None) -> tuple[Any, Any, str]:
+def _load_engines(bundle: Any, provider: str, *, cache_dir: Path | None, threads: int | None = None
+                  ) -> tuple[Any, Any, str]:
     from hishrst_runtime.backends import load_backend, resolve_provider
     from hishrst_runtime.pipeline import NoopBackend
 
@@ -91,7 +92,7 @@ def _load_engines(bundle: Any, provider: str, *, cache_dir: Path | None) -> tupl
                                             fp16=entry.get("precision") == "fp16"))
             else:
                 engines.append(load_backend(bundle.path(key), provider=chosen,  # type: ignore[arg-type]
-                                            cache_dir=cache_dir))
+                                            cache_dir=cache_dir, threads=threads))
     except BaseException:
         for eng in engines:
             with contextlib.suppress(Exception):
@@ -117,6 +118,7 @@ def run_slides(
     min_tissue: float = 0.25,
     points_px: dict[str, np.ndarray] | None = None,
     cache_dir: Path | None = None,
+    engine_threads: int | None = None,
     cache_bytes: int | None = None,
     progress: bool = True,
     echo: Callable[[str], Any] = click.echo,
@@ -141,13 +143,15 @@ def run_slides(
     pitch = float(pitch_um or DEFAULT_PITCH_UM)
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
+    if engine_threads is not None and engine_threads < 1:
+        raise ValueError(f"engine_threads must be >= 1, got {engine_threads}")
     if not (np.isfinite(pitch) and pitch > 0) or not 0.0 <= min_tissue <= 1.0:
         raise ValueError(f"pitch_um must be > 0 µm and min_tissue in [0, 1], got {pitch} and {min_tissue}")
     bundle = load_bundle(bundle_dir)
     if bundle.manifest["position"]["mode"] != "continuous":
         raise BundleError(f"{bundle_dir / 'manifest.json'}: the bundle encodes grid (array) positions, which only "
                           "exist on Visium slides; re-train with --position-mode continuous to run on whole slides")
-    encoder, head, chosen = _load_engines(bundle, provider, cache_dir=cache_dir)
+    encoder, head, chosen = _load_engines(bundle, provider, cache_dir=cache_dir, threads=engine_threads)
     try:
         echo(f"engine: {chosen}" + (" (auto-selected)" if provider == "auto" else ""))
         max_batch = int(bundle.manifest.get("max_batch", 64))
@@ -376,6 +380,9 @@ def _run_one(prep: Any, out: Path, ctx: _Context, lock: Any) -> dict[str, Any]:
               show_default=True, help="Inference engine; `auto` picks the fastest available and says which.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Encoder batch size (tiles).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Reader threads (fetch, decode, cut).")
+@click.option("--engine-threads", type=int, default=None,
+              help="ONNX Runtime CPU intra-op threads [default: physical cores]. On small CPU machines, leaving "
+                   "cores to the readers (e.g. 1 on 2 cores) is faster; see benchmarks/RESULTS.md.")
 @click.option("--mpp", type=float, default=None, help="µm per level-0 pixel (overrides or supplies the store's).")
 @click.option("--min-tissue", type=float, default=0.25, show_default=True, help="Minimum tissue fraction under a patch.")
 @click.option("--shard", default=None, help="I/N: process the I-th (0-based) of N shards of the slide list "
@@ -386,7 +393,7 @@ def _run_one(prep: Any, out: Path, ctx: _Context, lock: Any) -> dict[str, Any]:
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def run(slides: tuple[Path, ...], bundle_dir: Path, out_dir: Path, pitch_um: float | None, grid: str, provider: str,
         batch_size: int, workers: int, mpp: float | None, min_tissue: float, shard: str | None, resume: bool,
-        overwrite: bool, h5ad: bool, no_progress: bool) -> None:
+        overwrite: bool, h5ad: bool, no_progress: bool, engine_threads: int | None) -> None:
     """Predict dense gene expression over whole-slide OME-Zarr SLIDES with an exported bundle."""
     from hishrst_runtime.backends import BackendError
     from hishrst_runtime.jobs import parse_shard, shard_from_env, shard_items
@@ -417,7 +424,8 @@ def run(slides: tuple[Path, ...], bundle_dir: Path, out_dir: Path, pitch_um: flo
     try:
         results = run_slides(items, bundle_dir=bundle_dir, out_dir=out_dir, pitch_um=pitch_um, grid=grid,
                              provider=provider, batch_size=batch_size, workers=workers, mpp=mpp, resume=resume,
-                             overwrite=overwrite, h5ad=h5ad, min_tissue=min_tissue, progress=not no_progress)
+                             overwrite=overwrite, h5ad=h5ad, min_tissue=min_tissue, progress=not no_progress,
+                             engine_threads=engine_threads)
     except (BundleError, BackendError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"\n{'slide':<34}{'status':<9}{'points':>9}{'tiles/s':>10}{'seconds':>9}")

@@ -275,3 +275,20 @@ def test_bad_options_are_usage_errors(slide_dir: Path, small_bundle: Path, tmp_p
         r = invoke([*base, *extra])
         assert r.exit_code == 2 and needle in r.output, (extra, r.output)
     assert not (tmp_path / "out").exists()
+
+
+def test_engine_threads_option(small_bundle, tmp_path):
+    """--engine-threads reaches ONNX Runtime; a bad value is a clear error before anything is written."""
+    from hishrst_runtime.manifest import load_bundle
+    from hishrst_runtime.run_cli import _load_engines, run_slides
+
+    with pytest.raises(ValueError, match="engine_threads"):
+        run_slides([tmp_path / "x.zarr"], bundle_dir=small_bundle, out_dir=tmp_path / "o", engine_threads=0, progress=False)
+    assert not (tmp_path / "o").exists()
+    enc, head, chosen = _load_engines(load_bundle(small_bundle), "cpu", cache_dir=None, threads=1)
+    try:
+        assert chosen == "cpu"
+        assert enc._session.get_session_options().intra_op_num_threads == 1
+    finally:
+        enc.close()
+        head.close()
