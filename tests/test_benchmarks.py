@@ -99,6 +99,16 @@ def test_plot_from_encoder_results(encoder_jsonl: tuple[Path, list[dict]], tmp_p
     assert rec["benchmark"] == "plot" and rec["lines"] >= 3 and rec["points"] >= 6
 
 
+def test_report_renders_results(encoder_jsonl: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    src, records = encoder_jsonl
+    (tmp_path / "encoder.jsonl").write_text(src.read_text())
+    md = tmp_path / "tables.md"
+    _run(["-m", "benchmarks.report", "--dir", str(tmp_path), "--md", str(md)])
+    text = md.read_text()
+    assert "### encoder" in text and "QUICK run" in text and records[0]["command"] in text
+    assert sum(line.startswith("| test-vit |") for line in text.splitlines()) == sum(r["status"] == "ok" for r in records)
+
+
 def test_pipeline_quick(bench_work: Path, tmp_path: Path) -> None:
     records = _script("pipeline", tmp_path / "pipeline.jsonl", bench_work)
     by_kind: dict[str, list[dict]] = {}
