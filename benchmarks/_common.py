@@ -31,7 +31,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+
+from hishrst_runtime.jsonutil import json_default
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -174,7 +175,7 @@ class JsonlWriter:
         rec = {"benchmark": self.benchmark, **record, "quick": self.quick,
                "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "load_avg_1m": load_average(), "command": self.command, "machine": machine_info()}
-        self._fh.write(json.dumps(rec, default=_json_default) + "\n")
+        self._fh.write(json.dumps(rec, default=json_default) + "\n")
         self._fh.flush()
         self.records.append(rec)
         return rec
@@ -192,18 +193,6 @@ class JsonlWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -300,7 +289,7 @@ def run_child(target: str, kwargs: dict[str, Any], *, timeout: float | None = No
 
     with tempfile.TemporaryDirectory(prefix="hishrst-bench-") as tmp:
         args_f, res_f = Path(tmp) / "args.json", Path(tmp) / "result.json"
-        args_f.write_text(json.dumps(kwargs, default=_json_default))
+        args_f.write_text(json.dumps(kwargs, default=json_default))
         cmd = [sys.executable, "-m", "benchmarks._common", "child", target, str(args_f), str(res_f)]
         e = dict(os.environ)
         e["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([e["PYTHONPATH"]] if e.get("PYTHONPATH") else [])])
@@ -360,7 +349,7 @@ def _child_main(target: str, args_file: str, result_file: str) -> None:
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result["child_maxrss_bytes"] = int(ru if sys.platform == "darwin" else ru * 1024)
     result["torch_imported"] = "torch" in sys.modules
-    Path(result_file).write_text(json.dumps(result, default=_json_default))
+    Path(result_file).write_text(json.dumps(result, default=json_default))
 
 
 def mb(nbytes: float | None) -> float | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from hishrst_runtime.grouping import pad_groups
+from hishrst_runtime.jsonutil import json_default
 from hishrst_train.model import HisHRST, HisHRSTConfig
 
 __all__ = ["TrainConfig", "train_model", "predict", "save_checkpoint", "load_checkpoint", "seed_everything"]
@@ -184,7 +185,7 @@ def save_checkpoint(run_dir: str | Path, model: HisHRST, config: dict[str, Any])
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
     cfg = {**config, "model": model.config.to_dict()}
     tmp = run_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(cfg, indent=2, default=json_default) + "\n")
     tmp.replace(run_dir / "config.json")
     return run_dir
 
@@ -206,17 +207,3 @@ def load_checkpoint(run_dir: str | Path) -> tuple[HisHRST, dict[str, Any]]:
     except RuntimeError as e:
         raise ValueError(f"{w_path}: weights do not match {cfg_path} ({e}); re-run `hishrst fit`") from e
     return model.eval(), config
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "__dataclass_fields__"):
-        return asdict(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
