@@ -31,7 +31,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-
 from hishrst_runtime.jsonutil import json_default
 
 ROOT = Path(__file__).resolve().parents[1]
