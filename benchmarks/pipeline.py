@@ -62,50 +62,42 @@ def _store_prepare_seconds(store: Path) -> float | None:
         return None
 
 
-def run_pipeline_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size: int, workers: int) -> dict:
+def run_pipeline_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size: int, workers: int | None,
+                       engine_threads: int | None = None) -> dict:
     """``run_slides`` on one slide (what ``hishrst-run`` calls); returns its timings."""
     from hishrst_runtime.run_cli import run_slides
 
     said: list[str] = []
     t0 = time.perf_counter()
     res = run_slides([Path(slide)], bundle_dir=Path(bundle), out_dir=Path(out_dir), provider=provider,
-                     batch_size=batch_size, workers=workers, overwrite=True, progress=False, echo=said.append)
+                     batch_size=batch_size, workers=workers, engine_threads=engine_threads, overwrite=True,
+                     progress=False, echo=said.append)
     wall = time.perf_counter() - t0
     r = res[0]
     if r.get("status") != "ok":
         raise RuntimeError(f"hishrst-run failed on {slide}: {r.get('reason')}")
-    m = next((re.match(r"engine: (\S+)", s) for s in said if s.startswith("engine:")), None)
+    m = next((re.match(r"engine: ([^\s,]+)", s) for s in said if s.startswith("engine:")), None)
     stats = r["stats"]
     return {"engine": m.group(1) if m else provider, "points": r["points"], "points_computed": r["computed"],
             "slide_seconds": r["seconds"], "stream_seconds": stats["seconds"], "stages": stats.get("stages", {}),
             "prepare_seconds": _store_prepare_seconds(Path(r["output"])), "chunk_cache": stats.get("chunk_cache"),
-            "patch_side_px": stats.get("patch_side_px"), "units": stats.get("units"), "run_slides_wall_s": wall}
-
-
-def _engines(bundle: Any, provider: str) -> tuple[Any, Any, str]:
-    """The encoder and head backends exactly as ``hishrst-run`` loads them."""
-    try:
-        from hishrst_runtime.run_cli import _load_engines
-
-        return _load_engines(bundle, provider, cache_dir=None)
-    except (ImportError, TypeError):  # fall back to the public API (cpu / cuda)
-        from hishrst_runtime.backends import load_backend, resolve_provider
-
-        chosen = resolve_provider(provider)  # type: ignore[arg-type]
-        return (load_backend(bundle.path("encoder"), provider=chosen),  # type: ignore[arg-type]
-                load_backend(bundle.path("head"), provider=chosen), chosen)  # type: ignore[arg-type]
+            "patch_side_px": stats.get("patch_side_px"), "units": stats.get("units"), "run_slides_wall_s": wall,
+            "engine_line": next((s for s in said if s.startswith("engine:")), None)}
 
 
 def engine_only_child(slide: str, bundle: str, provider: str, batch_size: int, max_tile_mb: float,
-                      min_time: float) -> dict:
-    """Encoder + head backends alone on pre-cut tiles, unit by unit as ``predict_slide`` calls them."""
+                      min_time: float, threads: int | None = None) -> dict:
+    """Encoder + head backends alone on pre-cut tiles, unit by unit as ``predict_slide`` calls them.
+
+    ``threads``: ONNX Runtime intra-op threads (``None``: all physical cores)."""
     from hishrst_runtime.grouping import pad_groups
     from hishrst_runtime.manifest import load_bundle
     from hishrst_runtime.patches import cut_patches, patch_side_px
     from hishrst_runtime.pipeline import prepare_slide, work_units
+    from hishrst_runtime.run_cli import load_engines
 
     b = load_bundle(Path(bundle))
-    encoder, head, chosen = _engines(b, provider)
+    encoder, head, chosen = load_engines(b, provider, cache_dir=None, threads=threads)
     if chosen in ("tensorrt", "trt-native"):  # as run_slides: TensorRT profiles stop at the bundle's max_batch
         batch_size = min(batch_size, int(b.manifest.get("max_batch", 64)))
     prep = prepare_slide(Path(slide), b)
@@ -150,34 +142,35 @@ def engine_only_child(slide: str, bundle: str, provider: str, batch_size: int, m
     for eng in (encoder, head):
         eng.close()
     return {"engine": chosen, "tiles": done, "sample_tiles": n_tiles, "seconds": seconds, "tiles_per_s": done / seconds,
-            "seconds_per_tile": seconds / done}
+            "seconds_per_tile": seconds / done, "threads": getattr(encoder, "threads", None)}
 
 
-def _ort_what_if(n_threads: int | None, spin: bool | None) -> None:
-    """Experiment knob (``--ort-threads`` / ``--ort-spin off``): change the ONNX Runtime session options
-    every backend of this process uses, to measure a proposed runtime change before making it."""
+def _ort_what_if(spin_what_if: bool) -> None:
+    """Experiment knob (``--ort-spin``): change the ONNX Runtime session options every backend of this
+    process uses, to measure a runtime setting other than the default."""
     from hishrst_runtime.backends import base, ort_cpu
 
     orig = base.ort_session_options
 
-    def patched(*, threads: int | None = None) -> Any:
-        so = orig(threads=n_threads or threads)
-        if spin is False:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return so
+    def patched(*, threads: int | None = None, spin: bool = False) -> Any:
+        return orig(threads=threads, spin=spin_what_if)
 
     base.ort_session_options = patched  # type: ignore[assignment]
     ort_cpu.ort_session_options = patched  # type: ignore[attr-defined]
 
 
-def size_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size: int, workers: int,
+def size_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size: int, workers: int | None,
                engine_only: dict | None = None, ort_threads: int | None = None, ort_spin: bool | None = None) -> dict:
     """One slide size in one fresh process: ``hishrst-run`` with the real engine (peak RSS taken right
-    after it), then with the no-op engine, then (if asked) the engine alone on pre-cut tiles."""
+    after it), then with the no-op engine, then (if asked) the engine alone on pre-cut tiles — with the
+    run's intra-op threads and with all physical cores; the faster is the engine's limit."""
     import resource
 
-    if ort_threads or ort_spin is False:
-        _ort_what_if(ort_threads, ort_spin)
+    from hishrst_runtime.run_cli import default_engine_threads, default_workers
+
+    if ort_spin is not None:
+        _ort_what_if(ort_spin)
+    run_threads = ort_threads or default_engine_threads(default_workers() if workers is None else workers)
 
     from hishrst_runtime.backends import available_providers
     from hishrst_runtime.manifest import load_bundle
@@ -193,16 +186,23 @@ def size_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size:
     if provider not in ("cpu", "noop") and (provider != "auto" or available_providers() != ["cpu"]):
         # GPU engines: build / load the TensorRT engine caches (minutes on first use) untimed
         engine_only_child(slide, bundle, provider, batch_size, max_tile_mb=16.0, min_time=0.0)
-    real = run_pipeline_child(slide, bundle, out_dir, provider, batch_size, workers)
+    real = run_pipeline_child(slide, bundle, out_dir, provider, batch_size, workers, ort_threads)
     real["cold_prepare_seconds"] = cold_prepare
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     real["maxrss_bytes"] = int(ru if sys.platform == "darwin" else ru * 1024)
     real["torch_imported"] = "torch" in sys.modules
     shutil.rmtree(out_dir, ignore_errors=True)
-    noop = run_pipeline_child(slide, bundle, out_dir, "noop", batch_size, workers)
+    noop = run_pipeline_child(slide, bundle, out_dir, "noop", batch_size, workers, ort_threads)
     noop["torch_imported"] = "torch" in sys.modules
     shutil.rmtree(out_dir, ignore_errors=True)
-    eng = engine_only_child(slide, bundle, provider, batch_size, **engine_only) if engine_only else None
+    eng = None
+    if engine_only:
+        from hishrst_runtime.backends.base import default_threads
+
+        tried = [engine_only_child(slide, bundle, provider, batch_size, threads=t, **engine_only)
+                 for t in sorted({run_threads, default_threads()})]
+        eng = max(tried, key=lambda e: e["tiles_per_s"])
+        eng["by_threads"] = {str(e["threads"]): e["tiles_per_s"] for e in tried}
     return {"real": real, "noop": noop, "engine_only": eng}
 
 
@@ -214,15 +214,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--bundle", type=Path, default=None, help="bundle to run (default: a test-vit bundle fitted on the preset)")
     p.add_argument("--provider", default="auto", help="hishrst-run --provider (default auto: the fastest available)")
     p.add_argument("--batch-size", type=int, default=64, help="encoder batch size (hishrst-run default 64)")
-    p.add_argument("--workers", type=int, default=2, help="reader threads (hishrst-run default 2)")
+    p.add_argument("--workers", type=int, default=None, help="reader threads (default: hishrst-run's, 2; 1 below 4 cores)")
     p.add_argument("--sizes", default="1x,4x", help="slide sizes to run: 1x, 4x (default both)")
     p.add_argument("--repeats", type=int, default=1, help="runs per configuration (the fastest is reported)")
-    p.add_argument("--ort-threads", type=int, default=None, help="what-if: ONNX Runtime intra-op threads "
-                   "(default: the runtime's choice, physical cores)")
-    p.add_argument("--ort-spin", choices=["on", "off"], default="on", help="what-if: 'off' disables ONNX Runtime's "
-                   "intra-op thread spinning (session.intra_op.allow_spinning=0)")
+    p.add_argument("--ort-threads", type=int, default=None, help="hishrst-run --engine-threads: ONNX Runtime "
+                   "intra-op threads (default: the runtime's choice, the cores the readers leave free)")
+    p.add_argument("--ort-spin", choices=["on", "off"], default=None, help="what-if: 'on' lets ONNX Runtime's "
+                   "intra-op threads spin (onnxruntime's own default; the runtime turns it off)")
     args = p.parse_args(argv)
-    what_if = {"ort_threads": args.ort_threads, "ort_spin": args.ort_spin == "on"}
+    what_if = {"ort_threads": args.ort_threads, "ort_spin": None if args.ort_spin is None else args.ort_spin == "on"}
     work = workdir_of(args)
     preset, epochs, genes = data_plan(args.quick)
     slides = ensure_slides(work, preset)
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not sizes:
         p.error(f"--sizes: choose from {', '.join(slides)}")
     common = {"preset": preset, "bundle": str(bundle), "batch_size": args.batch_size, "workers": args.workers,
-              "what_if": what_if if (args.ort_threads or args.ort_spin == "off") else None}
+              "what_if": what_if if (args.ort_threads or args.ort_spin is not None) else None}
     scratch = work / "out-pipeline"
     rows: list[dict[str, Any]] = []
     with JsonlWriter(args.out, benchmark="pipeline", quick=args.quick, append=args.append) as out:
@@ -268,15 +268,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                  "peak_rss_mb": mb(r.get("maxrss_bytes")), "torch_imported": r["torch_imported"],
                                  "chunk_cache": r["chunk_cache"], "patch_side_px": r["patch_side_px"],
                                  "cold_prepare_seconds": r.get("cold_prepare_seconds"),
-                                 "run_slides_wall_s": r["run_slides_wall_s"],
+                                 "run_slides_wall_s": r["run_slides_wall_s"], "engine_line": r.get("engine_line"),
                                  "equivalent_cli": f"hishrst-run {slides[size]} --bundle {bundle} --out OUT --provider "
-                                                   f"{provider} --batch-size {args.batch_size} --workers {args.workers}"})
+                                                   f"{provider} --batch-size {args.batch_size}"
+                                                   + (f" --workers {args.workers}" if args.workers is not None else "")
+                                                   + (f" --engine-threads {args.ort_threads}" if args.ort_threads else "")})
                 rows.append({**rec, **{f"s_{k}": v for k, v in st.items()}})
             if "engine_only" in best:
                 e = best["engine_only"]
                 eng = out.write({**common, "kind": "engine_only", "status": "ok", "slide": f"{preset}-{size}",
                                  "provider": args.provider, "engine": e["engine"], "tiles_per_s": e["tiles_per_s"],
-                                 "tiles": e["tiles"], "sample_tiles": e["sample_tiles"], "seconds": e["seconds"]})
+                                 "tiles": e["tiles"], "sample_tiles": e["sample_tiles"], "seconds": e["seconds"],
+                                 "threads": e.get("threads"), "tiles_per_s_by_threads": e.get("by_threads")})
         assert eng is not None
         e2e = {r["slide"]: r for r in rows if r.get("kind") == "end_to_end"}
         summary: dict[str, Any] = {**common, "kind": "summary", "status": "ok", "engine_only_tiles_per_s": eng["tiles_per_s"],
@@ -299,7 +302,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                      ("s_read_decode", "read+decode s"), ("s_cut_resample", "cut+resample s"), ("s_encoder", "encoder s"),
                      ("s_head", "head s"), ("s_write", "write s"), ("peak_rss_mb", "peak RSS MB")],
                     title=f"hishrst-run end to end ({'quick' if args.quick else 'full'} run, batch {args.batch_size})")
-        print(f"\nengine alone ({eng['engine']}, pre-cut tiles): {eng['tiles_per_s']:.1f} tiles/s")
+        by = ", ".join(f"{t} thread(s) {v:,.0f}" for t, v in (eng.get("tiles_per_s_by_threads") or {}).items())
+        print(f"\nengine alone ({eng['engine']}, pre-cut tiles): {eng['tiles_per_s']:.1f} tiles/s (the faster of: {by})")
         for tag in ("1x", "4x"):
             if f"ratio_{tag}" in summary:
                 print(f"end-to-end / engine-only ({tag}): {100 * summary[f'ratio_{tag}']:.0f} % "

@@ -20,8 +20,10 @@ __all__ = [
     "RESIZE_FILTER",
     "patch_side_px",
     "patch_origin",
+    "patch_origins",
     "cut_patch",
     "resize_patch",
+    "resize_image",
     "cut_patches",
 ]
 
@@ -43,8 +45,13 @@ def patch_side_px(patch_um: float, mpp: float) -> int:
 
 def patch_origin(center_xy: Sequence[float] | np.ndarray, side: int) -> tuple[int, int]:
     """Top-left pixel (x0, y0) of a ``side``-pixel patch centred on ``center_xy`` (pixels)."""
-    cx, cy = float(center_xy[0]), float(center_xy[1])
-    return int(np.floor(cx - side / 2.0 + 0.5)), int(np.floor(cy - side / 2.0 + 0.5))
+    x0, y0 = patch_origins(np.asarray(center_xy, dtype=np.float64).reshape(1, 2), side)[0]
+    return int(x0), int(y0)
+
+
+def patch_origins(centers_xy: np.ndarray, side: int) -> np.ndarray:
+    """Top-left pixels ``[N, 2]`` int64 (x0, y0) of ``side``-pixel patches centred on ``centers_xy`` ``[N, 2]`` (pixels)."""
+    return np.floor(np.asarray(centers_xy, dtype=np.float64) - side / 2.0 + 0.5).astype(np.int64)
 
 
 def cut_patch(image: Any, center_xy: Sequence[float] | np.ndarray, side: int, *, fill: int = PAD_VALUE) -> np.ndarray:
@@ -65,11 +72,21 @@ def cut_patch(image: Any, center_xy: Sequence[float] | np.ndarray, side: int, *,
     return out
 
 
+def resize_image(patch: Image.Image, size: int) -> Image.Image:
+    """Resize a Pillow RGB patch to ``size × size`` pixels (bilinear, antialiased when shrinking).
+
+    The one resampling step of training and the runtime (:func:`resize_patch` is this on arrays).
+    """
+    if patch.size == (size, size):
+        return patch
+    return patch.resize((size, size), Image.BILINEAR)
+
+
 def resize_patch(patch: np.ndarray, size: int) -> np.ndarray:
     """Resize an RGB uint8 patch to ``size × size`` pixels (Pillow bilinear, antialiased)."""
     if patch.shape[0] == size and patch.shape[1] == size:
         return np.ascontiguousarray(patch)
-    return np.asarray(Image.fromarray(patch).resize((size, size), Image.BILINEAR))
+    return np.asarray(resize_image(Image.fromarray(patch), size))
 
 
 def cut_patches(

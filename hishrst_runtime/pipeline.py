@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
 
 from hishrst_runtime.geometry import query_grid
 from hishrst_runtime.grouping import group_points, pad_groups
 from hishrst_runtime.manifest import Bundle
-from hishrst_runtime.patches import cut_patch, patch_side_px, resize_patch
+from hishrst_runtime.patches import PAD_VALUE, patch_origins, patch_side_px, resize_image
 
 __all__ = [
     "DEFAULT_PITCH_UM",
@@ -75,20 +76,23 @@ class StageTimer:
 
 
 class ChunkCache:
-    """Bounded LRU cache of decoded level chunks, shared by the reader threads.
+    """Bounded LRU cache of decoded level chunks (Pillow RGB images), shared by the reader threads.
 
-    Every read of the level is one whole chunk (chunk-aligned, clipped at the level's edge); regions
-    are assembled from cached chunks, so neighbouring patches never decode a chunk twice and no read
-    is ever bigger than a chunk. The cache holds at most ``max(max_bytes, one chunk)`` bytes of
-    decoded pixels, momentarily one chunk more while inserting. Concurrent requests for the same
-    chunk wait for one decode instead of decoding it twice.
+    Every read of the level is one whole chunk (:meth:`hishrst_runtime.slide.Level.read_chunk`);
+    patches and regions are assembled from cached chunks, so neighbouring patches never decode a
+    chunk twice and no read is ever bigger than a chunk. The cache holds at most ``max(max_bytes,
+    one chunk)`` bytes of decoded pixels (4 bytes per pixel, Pillow's RGB layout), momentarily one
+    chunk more while inserting. Concurrent requests for the same chunk wait for one decode instead
+    of decoding it twice.
     """
 
     def __init__(self, level: Any, *, max_bytes: int = DEFAULT_CACHE_BYTES, timer: StageTimer | None = None) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
         self.level, self.max_bytes, self.timer = level, int(max_bytes), timer
-        self._data: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self.shape = (int(level.shape[0]), int(level.shape[1]))
+        self.chunks = (int(level.chunks[0]), int(level.chunks[1]))
+        self._data: OrderedDict[tuple[int, int], Image.Image] = OrderedDict()
         self._loading: dict[tuple[int, int], threading.Event] = {}
         self._bytes = 0
         self._lock = threading.Lock()
@@ -96,15 +100,16 @@ class ChunkCache:
         #: Largest number of bytes the cache ever held (for tests and benchmarks).
         self.peak_bytes = 0
 
-    def _chunk(self, cy: int, cx: int) -> np.ndarray:
+    def chunk(self, cy: int, cx: int) -> Image.Image:
+        """Chunk ``(cy, cx)`` (chunk-grid row, column) as a Pillow RGB image, decoded at most once while cached."""
         key = (cy, cx)
         while True:
             with self._lock:
-                arr = self._data.get(key)
-                if arr is not None:
+                img = self._data.get(key)
+                if img is not None:
                     self._data.move_to_end(key)
                     self.hits += 1
-                    return arr
+                    return img
                 event = self._loading.get(key)
                 if event is None:  # this thread decodes it
                     event = self._loading[key] = threading.Event()
@@ -112,53 +117,54 @@ class ChunkCache:
                     break
             event.wait()  # another thread is decoding it; then look again (it may be evicted already)
         try:
-            ch, cw = self.level.chunks
-            h, w = self.level.shape[:2]
             t0 = time.perf_counter()
-            arr = self.level.read_region(cx * cw, cy * ch, min((cx + 1) * cw, w), min((cy + 1) * ch, h))
+            img = self.level.read_chunk(cy, cx)
             if self.timer:
                 self.timer.add("read_decode", time.perf_counter() - t0)
+            nbytes = img.width * img.height * 4
             with self._lock:
-                self._data[key] = arr
-                self._bytes += arr.nbytes
+                self._data[key] = img
+                self._bytes += nbytes
                 self.peak_bytes = max(self.peak_bytes, self._bytes)
                 while self._bytes > self.max_bytes and len(self._data) > 1:
                     _, old = self._data.popitem(last=False)
-                    self._bytes -= old.nbytes
+                    self._bytes -= old.width * old.height * 4
         finally:
             with self._lock:
                 self._loading.pop(key).set()
-        return arr
+        return img
+
+    def patch(self, x0: int, y0: int, side_x: int, side_y: int | None = None, *, fill: int = PAD_VALUE) -> Image.Image:
+        """The box ``[y0 : y0+side_y, x0 : x0+side_x]`` (level pixels) as an RGB image, ``fill`` outside the level.
+
+        Exactly :func:`hishrst_runtime.patches.cut_patch`'s pixels, without a numpy round trip.
+        """
+        side_y = side_x if side_y is None else side_y
+        (h, w), (ch, cw) = self.shape, self.chunks
+        x1, y1 = x0 + side_x, y0 + side_y
+        sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        if sx1 <= sx0 or sy1 <= sy0:
+            return Image.new("RGB", (side_x, side_y), (fill,) * 3)
+        cy0, cy1, cx0, cx1 = sy0 // ch, (sy1 - 1) // ch, sx0 // cw, (sx1 - 1) // cw
+        if cy0 == cy1 and cx0 == cx1 and (sx0, sy0, sx1, sy1) == (x0, y0, x1, y1):  # inside one chunk
+            return self.chunk(cy0, cx0).crop((x0 - cx0 * cw, y0 - cy0 * ch, x1 - cx0 * cw, y1 - cy0 * ch))
+        out = Image.new("RGB", (side_x, side_y), (fill,) * 3)
+        for cy in range(cy0, cy1 + 1):
+            for cx in range(cx0, cx1 + 1):
+                oy, ox = cy * ch, cx * cw
+                bx0, by0 = max(sx0, ox), max(sy0, oy)
+                bx1, by1 = min(sx1, ox + cw), min(sy1, oy + ch)
+                piece = self.chunk(cy, cx).crop((bx0 - ox, by0 - oy, bx1 - ox, by1 - oy))
+                out.paste(piece, (bx0 - x0, by0 - y0))
+        return out
 
     def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         """Region ``[y0:y1, x0:x1]`` (level pixels, clipped to the level) as uint8 ``(h, w, 3)``."""
-        h, w = self.level.shape[:2]
+        h, w = self.shape
         x0, y0, x1, y1 = max(int(x0), 0), max(int(y0), 0), min(int(x1), w), min(int(y1), h)
-        out = np.empty((max(0, y1 - y0), max(0, x1 - x0), 3), dtype=np.uint8)
-        if out.size == 0:
-            return out
-        ch, cw = self.level.chunks
-        for cy in range(y0 // ch, (y1 - 1) // ch + 1):
-            for cx in range(x0 // cw, (x1 - 1) // cw + 1):
-                c = self._chunk(cy, cx)
-                oy, ox = cy * ch, cx * cw
-                sy0, sx0 = max(y0, oy), max(x0, ox)
-                sy1, sx1 = min(y1, oy + c.shape[0]), min(x1, ox + c.shape[1])
-                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = c[sy0 - oy : sy1 - oy, sx0 - ox : sx1 - ox]
-        return out
-
-
-class _CachedImage:
-    """A level seen through a :class:`ChunkCache` as an ``(H, W, 3)`` array for ``cut_patch``."""
-
-    def __init__(self, cache: ChunkCache) -> None:
-        self.cache = cache
-        h, w = cache.level.shape[:2]
-        self.shape = (int(h), int(w), 3)
-
-    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
-        ys, xs = key
-        return self.cache.read(xs.start, ys.start, xs.stop, ys.stop)
+        if x1 <= x0 or y1 <= y0:
+            return np.empty((max(0, y1 - y0), max(0, x1 - x0), 3), dtype=np.uint8)
+        return np.array(self.patch(x0, y0, x1 - x0, y1 - y0))
 
 
 class NoopBackend:
@@ -347,7 +353,6 @@ def predict_slide(
     pad_to = max([bundle.max_group_size, *(len(g) for g in prep.groups)])
     max_groups = max(1, int(head_batch or bundle.manifest.get("max_batch", 64)))
     cache = ChunkCache(level, max_bytes=cache_bytes, timer=timer)
-    image = _CachedImage(cache)
     all_units = work_units(prep.groups, batch_size)
     units = [u for u in all_units if done is None or not done[np.concatenate([prep.groups[g] for g in u])].all()]
 
@@ -355,10 +360,19 @@ def predict_slide(
         idx = np.concatenate([prep.groups[g] for g in unit])
         centers = prep.points_px[idx] / ds
         t0 = time.perf_counter()
-        tiles = np.empty((len(idx), size, size, 3), dtype=np.uint8)
-        for i, c in enumerate(centers):
-            tiles[i] = resize_patch(cut_patch(image, c, side), size)
-        timer.add("cut_resample", time.perf_counter() - t0)  # includes waiting for chunk decodes
+        origins = patch_origins(centers, side)
+        mosaic = Image.new("RGB", (size, size * len(idx)))  # the unit's tiles stacked: one conversion
+        (rx0, ry0), (rx1, ry1) = origins.min(axis=0), origins.max(axis=0) + side
+        if (rx1 - rx0) * (ry1 - ry0) <= max(4 * len(idx) * side * side, 1 << 20):
+            # A compact unit (neighbour groups): assemble its bounding box once, then crop each patch.
+            region = cache.patch(int(rx0), int(ry0), int(rx1 - rx0), int(ry1 - ry0))
+            for i, (x0, y0) in enumerate((origins - (rx0, ry0)).tolist()):
+                mosaic.paste(resize_image(region.crop((x0, y0, x0 + side, y0 + side)), size), (0, i * size))
+        else:  # scattered explicit points: patch by patch
+            for i, (x0, y0) in enumerate(origins.tolist()):
+                mosaic.paste(resize_image(cache.patch(x0, y0, side), size), (0, i * size))
+        tiles = np.array(mosaic).reshape(len(idx), size, size, 3)
+        timer.add("cut_resample", time.perf_counter() - t0)  # includes chunk reads (also in read_decode)
         return unit, tiles
 
     def infer(unit: list[int], tiles: np.ndarray) -> None:

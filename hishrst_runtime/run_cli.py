@@ -28,7 +28,8 @@ from typing import Any
 import click
 import numpy as np
 
-__all__ = ["run", "run_slides", "slide_output_path", "output_collisions"]
+__all__ = ["run", "run_slides", "slide_output_path", "output_collisions", "load_engines", "default_workers",
+           "default_engine_threads"]
 
 #: Output X chunks hold at most this many rows (and at most ~4 MiB): progress is durable per chunk.
 MAX_CHUNK_ROWS = 1024
@@ -56,8 +57,27 @@ def output_collisions(slides: list[Path], out_dir: Path) -> dict[Path, list[Path
     return {o: s for o, s in by_out.items() if len({str(Path(p).resolve()) for p in s}) > 1}
 
 
-def _load_engines(bundle: Any, provider: str, *, cache_dir: Path | None, threads: int | None = None
-                  ) -> tuple[Any, Any, str]:
+def default_workers() -> int:
+    """Reader threads when ``--workers`` is not given: 2, or 1 on machines with fewer than 4 physical cores."""
+    from hishrst_runtime.backends.base import default_threads
+
+    return 2 if default_threads() >= 4 else 1
+
+
+def default_engine_threads(workers: int) -> int:
+    """ONNX Runtime intra-op threads when ``--engine-threads`` is not given: the physical cores the
+    ``workers`` reader threads leave free (at least 1). Measured on 2 cores (benchmarks/RESULTS.md):
+    1 engine thread + 1 reader beats 2 + 2, whose threads take turns on the same cores."""
+    from hishrst_runtime.backends.base import default_threads
+
+    return max(1, default_threads() - max(0, workers))
+
+
+def load_engines(bundle: Any, provider: str, *, cache_dir: Path | None, threads: int | None = None
+                 ) -> tuple[Any, Any, str]:
+    """The bundle's (encoder, head) backends for ``provider`` exactly as ``hishrst-run`` loads them, and
+    the provider chosen (``auto`` resolved). ``threads``: ONNX Runtime intra-op threads (default:
+    physical cores); ``cache_dir``: TensorRT engine cache; ``"noop"`` gives zero-returning stand-ins."""
     from hishrst_runtime.backends import load_backend, resolve_provider
     from hishrst_runtime.pipeline import NoopBackend
 
@@ -110,7 +130,7 @@ def run_slides(
     grid: str = "hex",
     provider: str = "auto",
     batch_size: int = 64,
-    workers: int = 2,
+    workers: int | None = None,
     mpp: float | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -141,6 +161,7 @@ def run_slides(
     from hishrst_runtime.pipeline import DEFAULT_CACHE_BYTES, DEFAULT_PITCH_UM, prepare_slide
 
     pitch = float(pitch_um or DEFAULT_PITCH_UM)
+    workers = default_workers() if workers is None else workers
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
     if engine_threads is not None and engine_threads < 1:
@@ -151,9 +172,11 @@ def run_slides(
     if bundle.manifest["position"]["mode"] != "continuous":
         raise BundleError(f"{bundle_dir / 'manifest.json'}: the bundle encodes grid (array) positions, which only "
                           "exist on Visium slides; re-train with --position-mode continuous to run on whole slides")
-    encoder, head, chosen = _load_engines(bundle, provider, cache_dir=cache_dir, threads=engine_threads)
+    threads = engine_threads or default_engine_threads(workers)
+    encoder, head, chosen = load_engines(bundle, provider, cache_dir=cache_dir, threads=threads)
     try:
-        echo(f"engine: {chosen}" + (" (auto-selected)" if provider == "auto" else ""))
+        echo(f"engine: {chosen}" + (" (auto-selected)" if provider == "auto" else "")
+             + (f", {threads} intra-op thread(s)" if chosen == "cpu" else "") + f", {workers} reader thread(s)")
         max_batch = int(bundle.manifest.get("max_batch", 64))
         if chosen in ("tensorrt", "trt-native") and batch_size > max_batch:
             echo(f"batch size {batch_size} > the TensorRT profile's {max_batch}; using {max_batch}")
@@ -379,10 +402,10 @@ def _run_one(prep: Any, out: Path, ctx: _Context, lock: Any) -> dict[str, Any]:
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt", "trt-native", "noop"]), default="auto",
               show_default=True, help="Inference engine; `auto` picks the fastest available and says which.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Encoder batch size (tiles).")
-@click.option("--workers", type=int, default=2, show_default=True, help="Reader threads (fetch, decode, cut).")
+@click.option("--workers", type=int, default=None,
+              help="Reader threads (fetch, decode, cut) [default: 2; 1 below 4 physical cores].")
 @click.option("--engine-threads", type=int, default=None,
-              help="ONNX Runtime CPU intra-op threads [default: physical cores]. On small CPU machines, leaving "
-                   "cores to the readers (e.g. 1 on 2 cores) is faster; see benchmarks/RESULTS.md.")
+              help="ONNX Runtime intra-op threads [default: the physical cores the readers leave free, at least 1].")
 @click.option("--mpp", type=float, default=None, help="µm per level-0 pixel (overrides or supplies the store's).")
 @click.option("--min-tissue", type=float, default=0.25, show_default=True, help="Minimum tissue fraction under a patch.")
 @click.option("--shard", default=None, help="I/N: process the I-th (0-based) of N shards of the slide list "
@@ -392,7 +415,7 @@ def _run_one(prep: Any, out: Path, ctx: _Context, lock: Any) -> dict[str, Any]:
 @click.option("--h5ad", is_flag=True, help="Also write <slide>.h5ad next to each store.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def run(slides: tuple[Path, ...], bundle_dir: Path, out_dir: Path, pitch_um: float | None, grid: str, provider: str,
-        batch_size: int, workers: int, mpp: float | None, min_tissue: float, shard: str | None, resume: bool,
+        batch_size: int, workers: int | None, mpp: float | None, min_tissue: float, shard: str | None, resume: bool,
         overwrite: bool, h5ad: bool, no_progress: bool, engine_threads: int | None) -> None:
     """Predict dense gene expression over whole-slide OME-Zarr SLIDES with an exported bundle."""
     from hishrst_runtime.backends import BackendError
@@ -401,7 +424,7 @@ def run(slides: tuple[Path, ...], bundle_dir: Path, out_dir: Path, pitch_um: flo
 
     if batch_size < 1:
         raise click.BadParameter("must be >= 1", param_hint="--batch-size")
-    if workers < 0:
+    if workers is not None and workers < 0:
         raise click.BadParameter("must be >= 0 (0 reads in the inference thread)", param_hint="--workers")
     if pitch_um is not None and not (np.isfinite(pitch_um) and pitch_um > 0):
         raise click.BadParameter("must be a positive number of µm", param_hint="--pitch-um")

@@ -33,6 +33,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from hishrst_runtime.zarr_chunks import DirectChunkReader
+
 __all__ = [
     "SlideError",
     "Level",
@@ -88,6 +90,7 @@ class Level:
     _array: Any = field(repr=False)
     _axes: tuple[str, ...] = field(repr=False)
     _n_channels: int = field(repr=False)
+    _direct: Any = field(default=None, repr=False)
 
     def read_region(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         """Read the half-open box ``[y0:y1, x0:x1]`` (this level's pixels) as uint8 RGB ``(h, w, 3)``.
@@ -121,6 +124,45 @@ class Level:
         else:  # pragma: no cover - rejected at open (needs 3 or 4 channels)
             data = np.repeat(data[..., None], 3, axis=-1)
         return np.ascontiguousarray(data, dtype=np.uint8)
+
+    def read_chunk(self, cy: int, cx: int) -> Image.Image:
+        """Chunk ``(cy, cx)`` of this level (chunk-grid row and column) as a Pillow RGB image.
+
+        The image covers level pixels ``[cy*ch : (cy+1)*ch, cx*cw : (cx+1)*cw]`` clipped to the
+        level, so edge chunks are smaller. This is the streaming pipeline's read primitive: for a
+        simple local store the chunk file is decompressed directly
+        (:class:`hishrst_runtime.zarr_chunks.DirectChunkReader`), and planar ``c, y, x`` data becomes
+        an RGB image without a strided numpy transpose.
+        """
+        if self._array is None:
+            raise ValueError("the slide is closed; open it again with open_slide()")
+        ch, cw = self.chunks
+        h, w = self.shape
+        y0, x0 = int(cy) * ch, int(cx) * cw
+        if not (0 <= y0 < h and 0 <= x0 < w):
+            raise IndexError(f"chunk ({cy}, {cx}) is outside the level's {math.ceil(h / ch)} x {math.ceil(w / cw)} chunks")
+        bh, bw = min(ch, h - y0), min(cw, w - x0)
+        kept = [a for a in self._axes if a in ("y", "x", "c")]
+        if self._direct is not None:
+            cc = self._direct.chunk_shape[self._axes.index("c")] if "c" in self._axes else 1
+            parts = []
+            for k in range(0, math.ceil(3 / cc) if "c" in self._axes else 1):
+                coords = tuple(cy if a == "y" else cx if a == "x" else k if a == "c" else 0 for a in self._axes)
+                block = self._direct.read(coords)
+                parts.append(block.reshape([n for a, n in zip(self._axes, block.shape) if a in ("y", "x", "c")]))
+            data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=kept.index("c"))
+            sel = tuple(slice(0, bh) if a == "y" else slice(0, bw) if a == "x" else slice(0, 3) for a in kept)
+            data = data[sel]
+        else:
+            index = tuple(slice(y0, y0 + bh) if a == "y" else slice(x0, x0 + bw) if a == "x"
+                          else slice(0, 3) if a == "c" else 0 for a in self._axes)
+            data = np.asarray(self._array[index])
+        if kept == ["c", "y", "x"]:
+            planes = [np.ascontiguousarray(data[i], dtype=np.uint8) for i in range(3)]
+            return Image.merge("RGB", [Image.frombuffer("L", (bw, bh), p, "raw", "L", 0, 1) for p in planes])
+        if kept == ["y", "x", "c"]:
+            return Image.fromarray(np.ascontiguousarray(data, dtype=np.uint8))
+        return Image.fromarray(self.read_region(x0, y0, x0 + bw, y0 + bh))  # unusual axis orders
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         """``level[y0:y1, x0:x1]`` → uint8 RGB ``(h, w, 3)`` (step-less slices, clipped to bounds)."""
@@ -446,6 +488,7 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Sli
         levels.append(Level(
             index=i, mpp=0.5 * (myx[0] + myx[1]), mpp_yx=myx, downsample=0.5 * (ry + rx), shape=(h, w),
             chunks=(chunks[iy], chunks[ix]), path=dpath, _array=arr, _axes=tuple(names), _n_channels=int(n_channels),
+            _direct=DirectChunkReader.for_array(arr),
         ))
     order = sorted(range(len(levels)), key=lambda i: levels[i].mpp)
     if order != list(range(len(levels))):

@@ -170,6 +170,11 @@ def test_cpu_threads_option(encoder_onnx: Path) -> None:
 
     assert OrtCpuBackend(encoder_onnx, threads=1).threads == 1
     assert OrtCpuBackend(encoder_onnx).threads == default_threads() >= 1
+    # Idle intra-op threads sleep instead of spinning (two sessions and the readers share the cores).
+    from hishrst_runtime.backends.base import ort_session_options
+
+    assert ort_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert ort_session_options(spin=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
 
 
 def test_missing_or_broken_model(tmp_path: Path) -> None:

@@ -227,7 +227,7 @@ def test_engine_failure_before_any_row_leaves_no_output(monkeypatch: pytest.Monk
             raise RuntimeError("simulated engine failure")
 
     engines = (Failing(lambda f: (0,)), NoopBackend(lambda f: (0,)), "cpu")
-    monkeypatch.setattr(run_cli, "_load_engines", lambda *a, **k: engines)
+    monkeypatch.setattr(run_cli, "load_engines", lambda *a, **k: engines)
     out = tmp_path / "out"
     (r,) = run_slides([slide_dir / "crop.ome.zarr"], bundle_dir=small_bundle, out_dir=out, progress=False,
                       echo=lambda s: None)
@@ -280,15 +280,27 @@ def test_bad_options_are_usage_errors(slide_dir: Path, small_bundle: Path, tmp_p
 def test_engine_threads_option(small_bundle, tmp_path):
     """--engine-threads reaches ONNX Runtime; a bad value is a clear error before anything is written."""
     from hishrst_runtime.manifest import load_bundle
-    from hishrst_runtime.run_cli import _load_engines, run_slides
+    from hishrst_runtime.run_cli import load_engines, run_slides
 
     with pytest.raises(ValueError, match="engine_threads"):
         run_slides([tmp_path / "x.zarr"], bundle_dir=small_bundle, out_dir=tmp_path / "o", engine_threads=0, progress=False)
     assert not (tmp_path / "o").exists()
-    enc, head, chosen = _load_engines(load_bundle(small_bundle), "cpu", cache_dir=None, threads=1)
+    enc, head, chosen = load_engines(load_bundle(small_bundle), "cpu", cache_dir=None, threads=1)
     try:
         assert chosen == "cpu"
         assert enc._session.get_session_options().intra_op_num_threads == 1
     finally:
         enc.close()
         head.close()
+
+
+def test_default_threads_leave_cores_to_the_readers(monkeypatch):
+    """Defaults: 1 reader below 4 physical cores (else 2); ONNX Runtime gets the cores the readers leave."""
+    from hishrst_runtime.backends import base
+    from hishrst_runtime.run_cli import default_engine_threads, default_workers
+
+    for cores, workers, threads in ((1, 1, 1), (2, 1, 1), (3, 1, 2), (4, 2, 2), (16, 2, 14)):
+        monkeypatch.setattr(base, "default_threads", lambda c=cores: c)
+        assert default_workers() == workers
+        assert default_engine_threads(default_workers()) == threads
+    assert default_engine_threads(0) == 16 and default_engine_threads(40) == 1

@@ -299,8 +299,15 @@ def preload_ort_cuda_libraries() -> None:
         return
 
 
-def ort_session_options(*, threads: int | None = None) -> Any:
-    """Session options used by every onnxruntime backend: full graph optimisation, sequential execution."""
+def ort_session_options(*, threads: int | None = None, spin: bool = False) -> Any:
+    """Session options used by every onnxruntime backend: full graph optimisation, sequential execution.
+
+    ``threads``: intra-op threads (default: physical cores). ``spin``: let idle intra-op threads
+    busy-wait for work (onnxruntime's own default). We turn spinning **off**: the runtime keeps two
+    sessions (encoder and head) whose thread pools would otherwise spin on the same cores while the
+    other session and the reader threads work — on a 2-core machine that cut the encoder+head rate
+    from ~2,800 to ~1,750 tiles/s and starved the readers (see benchmarks/RESULTS.md).
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -308,6 +315,7 @@ def ort_session_options(*, threads: int | None = None) -> Any:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = int(threads) if threads else default_threads()
     so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return so
 
 

@@ -1,0 +1,126 @@
+"""Whole-chunk reads straight from a local zarr directory store: the slide reader's fast path (torch-free).
+
+zarr-python 3 routes every read through its asyncio event loop and codec pipeline, which costs
+about 2 ms per call on top of the decompression itself (~1 ms for a 512 × 512 RGB zstd chunk). The
+runtime reads slides one whole chunk at a time, so for the common, simple layout — an unsharded
+array in a local directory, uint8, C order, no filters, and at most one compressor that numcodecs
+implements (zstd, gzip, blosc) — :class:`DirectChunkReader` opens the chunk file and decompresses it
+with numcodecs directly (which releases the GIL, so reader threads decode in parallel). Anything
+else (sharding, other codecs or filters, remote stores) returns ``None`` from
+:meth:`DirectChunkReader.for_array` and the caller keeps using zarr. The decoded bytes are exactly
+what zarr would return: a missing chunk file is the array's fill value, and a file that does not
+decode to the chunk's size raises :class:`ChunkDecodeError` instead of returning wrong pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["ChunkDecodeError", "DirectChunkReader"]
+
+
+class ChunkDecodeError(ValueError):
+    """A chunk file that cannot be decoded to the chunk's shape (a corrupt or foreign store)."""
+
+
+def _v3_decoder(codecs: Any) -> Callable[[bytes], bytes] | None:
+    """Decoder for a zarr v3 codec chain ``[bytes, (zstd | gzip | blosc)?]``; ``None`` if not that simple."""
+    names = [type(c).__name__ for c in codecs]
+    if not names or names[0] != "BytesCodec":
+        return None
+    if len(names) == 1:
+        return bytes
+    if len(names) != 2:
+        return None
+    import numcodecs
+
+    comp = codecs[1]
+    if names[1] == "ZstdCodec":
+        if getattr(comp, "checksum", False):  # numcodecs' Zstd decode does not verify zarr's checksum flag
+            return None
+        return numcodecs.Zstd().decode
+    if names[1] == "GzipCodec":
+        return numcodecs.GZip().decode
+    if names[1] == "BloscCodec":
+        return numcodecs.Blosc().decode  # blosc frames describe themselves (codec, shuffle, typesize)
+    return None
+
+
+def _v2_decoder(meta: Any) -> Callable[[bytes], bytes] | None:
+    """Decoder for a zarr v2 array with no filters and at most one numcodecs compressor."""
+    if getattr(meta, "filters", None) or getattr(meta, "order", "C") != "C":
+        return None
+    comp = getattr(meta, "compressor", None)
+    if comp is None:
+        return bytes
+    import numcodecs
+
+    allowed = (numcodecs.Zstd, numcodecs.GZip, numcodecs.Blosc, numcodecs.Zlib)
+    return comp.decode if isinstance(comp, allowed) else None
+
+
+class DirectChunkReader:
+    """Decodes whole chunks of a simple local zarr array with numcodecs (see the module docstring).
+
+    Build it with :meth:`for_array`; :meth:`read` returns one chunk, **padded** to the full chunk
+    shape as zarr stores edge chunks.
+    """
+
+    def __init__(self, root: Path, encode_key: Callable[[tuple[int, ...]], str], decode: Callable[[bytes], bytes],
+                 chunk_shape: tuple[int, ...], fill_value: int) -> None:
+        self.root, self._encode_key, self._decode = root, encode_key, decode
+        self.chunk_shape = chunk_shape
+        self.fill_value = int(fill_value)
+        self._nbytes = int(np.prod(chunk_shape))
+
+    @classmethod
+    def for_array(cls, arr: Any) -> DirectChunkReader | None:
+        """A reader for the zarr-python 3 array ``arr``, or ``None`` when its layout is not the simple one."""
+        try:
+            from zarr.storage import LocalStore
+
+            meta = arr.metadata
+            if not isinstance(arr.store, LocalStore) or np.dtype(arr.dtype) != np.uint8:
+                return None
+            if getattr(arr, "shards", None) is not None:
+                return None
+            if meta.zarr_format == 3:
+                decode = _v3_decoder(meta.codecs)
+            elif meta.zarr_format == 2:
+                decode = _v2_decoder(meta)
+            else:
+                return None
+            if decode is None:
+                return None
+            fill = meta.fill_value
+            fill = 0 if fill is None else int(fill)
+            root = Path(arr.store.root) / arr.path if arr.path else Path(arr.store.root)
+            chunk_shape = tuple(int(c) for c in arr.chunks)
+            encode_key = meta.encode_chunk_key
+            encode_key(tuple(0 for _ in chunk_shape))  # must work for this metadata
+        except (AttributeError, TypeError, ValueError, ImportError):  # an unfamiliar zarr version or layout
+            return None
+        return cls(root, encode_key, decode, chunk_shape, fill)
+
+    def read(self, coords: tuple[int, ...]) -> np.ndarray:
+        """Chunk at chunk-grid ``coords`` as a uint8 array of the full chunk shape (fill value if absent)."""
+        path = self.root / self._encode_key(tuple(int(c) for c in coords))
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return np.full(self.chunk_shape, self.fill_value, dtype=np.uint8)
+        except OSError as e:
+            raise ChunkDecodeError(f"{path}: cannot read the chunk file ({e}); check the slide store's files") from e
+        try:
+            data = self._decode(raw)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ChunkDecodeError(f"{path}: the chunk does not decompress ({e}); the slide store is corrupt, "
+                                   "convert the slide again") from e
+        buf = np.frombuffer(data, dtype=np.uint8)
+        if buf.size != self._nbytes:
+            raise ChunkDecodeError(f"{path}: the chunk decodes to {buf.size} bytes, expected {self._nbytes} "
+                                   f"({self.chunk_shape}); the slide store is corrupt, convert the slide again")
+        return buf.reshape(self.chunk_shape)
