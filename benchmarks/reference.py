@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with JsonlWriter(args.out, benchmark="reference", quick=args.quick, append=args.append) as out:
         print(f"ours: hishrst-run {slide.name} --provider cpu ...", flush=True)
         o = best("benchmarks.pipeline:run_pipeline_child", {"slide": str(slide), "bundle": str(bundle), "out_dir": str(scratch),
-                 "provider": "cpu", "batch_size": args.batch_size, "workers": 2}, "slide_seconds")
+                 "provider": "cpu", "batch_size": args.batch_size, "workers": None}, "slide_seconds")
         if o["points"] != n_points:
             raise RuntimeError(f"hishrst-run computed {o['points']} points, the reference was given {n_points}")
         ours = out.write({**common, "pipeline": "ours", "status": "ok", "engine": o["engine"],

@@ -69,8 +69,14 @@ def section(name: str, recs: list[dict[str, Any]], *, title: str | None = None) 
                                    ("stages.encoder", "encoder s"), ("stages.head", "head s"), ("stages.write", "write s"),
                                    ("peak_rss_mb", "peak RSS MB")]))
         out.append("")
-        out.append(md_table([r for r in ok if r.get("kind") == "engine_only"],
-                            [("slide", "engine only, tiles of"), ("engine", "engine"), ("tiles_per_s", "tiles/s"), ("tiles", "tiles")]))
+        eng_rows = [{**r, "by_threads": ", ".join(f"{t}: {fmt(v)}" for t, v in (r.get("tiles_per_s_by_threads") or {}).items())}
+                    for r in ok if r.get("kind") == "engine_only"]
+        out.append(md_table(eng_rows, [("slide", "engine only, tiles of"), ("engine", "engine"), ("tiles_per_s", "tiles/s"),
+                                       ("threads", "intra-op threads"), ("by_threads", "tiles/s by intra-op threads"),
+                                       ("tiles", "tiles")]))
+        lines = sorted({r["engine_line"] for r in runs if r.get("engine_line") and r.get("kind") == "end_to_end"})
+        if lines:
+            out += ["", "hishrst-run said: " + "; ".join(f"`{x}`" for x in lines)]
         for s in (r for r in ok if r.get("kind") == "summary"):
             out.append("")
             out.append(md_table([s], [("ratio_1x", "e2e/engine 1×"), ("ratio_4x", "e2e/engine 4×"),

@@ -13,11 +13,13 @@ For one slide:
 2. :func:`predict_slide` cuts the groups into *work units* of at least ``batch_size`` points (a
    fixed function of the groups, so a resumed run forms exactly the units, encoder batches and head
    batches of an uninterrupted one). Reader threads cut each unit's patches from the chosen level
-   through a bounded LRU cache of decoded, chunk-aligned blocks (:class:`ChunkCache`; never a
-   region bigger than one chunk, never the whole slide) and resample them to the encoder's input
-   size; the patch side is ``round(patch_um / level_mpp)`` pixels, i.e. the trained physical size.
-3. The calling thread runs the encoder in batches of ``batch_size`` tiles, then the head over the
-   unit's groups (padded to the bundle's ``max_group_size``), and hands the rows to ``write``.
+   through a bounded LRU cache of decoded whole chunks (:class:`ChunkCache`; a read is never bigger
+   than one chunk, never the whole slide): the unit's bounding box is assembled once, each patch is
+   cropped from it and resampled to the encoder's input size (Pillow, as in training); the patch
+   side is ``round(patch_um / level_mpp)`` pixels, i.e. the trained physical size.
+3. The calling thread runs the encoder in batches of ``batch_size`` tiles; one more thread runs the
+   head over the unit's groups (padded to the bundle's ``max_group_size``) and hands the rows to
+   ``write``, one unit at a time in unit order, while the encoder goes on with the next unit.
 
 Peak memory is bounded independently of the slide's size: the chunk cache (``cache_bytes``), at
 most ``max(2, 2 * workers)`` units of tiles in flight, and the per-point arrays (points, groups,
@@ -332,7 +334,8 @@ def predict_slide(
 ) -> dict[str, Any]:
     """Run encoder + head over every work unit of ``prep`` not yet ``done``; ``write(rows, values)`` per unit.
 
-    ``rows`` are int64 point indices, ``values`` float32 ``[len(rows), genes]``. ``batch_size`` is the
+    ``rows`` are int64 point indices, ``values`` float32 ``[len(rows), genes]``; ``write`` and
+    ``progress`` are called from one thread at a time, in unit order. ``batch_size`` is the
     encoder batch (tiles), ``head_batch`` the most groups per head call (default: the bundle's
     ``max_batch``), ``workers`` the reader threads (0: read in the calling thread), ``cache_bytes`` the
     chunk cache bound (bytes). ``progress(n)`` is called after each unit with its rows that were not
@@ -375,7 +378,7 @@ def predict_slide(
         timer.add("cut_resample", time.perf_counter() - t0)  # includes chunk reads (also in read_decode)
         return unit, tiles
 
-    def infer(unit: list[int], tiles: np.ndarray) -> None:
+    def encode(tiles: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         feats = np.concatenate([np.asarray(encoder.run({"tiles": tiles[i : i + batch_size]})[0], dtype=np.float32)
                                 for i in range(0, len(tiles), batch_size)])
@@ -383,6 +386,10 @@ def predict_slide(
         if feats.ndim != 2 or feats.shape[0] != len(tiles):
             raise RuntimeError(f"{bundle.root}: the encoder returned features of shape {feats.shape} for "
                                f"{len(tiles)} tiles; re-export the bundle")
+        return feats
+
+    def finish(unit: list[int], feats: np.ndarray) -> None:
+        """Head over the unit's groups, write its rows, report progress (one thread at a time, in unit order)."""
         t0 = time.perf_counter()
         groups = [prep.groups[g] for g in unit]
         idx = np.concatenate(groups)
@@ -401,6 +408,7 @@ def predict_slide(
         t0 = time.perf_counter()
         write(idx[local[valid]], np.ascontiguousarray(out[valid]))
         timer.add("write", time.perf_counter() - t0)
+        finished(unit)
 
     n_done = 0
     t_start = time.perf_counter()
@@ -413,13 +421,17 @@ def predict_slide(
 
     if workers <= 0:
         for u in units:
-            infer(*load(u))
-            finished(u)
+            unit, tiles = load(u)
+            finish(unit, encode(tiles))
     else:
+        # Reader threads cut tiles, this thread runs the encoder, one more thread runs head + write for
+        # the previous unit, so the encoder never waits for the head or the output store.
         depth = max(2, 2 * workers)  # units of tiles in flight: bounds memory
         pending: deque[Future] = deque()
+        finishing: deque[Future] = deque()
         it = iter(units)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hishrst-read") as pool:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hishrst-read") as pool, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="hishrst-head") as post:
             try:
                 for u in it:
                     pending.append(pool.submit(load, u))
@@ -432,10 +444,14 @@ def predict_slide(
                     nxt = next(it, None)
                     if nxt is not None:
                         pending.append(pool.submit(load, nxt))
-                    infer(unit, tiles)
-                    finished(unit)
+                    feats = encode(tiles)
+                    while finishing and (len(finishing) >= 2 or finishing[0].done()):
+                        finishing.popleft().result()  # raises a head / write error here, in order
+                    finishing.append(post.submit(finish, unit, feats))
+                while finishing:
+                    finishing.popleft().result()
             finally:
-                for f in pending:  # on an error: drop queued reads instead of finishing them
+                for f in (*pending, *finishing):  # on an error: drop queued work instead of finishing it
                     f.cancel()
     return {
         "points_computed": int(n_done),
