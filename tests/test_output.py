@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,8 +107,12 @@ def test_roundtrip_random_order_and_status(tmp_path: Path) -> None:
 
 def test_done_mask_tracks_durable_rows_only(tmp_path: Path) -> None:
     store = create(tmp_path / "s.zarr", n=100, flush_interval_s=1e9)
-    store.write_rows(np.arange(32), expected_values(np.arange(32)))  # one full chunk -> flushed
+    store.write_rows(np.arange(32), expected_values(np.arange(32)))  # one full chunk -> the writer thread
     store.write_rows(np.array([40, 41]), expected_values(np.array([40, 41])))  # partial chunk -> buffered
+    deadline = time.monotonic() + 30
+    while not store.done_mask()[:32].all():  # written and claimed without a flush
+        assert time.monotonic() < deadline, "the full chunk never reached disk"
+        time.sleep(0.01)
     done = store.done_mask()
     assert done[:32].all() and not done[32:].any()
     assert (tmp_path / "s.zarr.partial" / "X" / "0.0").is_file()  # the chunk file that is fsync'd
@@ -116,6 +121,30 @@ def test_done_mask_tracks_durable_rows_only(tmp_path: Path) -> None:
     np.testing.assert_array_equal(store.missing_rows(), np.setdiff1d(np.arange(100), np.r_[0:32, 40, 41]))
     with pytest.raises(IncompleteOutputError, match="66 of 100 rows"):
         store.finalize()
+
+
+def test_failed_background_write_keeps_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s.zarr"
+    store = create(path, n=64, flush_interval_s=1e9)
+    real_write = out_mod.store_io.XChunks.write
+    calls = []
+
+    def flaky_write(self, k, data, *, fsync):  # a full disk, once
+        calls.append(k)
+        if len(calls) == 1:
+            raise OSError(28, "simulated: no space left on device")
+        return real_write(self, k, data, fsync=fsync)
+
+    monkeypatch.setattr(out_mod.store_io.XChunks, "write", flaky_write)
+    with pytest.raises(OSError, match="no space left"):  # from the next call (or this one, if done by then)
+        store.write_rows(np.arange(32), expected_values(np.arange(32)))  # full chunk 0: its write fails
+        store.flush()
+    assert not store.done_mask()[:32].any()  # nothing claimed
+    store.write_rows(np.arange(32, 64), expected_values(np.arange(32, 64)))
+    store.flush()  # chunk 0 was kept in memory and is written now
+    assert store.done_mask().all() and sorted(calls) == [0, 0, 1]
+    store.finalize()
+    np.testing.assert_array_equal(ad.read_zarr(path).X, expected_values(np.arange(64)))
 
 
 def test_write_rows_validation(tmp_path: Path) -> None:
@@ -239,6 +268,79 @@ def test_crash_inside_finalize_before_publish(tmp_path: Path, monkeypatch: pytes
     a = ad.read_zarr(path)
     assert a.uns["t"] == 2.0
     np.testing.assert_array_equal(a.X, expected_values(np.arange(50)))
+
+
+RICH_UNS = {
+    "s": "text", "b": True, "i": -3, "big": 2**62, "f": 1.5, "nan": float("nan"), "names": ["a", "bb", "ccc"],
+    "xs": [1.5, 2.0], "ints": [1, 2, 3], "flags": [True, False], "empty": [], "nested": {"deep": {"x": 1}, "e": {}},
+    "mixed": [1, "a"], "mask": np.eye(5, dtype=np.uint8), "f32": np.linspace(0, 1, 7, dtype=np.float32),
+    "u": np.array(["x", "yy"]), "cplx": np.array([1 + 2j, 3j]),  # complex: written by AnnData itself
+}
+
+
+def zarr_nodes(root: Path) -> dict[str, tuple[str, dict, dict | None]]:
+    """{path: (kind, attrs, array metadata without chunks)} of every zarr node under ``root``."""
+    out = {}
+    for meta in [*root.rglob(".zarray"), *root.rglob(".zgroup")]:
+        attrs = json.loads((meta.parent / ".zattrs").read_text()) if (meta.parent / ".zattrs").exists() else {}
+        arr = {k: v for k, v in json.loads(meta.read_text()).items() if k != "chunks"} if meta.name == ".zarray" else None
+        out[str(meta.parent.relative_to(root))] = (meta.name, attrs, arr)
+    return out
+
+
+def test_direct_writer_matches_anndata_and_zarr(tmp_path: Path) -> None:
+    """The store written by plain file I/O is what anndata.io.write_elem / zarr would have written."""
+    import zarr
+
+    path = tmp_path / "s.zarr"
+    store = create(path, n=70, uns={"hishrst": RICH_UNS, "bundle_hash": "abc"})
+    write_all(store, np.arange(70))
+    store.finalize({"hishrst_run": {"timings": {"total_s": 2.5}, "resumed": False, "slide": "/x/y.zarr"}})
+    a = ad.read_zarr(path)
+    ref = tmp_path / "ref.zarr"
+    ad.io.write_elem(zarr.open_group(ref, mode="w", zarr_format=2), "/", a)
+    ours, theirs = zarr_nodes(path), zarr_nodes(ref)
+    theirs.pop("raw", None)  # AnnData >= 0.12 writes raw=None as a 'null' element (left out on purpose)
+    ours_root, theirs_root = ours.pop("."), theirs.pop(".")
+    assert theirs_root[1].items() <= ours_root[1].items()  # + hishrst_status etc.
+    assert ours == theirs
+    g, h = zarr.open_group(path, mode="r"), zarr.open_group(ref, mode="r")
+    for key, (kind, _, _) in ours.items():
+        if kind == ".zarray":
+            x, y = np.asarray(g[key][...]), np.asarray(h[key][...])
+            assert x.dtype == y.dtype and x.shape == y.shape, key
+            np.testing.assert_array_equal(x, y, err_msg=key)
+    # .zmetadata is what zarr.consolidate_metadata writes for the same store
+    again = tmp_path / "again.zarr"
+    shutil.copytree(path, again)
+    (again / ".zmetadata").unlink()
+    zarr.consolidate_metadata(str(again), zarr_format=2)
+    assert json.loads((path / ".zmetadata").read_text()) == json.loads((again / ".zmetadata").read_text())
+    assert a.uns["hishrst"]["names"].tolist() == ["a", "bb", "ccc"] and a.uns["hishrst"]["big"] == 2**62
+    np.testing.assert_array_equal(a.uns["hishrst"]["cplx"], RICH_UNS["cplx"])
+
+
+def test_resume_store_written_through_zarr(tmp_path: Path) -> None:
+    """Stores of earlier releases (X chunks written by zarr, any codec) are read back and finished alike."""
+    import numcodecs
+    import zarr
+
+    path = tmp_path / "s.zarr"
+    create(path, n=80).close()
+    work = partial_path(path)
+    g = zarr.open_group(work, mode="r+", zarr_format=2, use_consolidated=False)
+    del g["X"]
+    X = g.create_array("X", shape=(80, len(GENES)), chunks=(32, len(GENES)), dtype="float32", fill_value=0.0,
+                       compressors=numcodecs.Zstd(level=3))
+    X.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    X[0:32] = np.where(np.arange(32)[:, None] < 20, expected_values(np.arange(32)), 0)
+    (work / out_mod.PROGRESS_DIR / "chunk-00000000.bits").write_bytes(np.packbits(np.arange(32) < 20).tobytes())
+    store = OutputStore.open_incomplete(path, genes=GENES)
+    np.testing.assert_array_equal(store.missing_rows(), np.arange(20, 80))
+    write_all(store, store.missing_rows())  # chunk 0 is read back (zstd) and completed
+    store.finalize()
+    assert json.loads((path / "X" / ".zarray").read_text())["compressor"]["id"] == "zstd"
+    np.testing.assert_array_equal(ad.read_zarr(path).X, expected_values(np.arange(80)))
 
 
 def test_empty_slide(tmp_path: Path) -> None:
