@@ -65,8 +65,9 @@ def _store_prepare_seconds(store: Path) -> float | None:
 def run_pipeline_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size: int, workers: int | None,
                        engine_threads: int | None = None) -> dict:
     """``run_slides`` on one slide (what ``hishrst-run`` calls); returns its timings."""
-    from hishrst_runtime.run_cli import run_slides
+    from hishrst_runtime.run_cli import DEFAULT_WORKERS, run_slides
 
+    workers = DEFAULT_WORKERS if workers is None else workers
     said: list[str] = []
     t0 = time.perf_counter()
     res = run_slides([Path(slide)], bundle_dir=Path(bundle), out_dir=Path(out_dir), provider=provider,
@@ -166,11 +167,11 @@ def size_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size:
     run's intra-op threads and with all physical cores; the faster is the engine's limit."""
     import resource
 
-    from hishrst_runtime.run_cli import default_engine_threads, default_workers
+    from hishrst_runtime.run_cli import DEFAULT_WORKERS, default_engine_threads
 
     if ort_spin is not None:
         _ort_what_if(ort_spin)
-    run_threads = ort_threads or default_engine_threads(default_workers() if workers is None else workers)
+    run_threads = ort_threads or default_engine_threads(DEFAULT_WORKERS if workers is None else workers)
 
     from hishrst_runtime.backends import available_providers
     from hishrst_runtime.manifest import load_bundle
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--bundle", type=Path, default=None, help="bundle to run (default: a test-vit bundle fitted on the preset)")
     p.add_argument("--provider", default="auto", help="hishrst-run --provider (default auto: the fastest available)")
     p.add_argument("--batch-size", type=int, default=64, help="encoder batch size (hishrst-run default 64)")
-    p.add_argument("--workers", type=int, default=None, help="reader threads (default: hishrst-run's, 2; 1 below 4 cores)")
+    p.add_argument("--workers", type=int, default=None, help="reader threads (default: hishrst-run's, 2)")
     p.add_argument("--sizes", default="1x,4x", help="slide sizes to run: 1x, 4x (default both)")
     p.add_argument("--repeats", type=int, default=1, help="runs per configuration (the fastest is reported)")
     p.add_argument("--ort-threads", type=int, default=None, help="hishrst-run --engine-threads: ONNX Runtime "

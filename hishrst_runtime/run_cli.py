@@ -28,9 +28,11 @@ from typing import Any
 import click
 import numpy as np
 
-__all__ = ["run", "run_slides", "slide_output_path", "output_collisions", "load_engines", "default_workers",
-           "default_engine_threads"]
+__all__ = ["run", "run_slides", "slide_output_path", "output_collisions", "load_engines",
+           "default_engine_threads", "DEFAULT_WORKERS"]
 
+#: Reader threads (fetch, decode, cut) by default.
+DEFAULT_WORKERS = 2
 #: Output X chunks hold at most this many rows (and at most ~4 MiB): progress is durable per chunk.
 MAX_CHUNK_ROWS = 1024
 #: Bound of the output store's row buffers (bytes).
@@ -57,17 +59,10 @@ def output_collisions(slides: list[Path], out_dir: Path) -> dict[Path, list[Path
     return {o: s for o, s in by_out.items() if len({str(Path(p).resolve()) for p in s}) > 1}
 
 
-def default_workers() -> int:
-    """Reader threads when ``--workers`` is not given: 2, or 1 on machines with fewer than 4 physical cores."""
-    from hishrst_runtime.backends.base import default_threads
-
-    return 2 if default_threads() >= 4 else 1
-
-
 def default_engine_threads(workers: int) -> int:
     """ONNX Runtime intra-op threads when ``--engine-threads`` is not given: the physical cores the
-    ``workers`` reader threads leave free (at least 1). Measured on 2 cores (benchmarks/RESULTS.md):
-    1 engine thread + 1 reader beats 2 + 2, whose threads take turns on the same cores."""
+    ``workers`` reader threads leave free (at least 1): on 2 cores, 1 engine thread next to 2 readers
+    (benchmarks/RESULTS.md); with a GPU engine the intra-op threads only run the odd CPU node."""
     from hishrst_runtime.backends.base import default_threads
 
     return max(1, default_threads() - max(0, workers))
@@ -130,7 +125,7 @@ def run_slides(
     grid: str = "hex",
     provider: str = "auto",
     batch_size: int = 64,
-    workers: int | None = None,
+    workers: int = DEFAULT_WORKERS,
     mpp: float | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -161,7 +156,6 @@ def run_slides(
     from hishrst_runtime.pipeline import DEFAULT_CACHE_BYTES, DEFAULT_PITCH_UM, prepare_slide
 
     pitch = float(pitch_um or DEFAULT_PITCH_UM)
-    workers = default_workers() if workers is None else workers
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
     if engine_threads is not None and engine_threads < 1:
@@ -402,8 +396,7 @@ def _run_one(prep: Any, out: Path, ctx: _Context, lock: Any) -> dict[str, Any]:
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt", "trt-native", "noop"]), default="auto",
               show_default=True, help="Inference engine; `auto` picks the fastest available and says which.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Encoder batch size (tiles).")
-@click.option("--workers", type=int, default=None,
-              help="Reader threads (fetch, decode, cut) [default: 2; 1 below 4 physical cores].")
+@click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True, help="Reader threads (fetch, decode, cut).")
 @click.option("--engine-threads", type=int, default=None,
               help="ONNX Runtime intra-op threads [default: the physical cores the readers leave free, at least 1].")
 @click.option("--mpp", type=float, default=None, help="µm per level-0 pixel (overrides or supplies the store's).")
@@ -415,7 +408,7 @@ def _run_one(prep: Any, out: Path, ctx: _Context, lock: Any) -> dict[str, Any]:
 @click.option("--h5ad", is_flag=True, help="Also write <slide>.h5ad next to each store.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def run(slides: tuple[Path, ...], bundle_dir: Path, out_dir: Path, pitch_um: float | None, grid: str, provider: str,
-        batch_size: int, workers: int | None, mpp: float | None, min_tissue: float, shard: str | None, resume: bool,
+        batch_size: int, workers: int, mpp: float | None, min_tissue: float, shard: str | None, resume: bool,
         overwrite: bool, h5ad: bool, no_progress: bool, engine_threads: int | None) -> None:
     """Predict dense gene expression over whole-slide OME-Zarr SLIDES with an exported bundle."""
     from hishrst_runtime.backends import BackendError
@@ -424,7 +417,7 @@ def run(slides: tuple[Path, ...], bundle_dir: Path, out_dir: Path, pitch_um: flo
 
     if batch_size < 1:
         raise click.BadParameter("must be >= 1", param_hint="--batch-size")
-    if workers is not None and workers < 0:
+    if workers < 0:
         raise click.BadParameter("must be >= 0 (0 reads in the inference thread)", param_hint="--workers")
     if pitch_um is not None and not (np.isfinite(pitch_um) and pitch_um > 0):
         raise click.BadParameter("must be a positive number of µm", param_hint="--pitch-um")

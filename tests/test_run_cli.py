@@ -295,12 +295,12 @@ def test_engine_threads_option(small_bundle, tmp_path):
 
 
 def test_default_threads_leave_cores_to_the_readers(monkeypatch):
-    """Defaults: 1 reader below 4 physical cores (else 2); ONNX Runtime gets the cores the readers leave."""
+    """ONNX Runtime gets the physical cores the reader threads leave free, at least one."""
     from hishrst_runtime.backends import base
-    from hishrst_runtime.run_cli import default_engine_threads, default_workers
+    from hishrst_runtime.run_cli import DEFAULT_WORKERS, default_engine_threads
 
-    for cores, workers, threads in ((1, 1, 1), (2, 1, 1), (3, 1, 2), (4, 2, 2), (16, 2, 14)):
+    assert DEFAULT_WORKERS == 2
+    for cores, threads in ((1, 1), (2, 1), (3, 1), (4, 2), (16, 14)):
         monkeypatch.setattr(base, "default_threads", lambda c=cores: c)
-        assert default_workers() == workers
-        assert default_engine_threads(default_workers()) == threads
+        assert default_engine_threads(DEFAULT_WORKERS) == threads
     assert default_engine_threads(0) == 16 and default_engine_threads(40) == 1
