@@ -146,6 +146,64 @@ def engine_only_child(slide: str, bundle: str, provider: str, batch_size: int, m
             "seconds_per_tile": seconds / done, "threads": getattr(encoder, "threads", None)}
 
 
+def reader_costs_child(slide: str, bundle: str, batch_size: int, max_tiles: int) -> dict:
+    """The reader side's CPU cost per tile, single-threaded and uncontended, phase by phase.
+
+    On the first work units (up to ``max_tiles`` tiles): decode every chunk they touch
+    (``Level.read_chunk``), assemble each unit's box and crop its patches, resample them (Pillow, the
+    step training shares), paste them into the unit's mosaic and convert it to numpy — what
+    ``predict_slide``'s readers do, minus threading. Returns µs per tile for each phase.
+    """
+    from PIL import Image
+
+    from hishrst_runtime.manifest import load_bundle
+    from hishrst_runtime.patches import patch_origins, patch_side_px, resize_image
+    from hishrst_runtime.pipeline import ChunkCache, prepare_slide, work_units
+
+    b = load_bundle(Path(bundle))
+    prep = prepare_slide(Path(slide), b)
+    level = prep.slide.levels[prep.level_index]
+    side = patch_side_px(b.patch_um, float(level.mpp))
+    size = int(b.encoder["input_size"])
+    units, n = [], 0
+    for unit in work_units(prep.groups, batch_size):
+        idx = np.concatenate([prep.groups[g] for g in unit])
+        if units and n + len(idx) > max_tiles:
+            break
+        units.append(patch_origins(prep.points_px[idx] / float(level.downsample), side))
+        n += len(idx)
+    cache = ChunkCache(level, max_bytes=1 << 34)  # holds the whole sample: each phase timed alone
+    (h, w), (ch, cw) = level.shape, level.chunks
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for o in units:
+        (x0, y0), (x1, y1) = np.clip(o.min(axis=0), 0, None), o.max(axis=0) + side
+        for cy in range(y0 // ch, min(y1, h - 1) // ch + 1):
+            for cx in range(x0 // cw, min(x1, w - 1) // cw + 1):
+                cache.chunk(cy, cx)
+    t["decode"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    crops = []
+    for o in units:
+        (rx0, ry0), (rx1, ry1) = o.min(axis=0), o.max(axis=0) + side
+        region = cache.patch(int(rx0), int(ry0), int(rx1 - rx0), int(ry1 - ry0))
+        crops.append([region.crop((x, y, x + side, y + side)) for x, y in (o - (rx0, ry0)).tolist()])
+    t["cut"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    resized = [[resize_image(c, size) for c in unit] for unit in crops]
+    t["resample"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for unit in resized:
+        mosaic = Image.new("RGB", (size, size * len(unit)))
+        for i, r in enumerate(unit):
+            mosaic.paste(r, (0, i * size))
+        np.array(mosaic).reshape(len(unit), size, size, 3)
+    t["assemble"] = time.perf_counter() - t0
+    prep.close()
+    return {"tiles": n, "chunks": cache.misses, "patch_side_px": side, "input_size": size,
+            "us_per_tile": {k: 1e6 * v / n for k, v in t.items()}, "us_per_tile_total": 1e6 * sum(t.values()) / n}
+
+
 def _ort_what_if(spin_what_if: bool) -> None:
     """Experiment knob (``--ort-spin``): change the ONNX Runtime session options every backend of this
     process uses, to measure a runtime setting other than the default."""
@@ -204,6 +262,7 @@ def size_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size:
                  for t in sorted({run_threads, default_threads()})]
         eng = max(tried, key=lambda e: e["tiles_per_s"])
         eng["by_threads"] = {str(e["threads"]): e["tiles_per_s"] for e in tried}
+        eng["reader_costs"] = reader_costs_child(slide, bundle, batch_size, max_tiles=4096)
     return {"real": real, "noop": noop, "engine_only": eng}
 
 
@@ -280,7 +339,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 eng = out.write({**common, "kind": "engine_only", "status": "ok", "slide": f"{preset}-{size}",
                                  "provider": args.provider, "engine": e["engine"], "tiles_per_s": e["tiles_per_s"],
                                  "tiles": e["tiles"], "sample_tiles": e["sample_tiles"], "seconds": e["seconds"],
-                                 "threads": e.get("threads"), "tiles_per_s_by_threads": e.get("by_threads")})
+                                 "threads": e.get("threads"), "tiles_per_s_by_threads": e.get("by_threads"),
+                                 "reader_costs": e.get("reader_costs")})
         assert eng is not None
         e2e = {r["slide"]: r for r in rows if r.get("kind") == "end_to_end"}
         summary: dict[str, Any] = {**common, "kind": "summary", "status": "ok", "engine_only_tiles_per_s": eng["tiles_per_s"],
@@ -295,6 +355,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             summary["rss_growth"] = summary["peak_rss_mb_4x"] / summary["peak_rss_mb_1x"] - 1
             summary["rss_flat"] = summary["rss_growth"] <= TARGET_RSS_GROWTH and summary["peak_rss_mb_4x"] <= TARGET_RSS_MB
         summary["ratio_met"] = all(summary[k] >= TARGET_RATIO for k in summary if k.startswith("ratio_"))
+        rc = eng.get("reader_costs")
+        by = {int(t): v for t, v in (eng.get("tiles_per_s_by_threads") or {}).items()}
+        if rc and by:
+            # CPU-budget estimate: the engine's CPU time per tile is threads / tiles_per_s at its most frugal
+            # thread count; the readers' work (uncontended, single-threaded) comes on top; all of it shares
+            # the machine's physical cores. An estimate, not a bound: each term is measured on its own.
+            from hishrst_runtime.backends.base import default_threads
+
+            cores = default_threads()
+            engine_us = min(1e6 * t / v for t, v in by.items())
+            e2e_est = cores * 1e6 / (engine_us + rc["us_per_tile_total"])
+            summary.update(cores=cores, engine_core_us_per_tile=engine_us, reader_us_per_tile=rc["us_per_tile_total"],
+                           cpu_budget_e2e_tiles_per_s=e2e_est,
+                           cpu_budget_estimate_ratio=min(1.0, e2e_est / eng["tiles_per_s"]))
         out.write(summary)
         print_table([r for r in rows if r.get("kind") != "engine_only"],
                     [("slide", "slide"), ("engine", "engine"), ("points", "points"), ("tiles_per_s", "tiles/s"),
@@ -309,6 +383,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if f"ratio_{tag}" in summary:
                 print(f"end-to-end / engine-only ({tag}): {100 * summary[f'ratio_{tag}']:.0f} % "
                       f"(stream only: {100 * summary[f'stream_ratio_{tag}']:.0f} %; target ≥ {100 * TARGET_RATIO:.0f} %)")
+        if rc:
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in rc["us_per_tile"].items())
+            print(f"reader CPU per tile, single thread: {rc['us_per_tile_total']:.0f} µs ({parts})")
+        if "cpu_budget_estimate_ratio" in summary:
+            print(f"CPU budget: engine ≥ {summary['engine_core_us_per_tile']:.0f} core-µs per tile + readers "
+                  f"{summary['reader_us_per_tile']:.0f} µs on {summary['cores']} cores → end to end about "
+                  f"{summary['cpu_budget_e2e_tiles_per_s']:,.0f} tiles/s = "
+                  f"{100 * summary['cpu_budget_estimate_ratio']:.0f} % of engine-only (estimate: perfect overlap, no other cost; "
+                  "the per-tile costs are measured separately and vary run to run)")
         if "rss_growth" in summary:
             print(f"peak RSS 1x → 4x: {summary['peak_rss_mb_1x']:.0f} → {summary['peak_rss_mb_4x']:.0f} MB "
                   f"({100 * summary['rss_growth']:+.0f} %; target within {100 * TARGET_RSS_GROWTH:.0f} % and ≤ {TARGET_RSS_MB:.0f} MB)")

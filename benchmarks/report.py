@@ -83,6 +83,20 @@ def section(name: str, recs: list[dict[str, Any]], *, title: str | None = None) 
                                       ("stream_ratio_1x", "stream/engine 1×"), ("stream_ratio_4x", "stream/engine 4×"),
                                       ("peak_rss_mb_1x", "RSS 1× MB"), ("peak_rss_mb_4x", "RSS 4× MB"),
                                       ("rss_growth", "RSS growth"), ("ratio_met", "≥ 90 %"), ("rss_flat", "RSS flat")]))
+            if s.get("cpu_budget_estimate_ratio") is not None:
+                out.append("")
+                out.append(md_table([s], [("cores", "physical cores"), ("engine_core_us_per_tile", "engine core-µs/tile (least)"),
+                                          ("reader_us_per_tile", "reader µs/tile, 1 thread"),
+                                          ("cpu_budget_e2e_tiles_per_s", "CPU-budget e2e estimate tiles/s"),
+                                          ("cpu_budget_estimate_ratio", "CPU-budget estimate of e2e/engine")]))
+        costs = [{"slide": r["slide"], **{f"rc_{k}": v for k, v in r["reader_costs"]["us_per_tile"].items()},
+                  "rc_tiles": r["reader_costs"]["tiles"], "rc_chunks": r["reader_costs"]["chunks"]}
+                 for r in ok if r.get("kind") == "engine_only" and r.get("reader_costs")]
+        if costs:
+            out += ["", "Reader CPU per tile (µs, one thread, no contention; `reader_costs_child`):", ""]
+            out.append(md_table(costs, [("slide", "tiles of"), ("rc_tiles", "tiles"), ("rc_chunks", "chunks decoded"),
+                                        ("rc_decode", "decode"), ("rc_cut", "cut"), ("rc_resample", "resample (Pillow)"),
+                                        ("rc_assemble", "mosaic → numpy")]))
     elif name == "reference":
         rows = [{**r, "name": r["pipeline"] + (f" (num_workers={r['num_workers']})" if "num_workers" in r else ""),
                  "stage_s": ", ".join(f"{k} {fmt(v)}" for k, v in (r.get("stages") or {}).items() if v is not None)}
