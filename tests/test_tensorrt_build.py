@@ -160,6 +160,12 @@ class _FakeMem:
 
     def __init__(self) -> None:
         self.bufs: dict[int, np.ndarray] = {}
+        self.activated_in: set[str] = set()
+
+    def activate(self) -> None:
+        import threading
+
+        self.activated_in.add(threading.current_thread().name)
 
     def malloc(self, nbytes: int) -> int:
         ptr = 4096 * (len(self.bufs) + 1)
@@ -273,6 +279,11 @@ def test_native_backend_control_flow_with_fake_tensorrt(tmp_path: Path, monkeypa
         np.testing.assert_allclose(be.run({"tiles": tiles})[0], encoder_ref(tiles), rtol=1e-6)
     with pytest.raises(BackendError, match="max batch 16"):
         be.run({"tiles": np.zeros((17, 8, 8, 3), np.uint8)})
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="other") as pool:  # the runtime calls the head from its own thread
+        pool.submit(be.run, {"tiles": tiles}).result()
+    assert any(name.startswith("other") for name in mem.activated_in)  # the device is made current there too
     be.close()
     assert mem.bufs == {}
     with pytest.raises(BackendError, match="GPU 'Other GPU'"):

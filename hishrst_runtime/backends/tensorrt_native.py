@@ -76,9 +76,14 @@ class _CudaPython:
         except ImportError:
             from cuda import cudart as rt  # older cuda-python layout; ImportError propagates
         self.rt = rt
-        self._check(rt.cudaSetDevice(int(device_id)), "cudaSetDevice")
+        self.device_id = int(device_id)
+        self.activate()
         self._stream = self._check(rt.cudaStreamCreate(), "cudaStreamCreate")
         self.stream_handle = int(self._stream)
+
+    def activate(self) -> None:
+        """Make the device current in the calling thread (the runtime calls the head from its own thread)."""
+        self._check(self.rt.cudaSetDevice(self.device_id), "cudaSetDevice")
 
     def _check(self, result: tuple[Any, ...], what: str) -> Any:
         err, *rest = result
@@ -119,9 +124,14 @@ class _CuPy:
         import cupy
 
         self.cp = cupy
-        cupy.cuda.Device(int(device_id)).use()
+        self.device_id = int(device_id)
+        self.activate()
         self._stream = cupy.cuda.Stream(non_blocking=True)
         self.stream_handle = int(self._stream.ptr)
+
+    def activate(self) -> None:
+        """Make the device current in the calling thread."""
+        self.cp.cuda.Device(self.device_id).use()
 
     def malloc(self, nbytes: int) -> Any:
         return self.cp.empty(max(int(nbytes), 1), dtype=self.cp.uint8)
@@ -266,6 +276,7 @@ class TensorRTNativeBackend(BackendBase):
         if self._context is None or self._mem is None:
             raise BackendError(f"{self.name}: the backend was closed")
         arrays = self._prepare(feeds)
+        self._mem.activate()  # CUDA's current device is per thread
         for name, arr in zip(self.input_names, arrays):
             lo, _, hi = self.profile[name]
             if any(a < lo_d or a > hi_d for a, lo_d, hi_d in zip(arr.shape, lo, hi)):
