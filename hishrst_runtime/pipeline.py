@@ -21,9 +21,9 @@ For one slide:
    head over the unit's groups (padded to the bundle's ``max_group_size``) and hands the rows to
    ``write``, one unit at a time in unit order, while the encoder goes on with the next unit.
 
-Peak memory is bounded independently of the slide's size: the chunk cache (``cache_bytes``), at
-most ``max(2, 2 * workers)`` units of tiles in flight, and the per-point arrays (points, groups,
-done mask). The next slide is prepared in the background while the current one runs
+Peak memory is bounded independently of the slide's size: the chunk cache (``cache_bytes``), one
+unit box per reader thread (at most ``MAX_UNIT_REGION_PX`` pixels), at most ``max(2, 2 * workers)``
+units of tiles in flight, and the per-point arrays (points, groups, done mask). The next slide is prepared in the background while the current one runs
 (:func:`hishrst_runtime.run_cli.run_slides`).
 """
 
@@ -62,6 +62,8 @@ __all__ = [
 DEFAULT_PITCH_UM = 50.0
 #: Default bound of the decoded-chunk cache (bytes).
 DEFAULT_CACHE_BYTES = 128 << 20
+#: Largest box (pixels; 4 bytes each) a reader assembles for one work unit; sparser units go patch by patch.
+MAX_UNIT_REGION_PX = 1 << 24
 
 
 class StageTimer:
@@ -366,7 +368,7 @@ def predict_slide(
         origins = patch_origins(centers, side)
         mosaic = Image.new("RGB", (size, size * len(idx)))  # the unit's tiles stacked: one conversion
         (rx0, ry0), (rx1, ry1) = origins.min(axis=0), origins.max(axis=0) + side
-        if (rx1 - rx0) * (ry1 - ry0) <= max(4 * len(idx) * side * side, 1 << 20):
+        if (rx1 - rx0) * (ry1 - ry0) <= min(max(4 * len(idx) * side * side, 1 << 20), MAX_UNIT_REGION_PX):
             # A compact unit (neighbour groups): assemble its bounding box once, then crop each patch.
             region = cache.patch(int(rx0), int(ry0), int(rx1 - rx0), int(ry1 - ry0))
             for i, (x0, y0) in enumerate((origins - (rx0, ry0)).tolist()):
