@@ -178,8 +178,8 @@ def reader_costs_child(slide: str, bundle: str, batch_size: int, max_tiles: int)
     t0 = time.perf_counter()
     for o in units:
         (x0, y0), (x1, y1) = np.clip(o.min(axis=0), 0, None), o.max(axis=0) + side
-        for cy in range(y0 // ch, min(y1, h - 1) // ch + 1):
-            for cx in range(x0 // cw, min(x1, w - 1) // cw + 1):
+        for cy in range(y0 // ch, (min(y1, h) - 1) // ch + 1):
+            for cx in range(x0 // cw, (min(x1, w) - 1) // cw + 1):
                 cache.chunk(cy, cx)
     t["decode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -258,10 +258,13 @@ def size_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size:
     if engine_only:
         from hishrst_runtime.backends.base import default_threads
 
-        tried = [engine_only_child(slide, bundle, provider, batch_size, threads=t, **engine_only)
-                 for t in sorted({run_threads, default_threads()})]
+        first = engine_only_child(slide, bundle, provider, batch_size, threads=run_threads, **engine_only)
+        tried = [first]
+        if first["threads"] is not None:  # an ONNX Runtime CPU engine: also with all physical cores
+            tried += [engine_only_child(slide, bundle, provider, batch_size, threads=t, **engine_only)
+                      for t in sorted({default_threads()} - {run_threads})]
         eng = max(tried, key=lambda e: e["tiles_per_s"])
-        eng["by_threads"] = {str(e["threads"]): e["tiles_per_s"] for e in tried}
+        eng["by_threads"] = {str(e["threads"]): e["tiles_per_s"] for e in tried if e["threads"] is not None}
         eng["reader_costs"] = reader_costs_child(slide, bundle, batch_size, max_tiles=4096)
     return {"real": real, "noop": noop, "engine_only": eng}
 

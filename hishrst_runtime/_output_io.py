@@ -312,8 +312,12 @@ class XChunks:
         for f in self.filters:
             buf = f.encode(buf)
         payload = self.compressor.encode(buf) if self.compressor is not None else buf
-        with open(self.path(k), "wb") as fh:
+        path = self.path(k)
+        new_file = not path.exists()
+        with open(path, "wb") as fh:
             fh.write(payload)
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
+        if fsync and new_file:  # the new directory entry must be durable before the chunk's rows are claimed
+            fsync_path(path.parent, directory=True)

@@ -390,8 +390,19 @@ def predict_slide(
                                f"{len(tiles)} tiles; re-export the bundle")
         return feats
 
+    failed = threading.Event()  # set by the first failing finish(): queued ones then do nothing
+
     def finish(unit: list[int], feats: np.ndarray) -> None:
         """Head over the unit's groups, write its rows, report progress (one thread at a time, in unit order)."""
+        if failed.is_set():
+            return
+        try:
+            _finish(unit, feats)
+        except BaseException:
+            failed.set()
+            raise
+
+    def _finish(unit: list[int], feats: np.ndarray) -> None:
         t0 = time.perf_counter()
         groups = [prep.groups[g] for g in unit]
         idx = np.concatenate(groups)

@@ -419,6 +419,8 @@ def run(slides: tuple[Path, ...], bundle_dir: Path, out_dir: Path, pitch_um: flo
         raise click.BadParameter("must be >= 1", param_hint="--batch-size")
     if workers < 0:
         raise click.BadParameter("must be >= 0 (0 reads in the inference thread)", param_hint="--workers")
+    if engine_threads is not None and engine_threads < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--engine-threads")
     if pitch_um is not None and not (np.isfinite(pitch_um) and pitch_um > 0):
         raise click.BadParameter("must be a positive number of µm", param_hint="--pitch-um")
     if not 0.0 <= min_tissue <= 1.0:

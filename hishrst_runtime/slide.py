@@ -60,6 +60,14 @@ UNIT_TO_UM: dict[str, float] = {
 _MPP_HINT = "pass the pixel size with --mpp (µm per level-0 pixel, e.g. --mpp 0.5 for a 20x scan)"
 
 
+def _direct_ok(axes: Sequence[str], chunks: Sequence[int]) -> bool:
+    """Whether :meth:`Level.read_chunk` can use direct chunk reads: a ``c, y, x`` or ``y, x, c`` order
+    (leading singleton ``t`` / ``z`` allowed) whose singleton axes are chunked by 1."""
+    kept = [a for a in axes if a in ("y", "x", "c")]
+    return kept in (["c", "y", "x"], ["y", "x", "c"]) and all(
+        int(c) == 1 for a, c in zip(axes, chunks) if a not in ("y", "x", "c"))
+
+
 class SlideError(ValueError):
     """A slide store that cannot be used; the message names the store, the problem and the fix."""
 
@@ -143,6 +151,8 @@ class Level:
             raise IndexError(f"chunk ({cy}, {cx}) is outside the level's {math.ceil(h / ch)} x {math.ceil(w / cw)} chunks")
         bh, bw = min(ch, h - y0), min(cw, w - x0)
         kept = [a for a in self._axes if a in ("y", "x", "c")]
+        if kept not in (["c", "y", "x"], ["y", "x", "c"]):  # unusual axis orders
+            return Image.fromarray(self.read_region(x0, y0, x0 + bw, y0 + bh))
         if self._direct is not None:
             cc = self._direct.chunk_shape[self._axes.index("c")] if "c" in self._axes else 1
             parts = []
@@ -160,9 +170,7 @@ class Level:
         if kept == ["c", "y", "x"]:
             planes = [np.ascontiguousarray(data[i], dtype=np.uint8) for i in range(3)]
             return Image.merge("RGB", [Image.frombuffer("L", (bw, bh), p, "raw", "L", 0, 1) for p in planes])
-        if kept == ["y", "x", "c"]:
-            return Image.fromarray(np.ascontiguousarray(data, dtype=np.uint8))
-        return Image.fromarray(self.read_region(x0, y0, x0 + bw, y0 + bh))  # unusual axis orders
+        return Image.fromarray(np.ascontiguousarray(data, dtype=np.uint8))  # y, x, c
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         """``level[y0:y1, x0:x1]`` → uint8 RGB ``(h, w, 3)`` (step-less slices, clipped to bounds)."""
@@ -488,7 +496,7 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Sli
         levels.append(Level(
             index=i, mpp=0.5 * (myx[0] + myx[1]), mpp_yx=myx, downsample=0.5 * (ry + rx), shape=(h, w),
             chunks=(chunks[iy], chunks[ix]), path=dpath, _array=arr, _axes=tuple(names), _n_channels=int(n_channels),
-            _direct=DirectChunkReader.for_array(arr),
+            _direct=DirectChunkReader.for_array(arr) if _direct_ok(names, arr.chunks) else None,
         ))
     order = sorted(range(len(levels)), key=lambda i: levels[i].mpp)
     if order != list(range(len(levels))):

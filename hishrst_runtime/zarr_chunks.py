@@ -14,6 +14,7 @@ decode to the chunk's size raises :class:`ChunkDecodeError` instead of returning
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -116,7 +117,7 @@ class DirectChunkReader:
             raise ChunkDecodeError(f"{path}: cannot read the chunk file ({e}); check the slide store's files") from e
         try:
             data = self._decode(raw)
-        except (RuntimeError, ValueError, TypeError) as e:
+        except (RuntimeError, ValueError, TypeError, OSError, EOFError, zlib.error) as e:  # zstd/blosc, gzip, zlib
             raise ChunkDecodeError(f"{path}: the chunk does not decompress ({e}); the slide store is corrupt, "
                                    "convert the slide again") from e
         buf = np.frombuffer(data, dtype=np.uint8)

@@ -134,3 +134,22 @@ def test_chunk_cache_patches_are_cut_patch_pixels(tmp_path: Path) -> None:
         np.testing.assert_array_equal(cache.read(-5, 10, 500, 250), img[10:250, 0:420])
         assert cache.read(500, 0, 600, 10).size == 0
         assert cache.peak_bytes <= cache.max_bytes + 64 * 64 * 4
+
+
+def test_corrupt_gzip_chunk_is_a_clear_error(tmp_path: Path) -> None:
+    img = _image(seed=5)
+    p = _hand_store(tmp_path / "g.zarr", img.transpose(2, 0, 1), "cyx", fmt=3, chunks=(3, 64, 64),
+                    compressors={"name": "gzip", "configuration": {"level": 1}})
+    with open_slide(p) as s:
+        reader = s.levels[0]._direct
+        (reader.root / reader._encode_key((0, 0, 1))).write_bytes(b"\x1f\x8b\x08 truncated")
+        with pytest.raises(ChunkDecodeError, match="corrupt"):
+            s.levels[0].read_chunk(0, 1)
+
+
+def test_unusual_axis_order_reads_through_zarr(tmp_path: Path) -> None:
+    img = _image(seed=6)
+    p = _hand_store(tmp_path / "xyc.zarr", img.transpose(1, 0, 2), "xyc", fmt=3, chunks=(64, 64, 3))
+    with open_slide(p) as s:
+        assert s.levels[0]._direct is None
+        _all_chunks_equal(s.levels[0], img)

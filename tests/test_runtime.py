@@ -246,6 +246,27 @@ def test_pipeline_tiles_are_exactly_cut_patches(slide: Path, small_bundle: Path,
         p.close()
 
 
+def test_a_failing_write_stops_the_head_thread(slide: Path, small_bundle: Path) -> None:
+    """After a head/write failure no later unit is written: the error surfaces, in order, and nothing else runs."""
+    from hishrst_runtime.pipeline import NoopBackend
+
+    bundle = load_bundle(small_bundle)
+    prep = prepare_slide(slide, bundle, pitch_um=70.0)
+    enc = NoopBackend(lambda f: (len(f["tiles"]), int(bundle.encoder["feature_dim"])))
+    head = NoopBackend(lambda f: (*f["features"].shape[:2], len(bundle.genes)))
+    calls: list[int] = []
+
+    def write(idx: np.ndarray, values: np.ndarray) -> None:
+        calls.append(len(idx))
+        if len(calls) == 2:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        predict_slide(prep, bundle, encoder=enc, head=head, write=write, batch_size=8, workers=2)
+    assert len(calls) == 2 and len(work_units(prep.groups, 8)) > 4
+    prep.close()
+
+
 def test_chunk_cache_reads_each_chunk_once_across_threads(slide: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -302,6 +302,7 @@ class TensorRTNativeBackend(BackendBase):
         self._engine = None
         mem, self._mem = self._mem, None
         if mem is not None:
+            mem.activate()
             for buf in self._buffers.values():
                 mem.free(buf)
             self._buffers = {}
