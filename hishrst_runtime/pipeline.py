@@ -23,8 +23,8 @@ For one slide:
 
 Peak memory is bounded independently of the slide's size: the chunk cache (``cache_bytes``), one
 unit box per reader thread (at most ``MAX_UNIT_REGION_PX`` pixels), at most ``max(2, 2 * workers)``
-units of tiles in flight, and the per-point arrays (points, groups, done mask). The next slide is prepared in the background while the current one runs
-(:func:`hishrst_runtime.run_cli.run_slides`).
+units of tiles in flight, and the per-point arrays (points, groups, done mask). The next slide is
+prepared in the background while the current one runs (:func:`hishrst_runtime.run_cli.run_slides`).
 """
 
 from __future__ import annotations
