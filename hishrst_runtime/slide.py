@@ -153,10 +153,10 @@ class Level:
         kept = [a for a in self._axes if a in ("y", "x", "c")]
         if kept not in (["c", "y", "x"], ["y", "x", "c"]):  # unusual axis orders
             return Image.fromarray(self.read_region(x0, y0, x0 + bw, y0 + bh))
-        if self._direct is not None:
-            cc = self._direct.chunk_shape[self._axes.index("c")] if "c" in self._axes else 1
+        if self._direct is not None:  # both orders have a c axis; it may be chunked by fewer than 3
+            cc = self._direct.chunk_shape[self._axes.index("c")]
             parts = []
-            for k in range(0, math.ceil(3 / cc) if "c" in self._axes else 1):
+            for k in range(math.ceil(3 / cc)):
                 coords = tuple(cy if a == "y" else cx if a == "x" else k if a == "c" else 0 for a in self._axes)
                 block = self._direct.read(coords)
                 parts.append(block.reshape([n for a, n in zip(self._axes, block.shape) if a in ("y", "x", "c")]))
