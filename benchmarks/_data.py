@@ -93,7 +93,7 @@ def ensure_section(workdir: Path, preset: str) -> Path:
 
 def ensure_slides(workdir: Path, preset: str) -> dict[str, Path]:
     """OME-Zarr slides of the section image: ``"1x"`` and ``"4x"`` (the image tiled 2 × 2, lazily)."""
-    from hishrst_runtime.convert import write_ome_zarr
+    from hishrst_runtime.slides.convert import write_ome_zarr
     from hishrst_train.synth import PRESETS
 
     section = ensure_section(workdir, preset)

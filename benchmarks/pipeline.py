@@ -65,7 +65,7 @@ def _store_prepare_seconds(store: Path) -> float | None:
 def run_pipeline_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size: int, workers: int | None,
                        engine_threads: int | None = None) -> dict:
     """``run_slides`` on one slide (what ``hishrst-run`` calls); returns its timings."""
-    from hishrst_runtime.run_cli import DEFAULT_WORKERS, run_slides
+    from hishrst_runtime.jobs.runner import DEFAULT_WORKERS, run_slides
 
     workers = DEFAULT_WORKERS if workers is None else workers
     said: list[str] = []
@@ -91,11 +91,11 @@ def engine_only_child(slide: str, bundle: str, provider: str, batch_size: int, m
     """Encoder + head backends alone on pre-cut tiles, unit by unit as ``predict_slide`` calls them.
 
     ``threads``: ONNX Runtime intra-op threads (``None``: all physical cores)."""
-    from hishrst_runtime.grouping import pad_groups
-    from hishrst_runtime.manifest import load_bundle
-    from hishrst_runtime.patches import cut_patches, patch_side_px
-    from hishrst_runtime.pipeline import prepare_slide, work_units
-    from hishrst_runtime.run_cli import load_engines
+    from hishrst_runtime.core.grouping import pad_groups
+    from hishrst_runtime.bundle.manifest import load_bundle
+    from hishrst_runtime.core.patches import cut_patches, patch_side_px
+    from hishrst_runtime.inference.pipeline import prepare_slide, work_units
+    from hishrst_runtime.inference.engines import load_engines
 
     b = load_bundle(Path(bundle))
     encoder, head, chosen = load_engines(b, provider, cache_dir=None, threads=threads)
@@ -156,9 +156,10 @@ def reader_costs_child(slide: str, bundle: str, batch_size: int, max_tiles: int)
     """
     from PIL import Image
 
-    from hishrst_runtime.manifest import load_bundle
-    from hishrst_runtime.patches import patch_origins, patch_side_px, resize_image
-    from hishrst_runtime.pipeline import ChunkCache, prepare_slide, work_units
+    from hishrst_runtime.bundle.manifest import load_bundle
+    from hishrst_runtime.core.patches import patch_origins, patch_side_px, resize_image
+    from hishrst_runtime.inference.pipeline import prepare_slide, work_units
+    from hishrst_runtime.slides.cache import ChunkCache
 
     b = load_bundle(Path(bundle))
     prep = prepare_slide(Path(slide), b)
@@ -225,15 +226,16 @@ def size_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size:
     run's intra-op threads and with all physical cores; the faster is the engine's limit."""
     import resource
 
-    from hishrst_runtime.run_cli import DEFAULT_WORKERS, default_engine_threads
+    from hishrst_runtime.inference.engines import default_engine_threads
+    from hishrst_runtime.jobs.runner import DEFAULT_WORKERS
 
     if ort_spin is not None:
         _ort_what_if(ort_spin)
     run_threads = ort_threads or default_engine_threads(DEFAULT_WORKERS if workers is None else workers)
 
     from hishrst_runtime.backends import available_providers
-    from hishrst_runtime.manifest import load_bundle
-    from hishrst_runtime.pipeline import prepare_slide
+    from hishrst_runtime.bundle.manifest import load_bundle
+    from hishrst_runtime.inference.pipeline import prepare_slide
 
     # Untimed warm-up: the first prepare_slide / output store of a process import zarr, scipy, anndata, ...
     # (~1-2 s once per process, not per slide); without it the first run would pay that and the no-op not.

@@ -53,8 +53,8 @@ def reference_child(image: str, points_file: str, run_dir: str, mpp: float, batc
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
 
-    from hishrst_runtime.grouping import group_points
-    from hishrst_runtime.patches import patch_side_px
+    from hishrst_runtime.core.grouping import group_points
+    from hishrst_runtime.core.patches import patch_side_px
     from hishrst_train.encoders import load_encoder
     from hishrst_train.train import load_checkpoint, predict
 
@@ -105,8 +105,8 @@ def reference_child(image: str, points_file: str, run_dir: str, mpp: float, batc
 
 def _points(slide: Path, bundle: Path, out: Path) -> int:
     """The grid points ``hishrst-run`` lays on ``slide`` (level-0 px), saved for the reference."""
-    from hishrst_runtime.manifest import load_bundle
-    from hishrst_runtime.pipeline import prepare_slide
+    from hishrst_runtime.bundle.manifest import load_bundle
+    from hishrst_runtime.inference.pipeline import prepare_slide
 
     prep = prepare_slide(slide, load_bundle(bundle))
     np.save(out, np.asarray(prep.points_px, dtype=np.float64))

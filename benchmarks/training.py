@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     import torch
 
-    from hishrst_runtime.grouping import group_points
+    from hishrst_runtime.core.grouping import group_points
     from hishrst_train.encoders import load_encoder
     from hishrst_train.features import extract_features
     from hishrst_train.io import open_fullres_image

@@ -8,7 +8,7 @@ and writes the versioned ``manifest.json``. Needs the ``[export]`` extra (plus `
 
 from __future__ import annotations
 
-from hishrst_runtime._lazy import lazy_attributes
+from hishrst_runtime.core.lazy import lazy_attributes
 
 
 __all__ = [

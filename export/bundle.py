@@ -7,9 +7,9 @@ bundle is written into a temporary sibling directory and renamed into place only
 has passed, so a failed export never leaves a bundle (nor a half-written one) behind, and
 ``--overwrite`` replaces an existing bundle only after the new one is complete.
 
-Bundle layout (schema :data:`hishrst_runtime.manifest.SCHEMA_VERSION`)::
+Bundle layout (schema :data:`hishrst_runtime.bundle.manifest.SCHEMA_VERSION`)::
 
-    <out>/manifest.json       the contract (see hishrst_runtime.manifest)
+    <out>/manifest.json       the contract (see hishrst_runtime.bundle.manifest)
     <out>/encoder.onnx        uint8 tiles [B, S, S, 3] → features [B, D]
     <out>/encoder.onnx.data   only for models > ~1.9 GB (ONNX external data; listed with its SHA-256)
     <out>/head.onnx           features [G, N, D], positions [G, N, 2] (µm), mask [G, N] → expression
@@ -31,14 +31,15 @@ from typing import Any, Literal
 import numpy as np
 
 from hishrst_runtime import __version__
-from hishrst_runtime.grouping import group_points, pad_groups
-from hishrst_runtime.manifest import (
+from hishrst_runtime.core.grouping import group_points, pad_groups
+from hishrst_runtime.bundle.manifest import (
     SCHEMA_NAME,
     load_bundle,
     sha256_file,
     write_manifest,
 )
-from hishrst_runtime.patches import cut_patches, patch_side_px
+from hishrst_runtime.core.patches import cut_patches, patch_side_px
+from hishrst_runtime.core.errors import HishrstError
 
 __all__ = ["LICENSE_NOTICES", "N_RANDOM", "N_REAL", "ExportError", "export_bundle"]
 
@@ -54,7 +55,7 @@ N_REAL = 64
 N_RANDOM = 16
 
 
-class ExportError(RuntimeError):
+class ExportError(HishrstError, RuntimeError):
     """The export cannot proceed (bad run directory, output exists, TensorRT unavailable, …)."""
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from torch import nn
+from hishrst_runtime.core.errors import HishrstError
 
 if TYPE_CHECKING:
     from hishrst_train.encoders import EncoderModule
@@ -78,7 +79,7 @@ HEAD_FP32_NODES = ("/Sub", "/Div")
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
 
 
-class ParityError(RuntimeError):
+class ParityError(HishrstError, RuntimeError):
     """An exported model disagrees with PyTorch beyond the stated tolerance."""
 
 

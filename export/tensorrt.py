@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from hishrst_runtime.core.errors import EnvironmentProblem, HishrstError
 
 __all__ = [
     "PARITY_TOLERANCE",
@@ -57,15 +58,15 @@ PARITY_TOLERANCE: dict[str, dict[str, float]] = {
 }
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(EnvironmentProblem):
     """TensorRT (the ``tensorrt`` package) or an NVIDIA GPU is missing on this machine."""
 
 
-class TensorRTBuildError(RuntimeError):
+class TensorRTBuildError(EnvironmentProblem):
     """TensorRT could not parse the ONNX model or build the engine."""
 
 
-class EngineParityError(RuntimeError):
+class EngineParityError(HishrstError, RuntimeError):
     """A TensorRT engine disagrees with ONNX Runtime (CPU) beyond the tolerance."""
 
 

@@ -7,7 +7,7 @@ Importing this package (or anything in it) never imports torch or timm.
 
 from __future__ import annotations
 
-from hishrst_runtime._lazy import lazy_attributes
+from hishrst_runtime.core.lazy import lazy_attributes
 
 from importlib.metadata import PackageNotFoundError, version
 
@@ -29,13 +29,13 @@ __all__ = [
 ]
 
 _WHERE = {
-    "group_points": "grouping",
-    "load_bundle": "manifest",
-    "Bundle": "manifest",
-    "BundleError": "manifest",
-    "open_slide": "slide",
-    "convert_slide": "convert",
-    "run_slides": "run_cli",
+    "group_points": "core.grouping",
+    "load_bundle": "bundle.manifest",
+    "Bundle": "bundle.manifest",
+    "BundleError": "bundle.manifest",
+    "open_slide": "slides.reader",
+    "convert_slide": "slides.convert",
+    "run_slides": "jobs.runner",
     "load_backend": "backends",
 }
 

@@ -6,7 +6,7 @@ Needs the ``[train]`` extra (torch, timm, scanpy, …). Heavy modules are import
 
 from __future__ import annotations
 
-from hishrst_runtime._lazy import lazy_attributes
+from hishrst_runtime.core.lazy import lazy_attributes
 
 
 __all__ = [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from hishrst_runtime.patches import DEFAULT_PATCH_UM
+from hishrst_runtime.core.patches import DEFAULT_PATCH_UM
 
 __all__ = ["synth", "fit", "evaluate"]
 

@@ -20,8 +20,8 @@ __all__ = ["demo", "run_demo"]
 def run_demo(out: Path, *, preset: str = "dlpfc", epochs: int = 30, seed: int = 0, progress: bool = True) -> dict:
     """Run the demo into ``out``; returns a summary dict (also written to ``out/demo_summary.json``)."""
     from hishrst_export.bundle import export_bundle
-    from hishrst_runtime.convert import write_ome_zarr
-    from hishrst_runtime.run_cli import run_slides
+    from hishrst_runtime.slides.convert import write_ome_zarr
+    from hishrst_runtime.jobs.runner import run_slides
     from hishrst_train.evaluate import evaluate_run
     from hishrst_train.io import image_mpp, open_fullres_image
     from hishrst_train.synth import make_synthetic_visium

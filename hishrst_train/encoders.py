@@ -48,6 +48,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+from hishrst_runtime.core.errors import EnvironmentProblem
 
 __all__ = [
     "EncoderSpec",
@@ -76,7 +77,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsError(RuntimeError):
+class WeightsError(EnvironmentProblem):
     """Encoder weights could not be found, downloaded or loaded; the message says what to do."""
 
 

@@ -1,7 +1,7 @@
 """Batched frozen-encoder feature extraction for spot patches, with an on-disk cache.
 
 :func:`extract_features` cuts one ``patch_um``-µm square RGB patch per spot centre with the shared
-:mod:`hishrst_runtime.patches` functions (white padding at the image edge, Pillow bilinear resize to the
+:mod:`hishrst_runtime.core.patches` functions (white padding at the image edge, Pillow bilinear resize to the
 encoder's input size), runs the encoder on uint8 NHWC batches under ``torch.inference_mode()`` while a
 small thread pool cuts the next batches, and returns float32 features ``[N, D]``.
 
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hishrst_runtime.patches import (
+from hishrst_runtime.core.patches import (
     DEFAULT_PATCH_UM,
     PAD_VALUE,
     RESIZE_FILTER,

@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from hishrst_runtime.geometry import mpp_from_spot_diameter
+from hishrst_runtime.core.geometry import mpp_from_spot_diameter
+from hishrst_runtime.core.errors import InputError
 
 __all__ = ["DataError", "FullresImage", "image_mpp", "open_fullres_image", "read_10x_h5", "read_h5ad_with_image",
            "read_visium", "write_10x_h5"]
@@ -40,7 +41,7 @@ _TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".scn")
 _IMAGE_SUFFIXES = _TIFF_SUFFIXES + (".png", ".jpg", ".jpeg")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """User data that cannot be read as given; the message names the file, the problem and the fix."""
 
 
@@ -193,7 +194,7 @@ class FullresImage:
     """A lazily read ``(H, W, 3)`` RGB uint8 view of an image (level 0 of a pyramid).
 
     ``img[y0:y1, x0:x1]`` reads only that region and returns an ``(h, w, 3)`` uint8 numpy array, so it
-    works with :func:`hishrst_runtime.patches.cut_patch`. Greyscale is expanded to RGB, alpha dropped,
+    works with :func:`hishrst_runtime.core.patches.cut_patch`. Greyscale is expanded to RGB, alpha dropped,
     planar (``CYX``) layouts transposed, 16-bit scaled to 8-bit. Decoded TIFF tiles are kept in a
     thread-safe LRU cache of ``cache_mb`` MiB, so neighbouring patches do not decode a tile twice.
     """

@@ -19,7 +19,7 @@ which region it comes from. Gene means depend on the region mix inside each 55 �
 housekeeping and background genes), some genes follow smooth gradients (cortical depth, slide x),
 library sizes vary and counts are negative binomial. Everything is deterministic from ``seed``.
 
-Geometry: lattice positions come from :func:`hishrst_runtime.geometry.visium_array_to_um` (100 µm
+Geometry: lattice positions come from :func:`hishrst_runtime.core.geometry.visium_array_to_um` (100 µm
 pitch); full-resolution pixels are ``px = A @ [x_um, y_um, 1]`` with an exact similarity affine ``A``
 (scale ``1 / mpp``, a small rotation, a margin offset; no jitter), so an affine fit recovers it.
 Pixel ``(col, row)`` indices are pixel centres.
@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hishrst_runtime.geometry import (
+from hishrst_runtime.core.geometry import (
     VISIUM_PITCH_UM,
     VISIUM_SPOT_DIAMETER_UM,
     visium_array_to_um,

@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 
 from hishrst_runtime import __version__
-from hishrst_runtime.geometry import apply_affine, dense_array_grid, fit_affine
-from hishrst_runtime.grouping import GROUPING_METHOD, group_points
-from hishrst_runtime.patches import DEFAULT_PATCH_UM, PAD_VALUE, RESIZE_FILTER
+from hishrst_runtime.core.geometry import apply_affine, dense_array_grid, fit_affine
+from hishrst_runtime.core.grouping import GROUPING_METHOD, group_points
+from hishrst_runtime.core.patches import DEFAULT_PATCH_UM, PAD_VALUE, RESIZE_FILTER
 from hishrst_train.model import HisHRSTConfig
 
 __all__ = ["load_section", "fit_run", "spot_positions", "TARGET_SUM"]

@@ -2,7 +2,7 @@
 
 The recipe follows the paper: Adam (lr 1e-3), a linear warm-up then cosine decay of the learning rate,
 mean-squared error on log-normalised expression, seeded for reproducibility. A training step sees a
-batch of neighbour groups (from :func:`hishrst_runtime.grouping.group_points`), padded and masked.
+batch of neighbour groups (from :func:`hishrst_runtime.core.grouping.group_points`), padded and masked.
 
 Checkpoints are ``model.safetensors`` (weights only) + ``config.json``; nothing is pickled.
 """
@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from hishrst_runtime.grouping import pad_groups
-from hishrst_runtime.jsonutil import json_default
+from hishrst_runtime.core.grouping import pad_groups
+from hishrst_runtime.core.jsonutil import json_default
 from hishrst_train.model import HisHRST, HisHRSTConfig
 
 __all__ = ["TrainConfig", "train_model", "predict", "save_checkpoint", "load_checkpoint", "seed_everything"]

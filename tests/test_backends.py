@@ -263,7 +263,7 @@ def test_trt_native_needs_engine_path(encoder_onnx: Path, monkeypatch: pytest.Mo
 
 
 def test_trt_cache_dir_key(encoder_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hishrst_runtime.manifest import sha256_file
+    from hishrst_runtime.bundle.manifest import sha256_file
 
     root = tmp_path / "cache"
     a = trt_cache_dir(encoder_onnx, cache_dir=root)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import zarr
 
-from hishrst_runtime.convert import write_ome_zarr
-from hishrst_runtime.patches import cut_patch, cut_patches, patch_origin, resize_image
-from hishrst_runtime.pipeline import ChunkCache
-from hishrst_runtime.slide import open_slide
-from hishrst_runtime.zarr_chunks import ChunkDecodeError, DirectChunkReader
+from hishrst_runtime.slides.convert import write_ome_zarr
+from hishrst_runtime.core.patches import cut_patch, cut_patches, patch_origin, resize_image
+from hishrst_runtime.slides.cache import ChunkCache
+from hishrst_runtime.slides.reader import open_slide
+from hishrst_runtime.slides.chunks import ChunkDecodeError, DirectChunkReader
 
 
 def _image(h: int = 300, w: int = 420, seed: int = 0) -> np.ndarray:

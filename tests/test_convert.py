@@ -1,4 +1,4 @@
-"""Tests of `hishrst convert` and the OME-Zarr pyramid writer (hishrst_runtime.convert)."""
+"""Tests of `hishrst convert` and the OME-Zarr pyramid writer (hishrst_runtime.slides.convert)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import tifffile
 import zarr
 from click.testing import CliRunner
 
-import hishrst_runtime.convert as conv
-from hishrst_runtime.convert import ConvertError, convert_cmd, convert_slide, pyramid_shapes, write_ome_zarr
-from hishrst_runtime.slide import open_slide
+import hishrst_runtime.slides.convert as conv
+from hishrst_runtime.cli.convert import convert_cmd  # noqa: E402
+from hishrst_runtime.slides.convert import ConvertError, convert_slide, pyramid_shapes, write_ome_zarr
+from hishrst_runtime.slides.reader import open_slide
 
 SVS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cmu_small_region.svs"
 REPO = Path(__file__).resolve().parents[1]
@@ -229,7 +230,7 @@ def test_convert_cli(tmp_path: Path) -> None:
     assert "1 levels" in res.output and "0.5 µm/px" in res.output
     res = runner.invoke(convert_cmd, [str(src), str(tmp_path / "c.zarr"), "--mpp", "0.5"])
     assert res.exit_code != 0 and "--overwrite" in res.output
-    from hishrst_runtime.cli import main
+    from hishrst_runtime.cli.main import main
 
     res = runner.invoke(main, ["convert", str(src), str(tmp_path / "c.zarr"), "--mpp", "0.6", "--overwrite",
                                "--no-progress"])
@@ -240,12 +241,12 @@ def test_convert_cli(tmp_path: Path) -> None:
 def test_runtime_modules_do_not_import_torch(tmp_path: Path) -> None:
     code = (
         "import sys, numpy as np, tifffile\n"
-        "import hishrst_runtime.slide, hishrst_runtime.convert, hishrst_runtime.tissue\n"
-        "from hishrst_runtime.convert import convert_slide\n"
+        "import hishrst_runtime.slides.reader, hishrst_runtime.slides.convert, hishrst_runtime.slides.tissue\n"
+        "from hishrst_runtime.slides.convert import convert_slide\n"
         f"p = {str(tmp_path)!r}\n"
         "tifffile.imwrite(p + '/t.tif', np.zeros((64, 64, 3), np.uint8), photometric='rgb', tile=(32, 32))\n"
-        "s = hishrst_runtime.slide.open_slide(convert_slide(p + '/t.tif', p + '/t.zarr', mpp=1.0, progress=True))\n"
-        "hishrst_runtime.tissue.detect_tissue(s.thumbnail(max_side=32))\n"
+        "s = hishrst_runtime.slides.reader.open_slide(convert_slide(p + '/t.tif', p + '/t.zarr', mpp=1.0, progress=True))\n"
+        "hishrst_runtime.slides.tissue.detect_tissue(s.thumbnail(max_side=32))\n"
         "bad = [m for m in ('torch', 'timm') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

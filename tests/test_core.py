@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hishrst_runtime.geometry import (
+from hishrst_runtime.core.geometry import (
     apply_affine,
     dense_array_grid,
     fit_affine,
@@ -14,8 +14,8 @@ from hishrst_runtime.geometry import (
     visium_array_to_um,
     visium_lattice,
 )
-from hishrst_runtime.grouping import group_points, pad_groups
-from hishrst_runtime.patches import cut_patch, cut_patches, patch_side_px, resize_patch
+from hishrst_runtime.core.grouping import group_points, pad_groups
+from hishrst_runtime.core.patches import cut_patch, cut_patches, patch_side_px, resize_patch
 
 
 def test_visium_lattice_parity_and_pitch():

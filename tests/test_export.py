@@ -22,7 +22,7 @@ from hishrst_export.bundle import ExportError, export_bundle
 from hishrst_export.cli import export as export_cmd
 from hishrst_export.onnx_export import PARITY_TOLERANCE, ParityError
 
-from hishrst_runtime.manifest import SCHEMA_VERSION, BundleError, load_bundle
+from hishrst_runtime.bundle.manifest import SCHEMA_VERSION, BundleError, load_bundle
 
 QUIET = {"echo": lambda s: None}
 

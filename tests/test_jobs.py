@@ -1,4 +1,4 @@
-"""Tests for hishrst_runtime.jobs: slide sharding, Slurm array parsing and per-slide lock files."""
+"""Tests for hishrst_runtime.jobs.locks: slide sharding, Slurm array parsing and per-slide lock files."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hishrst_runtime.jobs import (
+from hishrst_runtime.jobs.locks import (
     LockInfo,
     ShardSpecError,
     SlideLock,
@@ -117,7 +117,7 @@ def test_shard_from_env() -> None:
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from hishrst_runtime.jobs import SlideLock
+    from hishrst_runtime.jobs.locks import SlideLock
     out, ready, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
     lock = SlideLock(out)
     got = lock.acquire(timeout=0)

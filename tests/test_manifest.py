@@ -1,4 +1,4 @@
-"""hishrst_runtime.manifest: validation errors, path containment, hashes and schema upgrades (torch-free)."""
+"""hishrst_runtime.bundle.manifest: validation errors, path containment, hashes and schema upgrades (torch-free)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from hishrst_runtime.manifest import (
+from hishrst_runtime.bundle.manifest import (
     SCHEMA_VERSION,
     SUPPORTED_SCHEMA_VERSIONS,
     Bundle,

@@ -1,4 +1,4 @@
-"""Tests for hishrst_runtime.output: the incremental, crash-safe AnnData zarr output store."""
+"""Tests for hishrst_runtime.output.store: the incremental, crash-safe AnnData zarr output store."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 
 ad = pytest.importorskip("anndata")
 
-from hishrst_runtime import output as out_mod  # noqa: E402
-from hishrst_runtime.output import (  # noqa: E402
+from hishrst_runtime.output import store as out_mod  # noqa: E402
+from hishrst_runtime.output.store import (  # noqa: E402
     IncompleteOutputError,
     OutputExistsError,
     OutputMismatchError,
@@ -388,7 +388,7 @@ def test_scanpy_spatial_plot(tmp_path: Path) -> None:
 CHILD = """
 import sys, time
 import numpy as np
-from hishrst_runtime.output import OutputStore
+from hishrst_runtime.output.store import OutputStore
 path, log, seed, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 GENES = {genes!r}
 {expected_values}

@@ -23,10 +23,11 @@ from click.testing import CliRunner, Result
 
 ad = pytest.importorskip("anndata")
 
-from hishrst_runtime.convert import write_ome_zarr  # noqa: E402
-from hishrst_runtime.jobs import SlideLock  # noqa: E402
-from hishrst_runtime.output import OutputStore, partial_path  # noqa: E402
-from hishrst_runtime.run_cli import run, run_slides  # noqa: E402
+from hishrst_runtime.slides.convert import write_ome_zarr  # noqa: E402
+from hishrst_runtime.jobs.locks import SlideLock  # noqa: E402
+from hishrst_runtime.output.store import OutputStore, partial_path  # noqa: E402
+from hishrst_runtime.cli.run import run  # noqa: E402
+from hishrst_runtime.jobs.runner import run_slides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,7 @@ def test_kill9_then_resume_gives_exactly_the_uninterrupted_x(slide_dir: Path, sm
     out_dir = tmp_path / "killed"
     out = out_dir / "section.zarr"
     progress_dir = partial_path(out) / ".hishrst_progress"
-    cmd = [sys.executable, "-c", "from hishrst_runtime.cli import run_main; run_main()", str(slide),
+    cmd = [sys.executable, "-c", "from hishrst_runtime.cli.main import run_main; run_main()", str(slide),
            "--out", str(out_dir), "--no-progress", *map(str, opts)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
     try:
@@ -174,8 +175,8 @@ def test_next_slide_is_prepared_while_the_current_one_runs(monkeypatch: pytest.M
     """Prefetch: slide i+1 is prepared in the background during slide i; finished slides are never prepared."""
     import threading
 
-    import hishrst_runtime.pipeline as pipeline
-    import hishrst_runtime.run_cli as run_cli
+    import hishrst_runtime.inference.pipeline as pipeline
+    import hishrst_runtime.jobs.runner as run_cli
 
     events: list[tuple[str, str, str]] = []
     closed: list[str] = []
@@ -219,8 +220,8 @@ def test_next_slide_is_prepared_while_the_current_one_runs(monkeypatch: pytest.M
 
 def test_engine_failure_before_any_row_leaves_no_output(monkeypatch: pytest.MonkeyPatch, slide_dir: Path,
                                                         small_bundle: Path, tmp_path: Path) -> None:
-    import hishrst_runtime.run_cli as run_cli
-    from hishrst_runtime.pipeline import NoopBackend
+    import hishrst_runtime.jobs.runner as run_cli
+    from hishrst_runtime.backends.noop import NoopBackend
 
     class Failing(NoopBackend):
         def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -279,8 +280,9 @@ def test_bad_options_are_usage_errors(slide_dir: Path, small_bundle: Path, tmp_p
 
 def test_engine_threads_option(small_bundle, tmp_path):
     """--engine-threads reaches ONNX Runtime; a bad value is a clear error before anything is written."""
-    from hishrst_runtime.manifest import load_bundle
-    from hishrst_runtime.run_cli import load_engines, run_slides
+    from hishrst_runtime.bundle.manifest import load_bundle
+    from hishrst_runtime.inference.engines import load_engines
+    from hishrst_runtime.jobs.runner import run_slides
 
     with pytest.raises(ValueError, match="engine_threads"):
         run_slides([tmp_path / "x.zarr"], bundle_dir=small_bundle, out_dir=tmp_path / "o", engine_threads=0, progress=False)
@@ -297,7 +299,8 @@ def test_engine_threads_option(small_bundle, tmp_path):
 def test_default_threads_leave_cores_to_the_readers(monkeypatch):
     """ONNX Runtime gets the physical cores the reader threads leave free, at least one."""
     from hishrst_runtime.backends import base
-    from hishrst_runtime.run_cli import DEFAULT_WORKERS, default_engine_threads
+    from hishrst_runtime.inference.engines import default_engine_threads
+    from hishrst_runtime.jobs.runner import DEFAULT_WORKERS
 
     assert DEFAULT_WORKERS == 2
     for cores, threads in ((1, 1), (2, 1), (3, 1), (4, 2), (16, 14)):

@@ -1,4 +1,4 @@
-"""Tests of the whole-slide pipeline (hishrst_runtime.pipeline) through ``run_slides``, in process.
+"""Tests of the whole-slide pipeline (hishrst_runtime.inference.pipeline) through ``run_slides``, in process.
 
 Uses the session fixtures of ``conftest.py`` (``small_section`` → ``small_run`` → ``small_bundle``)
 and writes the section's H&E image as OME-Zarr slides. Kept fast: explicit points or the default
@@ -20,11 +20,12 @@ import zarr
 
 ad = pytest.importorskip("anndata")
 
-from hishrst_runtime.convert import write_ome_zarr  # noqa: E402
-from hishrst_runtime.manifest import load_bundle  # noqa: E402
-from hishrst_runtime.output import OutputStore, partial_path  # noqa: E402
-from hishrst_runtime.pipeline import ChunkCache, predict_slide, prepare_slide, work_units  # noqa: E402
-from hishrst_runtime.run_cli import run_slides, slide_output_path  # noqa: E402
+from hishrst_runtime.slides.convert import write_ome_zarr  # noqa: E402
+from hishrst_runtime.bundle.manifest import load_bundle  # noqa: E402
+from hishrst_runtime.output.store import OutputStore, partial_path  # noqa: E402
+from hishrst_runtime.inference.pipeline import predict_slide, prepare_slide, work_units  # noqa: E402
+from hishrst_runtime.slides.cache import ChunkCache  # noqa: E402
+from hishrst_runtime.jobs.runner import run_slides, slide_output_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SVS = REPO.parent / "shared" / "data" / "cmu_small_region.svs"
@@ -222,8 +223,8 @@ class _Recorder:
 def test_pipeline_tiles_are_exactly_cut_patches(slide: Path, small_bundle: Path, workers: int) -> None:
     """The streaming reader (chunk images, unit regions, one mosaic per unit) feeds the encoder exactly
     the uint8 tiles that training's ``cut_patches`` makes — including patches over the slide's edges."""
-    from hishrst_runtime.patches import cut_patches, patch_side_px
-    from hishrst_runtime.pipeline import NoopBackend
+    from hishrst_runtime.core.patches import cut_patches, patch_side_px
+    from hishrst_runtime.backends.noop import NoopBackend
 
     bundle = load_bundle(small_bundle)
     prep = prepare_slide(slide, bundle, pitch_um=70.0)
@@ -248,7 +249,7 @@ def test_pipeline_tiles_are_exactly_cut_patches(slide: Path, small_bundle: Path,
 
 def test_a_failing_write_stops_the_head_thread(slide: Path, small_bundle: Path) -> None:
     """After a head/write failure no later unit is written: the error surfaces, in order, and nothing else runs."""
-    from hishrst_runtime.pipeline import NoopBackend
+    from hishrst_runtime.backends.noop import NoopBackend
 
     bundle = load_bundle(small_bundle)
     prep = prepare_slide(slide, bundle, pitch_um=70.0)
@@ -270,7 +271,7 @@ def test_a_failing_write_stops_the_head_thread(slide: Path, small_bundle: Path) 
 def test_chunk_cache_reads_each_chunk_once_across_threads(slide: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from hishrst_runtime.slide import open_slide
+    from hishrst_runtime.slides.reader import open_slide
 
     with open_slide(slide) as s:
         spy = _Spy(s.levels[0])
@@ -376,7 +377,8 @@ def test_runtime_never_imports_torch(image: tuple[np.ndarray, float], small_bund
         import hishrst_runtime
         for m in pkgutil.walk_packages(hishrst_runtime.__path__, "hishrst_runtime."):
             importlib.import_module(m.name)
-        from hishrst_runtime.run_cli import run, run_slides
+        from hishrst_runtime.cli.run import run
+        from hishrst_runtime.jobs.runner import run_slides
         res = run_slides([Path({str(crop)!r})], bundle_dir=Path({str(small_bundle)!r}),
                          out_dir=Path({str(tmp_path)!r}), provider="auto", progress=False)
         assert res[0]["status"] == "ok", res
@@ -403,8 +405,8 @@ def test_runtime_never_imports_torch(image: tuple[np.ndarray, float], small_bund
 def test_real_svs_converted_and_run(small_bundle: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from hishrst_runtime.convert import convert_cmd
-    from hishrst_runtime.run_cli import run as run_cmd
+    from hishrst_runtime.cli.convert import convert_cmd
+    from hishrst_runtime.cli.run import run as run_cmd
 
     store = tmp_path / "cmu_small_region.zarr"
     r = CliRunner().invoke(convert_cmd, [str(SVS), str(store), "--no-progress"])

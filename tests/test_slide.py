@@ -1,4 +1,4 @@
-"""Tests of the OME-Zarr whole-slide reader (hishrst_runtime.slide)."""
+"""Tests of the OME-Zarr whole-slide reader (hishrst_runtime.slides.reader)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import zarr
 
-from hishrst_runtime.convert import write_ome_zarr
-from hishrst_runtime.patches import cut_patch
-from hishrst_runtime.slide import Level, SlideError, iter_chunk_regions, open_slide
+from hishrst_runtime.slides.convert import write_ome_zarr
+from hishrst_runtime.core.patches import cut_patch
+from hishrst_runtime.slides.reader import Level, SlideError, iter_chunk_regions, open_slide
 
 
 def _image(h: int = 300, w: int = 420, seed: int = 0) -> np.ndarray:

@@ -13,8 +13,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from hishrst_runtime.geometry import apply_affine, fit_affine, visium_array_to_um
-from hishrst_runtime.patches import cut_patch, patch_side_px
+from hishrst_runtime.core.geometry import apply_affine, fit_affine, visium_array_to_um
+from hishrst_runtime.core.patches import cut_patch, patch_side_px
 from hishrst_train.io import (
     DataError,
     image_mpp,

@@ -103,7 +103,7 @@ def test_cli_help_lists_commands_without_importing_torch():
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from hishrst_runtime.cli import main\n"
+        "from hishrst_runtime.cli.main import main\n"
         "r = CliRunner().invoke(main, ['--help'])\n"
         "assert r.exit_code == 0, r.output\n"
         "for c in ('synth', 'fit', 'evaluate', 'export', 'run', 'convert', 'demo'): assert c in r.output\n"
@@ -119,7 +119,7 @@ def test_cli_help_lists_commands_without_importing_torch():
 def test_every_subcommand_has_help(cmd):
     from click.testing import CliRunner
 
-    from hishrst_runtime.cli import main
+    from hishrst_runtime.cli.main import main
 
     r = CliRunner().invoke(main, [cmd, "--help"])
     assert r.exit_code == 0, r.output
@@ -127,7 +127,7 @@ def test_every_subcommand_has_help(cmd):
 
 
 def test_early_stopping_keeps_the_best_validation_epoch():
-    from hishrst_runtime.grouping import group_points
+    from hishrst_runtime.core.grouping import group_points
     from hishrst_train.model import HisHRSTConfig
     from hishrst_train.train import TrainConfig, train_model
 

@@ -1,11 +1,11 @@
-"""Tests of tissue detection (hishrst_runtime.tissue)."""
+"""Tests of tissue detection (hishrst_runtime.slides.tissue)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from hishrst_runtime.tissue import detect_tissue, otsu_threshold, tissue_fraction_at
+from hishrst_runtime.slides.tissue import detect_tissue, otsu_threshold, tissue_fraction_at
 
 
 def _background(h: int = 160, w: int = 240, seed: int = 0) -> np.ndarray:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
+from hishrst_runtime.core.errors import EnvironmentProblem
 
 __all__ = [
     "GPU_EXTRA_HINT",
@@ -43,7 +44,7 @@ GPU_EXTRA_HINT = (
 )
 
 
-class BackendError(RuntimeError):
+class BackendError(EnvironmentProblem):
     """A backend cannot be created or run: missing GPU libraries, wrong provider, bad inputs."""
 
 

@@ -119,7 +119,7 @@ def _cache_location(
 def _cache_facts(
     model_path: Path, *, fp16: bool, device_id: int, model_sha256: str | None, ort_version: str
 ) -> dict[str, Any]:
-    from hishrst_runtime.manifest import sha256_file
+    from hishrst_runtime.core.files import sha256_file
 
     return {
         "model_sha256": model_sha256 or sha256_file(model_path),

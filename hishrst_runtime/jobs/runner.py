@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import sys
 import time
 import traceback
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 
-__all__ = ["run", "run_slides", "slide_output_path", "output_collisions", "load_engines",
-           "default_engine_threads", "DEFAULT_WORKERS"]
+from hishrst_runtime.core.errors import OutputStateError
+from hishrst_runtime.core.files import remove_tree
+from hishrst_runtime.inference.engines import default_engine_threads, load_engines
+
+__all__ = ["run_slides", "slide_output_path", "output_collisions", "DEFAULT_WORKERS"]
 
 #: Reader threads (fetch, decode, cut) by default.
 DEFAULT_WORKERS = 2
@@ -59,63 +58,6 @@ def output_collisions(slides: list[Path], out_dir: Path) -> dict[Path, list[Path
     return {o: s for o, s in by_out.items() if len({str(Path(p).resolve()) for p in s}) > 1}
 
 
-def default_engine_threads(workers: int) -> int:
-    """ONNX Runtime intra-op threads when ``--engine-threads`` is not given: the physical cores the
-    ``workers`` reader threads leave free (at least 1): on 2 cores, 1 engine thread next to 2 readers
-    (benchmarks/RESULTS.md); with a GPU engine the intra-op threads only run the odd CPU node."""
-    from hishrst_runtime.backends.base import default_threads
-
-    return max(1, default_threads() - max(0, workers))
-
-
-def load_engines(bundle: Any, provider: str, *, cache_dir: Path | None, threads: int | None = None
-                 ) -> tuple[Any, Any, str]:
-    """The bundle's (encoder, head) backends for ``provider`` exactly as ``hishrst-run`` loads them, and
-    the provider chosen (``auto`` resolved). ``threads``: ONNX Runtime intra-op threads (default:
-    physical cores); ``cache_dir``: TensorRT engine cache; ``"noop"`` gives zero-returning stand-ins."""
-    from hishrst_runtime.backends import load_backend, resolve_provider
-    from hishrst_runtime.pipeline import NoopBackend
-
-    if provider == "noop":  # benchmarks: the pipeline's ceiling
-        d = int(bundle.encoder["feature_dim"])
-        g = len(bundle.genes)
-        enc = NoopBackend(lambda f: (len(f["tiles"]), d))
-        head = NoopBackend(lambda f: (*f["features"].shape[:2], g))
-        return enc, head, "noop"
-    has_engine = bundle.file_entry("encoder_trt") is not None and bundle.file_entry("head_trt") is not None
-    chosen = resolve_provider(provider, engine_available=has_engine)  # type: ignore[arg-type]
-    engines: list[Any] = []
-    try:
-        for key in ("encoder", "head"):
-            trt = bundle.file_entry(f"{key}_trt")
-            if chosen == "trt-native":
-                if trt is None:
-                    raise click.ClickException(f"{bundle.root}: no TensorRT engine in the bundle; "
-                                               "export with `hishrst export --tensorrt` or use --provider tensorrt")
-                engines.append(load_backend(bundle.path(f"{key}_trt"), provider="trt-native",
-                                            expected={"gpu": trt.get("gpu"), "tensorrt_version": trt.get("tensorrt_version")}))
-            elif chosen == "tensorrt":
-                d = int(bundle.encoder["feature_dim"])
-                m, n = int(bundle.manifest.get("max_batch", 64)), bundle.max_group_size
-                shapes = None if key == "encoder" else {
-                    name: ((1, 1) + tail, (min(8, m), n) + tail, (m, n) + tail)
-                    for name, tail in (("features", (d,)), ("positions", (2,)), ("mask", ()))
-                }
-                entry = bundle.file_entry(key) or {}
-                engines.append(load_backend(bundle.path(key), provider="tensorrt", cache_dir=cache_dir, max_batch=m,
-                                            shapes=shapes, model_sha256=entry.get("sha256"),
-                                            fp16=entry.get("precision") == "fp16"))
-            else:
-                engines.append(load_backend(bundle.path(key), provider=chosen,  # type: ignore[arg-type]
-                                            cache_dir=cache_dir, threads=threads))
-    except BaseException:
-        for eng in engines:
-            with contextlib.suppress(Exception):
-                eng.close()
-        raise
-    return engines[0], engines[1], chosen
-
-
 def run_slides(
     slides: list[Path],
     *,
@@ -136,7 +78,7 @@ def run_slides(
     engine_threads: int | None = None,
     cache_bytes: int | None = None,
     progress: bool = True,
-    echo: Callable[[str], Any] = click.echo,
+    echo: Callable[[str], Any] = print,
 ) -> list[dict[str, Any]]:
     """Run the pipeline over ``slides``; returns one result dict per slide (status ok/skipped/failed).
 
@@ -144,16 +86,17 @@ def run_slides(
     pixel, overriding or supplying the stores'; ``min_tissue``: least tissue fraction under a grid
     point's patch; ``points_px``: ``{str(slide): [N, 2] level-0 pixel (x, y)}`` explicit points
     instead of the grid (all kept, in order); ``cache_bytes``: decoded-chunk cache bound per slide.
-    Bundle and engine problems raise (:class:`~hishrst_runtime.manifest.BundleError`,
+    Bundle and engine problems raise (:class:`~hishrst_runtime.bundle.manifest.BundleError`,
     :class:`~hishrst_runtime.backends.BackendError`) before anything is written; a slide's own
     problem is reported in its result (``status="failed"``, ``reason``) and the others go on.
     """
     from tqdm.auto import tqdm
 
-    from hishrst_runtime.jobs import SlideLock
-    from hishrst_runtime.manifest import BundleError, load_bundle
-    from hishrst_runtime.output import OutputStore, write_h5ad
-    from hishrst_runtime.pipeline import DEFAULT_CACHE_BYTES, DEFAULT_PITCH_UM, prepare_slide
+    from hishrst_runtime.jobs.locks import SlideLock
+    from hishrst_runtime.bundle.manifest import BundleError, load_bundle
+    from hishrst_runtime.output.store import OutputStore, write_h5ad
+    from hishrst_runtime.inference.pipeline import DEFAULT_PITCH_UM, prepare_slide
+    from hishrst_runtime.slides.cache import DEFAULT_CACHE_BYTES
 
     pitch = float(pitch_um or DEFAULT_PITCH_UM)
     if batch_size < 1 or workers < 0:
@@ -178,7 +121,7 @@ def run_slides(
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as e:
-            raise click.ClickException(f"{out_dir}: exists and is not a directory; choose another --out") from e
+            raise OutputStateError(f"{out_dir}: exists and is not a directory; choose another --out") from e
         ctx = _Context(bundle=bundle, encoder=encoder, head=head, provider=chosen, pitch=pitch, resume=resume,
                        overwrite=overwrite, batch_size=batch_size, workers=workers, progress=progress,
                        cache_bytes=int(cache_bytes or DEFAULT_CACHE_BYTES))
@@ -296,13 +239,6 @@ class _Context:
     cache_bytes: int
 
 
-def _discard(path: Path) -> None:
-    """Delete a store directory: renamed away first, so no half-deleted store is ever seen."""
-    trash = path.with_name(f"{path.name}.trash-{os.getpid()}-{time.monotonic_ns()}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def _library_id(path: Path) -> str:
     return slide_output_path(path, Path(".")).name[: -len(".zarr")].replace("/", "_") or "slide"
 
@@ -312,8 +248,9 @@ def _run_one(prep: Any, out: Path, ctx: _Context, lock: Any) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from hishrst_runtime import __version__
-    from hishrst_runtime.output import OutputStore, SpatialImages
-    from hishrst_runtime.pipeline import StageTimer, predict_slide
+    from hishrst_runtime.output.store import OutputStore, SpatialImages
+    from hishrst_runtime.core.timing import StageTimer
+    from hishrst_runtime.inference.pipeline import predict_slide
 
     bundle, slide = ctx.bundle, prep.slide
     n = len(prep.points_px)
@@ -369,7 +306,7 @@ def _run_one(prep: Any, out: Path, ctx: _Context, lock: Any) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             store.close()  # keep every finished row for --resume
             if not resumed and not store.done_mask().any():  # nothing computed: leave no output at all
-                _discard(store.work_path)
+                remove_tree(store.work_path)
         raise
     finally:
         bar.close()
@@ -384,76 +321,3 @@ def _run_one(prep: Any, out: Path, ctx: _Context, lock: Any) -> dict[str, Any]:
     return {"points": n, "computed": stats["points_computed"], "resumed": resumed,
             "tiles_per_s": round(tiles_per_s, 1), "stats": stats}
 
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--bundle", "bundle_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Model bundle directory written by `hishrst export`.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output directory; one <slide>.zarr AnnData store per slide.")
-@click.option("--pitch-um", type=float, default=None, help="Query-point spacing in µm [default: 50, 4× Visium density].")
-@click.option("--grid", type=click.Choice(["hex", "square"]), default="hex", show_default=True)
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt", "trt-native", "noop"]), default="auto",
-              show_default=True, help="Inference engine; `auto` picks the fastest available and says which.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Encoder batch size (tiles).")
-@click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True, help="Reader threads (fetch, decode, cut).")
-@click.option("--engine-threads", type=int, default=None,
-              help="ONNX Runtime intra-op threads [default: the physical cores the readers leave free, at least 1].")
-@click.option("--mpp", type=float, default=None, help="µm per level-0 pixel (overrides or supplies the store's).")
-@click.option("--min-tissue", type=float, default=0.25, show_default=True, help="Minimum tissue fraction under a patch.")
-@click.option("--shard", default=None, help="I/N: process the I-th (0-based) of N shards of the slide list "
-              "[default: from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT].")
-@click.option("--resume", is_flag=True, help="Finish incomplete outputs instead of refusing them.")
-@click.option("--overwrite", is_flag=True, help="Recompute outputs that exist.")
-@click.option("--h5ad", is_flag=True, help="Also write <slide>.h5ad next to each store.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
-def run(slides: tuple[Path, ...], bundle_dir: Path, out_dir: Path, pitch_um: float | None, grid: str, provider: str,
-        batch_size: int, workers: int, mpp: float | None, min_tissue: float, shard: str | None, resume: bool,
-        overwrite: bool, h5ad: bool, no_progress: bool, engine_threads: int | None) -> None:
-    """Predict dense gene expression over whole-slide OME-Zarr SLIDES with an exported bundle."""
-    from hishrst_runtime.backends import BackendError
-    from hishrst_runtime.jobs import parse_shard, shard_from_env, shard_items
-    from hishrst_runtime.manifest import BundleError
-
-    if batch_size < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--batch-size")
-    if workers < 0:
-        raise click.BadParameter("must be >= 0 (0 reads in the inference thread)", param_hint="--workers")
-    if engine_threads is not None and engine_threads < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--engine-threads")
-    if pitch_um is not None and not (np.isfinite(pitch_um) and pitch_um > 0):
-        raise click.BadParameter("must be a positive number of µm", param_hint="--pitch-um")
-    if not 0.0 <= min_tissue <= 1.0:
-        raise click.BadParameter("must be a fraction in [0, 1]", param_hint="--min-tissue")
-    if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
-        raise click.BadParameter("must be a positive number of µm per pixel, e.g. 0.5", param_hint="--mpp")
-    collisions = output_collisions(list(slides), out_dir)  # on the full list, so every shard agrees
-    if collisions:
-        lines = "; ".join(f"{o.name} <- {', '.join(map(str, s))}" for o, s in collisions.items())
-        raise click.BadParameter(f"several slides would write the same output ({lines}); rename them", param_hint="SLIDES")
-    items = list(slides)
-    try:
-        sh = parse_shard(shard) if shard else shard_from_env()
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--shard") from e
-    if sh is not None:
-        items = shard_items(items, index=sh[0], count=sh[1])
-        click.echo(f"shard {sh[0]}/{sh[1]}: {len(items)} of {len(slides)} slides")
-    try:
-        results = run_slides(items, bundle_dir=bundle_dir, out_dir=out_dir, pitch_um=pitch_um, grid=grid,
-                             provider=provider, batch_size=batch_size, workers=workers, mpp=mpp, resume=resume,
-                             overwrite=overwrite, h5ad=h5ad, min_tissue=min_tissue, progress=not no_progress,
-                             engine_threads=engine_threads)
-    except (BundleError, BackendError) as e:
-        raise click.ClickException(str(e)) from e
-    click.echo(f"\n{'slide':<34}{'status':<9}{'points':>9}{'tiles/s':>10}{'seconds':>9}")
-    for r in results:
-        click.echo(f"{Path(r['slide']).name[:33]:<34}{r['status']:<9}{r.get('points', ''):>9}"
-                   f"{r.get('tiles_per_s', ''):>10}{r.get('seconds', ''):>9}")
-        if r["status"] != "ok":
-            click.echo(f"    {r.get('reason', '')}")
-    counts = Counter(r["status"] for r in results)
-    click.echo(f"{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed (of {len(results)} slides)")
-    if counts["failed"]:
-        click.echo(f"{counts['failed']} of {len(results)} slides failed", err=True)
-        sys.exit(1)

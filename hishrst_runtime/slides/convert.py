@@ -23,13 +23,12 @@ import math
 import os
 import re
 import shutil
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import click
 import numpy as np
+from hishrst_runtime.core.errors import InputError
 
 __all__ = [
     "ConvertError",
@@ -38,7 +37,6 @@ __all__ = [
     "write_ome_zarr",
     "tiff_pixel_size",
     "convert_slide",
-    "convert_cmd",
 ]
 
 DEFAULT_CHUNK = 512
@@ -52,7 +50,7 @@ _OME_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanome
 _MPP_HINT = "pass the pixel size with --mpp (µm per pixel, e.g. --mpp 0.5 for a 20x scan)"
 
 
-class ConvertError(ValueError):
+class ConvertError(InputError):
     """A source or output that cannot be converted; the message names the file, the problem and the fix."""
 
 
@@ -166,7 +164,7 @@ def _ngff_metadata(
             {"type": "scale", "scale": [1.0 if a == "c" else s for a in axes]}]})
     ms: dict[str, Any] = {
         "name": name, "axes": axes_md, "datasets": datasets, "type": "mean",
-        "metadata": {"description": "2x2 mean pooling per level", "method": "hishrst_runtime.convert"},
+        "metadata": {"description": "2x2 mean pooling per level", "method": "hishrst_runtime.slides.convert"},
     }
     window = {"min": 0, "max": 255, "start": 0, "end": 255}
     channels = [{"color": c, "label": lab, "active": True, "coefficient": 1.0, "family": "linear", "inverted": False,
@@ -469,30 +467,3 @@ def convert_slide(
         tmp.rename(out)
     return out
 
-
-@click.command("convert", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("src", metavar="IN", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("out", metavar="OUT.zarr", type=click.Path(path_type=Path))
-@click.option("--mpp", type=float, default=None,
-              help="Level-0 pixel size in µm/pixel; overrides the file's (needed when the file has none).")
-@click.option("--chunk", type=click.IntRange(64, 8192), default=DEFAULT_CHUNK, show_default=True,
-              help="Chunk side in pixels.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT.zarr if it exists.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def convert_cmd(src: Path, out: Path, mpp: float | None, chunk: int, overwrite: bool, progress: bool) -> None:
-    """Convert an SVS / TIFF / OME-TIFF slide IN to an OME-Zarr 0.5 pyramid OUT.zarr.
-
-    Streams the slide with bounded memory; the pixel size is carried over from the file
-    (Aperio MPP, OME PhysicalSize or TIFF resolution) unless --mpp is given.
-    """
-    from hishrst_runtime.slide import SlideError, open_slide
-
-    t0 = time.perf_counter()
-    try:
-        path = convert_slide(src, out, mpp=mpp, chunk=chunk, overwrite=overwrite, progress=progress)
-        with open_slide(path) as slide:
-            shapes = ", ".join(f"{lv.shape[1]}x{lv.shape[0]}" for lv in slide.levels)
-            click.echo(f"Wrote {path}: {len(slide.levels)} levels ({shapes} px, W x H), "
-                       f"{slide.mpp0:.4g} µm/px at level 0, chunks {chunk}, {time.perf_counter() - t0:.1f} s")
-    except (ConvertError, SlideError) as e:
-        raise click.ClickException(str(e)) from e

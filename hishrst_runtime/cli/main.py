@@ -22,8 +22,8 @@ _SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "fit": ("hishrst_train.cli", "fit", "Train HisHRST on a Visium section (recovery or generation task)."),
     "evaluate": ("hishrst_train.cli", "evaluate", "Per-gene PCC/MSE/MAE, SSIM and ARI of a fitted run."),
     "export": ("hishrst_export.cli", "export", "Export a fitted run to an ONNX/TensorRT model bundle."),
-    "run": ("hishrst_runtime.run_cli", "run", "Predict dense expression over whole slides (OME-Zarr)."),
-    "convert": ("hishrst_runtime.convert", "convert_cmd", "Convert SVS / (OME-)TIFF slides to OME-Zarr 0.5."),
+    "run": ("hishrst_runtime.cli.run", "run", "Predict dense expression over whole slides (OME-Zarr)."),
+    "convert": ("hishrst_runtime.cli.convert", "convert_cmd", "Convert SVS / (OME-)TIFF slides to OME-Zarr 0.5."),
     "demo": ("hishrst_train.demo", "demo", "Synthesize, train, export and run end to end on a demo slide."),
 }
 
@@ -62,6 +62,6 @@ def main() -> None:
 
 def run_main() -> None:
     """Entry point of ``hishrst-run`` (same as ``hishrst run``)."""
-    from hishrst_runtime.run_cli import run
+    from hishrst_runtime.cli.run import run
 
     run(prog_name="hishrst-run")

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from hishrst_runtime.core.errors import InputError, OutputStateError
 
 __all__ = [
     "ShardSpecError",
@@ -52,7 +53,7 @@ _UNREADABLE_GRACE_S = 60.0  # a lock file still being written (empty/partial JSO
 _BREAK_TIMEOUT_S = 60.0  # a breaker file older than this was left by a killed process
 
 
-class ShardSpecError(ValueError):
+class ShardSpecError(InputError):
     """A shard specification (``--shard I/N`` or Slurm array variables) is malformed or inconsistent."""
 
 
@@ -139,7 +140,7 @@ class LockInfo:
         return f"pid {self.pid} on {self.hostname}, since {stamp}"
 
 
-class SlideLockedError(RuntimeError):
+class SlideLockedError(OutputStateError):
     """The slide's lock is held by another live job."""
 
 

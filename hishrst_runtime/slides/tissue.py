@@ -1,6 +1,6 @@
 """Tissue detection on a low-resolution slide overview (torch-free; numpy + scipy.ndimage).
 
-:func:`detect_tissue` turns an RGB uint8 thumbnail (e.g. :meth:`hishrst_runtime.slide.Slide.thumbnail`,
+:func:`detect_tissue` turns an RGB uint8 thumbnail (e.g. :meth:`hishrst_runtime.slides.reader.Slide.thumbnail`,
 a few µm / pixel) into a boolean tissue mask: stained tissue is coloured while glass is white-grey,
 so pixels whose saturation (``"otsu-saturation"``) or darkness (``"otsu-gray"``) is above an Otsu
 threshold are tissue. Very dark pixels (black marker, scanner borders) and strongly green / blue pixels

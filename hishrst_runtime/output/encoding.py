@@ -1,4 +1,4 @@
-"""File-level I/O for :mod:`hishrst_runtime.output`: durable writes, uns values, a direct zarr-v2 writer.
+"""File-level I/O for :mod:`hishrst_runtime.output.store`: durable writes, uns values, a direct zarr-v2 writer.
 
 Why not zarr + AnnData's writer for everything: zarr-python 3 sends every metadata and chunk operation
 through its asyncio event-loop thread (~1-4 ms each, more on a CPU busy with inference); AnnData's
@@ -16,16 +16,15 @@ few thread hops. Here the same files are written with plain file I/O:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hishrst_runtime.core.files import atomic_write, fsync_path, read_json, remove_tree  # noqa: F401 (re-exported)
 
 #: The compressor of every array written here: zarr 3.1's default for zarr-format-2 arrays (and what
 #: earlier releases wrote through zarr). Measured on a real 1,024 x 1,000 float32 prediction chunk it
@@ -36,49 +35,6 @@ _VLEN_UTF8 = [{"id": "vlen-utf8"}]
 DICT_ATTRS = {"encoding-type": "dict", "encoding-version": "0.1.0"}
 ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
 _INT64 = (-(2**63), 2**63 - 1)
-
-
-def fsync_path(path: Path, *, directory: bool = False) -> None:
-    """fsync a file (or a directory's entries); a missing path or a refusing filesystem is not an error."""
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except FileNotFoundError:
-        return
-    try:
-        with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, *, fsync: bool) -> None:
-    """Replace ``path`` with ``data`` via a temp file and ``os.replace`` (fsync'd file and directory if asked)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        fsync_path(path.parent, directory=True)
-
-
-def read_json(path: Path) -> Any:
-    """Parsed JSON of ``path``, or None when it is missing or unreadable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a directory tree: first renamed away atomically, so no half-deleted store is ever seen."""
-    if path.exists():
-        trash = path.with_name(f"{path.name}.trash-{uuid.uuid4().hex[:8]}")
-        os.rename(path, trash)
-        shutil.rmtree(trash)
 
 
 SKIP = object()  # to_uns: a value not stored (None)

@@ -13,7 +13,7 @@ Layout
                        "scalefactors": {...}, "metadata": {}} so scanpy.pl.spatial / squidpy plot it.
 
 The skeleton (obs, var, obsm, uns, an empty ``X`` with AnnData's ``array``/``0.2.0`` encoding), the X
-chunks and ``.zmetadata`` are written with plain file I/O by :mod:`hishrst_runtime._output_io`, with the
+chunks and ``.zmetadata`` are written with plain file I/O by :mod:`hishrst_runtime.output.encoding`, with the
 encoding AnnData's own writer (:func:`anndata.io.write_elem`) and zarr give them (the tests compare
 the two); going through zarr-python 3 cost ~1 s per slide in event-loop round trips. uns values
 outside plain JSON-like types are still written by AnnData.
@@ -41,7 +41,7 @@ Crash safety
   from the bitmaps, the runtime computes only the missing rows, and since predictions are
   deterministic per row a resumed run gives exactly the X of an uninterrupted one.
 
-One process writes a slide (hold a :class:`~hishrst_runtime.jobs.SlideLock`); methods are thread-safe.
+One process writes a slide (hold a :class:`~hishrst_runtime.jobs.locks.SlideLock`); methods are thread-safe.
 """
 
 from __future__ import annotations
@@ -63,13 +63,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hishrst_runtime import _output_io as store_io
-from hishrst_runtime._output_io import SKIP as _SKIP
-from hishrst_runtime._output_io import atomic_write as _atomic_write
-from hishrst_runtime._output_io import fsync_path as _fsync_path
-from hishrst_runtime._output_io import remove_tree as _remove_tree
-from hishrst_runtime._output_io import to_uns as _to_uns
-from hishrst_runtime._output_io import values_equal as _values_equal
+from hishrst_runtime.output.store import encoding as store_io
+from hishrst_runtime.output.encoding import SKIP as _SKIP
+from hishrst_runtime.output.encoding import atomic_write as _atomic_write
+from hishrst_runtime.output.encoding import fsync_path as _fsync_path
+from hishrst_runtime.output.encoding import remove_tree as _remove_tree
+from hishrst_runtime.output.encoding import to_uns as _to_uns
+from hishrst_runtime.output.encoding import values_equal as _values_equal
+from hishrst_runtime.core.errors import OutputStateError
 
 __all__ = ["OutputExistsError", "OutputMismatchError", "IncompleteOutputError", "OutputStatus", "SpatialImages",
            "OutputStore", "partial_path", "write_h5ad"]
@@ -85,15 +86,15 @@ DEFAULT_MAX_BUFFER_BYTES = 256 << 20
 MAX_PENDING_CHUNKS = 2  # full chunks handed to the writer thread and not yet on disk (memory: 2 chunks)
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(OutputStateError, FileExistsError):
     """An output (complete or incomplete) already exists and overwriting was not requested."""
 
 
-class OutputMismatchError(ValueError):
+class OutputMismatchError(OutputStateError, ValueError):
     """An incomplete output was made with different points, genes or metadata than this run."""
 
 
-class IncompleteOutputError(RuntimeError):
+class IncompleteOutputError(OutputStateError):
     """An operation needs a complete output (or all rows written) but it is not."""
 
 

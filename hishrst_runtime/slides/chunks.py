@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from hishrst_runtime.core.errors import InputError
 
 __all__ = ["ChunkDecodeError", "DirectChunkReader"]
 
 
-class ChunkDecodeError(ValueError):
+class ChunkDecodeError(InputError):
     """A chunk file that cannot be decoded to the chunk's shape (a corrupt or foreign store)."""
 
 

@@ -28,13 +28,14 @@ external data as two parallel lists ``external_data`` / ``external_data_sha256``
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
+from hishrst_runtime.core.errors import InputError
+from hishrst_runtime.core.files import sha256_file
 
 __all__ = [
     "SCHEMA_NAME",
@@ -62,17 +63,8 @@ _REQUIRED_NESTED = {
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class BundleError(ValueError):
+class BundleError(InputError):
     """A model bundle is missing, malformed, tampered with or unsupported."""
-
-
-def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ upgrades

@@ -33,7 +33,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from hishrst_runtime.zarr_chunks import DirectChunkReader
+from hishrst_runtime.slides.chunks import DirectChunkReader
+from hishrst_runtime.core.errors import InputError
 
 __all__ = [
     "SlideError",
@@ -68,7 +69,7 @@ def _direct_ok(axes: Sequence[str], chunks: Sequence[int]) -> bool:
         int(c) == 1 for a, c in zip(axes, chunks) if a not in ("y", "x", "c"))
 
 
-class SlideError(ValueError):
+class SlideError(InputError):
     """A slide store that cannot be used; the message names the store, the problem and the fix."""
 
 
@@ -84,7 +85,7 @@ class Level:
     ``mpp`` is in µm / pixel (the mean of the y and x pixel sizes, ``mpp_yx`` holds both),
     ``downsample`` is relative to level 0 (from the scales), ``shape`` = (H, W) and ``chunks`` =
     (ch, cw) are in this level's pixels. A Level can be passed to
-    :func:`hishrst_runtime.patches.cut_patch` directly (it reads ``shape[0:2]`` and slices
+    :func:`hishrst_runtime.core.patches.cut_patch` directly (it reads ``shape[0:2]`` and slices
     ``level[y0:y1, x0:x1]``); :attr:`image` is the same view with ``shape == (H, W, 3)``.
     """
 
@@ -139,7 +140,7 @@ class Level:
         The image covers level pixels ``[cy*ch : (cy+1)*ch, cx*cw : (cx+1)*cw]`` clipped to the
         level, so edge chunks are smaller. This is the streaming pipeline's read primitive: for a
         simple local store the chunk file is decompressed directly
-        (:class:`hishrst_runtime.zarr_chunks.DirectChunkReader`), and planar ``c, y, x`` data becomes
+        (:class:`hishrst_runtime.slides.chunks.DirectChunkReader`), and planar ``c, y, x`` data becomes
         an RGB image without a strided numpy transpose.
         """
         if self._array is None:
@@ -399,7 +400,7 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Sli
     has none; the other levels keep their relative scales. Raises :class:`SlideError` (naming the
     store, the problem and the fix) for anything that is not a usable RGB(A) uint8 multiscale image.
     """
-    import zarr  # imported here so that `import hishrst_runtime.slide` stays cheap
+    import zarr  # imported here so that `import hishrst_runtime.slides.reader` stays cheap
 
     spath = os.fspath(path)
     if mpp is not None and not (np.isfinite(mpp) and mpp > 0):

@@ -5,7 +5,7 @@ For one slide:
 1. :func:`prepare_slide` opens the OME-Zarr store, picks the pyramid level nearest the bundle's
    training resolution, detects tissue on a low-resolution thumbnail and lays query points over
    tissue on a hexagonal or square grid at ``pitch_um`` (or takes explicit points). The points are
-   grouped with :func:`hishrst_runtime.grouping.group_points` — the same function, on the same
+   grouped with :func:`hishrst_runtime.core.grouping.group_points` — the same function, on the same
    level-0 pixel coordinates, that training used. Grid points are then *renumbered in group order*
    (group ``k`` holds rows ``start_k .. start_k + n_k - 1``), so output rows arrive in increasing
    order and every X chunk of the output store fills up, is written once and leaves memory.
@@ -24,14 +24,14 @@ For one slide:
 Peak memory is bounded independently of the slide's size: the chunk cache (``cache_bytes``), one
 unit box per reader thread (at most ``MAX_UNIT_REGION_PX`` pixels), at most ``max(2, 2 * workers)``
 units of tiles in flight, and the per-point arrays (points, groups, done mask). The next slide is
-prepared in the background while the current one runs (:func:`hishrst_runtime.run_cli.run_slides`).
+prepared in the background while the current one runs (:func:`hishrst_runtime.jobs.runner.run_slides`).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,17 +41,16 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from hishrst_runtime.geometry import query_grid
-from hishrst_runtime.grouping import group_points, pad_groups
-from hishrst_runtime.manifest import Bundle
-from hishrst_runtime.patches import PAD_VALUE, patch_origins, patch_side_px, resize_image
+from hishrst_runtime.core.geometry import query_grid
+from hishrst_runtime.core.grouping import group_points, pad_groups
+from hishrst_runtime.bundle.manifest import Bundle
+from hishrst_runtime.core.patches import patch_origins, patch_side_px, resize_image
+from hishrst_runtime.core.timing import StageTimer
+from hishrst_runtime.slides.cache import DEFAULT_CACHE_BYTES, ChunkCache
 
 __all__ = [
     "DEFAULT_PITCH_UM",
     "DEFAULT_CACHE_BYTES",
-    "StageTimer",
-    "ChunkCache",
-    "NoopBackend",
     "PreparedSlide",
     "prepare_slide",
     "work_units",
@@ -60,129 +59,8 @@ __all__ = [
 
 #: 4× Visium density: a hexagonal grid at half of Visium's 100 µm pitch (µm).
 DEFAULT_PITCH_UM = 50.0
-#: Default bound of the decoded-chunk cache (bytes).
-DEFAULT_CACHE_BYTES = 128 << 20
 #: Largest box (pixels; 4 bytes each) a reader assembles for one work unit; sparser units go patch by patch.
 MAX_UNIT_REGION_PX = 1 << 24
-
-
-class StageTimer:
-    """Thread-safe accumulated seconds per pipeline stage."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.seconds: dict[str, float] = {}
-
-    def add(self, stage: str, seconds: float) -> None:
-        """Add ``seconds`` (wall-clock s) to ``stage``."""
-        with self._lock:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
-
-
-class ChunkCache:
-    """Bounded LRU cache of decoded level chunks (Pillow RGB images), shared by the reader threads.
-
-    Every read of the level is one whole chunk (:meth:`hishrst_runtime.slide.Level.read_chunk`);
-    patches and regions are assembled from cached chunks, so neighbouring patches never decode a
-    chunk twice and no read is ever bigger than a chunk. The cache holds at most ``max(max_bytes,
-    one chunk)`` bytes of decoded pixels (4 bytes per pixel, Pillow's RGB layout), momentarily one
-    chunk more while inserting. Concurrent requests for the same chunk wait for one decode instead
-    of decoding it twice.
-    """
-
-    def __init__(self, level: Any, *, max_bytes: int = DEFAULT_CACHE_BYTES, timer: StageTimer | None = None) -> None:
-        if max_bytes < 1:
-            raise ValueError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
-        self.level, self.max_bytes, self.timer = level, int(max_bytes), timer
-        self.shape = (int(level.shape[0]), int(level.shape[1]))
-        self.chunks = (int(level.chunks[0]), int(level.chunks[1]))
-        self._data: OrderedDict[tuple[int, int], Image.Image] = OrderedDict()
-        self._loading: dict[tuple[int, int], threading.Event] = {}
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-        #: Largest number of bytes the cache ever held (for tests and benchmarks).
-        self.peak_bytes = 0
-
-    def chunk(self, cy: int, cx: int) -> Image.Image:
-        """Chunk ``(cy, cx)`` (chunk-grid row, column) as a Pillow RGB image, decoded at most once while cached."""
-        key = (cy, cx)
-        while True:
-            with self._lock:
-                img = self._data.get(key)
-                if img is not None:
-                    self._data.move_to_end(key)
-                    self.hits += 1
-                    return img
-                event = self._loading.get(key)
-                if event is None:  # this thread decodes it
-                    event = self._loading[key] = threading.Event()
-                    self.misses += 1
-                    break
-            event.wait()  # another thread is decoding it; then look again (it may be evicted already)
-        try:
-            t0 = time.perf_counter()
-            img = self.level.read_chunk(cy, cx)
-            if self.timer:
-                self.timer.add("read_decode", time.perf_counter() - t0)
-            nbytes = img.width * img.height * 4
-            with self._lock:
-                self._data[key] = img
-                self._bytes += nbytes
-                self.peak_bytes = max(self.peak_bytes, self._bytes)
-                while self._bytes > self.max_bytes and len(self._data) > 1:
-                    _, old = self._data.popitem(last=False)
-                    self._bytes -= old.width * old.height * 4
-        finally:
-            with self._lock:
-                self._loading.pop(key).set()
-        return img
-
-    def patch(self, x0: int, y0: int, side_x: int, side_y: int | None = None, *, fill: int = PAD_VALUE) -> Image.Image:
-        """The box ``[y0 : y0+side_y, x0 : x0+side_x]`` (level pixels) as an RGB image, ``fill`` outside the level.
-
-        Exactly :func:`hishrst_runtime.patches.cut_patch`'s pixels, without a numpy round trip.
-        """
-        side_y = side_x if side_y is None else side_y
-        (h, w), (ch, cw) = self.shape, self.chunks
-        x1, y1 = x0 + side_x, y0 + side_y
-        sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-        if sx1 <= sx0 or sy1 <= sy0:
-            return Image.new("RGB", (side_x, side_y), (fill,) * 3)
-        cy0, cy1, cx0, cx1 = sy0 // ch, (sy1 - 1) // ch, sx0 // cw, (sx1 - 1) // cw
-        if cy0 == cy1 and cx0 == cx1 and (sx0, sy0, sx1, sy1) == (x0, y0, x1, y1):  # inside one chunk
-            return self.chunk(cy0, cx0).crop((x0 - cx0 * cw, y0 - cy0 * ch, x1 - cx0 * cw, y1 - cy0 * ch))
-        out = Image.new("RGB", (side_x, side_y), (fill,) * 3)
-        for cy in range(cy0, cy1 + 1):
-            for cx in range(cx0, cx1 + 1):
-                oy, ox = cy * ch, cx * cw
-                bx0, by0 = max(sx0, ox), max(sy0, oy)
-                bx1, by1 = min(sx1, ox + cw), min(sy1, oy + ch)
-                piece = self.chunk(cy, cx).crop((bx0 - ox, by0 - oy, bx1 - ox, by1 - oy))
-                out.paste(piece, (bx0 - x0, by0 - y0))
-        return out
-
-    def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-        """Region ``[y0:y1, x0:x1]`` (level pixels, clipped to the level) as uint8 ``(h, w, 3)``."""
-        h, w = self.shape
-        x0, y0, x1, y1 = max(int(x0), 0), max(int(y0), 0), min(int(x1), w), min(int(y1), h)
-        if x1 <= x0 or y1 <= y0:
-            return np.empty((max(0, y1 - y0), max(0, x1 - x0), 3), dtype=np.uint8)
-        return np.array(self.patch(x0, y0, x1 - x0, y1 - y0))
-
-
-class NoopBackend:
-    """A stand-in engine that returns zeros instantly: measures the pipeline's ceiling in benchmarks."""
-
-    def __init__(self, output_shape: Callable[[dict[str, np.ndarray]], tuple[int, ...]], name: str = "noop") -> None:
-        self._shape, self.name, self.provider = output_shape, name, "noop"
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Zeros of the shape ``output_shape(feeds)`` (float32)."""
-        return [np.zeros(self._shape(feeds), dtype=np.float32)]
-
-    def close(self) -> None:
-        """Nothing to release."""
 
 
 @dataclass
@@ -248,10 +126,10 @@ def prepare_slide(
     ``pitch_um`` µm apart and are kept where the tissue fraction of their ``patch_um`` window is at
     least ``min_tissue``; they are numbered in group order. Explicit ``points_px`` (``[N, 2]``
     level-0 pixel (x, y)) are all kept, in their order. ``thumbnail_side`` is the overview's longer
-    side in pixels. Raises :class:`hishrst_runtime.slide.SlideError` for unusable stores.
+    side in pixels. Raises :class:`hishrst_runtime.slides.reader.SlideError` for unusable stores.
     """
-    from hishrst_runtime.slide import open_slide
-    from hishrst_runtime.tissue import detect_tissue, tissue_fraction_at
+    from hishrst_runtime.slides.reader import open_slide
+    from hishrst_runtime.slides.tissue import detect_tissue, tissue_fraction_at
 
     if not (np.isfinite(pitch_um) and pitch_um > 0):
         raise ValueError(f"pitch must be a positive number of µm, got {pitch_um!r}")

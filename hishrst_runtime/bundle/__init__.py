@@ -1,0 +1,1 @@
+"""The model bundle contract: the versioned manifest, its typed view and validation. Depends on core."""

@@ -1,0 +1,39 @@
+"""The ``hishrst convert`` command."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from hishrst_runtime.cli.errors import user_errors
+from hishrst_runtime.slides.convert import DEFAULT_CHUNK, convert_slide
+
+__all__ = ["convert_cmd"]
+
+
+@click.command("convert", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("src", metavar="IN", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", metavar="OUT.zarr", type=click.Path(path_type=Path))
+@click.option("--mpp", type=float, default=None,
+              help="Level-0 pixel size in µm/pixel; overrides the file's (needed when the file has none).")
+@click.option("--chunk", type=click.IntRange(64, 8192), default=DEFAULT_CHUNK, show_default=True,
+              help="Chunk side in pixels.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT.zarr if it exists.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+def convert_cmd(src: Path, out: Path, mpp: float | None, chunk: int, overwrite: bool, progress: bool) -> None:
+    """Convert an SVS / TIFF / OME-TIFF slide IN to an OME-Zarr 0.5 pyramid OUT.zarr.
+
+    Streams the slide with bounded memory; the pixel size is carried over from the file
+    (Aperio MPP, OME PhysicalSize or TIFF resolution) unless --mpp is given.
+    """
+    from hishrst_runtime.slides.reader import open_slide
+
+    t0 = time.perf_counter()
+    with user_errors():
+        path = convert_slide(src, out, mpp=mpp, chunk=chunk, overwrite=overwrite, progress=progress)
+        with open_slide(path) as slide:
+            shapes = ", ".join(f"{lv.shape[1]}x{lv.shape[0]}" for lv in slide.levels)
+            click.echo(f"Wrote {path}: {len(slide.levels)} levels ({shapes} px, W x H), "
+                       f"{slide.mpp0:.4g} µm/px at level 0, chunks {chunk}, {time.perf_counter() - t0:.1f} s")

@@ -1,0 +1,34 @@
+"""The one place where hishrst errors become click errors (one line, exit status 1).
+
+Library code raises :class:`~hishrst_runtime.core.errors.HishrstError` subclasses and never click
+exceptions; every command body runs inside :func:`user_errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import click
+
+from hishrst_runtime.core.errors import HishrstError
+
+__all__ = ["user_errors", "one_line"]
+
+
+def one_line(e: BaseException) -> str:
+    """``e``'s message on one line (embedded newlines folded)."""
+    text = str(e).strip() or type(e).__name__
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+@contextlib.contextmanager
+def user_errors(*also: type[BaseException]) -> Iterator[None]:
+    """Turn :class:`HishrstError` (and the exception types in ``also``) into a one-line
+    :class:`click.ClickException`; anything else propagates (a bug: its traceback is wanted)."""
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except (HishrstError, *also) as e:
+        raise click.ClickException(one_line(e)) from e

@@ -1,0 +1,112 @@
+"""File-system helpers shared by every stage: durable atomic writes, directory swaps, hashing.
+
+One implementation each, used by training (feature caches, checkpoints), export (bundles, engines),
+conversion (OME-Zarr stores) and the runtime (output stores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["fsync_path", "atomic_write", "read_json", "remove_tree", "swap_in", "sha256_file", "temp_sibling"]
+
+
+def temp_sibling(path: Path, tag: str) -> Path:
+    """A unique hidden name beside ``path`` (same directory, so a rename onto ``path`` is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def fsync_path(path: Path, *, directory: bool = False) -> None:
+    """fsync a file (or a directory's entries); a missing path or a refusing filesystem is not an error."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except FileNotFoundError:
+        return
+    try:
+        with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | Callable[[IO[bytes]], Any], *, fsync: bool = False) -> None:
+    """Replace ``path`` with ``data`` (bytes, or a function writing to a binary file) via a temporary
+    sibling and ``os.replace``; fsync'd file and directory if asked. A failure leaves ``path`` as it was."""
+    path = Path(path)
+    tmp = temp_sibling(path, "tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if fsync:
+        fsync_path(path.parent, directory=True)
+
+
+def read_json(path: Path) -> Any:
+    """Parsed JSON of ``path``, or None when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree (or a file): first renamed away atomically, so no half-deleted store is ever seen."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    trash = temp_sibling(path, "trash")
+    os.rename(path, trash)
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink()
+
+
+def swap_in(new: Path, dest: Path) -> Path:
+    """Move the finished file or directory ``new`` to ``dest`` (same file system), replacing an old
+    ``dest`` only once ``new`` is complete: the old one is renamed aside, ``new`` renamed in, then the
+    old one deleted. At every instant ``dest`` is either the complete old or the complete new item
+    (or, for an instant between the two renames, absent)."""
+    new, dest = Path(new), Path(dest)
+    if not os.path.lexists(dest):
+        os.rename(new, dest)
+        return dest
+    old = temp_sibling(dest, "old")
+    os.rename(dest, old)
+    try:
+        os.rename(new, dest)
+    except BaseException:
+        os.rename(old, dest)  # put the old one back
+        raise
+    remove_tree(old)
+    return dest
+
+
+def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""The crash-safe AnnData output store and its on-disk encoding. Depends on core."""
