@@ -102,7 +102,7 @@ def ensure_slides(workdir: Path, preset: str) -> dict[str, Path]:
     for tag in ("1x", "4x"):
         final = workdir / "slides" / f"{preset}-{tag}.ome.zarr"
         if not final.exists():
-            from hishrst_train.io import open_fullres_image
+            from hishrst_train.data import open_fullres_image
 
             final.parent.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()

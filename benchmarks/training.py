@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from hishrst_runtime.core.grouping import group_points
     from hishrst_train.encoders import load_encoder
     from hishrst_train.features import extract_features
-    from hishrst_train.io import open_fullres_image
+    from hishrst_train.data import open_fullres_image
     from hishrst_train.model import HisHRSTConfig
     from hishrst_train.preprocess import normalize_log1p, select_hvgs
     from hishrst_train.tasks import load_section

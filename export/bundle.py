@@ -70,7 +70,7 @@ def _real_inputs(config: dict[str, Any], encoder: Any, *, data: str | Path | Non
     Returns ``((tiles uint8 [n, S, S, 3], centres_px [n, 2]) | None, status)``; ``status`` says where the
     tiles came from or why none could be read (the section moved: pass ``data``).
     """
-    from hishrst_train.io import open_fullres_image
+    from hishrst_train.data import open_fullres_image
     from hishrst_train.tasks import load_section
 
     source = str(data) if data is not None else str(config.get("data", ""))

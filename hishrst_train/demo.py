@@ -23,7 +23,7 @@ def run_demo(out: Path, *, preset: str = "dlpfc", epochs: int = 30, seed: int = 
     from hishrst_runtime.slides.convert import write_ome_zarr
     from hishrst_runtime.jobs.runner import run_slides
     from hishrst_train.evaluate import evaluate_run
-    from hishrst_train.io import image_mpp, open_fullres_image
+    from hishrst_train.data import image_mpp, open_fullres_image
     from hishrst_train.synth import make_synthetic_visium
     from hishrst_train.tasks import fit_run
 
@@ -39,7 +39,7 @@ def run_demo(out: Path, *, preset: str = "dlpfc", epochs: int = 30, seed: int = 
     t["synth"] = time.perf_counter() - t0
 
     t0 = step("slide", "2/6 writing the section's H&E image as an OME-Zarr 0.5 slide")
-    from hishrst_train.io import read_visium
+    from hishrst_train.data import read_visium
 
     adata = read_visium(outs)
     img_path = adata.uns["hishrst"]["fullres_image"]

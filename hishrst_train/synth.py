@@ -443,7 +443,7 @@ def make_synthetic_visium(
     """
     import tifffile
 
-    from hishrst_train.io import _write_10x_arrays
+    from hishrst_train.data.tenx import _write_10x_arrays
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")

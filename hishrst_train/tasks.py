@@ -37,7 +37,7 @@ Task = Literal["recovery", "generation"]
 
 def load_section(data: str | Path, *, image: str | Path | None = None, mpp: float | None = None) -> ad.AnnData:
     """Read a Space Ranger ``outs`` directory, or an ``.h5ad`` plus its full-resolution image."""
-    from hishrst_train import io
+    from hishrst_train import data as io
 
     data = Path(data)
     if data.suffix == ".h5ad":
@@ -101,7 +101,7 @@ def fit_run(
 
     from hishrst_train.encoders import encoder_fingerprint, load_encoder
     from hishrst_train.features import extract_features
-    from hishrst_train.io import open_fullres_image
+    from hishrst_train.data import open_fullres_image
     from hishrst_train.preprocess import normalize_log1p, select_hvgs
     from hishrst_train.train import TrainConfig, predict, save_checkpoint, train_model
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from hishrst_runtime.core.grouping import pad_groups
+from hishrst_runtime.core.grouping import pad_groups, safe_index, scatter_groups
 from hishrst_runtime.core.jsonutil import json_default
 from hishrst_train.model import HisHRST, HisHRSTConfig
 
@@ -56,8 +56,7 @@ def _batches(groups: list[np.ndarray], batch_groups: int, rng: np.random.Generat
 
 
 def _gather(arr: torch.Tensor, index: np.ndarray) -> torch.Tensor:
-    idx = torch.from_numpy(np.where(index < 0, 0, index))
-    return arr[idx]
+    return arr[torch.from_numpy(safe_index(index))]
 
 
 def train_model(
@@ -173,8 +172,7 @@ def predict(
     out = np.zeros((len(features), model.config.n_genes), dtype=np.float32)
     for index, mask in _batches(groups, batch_groups, None):
         pred = model(_gather(f, index), _gather(p, index), torch.from_numpy(mask)).numpy()
-        valid = index >= 0
-        out[index[valid]] = pred[valid]
+        scatter_groups(out, index, pred)
     return out
 
 

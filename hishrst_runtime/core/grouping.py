@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["group_points", "pad_groups", "GROUPING_METHOD"]
+__all__ = ["group_points", "pad_groups", "safe_index", "gather_groups", "scatter_groups", "local_groups", "GROUPING_METHOD"]
 
 GROUPING_METHOD = "kd-median-v1"
 
@@ -81,3 +81,36 @@ def pad_groups(groups: list[np.ndarray], *, size: int | None = None) -> tuple[np
             raise ValueError(f"group {i} has {len(g)} points, more than the padded size {size}")
         index[i, : len(g)] = g
     return index, (index >= 0).astype(np.float32)
+
+
+def safe_index(index: np.ndarray) -> np.ndarray:
+    """``index`` with padding (``-1``) replaced by 0, for gathering: ``values[safe_index(index)]`` is
+    ``[G, S, ...]`` (padded slots hold row 0's values; the mask hides them). Works for numpy arrays and,
+    via ``torch.from_numpy``, for tensors alike."""
+    return np.where(index < 0, 0, index)
+
+
+def gather_groups(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``values[N, ...]`` gathered into padded groups ``[G, S, ...]`` (see :func:`pad_groups`)."""
+    return values[safe_index(index)]
+
+
+def scatter_groups(out: np.ndarray, index: np.ndarray, grouped: np.ndarray) -> np.ndarray:
+    """Write the real (unpadded) slots of ``grouped[G, S, ...]`` back to rows ``index`` of ``out[N, ...]``;
+    returns ``out``."""
+    valid = index >= 0
+    out[index[valid]] = grouped[valid]
+    return out
+
+
+def local_groups(groups: list[np.ndarray], *, size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenated point indices of ``groups`` and their padded *local* index / mask.
+
+    Returns ``(points, index, mask)``: ``points`` = ``np.concatenate(groups)``; ``index[G, size]``
+    indexes into ``points`` (``-1`` = padding) so that ``gather_groups(values_of_points, index)``
+    groups values already laid out in ``points`` order.
+    """
+    points = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+    starts = np.cumsum([0] + [len(g) for g in groups[:-1]])
+    index, mask = pad_groups([np.arange(s, s + len(g)) for s, g in zip(starts, groups)], size=size)
+    return points, index, mask

@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 from hishrst_runtime.core.geometry import query_grid
-from hishrst_runtime.core.grouping import group_points, pad_groups
+from hishrst_runtime.core.grouping import group_points, local_groups, safe_index
 from hishrst_runtime.bundle.manifest import Bundle
 from hishrst_runtime.core.patches import patch_origins, patch_side_px, resize_image
 from hishrst_runtime.core.timing import StageTimer
@@ -283,10 +283,8 @@ def predict_slide(
     def _finish(unit: list[int], feats: np.ndarray) -> None:
         t0 = time.perf_counter()
         groups = [prep.groups[g] for g in unit]
-        idx = np.concatenate(groups)
-        starts = np.cumsum([0] + [len(g) for g in groups[:-1]])
-        local, mask = pad_groups([np.arange(s, s + len(g)) for s, g in zip(starts, groups)], size=pad_to)
-        safe = np.where(local < 0, 0, local)
+        idx, local, mask = local_groups(groups, size=pad_to)
+        safe = safe_index(local)
         pos_um = (prep.points_px[idx] * mpp0).astype(np.float32)
         outs = []
         for s in range(0, len(groups), max_groups):

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from hishrst_runtime.core.files import atomic_write, fsync_path, read_json, remove_tree  # noqa: F401 (re-exported)
+from hishrst_runtime.core.files import fsync_path, read_json, remove_tree
 
 #: The compressor of every array written here: zarr 3.1's default for zarr-format-2 arrays (and what
 #: earlier releases wrote through zarr). Measured on a real 1,024 x 1,000 float32 prediction chunk it

@@ -63,11 +63,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hishrst_runtime.output.store import encoding as store_io
+from hishrst_runtime.output import encoding as store_io
 from hishrst_runtime.output.encoding import SKIP as _SKIP
-from hishrst_runtime.output.encoding import atomic_write as _atomic_write
-from hishrst_runtime.output.encoding import fsync_path as _fsync_path
-from hishrst_runtime.output.encoding import remove_tree as _remove_tree
+from hishrst_runtime.core.files import atomic_write as _atomic_write
+from hishrst_runtime.core.files import fsync_path as _fsync_path
+from hishrst_runtime.core.files import remove_tree as _remove_tree
 from hishrst_runtime.output.encoding import to_uns as _to_uns
 from hishrst_runtime.output.encoding import values_equal as _values_equal
 from hishrst_runtime.core.errors import OutputStateError

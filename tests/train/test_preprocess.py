@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from hishrst_train.io import read_visium
+from hishrst_train.data import read_visium
 from hishrst_train.preprocess import normalize_log1p, preprocess, select_hvgs
 from hishrst_train.synth import make_synthetic_visium
 

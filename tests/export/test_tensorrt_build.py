@@ -21,7 +21,7 @@ from hishrst_export.tensorrt import (  # noqa: E402
     tensorrt_info,
 )
 from onnx import TensorProto, helper  # noqa: E402
-from test_backends import encoder_ref, head_feeds, head_ref, make_encoder_like, make_head_like  # noqa: E402
+from tests.runtime.backends.test_backends import encoder_ref, head_feeds, head_ref, make_encoder_like, make_head_like  # noqa: E402
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 HAS_GPU = shutil.which("nvidia-smi") is not None

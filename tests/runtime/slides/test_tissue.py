@@ -99,7 +99,7 @@ def test_tissue_fraction_at_square_and_disk() -> None:
 def test_all_tissue_overview_is_all_tissue(tmp_path):
     """A crop that is tissue everywhere must not be split into nuclei vs cytoplasm (and then emptied)."""
     from hishrst_train.synth import make_synthetic_visium
-    from hishrst_train.io import open_fullres_image
+    from hishrst_train.data import open_fullres_image
 
     make_synthetic_visium(tmp_path / "s", preset="small", seed=0)
     img = open_fullres_image(tmp_path / "s" / "image.tif")

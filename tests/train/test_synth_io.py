@@ -15,7 +15,7 @@ from PIL import Image
 
 from hishrst_runtime.core.geometry import apply_affine, fit_affine, visium_array_to_um
 from hishrst_runtime.core.patches import cut_patch, patch_side_px
-from hishrst_train.io import (
+from hishrst_train.data import (
     DataError,
     image_mpp,
     open_fullres_image,

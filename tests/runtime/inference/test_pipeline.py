@@ -27,7 +27,7 @@ from hishrst_runtime.inference.pipeline import predict_slide, prepare_slide, wor
 from hishrst_runtime.slides.cache import ChunkCache  # noqa: E402
 from hishrst_runtime.jobs.runner import run_slides, slide_output_path  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 SVS = REPO.parent / "shared" / "data" / "cmu_small_region.svs"
 #: The export parity tolerance: max |Δ| / max(1, max |reference|).
 TOLERANCE = 1e-4
@@ -35,7 +35,7 @@ TOLERANCE = 1e-4
 
 def section_image(section: Path) -> tuple[np.ndarray, float]:
     """The synthetic section's full-resolution H&E image (RGB uint8) and its µm / pixel."""
-    from hishrst_train.io import image_mpp, open_fullres_image
+    from hishrst_train.data import image_mpp, open_fullres_image
 
     tif = next(section.parent.glob("image.tif*"))
     with open_fullres_image(tif) as im:

@@ -17,8 +17,8 @@ from hishrst_runtime.cli.convert import convert_cmd  # noqa: E402
 from hishrst_runtime.slides.convert import ConvertError, convert_slide, pyramid_shapes, write_ome_zarr
 from hishrst_runtime.slides.reader import open_slide
 
-SVS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cmu_small_region.svs"
-REPO = Path(__file__).resolve().parents[1]
+SVS = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "cmu_small_region.svs"
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _image(h: int = 200, w: int = 300, seed: int = 1) -> np.ndarray:

@@ -30,7 +30,7 @@ from hishrst_train.encoders import (  # noqa: E402
     load_encoder,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

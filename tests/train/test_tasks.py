@@ -23,7 +23,7 @@ def section(small_section):
 @pytest.fixture(scope="module")
 def runs(small_run, small_section, tmp_path_factory):
     """The shared image run (conftest) and a position-only run trained identically but without image features."""
-    from conftest import SMALL_RUN_EPOCHS, torch_threads
+    from tests.conftest import SMALL_RUN_EPOCHS, torch_threads
 
     root = tmp_path_factory.mktemp("runs")
     with torch_threads(1):
@@ -76,7 +76,7 @@ def test_evaluate_writes_metrics_and_ssim_ari(runs):
 
 
 def test_generation_task_dense_grid(section, tmp_path):
-    from conftest import torch_threads
+    from tests.conftest import torch_threads
 
     with torch_threads(1):
         s = fit_run(section, out=tmp_path / "gen", task="generation", epochs=3, progress=False, cache_dir=tmp_path / "c")

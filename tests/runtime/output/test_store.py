@@ -29,7 +29,7 @@ from hishrst_runtime.output.store import (  # noqa: E402
     write_h5ad,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 GENES = [f"GENE{i}" for i in range(6)]
 
 

@@ -33,7 +33,7 @@ from hishrst_runtime.backends.ort_cpu import OrtCpuBackend  # noqa: E402
 from hishrst_runtime.backends.ort_trt import profile_shapes, trt_cache_dir  # noqa: E402
 from hishrst_runtime.backends.tensorrt_native import check_engine_compat  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _gpu_present() -> bool:

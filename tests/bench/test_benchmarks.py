@@ -20,7 +20,7 @@ import pytest
 
 pytestmark = pytest.mark.benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 SCRIPT_TIMEOUT_S = 300
 

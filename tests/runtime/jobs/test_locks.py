@@ -25,7 +25,7 @@ from hishrst_runtime.jobs.locks import (
     shard_items,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 # ------------------------------------------------------------------------------------ sharding

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 def _real_tiles(outs: Path, n: int, size: int) -> np.ndarray:
     """``n`` tiles of 64 µm around in-tissue spots of the synthetic section, resized to ``size`` px."""
     from hishrst_runtime.core.patches import cut_patches, patch_side_px
-    from hishrst_train.io import open_fullres_image
+    from hishrst_train.data import open_fullres_image
     from hishrst_train.tasks import load_section
 
     adata = load_section(outs)

@@ -29,12 +29,12 @@ from hishrst_runtime.output.store import OutputStore, partial_path  # noqa: E402
 from hishrst_runtime.cli.run import run  # noqa: E402
 from hishrst_runtime.jobs.runner import run_slides  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
 def section_image(small_section: Path) -> tuple[np.ndarray, float]:
-    from hishrst_train.io import image_mpp, open_fullres_image
+    from hishrst_train.data import image_mpp, open_fullres_image
 
     tif = next(small_section.parent.glob("image.tif*"))
     with open_fullres_image(tif) as im:

@@ -1,0 +1,1 @@
+"""hishrst test suite; the folders mirror the packages."""
