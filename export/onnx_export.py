@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from torch import nn
+from hishrst_runtime.bundle.io_names import ENCODER_IO, HEAD_IO
 from hishrst_runtime.core.errors import HishrstError
 
 if TYPE_CHECKING:
@@ -54,8 +55,6 @@ __all__ = [
 ]
 
 Precision = Literal["fp32", "fp16"]
-ENCODER_IO = {"inputs": ["tiles"], "outputs": ["features"]}
-HEAD_IO = {"inputs": ["features", "positions", "mask"], "outputs": ["expression"]}
 
 #: Parity thresholds against PyTorch fp32 on the CPU. ``scaled_max_abs`` is
 #: max |ONNX − PyTorch| / max(1, max |PyTorch|) (dimensionless); ``min_gene_pcc`` is the smallest
