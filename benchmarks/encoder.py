@@ -14,25 +14,14 @@ On a GPU each row also gives the achieved TFLOP/s and its share of the GPU's den
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 
-from benchmarks._common import (
-    JsonlWriter,
-    base_parser,
-    int_list,
-    print_table,
-    str_list,
-    time_call,
-    workdir_of,
-)
+from benchmarks._common import (JsonlWriter, base_parser, int_list, print_table, str_list, time_call,
+                                workdir_of)
 
 BACKENDS = ("torch-fp32", "torch-autocast", "torch-compile", "ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
 ENCODERS = ("test-vit", "uni")

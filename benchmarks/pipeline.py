@@ -21,26 +21,15 @@ seconds of ``predict_slide`` alone. Both exclude interpreter start-up and engine
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 
-from benchmarks._common import (
-    JsonlWriter,
-    base_parser,
-    mb,
-    print_table,
-    run_child,
-    workdir_of,
-)
+from benchmarks._common import JsonlWriter, base_parser, mb, print_table, run_child, workdir_of
 from benchmarks._data import data_plan, ensure_bundle, ensure_slides
 
 TARGET_RATIO = 0.90
@@ -51,93 +40,79 @@ TARGET_RSS_MB = 1536.0
 # ------------------------------------------------------------------------------ children (torch-free)
 
 
-def _store_prepare_seconds(store: Path) -> float | None:
-    """``prepare`` seconds recorded by ``hishrst-run`` in the output store (best effort)."""
-    try:
-        import zarr
-
-        v = zarr.open_group(str(store), mode="r")["uns/hishrst_run/timings/prepare"][...]
-        return float(np.asarray(v))
-    except Exception:  # noqa: BLE001 - the layout of uns is the output module's business
-        return None
-
-
 def run_pipeline_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size: int, workers: int | None,
                        engine_threads: int | None = None) -> dict:
-    """``run_slides`` on one slide (what ``hishrst-run`` calls); returns its timings."""
+    """``run_slides`` on one slide (what ``hishrst-run`` calls); returns its timings from the
+    :class:`~hishrst_runtime.jobs.results.SlideResult`. ``provider="noop"``: zero-returning engines."""
+    from hishrst_runtime.bundle.manifest import load_bundle
+    from hishrst_runtime.inference.engines import noop_engines
     from hishrst_runtime.jobs.runner import DEFAULT_WORKERS, run_slides
 
     workers = DEFAULT_WORKERS if workers is None else workers
+    engines = noop_engines(load_bundle(Path(bundle))) if provider == "noop" else None
     said: list[str] = []
     t0 = time.perf_counter()
-    res = run_slides([Path(slide)], bundle_dir=Path(bundle), out_dir=Path(out_dir), provider=provider,
-                     batch_size=batch_size, workers=workers, engine_threads=engine_threads, overwrite=True,
-                     progress=False, echo=said.append)
+    (r,) = run_slides([Path(slide)], bundle_dir=Path(bundle), out_dir=Path(out_dir), engines=engines,
+                      provider="cpu" if provider == "noop" else provider, batch_size=batch_size, workers=workers,
+                      engine_threads=engine_threads, overwrite=True, progress=False, echo=said.append)
     wall = time.perf_counter() - t0
-    r = res[0]
-    if r.get("status") != "ok":
-        raise RuntimeError(f"hishrst-run failed on {slide}: {r.get('reason')}")
-    m = next((re.match(r"engine: ([^\s,]+)", s) for s in said if s.startswith("engine:")), None)
-    stats = r["stats"]
-    return {"engine": m.group(1) if m else provider, "points": r["points"], "points_computed": r["computed"],
-            "slide_seconds": r["seconds"], "stream_seconds": stats["seconds"], "stages": stats.get("stages", {}),
-            "prepare_seconds": _store_prepare_seconds(Path(r["output"])), "chunk_cache": stats.get("chunk_cache"),
-            "patch_side_px": stats.get("patch_side_px"), "units": stats.get("units"), "run_slides_wall_s": wall,
+    if r.status != "ok":
+        raise RuntimeError(f"hishrst-run failed on {slide}: {r.reason}")
+    stats = r.stats
+    return {"engine": r.engine, "points": r.points, "points_computed": r.computed,
+            "slide_seconds": r.seconds, "stream_seconds": stats.seconds, "stages": stats.stages,
+            "prepare_seconds": r.timings.get("prepare"), "chunk_cache": stats.chunk_cache,
+            "patch_side_px": stats.patch_side_px, "units": stats.units, "run_slides_wall_s": wall,
             "engine_line": next((s for s in said if s.startswith("engine:")), None)}
+
+
+def _sample_units(slide: str, bundle: str, batch_size: int, max_tiles: int, **plan_kw: Any) -> tuple[Any, list]:
+    """(unit plan, the first work units holding up to ``max_tiles`` tiles) of ``slide`` — the runtime's own."""
+    from hishrst_runtime.bundle.manifest import load_bundle
+    from hishrst_runtime.inference.pipeline import prepare_slide
+    from hishrst_runtime.inference.stages import plan_units, unit_rows, work_units
+
+    b = load_bundle(Path(bundle))
+    prep = prepare_slide(Path(slide), b)
+    plan = plan_units(prep, b, batch_size=batch_size, **plan_kw)
+    units, n = [], 0
+    for unit in work_units(prep.groups, batch_size):
+        k = len(unit_rows(prep, unit))
+        if units and n + k > max_tiles:
+            break
+        units.append(unit)
+        n += k
+    return plan, units
 
 
 def engine_only_child(slide: str, bundle: str, provider: str, batch_size: int, max_tile_mb: float,
                       min_time: float, threads: int | None = None) -> dict:
-    """Encoder + head backends alone on pre-cut tiles, unit by unit as ``predict_slide`` calls them.
+    """Encoder + head backends alone on pre-cut tiles, unit by unit through the runtime's stage functions
+    (``encode_tiles``, ``head_rows``) exactly as ``predict_slide`` calls them.
 
     ``threads``: ONNX Runtime intra-op threads (``None``: all physical cores)."""
-    from hishrst_runtime.core.grouping import pad_groups
     from hishrst_runtime.bundle.manifest import load_bundle
-    from hishrst_runtime.core.patches import cut_patches, patch_side_px
-    from hishrst_runtime.inference.pipeline import prepare_slide, work_units
     from hishrst_runtime.inference.engines import load_engines
+    from hishrst_runtime.inference.stages import encode_tiles, head_rows, read_tiles
 
     b = load_bundle(Path(bundle))
     encoder, head, chosen = load_engines(b, provider, cache_dir=None, threads=threads)
     if chosen in ("tensorrt", "trt-native"):  # as run_slides: TensorRT profiles stop at the bundle's max_batch
-        batch_size = min(batch_size, int(b.manifest.get("max_batch", 64)))
-    prep = prepare_slide(Path(slide), b)
-    level = prep.slide.levels[prep.level_index]
-    side = patch_side_px(b.patch_um, float(level.mpp))
-    size = int(b.encoder["input_size"])
-    mpp0 = float(prep.slide.mpp0)
-    pad_to = max([b.max_group_size, *(len(g) for g in prep.groups)])
-    max_groups = max(1, int(b.manifest.get("max_batch", 64)))
-    budget = int(max_tile_mb * 2**20) // (size * size * 3)
-    sample: list[tuple[list[np.ndarray], np.ndarray]] = []
-    n_tiles = 0
-    for unit in work_units(prep.groups, batch_size):
-        groups = [prep.groups[g] for g in unit]
-        idx = np.concatenate(groups)
-        if sample and n_tiles + len(idx) > budget:
-            break
-        tiles = cut_patches(level.image, prep.points_px[idx] / float(level.downsample), side=side, out_size=size)
-        sample.append((groups, tiles))
-        n_tiles += len(idx)
-    prep.close()
+        batch_size = min(batch_size, b.spec.max_batch)
+    size = b.spec.encoder.input_size
+    plan, units = _sample_units(slide, bundle, batch_size, int(max_tile_mb * 2**20) // (size * size * 3))
+    sample = [(u, read_tiles(plan, u)) for u in units]
+    n_tiles = sum(len(t) for _, t in sample)
+    plan.prep.close()
 
-    def infer(groups: list[np.ndarray], tiles: np.ndarray) -> None:
-        feats = np.concatenate([np.asarray(encoder.run({"tiles": tiles[i : i + batch_size]})[0], dtype=np.float32)
-                                for i in range(0, len(tiles), batch_size)])
-        idx = np.concatenate(groups)
-        starts = np.cumsum([0] + [len(g) for g in groups[:-1]])
-        local, mask = pad_groups([np.arange(s, s + len(g)) for s, g in zip(starts, groups)], size=pad_to)
-        safe = np.where(local < 0, 0, local)
-        pos = (prep.points_px[idx] * mpp0).astype(np.float32)
-        for s in range(0, len(groups), max_groups):
-            sl = slice(s, s + max_groups)
-            head.run({"features": feats[safe[sl]], "positions": pos[safe[sl]], "mask": mask[sl]})
+    def infer(unit: list[int], tiles: np.ndarray) -> None:
+        head_rows(plan, head, unit, encode_tiles(plan, encoder, tiles))
 
     infer(*sample[0])  # warm-up
     done, t0 = 0, time.perf_counter()
     while done == 0 or time.perf_counter() - t0 < min_time:
-        for groups, tiles in sample:
-            infer(groups, tiles)
+        for unit, tiles in sample:
+            infer(unit, tiles)
             done += len(tiles)
     seconds = time.perf_counter() - t0
     for eng in (encoder, head):
@@ -147,61 +122,27 @@ def engine_only_child(slide: str, bundle: str, provider: str, batch_size: int, m
 
 
 def reader_costs_child(slide: str, bundle: str, batch_size: int, max_tiles: int) -> dict:
-    """The reader side's CPU cost per tile, single-threaded and uncontended, phase by phase.
+    """The reader side's CPU cost per tile, single-threaded and uncontended, through the runtime's own
+    ``read_tiles`` stage with a timer.
 
-    On the first work units (up to ``max_tiles`` tiles): decode every chunk they touch
-    (``Level.read_chunk``), assemble each unit's box and crop its patches, resample them (Pillow, the
-    step training shares), paste them into the unit's mosaic and convert it to numpy — what
-    ``predict_slide``'s readers do, minus threading. Returns µs per tile for each phase.
+    On the first work units (up to ``max_tiles`` tiles), with a chunk cache that holds them all: the
+    first pass decodes every chunk they touch (the cache's ``read_decode`` seconds), the second pass,
+    on a warm cache, is the rest of the reader's work (assemble each unit's box, crop, resample with
+    Pillow, mosaic → numpy: ``cut_resample``). Returns µs per tile for each phase.
     """
-    from PIL import Image
+    from hishrst_runtime.core.timing import StageTimer
+    from hishrst_runtime.inference.stages import read_tiles
 
-    from hishrst_runtime.bundle.manifest import load_bundle
-    from hishrst_runtime.core.patches import patch_origins, patch_side_px, resize_image
-    from hishrst_runtime.inference.pipeline import prepare_slide, work_units
-    from hishrst_runtime.slides.cache import ChunkCache
-
-    b = load_bundle(Path(bundle))
-    prep = prepare_slide(Path(slide), b)
-    level = prep.slide.levels[prep.level_index]
-    side = patch_side_px(b.patch_um, float(level.mpp))
-    size = int(b.encoder["input_size"])
-    units, n = [], 0
-    for unit in work_units(prep.groups, batch_size):
-        idx = np.concatenate([prep.groups[g] for g in unit])
-        if units and n + len(idx) > max_tiles:
-            break
-        units.append(patch_origins(prep.points_px[idx] / float(level.downsample), side))
-        n += len(idx)
-    cache = ChunkCache(level, max_bytes=1 << 34)  # holds the whole sample: each phase timed alone
-    (h, w), (ch, cw) = level.shape, level.chunks
-    t: dict[str, float] = {}
-    t0 = time.perf_counter()
-    for o in units:
-        (x0, y0), (x1, y1) = np.clip(o.min(axis=0), 0, None), o.max(axis=0) + side
-        for cy in range(y0 // ch, (min(y1, h) - 1) // ch + 1):
-            for cx in range(x0 // cw, (min(x1, w) - 1) // cw + 1):
-                cache.chunk(cy, cx)
-    t["decode"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    crops = []
-    for o in units:
-        (rx0, ry0), (rx1, ry1) = o.min(axis=0), o.max(axis=0) + side
-        region = cache.patch(int(rx0), int(ry0), int(rx1 - rx0), int(ry1 - ry0))
-        crops.append([region.crop((x, y, x + side, y + side)) for x, y in (o - (rx0, ry0)).tolist()])
-    t["cut"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    resized = [[resize_image(c, size) for c in unit] for unit in crops]
-    t["resample"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for unit in resized:
-        mosaic = Image.new("RGB", (size, size * len(unit)))
-        for i, r in enumerate(unit):
-            mosaic.paste(r, (0, i * size))
-        np.array(mosaic).reshape(len(unit), size, size, 3)
-    t["assemble"] = time.perf_counter() - t0
-    prep.close()
-    return {"tiles": n, "chunks": cache.misses, "patch_side_px": side, "input_size": size,
+    timer = StageTimer()
+    plan, units = _sample_units(slide, bundle, batch_size, max_tiles, cache_bytes=1 << 34, timer=timer)
+    n = sum(len(read_tiles(plan, u)) for u in units)  # cold: decodes each chunk once
+    decode = timer.seconds.get("read_decode", 0.0)
+    timer.seconds["cut_resample"] = 0.0
+    for u in units:  # warm: everything but the decoding
+        read_tiles(plan, u)
+    t = {"decode": decode, "cut_resample": timer.seconds["cut_resample"]}
+    plan.prep.close()
+    return {"tiles": n, "chunks": plan.cache.misses, "patch_side_px": plan.side, "input_size": plan.size,
             "us_per_tile": {k: 1e6 * v / n for k, v in t.items()}, "us_per_tile_total": 1e6 * sum(t.values()) / n}
 
 

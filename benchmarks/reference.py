@@ -19,25 +19,14 @@ the test encoder), and peak RSS of both.
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 
-from benchmarks._common import (
-    JsonlWriter,
-    base_parser,
-    count_list,
-    mb,
-    print_table,
-    run_child,
-    workdir_of,
-)
+from benchmarks._common import (JsonlWriter, base_parser, count_list, mb, print_table, run_child,
+                                workdir_of)
 from benchmarks._data import data_plan, ensure_bundle, ensure_slides
 
 TARGET_SPEEDUP = 3.0

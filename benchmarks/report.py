@@ -8,13 +8,9 @@ from the measurements, never typed by hand).
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import RESULTS_DIR, fmt, read_jsonl
 
@@ -95,8 +91,8 @@ def section(name: str, recs: list[dict[str, Any]], *, title: str | None = None) 
         if costs:
             out += ["", "Reader CPU per tile (µs, one thread, no contention; `reader_costs_child`):", ""]
             out.append(md_table(costs, [("slide", "tiles of"), ("rc_tiles", "tiles"), ("rc_chunks", "chunks decoded"),
-                                        ("rc_decode", "decode"), ("rc_cut", "cut"), ("rc_resample", "resample (Pillow)"),
-                                        ("rc_assemble", "mosaic → numpy")]))
+                                        ("rc_decode", "decode"),
+                                        ("rc_cut_resample", "cut + resample (Pillow) + mosaic → numpy")]))
     elif name == "reference":
         rows = [{**r, "name": r["pipeline"] + (f" (num_workers={r['num_workers']})" if "num_workers" in r else ""),
                  "stage_s": ", ".join(f"{k} {fmt(v)}" for k, v in (r.get("stages") or {}).items() if v is not None)}

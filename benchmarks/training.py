@@ -8,25 +8,13 @@ epoch (:func:`hishrst_train.train.train_model`, the recovery task's training hal
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from benchmarks._common import (
-    JsonlWriter,
-    base_parser,
-    int_list,
-    print_table,
-    str_list,
-    workdir_of,
-)
+from benchmarks._common import JsonlWriter, base_parser, int_list, print_table, str_list, workdir_of
 from benchmarks._data import ensure_section
 
 

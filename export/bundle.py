@@ -19,10 +19,7 @@ Bundle layout (schema :data:`hishrst_runtime.bundle.manifest.SCHEMA_VERSION`)::
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,8 +35,10 @@ from hishrst_runtime.bundle.manifest import (
     sha256_file,
     write_manifest,
 )
-from hishrst_runtime.core.patches import cut_patches, patch_side_px
 from hishrst_runtime.core.errors import HishrstError
+from hishrst_runtime.core.files import remove_tree, swap_in, temp_sibling
+from hishrst_runtime.core.patches import cut_patches, patch_side_px
+from hishrst_train.runconfig import RunConfig, RunConfigError
 
 __all__ = ["LICENSE_NOTICES", "N_RANDOM", "N_REAL", "ExportError", "export_bundle"]
 
@@ -63,7 +62,7 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _real_inputs(config: dict[str, Any], encoder: Any, *, data: str | Path | None, n: int = N_REAL
+def _real_inputs(config: RunConfig, encoder: Any, *, data: str | Path | None, n: int = N_REAL
                  ) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
     """Up to ``n`` real tiles and their level-0 pixel centres from the run's training section.
 
@@ -73,21 +72,21 @@ def _real_inputs(config: dict[str, Any], encoder: Any, *, data: str | Path | Non
     from hishrst_train.data import open_fullres_image
     from hishrst_train.tasks import load_section
 
-    source = str(data) if data is not None else str(config.get("data", ""))
+    source = str(data) if data is not None else str(config.data)
     try:
-        adata = load_section(source, image=config.get("image"), mpp=config.get("mpp_override"))
+        adata = load_section(source, image=config.image, mpp=config.mpp_override)
         img = open_fullres_image(adata.uns["hishrst"]["fullres_image"])
     except (OSError, ValueError, KeyError) as e:
         return None, f"unavailable: cannot read the training section {source!r} ({type(e).__name__}: {e})"
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-    first = group_points(xy, max_size=config["grouping"]["max_size"])
+    first = group_points(xy, max_size=config.grouping["max_size"])
     idx = np.concatenate(first)[:n]
-    side = patch_side_px(config["patch"]["size_um"], config["patch"]["train_mpp"])
+    side = patch_side_px(config.patch["size_um"], config.patch["train_mpp"])
     tiles = cut_patches(img, xy[idx], side=side, out_size=encoder.input_size)
     return (tiles, xy[idx]), f"{len(idx)} spots of {source}"
 
 
-def _parity_inputs(config: dict[str, Any], encoder: Any, *, rng: np.random.Generator, data: str | Path | None
+def _parity_inputs(config: RunConfig, encoder: Any, *, rng: np.random.Generator, data: str | Path | None
                    ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]], str]:
     """Encoder tile sets and head feeds (``random`` and, when readable, ``real``) for the parity checks."""
     import torch
@@ -105,10 +104,10 @@ def _parity_inputs(config: dict[str, Any], encoder: Any, *, rng: np.random.Gener
         tiles["real"] = real[0]
         with torch.no_grad():
             feats = encoder(torch.from_numpy(real[0])).numpy()
-        groups = group_points(real[1], max_size=config["grouping"]["max_size"])
+        groups = group_points(real[1], max_size=config.grouping["max_size"])
         index, mask = pad_groups(groups)
         safe = np.where(index < 0, 0, index)
-        pos = (real[1] * config["patch"]["train_mpp"]).astype(np.float32)  # level-0 px → µm
+        pos = (real[1] * config.patch["train_mpp"]).astype(np.float32)  # level-0 px → µm
         feeds["real"] = {"features": feats[safe], "positions": pos[safe], "mask": mask}
     return tiles, feeds, status
 
@@ -151,17 +150,6 @@ def _check_out(out: Path, *, overwrite: bool) -> None:
                               "replace it even with --overwrite — choose another --out or delete it yourself")
     elif not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; choose another --out")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished bundle ``tmp`` to ``out``, replacing an old bundle only once ``tmp`` is complete."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:
@@ -208,134 +196,159 @@ def export_bundle(
     :class:`hishrst_export.onnx_export.ParityError` when a parity check fails; in both cases nothing
     is written (an existing bundle at ``out`` is left as it was).
     """
-    from hishrst_export.onnx_export import (
-        EXTERNAL_DATA_THRESHOLD,
-        encoder_parity,
-        export_encoder_onnx,
-        export_head_onnx,
-        head_parity,
-    )
-
-    from hishrst_train.encoders import WeightsError, encoder_fingerprint, load_encoder
-    from hishrst_train.train import load_checkpoint
-
     run_dir, out = Path(run_dir), Path(out).absolute()
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
     if max_batch < 1:
         raise ExportError(f"--max-batch must be ≥ 1, got {max_batch}")
-    trt_info = None
-    if tensorrt:  # fail before reading or writing anything
-        from hishrst_export.tensorrt import TensorRTUnavailable, tensorrt_info
-
-        try:
-            trt_info = tensorrt_info()
-        except TensorRTUnavailable as e:
-            raise ExportError(f"--tensorrt: cannot build TensorRT engines on this machine: {e}. Nothing was "
-                              "written; export without --tensorrt (the runtime can build engines itself with "
-                              "--provider tensorrt), or run the export on the GPU machine") from e
+    trt_info = _tensorrt_preflight() if tensorrt else None  # fail before reading or writing anything
     _check_out(out, overwrite=overwrite)
+    model, config, encoder = _load_run(run_dir, weights=weights)
+    gated = bool(config.encoder.get("gated"))
+    license_ = config.encoder.get("license") or ""
+    notice = LICENSE_NOTICES.get(license_, "gated weights: check the licence") if gated else None
+    if notice:
+        echo(f"NOTICE ({license_}): {notice}")
+    t0 = time.perf_counter()
+    tmp = _make_tmp(out)
     try:
-        model, config = load_checkpoint(run_dir)
-    except (FileNotFoundError, ValueError) as e:
+        files, parity = _export_models(tmp, model, config, encoder, precision=precision, max_batch=max_batch,
+                                       opset=opset, data=data, seed=seed, trt_info=trt_info, echo=echo)
+        manifest = _manifest(model, config, encoder, files=files, parity=parity, opset=opset, max_batch=max_batch,
+                             notice=notice)
+        manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
+        write_manifest(tmp, manifest)
+        load_bundle(tmp)  # the runtime's own validation must accept what we wrote
+        swap_in(tmp, out)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _tensorrt_preflight() -> dict[str, Any]:
+    """TensorRT version and GPU of this machine, or :class:`ExportError` saying nothing was written."""
+    from hishrst_export.tensorrt import TensorRTUnavailable, tensorrt_info
+
+    try:
+        return tensorrt_info()
+    except TensorRTUnavailable as e:
+        raise ExportError(f"--tensorrt: cannot build TensorRT engines on this machine: {e}. Nothing was "
+                          "written; export without --tensorrt (the runtime can build engines itself with "
+                          "--provider tensorrt), or run the export on the GPU machine") from e
+
+
+def _load_run(run_dir: Path, *, weights: str | Path | None) -> tuple[Any, RunConfig, Any]:
+    """The run's head, its :class:`RunConfig` and its encoder (the very weights it was trained with)."""
+    from hishrst_train.encoders.module import encoder_fingerprint, load_encoder
+    from hishrst_train.encoders.weights import WeightsError
+    from hishrst_train.train import load_run
+
+    try:
+        model, config = load_run(run_dir)
+    except RunConfigError as e:
         raise ExportError(str(e)) from e
-    try:
-        enc_cfg = config["encoder"]
-        mode = config["position"]["mode"]
-        _ = (config["patch"]["size_um"], config["patch"]["train_mpp"], config["grouping"]["max_size"], config["genes"])
-    except (KeyError, TypeError) as e:
-        raise ExportError(f"{run_dir / 'config.json'}: missing field {e}; re-run `hishrst fit` with this version") from e
-    if mode != "continuous":
+    if config.position["mode"] != "continuous":
         raise ExportError(
             f"{run_dir}: trained with grid position mode, which needs Visium array coordinates that whole slides "
             "do not have; re-fit with --position continuous to deploy it"
         )
+    name = config.encoder["name"]
     try:
-        encoder = load_encoder(enc_cfg["name"], weights=weights or enc_cfg.get("weights"))
+        encoder = load_encoder(name, weights=weights or config.weights)
     except (WeightsError, KeyError) as e:
-        raise ExportError(f"{run_dir}: cannot load encoder {enc_cfg.get('name')!r}: {e}") from e
+        raise ExportError(f"{run_dir}: cannot load encoder {name!r}: {e}") from e
     fingerprint = encoder_fingerprint(encoder)
-    if enc_cfg.get("fingerprint") and enc_cfg["fingerprint"] != fingerprint:
+    trained = config.encoder.get("fingerprint")
+    if trained and trained != fingerprint:
         raise ExportError(
             f"{run_dir / 'config.json'}: the encoder weights differ from those the run was trained with (fingerprint "
-            f"{fingerprint} vs {enc_cfg['fingerprint']}), so the head would get features it was not trained on; "
+            f"{fingerprint} vs {trained}), so the head would get features it was not trained on; "
             "pass the weights used by `hishrst fit` with --weights"
         )
-    gated = bool(enc_cfg.get("gated"))
-    notice = LICENSE_NOTICES.get(enc_cfg.get("license", ""), "gated weights: check the licence") if gated else None
-    if notice:
-        echo(f"NOTICE ({enc_cfg['license']}): {notice}")
+    return model, config, encoder
 
-    t0 = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the bundle gets the usual directory mode
+
+def _make_tmp(out: Path) -> Path:
+    """A fresh hidden sibling of ``out`` with the usual directory mode, to build the bundle in."""
+    tmp = temp_sibling(out, "partial")
     try:
-        enc_path = export_encoder_onnx(encoder, tmp / "encoder.onnx", opset=opset, precision=precision)
-        rng = np.random.default_rng(seed)
-        tiles, feeds, real_status = _parity_inputs(config, encoder, rng=rng, data=data)
-        if "real" not in tiles:
-            echo(f"WARNING: real-tile parity check skipped — {real_status}; pass --data OUTS_DIR to include it")
-        batch_sizes = tuple(dict.fromkeys((1, 7, max_batch)))
-        enc_report = encoder_parity(encoder, enc_path, tiles=tiles, precision=precision, batch_sizes=batch_sizes)
-        head_path = export_head_onnx(model, tmp / "head.onnx", opset=opset, precision=precision)
-        head_report = head_parity(model, head_path, feeds=feeds, precision=precision)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except PermissionError as e:
+        raise ExportError(f"{out.parent}: not writable ({e.strerror}); choose another --out or fix its "
+                          "permissions") from e
+    return tmp
 
-        files = {"encoder": _file_entry(enc_path, precision), "head": _file_entry(head_path, precision)}
-        if tensorrt:
-            files.update(_engines(tmp, enc_path, head_path, feeds=feeds, tiles=tiles, precision=precision,
-                                  max_batch=max_batch, d=int(model.config.feature_dim),
-                                  n=int(config["grouping"]["max_size"]), trt_info=trt_info or {}))
-        stray = sorted({p.name for p in tmp.iterdir()} - _listed(files))
-        if stray:
-            raise ExportError(f"{tmp}: the export wrote files the manifest would not list ({stray}); report this bug")
 
-        mcfg = model.config.to_dict()
-        manifest = {
-            "hishrst_version": __version__,
-            "created_unix": int(time.time()),
-            "encoder": {
-                "name": enc_cfg["name"], "architecture": encoder.spec.arch, "fingerprint": fingerprint,
-                "input_size": int(encoder.input_size), "feature_dim": int(encoder.feature_dim),
-                "input": {"name": "tiles", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
-                "normalisation": {"scale": 1 / 255, "mean": list(encoder.spec.mean), "std": list(encoder.spec.std),
-                                  "formula": "(tiles / 255 - mean) / std, per RGB channel", "in_graph": True},
-                "gated": gated, "license": enc_cfg.get("license"),
-            },
-            "patch": config["patch"],
-            "position": {**config["position"], **{k: mcfg[k] for k in ("pos_n_freqs", "min_wavelength_um", "max_wavelength_um")}},
-            "grouping": config["grouping"],
-            "genes": list(config["genes"]),
-            "output": {"name": "expression", "meaning": "log1p of counts per 10k (normalize_total to 1e4, then log1p)",
-                       "target_sum": config.get("preprocessing", {}).get("target_sum", 1e4), "dtype": "float32",
-                       "shape": "[groups, points, genes]"},
-            "head": {"inputs": ["features", "positions", "mask"], "max_group_size": config["grouping"]["max_size"]},
-            "preprocessing": config.get("preprocessing", {}),
-            "files": files,
-            "onnx_opset": opset,
-            "max_batch": max_batch,
-            "external_data_threshold_bytes": EXTERNAL_DATA_THRESHOLD,
-            "parity": {
-                "reference": "PyTorch fp32 (CPU) vs ONNX Runtime CPU; for fp16 the figures are the accuracy cost "
-                             "of half precision",
-                "precision": precision, "seed": seed, "real_tiles": real_status,
-                "encoder": enc_report, "head": head_report,
-            },
-            "license": {"gated": gated, "redistributable": not gated, "notice": notice},
-            "source_run": {"task": config.get("task"), "hishrst_version": config.get("hishrst_version"),
-                           "data": config.get("data")},
-            "exporter": _versions(),
-            "export_seconds": round(time.perf_counter() - t0, 2),
-        }
-        write_manifest(tmp, manifest)
-        load_bundle(tmp)  # the runtime's own validation must accept what we wrote
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return json.loads((out / "manifest.json").read_text())
+def _export_models(tmp: Path, model: Any, config: RunConfig, encoder: Any, *, precision: str, max_batch: int,
+                   opset: int, data: str | Path | None, seed: int, trt_info: dict[str, Any] | None,
+                   echo: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both ONNX models (and engines) in ``tmp``, parity-checked: the manifest's ``files`` and ``parity``."""
+    from hishrst_export.onnx_export import encoder_parity, export_encoder_onnx, export_head_onnx, head_parity
+
+    enc_path = export_encoder_onnx(encoder, tmp / "encoder.onnx", opset=opset, precision=precision)
+    tiles, feeds, real_status = _parity_inputs(config, encoder, rng=np.random.default_rng(seed), data=data)
+    if "real" not in tiles:
+        echo(f"WARNING: real-tile parity check skipped — {real_status}; pass --data OUTS_DIR to include it")
+    batch_sizes = tuple(dict.fromkeys((1, 7, max_batch)))
+    enc_report = encoder_parity(encoder, enc_path, tiles=tiles, precision=precision, batch_sizes=batch_sizes)
+    head_path = export_head_onnx(model, tmp / "head.onnx", opset=opset, precision=precision)
+    head_report = head_parity(model, head_path, feeds=feeds, precision=precision)
+    files = {"encoder": _file_entry(enc_path, precision), "head": _file_entry(head_path, precision)}
+    if trt_info is not None:
+        files.update(_engines(tmp, enc_path, head_path, feeds=feeds, tiles=tiles, precision=precision,
+                              max_batch=max_batch, d=int(model.config.feature_dim),
+                              n=int(config.grouping["max_size"]), trt_info=trt_info))
+    stray = sorted({p.name for p in tmp.iterdir()} - _listed(files))
+    if stray:
+        raise ExportError(f"{tmp}: the export wrote files the manifest would not list ({stray}); report this bug")
+    parity = {
+        "reference": "PyTorch fp32 (CPU) vs ONNX Runtime CPU; for fp16 the figures are the accuracy cost "
+                     "of half precision",
+        "precision": precision, "seed": seed, "real_tiles": real_status, "encoder": enc_report, "head": head_report,
+    }
+    return files, parity
+
+
+def _manifest(model: Any, config: RunConfig, encoder: Any, *, files: dict[str, Any], parity: dict[str, Any],
+              opset: int, max_batch: int, notice: str | None) -> dict[str, Any]:
+    """The bundle's ``manifest.json`` contents (without ``export_seconds``)."""
+    from hishrst_export.onnx_export import EXTERNAL_DATA_THRESHOLD
+    from hishrst_train.encoders.module import encoder_fingerprint
+
+    mcfg = model.config.to_dict()
+    gated = bool(config.encoder.get("gated"))
+    return {
+        "hishrst_version": __version__,
+        "created_unix": int(time.time()),
+        "encoder": {
+            "name": config.encoder["name"], "architecture": encoder.spec.arch,
+            "fingerprint": encoder_fingerprint(encoder),
+            "input_size": int(encoder.input_size), "feature_dim": int(encoder.feature_dim),
+            "input": {"name": "tiles", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
+            "normalisation": {"scale": 1 / 255, "mean": list(encoder.spec.mean), "std": list(encoder.spec.std),
+                              "formula": "(tiles / 255 - mean) / std, per RGB channel", "in_graph": True},
+            "gated": gated, "license": config.encoder.get("license"),
+        },
+        "patch": config.patch,
+        "position": {**config.position, **{k: mcfg[k] for k in ("pos_n_freqs", "min_wavelength_um", "max_wavelength_um")}},
+        "grouping": config.grouping,
+        "genes": list(config.genes),
+        "output": {"name": "expression", "meaning": "log1p of counts per 10k (normalize_total to 1e4, then log1p)",
+                   "target_sum": config.preprocessing.get("target_sum", 1e4), "dtype": "float32",
+                   "shape": "[groups, points, genes]"},
+        "head": {"inputs": ["features", "positions", "mask"], "max_group_size": config.grouping["max_size"]},
+        "preprocessing": config.preprocessing,
+        "files": files,
+        "onnx_opset": opset,
+        "max_batch": max_batch,
+        "external_data_threshold_bytes": EXTERNAL_DATA_THRESHOLD,
+        "parity": parity,
+        "license": {"gated": gated, "redistributable": not gated, "notice": notice},
+        "source_run": {"task": config.task, "hishrst_version": config.hishrst_version, "data": config.data},
+        "exporter": _versions(),
+    }
 
 
 def _engines(tmp: Path, enc_path: Path, head_path: Path, *, feeds: dict[str, dict[str, np.ndarray]],

@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from hishrst_train.cli import command_errors, training_module
+
 __all__ = ["export", "format_summary"]
 
 
@@ -65,17 +67,15 @@ def format_summary(m: dict[str, Any], out: Path) -> list[str]:
 def export(run_dir: Path, out: Path, precision: str, max_batch: int, tensorrt: bool, opset: int,
            weights: Path | None, data: Path | None, overwrite: bool) -> None:
     """Export a fitted RUN_DIR to an ONNX (and optionally TensorRT) model bundle, parity-checked."""
-    from hishrst_export.bundle import ExportError, export_bundle
-    from hishrst_export.onnx_export import ParityError
-
-    try:
-        m = export_bundle(run_dir, out=out, precision=precision, max_batch=max_batch, tensorrt=tensorrt,  # type: ignore[arg-type]
-                          opset=opset, weights=weights, data=data, overwrite=overwrite,
-                          echo=lambda s: click.echo(s, err=True))
-    except ParityError as e:
-        raise click.ClickException(f"parity check failed, no bundle written: {e}") from e
-    except ExportError as e:
-        raise click.ClickException(str(e)) from e
+    with command_errors():
+        bundle = training_module("hishrst_export.bundle", command="export", extra="export")
+        onnx_export = training_module("hishrst_export.onnx_export", command="export", extra="export")
+        try:
+            m = bundle.export_bundle(run_dir, out=out, precision=precision, max_batch=max_batch, tensorrt=tensorrt,
+                                     opset=opset, weights=weights, data=data, overwrite=overwrite,
+                                     echo=lambda s: click.echo(s, err=True))
+        except onnx_export.ParityError as e:
+            raise onnx_export.ParityError(f"parity check failed, no bundle written: {e}") from e
     click.echo("")
     for line in format_summary(m, out):
         click.echo(line)

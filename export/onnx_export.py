@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from hishrst_runtime.bundle.io_names import ENCODER_IO, HEAD_IO
 from hishrst_runtime.core.errors import HishrstError
+from hishrst_export.parity import PARITY_TOLERANCE as _PARITY
+from hishrst_export.parity import compare, passes
 
 if TYPE_CHECKING:
     from hishrst_train.encoders import EncoderModule
@@ -56,17 +58,9 @@ __all__ = [
 
 Precision = Literal["fp32", "fp16"]
 
-#: Parity thresholds against PyTorch fp32 on the CPU. ``scaled_max_abs`` is
-#: max |ONNX − PyTorch| / max(1, max |PyTorch|) (dimensionless); ``min_gene_pcc`` is the smallest
-#: per-output-column Pearson correlation (per gene for the head, per feature for the encoder).
-#: fp32 is float round-off only: measured scaled error ≈ 1e-6 (test model ≤ 8e-7, UNI ViT-L with random
-#: weights ≤ 1.2e-6), per-column PCC > 0.9999999. fp16 is the accuracy cost of half precision: measured
-#: ≤ 6e-3 scaled / PCC ≥ 0.9997 on the test model, ≤ 1.6e-3 / ≥ 0.9988 (4 tiles) on UNI ViT-L; the
-#: tolerance leaves ~3x headroom on the error.
-PARITY_TOLERANCE: dict[str, dict[str, float]] = {
-    "fp32": {"scaled_max_abs": 1e-4, "min_gene_pcc": 0.9999},
-    "fp16": {"scaled_max_abs": 2e-2, "min_gene_pcc": 0.995},
-}
+#: Parity thresholds against PyTorch fp32 on the CPU (the ``onnx`` rows of
+#: :data:`hishrst_export.parity.PARITY_TOLERANCE`; see there for the statistics and figures).
+PARITY_TOLERANCE: dict[str, dict[str, float]] = _PARITY["onnx"]
 #: Op types kept in fp32 by the fp16 conversion.
 FP32_OPS = ("LayerNormalization", "Softmax", "Erf", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Sin", "Cos", "Exp")
 #: Head nodes kept in fp32: the position encoding (µm × angular frequency needs fp32) and the
@@ -258,40 +252,21 @@ def export_head_onnx(model: HisHRST, out_path: str | Path, *, opset: int = 17, p
     return out_path
 
 
-def _compare(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
-    """Max abs error, scaled max abs error and per-column PCC of ``got`` vs ``want`` (last axis = column)."""
-    got64, want64 = got.astype(np.float64), want.astype(np.float64)
-    if got64.shape != want64.shape:
-        raise ParityError(f"ONNX output shape {got64.shape} differs from PyTorch's {want64.shape}")
-    err = float(np.abs(got64 - want64).max()) if got64.size else 0.0
-    scale = max(1.0, float(np.abs(want64).max()) if want64.size else 1.0)
-    flat_g = got64.reshape(-1, got64.shape[-1])
-    flat_w = want64.reshape(-1, want64.shape[-1])
-    gc, wc = flat_g - flat_g.mean(0), flat_w - flat_w.mean(0)
-    denom = np.sqrt((gc**2).sum(0) * (wc**2).sum(0))
-    ok = denom > 1e-12
-    pcc = (gc * wc).sum(0)[ok] / denom[ok]
-    return {
-        "max_abs": err,
-        "scaled_max_abs": err / scale,
-        "min_gene_pcc": float(pcc.min()) if pcc.size else 1.0,
-        "mean_gene_pcc": float(pcc.mean()) if pcc.size else 1.0,
-    }
-
-
-def _verdict(name: str, stats: dict[str, float], precision: Precision) -> dict[str, Any]:
+def _verdict(name: str, got: np.ndarray, want: np.ndarray, precision: Precision) -> dict[str, Any]:
+    """Compare ``got`` (ONNX Runtime) with ``want`` (PyTorch); the report, or :class:`ParityError`."""
+    try:
+        stats = compare(got, want)
+    except ValueError as e:
+        raise ParityError(f"{name}: ONNX {e} (PyTorch's); the export is broken — report it") from e
     tol = PARITY_TOLERANCE[precision]
-    # written so that NaN fails
-    passed = stats["scaled_max_abs"] <= tol["scaled_max_abs"] and stats["min_gene_pcc"] >= tol["min_gene_pcc"]
-    out = {**stats, "tolerance": dict(tol), "passed": bool(passed)}
-    if not passed:
+    if not passes(stats, tol):
         raise ParityError(
             f"{name}: ONNX Runtime disagrees with PyTorch beyond the {precision} tolerance "
             f"(scaled max abs {stats['scaled_max_abs']:.3g} vs ≤ {tol['scaled_max_abs']:g}, "
             f"min per-output PCC {stats['min_gene_pcc']:.6f} vs ≥ {tol['min_gene_pcc']:g}); the export is "
             "broken or the model is numerically unstable at this precision — try --precision fp32, or report it"
         )
-    return out
+    return {**stats, "tolerance": dict(tol), "passed": True}
 
 
 def _session(path: Path) -> Any:
@@ -316,14 +291,14 @@ def encoder_parity(encoder: EncoderModule, onnx_path: str | Path, *, tiles: dict
     for label, t in tiles.items():
         with torch.no_grad():
             want = encoder(torch.from_numpy(t)).numpy()
-        stats = []
+        name = f"{onnx_path} ({label} tiles)"
+        reports = []
         for bs in batch_sizes:
             got = np.concatenate([sess.run(None, {"tiles": t[i : i + bs]})[0] for i in range(0, len(t), bs)])
-            stats.append(_compare(got, want))
-        worst = max(stats, key=lambda s: s["scaled_max_abs"] if np.isfinite(s["scaled_max_abs"]) else np.inf)
-        worst["min_gene_pcc"] = min(s["min_gene_pcc"] for s in stats)
-        report[label] = _verdict(f"{onnx_path} ({label} tiles)", worst, precision)
-        report[label].update(n_tiles=len(t), batch_sizes=[int(b) for b in batch_sizes])
+            reports.append(_verdict(name, got, want, precision))
+        worst = max(reports, key=lambda s: s["scaled_max_abs"])
+        worst["min_gene_pcc"] = min(s["min_gene_pcc"] for s in reports)
+        report[label] = {**worst, "n_tiles": len(t), "batch_sizes": [int(b) for b in batch_sizes]}
     return report
 
 
@@ -337,6 +312,6 @@ def head_parity(model: HisHRST, onnx_path: str | Path, *, feeds: dict[str, dict[
             want = model.eval()(*(torch.from_numpy(f[k]) for k in HEAD_IO["inputs"])).numpy()
         got = sess.run(None, {k: f[k] for k in HEAD_IO["inputs"]})[0]
         valid = f["mask"] > 0
-        report[label] = _verdict(f"{onnx_path} ({label} inputs)", _compare(got[valid], want[valid]), precision)
+        report[label] = _verdict(f"{onnx_path} ({label} inputs)", got[valid], want[valid], precision)
         report[label].update(n_points=int(valid.sum()), shape=[int(s) for s in f["mask"].shape])
     return report

@@ -33,7 +33,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from hishrst_export.parity import PARITY_TOLERANCE as _PARITY
+from hishrst_export.parity import compare, passes
 from hishrst_runtime.core.errors import EnvironmentProblem, HishrstError
+from hishrst_runtime.core.files import atomic_write
 
 __all__ = [
     "PARITY_TOLERANCE",
@@ -50,12 +53,9 @@ log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16"]
 
-#: ``scaled_max_abs`` = max |TensorRT - ORT| / max(1, max |ORT|) per output; ``min_pcc`` = Pearson
-#: correlation of all compared values. fp32 engines use TF32 kernels by default, hence not 1e-5.
-PARITY_TOLERANCE: dict[str, dict[str, float]] = {
-    "fp32": {"scaled_max_abs": 2e-2, "min_pcc": 0.999},
-    "fp16": {"scaled_max_abs": 1e-1, "min_pcc": 0.99},
-}
+#: Engine-vs-ONNX Runtime thresholds (the ``tensorrt`` rows of
+#: :data:`hishrst_export.parity.PARITY_TOLERANCE`; see there for the statistics).
+PARITY_TOLERANCE: dict[str, dict[str, float]] = _PARITY["tensorrt"]
 
 
 class TensorRTUnavailable(EnvironmentProblem):
@@ -152,13 +152,6 @@ def onnx_has_fp16(onnx_path: str | Path) -> bool:
                 if a.name == "value" and a.t.data_type == TensorProto.FLOAT16:
                     return True
     return False
-
-
-def _write_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
 
 
 def build_engine(
@@ -270,37 +263,14 @@ def build_engine(
     if serialized is None:
         raise TensorRTBuildError(f"{onnx_path}: TensorRT failed to build the engine (see the TensorRT log above)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out, serialized)
+    atomic_write(out, lambda f: f.write(serialized))
     if timing_cache is not None:
-        _write_atomic(Path(timing_cache), config.get_timing_cache().serialize())
+        blob = config.get_timing_cache().serialize()
+        atomic_write(Path(timing_cache), lambda f: f.write(blob))
     return out
 
 
 # ----------------------------------------------------------------------------- parity
-
-
-def _compare(got: np.ndarray, want: np.ndarray, valid: np.ndarray | None) -> dict[str, float]:
-    g = got.astype(np.float64)
-    w = want.astype(np.float64)
-    if valid is not None:
-        g, w = g[valid], w[valid]
-    g, w = g.reshape(-1), w.reshape(-1)
-    finite = np.isfinite(w)
-    bad = int(np.count_nonzero(~np.isfinite(g[finite])))
-    g, w = g[finite], w[finite]
-    if g.size == 0:
-        return {"scaled_max_abs": 0.0, "max_abs": 0.0, "pcc": 1.0, "nonfinite": bad, "compared": 0}
-    g = np.where(np.isfinite(g), g, np.inf)
-    diff = np.abs(g - w)
-    max_abs = float(diff.max())
-    scaled = max_abs / max(1.0, float(np.abs(w).max()))
-    if bad:
-        pcc = 0.0
-    elif g.size > 1 and g.std() > 0 and w.std() > 0:
-        pcc = float(np.corrcoef(g, w)[0, 1])
-    else:  # constant output: correlation is undefined, scaled_max_abs decides
-        pcc = 1.0
-    return {"scaled_max_abs": scaled, "max_abs": max_abs, "pcc": pcc, "nonfinite": bad, "compared": int(g.size)}
 
 
 def engine_parity(
@@ -349,9 +319,9 @@ def engine_parity(
         valid = None
         if mask is not None and np.ndim(mask) <= w.ndim and w.shape[: np.ndim(mask)] == np.shape(mask):
             valid = np.asarray(mask) > 0
-        stats = _compare(g, w, valid)
+        stats = compare(g, w, valid=valid)
         outputs[name] = stats
-        if stats["nonfinite"] or stats["scaled_max_abs"] > tol["scaled_max_abs"] or stats["pcc"] < tol["min_pcc"]:
+        if not passes(stats, tol):
             failures.append(f"{name}: {stats}")
     report = {"reference": "ONNX Runtime (CPU)", "precision": prec, "tolerance": dict(tol),
               "outputs": outputs, "passed": not failures}

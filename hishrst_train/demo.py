@@ -62,12 +62,12 @@ def run_demo(out: Path, *, preset: str = "dlpfc", epochs: int = 30, seed: int = 
     t0 = step("run", "5/6 hishrst-run over the whole slide at 4× Visium density (50 µm hex grid)")
     res = run_slides([slide], bundle_dir=out / "bundle", out_dir=out / "predictions", provider="cpu",
                      overwrite=True, progress=progress)[0]
-    if res["status"] != "ok":
-        raise click.ClickException(f"hishrst-run failed on the demo slide: {res.get('reason')}")
+    if res.status != "ok":
+        raise click.ClickException(f"hishrst-run failed on the demo slide: {res.reason}")
     t["run"] = time.perf_counter() - t0
 
     t0 = step("plot", "6/6 plotting one gene, predicted (dense) vs measured")
-    png = _plot(out, gene_metrics=out / "run" / "per_gene_metrics.csv", adata=adata, dense=Path(res["output"]))
+    png = _plot(out, gene_metrics=out / "run" / "per_gene_metrics.csv", adata=adata, dense=Path(res.output))
     t["plot"] = time.perf_counter() - t0
 
     m = metrics["model"]
@@ -76,7 +76,7 @@ def run_demo(out: Path, *, preset: str = "dlpfc", epochs: int = 30, seed: int = 
         "ssim_mean": m.get("ssim_mean"), "ari_prediction": metrics.get("ari_prediction"),
         "baseline_mean_mse": metrics["baseline_mean"]["mse_mean"],
         "export_parity": {k: {l: v["scaled_max_abs"] for l, v in r.items()} for k, r in manifest["parity"].items() if isinstance(r, dict) and k in ("encoder", "head")},
-        "dense_points": res["points"], "run_tiles_per_s": res["tiles_per_s"], "fit_seconds_per_epoch": fit_summary["seconds_per_epoch"],
+        "dense_points": res.points, "run_tiles_per_s": res.tiles_per_s, "fit_seconds_per_epoch": fit_summary["seconds_per_epoch"],
         "seconds": {k: round(v, 1) for k, v in t.items()}, "png": str(png),
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

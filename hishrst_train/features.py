@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hishrst_runtime.core.files import atomic_write
 from hishrst_runtime.core.patches import (
     DEFAULT_PATCH_UM,
     PAD_VALUE,
@@ -45,7 +45,7 @@ from hishrst_runtime.core.patches import (
     cut_patches,
     patch_side_px,
 )
-from hishrst_train.encoders import encoder_fingerprint
+from hishrst_train.encoders.module import encoder_fingerprint
 
 __all__ = [
     "DEFAULT_PATCH_UM",
@@ -154,20 +154,6 @@ def _as_centers(centers_xy: Any) -> np.ndarray:
     return centers
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write ``path`` through a temporary file in the same folder and ``os.replace`` (atomic on POSIX)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_cache(npy: Path, sidecar: Path, key: str, n: int, dim: int) -> np.ndarray | None:
     if not (npy.is_file() and sidecar.is_file()):
         return None
@@ -185,9 +171,9 @@ def _read_cache(npy: Path, sidecar: Path, key: str, n: int, dim: int) -> np.ndar
 
 def _write_cache(npy: Path, sidecar: Path, key: str, desc: dict[str, Any], feats: np.ndarray, extra: dict[str, Any]) -> None:
     npy.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(npy, lambda f: np.save(f, feats, allow_pickle=False))
+    atomic_write(npy, lambda f: np.save(f, feats, allow_pickle=False), fsync=True)
     meta = {"key": key, "shape": list(feats.shape), "dtype": "float32", **extra, "inputs": desc}
-    _atomic_write(sidecar, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write(sidecar, json.dumps(meta, indent=1).encode(), fsync=True)
 
 
 def extract_features(

@@ -9,7 +9,6 @@ Checkpoints are ``model.safetensors`` (weights only) + ``config.json``; nothing 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -18,14 +17,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from hishrst_runtime.core.grouping import pad_groups, safe_index, scatter_groups
-from hishrst_runtime.core.jsonutil import json_default
+from hishrst_runtime.core.files import atomic_write
 from hishrst_train.model import HisHRST, HisHRSTConfig
+from hishrst_train.runconfig import RunConfig, RunConfigError
 
-__all__ = ["TrainConfig", "train_model", "predict", "save_checkpoint", "load_checkpoint", "seed_everything"]
+__all__ = ["TrainConfig", "train_model", "predict", "save_checkpoint", "load_checkpoint", "load_run", "seed_everything"]
 
 
 @dataclass
@@ -176,32 +177,42 @@ def predict(
     return out
 
 
-def save_checkpoint(run_dir: str | Path, model: HisHRST, config: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` (which embeds the model config) into ``run_dir``."""
+def save_checkpoint(run_dir: str | Path, model: HisHRST, config: RunConfig | dict[str, Any]) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (a :class:`RunConfig` embedding the model config) into
+    ``run_dir``, each atomically."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
-    cfg = {**config, "model": model.config.to_dict()}
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2, default=json_default) + "\n")
-    tmp.replace(run_dir / "config.json")
+    cfg = config.to_dict() if isinstance(config, RunConfig) else dict(config)
+    cfg["model"] = model.config.to_dict()
+    run_config = RunConfig.from_dict(cfg, source=str(run_dir / "config.json"))
+    weights = save({k: v.contiguous() for k, v in model.state_dict().items()})
+    atomic_write(run_dir / "model.safetensors", weights, fsync=True)
+    run_config.to_json(run_dir / "config.json")
     return run_dir
 
 
-def load_checkpoint(run_dir: str | Path) -> tuple[HisHRST, dict[str, Any]]:
-    """Load a run written by :func:`save_checkpoint` (weights via safetensors, never pickle)."""
+def load_run(run_dir: str | Path) -> tuple[HisHRST, RunConfig]:
+    """Load a run written by :func:`save_checkpoint` (weights via safetensors, never pickle); older
+    ``config.json`` layouts are upgraded. Errors (:class:`RunConfigError`, a ``ValueError``) name the file."""
     run_dir = Path(run_dir)
     cfg_path, w_path = run_dir / "config.json", run_dir / "model.safetensors"
     for path in (cfg_path, w_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; {run_dir} is not a finished `hishrst fit` run directory")
+            raise RunConfigError(f"{path}: missing; {run_dir} is not a finished `hishrst fit` run directory")
+    config = RunConfig.from_json(cfg_path)
+    model = HisHRST(HisHRSTConfig.from_dict(config.model))
     try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e}); re-run `hishrst fit`") from e
-    model = HisHRST(HisHRSTConfig.from_dict(config["model"]))
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError) as e:
+        raise RunConfigError(f"{w_path}: not a readable safetensors file ({e}); re-run `hishrst fit`") from e
     try:
-        model.load_state_dict(load_file(str(w_path)), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{w_path}: weights do not match {cfg_path} ({e}); re-run `hishrst fit`") from e
+        raise RunConfigError(f"{w_path}: weights do not match {cfg_path} ({' '.join(str(e).split())}); re-run `hishrst fit`") from e
     return model.eval(), config
+
+
+def load_checkpoint(run_dir: str | Path) -> tuple[HisHRST, dict[str, Any]]:
+    """:func:`load_run` with the config as a plain dict (the current ``config.json`` layout)."""
+    model, config = load_run(run_dir)
+    return model, config.to_dict()

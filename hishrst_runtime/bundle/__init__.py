@@ -1,1 +1,26 @@
-"""The model bundle contract: the versioned manifest, its typed view and validation. Depends on core."""
+"""The model bundle contract: the versioned manifest, its typed view and validation. Depends on core.
+
+* :mod:`.manifest` — schema, upgrades, path containment, hashes; :func:`load_bundle` → :class:`Bundle`.
+* :mod:`.spec` — :class:`BundleSpec` (frozen dataclasses, defaults in one place, the head's TensorRT profile).
+* :mod:`.contract` — the models' roles, tensor names and sizes against the manifest; unlisted external data.
+* :mod:`.onnx_graph` — an ONNX file's inputs, outputs and external data, read without ``onnx`` or the weights.
+* :mod:`.io_names` — the ONNX tensor names shared with export.
+"""
+
+from hishrst_runtime.bundle.contract import check_engine_io
+from hishrst_runtime.bundle.io_names import ENCODER_IO, HEAD_IO
+from hishrst_runtime.bundle.manifest import SCHEMA_VERSION, Bundle, load_bundle, write_manifest
+from hishrst_runtime.bundle.spec import BundleError, BundleSpec, build_spec
+
+__all__ = [
+    "ENCODER_IO",
+    "HEAD_IO",
+    "SCHEMA_VERSION",
+    "Bundle",
+    "BundleError",
+    "BundleSpec",
+    "build_spec",
+    "check_engine_io",
+    "load_bundle",
+    "write_manifest",
+]

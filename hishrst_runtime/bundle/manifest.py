@@ -28,13 +28,16 @@ external data as two parallel lists ``external_data`` / ``external_data_sha256``
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
-from hishrst_runtime.core.errors import InputError
+
+from hishrst_runtime.bundle.contract import check_onnx_file
+from hishrst_runtime.bundle.spec import BundleError, BundleSpec, build_spec
 from hishrst_runtime.core.files import sha256_file
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "SUPPORTED_SCHEMA_VERSIONS",
     "Bundle",
     "BundleError",
+    "BundleSpec",
     "load_bundle",
     "sha256_file",
     "upgrade_manifest",
@@ -61,10 +65,6 @@ _REQUIRED_NESTED = {
     "output": ("meaning",),
 }
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class BundleError(InputError):
-    """A model bundle is missing, malformed, tampered with or unsupported."""
 
 
 # ------------------------------------------------------------------------------------------ upgrades
@@ -128,36 +128,50 @@ def _own_version() -> str:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A validated bundle: its directory and the (upgraded) manifest.
+    """A validated bundle: its directory, the (upgraded) manifest and its typed view :attr:`spec`.
 
-    ``source_schema_version`` is the version found on disk before any in-memory upgrade.
+    ``source_schema_version`` is the version found on disk before any in-memory upgrade. Read the
+    contract through ``spec`` (defaults live there); ``manifest`` is the raw dict, kept for reports.
     """
 
     root: Path
     manifest: dict[str, Any] = field(repr=False)
     source_schema_version: int = SCHEMA_VERSION
 
+    @functools.cached_property
+    def spec(self) -> BundleSpec:
+        """The typed contract (built once; :func:`load_bundle` builds it while validating)."""
+        return build_spec(self.manifest, path=self.root / "manifest.json")
+
     @property
     def genes(self) -> list[str]:
-        return list(self.manifest["genes"])
+        """Gene names of the head's output columns, in order."""
+        return list(self.spec.genes)
 
     @property
     def encoder(self) -> dict[str, Any]:
+        """The raw ``encoder`` section (prefer ``spec.encoder``)."""
         return self.manifest["encoder"]
 
     @property
     def patch_um(self) -> float:
         """Patch side in µm."""
-        return float(self.manifest["patch"]["size_um"])
+        return self.spec.patch.size_um
 
     @property
     def train_mpp(self) -> float:
         """µm/pixel of the images the model was trained on (level-0 resolution of the training slide)."""
-        return float(self.manifest["patch"]["train_mpp"])
+        return self.spec.patch.train_mpp
 
     @property
     def max_group_size(self) -> int:
-        return int(self.manifest["grouping"]["max_size"])
+        """Most points in one neighbour group (the head's second dimension)."""
+        return self.spec.grouping.max_size
+
+    @property
+    def max_batch(self) -> int:
+        """Largest batch (tiles, or head groups) the bundle's TensorRT profiles cover."""
+        return self.spec.max_batch
 
     def file_entry(self, key: str) -> dict[str, Any] | None:
         return self.manifest["files"].get(key)
@@ -248,10 +262,13 @@ def _validate(root: Path, manifest: dict[str, Any], *, verify_hashes: bool) -> N
 def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
     """Load and validate a bundle directory.
 
-    Checks the schema name and version (upgrading older versions in memory), the required fields,
-    that every listed file (external data included) stays inside the bundle and exists, and
-    (``verify_hashes=True``) that each file's SHA-256 matches. Every failure raises
-    :class:`BundleError` naming the offending file and the fix.
+    Checks the schema name and version (upgrading older versions in memory), the required fields and
+    their values (:func:`~hishrst_runtime.bundle.spec.build_spec`), that every listed file (external
+    data included) stays inside the bundle and exists, (``verify_hashes=True``) that each file's
+    SHA-256 matches, and that ``encoder.onnx`` / ``head.onnx`` have their roles' tensors with the
+    manifest's sizes and reference no unlisted external data
+    (:func:`~hishrst_runtime.bundle.contract.check_onnx_file`). Every failure raises
+    :class:`BundleError` naming the offending file or field and the fix.
     """
     root = Path(root)
     mpath = root / "manifest.json"
@@ -268,7 +285,11 @@ def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
     source_version = manifest.get("schema_version")
     manifest = upgrade_manifest(manifest, path=mpath)
     _validate(root, manifest, verify_hashes=verify_hashes)
-    return Bundle(root=root, manifest=manifest, source_schema_version=cast(int, source_version))  # checked by the upgrade
+    bundle = Bundle(root=root, manifest=manifest, source_schema_version=cast(int, source_version))  # checked by the upgrade
+    for role in ("encoder", "head"):
+        check_onnx_file(bundle.spec, role, bundle.path(role), listed_external=bundle.external_data(role), root=root,
+                        where=f"{mpath}: files.{role}")
+    return bundle
 
 
 def write_manifest(root: str | Path, manifest: dict[str, Any]) -> Path:

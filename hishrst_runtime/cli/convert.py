@@ -17,7 +17,8 @@ __all__ = ["convert_cmd"]
 @click.argument("src", metavar="IN", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out", metavar="OUT.zarr", type=click.Path(path_type=Path))
 @click.option("--mpp", type=float, default=None,
-              help="Level-0 pixel size in µm/pixel; overrides the file's (needed when the file has none).")
+              help="Level-0 pixel size in µm/pixel; overrides the file's (needed when the file has none). "
+                   "0.05-50 accepted, other range via HISHRST_MPP_RANGE=LO,HI.")
 @click.option("--chunk", type=click.IntRange(64, 8192), default=DEFAULT_CHUNK, show_default=True,
               help="Chunk side in pixels.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT.zarr if it exists.")

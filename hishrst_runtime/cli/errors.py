@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import click
 
-from hishrst_runtime.core.errors import HishrstError
+from hishrst_runtime.core.errors import HishrstError, InputError
 
-__all__ = ["user_errors", "one_line"]
+__all__ = ["user_errors", "option_errors", "one_line"]
 
 
 def one_line(e: BaseException) -> str:
@@ -32,3 +32,12 @@ def user_errors(*also: type[BaseException]) -> Iterator[None]:
         raise
     except (HishrstError, *also) as e:
         raise click.ClickException(one_line(e)) from e
+
+
+@contextlib.contextmanager
+def option_errors() -> Iterator[None]:
+    """Turn :class:`InputError` from option validation into a one-line :class:`click.UsageError` (exit 2)."""
+    try:
+        yield
+    except InputError as e:
+        raise click.UsageError(one_line(e)) from e

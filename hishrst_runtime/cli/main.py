@@ -8,10 +8,13 @@ Subcommands live in their stage's package and are imported only when invoked, so
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import click
 
 from hishrst_runtime import __version__
+from hishrst_runtime.cli.errors import user_errors
+from hishrst_runtime.core.errors import EnvironmentProblem
 
 __all__ = ["main", "run_main"]
 
@@ -28,6 +31,21 @@ _SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def _import_command(name: str, module: str) -> Any:
+    """Import a subcommand's module; a missing or broken optional dependency is an
+    :class:`EnvironmentProblem` naming the extra to install."""
+    extra = "train" if module.startswith("hishrst_train") else "export" if module.startswith("hishrst_export") else None
+    hint = f' Install it with: pip install "hishrst[{extra}]"' if extra else ""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:  # an optional dependency (torch, onnx, ...) is not installed
+        missing = e.name or str(e)
+        raise EnvironmentProblem(f"`hishrst {name}` needs {missing!r}, which is not installed.{hint}") from e
+    except ImportError as e:  # installed but broken (e.g. a shared library that does not load)
+        raise EnvironmentProblem(f"`hishrst {name}` cannot import its dependencies ({e}); reinstall the "
+                                 f"package named in the message.{hint}") from e
+
+
 class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(_SUBCOMMANDS)
@@ -36,16 +54,8 @@ class _LazyGroup(click.Group):
         if name not in _SUBCOMMANDS:
             return None
         module, attr, _ = _SUBCOMMANDS[name]
-        extra = "train" if module.startswith("hishrst_train") else "export" if module.startswith("hishrst_export") else None
-        hint = f' Install it with: pip install "hishrst[{extra}]"' if extra else ""
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:  # an optional dependency (torch, onnx, ...) is not installed
-            missing = e.name or str(e)
-            raise click.ClickException(f"`hishrst {name}` needs {missing!r}, which is not installed.{hint}") from e
-        except ImportError as e:  # installed but broken (e.g. a shared library that does not load)
-            raise click.ClickException(f"`hishrst {name}` cannot import its dependencies ({e}); reinstall the "
-                                       f"package named in the message.{hint}") from e
+        with user_errors():
+            mod = _import_command(name, module)
         return getattr(mod, attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

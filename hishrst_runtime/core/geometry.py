@@ -15,7 +15,10 @@ from typing import Literal
 
 import numpy as np
 
+from hishrst_runtime.core.errors import InputError
+
 __all__ = [
+    "MAX_GRID_POINTS",
     "VISIUM_PITCH_UM",
     "VISIUM_SPOT_DIAMETER_UM",
     "visium_array_to_um",
@@ -30,6 +33,8 @@ __all__ = [
 VISIUM_PITCH_UM = 100.0
 VISIUM_SPOT_DIAMETER_UM = 55.0
 _ROW_STEP = np.sqrt(3.0) / 2.0  # vertical distance between rows, in pitches
+#: Default bound on the points of one :func:`query_grid` (50 million; 16 bytes each as float64 pairs).
+MAX_GRID_POINTS = 50_000_000
 
 
 def mpp_from_spot_diameter(spot_diameter_fullres: float, *, spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM) -> float:
@@ -117,6 +122,17 @@ def _min_dist(a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
     return out
 
 
+def _check_grid_size(width_um: float, height_um: float, pitch_um: float, dy: float, max_points: int) -> None:
+    """Raise :class:`InputError` when a grid over ``width_um × height_um`` would exceed ``max_points``."""
+    if not (np.isfinite(width_um) and np.isfinite(height_um)):
+        raise InputError(f"query grid box {width_um!r} × {height_um!r} µm is not finite; check the slide's pixel size")
+    n = (max(height_um, 0.0) / dy + 1.0) * (max(width_um, 0.0) / pitch_um + 1.0)
+    if n > max_points:
+        raise InputError(f"a query grid of pitch {pitch_um:g} µm over {width_um:.4g} × {height_um:.4g} µm would have "
+                         f"about {n:.3g} points, more than the limit of {max_points:,}; check the slide's pixel size "
+                         "(--mpp), use a larger --pitch, or pass explicit points")
+
+
 def query_grid(
     x0_um: float,
     y0_um: float,
@@ -125,17 +141,21 @@ def query_grid(
     *,
     pitch_um: float,
     kind: Literal["hex", "square"] = "hex",
+    max_points: int = MAX_GRID_POINTS,
 ) -> np.ndarray:
     """Points (x, y) in µm covering the box ``[x0, x1] × [y0, y1]`` at ``pitch_um`` spacing.
 
     ``hex`` rows are ``pitch * sqrt(3) / 2`` apart with every other row offset by half a pitch (Visium's
-    layout); ``square`` is a plain grid. Row-major order; returns ``[N, 2]`` float64.
+    layout); ``square`` is a plain grid. Row-major order; returns ``[N, 2]`` float64. The number of
+    points is checked before anything is allocated: more than ``max_points`` raises
+    :class:`~hishrst_runtime.core.errors.InputError` (usually a wrong pixel size or pitch).
     """
     if not np.isfinite(pitch_um) or pitch_um <= 0:
         raise ValueError(f"pitch must be a positive number of µm, got {pitch_um!r}")
     if kind not in ("hex", "square"):
         raise ValueError(f"grid kind must be 'hex' or 'square', got {kind!r}")
     dy = pitch_um * (_ROW_STEP if kind == "hex" else 1.0)
+    _check_grid_size(x1_um - x0_um, y1_um - y0_um, pitch_um, dy, max_points)
     ys = np.arange(y0_um, y1_um + 1e-9, dy)
     out = []
     for i, y in enumerate(ys):

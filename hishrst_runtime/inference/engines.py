@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hishrst_runtime.bundle.manifest import BundleError
 
-__all__ = ["default_engine_threads", "load_engines"]
+__all__ = ["Engines", "default_engine_threads", "load_engines", "noop_engines"]
+
+
+class Engines(NamedTuple):
+    """A bundle's loaded (encoder, head) backends and the provider that runs them (``auto`` resolved)."""
+
+    encoder: Any
+    head: Any
+    provider: str
 
 
 def default_engine_threads(workers: int) -> int:
@@ -20,49 +28,52 @@ def default_engine_threads(workers: int) -> int:
     return max(1, default_threads() - max(0, workers))
 
 
-def load_engines(bundle: Any, provider: str, *, cache_dir: Path | None, threads: int | None = None
-                 ) -> tuple[Any, Any, str]:
-    """The bundle's (encoder, head) backends for ``provider`` exactly as ``hishrst-run`` loads them, and
-    the provider chosen (``auto`` resolved). ``threads``: ONNX Runtime intra-op threads (default:
-    physical cores); ``cache_dir``: TensorRT engine cache; ``"noop"`` gives zero-returning stand-ins."""
-    from hishrst_runtime.backends import load_backend, resolve_provider
+def noop_engines(bundle: Any) -> Engines:
+    """Zero-returning stand-ins of the bundle's encoder and head (provider ``"noop"``): the pipeline's
+    ceiling for benchmarks, and fast engines for tests. Not a ``--provider`` choice."""
     from hishrst_runtime.backends.noop import NoopBackend
 
-    if provider == "noop":  # benchmarks: the pipeline's ceiling
-        d = int(bundle.encoder["feature_dim"])
-        g = len(bundle.genes)
-        enc = NoopBackend(lambda f: (len(f["tiles"]), d))
-        head = NoopBackend(lambda f: (*f["features"].shape[:2], g))
-        return enc, head, "noop"
+    d, g = bundle.spec.encoder.feature_dim, len(bundle.spec.genes)
+    enc = NoopBackend(lambda f: (len(f["tiles"]), d))
+    head = NoopBackend(lambda f: (*f["features"].shape[:2], g))
+    return Engines(enc, head, "noop")
+
+
+def _load_one(bundle: Any, key: str, chosen: str, *, cache_dir: Path | None, threads: int | None) -> Any:
+    """The backend of ``key`` (``encoder`` / ``head``) for the resolved provider ``chosen``."""
+    from hishrst_runtime.backends import load_backend
+
+    if chosen == "trt-native":
+        trt = bundle.file_entry(f"{key}_trt")
+        if trt is None:
+            raise BundleError(f"{bundle.root}: no TensorRT engine in the bundle; "
+                              "export with `hishrst export --tensorrt` or use --provider tensorrt")
+        return load_backend(bundle.path(f"{key}_trt"), provider="trt-native",
+                            expected={"gpu": trt.get("gpu"), "tensorrt_version": trt.get("tensorrt_version")})
+    if chosen == "tensorrt":
+        entry = bundle.file_entry(key) or {}
+        return load_backend(bundle.path(key), provider="tensorrt", cache_dir=cache_dir,
+                            max_batch=bundle.spec.max_batch,
+                            shapes=None if key == "encoder" else bundle.spec.head_profile(),
+                            model_sha256=entry.get("sha256"), fp16=entry.get("precision") == "fp16")
+    return load_backend(bundle.path(key), provider=chosen, cache_dir=cache_dir, threads=threads)  # type: ignore[arg-type]
+
+
+def load_engines(bundle: Any, provider: str, *, cache_dir: Path | None, threads: int | None = None) -> Engines:
+    """The bundle's (encoder, head) backends for ``provider`` exactly as ``hishrst-run`` loads them, and
+    the provider chosen (``auto`` resolved). ``threads``: ONNX Runtime intra-op threads (default:
+    physical cores); ``cache_dir``: TensorRT engine cache."""
+    from hishrst_runtime.backends import resolve_provider
+
     has_engine = bundle.file_entry("encoder_trt") is not None and bundle.file_entry("head_trt") is not None
     chosen = resolve_provider(provider, engine_available=has_engine)  # type: ignore[arg-type]
     engines: list[Any] = []
     try:
         for key in ("encoder", "head"):
-            trt = bundle.file_entry(f"{key}_trt")
-            if chosen == "trt-native":
-                if trt is None:
-                    raise BundleError(f"{bundle.root}: no TensorRT engine in the bundle; "
-                                               "export with `hishrst export --tensorrt` or use --provider tensorrt")
-                engines.append(load_backend(bundle.path(f"{key}_trt"), provider="trt-native",
-                                            expected={"gpu": trt.get("gpu"), "tensorrt_version": trt.get("tensorrt_version")}))
-            elif chosen == "tensorrt":
-                d = int(bundle.encoder["feature_dim"])
-                m, n = int(bundle.manifest.get("max_batch", 64)), bundle.max_group_size
-                shapes = None if key == "encoder" else {
-                    name: ((1, 1) + tail, (min(8, m), n) + tail, (m, n) + tail)
-                    for name, tail in (("features", (d,)), ("positions", (2,)), ("mask", ()))
-                }
-                entry = bundle.file_entry(key) or {}
-                engines.append(load_backend(bundle.path(key), provider="tensorrt", cache_dir=cache_dir, max_batch=m,
-                                            shapes=shapes, model_sha256=entry.get("sha256"),
-                                            fp16=entry.get("precision") == "fp16"))
-            else:
-                engines.append(load_backend(bundle.path(key), provider=chosen,  # type: ignore[arg-type]
-                                            cache_dir=cache_dir, threads=threads))
+            engines.append(_load_one(bundle, key, chosen, cache_dir=cache_dir, threads=threads))
     except BaseException:
         for eng in engines:
             with contextlib.suppress(Exception):
                 eng.close()
         raise
-    return engines[0], engines[1], chosen
+    return Engines(engines[0], engines[1], chosen)

@@ -1,16 +1,5 @@
-"""Sharding slides over jobs, and per-slide lock files, so many Slurm jobs can share one output folder.
+"""Per-slide lock files, so many jobs (Slurm arrays, several hosts) can share one output folder.
 
-Sharding
---------
-:func:`shard_items` sorts the items by a stable key (by default ``str(item)``, i.e. the path
-string) and deals them round-robin: shard ``i`` of ``n`` gets sorted items ``i, i + n, i + 2n, ...``.
-The ``n`` shards partition the list exactly (every item in exactly one shard, for any ``n``, also
-``n > len(items)``, when some shards are empty), and round-robin balances shards better than
-contiguous blocks when slide sizes drift with their names. :func:`parse_shard` reads ``"I/N"``
-(0-based ``I``); :func:`shard_from_env` reads a Slurm job array.
-
-Locks
------
 :class:`SlideLock` guards one output ``OUT.zarr`` with the lock file ``OUT.zarr.lock``, created
 atomically with ``os.open(O_CREAT | O_EXCL)`` (atomic on local filesystems and NFSv3+) and holding
 JSON ``{hostname, pid, started, token}``. A job that cannot take a slide's lock skips the slide. A
@@ -18,7 +7,9 @@ lock is *stale*, and is broken, when its process is gone: on the same host, when
 (or was reused by a process started after the lock); from another host, when the lock file was
 not refreshed (:meth:`SlideLock.refresh` touches it) for ``stale_after_s`` (default 24 h). Breaking
 is serialised by a second ``O_EXCL`` file (``OUT.zarr.lock.break``) and re-checks that the lock
-is still the same stale one, so two jobs never break each other's fresh locks.
+is still the same stale one, so two jobs never break each other's fresh locks. A lock file that
+cannot be created at all (read-only folder, permissions) raises :class:`LockUnavailableError`
+naming the path.
 """
 
 from __future__ import annotations
@@ -29,93 +20,16 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-from hishrst_runtime.core.errors import InputError, OutputStateError
 
-__all__ = [
-    "ShardSpecError",
-    "shard_items",
-    "parse_shard",
-    "shard_from_env",
-    "LockInfo",
-    "SlideLockedError",
-    "SlideLock",
-    "lock_path",
-]
+from hishrst_runtime.core.errors import OutputStateError
 
-T = TypeVar("T")
+__all__ = ["LockInfo", "SlideLockedError", "LockUnavailableError", "SlideLock", "lock_path"]
 
 DEFAULT_STALE_AFTER_S = 24 * 3600.0
 _UNREADABLE_GRACE_S = 60.0  # a lock file still being written (empty/partial JSON) counts as held this long
 _BREAK_TIMEOUT_S = 60.0  # a breaker file older than this was left by a killed process
-
-
-class ShardSpecError(InputError):
-    """A shard specification (``--shard I/N`` or Slurm array variables) is malformed or inconsistent."""
-
-
-def shard_items(items: Sequence[T], *, index: int, count: int, key: Callable[[T], Any] = str) -> list[T]:
-    """Shard ``index`` (0-based) of ``count``: sorted by ``key`` (default ``str``), then every
-    ``count``-th item starting at ``index``. Over all indices the shards partition ``items`` exactly."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ShardSpecError(f"shard count must be an integer >= 1, got {count!r}")
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
-        raise ShardSpecError(f"shard index must be an integer in [0, {count}), got {index!r}")
-    return sorted(items, key=key)[index::count]
-
-
-def parse_shard(spec: str) -> tuple[int, int]:
-    """Parse ``"I/N"`` (shard ``I`` of ``N``, 0-based, ``0 <= I < N``) into ``(I, N)``."""
-    parts = str(spec).strip().split("/")
-    if len(parts) != 2:
-        raise ShardSpecError(f"shard {spec!r}: expected 'I/N' such as '0/4' (0-based index I of N shards)")
-    try:
-        index, count = int(parts[0]), int(parts[1])
-    except ValueError as e:
-        raise ShardSpecError(f"shard {spec!r}: I and N must be integers, as in '0/4'") from e
-    if count < 1:
-        raise ShardSpecError(f"shard {spec!r}: N must be >= 1")
-    if not 0 <= index < count:
-        raise ShardSpecError(f"shard {spec!r}: I must be in 0..{count - 1} (0-based); "
-                             f"for the last of {count} shards write '{count - 1}/{count}'")
-    return index, count
-
-
-def shard_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
-    """``(index, count)`` from a Slurm job array, or ``None`` outside one.
-
-    ``index = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) // SLURM_ARRAY_TASK_STEP`` (MIN defaults to
-    0, STEP to 1), so ``--array=1-8`` and ``--array=0-14:2`` both give indices ``0..count-1``;
-    ``count = SLURM_ARRAY_TASK_COUNT``. Arrays with irregular ids (``--array=1,5,9``) cannot be mapped
-    to shards: use ``--shard I/N`` there.
-    """
-    env = os.environ if environ is None else environ
-    task_id, task_count = env.get("SLURM_ARRAY_TASK_ID"), env.get("SLURM_ARRAY_TASK_COUNT")
-    if task_id is None and task_count is None:
-        return None
-    if task_id is None or task_count is None:
-        have, miss = "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"
-        if task_id is None:
-            have, miss = miss, have
-        raise ShardSpecError(f"{have} is set but {miss} is not; run inside a Slurm job array or pass --shard I/N")
-    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP")
-    raw = (task_id, task_count, env.get("SLURM_ARRAY_TASK_MIN", "0"), env.get("SLURM_ARRAY_TASK_STEP", "1"))
-    try:
-        tid, count, tmin, step = (int(str(v).strip()) for v in raw)
-    except ValueError as e:
-        shown = ", ".join(f"{n}={v!r}" for n, v in zip(names, raw, strict=True))
-        raise ShardSpecError(f"Slurm array variables must be integers ({shown})") from e
-    if count < 1 or step < 1:
-        raise ShardSpecError(f"SLURM_ARRAY_TASK_COUNT={count} and SLURM_ARRAY_TASK_STEP={step} must be >= 1")
-    offset = tid - tmin
-    if offset < 0 or offset % step or not 0 <= offset // step < count:
-        raise ShardSpecError(
-            f"Slurm array task {tid} does not map to a shard of {count} (SLURM_ARRAY_TASK_MIN={tmin}, "
-            f"STEP={step}): the array ids must be MIN, MIN+STEP, ... ; use --shard I/N for irregular arrays")
-    return offset // step, count
 
 
 def lock_path(out_path: str | os.PathLike[str]) -> Path:
@@ -142,6 +56,10 @@ class LockInfo:
 
 class SlideLockedError(OutputStateError):
     """The slide's lock is held by another live job."""
+
+
+class LockUnavailableError(OutputStateError, PermissionError):
+    """The lock file cannot be created (read-only or not-writable folder, permissions, disk full)."""
 
 
 def _pid_alive(pid: int, started: float) -> bool:
@@ -228,11 +146,10 @@ class SlideLock:
         if self.held:
             return True
         deadline = time.monotonic() + (self.timeout if timeout is None else float(timeout))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             token = uuid.uuid4().hex
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = self._create()
             except FileExistsError:
                 info, raw, mtime = self._read()
                 if raw is None or (self.is_stale(info, mtime=mtime) and self._break(raw)):
@@ -245,10 +162,27 @@ class SlideLock:
             try:
                 os.write(fd, json.dumps(body).encode("utf-8"))
                 os.fsync(fd)
+            except OSError as e:  # disk full, quota: leave no half-written lock behind
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                raise LockUnavailableError(f"{self.path}: cannot write the lock file ({e.strerror or e}); "
+                                           "free space in the output folder or choose another --out") from e
             finally:
                 os.close(fd)
             self._token = token
             return True
+
+    def _create(self) -> int:
+        """``O_EXCL``-create the lock file; raises FileExistsError when it exists, or
+        :class:`LockUnavailableError` naming the path when it cannot be created at all."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise
+        except OSError as e:
+            raise LockUnavailableError(f"{self.path}: cannot create the lock file ({e.strerror or e}); make "
+                                       "the output folder writable or choose another --out") from e
 
     def _break(self, stale_raw: bytes) -> bool:
         """Remove the lock file if it still holds ``stale_raw``, serialised with other breakers.

@@ -7,7 +7,9 @@ Per slide ``S.ome.zarr`` (or ``S.zarr``) the output is ``OUT/S.zarr``, an AnnDat
 crash-safely by :class:`hishrst_runtime.output.OutputStore` (built in ``OUT/S.zarr.partial`` and renamed
 when complete), guarded by the lock file ``OUT/S.zarr.lock`` so several jobs can share ``OUT``.
 A complete output is skipped unless ``--overwrite``; an incomplete one is finished by ``--resume``.
-One slide's failure is reported and the others go on; the exit status is 1 when any slide failed.
+Outputs never resolve to, inside or above an input slide or the bundle (refused before anything is
+written). One slide's failure (including a lock file that cannot be created, or a URL slide) is
+reported in its :class:`SlideResult` and the others go on.
 """
 
 from __future__ import annotations
@@ -16,308 +18,227 @@ import contextlib
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hishrst_runtime.bundle.manifest import Bundle, BundleError, load_bundle
 from hishrst_runtime.core.errors import OutputStateError
-from hishrst_runtime.core.files import remove_tree
-from hishrst_runtime.inference.engines import default_engine_threads, load_engines
+from hishrst_runtime.inference.engines import Engines, default_engine_threads, load_engines
+from hishrst_runtime.inference.pipeline import PreparedSlide, prepare_slide
+from hishrst_runtime.jobs.locks import SlideLock
+from hishrst_runtime.jobs.options import DEFAULT_WORKERS, RunOptions
+from hishrst_runtime.jobs.paths import (
+    SlideArg,
+    check_output_location,
+    foreign_output,
+    output_collisions,
+    remote_problem,
+    slide_output_path,
+)
+from hishrst_runtime.jobs.results import SlideResult
+from hishrst_runtime.jobs.slide_run import SlideContext, run_prepared
+from hishrst_runtime.output.store import OutputStore, write_h5ad
 
-__all__ = ["run_slides", "slide_output_path", "output_collisions", "DEFAULT_WORKERS"]
-
-#: Reader threads (fetch, decode, cut) by default.
-DEFAULT_WORKERS = 2
-#: Output X chunks hold at most this many rows (and at most ~4 MiB): progress is durable per chunk.
-MAX_CHUNK_ROWS = 1024
-#: Bound of the output store's row buffers (bytes).
-OUTPUT_BUFFER_BYTES = 64 << 20
-#: Seconds between refreshes of a held slide lock (its heartbeat for jobs on other hosts).
-LOCK_REFRESH_S = 60.0
-
-
-def slide_output_path(slide: Path, out_dir: Path) -> Path:
-    """``OUT_DIR/<slide name without .zarr / .ome.zarr>.zarr``."""
-    name = Path(slide).name.rstrip("/")
-    for suffix in (".ome.zarr", ".zarr"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            name = name[: -len(suffix)]
-            break
-    return out_dir / f"{name}.zarr"
+__all__ = ["run_slides", "slide_output_path", "output_collisions", "DEFAULT_WORKERS", "RunOptions", "SlideResult"]
 
 
-def output_collisions(slides: list[Path], out_dir: Path) -> dict[Path, list[Path]]:
-    """Outputs that more than one of ``slides`` would write (``{output: [slides]}``; empty when none)."""
-    by_out: dict[Path, list[Path]] = {}
-    for s in slides:
-        by_out.setdefault(slide_output_path(s, out_dir), []).append(s)
-    return {o: s for o, s in by_out.items() if len({str(Path(p).resolve()) for p in s}) > 1}
+def _load_run_bundle(bundle_dir: Path) -> Bundle:
+    bundle = load_bundle(bundle_dir)
+    if bundle.spec.position.mode != "continuous":
+        raise BundleError(f"{bundle_dir / 'manifest.json'}: the bundle encodes grid (array) positions, which only "
+                          "exist on Visium slides; re-train with --position-mode continuous to run on whole slides")
+    return bundle
+
+
+def _make_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise OutputStateError(f"{out_dir}: exists and is not a directory; choose another --out") from e
+    except OSError as e:
+        raise OutputStateError(f"{out_dir}: cannot create the output folder ({e.strerror or e}); "
+                               "check its permissions or choose another --out") from e
+
+
+def _context(bundle: Bundle, engines: Engines, options: RunOptions, echo: Callable[[str], Any]) -> SlideContext:
+    """Say which engine runs, and cap the encoder batch at a TensorRT profile's ``max_batch``."""
+    threads = options.engine_threads or default_engine_threads(options.workers)
+    echo(f"engine: {engines.provider}" + (" (auto-selected)" if options.provider == "auto" else "")
+         + (f", {threads} intra-op thread(s)" if engines.provider == "cpu" else "")
+         + f", {options.workers} reader thread(s)")
+    batch_size, max_batch = options.batch_size, bundle.spec.max_batch
+    if engines.provider in ("tensorrt", "trt-native") and batch_size > max_batch:
+        echo(f"batch size {batch_size} > the TensorRT profile's {max_batch}; using {max_batch}")
+        batch_size = max_batch
+    return SlideContext(bundle=bundle, engines=engines, options=options, batch_size=batch_size)
 
 
 def run_slides(
-    slides: list[Path],
+    slides: Sequence[SlideArg],
     *,
     bundle_dir: Path,
     out_dir: Path,
-    pitch_um: float | None = None,
-    grid: str = "hex",
-    provider: str = "auto",
-    batch_size: int = 64,
-    workers: int = DEFAULT_WORKERS,
-    mpp: float | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    h5ad: bool = False,
-    min_tissue: float = 0.25,
+    options: RunOptions | None = None,
     points_px: dict[str, np.ndarray] | None = None,
-    cache_dir: Path | None = None,
-    engine_threads: int | None = None,
-    cache_bytes: int | None = None,
-    progress: bool = True,
+    engines: Engines | None = None,
     echo: Callable[[str], Any] = print,
-) -> list[dict[str, Any]]:
-    """Run the pipeline over ``slides``; returns one result dict per slide (status ok/skipped/failed).
+    **settings: Any,
+) -> list[SlideResult]:
+    """Run the pipeline over ``slides``; returns one :class:`SlideResult` per slide, in order.
 
-    ``pitch_um``: query-grid pitch in µm (default 50, 4× Visium density); ``mpp``: µm per level-0
-    pixel, overriding or supplying the stores'; ``min_tissue``: least tissue fraction under a grid
-    point's patch; ``points_px``: ``{str(slide): [N, 2] level-0 pixel (x, y)}`` explicit points
-    instead of the grid (all kept, in order); ``cache_bytes``: decoded-chunk cache bound per slide.
-    Bundle and engine problems raise (:class:`~hishrst_runtime.bundle.manifest.BundleError`,
-    :class:`~hishrst_runtime.backends.BackendError`) before anything is written; a slide's own
-    problem is reported in its result (``status="failed"``, ``reason``) and the others go on.
+    ``options`` (or the same fields as keyword ``settings``, e.g. ``pitch_um=40, provider="cpu"``):
+    see :class:`RunOptions`. ``points_px``: ``{str(slide): [N, 2] level-0 pixel (x, y)}`` explicit
+    points instead of the grid (all kept, in order). ``engines``: already loaded engines to use instead
+    of loading the bundle's for ``options.provider`` (e.g. :func:`~hishrst_runtime.inference.engines.noop_engines`).
+    Bad options, bundle and engine problems, and outputs that would touch an input raise before
+    anything is written; a slide's own problem is reported in its result (``status="failed"``,
+    ``reason``) and the others go on.
     """
-    from tqdm.auto import tqdm
-
-    from hishrst_runtime.jobs.locks import SlideLock
-    from hishrst_runtime.bundle.manifest import BundleError, load_bundle
-    from hishrst_runtime.output.store import OutputStore, write_h5ad
-    from hishrst_runtime.inference.pipeline import DEFAULT_PITCH_UM, prepare_slide
-    from hishrst_runtime.slides.cache import DEFAULT_CACHE_BYTES
-
-    pitch = float(pitch_um or DEFAULT_PITCH_UM)
-    if batch_size < 1 or workers < 0:
-        raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
-    if engine_threads is not None and engine_threads < 1:
-        raise ValueError(f"engine_threads must be >= 1, got {engine_threads}")
-    if not (np.isfinite(pitch) and pitch > 0) or not 0.0 <= min_tissue <= 1.0:
-        raise ValueError(f"pitch_um must be > 0 µm and min_tissue in [0, 1], got {pitch} and {min_tissue}")
-    bundle = load_bundle(bundle_dir)
-    if bundle.manifest["position"]["mode"] != "continuous":
-        raise BundleError(f"{bundle_dir / 'manifest.json'}: the bundle encodes grid (array) positions, which only "
-                          "exist on Visium slides; re-train with --position-mode continuous to run on whole slides")
-    threads = engine_threads or default_engine_threads(workers)
-    encoder, head, chosen = load_engines(bundle, provider, cache_dir=cache_dir, threads=threads)
+    opts = RunOptions.from_settings(options, settings)
+    bundle = _load_run_bundle(Path(bundle_dir))
+    check_output_location(slides, Path(out_dir), Path(bundle_dir))
+    if engines is None:
+        threads = opts.engine_threads or default_engine_threads(opts.workers)
+        engines = load_engines(bundle, opts.provider, cache_dir=opts.cache_dir, threads=threads)
     try:
-        echo(f"engine: {chosen}" + (" (auto-selected)" if provider == "auto" else "")
-             + (f", {threads} intra-op thread(s)" if chosen == "cpu" else "") + f", {workers} reader thread(s)")
-        max_batch = int(bundle.manifest.get("max_batch", 64))
-        if chosen in ("tensorrt", "trt-native") and batch_size > max_batch:
-            echo(f"batch size {batch_size} > the TensorRT profile's {max_batch}; using {max_batch}")
-            batch_size = max_batch
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError) as e:
-            raise OutputStateError(f"{out_dir}: exists and is not a directory; choose another --out") from e
-        ctx = _Context(bundle=bundle, encoder=encoder, head=head, provider=chosen, pitch=pitch, resume=resume,
-                       overwrite=overwrite, batch_size=batch_size, workers=workers, progress=progress,
-                       cache_bytes=int(cache_bytes or DEFAULT_CACHE_BYTES))
-
-        def prepare(path: Path) -> Any:
-            pts = (points_px or {}).get(str(path))
-            return prepare_slide(path, bundle, mpp=mpp, pitch_um=pitch, grid=grid,  # type: ignore[arg-type]
-                                 min_tissue=min_tissue, points_px=pts)
-
-        outs = [slide_output_path(p, out_dir) for p in slides]
-        collided = {o for o in output_collisions(slides, out_dir)}
-        results: list[dict[str, Any]] = []
-        overall = tqdm(total=len(slides), desc="slides", unit="slide", disable=not progress, position=0)
-        prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hishrst-prefetch")
-        futures: dict[int, Future] = {}
-
-        def drop(i: int) -> None:
-            """Forget slide i's prefetch; close its slide once (and if) it is ready."""
-            fut = futures.pop(i, None)
-            if fut is not None and not fut.cancel():
-                fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().close())
-
-        def skip_complete(i: int, res: dict[str, Any]) -> None:
-            drop(i)
-            res.update(status="skipped", reason="already complete (use --overwrite to recompute)")
-            h5 = outs[i].with_suffix(".h5ad")
-            if h5ad and not h5.exists():
-                try:
-                    write_h5ad(outs[i], h5)
-                except (OSError, ValueError, RuntimeError) as e:
-                    res["reason"] += f"; writing {h5} failed ({type(e).__name__}: {e})"
-
-        def prefetch_after(i: int) -> None:
-            """Prepare (in the background) the next slide after i that will need work."""
-            for j in range(i + 1, len(slides)):
-                if outs[j] in collided:
-                    continue
-                if overwrite or OutputStore.status(outs[j]) != "complete":
-                    if j not in futures:
-                        futures[j] = prefetch.submit(prepare, slides[j])
-                    return
-
-        try:
-            for i, path in enumerate(slides):
-                out = outs[i]
-                res: dict[str, Any] = {"slide": str(path), "output": str(out)}
-                results.append(res)
-                lock = SlideLock(out)
-                if out in collided:
-                    others = ", ".join(str(s) for s in slides if slide_output_path(s, out_dir) == out)
-                    res.update(status="failed", reason=f"{out}: several slides would write this output ({others}); "
-                               "rename the slides or run them with different --out")
-                elif not overwrite and OutputStore.status(out) == "complete":
-                    skip_complete(i, res)
-                elif not lock.acquire():
-                    drop(i)
-                    info = lock.holder()
-                    who = info.describe() if info is not None else "another job"
-                    res.update(status="skipped", reason=f"locked by {who} ({lock.path}); it is being processed "
-                               "elsewhere (delete the lock file if that job is gone)")
-                elif not overwrite and OutputStore.status(out) == "complete":  # finished by another job meanwhile
-                    lock.release()
-                    skip_complete(i, res)
-                else:
-                    t0 = time.perf_counter()
-                    prep = None
-                    try:
-                        fut = futures.pop(i, None) or prefetch.submit(prepare, path)
-                        try:
-                            prep = fut.result()
-                        finally:
-                            prefetch_after(i)  # the next slide is prepared while this one runs
-                        res.update(_run_one(prep, out, ctx, lock))
-                        if h5ad:
-                            write_h5ad(out, out.with_suffix(".h5ad"))
-                        res["status"] = "ok"
-                    except (KeyboardInterrupt, SystemExit):
-                        raise
-                    except Exception as e:  # noqa: BLE001 - one slide's failure must not stop the others
-                        res.update(status="failed", reason=f"{type(e).__name__}: {e}")
-                        if os.environ.get("HISHRST_DEBUG"):
-                            traceback.print_exc()
-                    finally:
-                        res["seconds"] = round(time.perf_counter() - t0, 2)
-                        if prep is not None:
-                            prep.close()
-                        lock.release()
-                overall.update(1)
-        finally:
-            overall.close()
-            for j in list(futures):
-                drop(j)
-            prefetch.shutdown(wait=True, cancel_futures=True)
+        ctx = _context(bundle, engines, opts, echo)
+        _make_out_dir(Path(out_dir))
+        with _Runner(list(slides), Path(out_dir), ctx, points_px or {}) as runner:
+            return runner.run_all()
     finally:
-        for eng in (encoder, head):
+        for eng in (engines.encoder, engines.head):
             with contextlib.suppress(Exception):
                 eng.close()
-    return results
 
 
-@dataclass(frozen=True)
-class _Context:
-    """What every slide of one run shares: bundle, engines and options (see :func:`run_slides`)."""
+class _Runner:
+    """The slide loop of one run: skip / lock / prepare (the next slide in the background) / predict."""
 
-    bundle: Any
-    encoder: Any
-    head: Any
-    provider: str
-    pitch: float
-    resume: bool
-    overwrite: bool
-    batch_size: int
-    workers: int
-    progress: bool
-    cache_bytes: int
+    def __init__(self, slides: list[SlideArg], out_dir: Path, ctx: SlideContext,
+                 points_px: dict[str, np.ndarray]) -> None:
+        self.slides, self.ctx, self.points_px = slides, ctx, points_px
+        self.opts = ctx.options
+        self.outs = [None if remote_problem(s) else slide_output_path(s, out_dir) for s in slides]
+        self.collided = set(output_collisions(slides, out_dir))
+        self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hishrst-prefetch")
+        self.futures: dict[int, Future] = {}
 
+    def __enter__(self) -> _Runner:
+        return self
 
-def _library_id(path: Path) -> str:
-    return slide_output_path(path, Path(".")).name[: -len(".zarr")].replace("/", "_") or "slide"
+    def __exit__(self, *exc: object) -> None:
+        for j in list(self.futures):
+            self._drop(j)
+        self.prefetch.shutdown(wait=True, cancel_futures=True)
 
+    def run_all(self) -> list[SlideResult]:
+        from tqdm.auto import tqdm
 
-def _run_one(prep: Any, out: Path, ctx: _Context, lock: Any) -> dict[str, Any]:
-    """Predict one prepared slide into ``out``; returns the result fields (points, speed, stats)."""
-    from tqdm.auto import tqdm
+        results: list[SlideResult] = []
+        with tqdm(total=len(self.slides), desc="slides", unit="slide", disable=not self.opts.progress,
+                  position=0) as overall:
+            for i in range(len(self.slides)):
+                results.append(self._one(i))
+                overall.update(1)
+        return results
 
-    from hishrst_runtime import __version__
-    from hishrst_runtime.output.store import OutputStore, SpatialImages
-    from hishrst_runtime.core.timing import StageTimer
-    from hishrst_runtime.inference.pipeline import predict_slide
+    def _prepare(self, path: SlideArg) -> PreparedSlide:
+        o = self.opts
+        return prepare_slide(path, self.ctx.bundle, mpp=o.mpp, pitch_um=float(o.pitch_um or 0), grid=o.grid,
+                             min_tissue=o.min_tissue, points_px=self.points_px.get(str(path)),
+                             allow_missing_chunks=o.allow_missing_chunks)
 
-    bundle, slide = ctx.bundle, prep.slide
-    n = len(prep.points_px)
-    if n == 0:
-        raise ValueError(f"{prep.path}: no tissue found under the query grid (tissue detected on "
-                         f"{float(prep.tissue_mask.mean()):.1%} of the overview); lower --min-tissue, "
-                         "check the slide, or pass explicit points")
-    level = slide.levels[prep.level_index]
-    # Everything that determines the rows' values: compared on --resume.
-    identity = {
-        "bundle_hash": bundle.sha256, "mpp": float(slide.mpp0), "mpp_source": str(slide.mpp_source),
-        "level": int(prep.level_index), "level_mpp": float(level.mpp), "patch_um": bundle.patch_um,
-        "points": "grid" if prep.pitch_um is not None else "explicit", "pitch_um": prep.pitch_um, "grid": prep.grid,
-        "min_tissue": prep.min_tissue, "output_meaning": bundle.manifest["output"]["meaning"],
-        "tissue_mask": prep.tissue_mask.astype(np.uint8), "tissue_mask_scalef": float(prep.thumbnail_scale),
-    }
-    spatial = SpatialImages(
-        library_id=_library_id(prep.path), lowres=prep.thumbnail, lowres_scalef=prep.thumbnail_scale,
-        spot_diameter_fullres=(prep.pitch_um or bundle.patch_um) / float(slide.mpp0),
-    )
-    if ctx.resume and OutputStore.status(out) == "incomplete":
-        store = OutputStore.open_incomplete(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
-                                            genes=bundle.genes, expected_uns={"hishrst": identity},
-                                            max_buffer_bytes=OUTPUT_BUFFER_BYTES)
-        resumed = True
-    else:
-        rows = max(1, min(MAX_CHUNK_ROWS, n, (4 << 20) // (4 * len(bundle.genes))))
-        store = OutputStore.create(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
-                                   tissue_fraction=prep.tissue_fraction, genes=bundle.genes, uns={"hishrst": identity},
-                                   spatial=spatial, overwrite=ctx.overwrite, chunk_rows=rows,
-                                   max_buffer_bytes=OUTPUT_BUFFER_BYTES)
-        resumed = False
-    timer = StageTimer()
-    done = store.done_mask()
-    bar = tqdm(total=n, initial=int(done.sum()), desc=prep.path.name[:30], unit="pt", disable=not ctx.progress,
-               leave=False, position=1)
-    last_refresh = [time.monotonic()]
+    def _drop(self, i: int) -> None:
+        """Forget slide i's prefetch; close its slide once (and if) it is ready."""
+        fut = self.futures.pop(i, None)
+        if fut is not None and not fut.cancel():
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().close())
 
-    def advance(k: int) -> None:
-        bar.update(k)
-        if time.monotonic() - last_refresh[0] > LOCK_REFRESH_S:
-            lock.refresh()
-            last_refresh[0] = time.monotonic()
+    def _needs_work(self, j: int) -> bool:
+        out = self.outs[j]
+        return out is not None and out not in self.collided and (
+            self.opts.overwrite or OutputStore.status(out) != "complete")
 
-    try:
-        stats = predict_slide(prep, bundle, encoder=ctx.encoder, head=ctx.head, write=store.write_rows, done=done,
-                              batch_size=ctx.batch_size, workers=ctx.workers, cache_bytes=ctx.cache_bytes,
-                              progress=advance, timer=timer)
-        t0 = time.perf_counter()
-        store.flush()
-        timer.add("write", time.perf_counter() - t0)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            store.close()  # keep every finished row for --resume
-            if not resumed and not store.done_mask().any():  # nothing computed: leave no output at all
-                remove_tree(store.work_path)
-        raise
-    finally:
-        bar.close()
-    tiles_per_s = stats["points_computed"] / max(stats["seconds"], 1e-9)
-    timings = {k: round(v, 3) for k, v in timer.seconds.items()} | {"prepare": round(prep.seconds, 3),
-                                                                     "predict": round(stats["seconds"], 3)}
-    store.finalize({"hishrst_run": {
-        "slide": str(prep.path.resolve()), "bundle": str(Path(bundle.root).resolve()), "engine": ctx.provider,
-        "hishrst_version": __version__, "resumed": resumed, "points_computed": stats["points_computed"],
-        "patch_side_px": int(stats["patch_side_px"]), "tiles_per_s": round(tiles_per_s, 1), "timings": timings,
-    }})
-    return {"points": n, "computed": stats["points_computed"], "resumed": resumed,
-            "tiles_per_s": round(tiles_per_s, 1), "stats": stats}
+    def _prefetch_after(self, i: int) -> None:
+        """Prepare (in the background) the next slide after i that will need work."""
+        j = next((j for j in range(i + 1, len(self.slides)) if self._needs_work(j)), None)
+        if j is not None and j not in self.futures:
+            self.futures[j] = self.prefetch.submit(self._prepare, self.slides[j])
 
+    def _skip_complete(self, i: int, res: SlideResult) -> SlideResult:
+        self._drop(i)
+        res = res.with_(status="skipped", reason="already complete (use --overwrite to recompute)")
+        out = res.output
+        h5 = Path(str(out)).with_suffix(".h5ad")
+        if out is not None and self.opts.h5ad and not h5.exists():
+            try:
+                write_h5ad(out, h5)
+            except (OSError, ValueError, RuntimeError) as e:
+                res = res.with_(reason=f"{res.reason}; writing {h5} failed ({type(e).__name__}: {e})")
+        return res
+
+    def _refused(self, i: int, res: SlideResult, lock: SlideLock) -> SlideResult | None:
+        """The result of a slide that is not run (collision, complete, locked, lock impossible), else None;
+        when None is returned ``lock`` is held."""
+        out = self.outs[i]
+        foreign = foreign_output(out) if out is not None else None
+        if foreign is not None:
+            self._drop(i)
+            return res.with_(status="failed", reason=foreign)
+        if out in self.collided:
+            others = ", ".join(str(s) for s, o in zip(self.slides, self.outs) if o == out)
+            return res.with_(status="failed", reason=f"{out}: several slides would write this output ({others}); "
+                             "rename the slides or run them with different --out")
+        if not self.opts.overwrite and OutputStore.status(out) == "complete":
+            return self._skip_complete(i, res)
+        try:
+            held = lock.acquire()
+        except OutputStateError as e:  # the lock file cannot be created: this slide fails, the others go on
+            self._drop(i)
+            return res.with_(status="failed", reason=f"{type(e).__name__}: {e}")
+        if not held:
+            self._drop(i)
+            info = lock.holder()
+            who = info.describe() if info is not None else "another job"
+            return res.with_(status="skipped", reason=f"locked by {who} ({lock.path}); it is being processed "
+                             "elsewhere (delete the lock file if that job is gone)")
+        if not self.opts.overwrite and OutputStore.status(out) == "complete":  # finished by another job meanwhile
+            lock.release()
+            return self._skip_complete(i, res)
+        return None
+
+    def _one(self, i: int) -> SlideResult:
+        slide, out = self.slides[i], self.outs[i]
+        res = SlideResult(slide=str(slide), output=out, status="failed")
+        if out is None:  # a URL: never turned into a local path
+            return res.with_(reason=remote_problem(slide) or "")
+        lock = SlideLock(out)
+        refused = self._refused(i, res, lock)
+        return refused if refused is not None else self._run_locked(i, res, out, lock)
+
+    def _run_locked(self, i: int, res: SlideResult, out: Path, lock: SlideLock) -> SlideResult:
+        t0, prep = time.perf_counter(), None
+        try:
+            fut = self.futures.pop(i, None) or self.prefetch.submit(self._prepare, self.slides[i])
+            try:
+                prep = fut.result()
+            finally:
+                self._prefetch_after(i)  # the next slide is prepared while this one runs
+            res = run_prepared(prep, out, self.ctx, lock).with_(slide=res.slide)
+            if self.opts.h5ad:
+                write_h5ad(out, out.with_suffix(".h5ad"))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - one slide's failure must not stop the others
+            res = res.with_(status="failed", reason=f"{type(e).__name__}: {e}")
+            if os.environ.get("HISHRST_DEBUG"):
+                traceback.print_exc()
+        finally:
+            if prep is not None:
+                prep.close()
+            lock.release()
+        return res.with_(seconds=round(time.perf_counter() - t0, 2))

@@ -6,7 +6,7 @@ writer needs ~270 of them for one slide's obs/var/obsm/uns (~0.8 s) and each X c
 few thread hops. Here the same files are written with plain file I/O:
 
 * the ``.zgroup`` / ``.zarray`` / ``.zattrs`` JSON is what zarr 3.1 and AnnData write for these
-  elements (``tests/test_output.py`` checks it against :func:`anndata.io.write_elem`), with the same
+  elements (``tests/runtime/output/test_store.py`` checks it against :func:`anndata.io.write_elem`), with the same
   Blosc LZ4 compressor; each array is a single chunk (readers do not depend on the chunking);
 * ``.zmetadata`` is what :func:`zarr.consolidate_metadata` writes (also checked by the tests);
 * X chunks are encoded / decoded with the codec named in ``X/.zarray``, so stores from earlier

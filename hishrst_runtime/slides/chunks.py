@@ -1,15 +1,21 @@
 """Whole-chunk reads straight from a local zarr directory store: the slide reader's fast path (torch-free).
 
-zarr-python 3 routes every read through its asyncio event loop and codec pipeline, which costs
-about 2 ms per call on top of the decompression itself (~1 ms for a 512 × 512 RGB zstd chunk). The
-runtime reads slides one whole chunk at a time, so for the common, simple layout — an unsharded
-array in a local directory, uint8, C order, no filters, and at most one compressor that numcodecs
-implements (zstd, gzip, blosc) — :class:`DirectChunkReader` opens the chunk file and decompresses it
+zarr-python 3 routes every read through its asyncio event loop and codec pipeline, which costs more
+per call than the decompression itself (measurements: benchmarks/RESULTS.md). The runtime reads
+slides one whole chunk at a time, so for the common, simple layout — an unsharded array in a local
+directory, uint8, C order, no filters, and at most one compressor that numcodecs implements (zstd,
+gzip, blosc), optionally followed by a crc32c checksum — :class:`DirectChunkReader` opens the chunk
+file and decompresses it
 with numcodecs directly (which releases the GIL, so reader threads decode in parallel). Anything
 else (sharding, other codecs or filters, remote stores) returns ``None`` from
 :meth:`DirectChunkReader.for_array` and the caller keeps using zarr. The decoded bytes are exactly
 what zarr would return: a missing chunk file is the array's fill value, and a file that does not
 decode to the chunk's size raises :class:`ChunkDecodeError` instead of returning wrong pixels.
+
+Checksums: zstd frames written with a content checksum (``hishrst convert`` writes them) are verified
+by the zstd decoder, and a zarr v3 ``crc32c`` codec is verified before decompression; a mismatch is a
+:class:`ChunkDecodeError` naming the chunk file. Chunks written without a checksum (zarr's default) can
+only be checked for decoding to the right size.
 """
 
 from __future__ import annotations
@@ -19,36 +25,40 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from hishrst_runtime.core.errors import InputError
+
+from hishrst_runtime.slides.errors import ChunkDecodeError
 
 __all__ = ["ChunkDecodeError", "DirectChunkReader"]
 
 
-class ChunkDecodeError(InputError):
-    """A chunk file that cannot be decoded to the chunk's shape (a corrupt or foreign store)."""
+def _compressor_decoder(name: str) -> Callable[[bytes], bytes] | None:
+    import numcodecs
+
+    if name == "ZstdCodec":  # zstd verifies a frame's content checksum itself when the frame has one
+        return numcodecs.Zstd().decode
+    if name == "GzipCodec":
+        return numcodecs.GZip().decode
+    if name == "BloscCodec":
+        return numcodecs.Blosc().decode  # blosc frames describe themselves (codec, shuffle, typesize)
+    return None
 
 
 def _v3_decoder(codecs: Any) -> Callable[[bytes], bytes] | None:
-    """Decoder for a zarr v3 codec chain ``[bytes, (zstd | gzip | blosc)?]``; ``None`` if not that simple."""
+    """Decoder for a zarr v3 codec chain ``[bytes, (zstd | gzip | blosc)?, crc32c?]``; ``None`` if not that simple."""
     names = [type(c).__name__ for c in codecs]
     if not names or names[0] != "BytesCodec":
         return None
-    if len(names) == 1:
-        return bytes
-    if len(names) != 2:
+    checked = names[-1] == "Crc32cCodec"
+    names = names[:-1] if checked else names
+    if len(names) > 2:
         return None
+    decode = bytes if len(names) == 1 else _compressor_decoder(names[1])
+    if decode is None or not checked:
+        return decode
     import numcodecs
 
-    comp = codecs[1]
-    if names[1] == "ZstdCodec":
-        if getattr(comp, "checksum", False):  # numcodecs' Zstd decode does not verify zarr's checksum flag
-            return None
-        return numcodecs.Zstd().decode
-    if names[1] == "GzipCodec":
-        return numcodecs.GZip().decode
-    if names[1] == "BloscCodec":
-        return numcodecs.Blosc().decode  # blosc frames describe themselves (codec, shuffle, typesize)
-    return None
+    crc = numcodecs.CRC32C()  # verifies and strips the trailing 4-byte checksum, ValueError on mismatch
+    return lambda raw: decode(crc.decode(raw))
 
 
 def _v2_decoder(meta: Any) -> Callable[[bytes], bytes] | None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -12,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-
-
+from hishrst_runtime.slides.tiff import TiffError, TiffLevel, tiff_pixel_size
 from hishrst_train.data.errors import _error
 
 __all__ = ['FullresImage', 'image_mpp', 'open_fullres_image']
@@ -33,20 +30,21 @@ class FullresImage:
 
     ``img[y0:y1, x0:x1]`` reads only that region and returns an ``(h, w, 3)`` uint8 numpy array, so it
     works with :func:`hishrst_runtime.core.patches.cut_patch`. Greyscale is expanded to RGB, alpha dropped,
-    planar (``CYX``) layouts transposed, 16-bit scaled to 8-bit. Decoded TIFF tiles are kept in a
-    thread-safe LRU cache of ``cache_mb`` MiB, so neighbouring patches do not decode a tile twice.
+    16-bit scaled to 8-bit. ``source`` is an ``(H, W, C)`` array-like (a
+    :class:`hishrst_runtime.slides.tiff.TiffLevel`, which also untangles planar layouts, or a numpy
+    array); when it has ``chunks`` (tile rows, columns), decoded tiles are kept in a thread-safe LRU
+    cache of ``cache_mb`` MiB, so neighbouring patches do not decode a tile twice.
     """
 
-    def __init__(self, array: Any, *, axes: str, path: str, closer: Any = None, cache_mb: float = 256.0) -> None:
-        self._a, self._axes, self.path, self._closer = array, axes, path, closer
-        if "Y" not in axes or "X" not in axes:
-            raise _error(path, f"image axes {axes!r} have no Y/X plane", "convert the image to an RGB TIFF or PNG")
-        shp = dict(zip(axes, array.shape))
-        self.shape = (int(shp["Y"]), int(shp["X"]), 3)
+    def __init__(self, source: Any, *, path: str, closer: Any = None, cache_mb: float = 256.0) -> None:
+        self._a, self.path, self._closer = source, path, closer
+        if len(source.shape) != 3:
+            raise _error(path, f"image shape {source.shape} is not (H, W, C)", "convert the image to an RGB TIFF or PNG")
+        self.shape = (int(source.shape[0]), int(source.shape[1]), 3)
         self.dtype, self.ndim = np.dtype(np.uint8), 3
-        chunks = getattr(array, "chunks", None) if axes[:2] == "YX" else None
+        chunks = getattr(source, "chunks", None)
         self._chunks = (int(chunks[0]), int(chunks[1])) if chunks is not None else None
-        tile_bytes = int(np.prod(chunks)) * array.dtype.itemsize if chunks is not None else 1
+        tile_bytes = self._chunks[0] * self._chunks[1] * int(source.shape[2]) * source.dtype.itemsize if chunks else 1
         self._cache_max = max(4, int(cache_mb * 2**20) // max(tile_bytes, 1))
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
@@ -56,24 +54,24 @@ class FullresImage:
         ys, xs = (key + (slice(None), slice(None)))[:2]
         if not isinstance(ys, slice) or not isinstance(xs, slice) or len(key) > 2:
             raise TypeError("FullresImage supports slice indexing [y0:y1, x0:x1] only")
-        a = self._read(ys, xs)
-        other = [ax for ax in self._axes if ax not in "YX"]
-        a = a.transpose([self._axes.index("Y"), self._axes.index("X")] + [self._axes.index(ax) for ax in other])
-        a = _to_uint8(a.reshape(a.shape[0], a.shape[1], -1))
+        try:
+            a = _to_uint8(self._read(ys, xs))
+        except TiffError as e:
+            raise _error(self.path, e.reason, "check the file is a complete, valid TIFF (re-export it)") from e
         if a.shape[2] == 1:
             a = np.repeat(a, 3, axis=2)
         return np.ascontiguousarray(a[..., :3])
 
     def _read(self, ys: slice, xs: slice) -> np.ndarray:
-        """The region in the array's own axis order, assembled from cached tiles where possible."""
+        """The region ``(h, w, C)`` in the source's dtype, assembled from cached tiles where possible."""
         (y0, y1, sy), (x0, x1, sx) = ys.indices(self.shape[0]), xs.indices(self.shape[1])
         if self._chunks is None or sy != 1 or sx != 1 or y1 <= y0 or x1 <= x0:
-            return np.asarray(self._a[tuple(ys if ax == "Y" else xs if ax == "X" else slice(None) for ax in self._axes)])
+            return np.asarray(self._a[ys, xs])
         ch, cw = self._chunks
         tys, txs = range(y0 // ch, (y1 - 1) // ch + 1), range(x0 // cw, (x1 - 1) // cw + 1)
         if len(tys) * len(txs) > self._cache_max // 2:  # a big region: read it directly
             return np.asarray(self._a[y0:y1, x0:x1])
-        out = np.empty((y1 - y0, x1 - x0, *self._a.shape[2:]), self._a.dtype)
+        out = np.empty((y1 - y0, x1 - x0, self._a.shape[2]), self._a.dtype)
         for ty in tys:
             for tx in txs:
                 tile, oy, ox = self._tile(ty, tx), ty * ch, tx * cw
@@ -124,32 +122,21 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
 def open_fullres_image(path: str | Path, *, cache_mb: float = 256.0) -> FullresImage:
     """Open a full-resolution image lazily as an ``(H, W, 3)`` RGB uint8 array-like.
 
-    TIFF (incl. pyramidal, tiled, JPEG/zlib, SVS/OME) is read through tifffile's zarr store (level 0
-    only, tile by tile, ``cache_mb`` MiB of decoded tiles cached); PNG/JPEG are decoded with Pillow
-    into memory.
+    TIFF (incl. pyramidal, tiled, JPEG/zlib, SVS/OME) is read through the runtime's lazy TIFF level
+    view (:class:`hishrst_runtime.slides.tiff.TiffLevel`: level 0 only, tile by tile, ``cache_mb`` MiB
+    of decoded tiles cached); PNG/JPEG are decoded with Pillow into memory.
     """
     path = Path(path)
     if not path.is_file():
         raise _error(path, "the full-resolution image does not exist", "pass the path of the H&E image used by Space Ranger")
     if path.suffix.lower() in _TIFF_SUFFIXES or _is_tiff(path):
-        import tifffile
-        import zarr
-
         try:
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                axes = series.levels[0].axes if hasattr(series, "levels") else series.axes
-            store = tifffile.imread(path, aszarr=True, series=0, level=0)
-            arr: Any = zarr.open(store, mode="r")
-        except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError) as e:
-            raise _error(path, f"cannot read the TIFF image ({e})", "check the file is a complete, valid TIFF (re-export it)") from e
-        if hasattr(arr, "keys"):  # a group: pick level 0
-            arr = arr["0"]
-        axes = axes.replace("Q", "").replace("I", "") if len(axes) != len(arr.shape) else axes
-        if len(axes) != len(arr.shape):
-            raise _error(path, f"unexpected TIFF layout (axes {axes!r}, shape {arr.shape})", "convert to an RGB TIFF")
-        return FullresImage(arr, axes=axes, path=str(path), closer=store, cache_mb=cache_mb)
-    return FullresImage(_pil_read(path, decode=True), axes="YXS", path=str(path))
+            level = TiffLevel(path)
+        except TiffError as e:
+            raise _error(path, f"cannot read the TIFF image ({e.reason})",
+                         "check the file is a complete, valid TIFF (re-export it)") from e
+        return FullresImage(level, path=str(path), closer=level, cache_mb=cache_mb)
+    return FullresImage(_pil_read(path, decode=True), path=str(path))
 
 
 def _pil_read(path: Path, *, decode: bool) -> Any:
@@ -179,9 +166,11 @@ def _is_tiff(path: Path) -> bool:
 def image_mpp(path: str | Path) -> float | None:
     """Pixel size in µm/px recorded in an image file, or ``None`` when it records none.
 
-    Looks at, in order: an ImageDescription JSON ``{"mpp": ...}``, OME-XML ``PhysicalSizeX``, an
-    Aperio ``MPP = ...`` description, and the TIFF XResolution/ResolutionUnit tags (centimetre or
-    inch). Values outside 0.01–100 µm/px (e.g. a 72-dpi default) are ignored.
+    The runtime's one parser (:func:`hishrst_runtime.slides.tiff.tiff_pixel_size`): Aperio ``MPP``,
+    OME-XML ``PhysicalSizeX``, a JSON ImageDescription ``{"mpp": ...}``, then the TIFF
+    XResolution/ResolutionUnit tags (centimetre or inch; a missing unit records no pixel size).
+    Values outside the plausible range (:func:`hishrst_runtime.core.units.mpp_range`, e.g. a 72-dpi
+    default) are ignored. PNG / JPEG record none.
     """
     path = Path(path)
     if not (path.suffix.lower() in _TIFF_SUFFIXES or _is_tiff(path)):
@@ -190,40 +179,9 @@ def image_mpp(path: str | Path) -> float | None:
 
     try:
         with tifffile.TiffFile(path) as tif:
-            page: Any = tif.pages.first
-            desc = page.description or ""
-            ome = tif.ome_metadata if tif.is_ome else None
-            unit = int(page.tags["ResolutionUnit"].value) if "ResolutionUnit" in page.tags else 1
-            xres = page.tags["XResolution"].value if "XResolution" in page.tags else None
+            return tiff_pixel_size(tif)[0]
     except (tifffile.TiffFileError, OSError, ValueError) as e:
         raise _error(path, f"cannot read the TIFF image ({e})", "check the file is a complete, valid TIFF") from e
-    candidates: list[float] = []
-    try:
-        meta = json.loads(desc)
-        if isinstance(meta, dict):
-            for key in ("mpp", "mpp_x", "microns_per_pixel"):
-                if key in meta:
-                    candidates.append(float(meta[key]))
-    except (ValueError, TypeError):
-        pass
-    if ome:
-        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', ome)
-        u = re.search(r'PhysicalSizeXUnit="([^"]+)"', ome)
-        if m:
-            scale = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}.get(u.group(1) if u else "µm", 1.0)
-            candidates.append(float(m.group(1)) * scale)
-    m = re.search(r"\bMPP\s*=\s*([0-9.]+)", desc)
-    if m:
-        candidates.append(float(m.group(1)))
-    if xres is not None and unit in (2, 3):
-        num, den = (xres if isinstance(xres, tuple) else (xres, 1))
-        px_per_unit = float(num) / float(den) if den else 0.0
-        if px_per_unit > 0:
-            candidates.append((1e4 if unit == 3 else 25400.0) / px_per_unit)
-    for c in candidates:
-        if np.isfinite(c) and 0.01 <= c <= 100:
-            return float(c)
-    return None
 
 
 def _image_hw(path: Path) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from hishrst_export import onnx_export
 from hishrst_export.bundle import ExportError, export_bundle
 from hishrst_export.cli import export as export_cmd
 from hishrst_export.onnx_export import PARITY_TOLERANCE, ParityError
+from hishrst_export.parity import compare
 
 from hishrst_runtime.bundle.manifest import SCHEMA_VERSION, BundleError, load_bundle
 
@@ -43,7 +44,7 @@ def _session(path: Path) -> Any:
 
 
 def _check(got: np.ndarray, want: np.ndarray, precision: str = "fp32") -> dict[str, float]:
-    stats = onnx_export._compare(got, want)
+    stats = compare(got, want)
     tol = PARITY_TOLERANCE[precision]
     assert stats["scaled_max_abs"] <= tol["scaled_max_abs"], stats
     assert stats["min_gene_pcc"] >= tol["min_gene_pcc"], stats

@@ -14,12 +14,12 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from hishrst_export.tensorrt import (  # noqa: E402
     TensorRTUnavailable,
-    _compare,
     build_engine,
     engine_parity,
     onnx_has_fp16,
     tensorrt_info,
 )
+from hishrst_export.parity import compare  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 from tests.runtime.backends.test_backends import encoder_ref, head_feeds, head_ref, make_encoder_like, make_head_like  # noqa: E402
 
@@ -83,16 +83,16 @@ def test_onnx_has_fp16(encoder_onnx: Path, tmp_path: Path) -> None:
 
 def test_parity_comparison() -> None:
     w = np.arange(12, dtype=np.float32).reshape(3, 4)
-    same = _compare(w, w, None)
+    same = compare(w, w)
     assert same["scaled_max_abs"] == 0 and same["pcc"] == 1 and same["nonfinite"] == 0 and same["compared"] == 12
     g = w.copy()
     g[2] = 1e6  # garbage in a padded row is ignored when masked out
     valid = np.array([True, True, False])
-    assert _compare(g, w, valid)["scaled_max_abs"] == 0
-    assert _compare(g, w, None)["scaled_max_abs"] > 1
+    assert compare(g, w, valid=valid)["scaled_max_abs"] == 0
+    assert compare(g, w)["scaled_max_abs"] > 1
     g = w.copy()
     g[0, 0] = np.nan
-    bad = _compare(g, w, None)
+    bad = compare(g, w)
     assert bad["nonfinite"] == 1 and bad["pcc"] == 0
 
 

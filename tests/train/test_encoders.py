@@ -19,6 +19,7 @@ pytest.importorskip("timm")
 
 from safetensors.torch import save_file  # noqa: E402
 
+import hishrst_train.encoders.weights  # noqa: E402
 from hishrst_train import encoders as enc  # noqa: E402
 from hishrst_train.encoders import (  # noqa: E402
     ENCODERS,
@@ -229,7 +230,7 @@ def test_gated_access_denied_message(isolated_hub, monkeypatch):
         Exception.__init__(err, "401 Client Error: access to model MahmoodLab/UNI is restricted")
         raise err
 
-    monkeypatch.setattr(enc, "_hub_reachable", lambda timeout=3.0: (True, "huggingface.co:443"))
+    monkeypatch.setattr(enc.weights, "_hub_reachable", lambda timeout=3.0: (True, "huggingface.co:443"))
     monkeypatch.setattr("huggingface_hub.hf_hub_download", gated)
     with pytest.raises(WeightsError, match="access denied") as info:
         load_encoder("uni")

@@ -27,7 +27,7 @@ def runs(small_run, small_section, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("runs")
     with torch_threads(1):
-        pos = fit_run(small_section, out=root / "pos", epochs=SMALL_RUN_EPOCHS, progress=False,
+        fit_run(small_section, out=root / "pos", epochs=SMALL_RUN_EPOCHS, progress=False,
                       cache_dir=root / "cache", image_features=False)
     summary = json.loads((small_run / "config.json").read_text())["summary"]
     return small_run, summary, root / "pos"

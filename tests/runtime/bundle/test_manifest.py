@@ -1,4 +1,6 @@
-"""hishrst_runtime.bundle.manifest: validation errors, path containment, hashes and schema upgrades (torch-free)."""
+"""hishrst_runtime.bundle.manifest: validation errors, path containment, hashes and schema upgrades (torch-free).
+
+The bundles are the tiny ONNX bundle of ``tests/runtime/conftest.py`` (skipped without ``onnx``)."""
 
 from __future__ import annotations
 
@@ -15,37 +17,32 @@ from hishrst_runtime.bundle.manifest import (
     Bundle,
     BundleError,
     load_bundle,
-    sha256_file,
     upgrade_manifest,
-    write_manifest,
 )
+from tests.runtime.conftest import build_tiny_bundle, tiny_manifest
 
 
 def _base_manifest() -> dict[str, Any]:
-    return {
-        "hishrst_version": "0.1.0",
-        "encoder": {"name": "test-vit", "input_size": 64, "feature_dim": 64},
-        "patch": {"size_um": 64.0, "train_mpp": 0.6},
-        "position": {"mode": "continuous", "units": "um"},
-        "grouping": {"method": "kd-median-v1", "max_size": 50, "coords": "level0_px"},
-        "genes": ["A", "B"],
-        "output": {"name": "expression", "meaning": "log1p counts per 10k", "target_sum": 1e4},
-        "files": {},
-    }
+    return tiny_manifest(n_genes=2)
 
 
 def _fake_bundle(root: Path, *, external: bool = False) -> Path:
-    """A bundle with fake model bytes (the loader never parses them) and a valid manifest."""
-    root.mkdir(parents=True)
-    m = _base_manifest()
-    for key in ("encoder", "head"):
-        (root / f"{key}.onnx").write_bytes(f"fake {key} model".encode())
-        m["files"][key] = {"path": f"{key}.onnx", "sha256": sha256_file(root / f"{key}.onnx"), "precision": "fp32"}
-    if external:
-        (root / "encoder.onnx.data").write_bytes(b"\0" * 1000)
-        m["files"]["encoder"]["external_data"] = [{"path": "encoder.onnx.data", "sha256": sha256_file(root / "encoder.onnx.data")}]
-    write_manifest(root, m)
-    return root
+    """The tiny ONNX bundle (``tests/runtime/conftest.py``), its encoder weights optionally external."""
+    pytest.importorskip("onnx", reason="the test bundle is built with onnx.helper")
+    return build_tiny_bundle(root, external=external, n_genes=2)
+
+
+def _tamper(path: Path) -> None:
+    """Change a file's bytes while keeping it loadable (an ONNX model gets a doc string)."""
+    if path.suffix != ".onnx":
+        with open(path, "r+b") as f:
+            f.write(b"X")
+        return
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    model.doc_string = "tampered"
+    onnx.save(model, str(path))
 
 
 def _edit(root: Path, fn: Any) -> None:
@@ -64,7 +61,7 @@ def test_valid_bundle_loads(bundle_dir: Path) -> None:
     b = load_bundle(bundle_dir)
     assert isinstance(b, Bundle)
     assert b.manifest["schema_version"] == SCHEMA_VERSION == b.source_schema_version
-    assert b.genes == ["A", "B"] and b.patch_um == 64.0 and b.train_mpp == 0.6 and b.max_group_size == 50
+    assert b.genes == ["G0", "G1"] and b.patch_um == 32.0 and b.train_mpp == 0.5 and b.max_group_size == 8
     assert b.path("encoder") == (bundle_dir / "encoder.onnx").resolve()
     assert b.external_data("encoder") == [(bundle_dir / "encoder.onnx.data").resolve()]
     assert b.external_data("head") == []
@@ -75,8 +72,7 @@ def test_valid_bundle_loads(bundle_dir: Path) -> None:
 
 @pytest.mark.parametrize("name", ["encoder.onnx", "head.onnx", "encoder.onnx.data"])
 def test_tampered_file_is_named(bundle_dir: Path, name: str) -> None:
-    with open(bundle_dir / name, "r+b") as f:
-        f.write(b"X")
+    _tamper(bundle_dir / name)
     with pytest.raises(BundleError, match=rf"{name}: SHA-256 .* does not match the manifest"):
         load_bundle(bundle_dir)
     load_bundle(bundle_dir, verify_hashes=False)  # presence-only check still passes

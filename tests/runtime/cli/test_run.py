@@ -67,6 +67,15 @@ def status_of(out: Path) -> str:
     return OutputStore.status(out)
 
 
+@pytest.fixture
+def noop_engines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hishrst-run`` in this test loads zero-returning engines (``noop`` is not a --provider choice)."""
+    import hishrst_runtime.jobs.runner as runner
+    from hishrst_runtime.inference.engines import noop_engines as make
+
+    monkeypatch.setattr(runner, "load_engines", lambda bundle, provider, **kw: make(bundle))
+
+
 # ------------------------------------------------------------------------------------------ kill -9 and --resume
 
 
@@ -76,8 +85,8 @@ def test_kill9_then_resume_gives_exactly_the_uninterrupted_x(slide_dir: Path, sm
     opts = ["--bundle", small_bundle, "--pitch-um", "40", "--batch-size", "16", "--provider", "cpu"]
     ref = run_slides([slide], bundle_dir=small_bundle, out_dir=tmp_path / "ref", pitch_um=40, batch_size=16,
                      provider="cpu", progress=False, echo=lambda s: None)[0]
-    assert ref["status"] == "ok", ref
-    x_ref = ad.read_zarr(ref["output"])
+    assert ref.status == "ok", ref
+    x_ref = ad.read_zarr(ref.output)
 
     out_dir = tmp_path / "killed"
     out = out_dir / "section.zarr"
@@ -150,19 +159,19 @@ def test_one_broken_slide_does_not_stop_the_others(slide_dir: Path, small_bundle
     assert (out / "good.h5ad").is_file()
 
 
-def test_shards_partition_the_slides(slide_dir: Path, small_bundle: Path, tmp_path: Path) -> None:
+def test_shards_partition_the_slides(slide_dir: Path, small_bundle: Path, tmp_path: Path, noop_engines: None) -> None:
     slides = [copy_crop(slide_dir, tmp_path / "in", f"s{i}.ome.zarr") for i in range(3)]
     done: list[set[str]] = []
     for i in range(2):
         out = tmp_path / f"shard{i}"
-        r = invoke([*slides, "--bundle", small_bundle, "--out", out, "--shard", f"{i}/2", "--provider", "noop"])
+        r = invoke([*slides, "--bundle", small_bundle, "--out", out, "--shard", f"{i}/2"])
         assert r.exit_code == 0, r.output
         done.append({p.name for p in out.glob("*.zarr") if status_of(p) == "complete"})
     assert done[0].isdisjoint(done[1]) and done[0] | done[1] == {"s0.zarr", "s1.zarr", "s2.zarr"}
     # The default comes from a Slurm job array (--array=1-2: task 2 is the second shard); its slide is
     # the one the second shard finished, so it is skipped.
     env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "1"}
-    r = invoke([*slides, "--bundle", small_bundle, "--out", tmp_path / "shard1", "--provider", "noop"], env=env)
+    r = invoke([*slides, "--bundle", small_bundle, "--out", tmp_path / "shard1"], env=env)
     assert r.exit_code == 0 and "shard 1/2: 1 of 3 slides" in r.output, r.output
     (only,) = done[1]
     assert "0 ok, 1 skipped" in r.output and f"{only[:-len('.zarr')]}.ome.zarr" in r.output
@@ -175,8 +184,10 @@ def test_next_slide_is_prepared_while_the_current_one_runs(monkeypatch: pytest.M
     """Prefetch: slide i+1 is prepared in the background during slide i; finished slides are never prepared."""
     import threading
 
-    import hishrst_runtime.inference.pipeline as pipeline
     import hishrst_runtime.jobs.runner as run_cli
+    from hishrst_runtime.bundle.manifest import load_bundle
+    from hishrst_runtime.inference.engines import noop_engines
+    from hishrst_runtime.jobs.results import SlideResult
 
     events: list[tuple[str, str, str]] = []
     closed: list[str] = []
@@ -194,20 +205,21 @@ def test_next_slide_is_prepared_while_the_current_one_runs(monkeypatch: pytest.M
         events.append(("prepare-end", Path(path).name, threading.current_thread().name))
         return FakePrep(Path(path))
 
-    def fake_run_one(prep: FakePrep, out: Path, ctx: Any, lock: Any) -> dict[str, Any]:
+    def fake_run_one(prep: FakePrep, out: Path, ctx: Any, lock: Any) -> SlideResult:
         events.append(("run-start", prep.path.name, ""))
         time.sleep(0.3)
         events.append(("run-end", prep.path.name, ""))
-        return {"points": 1}
+        return SlideResult(slide=str(prep.path), output=out, status="ok", points=1)
 
-    monkeypatch.setattr(pipeline, "prepare_slide", fake_prepare)
-    monkeypatch.setattr(run_cli, "_run_one", fake_run_one)
+    monkeypatch.setattr(run_cli, "prepare_slide", fake_prepare)
+    monkeypatch.setattr(run_cli, "run_prepared", fake_run_one)
     out = tmp_path / "out"
     (out / "b.zarr").mkdir(parents=True)
     (out / "b.zarr" / ".zattrs").write_text(json.dumps({"hishrst_status": "complete"}))
     slides = [tmp_path / f"{n}.ome.zarr" for n in "abc"]
-    res = run_slides(slides, bundle_dir=small_bundle, out_dir=out, provider="noop", progress=False, echo=lambda s: None)
-    assert [r["status"] for r in res] == ["ok", "skipped", "ok"]
+    res = run_slides(slides, bundle_dir=small_bundle, out_dir=out, engines=noop_engines(load_bundle(small_bundle)),
+                     progress=False, echo=lambda s: None)
+    assert [r.status for r in res] == ["ok", "skipped", "ok"]
     assert [e[1] for e in events if e[0] == "prepare-start"] == ["a.ome.zarr", "c.ome.zarr"]  # b: complete
     assert all(e[2].startswith("hishrst-prefetch") for e in events if e[0] == "prepare-start")
     order = [(e[0], e[1]) for e in events]
@@ -220,27 +232,26 @@ def test_next_slide_is_prepared_while_the_current_one_runs(monkeypatch: pytest.M
 
 def test_engine_failure_before_any_row_leaves_no_output(monkeypatch: pytest.MonkeyPatch, slide_dir: Path,
                                                         small_bundle: Path, tmp_path: Path) -> None:
-    import hishrst_runtime.jobs.runner as run_cli
     from hishrst_runtime.backends.noop import NoopBackend
+    from hishrst_runtime.inference.engines import Engines
 
     class Failing(NoopBackend):
         def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
             raise RuntimeError("simulated engine failure")
 
-    engines = (Failing(lambda f: (0,)), NoopBackend(lambda f: (0,)), "cpu")
-    monkeypatch.setattr(run_cli, "load_engines", lambda *a, **k: engines)
+    engines = Engines(Failing(lambda f: (0,)), NoopBackend(lambda f: (0,)), "cpu")
     out = tmp_path / "out"
     (r,) = run_slides([slide_dir / "crop.ome.zarr"], bundle_dir=small_bundle, out_dir=out, progress=False,
-                      echo=lambda s: None)
-    assert r["status"] == "failed" and "simulated engine failure" in r["reason"]
+                      engines=engines, echo=lambda s: None)
+    assert r.status == "failed" and "simulated engine failure" in r.reason
     assert list(out.iterdir()) == []
 
 
-def test_held_lock_skips_the_slide(slide_dir: Path, small_bundle: Path, tmp_path: Path) -> None:
+def test_held_lock_skips_the_slide(slide_dir: Path, small_bundle: Path, tmp_path: Path, noop_engines: None) -> None:
     slide = copy_crop(slide_dir, tmp_path / "in", "held.ome.zarr")
     out = tmp_path / "out"
     with SlideLock(out / "held.zarr"):  # held by this (live) process: another job is on it
-        r = invoke([slide, "--bundle", small_bundle, "--out", out, "--provider", "noop"])
+        r = invoke([slide, "--bundle", small_bundle, "--out", out])
     assert r.exit_code == 0, r.output
     assert "skipped" in r.output and f"locked by pid {os.getpid()}" in r.output
     assert status_of(out / "held.zarr") == "missing" and not partial_path(out / "held.zarr").exists()
@@ -281,10 +292,11 @@ def test_bad_options_are_usage_errors(slide_dir: Path, small_bundle: Path, tmp_p
 def test_engine_threads_option(small_bundle, tmp_path):
     """--engine-threads reaches ONNX Runtime; a bad value is a clear error before anything is written."""
     from hishrst_runtime.bundle.manifest import load_bundle
+    from hishrst_runtime.core.errors import InputError
     from hishrst_runtime.inference.engines import load_engines
     from hishrst_runtime.jobs.runner import run_slides
 
-    with pytest.raises(ValueError, match="engine_threads"):
+    with pytest.raises(InputError, match="--engine-threads"):
         run_slides([tmp_path / "x.zarr"], bundle_dir=small_bundle, out_dir=tmp_path / "o", engine_threads=0, progress=False)
     assert not (tmp_path / "o").exists()
     enc, head, chosen = load_engines(load_bundle(small_bundle), "cpu", cache_dir=None, threads=1)

@@ -59,7 +59,7 @@ def heldout(small_run: Path) -> Any:
     return ad.read_h5ad(small_run / "predictions.h5ad")
 
 
-def run(slides: list[Path], bundle: Path, out: Path, **kw: Any) -> list[dict[str, Any]]:
+def run(slides: list[Path], bundle: Path, out: Path, **kw: Any) -> list[Any]:
     kw.setdefault("progress", False)
     kw.setdefault("provider", "cpu")
     return run_slides(slides, bundle_dir=bundle, out_dir=out, echo=lambda s: None, **kw)
@@ -90,8 +90,8 @@ def test_heldout_spots_match_fit(layout: tuple[str, str], slide: Path, image: tu
         slide = write_ome_zarr(img, tmp_path / "s04.ome.zarr", mpp=mpp, version=version, axes=axes, n_levels=2)  # type: ignore[arg-type]
     xy = np.asarray(heldout.obsm["spatial"], dtype=np.float64)
     res = run([slide], small_bundle, tmp_path / "out", points_px={str(slide): xy}, min_tissue=0)[0]
-    assert res["status"] == "ok", res
-    out = ad.read_zarr(res["output"])
+    assert res.status == "ok", res
+    out = ad.read_zarr(res.output)
     np.testing.assert_array_equal(out.obsm["spatial"], xy)  # explicit points keep their order
     assert list(out.var_names) == list(heldout.var_names)
     assert_within_tolerance(np.asarray(out.X), np.asarray(heldout.X))
@@ -104,13 +104,13 @@ def test_heldout_spots_match_fit(layout: tuple[str, str], slide: Path, image: tu
 def test_grid_output_is_a_complete_anndata(slide: Path, small_bundle: Path, tmp_path: Path) -> None:
     bundle = load_bundle(small_bundle)
     res = run([slide], small_bundle, tmp_path, h5ad=True)[0]
-    assert res["status"] == "ok", res
-    out_path = Path(res["output"])
+    assert res.status == "ok", res
+    out_path = Path(res.output)
     assert out_path == tmp_path / "section.zarr" and OutputStore.status(out_path) == "complete"
     assert not partial_path(out_path).exists() and not (tmp_path / "section.zarr.lock").exists()
     a = ad.read_zarr(out_path)
     n = a.n_obs
-    assert 500 < n < 2000 and res["points"] == n
+    assert 500 < n < 2000 and res.points == n
     assert a.X.dtype == np.float32 and np.isfinite(a.X).all() and a.X.std() > 0
     assert list(a.var_names) == bundle.genes
     # Points: level-0 pixels inside the slide, over tissue, on a 50 µm hexagonal grid.
@@ -145,7 +145,7 @@ def test_grid_output_is_a_complete_anndata(slide: Path, small_bundle: Path, tmp_
     sc.pl.spatial(a, color=bundle.genes[0], library_id="section", show=False)
     # A second run skips the complete output.
     again = run([slide], small_bundle, tmp_path)[0]
-    assert again["status"] == "skipped" and "already complete" in again["reason"]
+    assert again.status == "skipped" and "already complete" in again.reason
 
 
 # ------------------------------------------------------------------------------------------ level, reads, memory
@@ -181,9 +181,9 @@ def test_level_choice_patch_size_and_chunk_aligned_reads(slide: Path, small_bund
 
     enc, head = (load_backend(bundle.path(k), provider="cpu") for k in ("encoder", "head"))
     stats = predict_slide(prep, bundle, encoder=enc, head=head, write=write, batch_size=16, workers=2)
-    assert stats["level"] == 1 and stats["patch_side_px"] == 107 and sorted(rows) == list(range(40))
+    assert stats.level == 1 and stats.patch_side_px == 107 and sorted(rows) == list(range(40))
     # Every read of the level is one whole chunk, and no chunk is read twice.
-    assert len(spy.reads) == len(set(spy.reads)) == stats["chunk_cache"]["misses"] > 0
+    assert len(spy.reads) == len(set(spy.reads)) == stats.chunk_cache["misses"] > 0
     # Pixels and positions differ from the fit's (another level, claimed µm), so check finiteness only.
     assert np.isfinite(np.stack([rows[i] for i in range(40)])).all()
     prep.close()
@@ -202,7 +202,7 @@ def test_chunk_cache_is_bounded_and_results_do_not_depend_on_it(slide: Path, sma
         stats = predict_slide(prep, bundle, encoder=enc, head=head, write=got.__setitem__, batch_size=32,
                               workers=workers, cache_bytes=cache_bytes)
         chunk_bytes = int(np.prod(prep.slide.levels[0].chunks)) * 4  # Pillow RGB: 4 bytes per pixel
-        assert stats["chunk_cache"]["peak_bytes"] <= max(cache_bytes, chunk_bytes) + chunk_bytes
+        assert stats.chunk_cache["peak_bytes"] <= max(cache_bytes, chunk_bytes) + chunk_bytes
         results.append(got)
         prep.close()
     np.testing.assert_array_equal(results[0], results[1])
@@ -338,20 +338,20 @@ def test_input_errors_name_the_store_and_leave_no_output(image: tuple[np.ndarray
     out = tmp_path / "out"
     res = run([p for p, _ in cases.values()], small_bundle, out)
     for (name, (path, needle)), r in zip(cases.items(), res):
-        assert r["status"] == "failed", (name, r)
-        assert str(path) in r["reason"] and needle in r["reason"], (name, r["reason"])
+        assert r.status == "failed", (name, r)
+        assert str(path) in r.reason and needle in r.reason, (name, r.reason)
         no_output_left(out, path)
     assert sorted(os.listdir(out)) == []
     # --mpp supplies the missing pixel size.
     ok = run([cases["no_pixel_size"][0]], small_bundle, out, mpp=0.6, min_tissue=0.0, pitch_um=60.0)[0]
-    assert ok["status"] == "ok", ok
-    assert ad.read_zarr(ok["output"]).uns["hishrst"]["mpp_source"] == "override"
+    assert ok.status == "ok", ok
+    assert ad.read_zarr(ok.output).uns["hishrst"]["mpp_source"] == "override"
 
 
 def test_blank_slide_fails_with_no_tissue(small_bundle: Path, tmp_path: Path) -> None:
     blank = write_ome_zarr(np.full((600, 600, 3), 240, np.uint8), tmp_path / "blank.ome.zarr", mpp=0.6)
     r = run([blank], small_bundle, tmp_path / "out")[0]
-    assert r["status"] == "failed" and "no tissue" in r["reason"]
+    assert r.status == "failed" and "no tissue" in r.reason
     no_output_left(tmp_path / "out", blank)
 
 
@@ -381,7 +381,7 @@ def test_runtime_never_imports_torch(image: tuple[np.ndarray, float], small_bund
         from hishrst_runtime.jobs.runner import run_slides
         res = run_slides([Path({str(crop)!r})], bundle_dir=Path({str(small_bundle)!r}),
                          out_dir=Path({str(tmp_path)!r}), provider="auto", progress=False)
-        assert res[0]["status"] == "ok", res
+        assert res[0].status == "ok", res
         try:  # the command too (the finished output is skipped: no second inference)
             run.main([{str(crop)!r}, "--bundle", {str(small_bundle)!r}, "--out", {str(tmp_path)!r},
                       "--no-progress"], prog_name="hishrst-run")

@@ -18,7 +18,8 @@ import pytest
 
 ad = pytest.importorskip("anndata")
 
-from hishrst_runtime.output import store as out_mod  # noqa: E402
+from hishrst_runtime.output import encoding as out_encoding  # noqa: E402
+from hishrst_runtime.output import layout as out_layout  # noqa: E402
 from hishrst_runtime.output.store import (  # noqa: E402
     IncompleteOutputError,
     OutputExistsError,
@@ -102,7 +103,7 @@ def test_roundtrip_random_order_and_status(tmp_path: Path) -> None:
     zarray = json.loads((path / "X" / ".zarray").read_text())
     assert zarray["chunks"] == [32, len(GENES)] and zarray["zarr_format"] == 2
     assert json.loads((path / "X" / ".zattrs").read_text()) == {"encoding-type": "array", "encoding-version": "0.2.0"}
-    assert not (path / out_mod.PROGRESS_DIR).exists()
+    assert not (path / out_layout.PROGRESS_DIR).exists()
 
 
 def test_done_mask_tracks_durable_rows_only(tmp_path: Path) -> None:
@@ -126,7 +127,7 @@ def test_done_mask_tracks_durable_rows_only(tmp_path: Path) -> None:
 def test_failed_background_write_keeps_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "s.zarr"
     store = create(path, n=64, flush_interval_s=1e9)
-    real_write = out_mod.store_io.XChunks.write
+    real_write = out_encoding.XChunks.write
     calls = []
 
     def flaky_write(self, k, data, *, fsync):  # a full disk, once
@@ -135,7 +136,7 @@ def test_failed_background_write_keeps_rows(tmp_path: Path, monkeypatch: pytest.
             raise OSError(28, "simulated: no space left on device")
         return real_write(self, k, data, fsync=fsync)
 
-    monkeypatch.setattr(out_mod.store_io.XChunks, "write", flaky_write)
+    monkeypatch.setattr(out_encoding.XChunks, "write", flaky_write)
     with pytest.raises(OSError, match="no space left"):  # from the next call (or this one, if done by then)
         store.write_rows(np.arange(32), expected_values(np.arange(32)))  # full chunk 0: its write fails
         store.flush()
@@ -238,7 +239,7 @@ def test_torn_progress_records_are_ignored(tmp_path: Path) -> None:
     store = create(path, n=100)
     write_all(store, np.arange(100))
     store.close()
-    progress = partial_path(path) / out_mod.PROGRESS_DIR
+    progress = partial_path(path) / out_layout.PROGRESS_DIR
     (progress / "chunk-00000001.bits").unlink()  # as if killed between unclaim and claim of chunk 1
     (progress / "chunk-00000002.bits").write_bytes(b"\x01")  # foreign / wrong size
     (progress / "junk.tmp").write_bytes(b"")
@@ -257,7 +258,7 @@ def test_crash_inside_finalize_before_publish(tmp_path: Path, monkeypatch: pytes
     def failing_rename(src: object, dst: object) -> None:
         raise OSError("simulated crash before the publishing rename")
 
-    monkeypatch.setattr(out_mod.os, "rename", failing_rename)
+    monkeypatch.setattr(os, "rename", failing_rename)
     with pytest.raises(OSError, match="simulated"):
         store.finalize({"t": 1.0})
     monkeypatch.undo()
@@ -334,7 +335,7 @@ def test_resume_store_written_through_zarr(tmp_path: Path) -> None:
                        compressors=numcodecs.Zstd(level=3))
     X.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
     X[0:32] = np.where(np.arange(32)[:, None] < 20, expected_values(np.arange(32)), 0)
-    (work / out_mod.PROGRESS_DIR / "chunk-00000000.bits").write_bytes(np.packbits(np.arange(32) < 20).tobytes())
+    (work / out_layout.PROGRESS_DIR / "chunk-00000000.bits").write_bytes(np.packbits(np.arange(32) < 20).tobytes())
     store = OutputStore.open_incomplete(path, genes=GENES)
     np.testing.assert_array_equal(store.missing_rows(), np.arange(20, 80))
     write_all(store, store.missing_rows())  # chunk 0 is read back (zstd) and completed

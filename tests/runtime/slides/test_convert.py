@@ -12,10 +12,10 @@ import tifffile
 import zarr
 from click.testing import CliRunner
 
-import hishrst_runtime.slides.convert as conv
 from hishrst_runtime.cli.convert import convert_cmd  # noqa: E402
 from hishrst_runtime.slides.convert import ConvertError, convert_slide, pyramid_shapes, write_ome_zarr
 from hishrst_runtime.slides.reader import open_slide
+from hishrst_runtime.slides.tiff import TiffLevel
 
 SVS = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "cmu_small_region.svs"
 REPO = Path(__file__).resolve().parents[3]
@@ -131,15 +131,15 @@ def test_interrupted_conversion_leaves_nothing(tmp_path: Path, monkeypatch: pyte
     tifffile.imwrite(src, _image(600, 500), tile=(64, 64), photometric="rgb")
 
     calls = []
-    original = conv._TiffLevel0.__getitem__
+    original = TiffLevel.__getitem__
 
-    def flaky(self: conv._TiffLevel0, key: tuple[slice, slice]) -> np.ndarray:
+    def flaky(self: TiffLevel, key: tuple[slice, slice]) -> np.ndarray:
         calls.append(key)
         if len(calls) > 3:  # the user hits Ctrl-C half-way
             raise KeyboardInterrupt
         return original(self, key)
 
-    monkeypatch.setattr(conv._TiffLevel0, "__getitem__", flaky)
+    monkeypatch.setattr(TiffLevel, "__getitem__", flaky)
     with pytest.raises(KeyboardInterrupt):
         convert_slide(src, tmp_path / "o.zarr", mpp=0.5, chunk=64, progress=False)
     assert not (tmp_path / "o.zarr").exists()
@@ -239,17 +239,51 @@ def test_convert_cli(tmp_path: Path) -> None:
 
 
 def test_runtime_modules_do_not_import_torch(tmp_path: Path) -> None:
-    code = (
-        "import sys, numpy as np, tifffile\n"
-        "import hishrst_runtime.slides.reader, hishrst_runtime.slides.convert, hishrst_runtime.slides.tissue\n"
-        "from hishrst_runtime.slides.convert import convert_slide\n"
-        f"p = {str(tmp_path)!r}\n"
-        "tifffile.imwrite(p + '/t.tif', np.zeros((64, 64, 3), np.uint8), photometric='rgb', tile=(32, 32))\n"
-        "s = hishrst_runtime.slides.reader.open_slide(convert_slide(p + '/t.tif', p + '/t.zarr', mpp=1.0, progress=True))\n"
-        "hishrst_runtime.slides.tissue.detect_tissue(s.thumbnail(max_side=32))\n"
-        "bad = [m for m in ('torch', 'timm') if m in sys.modules]\n"
-        "assert not bad, bad\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
-    assert res.returncode == 0, res.stderr
+    """Converting, opening and detecting tissue in a fresh interpreter loads neither torch nor timm."""
+    lines = [
+        "import sys, numpy as np, tifffile",
+        "import hishrst_runtime.slides.reader as r, hishrst_runtime.slides.tissue as t",
+        "from hishrst_runtime.slides.convert import convert_slide",
+        f"p = {str(tmp_path)!r}",
+        "tifffile.imwrite(p + '/t.tif', np.zeros((64, 64, 3), np.uint8), photometric='rgb', tile=(32, 32))",
+        "s = r.open_slide(convert_slide(p + '/t.tif', p + '/t.zarr', mpp=1.0, progress=True))",
+        "t.detect_tissue(s.thumbnail(max_side=32))",
+        "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))",
+    ]
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", "\n".join(lines)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env=env, check=False)
+    assert (res.returncode, res.stdout.strip()) == (0, "[]"), res.stderr
+
+
+# ---------------------------------------------------------------------------- faults (issue 10)
+
+
+@pytest.mark.parametrize("kw", [{"tile": (64, 64), "compression": "zlib"}, {"tile": (64, 64)},
+                                {"rowsperstrip": 16}, {"tile": (64, 64), "compression": "jpeg"}])
+def test_truncated_tiff_is_a_clear_error(tmp_path: Path, kw: dict) -> None:
+    whole = tmp_path / "whole.tif"
+    tifffile.imwrite(whole, _image(600, 260), photometric="rgb", **kw)
+    src = tmp_path / "cut.tif"
+    src.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # an interrupted copy
+    out = convert_slide(whole, tmp_path / "o.zarr", mpp=0.5, chunk=64, progress=False)  # an earlier complete output
+    before = {q.relative_to(out): q.read_bytes() for q in out.rglob("*") if q.is_file()}
+    with pytest.raises(ConvertError, match="truncated or corrupt") as ei:
+        convert_slide(src, out, mpp=0.5, chunk=64, overwrite=True, progress=False)
+    assert str(src) in str(ei.value) and "\n" not in str(ei.value)
+    assert {q.relative_to(out): q.read_bytes() for q in out.rglob("*") if q.is_file()} == before
+    _no_leftovers(tmp_path)
+
+
+def test_implausible_pixel_sizes(tmp_path: Path) -> None:
+    src = tmp_path / "dpi.tif"  # a 72 dpi placeholder: 352.8 µm/px
+    tifffile.imwrite(src, _image(), tile=(64, 64), photometric="rgb", resolution=(72, 72), resolutionunit="INCH")
+    with pytest.raises(ConvertError, match=r"TIFF resolution tags give 352.8 µm/pixel, outside the plausible") as ei:
+        convert_slide(src, tmp_path / "o.zarr", progress=False)
+    assert str(src) in str(ei.value) and "--mpp" in str(ei.value)
+    with pytest.raises(ConvertError, match="--mpp 1e-06 µm/pixel is an implausible pixel size") as ei:
+        convert_slide(src, tmp_path / "o.zarr", mpp=1e-6, progress=False)
+    assert str(src) in str(ei.value)
+    assert not (tmp_path / "o.zarr").exists()
+    out = convert_slide(src, tmp_path / "o.zarr", mpp=0.5, chunk=64, progress=False)
+    assert open_slide(out).mpp0 == pytest.approx(0.5)

@@ -1,0 +1,118 @@
+"""The bundle's models checked against its manifest: roles, tensor names, shapes and external data.
+
+Two entry points share one table of expectations (:func:`expected_io`):
+
+* :func:`check_onnx_file` — run by ``load_bundle`` on ``encoder.onnx`` and ``head.onnx`` (read with
+  :mod:`~hishrst_runtime.bundle.onnx_graph`, weights untouched): the graph must have its role's
+  tensor names (an encoder/head swap is named as such), the static sizes must agree with the manifest
+  (``encoder.input_size``, ``encoder.feature_dim``, the number of ``genes``), and every external-data
+  file the graph references must be listed in the manifest (listed files are hashed; an unlisted one
+  would be loaded unverified, so it is refused).
+* :func:`check_engine_io` — the same checks for I/O reported by a loaded engine (e.g. a serialized
+  TensorRT engine, whose graph the loader cannot read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+from hishrst_runtime.bundle.io_names import ENCODER_IO, HEAD_IO
+from hishrst_runtime.bundle.onnx_graph import OnnxFormatError, read_onnx_graph
+from hishrst_runtime.bundle.spec import BundleError, BundleSpec
+
+__all__ = ["Role", "check_engine_io", "check_onnx_file", "expected_io"]
+
+Role = Literal["encoder", "head"]
+_NAMES: dict[str, dict[str, list[str]]] = {"encoder": ENCODER_IO, "head": HEAD_IO}
+
+#: One expected dimension: ``None`` (any size) or ``(size, what the manifest says about it)``.
+_Dim = tuple[int, str] | None
+Shape = Sequence[int | None]
+
+
+def expected_io(spec: BundleSpec, role: Role) -> dict[str, tuple[_Dim, ...]]:
+    """``{tensor: dims}`` a ``role`` graph of this bundle must have; each fixed dim carries its reason."""
+    s, d, g = spec.encoder.input_size, spec.encoder.feature_dim, len(spec.genes)
+    size = (s, f"encoder.input_size is {s} px")
+    dim = (d, f"encoder.feature_dim is {d}")
+    if role == "encoder":
+        return {"tiles": (None, size, size, (3, "tiles have 3 (RGB) channels")), "features": (None, dim)}
+    return {"features": (None, None, dim), "positions": (None, None, (2, "positions are (x, y) pairs")),
+            "mask": (None, None), "expression": (None, None, (g, f"genes lists {g} names"))}
+
+
+def _fmt(shape: Shape) -> str:
+    return "[" + ", ".join("?" if x is None else str(x) for x in shape) + "]"
+
+
+def _check_roles(role: Role, inputs: Sequence[str], outputs: Sequence[str] | None, where: str) -> None:
+    want = _NAMES[role]
+    got_in, got_out = sorted(inputs), None if outputs is None else sorted(outputs)
+    if got_in == sorted(want["inputs"]) and got_out in (None, sorted(want["outputs"])):
+        return
+    other: Role = "head" if role == "encoder" else "encoder"
+    if got_in == sorted(_NAMES[other]["inputs"]):
+        raise BundleError(
+            f"{where}: holds the {other} graph (inputs {', '.join(inputs)}), not the {role}: the encoder and head "
+            f"files are swapped — list encoder.onnx under files.encoder and head.onnx under files.head, or re-export"
+        )
+    raise BundleError(
+        f"{where}: is not a hishrst {role} graph (inputs {list(inputs)}, outputs {list(outputs or [])}; expected "
+        f"inputs {want['inputs']} and outputs {want['outputs']}); re-export the bundle"
+    )
+
+
+def check_engine_io(
+    spec: BundleSpec,
+    role: Role,
+    *,
+    inputs: Mapping[str, Shape],
+    outputs: Mapping[str, Shape] | None = None,
+    where: str,
+) -> None:
+    """Check a ``role`` model's I/O (``{name: shape}``, dynamic dims ``None``) against the bundle's manifest.
+
+    ``outputs`` may be ``None`` when the engine does not report output shapes. ``where`` names the
+    bundle and the file (e.g. ``"<bundle>/manifest.json: files.head (head.onnx)"``). Raises
+    :class:`BundleError` for swapped roles, wrong tensor names, ranks or static sizes.
+    """
+    _check_roles(role, list(inputs), None if outputs is None else list(outputs), where)
+    got = {**inputs, **(outputs or {})}
+    for name, dims in expected_io(spec, role).items():
+        if name not in got:
+            continue
+        shape = tuple(got[name])
+        if len(shape) != len(dims):
+            raise BundleError(f"{where}: tensor {name!r} has rank {len(shape)} {_fmt(shape)}, expected rank "
+                              f"{len(dims)}; re-export the bundle")
+        for i, (want, have) in enumerate(zip(dims, shape)):
+            if want is not None and have is not None and have != want[0]:
+                raise BundleError(f"{where}: {want[1]} in the manifest, but tensor {name!r} has {have} in dimension "
+                                  f"{i} (shape {_fmt(shape)}); the manifest and the model disagree — re-export the bundle")
+
+
+def check_onnx_file(
+    spec: BundleSpec, role: Role, model: Path, *, listed_external: Sequence[Path], root: Path, where: str
+) -> None:
+    """Check the ONNX file ``model`` of ``role`` (see the module docstring); ``listed_external`` are the
+    resolved external-data paths the manifest lists for it, ``root`` the bundle directory."""
+    try:
+        graph = read_onnx_graph(model)
+    except OnnxFormatError as e:
+        raise BundleError(f"{where}: {model} is not a valid ONNX model ({e}); re-copy or re-export the bundle") from e
+    except OSError as e:
+        raise BundleError(f"{where}: cannot read {model} ({e}); check the file's permissions") from e
+    check_engine_io(spec, role, inputs={t.name: t.shape for t in graph.inputs},
+                    outputs={t.name: t.shape for t in graph.outputs}, where=where)
+    listed = {p.resolve() for p in listed_external}
+    for location in graph.external_data:
+        full = (model.parent / location).resolve()
+        if not full.is_relative_to(root.resolve()):
+            raise BundleError(f"{where}: {model.name} references external data {location!r}, which resolves to "
+                              f"{full}, outside the bundle; re-export the bundle")
+        if full not in listed:
+            raise BundleError(f"{where}: {model.name} references external data {location!r} that the manifest does "
+                              f"not list (so it cannot be hash-checked); re-export the bundle, or list it with its "
+                              f"SHA-256 under external_data")

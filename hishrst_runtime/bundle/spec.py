@@ -1,0 +1,340 @@
+"""The typed view of a bundle manifest: frozen dataclasses built once, with every default in one place.
+
+:func:`build_spec` turns an upgraded manifest (see :mod:`hishrst_runtime.bundle.manifest`) into a
+:class:`BundleSpec` and checks the values the runtime computes with: positive finite patch size and
+training µm/px, positive integer sizes, unique gene names. Callers read ``bundle.spec`` instead of the
+raw dict, so no caller repeats a default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from hishrst_runtime.core.errors import InputError
+from hishrst_runtime.core.grouping import GROUPING_METHOD
+from hishrst_runtime.core.patches import PAD_VALUE, RESIZE_FILTER
+
+__all__ = [
+    "DEFAULT_MAX_BATCH",
+    "BundleError",
+    "BundleSpec",
+    "EncoderSpec",
+    "ExternalDataSpec",
+    "FileSpec",
+    "GroupingSpec",
+    "LicenseSpec",
+    "NormalisationSpec",
+    "OutputSpec",
+    "PatchSpec",
+    "PositionSpec",
+    "ShapeRange",
+    "build_spec",
+]
+
+#: ``max_batch`` of bundles that do not record one: the largest batch the TensorRT profiles cover.
+DEFAULT_MAX_BATCH = 64
+#: Optimal group count of the head's TensorRT profile (a typical work unit), capped at ``max_batch``.
+HEAD_PROFILE_OPT_GROUPS = 8
+
+#: (min, opt, max) shape of one input in a TensorRT optimisation profile.
+ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+class BundleError(InputError):
+    """A model bundle is missing, malformed, tampered with or unsupported."""
+
+
+@dataclass(frozen=True)
+class NormalisationSpec:
+    """Input scaling inside the encoder graph: ``(tiles * scale - mean) / std`` per RGB channel."""
+
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_graph: bool
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The image encoder: uint8 NHWC tiles of ``input_size`` px → ``feature_dim`` features."""
+
+    name: str
+    input_size: int
+    feature_dim: int
+    fingerprint: str | None
+    normalisation: NormalisationSpec | None
+    gated: bool
+    license: str | None
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """Patches: ``size_um`` µm square, cut at ``train_mpp`` µm/px, resized with ``resize``, padded with ``pad_value``."""
+
+    size_um: float
+    train_mpp: float
+    resize: str
+    pad_value: int
+    algorithm: str | None
+
+
+@dataclass(frozen=True)
+class PositionSpec:
+    """Positions fed to the head: ``continuous`` (µm, any slide) or ``grid`` (Visium array indices)."""
+
+    mode: Literal["continuous", "grid"]
+    units: str
+    pos_n_freqs: int | None
+    min_wavelength_um: float | None
+    max_wavelength_um: float | None
+
+
+@dataclass(frozen=True)
+class GroupingSpec:
+    """Neighbour grouping of query points: ``method``, at most ``max_size`` points a group, in ``coords``."""
+
+    method: str
+    max_size: int
+    coords: str
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What the head predicts: ``meaning`` in words; counts normalised to ``target_sum``, then ``log1p``."""
+
+    name: str
+    meaning: str
+    target_sum: float
+    log1p: bool
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ExternalDataSpec:
+    """One ONNX external-data file: path relative to the bundle and its SHA-256."""
+
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One listed file (``encoder``, ``head``, ``encoder_trt``, ``head_trt``) with what the manifest records."""
+
+    key: str
+    path: str
+    sha256: str
+    precision: str | None
+    format: str | None
+    external_data: tuple[ExternalDataSpec, ...]
+    gpu: str | None
+    tensorrt_version: str | None
+
+    @property
+    def fp16(self) -> bool:
+        """Whether the file holds half-precision weights."""
+        return self.precision == "fp16"
+
+    @property
+    def engine_target(self) -> dict[str, Any]:
+        """``{"gpu", "tensorrt_version"}`` a TensorRT engine was built for (``expected=`` of the native backend)."""
+        return {"gpu": self.gpu, "tensorrt_version": self.tensorrt_version}
+
+
+@dataclass(frozen=True)
+class LicenseSpec:
+    """Encoder licence: gated weights are not redistributable; ``notice`` is shown to users."""
+
+    gated: bool
+    redistributable: bool
+    notice: str | None
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """The whole bundle contract, typed. Build it with :func:`build_spec` (``load_bundle`` does)."""
+
+    encoder: EncoderSpec
+    patch: PatchSpec
+    position: PositionSpec
+    grouping: GroupingSpec
+    genes: tuple[str, ...]
+    output: OutputSpec
+    files: Mapping[str, FileSpec]
+    max_batch: int
+    onnx_opset: int | None
+    license: LicenseSpec
+    hishrst_version: str | None
+
+    @property
+    def has_engines(self) -> bool:
+        """Whether the bundle carries serialized TensorRT engines for both models."""
+        return "encoder_trt" in self.files and "head_trt" in self.files
+
+    def file(self, key: str) -> FileSpec | None:
+        """The file listed under ``key``, or ``None``."""
+        return self.files.get(key)
+
+    def head_profile(self, max_batch: int | None = None) -> dict[str, ShapeRange]:
+        """The head's TensorRT optimisation profile: ``{input: (min, opt, max) shape}``.
+
+        Groups (first dimension) range from 1 to ``max_batch`` (default: the bundle's), optimal
+        ``min(8, max_batch)``; points per group from 1 to ``grouping.max_size`` (optimal = max).
+        """
+        m = self.max_batch if max_batch is None else int(max_batch)
+        if m < 1:
+            raise ValueError(f"max_batch must be >= 1, got {m}")
+        n, d = self.grouping.max_size, self.encoder.feature_dim
+        tails: dict[str, tuple[int, ...]] = {"features": (d,), "positions": (2,), "mask": ()}
+        opt = min(HEAD_PROFILE_OPT_GROUPS, m)
+        return {name: ((1, 1, *tail), (opt, n, *tail), (m, n, *tail)) for name, tail in tails.items()}
+
+
+# ------------------------------------------------------------------------------------------ builder
+
+
+class _Reader:
+    """Typed field access on one manifest, every error naming the manifest and the field."""
+
+    def __init__(self, manifest: Mapping[str, Any], path: Path | str) -> None:
+        self.m, self.path = manifest, path
+
+    def fail(self, field: str, problem: str) -> BundleError:
+        return BundleError(f"{self.path}: {field} {problem}; re-export the bundle")
+
+    def get(self, field: str, default: Any = None) -> Any:
+        node: Any = self.m
+        for part in field.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return default
+            node = node[part]
+        return default if node is None else node
+
+    def positive_int(self, field: str, default: int | None = None) -> int:
+        v = self.get(field, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
+            raise self.fail(field, f"must be a positive integer, got {v!r}")
+        return int(v)
+
+    def positive_float(self, field: str, unit: str, default: float | None = None) -> float:
+        v = self.get(field, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise self.fail(field, f"must be a positive finite number ({unit}), got {v!r}")
+        return float(v)
+
+    def optional_float(self, field: str) -> float | None:
+        v = self.get(field)
+        return None if v is None else float(v)
+
+    def text(self, field: str, default: str | None = None) -> str:
+        v = self.get(field, default)
+        if not isinstance(v, str) or not v:
+            raise self.fail(field, f"must be a non-empty string, got {v!r}")
+        return v
+
+    def optional_text(self, field: str) -> str | None:
+        v = self.get(field)
+        return None if v is None else str(v)
+
+
+def _normalisation(r: _Reader) -> NormalisationSpec | None:
+    if r.get("encoder.normalisation") is None:
+        return None
+    return NormalisationSpec(
+        scale=float(r.get("encoder.normalisation.scale", 1 / 255)),
+        mean=tuple(float(x) for x in r.get("encoder.normalisation.mean", ())),
+        std=tuple(float(x) for x in r.get("encoder.normalisation.std", ())),
+        in_graph=bool(r.get("encoder.normalisation.in_graph", True)),
+    )
+
+
+def _encoder(r: _Reader) -> EncoderSpec:
+    return EncoderSpec(
+        name=r.text("encoder.name"), input_size=r.positive_int("encoder.input_size"),
+        feature_dim=r.positive_int("encoder.feature_dim"), fingerprint=r.optional_text("encoder.fingerprint"),
+        normalisation=_normalisation(r), gated=bool(r.get("encoder.gated", False)),
+        license=r.optional_text("encoder.license"),
+    )
+
+
+def _patch(r: _Reader) -> PatchSpec:
+    return PatchSpec(
+        size_um=r.positive_float("patch.size_um", "µm"), train_mpp=r.positive_float("patch.train_mpp", "µm/px"),
+        resize=r.text("patch.resize", RESIZE_FILTER), pad_value=int(r.get("patch.pad_value", PAD_VALUE)),
+        algorithm=r.optional_text("patch.algorithm"),
+    )
+
+
+def _position(r: _Reader) -> PositionSpec:
+    mode = r.text("position.mode")
+    if mode not in ("continuous", "grid"):
+        raise r.fail("position.mode", f"must be 'continuous' or 'grid', got {mode!r}")
+    n_freqs = r.get("position.pos_n_freqs")
+    return PositionSpec(
+        mode=cast(Literal["continuous", "grid"], mode), units=r.text("position.units", "um" if mode == "continuous" else "array"),
+        pos_n_freqs=None if n_freqs is None else int(n_freqs),
+        min_wavelength_um=r.optional_float("position.min_wavelength_um"),
+        max_wavelength_um=r.optional_float("position.max_wavelength_um"),
+    )
+
+
+def _grouping(r: _Reader) -> GroupingSpec:
+    return GroupingSpec(method=r.text("grouping.method", GROUPING_METHOD), max_size=r.positive_int("grouping.max_size"),
+                        coords=r.text("grouping.coords", "level0_px"))
+
+
+def _genes(r: _Reader) -> tuple[str, ...]:
+    genes = r.get("genes")
+    if not isinstance(genes, list) or not genes or not all(isinstance(g, str) and g for g in genes):
+        raise r.fail("genes", "must be a non-empty list of gene names")
+    seen: set[str] = set()
+    dupes = sorted({g for g in genes if g in seen or seen.add(g)})  # type: ignore[func-returns-value]
+    if dupes:
+        shown = ", ".join(dupes[:5]) + (f" … ({len(dupes)} in all)" if len(dupes) > 5 else "")
+        raise r.fail("genes", f"lists duplicate names ({shown}); each output column needs a unique gene name")
+    return tuple(genes)
+
+
+def _output(r: _Reader) -> OutputSpec:
+    return OutputSpec(
+        name=r.text("output.name", "expression"), meaning=r.text("output.meaning"),
+        target_sum=r.positive_float("output.target_sum", "counts", 1e4), log1p=bool(r.get("output.log1p", True)),
+        dtype=r.text("output.dtype", "float32"),
+    )
+
+
+def _files(r: _Reader) -> dict[str, FileSpec]:
+    out = {}
+    for key, e in r.get("files", {}).items():
+        ext = tuple(ExternalDataSpec(path=x["path"], sha256=x["sha256"]) for x in e.get("external_data", []))
+        out[key] = FileSpec(key=key, path=e["path"], sha256=e["sha256"], precision=e.get("precision"),
+                            format=e.get("format"), external_data=ext, gpu=e.get("gpu"),
+                            tensorrt_version=e.get("tensorrt_version"))
+    return out
+
+
+def _license(r: _Reader, encoder: EncoderSpec) -> LicenseSpec:
+    gated = bool(r.get("license.gated", encoder.gated))
+    return LicenseSpec(gated=gated, redistributable=bool(r.get("license.redistributable", not gated)),
+                       notice=r.optional_text("license.notice"))
+
+
+def build_spec(manifest: Mapping[str, Any], *, path: Path | str = "manifest.json") -> BundleSpec:
+    """The :class:`BundleSpec` of an upgraded, structurally validated manifest.
+
+    Raises :class:`BundleError` naming ``path`` and the field for a value the runtime cannot use
+    (non-positive or non-finite patch size / µm/px, non-integer sizes, duplicate gene names, …).
+    """
+    r = _Reader(manifest, path)
+    encoder = _encoder(r)
+    opset = r.get("onnx_opset")
+    return BundleSpec(
+        encoder=encoder, patch=_patch(r), position=_position(r), grouping=_grouping(r), genes=_genes(r),
+        output=_output(r), files=_files(r), max_batch=r.positive_int("max_batch", DEFAULT_MAX_BATCH),
+        onnx_opset=None if opset is None else int(opset), license=_license(r, encoder),
+        hishrst_version=r.optional_text("hishrst_version"),
+    )

@@ -1,0 +1,101 @@
+"""Where a job writes, and what it must never write over.
+
+Per slide ``S.ome.zarr`` (or ``S.zarr``) the output is ``OUT/S.zarr`` (built in ``OUT/S.zarr.partial``,
+guarded by ``OUT/S.zarr.lock``, optionally with ``OUT/S.h5ad``). :func:`check_output_location` refuses
+any of these that resolves to, inside or above an input slide or the bundle, before anything is
+touched. Slide arguments that are URLs (``http(s)://``, ``s3://``, ...) stay strings: they are never
+turned into local paths (``Path("s3://b/x")`` is ``s3:/b/x``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from hishrst_runtime.core.errors import OutputStateError
+from hishrst_runtime.core.files import read_json
+from hishrst_runtime.output.store import STATUS_ATTR, partial_path
+
+__all__ = ["SlideArg", "remote_problem", "slide_output_path", "output_collisions", "check_output_location",
+           "foreign_output"]
+
+#: A slide as given: a local path, or a URL string (kept as it is).
+SlideArg = str | Path
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def remote_problem(slide: SlideArg) -> str | None:
+    """The one-line reason a URL slide cannot run (remote stores are not supported yet), or None for a local path."""
+    text = str(slide) if isinstance(slide, str) else None
+    if text is None or not _URL.match(text):
+        return None
+    scheme = text.split("://", 1)[0].lower()
+    need = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "an HTTP store", "https": "an HTTP store"}
+    return (f"{text}: remote stores need {need.get(scheme, 'an fsspec filesystem')} support, which hishrst-run "
+            "does not have yet (not supported yet); download the store and pass its local path")
+
+
+def slide_output_path(slide: SlideArg, out_dir: Path) -> Path:
+    """``OUT_DIR/<slide name without .zarr / .ome.zarr>.zarr``."""
+    name = str(slide).rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".ome.zarr", ".zarr"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    return Path(out_dir) / f"{name}.zarr"
+
+
+def output_collisions(slides: Sequence[SlideArg], out_dir: Path) -> dict[Path, list[SlideArg]]:
+    """Outputs that more than one of ``slides`` would write (``{output: [slides]}``; empty when none)."""
+    by_out: dict[Path, list[SlideArg]] = {}
+    for s in slides:
+        if remote_problem(s) is None:
+            by_out.setdefault(slide_output_path(s, out_dir), []).append(s)
+    return {o: s for o, s in by_out.items() if len({str(Path(p).resolve()) for p in s}) > 1}
+
+
+def _related(a: Path, b: Path) -> str | None:
+    """How resolved path ``a`` relates to ``b``: ``"is"``, ``"is inside"``, ``"contains"``, or None."""
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "is inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
+def check_output_location(slides: Sequence[SlideArg], out_dir: Path, bundle_dir: Path) -> None:
+    """Raise :class:`OutputStateError` when ``out_dir`` lies in an input, or any slide's output files
+    (store, ``.partial``, ``.lock``, ``.h5ad``) resolve to, inside or above an input slide or the bundle."""
+    local = [Path(s) for s in slides if remote_problem(s) is None]
+    inputs = [(p.resolve(), f"input slide {p}") for p in local] + [(Path(bundle_dir).resolve(), f"bundle {bundle_dir}")]
+    out_root = Path(out_dir).resolve()
+    for src, what in inputs:
+        how = _related(out_root, src)
+        if how in ("is", "is inside"):
+            raise OutputStateError(f"{out_dir}: the output folder {how} the {what}; choose an --out outside "
+                                   "the inputs (nothing was written)")
+    for slide in local:
+        out = slide_output_path(slide, Path(out_dir))
+        for target in (out, partial_path(out), out.with_name(out.name + ".lock"), out.with_suffix(".h5ad")):
+            resolved = target.resolve()
+            for src, what in inputs:
+                how = _related(resolved, src)
+                if how is not None:
+                    raise OutputStateError(f"{target}: the output of {slide} {how} the {what}; hishrst-run "
+                                           "never writes over its inputs: choose another --out (nothing was written)")
+
+
+def foreign_output(out: Path) -> str | None:
+    """The one-line reason ``out`` must not be touched when it exists but hishrst did not write it
+    (no ``hishrst_status`` root attribute), else None. Never suggests ``--overwrite``."""
+    if not os.path.lexists(out):
+        return None
+    attrs = read_json(out / ".zattrs") if out.is_dir() else None
+    if isinstance(attrs, dict) and STATUS_ATTR in attrs:
+        return None
+    return (f"{out}: exists and was not written by hishrst-run (no {STATUS_ATTR} attribute); it is left as it "
+            "is: move it away or choose another --out")

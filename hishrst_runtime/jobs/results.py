@@ -1,0 +1,48 @@
+"""What ``run_slides`` reports per slide: a :class:`SlideResult`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["SlideStatus", "SlideResult"]
+
+SlideStatus = Literal["ok", "skipped", "failed"]
+
+
+@dataclass(frozen=True)
+class SlideResult:
+    """One slide's outcome.
+
+    ``slide``: the argument as given (a path, or a URL string); ``output``: the ``OUT/S.zarr`` store
+    (``None`` for a slide that has none, such as a URL); ``status``: ``ok`` / ``skipped`` / ``failed``;
+    ``reason``: one line for skipped and failed slides; ``points``: query points of the slide;
+    ``computed``: points computed by this run (fewer than ``points`` after ``--resume``);
+    ``engine``: the provider that ran it; ``tiles_per_s``: computed points per second of inference; ``seconds``: wall time of the slide
+    (prepare, predict, finalize); ``resumed``: finished an incomplete output; ``timings``: seconds per
+    stage; ``stats``: the pipeline's counters
+    (:class:`~hishrst_runtime.inference.pipeline.PredictStats`).
+    """
+
+    slide: str
+    output: Path | None
+    status: SlideStatus
+    reason: str = ""
+    points: int | None = None
+    computed: int | None = None
+    engine: str | None = None
+    tiles_per_s: float | None = None
+    seconds: float | None = None
+    resumed: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: Any = None
+
+    def with_(self, **changes: Any) -> SlideResult:
+        """A copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+    @property
+    def name(self) -> str:
+        """The slide's file name (or the URL's last part), for tables."""
+        return str(self.slide).rstrip("/").rsplit("/", 1)[-1]

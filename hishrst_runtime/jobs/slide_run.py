@@ -1,0 +1,136 @@
+"""Predicting one prepared slide into its crash-safe output store (one step of ``run_slides``)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hishrst_runtime.bundle.manifest import Bundle
+from hishrst_runtime.core.files import remove_tree
+from hishrst_runtime.core.errors import InputError
+from hishrst_runtime.core.timing import StageTimer
+from hishrst_runtime.inference.engines import Engines
+from hishrst_runtime.inference.pipeline import PredictStats, PreparedSlide, predict_slide
+from hishrst_runtime.jobs.options import RunOptions
+from hishrst_runtime.jobs.paths import slide_output_path
+from hishrst_runtime.jobs.results import SlideResult
+from hishrst_runtime.output.store import OutputStore, SpatialImages, partial_path
+
+__all__ = ["SlideContext", "run_prepared", "MAX_CHUNK_ROWS", "OUTPUT_BUFFER_BYTES", "LOCK_REFRESH_S"]
+
+#: Output X chunks hold at most this many rows (and at most ~4 MiB): progress is durable per chunk.
+MAX_CHUNK_ROWS = 1024
+#: Bound of the output store's row buffers (bytes).
+OUTPUT_BUFFER_BYTES = 64 << 20
+#: Seconds between refreshes of a held slide lock (its heartbeat for jobs on other hosts).
+LOCK_REFRESH_S = 60.0
+
+
+@dataclass(frozen=True)
+class SlideContext:
+    """What every slide of one run shares: bundle, engines, options and the effective encoder batch."""
+
+    bundle: Bundle
+    engines: Engines
+    options: RunOptions
+    batch_size: int
+
+
+def _identity(prep: PreparedSlide, bundle: Bundle) -> dict[str, Any]:
+    """Everything that determines the rows' values: compared on ``--resume``."""
+    slide = prep.slide
+    level = slide.levels[prep.level_index]
+    return {
+        "bundle_hash": bundle.sha256, "mpp": float(slide.mpp0), "mpp_source": str(slide.mpp_source),
+        "level": int(prep.level_index), "level_mpp": float(level.mpp), "patch_um": bundle.patch_um,
+        "points": "grid" if prep.pitch_um is not None else "explicit", "pitch_um": prep.pitch_um, "grid": prep.grid,
+        "min_tissue": prep.min_tissue, "output_meaning": bundle.spec.output.meaning,
+        "tissue_mask": prep.tissue_mask.astype(np.uint8), "tissue_mask_scalef": float(prep.thumbnail_scale),
+    }
+
+
+def _open_store(prep: PreparedSlide, out: Path, ctx: SlideContext) -> tuple[OutputStore, bool]:
+    """(store, resumed): the incomplete output reopened for ``--resume``, else a new one."""
+    bundle, n = ctx.bundle, len(prep.points_px)
+    identity = _identity(prep, bundle)
+    opts, state = ctx.options, OutputStore.status(out)
+    # --resume finishes a partial; with --overwrite that partial may be the replacement of a complete output.
+    replacing = opts.overwrite and state == "complete" and partial_path(out).is_dir()
+    if opts.resume and (state == "incomplete" or replacing):
+        return OutputStore.open_incomplete(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
+                                           genes=bundle.genes, expected_uns={"hishrst": identity},
+                                           max_buffer_bytes=OUTPUT_BUFFER_BYTES, replace=replacing), True
+    library_id = slide_output_path(prep.path, Path(".")).name[: -len(".zarr")].replace("/", "_") or "slide"
+    spatial = SpatialImages(library_id=library_id, lowres=prep.thumbnail, lowres_scalef=prep.thumbnail_scale,
+                            spot_diameter_fullres=(prep.pitch_um or bundle.patch_um) / float(prep.slide.mpp0))
+    rows = max(1, min(MAX_CHUNK_ROWS, n, (4 << 20) // (4 * len(bundle.genes))))
+    store = OutputStore.create(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
+                               tissue_fraction=prep.tissue_fraction, genes=bundle.genes, uns={"hishrst": identity},
+                               spatial=spatial, chunk_rows=rows, max_buffer_bytes=OUTPUT_BUFFER_BYTES,
+                               replace=opts.overwrite)
+    return store, False
+
+
+def _predict_into(store: OutputStore, prep: PreparedSlide, ctx: SlideContext, lock: Any, resumed: bool
+                  ) -> tuple[PredictStats, StageTimer]:
+    """Stream every missing row into ``store`` and flush; on failure keep finished rows for ``--resume``."""
+    from tqdm.auto import tqdm
+
+    timer = StageTimer()
+    done = store.done_mask()
+    bar = tqdm(total=len(done), initial=int(done.sum()), desc=prep.path.name[:30], unit="pt",
+               disable=not ctx.options.progress, leave=False, position=1)
+    last_refresh = [time.monotonic()]
+
+    def advance(k: int) -> None:
+        bar.update(k)
+        if time.monotonic() - last_refresh[0] > LOCK_REFRESH_S:
+            lock.refresh()
+            last_refresh[0] = time.monotonic()
+
+    opts = ctx.options
+    try:
+        stats = predict_slide(prep, ctx.bundle, encoder=ctx.engines.encoder, head=ctx.engines.head,
+                              write=store.write_rows, done=done, batch_size=ctx.batch_size, workers=opts.workers,
+                              cache_bytes=int(opts.cache_bytes or 0), progress=advance, timer=timer)
+        t0 = time.perf_counter()
+        store.flush()
+        timer.add("write", time.perf_counter() - t0)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            store.close()  # keep every finished row for --resume
+            if not resumed and not store.done_mask().any():  # nothing computed: leave no output at all
+                remove_tree(store.work_path)
+        raise
+    finally:
+        bar.close()
+    return stats, timer
+
+
+def run_prepared(prep: PreparedSlide, out: Path, ctx: SlideContext, lock: Any) -> SlideResult:
+    """Predict one prepared slide into ``out`` (holding ``lock``) and finalize it; status ``ok``."""
+    from hishrst_runtime import __version__
+
+    n = len(prep.points_px)
+    if n == 0:
+        raise InputError(f"{prep.path}: no tissue found under the query grid (tissue detected on "
+                         f"{float(prep.tissue_mask.mean()):.1%} of the overview); lower --min-tissue, "
+                         "check the slide, or pass explicit points")
+    store, resumed = _open_store(prep, out, ctx)
+    stats, timer = _predict_into(store, prep, ctx, lock, resumed)
+    tiles_per_s = round(stats.points_computed / max(stats.seconds, 1e-9), 1)
+    timings = {k: round(v, 3) for k, v in timer.seconds.items()} | {"prepare": round(prep.seconds, 3),
+                                                                     "predict": round(stats.seconds, 3)}
+    store.finalize({"hishrst_run": {
+        "slide": str(prep.path.resolve()), "bundle": str(Path(ctx.bundle.root).resolve()),
+        "engine": ctx.engines.provider, "hishrst_version": __version__, "resumed": resumed,
+        "points_computed": stats.points_computed, "patch_side_px": int(stats.patch_side_px),
+        "tiles_per_s": tiles_per_s, "timings": timings,
+    }})
+    return SlideResult(slide=str(prep.path), output=out, status="ok", points=n, computed=stats.points_computed,
+                       engine=ctx.engines.provider, tiles_per_s=tiles_per_s, resumed=resumed, timings=timings, stats=stats)

@@ -1,0 +1,31 @@
+"""The slide layer's errors (all :class:`hishrst_runtime.core.errors.InputError`, so also ``ValueError``).
+
+Each message names the store, chunk file or source file, says what is wrong and the fix, on one line.
+"""
+
+from __future__ import annotations
+
+from hishrst_runtime.core.errors import InputError
+from hishrst_runtime.core.units import PixelSizeError
+
+__all__ = ["SlideError", "SlidePixelSizeError", "ChunkDecodeError", "MissingChunkError", "ConvertError"]
+
+
+class SlideError(InputError):
+    """A slide store that cannot be used; the message names the store, the problem and the fix."""
+
+
+class SlidePixelSizeError(SlideError, PixelSizeError):
+    """A slide's pixel size (``--mpp`` or the store's scales) that is not positive or not plausible."""
+
+
+class ChunkDecodeError(SlideError):
+    """A chunk file that cannot be read, fails its checksum or does not decode to the chunk's shape."""
+
+
+class MissingChunkError(SlideError):
+    """A chunk file is missing where the slide's overview shows tissue (it would be read as the fill value)."""
+
+
+class ConvertError(InputError):
+    """A source or output that cannot be converted; the message names the file, the problem and the fix."""

@@ -1,0 +1,171 @@
+"""NGFF (OME-Zarr) format objects per version, as ome-zarr-py has them (torch-free).
+
+A format knows its zarr format, where the ``multiscales`` metadata lives, how arrays are created
+(``dimension_names`` in zarr v3, ``/``-separated chunk keys in v2), which checksummed compressor
+hishrst writes, and how to wrap the metadata it writes:
+
+* :class:`FormatV04` — NGFF 0.4 on zarr v2: ``multiscales`` (with ``version``) in ``.zattrs``.
+* :class:`FormatV05` — NGFF 0.5 on zarr v3: ``attributes.ome.multiscales`` in ``zarr.json``.
+
+:func:`find_multiscales` reads either (and NGFF ≤ 0.3 stores, whose ``multiscales`` carry no or old
+axes); :func:`parse_axes` and :func:`scale_of` read the parts every version shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from hishrst_runtime.slides.errors import SlideError
+
+__all__ = ["NgffFormat", "FormatV04", "FormatV05", "FORMATS", "format_for", "find_multiscales", "parse_axes",
+           "scale_of", "multiscale_metadata", "ZSTD_LEVEL"]
+
+#: zstd level of the chunks hishrst writes (zarr-python's default level).
+ZSTD_LEVEL = 0
+
+
+@dataclass(frozen=True)
+class NgffFormat:
+    """One NGFF version; see the module docstring."""
+
+    version: ClassVar[str] = ""
+    zarr_format: ClassVar[int] = 0
+    #: The attribute that holds ``multiscales`` (``"ome"`` in 0.5), or None for the attributes themselves.
+    container: ClassVar[str | None] = None
+
+    def multiscales(self, attrs: dict[str, Any]) -> list[Any] | None:
+        """The ``multiscales`` list of a group's attributes in this format, or None."""
+        holder = attrs.get(self.container) if self.container else attrs
+        ms = holder.get("multiscales") if isinstance(holder, dict) else None
+        return ms if isinstance(ms, list) else None
+
+    def wrap(self, ms: dict[str, Any], omero: dict[str, Any]) -> dict[str, Any]:
+        """The group attributes holding one multiscale image ``ms`` and its ``omero`` rendering."""
+        raise NotImplementedError
+
+    def array_kwargs(self, axes: str) -> dict[str, Any]:
+        """Keyword arguments of ``zarr.Group.create_array`` for an array with ``axes`` (e.g. ``"cyx"``)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FormatV04(NgffFormat):
+    """NGFF 0.4 on zarr v2 (see the module docstring)."""
+
+    version: ClassVar[str] = "0.4"
+    zarr_format: ClassVar[int] = 2
+
+    def wrap(self, ms: dict[str, Any], omero: dict[str, Any]) -> dict[str, Any]:
+        return {"multiscales": [{**ms, "version": self.version}], "omero": {**omero, "version": self.version}}
+
+    def array_kwargs(self, axes: str) -> dict[str, Any]:
+        import numcodecs
+
+        return {"chunk_key_encoding": {"name": "v2", "separator": "/"},
+                "compressors": numcodecs.Zstd(level=ZSTD_LEVEL, checksum=True)}
+
+
+@dataclass(frozen=True)
+class FormatV05(NgffFormat):
+    """NGFF 0.5 on zarr v3 (see the module docstring)."""
+
+    version: ClassVar[str] = "0.5"
+    zarr_format: ClassVar[int] = 3
+    container: ClassVar[str | None] = "ome"
+
+    def wrap(self, ms: dict[str, Any], omero: dict[str, Any]) -> dict[str, Any]:
+        return {"ome": {"version": self.version, "multiscales": [ms], "omero": omero}}
+
+    def array_kwargs(self, axes: str) -> dict[str, Any]:
+        from zarr.codecs import ZstdCodec
+
+        return {"dimension_names": list(axes), "compressors": ZstdCodec(level=ZSTD_LEVEL, checksum=True)}
+
+
+FORMATS: dict[str, NgffFormat] = {"0.4": FormatV04(), "0.5": FormatV05()}
+
+
+def format_for(version: Literal["0.4", "0.5"]) -> NgffFormat:
+    """The format object of NGFF ``version``; ValueError for another version."""
+    try:
+        return FORMATS[version]
+    except KeyError:
+        raise ValueError(f"version must be '0.4' or '0.5', got {version!r}") from None
+
+
+def find_multiscales(root: Any, path: str) -> tuple[Any, list[dict[str, Any]]]:
+    """(image group, multiscales list) from the root group or its bioformats2raw child ``"0"``.
+
+    Raises :class:`SlideError` naming ``path`` when neither holds NGFF ``multiscales`` metadata.
+    """
+    candidates = [root]
+    try:
+        child = root.get("0")
+    except (KeyError, OSError, ValueError):  # an unreadable child just means "no bioformats2raw image"
+        child = None
+    if child is not None and hasattr(child, "attrs") and not hasattr(child, "shape"):
+        candidates.append(child)
+    for group in candidates:
+        attrs = dict(group.attrs)
+        for fmt in (FORMATS["0.5"], FORMATS["0.4"]):
+            ms = fmt.multiscales(attrs)
+            if ms is not None:
+                return group, ms
+    raise SlideError(
+        f"{path}: this zarr store is not an OME-Zarr image (no 'multiscales' metadata in the group or in its '0' "
+        "child). Convert the slide with `hishrst convert SLIDE.svs OUT.zarr`, or point to the image group of the store.")
+
+
+def scale_of(transforms: Any) -> list[float] | None:
+    """The ``scale`` of the first scale transformation in an NGFF ``coordinateTransformations`` list."""
+    if not isinstance(transforms, list):
+        return None
+    for t in transforms:
+        if isinstance(t, dict) and t.get("type") == "scale" and isinstance(t.get("scale"), list):
+            try:
+                return [float(v) for v in t["scale"]]
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def parse_axes(ms: dict[str, Any], ndim: int, path: str) -> tuple[list[str], list[str | None]]:
+    """(lower-case axis names, their units or None) of a multiscale; NGFF ≤ 0.2 stores are 5-D ``tczyx``."""
+    axes = ms.get("axes")
+    if axes is None:
+        return list("tczyx")[-ndim:], [None] * ndim
+    names: list[str] = []
+    units: list[str | None] = []
+    for a in axes:
+        if isinstance(a, dict):
+            names.append(str(a.get("name", "")).lower())
+            unit = a.get("unit")
+            units.append(str(unit).lower() if unit is not None else None)
+        else:  # NGFF 0.3: list of names
+            names.append(str(a).lower())
+            units.append(None)
+    if len(names) != ndim:
+        raise SlideError(f"{path}: the multiscales metadata lists {len(names)} axes {names} but the arrays have "
+                         f"{ndim} dimensions. Re-write the store with consistent metadata (e.g. `hishrst convert`).")
+    return names, units
+
+
+def multiscale_metadata(
+    n_levels: int, *, mpp: float | None, axes: str, name: str, fmt: NgffFormat
+) -> dict[str, Any]:
+    """Group attributes of a ``n_levels`` 2×-mean pyramid with level-0 pixel size ``mpp`` µm / pixel
+    (``None``: unit-less scales) and RGB ``omero`` rendering, wrapped for ``fmt``."""
+    unit = {"unit": "micrometer"} if mpp is not None else {}
+    axes_md = [{"name": "c", "type": "channel"} if a == "c" else {"name": a, "type": "space", **unit} for a in axes]
+    base = float(mpp) if mpp is not None else 1.0
+    datasets = [{"path": str(k), "coordinateTransformations": [
+        {"type": "scale", "scale": [1.0 if a == "c" else base * 2.0**k for a in axes]}]} for k in range(n_levels)]
+    ms: dict[str, Any] = {
+        "name": name, "axes": axes_md, "datasets": datasets, "type": "mean",
+        "metadata": {"description": "2x2 mean pooling per level", "method": "hishrst_runtime.slides.convert"},
+    }
+    window = {"min": 0, "max": 255, "start": 0, "end": 255}
+    channels = [{"color": c, "label": lab, "active": True, "coefficient": 1.0, "family": "linear", "inverted": False,
+                 "window": dict(window)} for c, lab in (("FF0000", "red"), ("00FF00", "green"), ("0000FF", "blue"))]
+    return fmt.wrap(ms, {"channels": channels, "rdefs": {"model": "color"}})

@@ -1,0 +1,165 @@
+"""The one lazy view of a TIFF / SVS / OME-TIFF pyramid level, and the pixel size of a TIFF (torch-free).
+
+:class:`TiffLevel` reads one level of a tifffile series through tifffile's zarr store (tile by tile or
+strip by strip, so memory is bounded by what is asked for); an uncompressed contiguous image is
+memory-mapped instead. ``level[y0:y1, x0:x1]`` returns ``(h, w, C)`` in the file's dtype with the
+non-Y/X axes flattened into the last one in file order (``C`` = 3 for RGB, 1 for greyscale). Both
+``hishrst convert`` and training's full-resolution image reader are built on it. A truncated or
+corrupt file raises :class:`TiffError` naming it, at open or when the bad tile is read.
+
+:func:`tiff_pixel_size` finds the pixel size (µm / pixel) of a TIFF with the parsers of
+:mod:`hishrst_runtime.core.units`, in order: Aperio ``MPP``, OME ``PhysicalSizeX/Y``, a JSON
+ImageDescription, the resolution tags.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hishrst_runtime.core.units import (
+    aperio_mpp,
+    is_plausible_mpp,
+    json_description_mpp,
+    ome_physical_size_um,
+    tiff_resolution_mpp,
+)
+from hishrst_runtime.slides.errors import SlideError
+
+__all__ = ["TiffError", "TiffLevel", "tiff_pixel_size", "tiff_pixel_size_candidates"]
+
+#: What a damaged TIFF raises from tifffile / imagecodecs / zarr (TiffFileError is a ValueError,
+#: the imagecodecs errors are RuntimeErrors).
+_READ_ERRORS = (ValueError, RuntimeError, OSError, KeyError, IndexError, EOFError)
+_FIX = "check that the file is complete (copy it again) and a valid TIFF / SVS / OME-TIFF"
+
+
+class TiffError(SlideError):
+    """A TIFF that cannot be opened or read; ``path`` and ``reason`` let callers word their own message."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, fix: str = _FIX) -> None:
+        self.path, self.reason, self.fix = str(path), reason, fix
+        super().__init__(f"{path}: {reason}; {fix}")
+
+
+class TiffLevel:
+    """Lazy ``(H, W, C)`` view of level ``level`` of series ``series`` of a TIFF file (see the module docstring).
+
+    Attributes: ``path``; ``axes`` (tifffile's axis letters, e.g. ``"YXS"``, ``"SYX"``) and ``dims``
+    (their sizes); ``shape`` = (H, W, C) pixels; ``dtype``; ``chunks`` = the (rows, columns) of one
+    tile or strip, or None for a memory-mapped image; ``align_rows``, the natural row block to read in;
+    ``tif``, the open ``tifffile.TiffFile`` (for metadata). Close it, or use it as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, series: int = 0, level: int = 0, memmap: bool = True) -> None:
+        import tifffile
+
+        self.path = Path(path)
+        try:
+            self.tif: Any = tifffile.TiffFile(str(self.path))
+        except (tifffile.TiffFileError, *_READ_ERRORS) as e:
+            raise TiffError(self.path, f"not a readable SVS / TIFF / OME-TIFF file ({e})") from e
+        try:
+            self._open(series, level, memmap)
+        except BaseException:
+            self.tif.close()
+            raise
+
+    def _open(self, series: int, level: int, memmap: bool) -> None:
+        import tifffile
+        import zarr
+
+        if not self.tif.series:
+            raise TiffError(self.path, "the file contains no image", "check that it is a slide")
+        s = self.tif.series[series]
+        lvl = s.levels[level] if getattr(s, "levels", None) else s
+        self.axes, self.dims = str(lvl.axes).upper(), tuple(int(n) for n in lvl.shape)
+        if "Y" not in self.axes or "X" not in self.axes:
+            raise TiffError(self.path, f"the first image has axes {self.axes!r}, not a 2-D image",
+                            "export one RGB plane of the slide first")
+        self.dtype = np.dtype(lvl.dtype)
+        other = [n for a, n in zip(self.axes, self.dims) if a not in "YX"]
+        self.shape = (self.dims[self.axes.index("Y")], self.dims[self.axes.index("X")], int(np.prod(other, dtype=np.int64)))
+        page = lvl.keyframe if hasattr(lvl, "keyframe") else self.tif.pages[0]
+        self.page = page
+        self.align_rows = int(page.tilelength) if page.is_tiled else int(page.rowsperstrip or self.shape[0])
+        self.array: Any = None
+        if memmap and page.compression == 1 and getattr(page, "is_contiguous", False) and not page.is_tiled:
+            try:  # uncompressed contiguous data: memory-map instead of decoding whole strips
+                self.array = tifffile.memmap(str(self.path), page=page.index, mode="r").reshape(self.dims)
+                self.align_rows = 256
+            except (ValueError, OSError):
+                self.array = None
+        self.chunks: tuple[int, int] | None = None
+        if self.array is None:
+            try:
+                self.array = zarr.open(s.aszarr(level=level), mode="r")
+            except _READ_ERRORS as e:
+                raise TiffError(self.path, f"cannot open the image data ({e})") from e
+            if hasattr(self.array, "keys"):  # a group: its level
+                self.array = self.array[str(level)]
+            ch = tuple(int(c) for c in self.array.chunks)
+            self.chunks = (ch[self.axes.index("Y")], ch[self.axes.index("X")])
+            self.align_rows = min(self.align_rows, 4096)  # giant strips: read them in smaller pieces
+        if tuple(self.array.shape) != self.dims:
+            raise TiffError(self.path, f"unexpected TIFF layout (axes {self.axes!r}, data shape {self.array.shape})",
+                            "convert it to a plain RGB TIFF")
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        """``level[ys, xs]`` → ``(h, w, C)`` in the file's dtype (slices may have steps)."""
+        ys, xs = key
+        idx = tuple(ys if a == "Y" else xs if a == "X" else slice(None) for a in self.axes)
+        try:
+            data = np.asarray(self.array[idx])
+        except _READ_ERRORS as e:
+            raise TiffError(self.path, f"cannot read pixels [{ys.start}:{ys.stop}, {xs.start}:{xs.stop}] "
+                            f"({type(e).__name__}: {e}); the file is truncated or corrupt") from e
+        other = [i for i, a in enumerate(self.axes) if a not in "YX"]
+        data = data.transpose([self.axes.index("Y"), self.axes.index("X"), *other])
+        return data.reshape(data.shape[0], data.shape[1], -1)
+
+    def close(self) -> None:
+        """Close the file (further reads fail)."""
+        self.tif.close()
+
+    def __enter__(self) -> TiffLevel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def tiff_pixel_size_candidates(tif: Any) -> list[tuple[float, str]]:
+    """Every pixel size (µm / pixel, origin) recorded in the first page of an open ``tifffile.TiffFile``,
+    in order of trust: Aperio MPP, OME PhysicalSizeX/Y, a JSON ImageDescription, the resolution tags."""
+    page = tif.pages[0]
+    desc = page.description or ""
+    found: list[tuple[float | None, str]] = []
+    if desc.startswith("Aperio") or getattr(tif, "is_svs", False):
+        found.append((aperio_mpp(desc), "Aperio MPP"))
+    if getattr(tif, "is_ome", False) and tif.ome_metadata:
+        found.append((ome_physical_size_um(tif.ome_metadata), "OME PhysicalSizeX/Y"))
+    found.append((json_description_mpp(desc), "ImageDescription JSON"))
+
+    def tag(name: str) -> Any:
+        t = page.tags.get(name)
+        return None if t is None else t.value
+
+    found.append((tiff_resolution_mpp(tag("XResolution"), tag("YResolution"), tag("ResolutionUnit")),
+                  "TIFF resolution tags"))
+    return [(float(v), origin) for v, origin in found if v is not None]
+
+
+def tiff_pixel_size(tif: Any, *, mpp_range: tuple[float, float] | None = None) -> tuple[float | None, str]:
+    """The first plausible pixel size (µm / pixel) of an open ``tifffile.TiffFile`` and its origin.
+
+    Implausible values (outside :func:`hishrst_runtime.core.units.mpp_range`, e.g. a 72 dpi
+    placeholder) count as absent. Returns ``(None, "none")`` when the file has no usable pixel size.
+    """
+    for value, origin in tiff_pixel_size_candidates(tif):
+        if is_plausible_mpp(value, bounds=mpp_range):
+            return value, origin
+    return None, "none"

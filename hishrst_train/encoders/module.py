@@ -1,0 +1,189 @@
+"""The frozen encoder module (uint8 NHWC tiles → features), its construction and its fingerprint.
+
+:class:`EncoderModule` takes uint8 NHWC RGB tiles ``[B, S, S, 3]`` and returns float32 features ``[B, D]``;
+scaling by 1/255 and mean/std normalisation are plain tensor ops inside ``forward`` so the same module
+exports to ONNX with a uint8 input. Before an ONNX export call :func:`set_fused_attn` ``(encoder, False)``
+so timm's attention runs as explicit matmul/softmax instead of ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hishrst_train.encoders.registry import EncoderSpec, get_encoder_spec
+from hishrst_train.encoders.state_dict import check_state_dict, load_state_dict_file
+from hishrst_train.encoders.weights import WeightsError, resolve_weights
+
+__all__ = ["EncoderModule", "build_backbone", "load_encoder", "encoder_fingerprint", "set_fused_attn"]
+
+
+def _timm_kwargs(spec: EncoderSpec) -> dict[str, Any]:
+    import timm.layers
+
+    kwargs = dict(spec.timm_kwargs)
+    if isinstance(kwargs.get("mlp_layer"), str):
+        kwargs["mlp_layer"] = getattr(timm.layers, kwargs["mlp_layer"])
+    if isinstance(kwargs.get("act_layer"), str):
+        kwargs["act_layer"] = getattr(nn, kwargs["act_layer"])
+    return kwargs
+
+
+def build_backbone(spec: EncoderSpec, *, device: str | torch.device | None = None) -> nn.Module:
+    """Create the timm model of ``spec`` with timm's random initialisation (no weights are loaded).
+
+    ``device="meta"`` builds it without allocating memory (to check shapes or ``load_state_dict(assign=True)``).
+    """
+    import timm
+
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = timm.create_model(spec.arch, pretrained=False, **_timm_kwargs(spec))
+    if getattr(model, "num_features", spec.feature_dim) != spec.feature_dim:
+        raise RuntimeError(f"encoder {spec.name!r}: timm built {model.num_features}-d features, spec says {spec.feature_dim}")
+    return model
+
+
+def _random_backbone(spec: EncoderSpec) -> nn.Module:
+    """Seeded random weights; LayerScale gammas set to 1 so the output depends on the input.
+
+    With timm's ``init_values=1e-5`` every residual branch is scaled by 1e-5 and a random ViT returns nearly
+    the same vector for any image; real checkpoints have learned gammas, so this only affects random init.
+    """
+    from timm.layers import LayerScale
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = build_backbone(spec)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LayerScale):
+                m.gamma.fill_(1.0)
+    return model
+
+
+def _load_into_meta(spec: EncoderSpec, path: Path) -> nn.Module:
+    sd = load_state_dict_file(path)
+    model = build_backbone(spec, device="meta")
+    check_state_dict(model, sd, spec, path)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: loading into encoder {spec.name!r} failed: {e}") from e
+    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"encoder {spec.name!r}: tensors not set by the state dict: {leftovers[:5]}")
+    return model.float()
+
+
+def set_fused_attn(module: nn.Module, enabled: bool) -> int:
+    """Switch timm attention in ``module`` between fused SDPA (``True``) and explicit matmul/softmax.
+
+    Call ``set_fused_attn(encoder, False)`` before ``torch.onnx.export`` for a portable attention graph.
+    Returns the number of attention modules changed. (``timm.layers.set_fused_attn`` only affects models
+    created afterwards; this flips the ``fused_attn`` attribute of existing modules.)
+    """
+    n = 0
+    for m in module.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = bool(enabled)
+            n += 1
+    return n
+
+
+class EncoderModule(nn.Module):
+    """Frozen encoder: uint8 NHWC RGB tiles ``[B, S, S, 3]`` → float32 features ``[B, feature_dim]``.
+
+    ``forward`` scales to 0–1, subtracts ``spec.mean`` and divides by ``spec.std`` (channels last, RGB),
+    permutes to NCHW and runs the timm backbone. Parameters have ``requires_grad=False`` and the module stays
+    in eval mode (``train()`` is a no-op), so it can sit inside a trainable model without being updated.
+    """
+
+    def __init__(self, backbone: nn.Module, spec: EncoderSpec) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        self.input_size = int(spec.input_size)
+        self.feature_dim = int(spec.feature_dim)
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 1, 1, 3), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 1, 1, 3), persistent=False)
+        self.requires_grad_(False)
+        super().train(False)
+        self._fingerprint: tuple[tuple[Any, ...], str] | None = None
+
+    def train(self, mode: bool = True) -> EncoderModule:  # noqa: ARG002 - frozen: always eval
+        """No-op: the encoder is frozen and always in eval mode."""
+        return super().train(False)
+
+    def set_fused_attn(self, enabled: bool) -> int:
+        """See :func:`set_fused_attn`; ``False`` before ONNX export."""
+        return set_fused_attn(self.backbone, enabled)
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        """``tiles``: uint8 ``[B, S, S, 3]`` RGB (S = ``input_size``) → float32 ``[B, feature_dim]``."""
+        if tiles.dtype != torch.uint8 or tiles.dim() != 4 or tiles.shape[-1] != 3:
+            raise TypeError(f"expected uint8 tiles [B, S, S, 3] (NHWC, RGB), got {tiles.dtype} {list(tiles.shape)}")
+        x = tiles.to(torch.float32) / 255.0
+        x = (x - self.mean) / self.std
+        x = x.permute(0, 3, 1, 2)
+        return self.backbone(x).to(torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"name={self.spec.name!r}, input_size={self.input_size}, feature_dim={self.feature_dim}"
+
+
+def load_encoder(
+    name: str,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    random_init: bool = False,
+) -> EncoderModule:
+    """Build encoder ``name`` with its weights (resolved as in :func:`resolve_weights`) on ``device``.
+
+    ``random_init=True`` skips weight resolution and uses seeded random weights (architecture tests, e.g.
+    ONNX export of the full UNI graph without access to its weights). Raises :class:`WeightsError` with
+    instructions when the weights are unavailable or do not fit the architecture.
+    """
+    spec = get_encoder_spec(name)
+    path = None if random_init else resolve_weights(spec, weights=weights, cache_dir=cache_dir)
+    backbone = _random_backbone(spec) if path is None else _load_into_meta(spec, path)
+    return EncoderModule(backbone, spec).to(device)
+
+
+def encoder_fingerprint(encoder: nn.Module) -> str:
+    """16-hex-digit hash of the encoder's name, architecture and weights (all state-dict tensor bytes).
+
+    Used in feature cache keys. The value is cached on the module and recomputed when any tensor changes
+    (tracked through the tensors' storage pointers and in-place version counters).
+    """
+    spec = getattr(encoder, "spec", None)
+    sd = encoder.state_dict()
+    try:
+        state: tuple[Any, ...] | None = tuple((k, v.data_ptr(), v._version, v.device.type) for k, v in sd.items())
+    except RuntimeError:  # inference tensors have no version counter: hash every time
+        state = None
+    cached = getattr(encoder, "_fingerprint", None)
+    if state is not None and cached is not None and cached[0] == state:
+        return cached[1]
+    h = hashlib.blake2b(digest_size=8)
+    if spec is not None:
+        h.update(repr((spec.name, spec.arch, sorted(spec.timm_kwargs.items()), spec.input_size, spec.mean,
+                       spec.std)).encode())
+    else:
+        h.update(type(encoder).__qualname__.encode())
+    for k, v in sd.items():
+        t = v.detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    digest = h.hexdigest()
+    if isinstance(encoder, EncoderModule) and state is not None:
+        encoder._fingerprint = (state, digest)
+    return digest

@@ -1,0 +1,37 @@
+"""Synthetic Visium sections that exercise the real readers (Space Ranger ``outs`` + pyramidal TIFF).
+
+Real data cannot be downloaded here, so :func:`make_synthetic_visium` writes a dataset with the exact
+on-disk layout of a Space Ranger ≥ 2.0 run::
+
+    out_dir/
+      image.tif                          full-resolution H&E-like image (tiled pyramidal TIFF, JPEG)
+      truth.npz                          the generator's ground truth (see below)
+      outs/filtered_feature_bc_matrix.h5 10x HDF5 feature-barcode matrix (in-tissue spots only)
+      outs/spatial/tissue_positions.csv  all lattice spots, header, in_tissue 0/1
+      outs/spatial/scalefactors_json.json
+      outs/spatial/tissue_hires_image.png (max side 2000 px), tissue_lowres_image.png (max side 600 px)
+      outs/spatial/ground_truth_layers.csv  barcode,layer (like the DLPFC annotations)
+
+Biology a model can learn: the tissue is a cortex-like section with six curved layer bands plus white
+matter (:data:`REGION_NAMES`). Each region has its own nuclei density, nuclei size and shape, stain
+intensity, eosin tint, neuronal cytoplasm halo and (white matter) fibre streaks, so a 64 µm patch shows
+which region it comes from. Gene means depend on the region mix inside each 55 µm spot disk (marker,
+housekeeping and background genes), some genes follow smooth gradients (cortical depth, slide x),
+library sizes vary and counts are negative binomial. Everything is deterministic from ``seed``.
+
+Geometry: lattice positions come from :func:`hishrst_runtime.core.geometry.visium_array_to_um` (100 µm
+pitch); full-resolution pixels are ``px = A @ [x_um, y_um, 1]`` with an exact similarity affine ``A``
+(scale ``1 / mpp``, a small rotation, a margin offset; no jitter), so an affine fit recovers it.
+Pixel ``(col, row)`` indices are pixel centres.
+
+``truth.npz`` holds, for the in-tissue spots in matrix order: ``barcodes``, ``region_names``,
+``region_fractions`` [N, 7] (fraction of the spot disk in each region), ``tissue_fraction`` [N],
+``depth_um`` [N], ``expected_means`` [N, G] (expected UMI counts), ``library_size`` [N], ``spot_xy_px``
+[N, 2]; per gene ``gene_names``, ``gene_ids``, ``gene_kind``, ``marker_region`` (-1: none),
+``region_log_means`` [7, G]; and ``affine_um_to_px`` [2, 3], ``mpp``, ``image_shape``, ``seed``, ``preset``.
+"""
+
+from hishrst_train.synth.model import PRESETS, REGION_NAMES, SynthPreset
+from hishrst_train.synth.writer import load_truth, make_synthetic_visium
+
+__all__ = ["PRESETS", "REGION_NAMES", "SynthPreset", "load_truth", "make_synthetic_visium"]

@@ -1,0 +1,249 @@
+"""Writing a synthetic section to disk: Space Ranger ``outs`` (10x HDF5 matrix, spatial/), the pyramidal
+TIFF, the hires/lowres PNGs and ``truth.npz`` (see :mod:`hishrst_train.synth` for the layout)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from hishrst_runtime.core.geometry import VISIUM_SPOT_DIAMETER_UM, visium_array_to_um, visium_lattice
+from hishrst_train.synth.model import (
+    PRESETS,
+    REGION_NAMES,
+    SpotModel,
+    SynthPreset,
+    _barcodes,
+    _gene_programme,
+    _Tissue,
+    spot_counts,
+    spot_model,
+)
+from hishrst_train.synth.render import STRIP_ROWS, Renderer, downsample2, make_nuclei
+
+__all__ = ["make_synthetic_visium", "load_truth"]
+
+log = logging.getLogger("hishrst")
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Lattice (``rows``, ``cols``, ``spot_um``) and the exact µm → px similarity affine of the image."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    spot_um: np.ndarray
+    spot_px: np.ndarray
+    affine: np.ndarray  # [2, 3]: px = affine @ [x_um, y_um, 1]
+    width: int
+    height: int
+    box: tuple[float, float, float, float]  # the image's extent in lattice µm (x0, y0, x1, y1)
+
+
+def _geometry(p: SynthPreset, rng: np.random.Generator) -> _Geometry:
+    """Lattice µm → full-resolution px: scale ``1 / mpp``, a small random rotation and a margin offset."""
+    rows, cols = visium_lattice(p.n_rows, p.n_cols)
+    spot_um = visium_array_to_um(rows, cols)
+    rot = np.deg2rad(rng.uniform(-0.6, 0.6))
+    lin = np.array([[np.cos(rot), -np.sin(rot)], [np.sin(rot), np.cos(rot)]]) / p.mpp
+    lo_um, hi_um = spot_um.min(0) - p.margin_um, spot_um.max(0) + p.margin_um
+    corners = np.array([[lo_um[0], lo_um[1]], [hi_um[0], lo_um[1]], [lo_um[0], hi_um[1]], [hi_um[0], hi_um[1]]])
+    cpx = corners @ lin.T
+    off = -cpx.min(0)
+    width, height = (int(np.ceil(v)) + 1 for v in (cpx.max(0) - cpx.min(0)))
+    affine = np.concatenate([lin, off[:, None]], axis=1)
+    inv = np.linalg.inv(lin)
+    img_box_um = (np.array([[0, 0], [width, 0], [0, height], [width, height]], float) - off) @ inv.T
+    box = (*img_box_um.min(0), *img_box_um.max(0))
+    return _Geometry(rows=rows, cols=cols, spot_um=spot_um, spot_px=spot_um @ lin.T + off, affine=affine,
+                     width=width, height=height, box=box)
+
+
+def _write_spaceranger(outs: Path, *, p: SynthPreset, geo: _Geometry, spots: SpotModel, gp: dict[str, np.ndarray],
+                       barcodes: np.ndarray, order: np.ndarray, counts: np.ndarray, library_id: str) -> tuple[float, float]:
+    """The 10x HDF5 matrix and ``spatial/`` (positions, layers, scale factors); returns (hires, lowres) scales."""
+    import pandas as pd
+
+    from hishrst_train.data.tenx import _write_10x_arrays
+
+    _write_10x_arrays(
+        outs / "filtered_feature_bc_matrix.h5", counts, barcodes=barcodes[order], names=gp["names"], ids=gp["ids"],
+        feature_types=np.full(p.n_genes, "Gene Expression"), genomes=np.full(p.n_genes, "GRCh38"),
+        library_id=library_id, chemistry_description="Spatial 3' v1",
+        software_version="spaceranger-2.0.0 (hishrst synthetic)",
+    )
+    pos = pd.DataFrame({"barcode": barcodes, "in_tissue": spots.in_tissue.astype(int), "array_row": geo.rows,
+                        "array_col": geo.cols, "pxl_row_in_fullres": geo.spot_px[:, 1],
+                        "pxl_col_in_fullres": geo.spot_px[:, 0]})
+    pos = pos.sort_values("barcode", kind="stable")
+    pos.to_csv(outs / "spatial" / "tissue_positions.csv", index=False, float_format="%.6f")
+    majority = np.asarray(REGION_NAMES)[np.argmax(spots.frac[order], axis=1)]
+    pd.DataFrame({"barcode": barcodes[order], "layer": majority}).to_csv(
+        outs / "spatial" / "ground_truth_layers.csv", index=False)
+    hires_s, lowres_s = 2000.0 / max(geo.width, geo.height), 600.0 / max(geo.width, geo.height)
+    sf = {"spot_diameter_fullres": VISIUM_SPOT_DIAMETER_UM / p.mpp,
+          "fiducial_diameter_fullres": 1.5 * VISIUM_SPOT_DIAMETER_UM / p.mpp,
+          "tissue_hires_scalef": hires_s, "tissue_lowres_scalef": lowres_s}
+    (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps(sf, indent=2))
+    return hires_s, lowres_s
+
+
+def _strips(ren: Renderer, height: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(y0, strip)`` in order; strips are rendered ahead by a small thread pool (numpy releases the GIL)."""
+    starts = iter(range(0, height, STRIP_ROWS))
+    workers = max(1, min(2, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+
+        def submit() -> None:
+            y = next(starts, None)
+            if y is not None:
+                pending.append((y, pool.submit(ren.strip, y, min(height, y + STRIP_ROWS))))
+
+        for _ in range(workers + 1):
+            submit()
+        while pending:
+            y0, fut = pending.popleft()
+            submit()
+            yield y0, fut.result()
+
+
+def _write_tiff(path: Path, ren: Renderer, *, geo: _Geometry, p: SynthPreset, description: str,
+                compression: Literal["jpeg", "zlib"]) -> list[np.ndarray]:
+    """The tiled pyramidal TIFF (level 0 streamed from strips, 2× levels as SubIFDs); returns the pyramid
+    levels kept in memory (level 0 only for small images, then every reduced level) for the PNGs."""
+    import tifffile
+
+    width, height = geo.width, geo.height
+    level1 = np.empty(((height + 1) // 2, (width + 1) // 2, 3), np.uint8)
+    level0 = np.empty((height, width, 3), np.uint8) if max(height, width) < 4000 else None  # small: keep for PNGs
+
+    def tiles() -> Iterator[np.ndarray]:
+        for y0, s in _strips(ren, height):
+            y1 = y0 + s.shape[0]
+            level1[y0 // 2 : (y1 + 1) // 2] = downsample2(s)
+            if level0 is not None:
+                level0[y0:y1] = s
+            for x0 in range(0, width, STRIP_ROWS):
+                yield s[:, x0 : x0 + STRIP_ROWS]
+
+    comp: dict[str, Any] = {"compression": "jpeg", "compressionargs": {"level": 90}} if compression == "jpeg" else {
+        "compression": "zlib", "compressionargs": {"level": 6}}
+    n_sub = max(1, int(np.ceil(np.log2(max(width, height) / 1024.0))))
+    tile = (STRIP_ROWS, STRIP_ROWS)
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(tiles(), shape=(height, width, 3), dtype=np.uint8, tile=tile, photometric="rgb",
+                  subifds=n_sub, resolution=(1e4 / p.mpp, 1e4 / p.mpp), resolutionunit="CENTIMETER",
+                  description=description, metadata=None, **comp)
+        levels = [level1]
+        for i in range(1, n_sub + 1):
+            if i > 1:
+                levels.append(downsample2(levels[-1]))
+            m = p.mpp * 2**i
+            tif.write(levels[-1], tile=tile, photometric="rgb", subfiletype=1,
+                      resolution=(1e4 / m, 1e4 / m), resolutionunit="CENTIMETER", metadata=None, **comp)
+    return ([level0] if level0 is not None else []) + levels
+
+
+def _write_pngs(spatial: Path, pyramid: list[np.ndarray], *, geo: _Geometry, scales: tuple[float, float]) -> None:
+    """``tissue_hires_image.png`` / ``tissue_lowres_image.png`` from the smallest level still large enough."""
+    for name, s in zip(("hires", "lowres"), scales):
+        size = (max(1, round(geo.width * s)), max(1, round(geo.height * s)))
+        src = [lv for lv in pyramid if max(lv.shape[:2]) >= max(size)]
+        _save_png(_resize(src[-1] if src else pyramid[0], size), spatial / f"tissue_{name}_image.png")
+
+
+def make_synthetic_visium(
+    out_dir: str | Path,
+    *,
+    preset: Literal["small", "dlpfc"] = "small",
+    seed: int = 0,
+    compression: Literal["jpeg", "zlib"] = "jpeg",
+) -> Path:
+    """Write a synthetic Visium section under ``out_dir`` and return its ``outs`` directory.
+
+    ``preset="small"``: 18 × 30 lattice (270 spots, ≈ 230 in tissue), 300 genes, 0.6 µm/px,
+    ≈ 2.8k × 2.8k-px image. ``preset="dlpfc"``: 78 × 128 lattice (≈ 4,000 of 4,992 spots in
+    tissue), 2,000 genes, 0.5705 µm/px (``spot_diameter_fullres`` ≈ 96.4 px), ≈ 11.7k × 12.3k image,
+    < 1 GB RAM, ~90 MB on disk.
+    ``compression`` is that of the TIFF tiles. Files and arrays are identical for identical ``seed``.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    out_dir = Path(out_dir)
+    outs = out_dir / "outs"
+    (outs / "spatial").mkdir(parents=True, exist_ok=True)
+    ss = np.random.SeedSequence([int(seed), 0x5EED])
+    rng_geo, rng_nuc, rng_tex, rng_gene, rng_count = (np.random.default_rng(s) for s in ss.spawn(5))
+
+    geo = _geometry(p, rng_geo)
+    tissue = _Tissue(p, rng_geo, geo.box)
+    spots = spot_model(tissue, geo.spot_um)
+    barcodes = _barcodes(len(geo.rows))
+    order = np.flatnonzero(spots.in_tissue)  # in-tissue spots, sorted by barcode like Space Ranger
+    order = order[np.argsort(barcodes[order], kind="stable")]
+    gp = _gene_programme(p.n_genes, rng_gene)
+    mean, lib, counts = spot_counts(p, tissue, gp, spots, geo.spot_um, order, rng_count)
+    scales = _write_spaceranger(outs, p=p, geo=geo, spots=spots, gp=gp, barcodes=barcodes, order=order,
+                                counts=counts, library_id=f"synthetic_{preset}_{seed}")
+
+    ren = Renderer(tissue, make_nuclei(tissue, geo.box, rng_nuc), geo.affine, (geo.height, geo.width), p.mpp,
+                   rng_tex, geo.box, int(seed))
+    desc = json.dumps({"mpp": p.mpp, "generator": "hishrst.synth", "preset": preset, "seed": int(seed)})
+    pyramid = _write_tiff(out_dir / "image.tif", ren, geo=geo, p=p, description=desc, compression=compression)
+    _write_pngs(outs / "spatial", pyramid, geo=geo, scales=scales)
+
+    truth = {
+        "barcodes": barcodes[order].astype(str), "region_names": np.asarray(REGION_NAMES),
+        "region_fractions": spots.frac[order].astype(np.float32), "tissue_fraction": spots.tfrac[order].astype(np.float32),
+        "depth_um": spots.depth[order].astype(np.float32), "expected_means": mean.astype(np.float32),
+        "library_size": lib.astype(np.float32), "spot_xy_px": geo.spot_px[order],
+        "gene_names": gp["names"].astype(str), "gene_ids": gp["ids"].astype(str), "gene_kind": gp["kind"].astype(str),
+        "marker_region": gp["marker_region"], "region_log_means": gp["logmu"].astype(np.float32),
+        "affine_um_to_px": geo.affine, "mpp": np.float64(p.mpp), "image_shape": np.array([geo.height, geo.width, 3]),
+        "seed": np.int64(seed), "preset": np.str_(preset),
+    }
+    _save_npz(out_dir / "truth.npz", truth)
+    log.info("synthetic Visium %s (seed %d): %d/%d spots in tissue, image %d×%d px", preset, seed, len(order),
+             len(geo.rows), geo.width, geo.height)
+    return outs
+
+
+def _resize(a: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(a).resize(size_wh, Image.Resampling.LANCZOS))
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Like ``np.savez_compressed`` but with fast (level-1) deflate; readable by ``np.load``."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for key, val in arrays.items():
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(val), allow_pickle=False)
+
+
+def _save_png(a: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(a).save(path, compress_level=1)
+
+
+def load_truth(out_dir: str | Path) -> dict[str, np.ndarray]:
+    """The generator's ground truth (``out_dir/truth.npz``, or next to an ``outs`` dir) as a dict."""
+    path = Path(out_dir)
+    if path.name == "outs":
+        path = path.parent
+    with np.load(path / "truth.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
