@@ -8,6 +8,11 @@ Providers (hishrst names):
   built on first use and cached per model / onnxruntime / TensorRT / GPU.
 - ``"trt-native"``: the bundle's own serialized TensorRT engine, run with the ``tensorrt`` package.
 
+The registry (:mod:`.registry`: :data:`ENGINES`, provider → engine module and loader, and
+:class:`BackendOptions`) is the one list of these; :func:`load_engine` loads a concrete provider with
+options, :func:`load_backend` adds ``"auto"`` and the availability checks. The zero-returning engine
+(:mod:`.noop`) is a benchmark stand-in and not a provider.
+
 ``onnxruntime.get_available_providers()`` is not trusted on its own: onnxruntime-gpu lists CUDA even
 when the CUDA/cuDNN libraries are missing and then silently runs on the CPU. :func:`available_providers`
 therefore creates (once per process) a tiny session per GPU provider and checks that the provider
@@ -40,14 +45,19 @@ from typing import Any, Literal
 import numpy as np
 
 from hishrst_runtime.backends.base import GPU_EXTRA_HINT, Backend, BackendError, gpu_name
+from hishrst_runtime.backends.registry import ENGINES, BackendOptions, EngineEntry, engine_entry, load_engine
 
 __all__ = [
+    "ENGINES",
     "PROVIDERS",
     "Backend",
     "BackendError",
+    "BackendOptions",
+    "EngineEntry",
     "Provider",
     "available_providers",
     "load_backend",
+    "load_engine",
     "provider_report",
     "resolve_provider",
 ]
@@ -56,8 +66,8 @@ log = logging.getLogger(__name__)
 
 Provider = Literal["auto", "cpu", "cuda", "tensorrt", "trt-native"]
 
-#: Concrete providers, fastest first (the order ``"auto"`` tries them in).
-PROVIDERS: tuple[str, ...] = ("trt-native", "tensorrt", "cuda", "cpu")
+#: Concrete providers, fastest first (the order ``"auto"`` tries them in): the keys of :data:`ENGINES`.
+PROVIDERS: tuple[str, ...] = tuple(ENGINES)
 
 # A 76-byte ONNX model (opset 13, IR 8): y = x * x with x, y float32[4]. Built with onnx.helper and
 # embedded so that probing needs no `onnx` package and no file.
@@ -106,7 +116,7 @@ def _probe_trt_native(device_id: int) -> str | None:
     if not _has_module("tensorrt"):
         return "the TensorRT Python package is not installed. Fix: pip install 'hishrst[gpu]' (or pip install tensorrt)"
     try:
-        import tensorrt  # noqa: F401
+        importlib.import_module("tensorrt")  # a probe: only whether it imports
     except ImportError as e:  # installed but its libraries do not load
         return f"the TensorRT Python package does not import ({e}). Fix: pip install --force-reinstall tensorrt"
     if gpu_name(device_id) is None:
@@ -159,8 +169,7 @@ def resolve_provider(requested: Provider, *, engine_available: bool = False, dev
             if p in avail and (p != "trt-native" or engine_available):
                 return p
         return "cpu"
-    if requested not in PROVIDERS:
-        raise BackendError(f"unknown provider {requested!r}; choose one of auto, {', '.join(PROVIDERS)}")
+    engine_entry(requested)  # an unknown provider: BackendError listing the choices
     reason = provider_report(device_id=device_id).get(requested)
     if reason is not None:
         raise BackendError(f"provider {requested!r} is not available on this machine: {reason}")
@@ -201,64 +210,21 @@ def load_backend(
         expected: ``{"gpu": ..., "tensorrt_version": ...}`` the engine was built for (from the manifest).
         model_sha256: the model's SHA-256 from the manifest (saves hashing it for the TensorRT cache key).
     """
+    options = BackendOptions(cache_dir=cache_dir, engine_path=engine_path, device_id=device_id, threads=threads,
+                             fp16=fp16, max_batch=max_batch, shapes=shapes, expected=expected, model_sha256=model_sha256)
     engine_ok = engine_path is not None and Path(engine_path).is_file()
     if provider == "auto":
         avail = available_providers(device_id=device_id)
         candidates = [p for p in PROVIDERS if p in avail and (p != "trt-native" or engine_ok)]
         if model_path is None:
-            candidates = [p for p in candidates if p == "trt-native"]
+            candidates = [p for p in candidates if ENGINES[p].runs == "engine"]
         errors = []
         for p in candidates:
             try:
-                return _load(p, model_path, cache_dir=cache_dir, engine_path=engine_path, device_id=device_id,
-                             threads=threads, fp16=fp16, max_batch=max_batch, shapes=shapes, expected=expected,
-                             model_sha256=model_sha256)
+                return load_engine(p, model_path, options)
             except BackendError as e:
                 log.warning("provider %s could not load %s, trying the next one: %s", p, model_path or engine_path, e)
                 errors.append(f"{p}: {e}")
-        raise BackendError("no provider could load the model:\n  " + "\n  ".join(errors or ["no candidate provider"]))
+        raise BackendError("no provider could load the model: " + "; ".join(errors or ["no candidate provider"]))
     concrete = resolve_provider(provider, engine_available=engine_ok, device_id=device_id)
-    return _load(concrete, model_path, cache_dir=cache_dir, engine_path=engine_path, device_id=device_id,
-                 threads=threads, fp16=fp16, max_batch=max_batch, shapes=shapes, expected=expected,
-                 model_sha256=model_sha256)
-
-
-def _load(
-    provider: str,
-    model_path: str | Path | None,
-    *,
-    cache_dir: str | Path | None,
-    engine_path: str | Path | None,
-    device_id: int,
-    threads: int | None,
-    fp16: bool,
-    max_batch: int,
-    shapes: Mapping[str, tuple[Any, Any, Any]] | None,
-    expected: Mapping[str, Any] | None,
-    model_sha256: str | None,
-) -> Backend:
-    if provider == "trt-native":
-        # The engine may come as engine_path or, for convenience, as the only path given.
-        engine = engine_path if engine_path is not None else model_path
-        if engine is None or Path(engine).suffix == ".onnx":
-            raise BackendError("provider 'trt-native' needs the bundle's TensorRT engine (engine_path); "
-                               "export one with `hishrst export ... --tensorrt` or use --provider tensorrt")
-        from hishrst_runtime.backends.tensorrt_native import TensorRTNativeBackend
-
-        return TensorRTNativeBackend(engine, expected=expected, device_id=device_id)
-    if model_path is None:
-        raise BackendError(f"provider {provider!r} needs the ONNX model path")
-    if provider == "cpu":
-        from hishrst_runtime.backends.ort_cpu import OrtCpuBackend
-
-        return OrtCpuBackend(model_path, threads=threads)
-    if provider == "cuda":
-        from hishrst_runtime.backends.ort_cuda import OrtCudaBackend
-
-        return OrtCudaBackend(model_path, device_id=device_id, threads=threads)
-    if provider == "tensorrt":
-        from hishrst_runtime.backends.ort_trt import OrtTensorrtBackend
-
-        return OrtTensorrtBackend(model_path, device_id=device_id, cache_dir=cache_dir, fp16=fp16, max_batch=max_batch,
-                                  shapes=shapes, model_sha256=model_sha256, threads=threads)
-    raise BackendError(f"unknown provider {provider!r}; choose one of auto, {', '.join(PROVIDERS)}")
+    return load_engine(concrete, model_path, options)

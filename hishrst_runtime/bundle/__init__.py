@@ -10,11 +10,12 @@
 from hishrst_runtime.bundle.contract import check_engine_io
 from hishrst_runtime.bundle.io_names import ENCODER_IO, HEAD_IO
 from hishrst_runtime.bundle.manifest import SCHEMA_VERSION, Bundle, load_bundle, write_manifest
-from hishrst_runtime.bundle.spec import BundleError, BundleSpec, build_spec
+from hishrst_runtime.bundle.spec import POSITION_MODES, BundleError, BundleSpec, build_spec
 
 __all__ = [
     "ENCODER_IO",
     "HEAD_IO",
+    "POSITION_MODES",
     "SCHEMA_VERSION",
     "Bundle",
     "BundleError",

@@ -10,7 +10,8 @@ Schema (``schema = "hishrst-bundle"``, ``schema_version`` = :data:`SCHEMA_VERSIO
     encoder     {name, input_size (px), feature_dim, input {dtype uint8, layout NHWC, channels RGB},
                  normalisation {scale, mean, std, in_graph}, gated, license}
     patch       {size_um (µm), train_mpp (µm/px), resize, pad_value}
-    position    {mode ("continuous"), units ("um"), pos_n_freqs, min_wavelength_um, max_wavelength_um}
+    position    {mode ("continuous" | "relative" | "none": absolute µm fed to the head; "grid": Visium
+                 array indices), units ("um"), pos_n_freqs, min_wavelength_um, max_wavelength_um}
     grouping    {method, max_size, coords ("level0_px")}
     genes       [names]                      (the head's output columns, in order)
     output      {name, meaning, target_sum, dtype}
@@ -288,7 +289,7 @@ def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
     bundle = Bundle(root=root, manifest=manifest, source_schema_version=cast(int, source_version))  # checked by the upgrade
     for role in ("encoder", "head"):
         check_onnx_file(bundle.spec, role, bundle.path(role), listed_external=bundle.external_data(role), root=root,
-                        where=f"{mpath}: files.{role}")
+                        where=f"{mpath}: files.{role} ({manifest['files'][role]['path']})")
     return bundle
 
 

@@ -2,7 +2,8 @@
 
 :func:`build_spec` turns an upgraded manifest (see :mod:`hishrst_runtime.bundle.manifest`) into a
 :class:`BundleSpec` and checks the values the runtime computes with: positive finite patch size and
-training µm/px, positive integer sizes, unique gene names. Callers read ``bundle.spec`` instead of the
+training µm/px, positive integer sizes, unique gene names, a known position mode (older manifests'
+``continuous`` / ``grid`` included). Callers read ``bundle.spec`` instead of the
 raw dict, so no caller repeats a default.
 """
 
@@ -12,7 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.grouping import GROUPING_METHOD
@@ -29,9 +30,12 @@ __all__ = [
     "LicenseSpec",
     "NormalisationSpec",
     "OutputSpec",
+    "POSITION_MODES",
     "PatchSpec",
+    "PositionMode",
     "PositionSpec",
     "ShapeRange",
+    "UM_POSITION_MODES",
     "build_spec",
 ]
 
@@ -82,15 +86,30 @@ class PatchSpec:
     algorithm: str | None
 
 
+#: How the head uses positions (``position.mode``): ``continuous`` (absolute µm), ``grid`` (Visium array
+#: indices), ``relative`` (the head graph turns absolute µm into translation/rotation-invariant
+#: quantities) or ``none`` (the head ignores them).
+PositionMode = Literal["continuous", "grid", "relative", "none"]
+POSITION_MODES: tuple[str, ...] = get_args(PositionMode)
+#: The modes whose head is fed absolute µm positions (the runtime treats them alike; only ``grid`` differs).
+UM_POSITION_MODES: tuple[str, ...] = ("continuous", "relative", "none")
+
+
 @dataclass(frozen=True)
 class PositionSpec:
-    """Positions fed to the head: ``continuous`` (µm, any slide) or ``grid`` (Visium array indices)."""
+    """Positions fed to the head (``mode``, one of :data:`POSITION_MODES`): absolute µm for ``continuous``,
+    ``relative`` and ``none`` (any slide), Visium array indices for ``grid``."""
 
-    mode: Literal["continuous", "grid"]
+    mode: PositionMode
     units: str
     pos_n_freqs: int | None
     min_wavelength_um: float | None
     max_wavelength_um: float | None
+
+    @property
+    def feeds_um(self) -> bool:
+        """Whether the head takes absolute µm positions (every mode but ``grid``): runnable on any slide."""
+        return self.mode in UM_POSITION_MODES
 
 
 @dataclass(frozen=True)
@@ -214,11 +233,20 @@ class _Reader:
             node = node[part]
         return default if node is None else node
 
-    def positive_int(self, field: str, default: int | None = None) -> int:
+    def int_at_least(self, field: str, low: int, default: int | None = None, *, high: int | None = None) -> int:
         v = self.get(field, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
-            raise self.fail(field, f"must be a positive integer, got {v!r}")
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or int(v) != v or v < low
+                or (high is not None and v > high)):
+            what = (f"an integer from {low} to {high}" if high is not None
+                    else "a positive integer" if low == 1 else f"an integer >= {low}")
+            raise self.fail(field, f"must be {what}, got {v!r}")
         return int(v)
+
+    def positive_int(self, field: str, default: int | None = None) -> int:
+        return self.int_at_least(field, 1, default)
+
+    def optional_int(self, field: str, low: int) -> int | None:
+        return None if self.get(field) is None else self.int_at_least(field, low)
 
     def positive_float(self, field: str, unit: str, default: float | None = None) -> float:
         v = self.get(field, default)
@@ -226,9 +254,15 @@ class _Reader:
             raise self.fail(field, f"must be a positive finite number ({unit}), got {v!r}")
         return float(v)
 
-    def optional_float(self, field: str) -> float | None:
-        v = self.get(field)
-        return None if v is None else float(v)
+    def optional_positive_float(self, field: str, unit: str) -> float | None:
+        return None if self.get(field) is None else self.positive_float(field, unit)
+
+    def floats(self, field: str, default: Any) -> tuple[float, ...]:
+        v = self.get(field, default)
+        if not isinstance(v, (list, tuple)) or not all(
+                not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) for x in v):
+            raise self.fail(field, f"must be a list of finite numbers, got {v!r}")
+        return tuple(float(x) for x in v)
 
     def text(self, field: str, default: str | None = None) -> str:
         v = self.get(field, default)
@@ -245,9 +279,8 @@ def _normalisation(r: _Reader) -> NormalisationSpec | None:
     if r.get("encoder.normalisation") is None:
         return None
     return NormalisationSpec(
-        scale=float(r.get("encoder.normalisation.scale", 1 / 255)),
-        mean=tuple(float(x) for x in r.get("encoder.normalisation.mean", ())),
-        std=tuple(float(x) for x in r.get("encoder.normalisation.std", ())),
+        scale=r.positive_float("encoder.normalisation.scale", "factor on uint8 values", 1 / 255),
+        mean=r.floats("encoder.normalisation.mean", ()), std=r.floats("encoder.normalisation.std", ()),
         in_graph=bool(r.get("encoder.normalisation.in_graph", True)),
     )
 
@@ -264,21 +297,21 @@ def _encoder(r: _Reader) -> EncoderSpec:
 def _patch(r: _Reader) -> PatchSpec:
     return PatchSpec(
         size_um=r.positive_float("patch.size_um", "µm"), train_mpp=r.positive_float("patch.train_mpp", "µm/px"),
-        resize=r.text("patch.resize", RESIZE_FILTER), pad_value=int(r.get("patch.pad_value", PAD_VALUE)),
+        resize=r.text("patch.resize", RESIZE_FILTER), pad_value=r.int_at_least("patch.pad_value", 0, PAD_VALUE, high=255),
         algorithm=r.optional_text("patch.algorithm"),
     )
 
 
 def _position(r: _Reader) -> PositionSpec:
     mode = r.text("position.mode")
-    if mode not in ("continuous", "grid"):
-        raise r.fail("position.mode", f"must be 'continuous' or 'grid', got {mode!r}")
-    n_freqs = r.get("position.pos_n_freqs")
+    if mode not in POSITION_MODES:
+        raise BundleError(f"{r.path}: position.mode must be one of {', '.join(POSITION_MODES)}, got {mode!r}; "
+                          "re-export the bundle (or upgrade hishrst if a newer release wrote it)")
     return PositionSpec(
-        mode=cast(Literal["continuous", "grid"], mode), units=r.text("position.units", "um" if mode == "continuous" else "array"),
-        pos_n_freqs=None if n_freqs is None else int(n_freqs),
-        min_wavelength_um=r.optional_float("position.min_wavelength_um"),
-        max_wavelength_um=r.optional_float("position.max_wavelength_um"),
+        mode=cast(PositionMode, mode), units=r.text("position.units", "um" if mode in UM_POSITION_MODES else "array"),
+        pos_n_freqs=r.optional_int("position.pos_n_freqs", 0),
+        min_wavelength_um=r.optional_positive_float("position.min_wavelength_um", "µm"),
+        max_wavelength_um=r.optional_positive_float("position.max_wavelength_um", "µm"),
     )
 
 
@@ -331,10 +364,9 @@ def build_spec(manifest: Mapping[str, Any], *, path: Path | str = "manifest.json
     """
     r = _Reader(manifest, path)
     encoder = _encoder(r)
-    opset = r.get("onnx_opset")
     return BundleSpec(
         encoder=encoder, patch=_patch(r), position=_position(r), grouping=_grouping(r), genes=_genes(r),
         output=_output(r), files=_files(r), max_batch=r.positive_int("max_batch", DEFAULT_MAX_BATCH),
-        onnx_opset=None if opset is None else int(opset), license=_license(r, encoder),
+        onnx_opset=r.optional_int("onnx_opset", 1), license=_license(r, encoder),
         hishrst_version=r.optional_text("hishrst_version"),
     )
