@@ -17,9 +17,12 @@ from hishrst_runtime.output import encoding
 from hishrst_runtime.output.encoding import to_uns
 from hishrst_runtime.output.layout import FORMAT_VERSION, PROGRESS_DIR, STATUS_ATTR
 
-__all__ = ["SpatialImages", "StoreContent", "build_content", "write_skeleton", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["SpatialImages", "StoreContent", "build_content", "write_skeleton", "DEFAULT_CHUNK_BYTES",
+           "HIRES_MAX_SIDE"]
 
 DEFAULT_CHUNK_BYTES = 4 << 20
+#: Longest side (pixels) of the ``'hires'`` image derived from the lowres one (Space Ranger's hires size).
+HIRES_MAX_SIDE = 2000
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,9 @@ class SpatialImages:
     """Slide thumbnail(s) and scale factors for ``uns['spatial'][library_id]`` (10x Visium layout).
 
     ``lowres_scalef`` / ``hires_scalef``: image pixels per level-0 pixel. ``spot_diameter_fullres``:
-    the query-point diameter in level-0 pixels (what scanpy uses as spot size).
+    the query-point diameter in level-0 pixels (what scanpy uses as spot size). Without ``hires`` the
+    store still gets a ``'hires'`` image (format version 2): the lowres one, at most
+    :data:`HIRES_MAX_SIDE` pixels on its longer side, so ``squidpy.pl.spatial_scatter`` works with defaults.
     """
 
     library_id: str
@@ -52,14 +57,31 @@ class SpatialImages:
         if not self.library_id or "/" in self.library_id:
             raise ValueError(f"SpatialImages.library_id must be a non-empty name without '/', got {self.library_id!r}")
 
+    def hires_image(self) -> tuple[np.ndarray, float]:
+        """(image, image pixels per level-0 pixel) stored as ``'hires'``: the given hires, else the lowres
+        image itself — resized with Pillow to at most :data:`HIRES_MAX_SIDE` pixels when larger."""
+        if self.hires is not None and self.hires_scalef is not None:
+            return self.hires, float(self.hires_scalef)
+        img, h, w = self.lowres, self.lowres.shape[0], self.lowres.shape[1]
+        if max(h, w) <= HIRES_MAX_SIDE:
+            return img, float(self.lowres_scalef)
+        from PIL import Image
+
+        f = HIRES_MAX_SIDE / max(h, w)
+        ow, oh = max(1, round(w * f)), max(1, round(h * f))
+        small = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((ow, oh), Image.BILINEAR))
+        return small, float(self.lowres_scalef) * ow / w
+
     def to_uns(self) -> dict[str, Any]:
-        """``{library_id: {images, scalefactors, metadata}}``; without hires, tissue_hires_scalef mirrors lowres."""
-        images = {"lowres": self.lowres, **({"hires": self.hires} if self.hires is not None else {})}
+        """``{library_id: {images, scalefactors, metadata}}`` with both ``'lowres'`` and ``'hires'`` images
+        (squidpy's and scanpy's default key is ``'hires'``; see :meth:`hires_image`)."""
+        hires, hires_scalef = self.hires_image()
         scalefactors = {
             "tissue_lowres_scalef": float(self.lowres_scalef),
-            "tissue_hires_scalef": float(self.hires_scalef if self.hires_scalef is not None else self.lowres_scalef),
+            "tissue_hires_scalef": hires_scalef,
             "spot_diameter_fullres": float(self.spot_diameter_fullres),
         }
+        images = {"lowres": self.lowres, "hires": hires}
         return {self.library_id: {"images": images, "scalefactors": scalefactors, "metadata": {}}}
 
 

@@ -1,4 +1,5 @@
-"""The output store's errors, all in the ``OutputStateError`` branch of :mod:`hishrst_runtime.core.errors`.
+"""The output store's errors, all in the ``OutputStateError`` branch of :mod:`hishrst_runtime.core.errors`
+(except :class:`MissingExtraError`, an ``EnvironmentProblem``: an optional output format's package is missing).
 
 Each keeps the builtin base it had before (``FileExistsError``, ``ValueError``, ``OSError``) so older
 ``except`` clauses still catch it. :func:`writing` turns an ``OSError`` met while writing a store
@@ -14,10 +15,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from hishrst_runtime.core.errors import HishrstError, OutputStateError
+from hishrst_runtime.core.errors import EnvironmentProblem, HishrstError, OutputStateError
 
 __all__ = ["OutputExistsError", "OutputMismatchError", "IncompleteOutputError", "OutputNotWritableError",
-           "not_writable", "writing"]
+           "MissingExtraError", "not_writable", "writing"]
 
 #: errno values that mean "this location cannot take the write" (rather than a bug or a broken store)
 NOT_WRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -39,6 +40,10 @@ class IncompleteOutputError(OutputStateError):
 class OutputNotWritableError(OutputStateError, OSError):
     """The output location refused a write: read-only, permission denied, disk or quota full, or another
     file-system error. ``errno`` is the original error's; the rows already on disk are kept."""
+
+
+class MissingExtraError(EnvironmentProblem, ImportError):
+    """An optional output format needs a package that is not installed; the message names the extra."""
 
 
 def not_writable(e: OSError, path: Path, action: str) -> OutputNotWritableError:

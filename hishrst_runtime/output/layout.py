@@ -27,7 +27,10 @@ __all__ = ["FORMAT_VERSION", "STATUS_ATTR", "PARTIAL_SUFFIX", "PROGRESS_DIR", "O
 
 OutputStatus = Literal["missing", "incomplete", "complete"]
 
-FORMAT_VERSION = 1
+#: Root attribute ``hishrst_format_version`` of new stores. 1: the first layout; 2: ``uns['spatial']
+#: [library_id]['images']`` always holds ``'hires'`` beside ``'lowres'``. Readers accept both (nothing
+#: but the images differs), and ``--resume`` finishes a version-1 partial as version 1.
+FORMAT_VERSION = 2
 STATUS_ATTR = "hishrst_status"
 PARTIAL_SUFFIX = ".partial"
 PROGRESS_DIR = ".hishrst_progress"

@@ -9,7 +9,7 @@ Layout
     var                index = gene names
     obsm/spatial       float64 [points, 2], level-0 pixel (x, y)
     uns                the run's JSON-able metadata (bundle hash, mpp, pitch, timings, ...) and
-                       uns["spatial"][library_id] = {"images": {"lowres"[, "hires"]: uint8 HWC},
+                       uns["spatial"][library_id] = {"images": {"lowres", "hires": uint8 HWC},
                        "scalefactors": {...}, "metadata": {}} so scanpy.pl.spatial / squidpy plot it.
 
 The skeleton (:mod:`~hishrst_runtime.output.content`), the X chunks and ``.zmetadata`` are written with
