@@ -40,7 +40,7 @@ from hishrst_runtime.core.files import remove_tree, swap_in, temp_sibling
 from hishrst_runtime.core.patches import cut_patches, patch_side_px
 from hishrst_train.runconfig import RunConfig, RunConfigError
 
-__all__ = ["LICENSE_NOTICES", "N_RANDOM", "N_REAL", "ExportError", "export_bundle"]
+__all__ = ["LICENSE_NOTICES", "N_RANDOM", "N_REAL", "POSITION_PARAMS", "ExportError", "export_bundle"]
 
 LICENSE_NOTICES = {
     "CC-BY-NC-ND-4.0": (
@@ -248,10 +248,10 @@ def _load_run(run_dir: Path, *, weights: str | Path | None) -> tuple[Any, RunCon
         model, config = load_run(run_dir)
     except RunConfigError as e:
         raise ExportError(str(e)) from e
-    if config.position["mode"] != "continuous":
+    if config.position["mode"] == "grid":
         raise ExportError(
             f"{run_dir}: trained with grid position mode, which needs Visium array coordinates that whole slides "
-            "do not have; re-fit with --position continuous to deploy it"
+            "do not have; re-fit with --position relative (or continuous) to deploy it"
         )
     name = config.encoder["name"]
     try:
@@ -332,7 +332,7 @@ def _manifest(model: Any, config: RunConfig, encoder: Any, *, files: dict[str, A
             "gated": gated, "license": config.encoder.get("license"),
         },
         "patch": config.patch,
-        "position": {**config.position, **{k: mcfg[k] for k in ("pos_n_freqs", "min_wavelength_um", "max_wavelength_um")}},
+        "position": _position_manifest(mcfg, config.position),
         "grouping": config.grouping,
         "genes": list(config.genes),
         "output": {"name": "expression", "meaning": "log1p of counts per 10k (normalize_total to 1e4, then log1p)",
@@ -349,6 +349,23 @@ def _manifest(model: Any, config: RunConfig, encoder: Any, *, files: dict[str, A
         "source_run": {"task": config.task, "hishrst_version": config.hishrst_version, "data": config.data},
         "exporter": _versions(),
     }
+
+
+#: Model config keys recorded in the manifest's ``position`` section, per position mode.
+POSITION_PARAMS: dict[str, tuple[str, ...]] = {
+    "continuous": ("pos_n_freqs", "min_wavelength_um", "max_wavelength_um"),
+    "relative": ("rel_n_freqs", "rel_min_wavelength_um", "rel_max_wavelength_um", "rel_eps_um2"),
+}
+
+
+def _position_manifest(mcfg: dict[str, Any], position: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``position`` section: the run's mode, ``units: "um"`` (every deployable head takes µm;
+    ``relative`` uses only distances within a group, ``none`` ignores them) and that mode's parameters."""
+    out = {**position, "mode": mcfg["position_mode"], "units": "um"}
+    out.update({k: mcfg[k] for k in POSITION_PARAMS.get(out["mode"], ())})
+    if out["mode"] == "relative":
+        out.update(frame="group centroid", invariant_to=["translation", "rotation", "reflection"])
+    return out
 
 
 def _engines(tmp: Path, enc_path: Path, head_path: Path, *, feeds: dict[str, dict[str, np.ndarray]],

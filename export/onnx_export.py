@@ -7,11 +7,15 @@
   export), which ONNX Runtime and TensorRT both handle.
 * ``head.onnx``: ``features`` float32 ``[G, N, D]``, ``positions`` float32 ``[G, N, 2]`` (µm),
   ``mask`` float32 ``[G, N]`` (1 = spot, 0 = padding) → ``expression`` float32 ``[G, N, genes]``.
-  Dynamic G (groups) and N (points per group).
+  Dynamic G (groups) and N (points per group). The signature is the same in every position mode:
+  ``relative`` heads compute their translation/rotation/reflection-invariant distances inside the
+  graph, and ``none`` heads keep ``positions`` as an input through a shape-only use (values ignored).
 
 fp16 (``precision="fp16"``): weights and activations in half precision, with LayerNorm, Softmax,
 GELU's Erf, reductions, the head's feature standardisation and the whole position encoding (µm
-coordinates need fp32) kept in fp32; inputs and outputs stay uint8/fp32. The converter's inserted
+coordinates need fp32) kept in fp32; inputs and outputs stay uint8/fp32. The converter would round every
+value passed between two fp32 nodes to fp16 and back, positions included; those round trips into the
+position encoding are removed (:func:`_drop_fp16_round_trips`). The converter's inserted
 Casts are topologically re-sorted so the graph passes the ONNX checker and TensorRT's parser.
 Matrix products accumulate in fp32 on both ONNX Runtime CPU (fp16 kernels upcast) and TensorRT.
 
@@ -213,6 +217,48 @@ def _to_fp16(path: Path, *, keep_fp32_prefixes: tuple[str, ...] = (), keep_fp32_
     _save(model16, path)
 
 
+def _drop_fp16_round_trips(path: Path, *, prefixes: tuple[str, ...]) -> int:
+    """Let the nodes named ``prefixes…`` (the position encoding) read fp32 values at full precision.
+
+    The fp16 converter casts every value between two fp32-kept nodes (and the fp32 graph inputs) to fp16
+    and back, which would round positions to fp16 (≈ 8 µm steps at 10 mm; sums of µm overflow). Each
+    ``Cast(fp32 → fp16) → Cast(→ fp32)`` pair feeding such a node is bypassed; casts left unused are
+    removed. Rewrites ``path`` in place; returns the number of bypassed inputs.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=True)
+    graph = model.graph
+    fp32 = {v.name for v in [*onnx.shape_inference.infer_shapes(model).graph.value_info, *graph.input]
+            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def cast_to(name: str, dtype: int) -> Any:
+        n = producer.get(name)
+        ok = n is not None and n.op_type == "Cast" and any(a.name == "to" and a.i == dtype for a in n.attribute)
+        return n if ok else None
+
+    bypassed = 0
+    for node in graph.node:
+        if not node.name.startswith(prefixes):
+            continue
+        for i, name in enumerate(node.input):
+            back = cast_to(name, onnx.TensorProto.FLOAT)
+            down = None if back is None else cast_to(back.input[0], onnx.TensorProto.FLOAT16)
+            if down is not None and down.input[0] in fp32:
+                node.input[i] = down.input[0]
+                bypassed += 1
+    while True:  # drop casts nobody reads any more
+        used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type == "Cast" and not set(n.output) & used]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    _save(model, path)
+    return bypassed
+
+
 def _check(path: Path) -> None:
     import onnx
 
@@ -247,7 +293,10 @@ def export_head_onnx(model: HisHRST, out_path: str | Path, *, opset: int = 17, p
         _torch_export(model.eval().cpu(), args, out_path, input_names=HEAD_IO["inputs"], output_names=HEAD_IO["outputs"],
                       dynamic_axes={k: gn for k in HEAD_IO["inputs"] + HEAD_IO["outputs"]}, opset=opset)
     if precision == "fp16":
-        _to_fp16(out_path, keep_fp32_prefixes=HEAD_FP32_PREFIXES, keep_fp32_nodes=HEAD_FP32_NODES)
+        prefixes = () if model.config.position_mode == "none" else HEAD_FP32_PREFIXES  # "none": no /pos/ nodes
+        _to_fp16(out_path, keep_fp32_prefixes=prefixes, keep_fp32_nodes=HEAD_FP32_NODES)
+        if prefixes:
+            _drop_fp16_round_trips(out_path, prefixes=prefixes)
     _check(out_path)
     return out_path
 

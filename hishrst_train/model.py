@@ -3,19 +3,32 @@
 ``forward(features [B, N, D], positions [B, N, 2], mask [B, N] | None) -> expression [B, N, G]``
 
 * the features are standardised per dimension with training-set statistics (buffers ``feat_mean`` /
-  ``feat_std``; identity for imported reference weights), then position information is added:
+  ``feat_std``; identity for imported reference weights), then position information is added according
+  to ``position_mode`` (:data:`POSITION_MODES`, chosen per run and recorded in the run's config and the
+  bundle manifest):
   - ``grid``: the reference implementation's learned x/y embeddings (512 each) of integer array
     coordinates — positions are truncated with ``.long()`` exactly as the reference does;
-  - ``continuous`` (default): multi-scale sinusoidal features of physical coordinates in µm
+  - ``continuous`` (default): multi-scale sinusoidal features of absolute physical coordinates in µm
     (wavelengths log-spaced between ``min_wavelength_um`` and ``max_wavelength_um``) followed by a
-    learned linear map. It is defined at any density: fractional positions never collapse.
+    learned linear map. It is defined at any density: fractional positions never collapse. Being
+    absolute, it ties a model to the training section's placement on its slide;
+  - ``relative``: positions are still fed as absolute µm, but the model only computes quantities that
+    are invariant to translation, rotation and reflection of the neighbour group (see
+    :class:`RelativePosition`): each spot's distance to the group's (masked) centroid, encoded with
+    sinusoids (wavelengths ``rel_min_wavelength_um`` … ``rel_max_wavelength_um``) and added to the
+    features, and a learned additive attention bias per head from the pairwise distances between the
+    group's spots. A model trained this way predicts the same for a section moved, rotated or flipped on
+    another slide, exactly (up to float rounding); rotation/flip augmentation is therefore unnecessary;
+  - ``none``: no position information (image features only); ``positions`` is accepted and ignored so
+    that every mode has the same inputs (and the same exported ONNX head signature).
 * ``depth`` pre-norm transformer blocks (multi-head attention, 4 heads × 64 by default, then a GELU
   MLP of width ``mlp_dim`` = D by default), each with residual connections, mixing the spots of a
   neighbour group. ``mask`` (1 = real spot, 0 = padding) keeps padded spots out of the attention.
 * gene head: Linear(D → 2048), ReLU, LayerNorm, Linear(2048 → G), and a final ReLU.
 
 Parameter names mirror the reference (``trans.layers.{i}.{0|1}...``, ``gene_head.*``) so that
-:func:`import_reference_state_dict` is a direct mapping.
+:func:`import_reference_state_dict` is a direct mapping. All position computation lives in the ``pos``
+submodule (ONNX node names ``/pos/...``, kept in fp32 by the fp16 export).
 """
 
 from __future__ import annotations
@@ -28,10 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HisHRSTConfig", "HisHRST", "import_reference_state_dict", "MASK_NEG"]
+__all__ = ["HisHRSTConfig", "HisHRST", "import_reference_state_dict", "MASK_NEG", "POSITION_MODES", "PositionMode",
+           "RelativePosition"]
 
 #: Additive attention bias for padded keys. Finite and fp16-safe; exp(-1e4) underflows to 0.
 MASK_NEG = 1.0e4
+
+PositionMode = Literal["continuous", "grid", "relative", "none"]
+#: The position modes :class:`HisHRST` accepts (see the module docstring).
+POSITION_MODES: tuple[str, ...] = ("continuous", "grid", "relative", "none")
 
 
 @dataclass
@@ -46,11 +64,18 @@ class HisHRSTConfig:
     mlp_dim: int | None = None  # defaults to feature_dim, as in the reference
     head_hidden: int = 2048
     dropout: float = 0.1
-    position_mode: Literal["continuous", "grid"] = "continuous"
+    position_mode: PositionMode = "continuous"
     grid_size: int = 512
+    # continuous mode: wavelengths (µm) of the absolute-position sinusoids
     pos_n_freqs: int = 16
     min_wavelength_um: float = 50.0
     max_wavelength_um: float = 20000.0
+    # relative mode: wavelengths (µm) of the distance sinusoids (a group spans a few hundred µm), and the
+    # ε (µm²) in sqrt(d² + ε) that keeps distances differentiable at 0
+    rel_n_freqs: int = 16
+    rel_min_wavelength_um: float = 25.0
+    rel_max_wavelength_um: float = 2000.0
+    rel_eps_um2: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +111,57 @@ class GridPosition(nn.Module):
 
     def forward(self, pos: torch.Tensor) -> torch.Tensor:
         return self.x_embed(pos[..., 0].long()) + self.y_embed(pos[..., 1].long())
+
+
+class RelativePosition(nn.Module):
+    """Position information of a neighbour group that is invariant to translation, rotation and reflection.
+
+    Input: absolute positions ``pos_um [B, N, 2]`` (µm) and ``mask [B, N]`` (1 = spot, 0 = padding) or
+    ``None``. Positions are centred on the group's masked centroid (two passes, so that the centred
+    offsets keep full fp32 precision however far the group lies from the slide origin); padded spots
+    are moved onto the centroid and never enter it. From the offsets only Euclidean distances are used:
+
+    * ``term [B, N, D]``: sinusoids of each spot's distance to the centroid → ``Linear(2F → D)``;
+    * ``bias [B, H, N, N]``: sinusoids of the pairwise distances → ``Linear(2F → H)`` (initialised to 0,
+      so training starts from plain attention), an additive attention bias per head.
+
+    Distances are ``sqrt(d² + eps_um2)``: finite gradients at 0. Wavelengths are log-spaced between
+    ``min_wavelength_um`` and ``max_wavelength_um`` (``n_freqs`` of them, F).
+    """
+
+    def __init__(self, dim: int, *, heads: int, n_freqs: int, min_wavelength_um: float, max_wavelength_um: float,
+                 eps_um2: float) -> None:
+        super().__init__()
+        wl = torch.logspace(math.log10(min_wavelength_um), math.log10(max_wavelength_um), n_freqs, dtype=torch.float64)
+        self.register_buffer("angular", (2 * math.pi / wl).to(torch.float32), persistent=True)
+        self.eps = float(eps_um2)
+        self.radial = nn.Linear(2 * n_freqs, dim)
+        self.pair = nn.Linear(2 * n_freqs, heads)
+        nn.init.zeros_(self.pair.weight)
+        nn.init.zeros_(self.pair.bias)
+
+    def _sinusoids(self, dist_um: torch.Tensor) -> torch.Tensor:
+        ang = dist_um.unsqueeze(-1) * self.angular
+        return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
+
+    def offsets(self, pos_um: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Offsets ``[B, N, 2]`` (µm) from the masked centroid; 0 for padded spots."""
+        p = pos_um.float()
+        keep = torch.ones_like(p[..., :1], dtype=torch.bool) if mask is None else (mask > 0).unsqueeze(-1)
+        zero = torch.zeros_like(p)
+        p = torch.where(keep, p, zero)
+        n = keep.float().sum(1, keepdim=True).clamp_min(1.0)  # [B, 1, 1]
+        rel = torch.where(keep, p - p.sum(1, keepdim=True) / n, zero)  # rough centroid: large sums round
+        return torch.where(keep, rel - rel.sum(1, keepdim=True) / n, zero)  # exact centring of small offsets
+
+    def forward(self, pos_um: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        rel = self.offsets(pos_um, mask)
+        radial = torch.sqrt((rel * rel).sum(-1) + self.eps)  # [B, N]
+        diff = rel.unsqueeze(2) - rel.unsqueeze(1)  # [B, N, N, 2]
+        pair = torch.sqrt((diff * diff).sum(-1) + self.eps)  # [B, N, N]
+        term = self.radial(self._sinusoids(radial))
+        bias = self.pair(self._sinusoids(pair)).permute(0, 3, 1, 2)  # [B, H, N, N]
+        return term, bias
 
 
 class PreNorm(nn.Module):
@@ -159,16 +235,12 @@ class HisHRST(nn.Module):
         cfg = config or HisHRSTConfig(**kwargs)
         if config is not None and kwargs:
             raise TypeError("pass either a HisHRSTConfig or keyword arguments, not both")
-        if cfg.position_mode not in ("continuous", "grid"):
-            raise ValueError(f"position_mode must be 'continuous' or 'grid', got {cfg.position_mode!r}")
+        if cfg.position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {', '.join(map(repr, POSITION_MODES))}, "
+                             f"got {cfg.position_mode!r}")
         self.config = cfg
         d = cfg.feature_dim
-        if cfg.position_mode == "grid":
-            self.pos = GridPosition(d, grid_size=cfg.grid_size)
-        else:
-            self.pos = ContinuousPosition(
-                d, n_freqs=cfg.pos_n_freqs, min_wavelength_um=cfg.min_wavelength_um, max_wavelength_um=cfg.max_wavelength_um
-            )
+        self.pos = _position_module(cfg)
         self.trans = Transformer(
             d, depth=cfg.depth, heads=cfg.heads, dim_head=cfg.dim_head, mlp_dim=cfg.mlp_dim or d, dropout=cfg.dropout
         )
@@ -189,13 +261,43 @@ class HisHRST(nn.Module):
     def forward(
         self, features: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``features [B, N, D]``, ``positions [B, N, 2]`` (µm, or array coords in grid mode), ``mask [B, N]``."""
-        x = (features - self.feat_mean) / self.feat_std + self.pos(positions).to(features.dtype)
+        """``features [B, N, D]``, ``positions [B, N, 2]`` (µm, or array coords in grid mode; ignored in
+        ``none`` mode), ``mask [B, N]`` (1 = spot, 0 = padding)."""
+        mode = self.config.position_mode
+        x = (features - self.feat_mean) / self.feat_std
+        pair_bias = None
+        if mode == "relative":
+            term, pair_bias = self.pos(positions, mask)
+            x = x + term.to(features.dtype)
+        elif mode != "none":
+            x = x + self.pos(positions).to(features.dtype)
+        elif torch.onnx.is_in_onnx_export():
+            # keep ``positions`` an input of the exported graph (same signature in every mode): a
+            # shape-only use (ConstantOfShape), exactly zero whatever the values, even inf/NaN or fp16
+            x = x + torch.zeros_like(positions[..., :1], dtype=x.dtype)
         bias = None
         if mask is not None:
             bias = ((mask.to(x.dtype) - 1.0) * MASK_NEG)[:, None, None, :]  # [B, 1, 1, N]
+        if pair_bias is not None:
+            pair_bias = pair_bias.to(x.dtype)
+            bias = pair_bias if bias is None else bias + pair_bias
         h = self.trans(x, bias=bias)
         return F.relu(self.gene_head(h))
+
+
+def _position_module(cfg: HisHRSTConfig) -> nn.Module | None:
+    """The ``pos`` submodule of ``cfg.position_mode`` (``None`` for ``none``)."""
+    d = cfg.feature_dim
+    if cfg.position_mode == "grid":
+        return GridPosition(d, grid_size=cfg.grid_size)
+    if cfg.position_mode == "continuous":
+        return ContinuousPosition(
+            d, n_freqs=cfg.pos_n_freqs, min_wavelength_um=cfg.min_wavelength_um, max_wavelength_um=cfg.max_wavelength_um
+        )
+    if cfg.position_mode == "relative":
+        return RelativePosition(d, heads=cfg.heads, n_freqs=cfg.rel_n_freqs, min_wavelength_um=cfg.rel_min_wavelength_um,
+                                max_wavelength_um=cfg.rel_max_wavelength_um, eps_um2=cfg.rel_eps_um2)
+    return None
 
 
 def import_reference_state_dict(state_dict: Mapping[str, torch.Tensor], **config: Any) -> HisHRST:

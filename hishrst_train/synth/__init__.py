@@ -28,10 +28,21 @@ Pixel ``(col, row)`` indices are pixel centres.
 ``region_fractions`` [N, 7] (fraction of the spot disk in each region), ``tissue_fraction`` [N],
 ``depth_um`` [N], ``expected_means`` [N, G] (expected UMI counts), ``library_size`` [N], ``spot_xy_px``
 [N, 2]; per gene ``gene_names``, ``gene_ids``, ``gene_kind``, ``marker_region`` (-1: none),
-``region_log_means`` [7, G]; and ``affine_um_to_px`` [2, 3], ``mpp``, ``image_shape``, ``seed``, ``preset``.
+``region_log_means`` [7, G]; and ``affine_um_to_px`` [2, 3], ``mpp``, ``image_shape``, ``seed``, ``preset``,
+``rotation_deg`` (of the spot array on the image), ``shift_px`` / ``shift_um`` (x, y: the section's offset on
+its canvas) and ``canvas_pad_px`` (background after it); sections of a multi-section dataset add
+``section`` and ``n_sections``.
+
+Placement: ``make_synthetic_visium(..., shift_um=(5000, 0))`` draws the same section 5 mm further right on
+a larger canvas of background glass (``canvas_pad_um`` adds glass after it), with the section's pixels
+unchanged. :func:`make_synthetic_sections` writes N sections of one expression model (same genes, same
+image → expression relation) that differ in tissue shape and arrangement, array rotation and placement on
+the slide; see :mod:`hishrst_train.synth.sections`.
 """
 
 from hishrst_train.synth.model import PRESETS, REGION_NAMES, SynthPreset
+from hishrst_train.synth.sections import SECTIONS_FILE, make_synthetic_sections
 from hishrst_train.synth.writer import load_truth, make_synthetic_visium
 
-__all__ = ["PRESETS", "REGION_NAMES", "SynthPreset", "load_truth", "make_synthetic_visium"]
+__all__ = ["PRESETS", "REGION_NAMES", "SECTIONS_FILE", "SynthPreset", "load_truth", "make_synthetic_sections",
+           "make_synthetic_visium"]

@@ -77,15 +77,19 @@ class _ValueNoise:
 class _Tissue:
     """Analytic tissue model in lattice µm: a blob cut by a curved pial surface, layered by depth."""
 
-    def __init__(self, p: SynthPreset, rng: np.random.Generator, box: tuple[float, float, float, float]) -> None:
+    def __init__(self, p: SynthPreset, rng: np.random.Generator, box: tuple[float, float, float, float], *,
+                 alpha_range_deg: tuple[float, float] = (40.0, 60.0), blob_scale: tuple[float, float] = (0.6, 0.6)
+                 ) -> None:
+        """``alpha_range_deg``: range (degrees, lattice frame) of the direction in which depth increases;
+        ``blob_scale``: (x, y) half-axes of the tissue blob as fractions of the lattice extent."""
         ext_x = (p.n_cols - 1) * VISIUM_PITCH_UM / 2.0
         ext_y = (p.n_rows - 1) * VISIUM_PITCH_UM * np.sqrt(3.0) / 2.0
         self.cx, self.cy = ext_x / 2.0, ext_y / 2.0
-        self.ax, self.ay = 0.6 * ext_x, 0.6 * ext_y
+        self.ax, self.ay = blob_scale[0] * ext_x, blob_scale[1] * ext_y
         ext = max(ext_x, ext_y)
         cortex = float(sum(p.layer_um))
         self.bounds = np.cumsum(p.layer_um).astype(np.float32)  # depth where each layer ends
-        alpha = np.deg2rad(rng.uniform(40.0, 60.0))  # direction in which depth increases
+        alpha = np.deg2rad(rng.uniform(*alpha_range_deg))  # direction in which depth increases
         radius = rng.uniform(1.6, 2.4) * ext  # curvature radius of the pia
         self.px, self.py = self.cx - radius * np.cos(alpha), self.cy - radius * np.sin(alpha)
         self.r0 = radius - p.depth_at_centre * cortex
@@ -154,7 +158,8 @@ def _gene_programme(n_genes: int, rng: np.random.Generator) -> dict[str, np.ndar
     hk = np.arange(n_hk)
     logmu[:, hk] = (base[hk] + 3.0)[None, :]
     kind[hk] = "housekeeping"
-    names[: len(_HOUSEKEEPING)] = _HOUSEKEEPING[: min(n_hk, len(_HOUSEKEEPING))]
+    n_named = min(n_hk, len(_HOUSEKEEPING))
+    names[:n_named] = _HOUSEKEEPING[:n_named]
     marks = np.arange(n_hk, n_hk + n_mark)
     named = {r: list(v) for r, v in _MARKERS.items()}
     for j, g in enumerate(marks):

@@ -9,7 +9,7 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,9 +27,10 @@ from hishrst_train.synth.model import (
     spot_counts,
     spot_model,
 )
+from hishrst_train.synth.canvas import CanvasRenderer
 from hishrst_train.synth.render import STRIP_ROWS, Renderer, downsample2, make_nuclei
 
-__all__ = ["make_synthetic_visium", "load_truth"]
+__all__ = ["Layout", "canvas_px", "make_synthetic_visium", "load_truth", "resolve_preset", "write_section"]
 
 log = logging.getLogger("hishrst")
 
@@ -48,11 +49,12 @@ class _Geometry:
     box: tuple[float, float, float, float]  # the image's extent in lattice µm (x0, y0, x1, y1)
 
 
-def _geometry(p: SynthPreset, rng: np.random.Generator) -> _Geometry:
-    """Lattice µm → full-resolution px: scale ``1 / mpp``, a small random rotation and a margin offset."""
+def _geometry(p: SynthPreset, rng: np.random.Generator, *, rotation_deg: float | None = None) -> _Geometry:
+    """Lattice µm → full-resolution px: scale ``1 / mpp``, a rotation (``rotation_deg``, counter-clockwise
+    in lattice axes; ``None``: a small random one, ±0.6°) and a margin offset."""
     rows, cols = visium_lattice(p.n_rows, p.n_cols)
     spot_um = visium_array_to_um(rows, cols)
-    rot = np.deg2rad(rng.uniform(-0.6, 0.6))
+    rot = np.deg2rad(rng.uniform(-0.6, 0.6) if rotation_deg is None else float(rotation_deg))
     lin = np.array([[np.cos(rot), -np.sin(rot)], [np.sin(rot), np.cos(rot)]]) / p.mpp
     lo_um, hi_um = spot_um.min(0) - p.margin_um, spot_um.max(0) + p.margin_um
     corners = np.array([[lo_um[0], lo_um[1]], [hi_um[0], lo_um[1]], [lo_um[0], hi_um[1]], [hi_um[0], hi_um[1]]])
@@ -65,6 +67,17 @@ def _geometry(p: SynthPreset, rng: np.random.Generator) -> _Geometry:
     box = (*img_box_um.min(0), *img_box_um.max(0))
     return _Geometry(rows=rows, cols=cols, spot_um=spot_um, spot_px=spot_um @ lin.T + off, affine=affine,
                      width=width, height=height, box=box)
+
+
+def _on_canvas(geo: _Geometry, layout: Layout) -> _Geometry:
+    """``geo`` drawn at ``layout.shift_px`` on a canvas with ``layout.pad_px`` more background after it
+    (``box`` stays the section's: rendering uses the section's own geometry)."""
+    (sx, sy), (qx, qy) = layout.shift_px, layout.pad_px
+    shift = np.array([sx, sy], np.float64)
+    affine = geo.affine.copy()
+    affine[:, 2] += shift
+    return replace(geo, spot_px=geo.spot_px + shift, affine=affine, width=geo.width + sx + qx,
+                   height=geo.height + sy + qy)
 
 
 def _write_spaceranger(outs: Path, *, p: SynthPreset, geo: _Geometry, spots: SpotModel, gp: dict[str, np.ndarray],
@@ -116,7 +129,7 @@ def _strips(ren: Renderer, height: int) -> Iterator[tuple[int, np.ndarray]]:
             yield y0, fut.result()
 
 
-def _write_tiff(path: Path, ren: Renderer, *, geo: _Geometry, p: SynthPreset, description: str,
+def _write_tiff(path: Path, ren: Renderer | CanvasRenderer, *, geo: _Geometry, p: SynthPreset, description: str,
                 compression: Literal["jpeg", "zlib"]) -> list[np.ndarray]:
     """The tiled pyramidal TIFF (level 0 streamed from strips, 2× levels as SubIFDs); returns the pyramid
     levels kept in memory (level 0 only for small images, then every reduced level) for the PNGs."""
@@ -161,47 +174,106 @@ def _write_pngs(spatial: Path, pyramid: list[np.ndarray], *, geo: _Geometry, sca
         _save_png(_resize(src[-1] if src else pyramid[0], size), spatial / f"tissue_{name}_image.png")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a synthetic section lies on its slide (the defaults give the classic single section).
+
+    ``rotation_deg``: rotation of the spot array on the image (degrees; ``None``: a small random one).
+    ``alpha_range_deg``: range (degrees) of the direction in which cortical depth increases (tissue
+    arrangement). ``blob_scale``: (x, y) half-axes of the tissue blob as fractions of the lattice extent.
+    ``shift_px``: (x, y) background pixels before the section on the canvas (its placement on the slide);
+    ``pad_px``: (x, y) background pixels after it.
+    """
+
+    rotation_deg: float | None = None
+    alpha_range_deg: tuple[float, float] = (40.0, 60.0)
+    blob_scale: tuple[float, float] = (0.6, 0.6)
+    shift_px: tuple[int, int] = (0, 0)
+    pad_px: tuple[int, int] = (0, 0)
+
+
+def resolve_preset(preset: str | SynthPreset) -> tuple[SynthPreset, str]:
+    """``(preset, name)`` for a preset name or a :class:`SynthPreset` (named ``"custom"``)."""
+    if isinstance(preset, SynthPreset):
+        return preset, "custom"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset], preset
+
+
+def canvas_px(um: tuple[float, float], mpp: float, *, what: str) -> tuple[int, int]:
+    """(x, y) µm → whole pixels at ``mpp`` µm/px (rounded); ``ValueError`` for negative values."""
+    if len(um) != 2 or min(um) < 0:
+        raise ValueError(f"{what} must be two non-negative µm values (x, y), got {um!r}")
+    return int(round(um[0] / mpp)), int(round(um[1] / mpp))
+
+
 def make_synthetic_visium(
     out_dir: str | Path,
     *,
-    preset: Literal["small", "dlpfc"] = "small",
+    preset: Literal["small", "dlpfc"] | SynthPreset = "small",
     seed: int = 0,
     compression: Literal["jpeg", "zlib"] = "jpeg",
+    shift_um: tuple[float, float] = (0.0, 0.0),
+    canvas_pad_um: tuple[float, float] = (0.0, 0.0),
+    rotation_deg: float | None = None,
 ) -> Path:
     """Write a synthetic Visium section under ``out_dir`` and return its ``outs`` directory.
 
     ``preset="small"``: 18 × 30 lattice (270 spots, ≈ 230 in tissue), 300 genes, 0.6 µm/px,
     ≈ 2.8k × 2.8k-px image. ``preset="dlpfc"``: 78 × 128 lattice (≈ 4,000 of 4,992 spots in
     tissue), 2,000 genes, 0.5705 µm/px (``spot_diameter_fullres`` ≈ 96.4 px), ≈ 11.7k × 12.3k image,
-    < 1 GB RAM, ~90 MB on disk.
-    ``compression`` is that of the TIFF tiles. Files and arrays are identical for identical ``seed``.
+    < 1 GB RAM, ~90 MB on disk. A :class:`SynthPreset` may be passed instead of a name.
+    ``compression`` is that of the TIFF tiles. Files and arrays are identical for identical arguments.
+
+    ``shift_um`` (x, y; µm, ≥ 0) places the section that far from the image origin on a larger canvas
+    of background glass, and ``canvas_pad_um`` (x, y; µm, ≥ 0) adds background after it: the section's
+    pixels are those of the unshifted section (rounded to whole pixels, so the shift actually applied,
+    ``truth["shift_um"]``, is a multiple of the pixel size; use ``compression="zlib"`` for pixel-exact
+    copies — JPEG blocks depend on the tile grid). ``rotation_deg`` sets the rotation of the spot array
+    on the image (degrees; default: a small random one).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    p = PRESETS[preset]
+    p, name = resolve_preset(preset)
+    ss = np.random.SeedSequence([int(seed), 0x5EED])
+    rng_geo, rng_nuc, rng_tex, rng_gene, rng_count = (np.random.default_rng(s) for s in ss.spawn(5))
+    gp = _gene_programme(p.n_genes, rng_gene)
+    layout = Layout(rotation_deg=rotation_deg, shift_px=canvas_px(shift_um, p.mpp, what="shift_um"),
+                    pad_px=canvas_px(canvas_pad_um, p.mpp, what="canvas_pad_um"))
+    return write_section(out_dir, p=p, gp=gp, rngs=(rng_geo, rng_nuc, rng_tex, rng_count), layout=layout,
+                         seed=int(seed), name=name, compression=compression, library_id=f"synthetic_{name}_{seed}")
+
+
+def write_section(out_dir: str | Path, *, p: SynthPreset, gp: dict[str, np.ndarray],
+                  rngs: tuple[np.random.Generator, ...], layout: Layout, seed: int, name: str,
+                  compression: Literal["jpeg", "zlib"], library_id: str, render_seed: int | None = None,
+                  extra_truth: dict[str, Any] | None = None) -> Path:
+    """Write one section with the gene programme ``gp`` (shared by sections of one expression model).
+
+    ``rngs``: generators for geometry and tissue, nuclei, texture and counts; ``render_seed`` keys the
+    image grain (default ``seed``). Returns the ``outs`` directory.
+    """
+    rng_geo, rng_nuc, rng_tex, rng_count = rngs
     out_dir = Path(out_dir)
     outs = out_dir / "outs"
     (outs / "spatial").mkdir(parents=True, exist_ok=True)
-    ss = np.random.SeedSequence([int(seed), 0x5EED])
-    rng_geo, rng_nuc, rng_tex, rng_gene, rng_count = (np.random.default_rng(s) for s in ss.spawn(5))
-
-    geo = _geometry(p, rng_geo)
-    tissue = _Tissue(p, rng_geo, geo.box)
+    sec = _geometry(p, rng_geo, rotation_deg=layout.rotation_deg)
+    tissue = _Tissue(p, rng_geo, sec.box, alpha_range_deg=layout.alpha_range_deg, blob_scale=layout.blob_scale)
+    geo = _on_canvas(sec, layout)
     spots = spot_model(tissue, geo.spot_um)
     barcodes = _barcodes(len(geo.rows))
     order = np.flatnonzero(spots.in_tissue)  # in-tissue spots, sorted by barcode like Space Ranger
     order = order[np.argsort(barcodes[order], kind="stable")]
-    gp = _gene_programme(p.n_genes, rng_gene)
     mean, lib, counts = spot_counts(p, tissue, gp, spots, geo.spot_um, order, rng_count)
     scales = _write_spaceranger(outs, p=p, geo=geo, spots=spots, gp=gp, barcodes=barcodes, order=order,
-                                counts=counts, library_id=f"synthetic_{preset}_{seed}")
-
-    ren = Renderer(tissue, make_nuclei(tissue, geo.box, rng_nuc), geo.affine, (geo.height, geo.width), p.mpp,
-                   rng_tex, geo.box, int(seed))
-    desc = json.dumps({"mpp": p.mpp, "generator": "hishrst.synth", "preset": preset, "seed": int(seed)})
+                                counts=counts, library_id=library_id)
+    rseed = seed if render_seed is None else int(render_seed)
+    ren: Any = Renderer(tissue, make_nuclei(tissue, sec.box, rng_nuc), sec.affine, (sec.height, sec.width), p.mpp,
+                        rng_tex, sec.box, rseed)
+    if (geo.width, geo.height) != (sec.width, sec.height):
+        ren = CanvasRenderer(ren, shape=(geo.height, geo.width), offset_px=layout.shift_px, seed=rseed)
+    desc = json.dumps({"mpp": p.mpp, "generator": "hishrst.synth", "preset": name, "seed": int(seed)})
     pyramid = _write_tiff(out_dir / "image.tif", ren, geo=geo, p=p, description=desc, compression=compression)
     _write_pngs(outs / "spatial", pyramid, geo=geo, scales=scales)
-
     truth = {
         "barcodes": barcodes[order].astype(str), "region_names": np.asarray(REGION_NAMES),
         "region_fractions": spots.frac[order].astype(np.float32), "tissue_fraction": spots.tfrac[order].astype(np.float32),
@@ -210,10 +282,14 @@ def make_synthetic_visium(
         "gene_names": gp["names"].astype(str), "gene_ids": gp["ids"].astype(str), "gene_kind": gp["kind"].astype(str),
         "marker_region": gp["marker_region"], "region_log_means": gp["logmu"].astype(np.float32),
         "affine_um_to_px": geo.affine, "mpp": np.float64(p.mpp), "image_shape": np.array([geo.height, geo.width, 3]),
-        "seed": np.int64(seed), "preset": np.str_(preset),
+        "seed": np.int64(seed), "preset": np.str_(name),
+        "shift_px": np.array(layout.shift_px, np.int64), "shift_um": np.array(layout.shift_px, np.float64) * p.mpp,
+        "canvas_pad_px": np.array(layout.pad_px, np.int64),
+        "rotation_deg": np.float64(np.degrees(np.arctan2(sec.affine[1, 0], sec.affine[0, 0]))),
+        **(extra_truth or {}),
     }
     _save_npz(out_dir / "truth.npz", truth)
-    log.info("synthetic Visium %s (seed %d): %d/%d spots in tissue, image %d×%d px", preset, seed, len(order),
+    log.info("synthetic Visium %s (seed %d): %d/%d spots in tissue, image %d×%d px", name, seed, len(order),
              len(geo.rows), geo.width, geo.height)
     return outs
 

@@ -147,6 +147,13 @@ def test_determinism(outs: Path, tmp_path: Path) -> None:
     assert a.X.shape != c.X.shape or (a.X != c.X).nnz > 0
 
 
+def test_default_layout_is_the_classic_section(outs: Path) -> None:
+    """Without placement options the section sits at the image origin with a small array rotation."""
+    truth = load_truth(outs)
+    assert truth["shift_px"].tolist() == [0, 0] and truth["canvas_pad_px"].tolist() == [0, 0]
+    assert truth["shift_um"].tolist() == [0.0, 0.0] and abs(float(truth["rotation_deg"])) <= 0.6
+
+
 def test_image_mpp(outs: Path, tmp_path: Path) -> None:
     assert image_mpp(outs.parent / "image.tif") == pytest.approx(SMALL_MPP)
     img = np.full((64, 64, 3), 200, np.uint8)
