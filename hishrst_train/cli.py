@@ -1,19 +1,24 @@
-"""Training-stage subcommands of ``hishrst``: ``synth``, ``fit``, ``evaluate``.
+"""Training-stage subcommands of ``hishrst``: ``synth``, ``fit``, ``evaluate``, ``cv``.
 
 This module imports only click, the runtime's core and the torch-free encoder registry, so the
 commands parse (and ``--help`` works) in a base install; the training stack is imported inside each
 command body, where a missing extra becomes one line naming ``pip install "hishrst[train]"``.
 Errors reach the user through :func:`hishrst_runtime.cli.errors.user_errors` (one line, exit 1).
+
+``DATA`` (fit, evaluate --on, cv): a Space Ranger ``outs`` folder, ``PATH.h5ad:IMAGE`` (an ``.h5ad``
+paired with its full-resolution image) or a HEST-1k ``<root>/st/<id>.h5ad``; ``--image`` only with one DATA.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import click
 
@@ -22,7 +27,12 @@ from hishrst_runtime.core.errors import EnvironmentProblem, HishrstError, Output
 from hishrst_runtime.core.patches import DEFAULT_PATCH_UM
 from hishrst_train.encoders.registry import ENCODER_NAMES
 
-__all__ = ["synth", "fit", "evaluate", "training_module", "command_errors", "MissingExtraError"]
+__all__ = ["synth", "fit", "evaluate", "cv", "training_module", "command_errors", "MissingExtraError"]
+
+DATA_HELP = ("DATA: Space Ranger outs folder, PATH.h5ad:IMAGE, or a HEST-1k st/<id>.h5ad (finds wsis/ and "
+             "metadata/ beside st/).")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
 
 class MissingExtraError(EnvironmentProblem):
     """A package of an extra (``[train]``, ``[export]``) is not installed (or does not import)."""
@@ -40,20 +50,26 @@ def training_module(name: str, *, command: str, extra: str = "train") -> ModuleT
 
 
 @contextlib.contextmanager
-def command_errors() -> Iterator[None]:
-    """:func:`user_errors`, plus file-system refusals (permissions, full disk) as one line naming the path."""
+def command_errors(out: Path | None = None) -> Iterator[None]:
+    """:func:`user_errors`, plus file-system refusals (permissions, full disk, read-only) as one line naming
+    the path (``out``, the command's output, when the error names no file)."""
     with user_errors():
         try:
             yield
         except HishrstError:
             raise
         except (PermissionError, IsADirectoryError, NotADirectoryError) as e:
-            raise OutputStateError(f"{e.filename or '?'}: {e.strerror or e}; check the path and its permissions, "
-                                   "or choose another location") from e
+            raise OutputStateError(f"{e.filename or out or '?'}: {e.strerror or e}; check the path and its "
+                                   "permissions, or choose another location") from e
         except OSError as e:
-            if e.errno is None or e.filename is None:
+            where = e.filename or (out if e.errno in _NO_SPACE else None)
+            if e.errno is None or where is None:
                 raise
-            raise OutputStateError(f"{e.filename}: {e.strerror or e}; free space or choose another location") from e
+            raise OutputStateError(f"{where}: {e.strerror or e}; free space or choose another location") from e
+        except Exception as e:  # the safetensors reader's error type, without importing safetensors here
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise OutputStateError(f"{out or '?'}: a safetensors file could not be read ({e}); re-create it") from e
 
 
 @click.command()
@@ -61,77 +77,157 @@ def command_errors() -> Iterator[None]:
 @click.option("--preset", type=click.Choice(["small", "dlpfc"]), default="small", show_default=True,
               help="small: a few hundred spots; dlpfc: ≈4,000 spots on a DLPFC-sized image.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (the output is deterministic).")
-def synth(out_dir: Path, preset: str, seed: int) -> None:
-    """Generate a synthetic Visium section (Space Ranger outs + pyramidal TIFF) in OUT_DIR."""
+@click.option("--sections", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Number of sections (more than one: OUT_DIR/section_<k>/, one shared expression model, each section "
+                   "placed and rotated differently on its slide).")
+def synth(out_dir: Path, preset: str, seed: int, sections: int) -> None:
+    """Generate synthetic Visium sections (Space Ranger outs + pyramidal TIFF) in OUT_DIR."""
     t0 = time.perf_counter()
-    with command_errors():
+    with command_errors(out_dir):
         mod = training_module("hishrst_train.synth", command="synth")
-        outs = mod.make_synthetic_visium(out_dir, preset=preset, seed=seed)
-    click.echo(f"wrote synthetic Visium ({preset}, seed {seed}) to {outs} in {time.perf_counter() - t0:.1f} s")
+        if sections == 1:
+            outs = [mod.make_synthetic_visium(out_dir, preset=preset, seed=seed)]
+        elif hasattr(mod, "make_synthetic_sections"):
+            outs = mod.make_synthetic_sections(out_dir, sections, seed=seed, preset=preset)
+        else:
+            outs = [mod.make_synthetic_visium(out_dir / f"section{i}", preset=preset, seed=seed + i)
+                    for i in range(sections)]
+    for o in outs:
+        click.echo(f"wrote synthetic Visium ({preset}) to {o}")
+    click.echo(f"{len(outs)} section(s) in {time.perf_counter() - t0:.1f} s")
 
 
-@click.command()
-@click.argument("data", type=click.Path(exists=True, path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory to write.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace an existing run at --out (the old run is kept until the new fit succeeds).")
-@click.option("--task", type=click.Choice(["recovery", "generation"]), default="recovery", show_default=True)
-@click.option("--encoder", type=click.Choice(ENCODER_NAMES), default="test-vit", show_default=True,
-              help="Encoder (test-vit: tiny random ViT for smoke runs, no download).")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Local encoder weights file (safetensors or state-dict .bin).")
+def _fit_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by ``fit`` and ``cv`` (applied bottom-up, so listed here in reverse help order)."""
+    opts = [
+        click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Feature cache folder (one cache entry per section image, encoder and geometry)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="Feature extraction and training device (auto: cuda when torch sees a GPU)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Feature-extraction batch size."),
+        click.option("--position", "position_mode", type=click.Choice(["relative", "continuous", "grid", "none"]),
+                     default="relative", show_default=True,
+                     help="relative: distances within neighbour groups (transfers to other sections); continuous: "
+                          "absolute µm; grid: Visium array embeddings (the reference); none: image only."),
+        click.option("--patch-um", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_PATCH_UM,
+                     show_default=True, help="Patch side in µm."),
+        click.option("--n-genes", type=click.IntRange(min=1), default=1000, show_default=True,
+                     help="Highly variable genes to predict (chosen on training spots, from genes all sections share)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--val-frac", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+                     help="Fraction of the training spots kept aside for early stopping (0 disables it)."),
+        click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
+                     help="Maximum epochs; training stops early when the validation MSE stops improving."),
+        click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="µm per full-resolution pixel (overrides the recorded pixel size of every section)."),
+        click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="Local encoder weights file (safetensors or state-dict .bin)."),
+        click.option("--encoder", type=click.Choice(ENCODER_NAMES), default="test-vit", show_default=True,
+                     help="Encoder (test-vit: tiny random ViT for smoke runs, no download)."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace an existing run at --out (the old run is kept until the new fit succeeds)."),
+        click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="Output directory to write."),
+    ]
+    for opt in opts:
+        f = opt(f)
+    return f
+
+
+@click.command(epilog=DATA_HELP)
+@click.argument("data", nargs=-1, required=True)
+@_fit_options
+@click.option("--task", type=click.Choice(["recovery", "generation", "full"]), default="recovery", show_default=True,
+              help="recovery: train on half of each section's spots, predict the rest; generation: predict a denser "
+                   "grid; full: train on every spot (then `hishrst evaluate RUN --on OTHER`).")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Full-resolution image: needed when DATA is an .h5ad; for a Space Ranger outs folder it "
-                   "replaces the image found next to it.")
-@click.option("--mpp", type=float, default=None, help="µm per full-resolution pixel (overrides the scalefactors).")
-@click.option("--epochs", type=int, default=100, show_default=True,
-              help="Maximum epochs; training stops early when the validation MSE stops improving.")
-@click.option("--val-frac", type=float, default=0.1, show_default=True,
-              help="Fraction of the training spots kept aside for early stopping (0 disables it).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--n-genes", type=int, default=1000, show_default=True, help="Highly variable genes to predict.")
-@click.option("--patch-um", type=float, default=DEFAULT_PATCH_UM, show_default=True, help="Patch side in µm.")
-@click.option("--position", "position_mode", type=click.Choice(["continuous", "grid"]), default="continuous", show_default=True)
-@click.option("--densify", type=float, default=4.0, show_default=True, help="Generation task: density factor.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Feature-extraction batch size.")
-def fit(data: Path, out: Path, overwrite: bool, task: str, encoder: str, weights: Path | None, image: Path | None,
-        mpp: float | None, epochs: int, val_frac: float, seed: int, n_genes: int, patch_um: float, position_mode: str,
-        densify: float, batch_size: int) -> None:
-    """Train HisHRST on DATA (Space Ranger outs directory, or .h5ad with --image)."""
-    with command_errors():
+              help="Full-resolution image of a single DATA: pairs a plain .h5ad with its image, or replaces the "
+                   "image found next to an outs folder / HEST sample.")
+@click.option("--densify", type=click.FloatRange(min=1, min_open=True), default=4.0, show_default=True,
+              help="Generation task: density factor.")
+def fit(data: tuple[str, ...], out: Path, task: str, image: Path | None, densify: float, **opts: Any) -> None:
+    """Train HisHRST on one or several sections DATA... and write a run directory to --out."""
+    with command_errors(out):
         tasks = training_module("hishrst_train.tasks", command="fit")
-        s = tasks.fit_run(data, out=out, task=task, encoder=encoder, weights=weights, image=image, mpp=mpp,
-                          epochs=epochs, seed=seed, n_genes=n_genes, patch_um=patch_um, position_mode=position_mode,
-                          densify=densify, batch_size=batch_size, val_frac=val_frac, overwrite=overwrite)
+        s = tasks.fit_run(list(data), out=out, task=task, image=image, densify=densify, **opts)
     click.echo(f"\n{task} run written to {out}")
-    rows = [("spots", s["n_spots"]), ("training spots", s["n_train"]), ("validation spots", s["n_val"]),
-            ("held-out spots" if task == "recovery" else "dense points", s.get("n_heldout", s.get("n_dense"))),
+    last = {"recovery": ("held-out spots", s.get("n_heldout")), "generation": ("dense points", s.get("n_dense"))}
+    rows = [("sections", s["n_sections"]), ("spots", s["n_spots"]), ("training spots", s["n_train"]),
+            ("validation spots", s["n_val"]), last.get(task, ("held-out spots", 0)),
             ("epochs (best)", f"{s['epochs_run']} ({s['best_epoch']})"),
             ("best val. MSE", f"{s['best_val_mse']:.4f}" if s["best_val_mse"] is not None else "n/a"),
-            ("final train MSE", f"{s['final_train_mse']:.4f}"), ("features (s)", s["seconds_features"]),
-            ("training (s/epoch)", s["seconds_per_epoch"]), ("total (s)", s["seconds_total"])]
+            ("final train MSE", f"{s['final_train_mse']:.4f}"), ("device", s["device"]),
+            ("features (s)", s["seconds_features"]), ("training (s/epoch)", s["seconds_per_epoch"]),
+            ("total (s)", s["seconds_total"])]
     for k, v in rows:
         click.echo(f"  {k:<20} {v}")
 
 
-@click.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--no-ssim", is_flag=True, help="Skip SSIM of gene maps.")
-@click.option("--no-ari", is_flag=True, help="Skip k-means ARI against the layer truth.")
-def evaluate(run_dir: Path, no_ssim: bool, no_ari: bool) -> None:
-    """Score a recovery run on its held-out spots; writes metrics.json and per_gene_metrics.csv."""
-    with command_errors():
-        mod = training_module("hishrst_train.evaluate", command="evaluate")
-        s = mod.evaluate_run(run_dir, ssim=not no_ssim, ari=not no_ari)
-    m, b = s["model"], s["baseline_mean"]
-    click.echo(f"held-out spots: {s['n_heldout_spots']}, genes: {m['n_genes']} (constant predictions: {m['n_constant']})")
-    click.echo(f"{'':<22}{'model':>10}{'mean baseline':>16}")
-    click.echo(f"{'PCC (mean)':<22}{m['pcc_mean']:>10.4f}{'undefined':>16}")
-    click.echo(f"{'PCC (const as 0)':<22}{m['pcc_mean_constant_as_zero']:>10.4f}{b['pcc_mean_constant_as_zero']:>16.4f}")
-    click.echo(f"{'MSE':<22}{m['mse_mean']:>10.4f}{b['mse_mean']:>16.4f}")
-    click.echo(f"{'MAE':<22}{m['mae_mean']:>10.4f}{b['mae_mean']:>16.4f}")
+def _echo_metrics(s: dict[str, Any], where: Path) -> None:
+    m, b, t = s["model"], s["baseline_mean"], s.get("baseline_train_mean")
+    click.echo(f"scored spots: {s['n_heldout_spots']}, genes: {m['n_genes']} (constant predictions: {m['n_constant']})")
+    click.echo(f"{'':<22}{'model':>10}{'train mean':>12}{'measured mean':>15}")
+    tv = (lambda k: f"{t[k]:>12.4f}") if t else (lambda k: f"{'n/a':>12}")
+    click.echo(f"{'PCC (mean)':<22}{m['pcc_mean']:>10.4f}{'undefined':>12}{'undefined':>15}")
+    click.echo(f"{'PCC (const as 0)':<22}{m['pcc_mean_constant_as_zero']:>10.4f}{tv('pcc_mean_constant_as_zero')}"
+               f"{b['pcc_mean_constant_as_zero']:>15.4f}")
+    click.echo(f"{'MSE':<22}{m['mse_mean']:>10.4f}{tv('mse_mean')}{b['mse_mean']:>15.4f}")
+    click.echo(f"{'MAE':<22}{m['mae_mean']:>10.4f}{tv('mae_mean')}{b['mae_mean']:>15.4f}")
     if "ssim_mean" in m:
         click.echo(f"{'SSIM (mean)':<22}{m['ssim_mean']:>10.4f}")
     if "ari_prediction" in s:
         click.echo(f"{'ARI k-means vs layers':<22}{s['ari_prediction']:>10.4f}   (measured expression: {s['ari_measured']:.4f})")
-    click.echo(f"wrote {run_dir / 'metrics.json'} and {run_dir / 'per_gene_metrics.csv'}")
+    if s.get("warning"):
+        click.echo(f"warning: {s['warning']}")
+    click.echo(f"wrote {where / 'metrics.json'} and {where / 'per_gene_metrics.csv'}")
+
+
+@click.command(epilog=DATA_HELP)
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("more", nargs=-1, metavar="")
+@click.option("--on", "on", multiple=True, metavar="DATA [DATA ...]",
+              help="Score sections the run never trained on (written to RUN/eval/<name>/).")
+@click.option("--name", default=None, help="Subfolder name under RUN/eval/ (default: the section names).")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --on and a single DATA: its full-resolution image.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, help="µm/px of the --on sections.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Feature cache folder.")
+@click.option("--no-ssim", is_flag=True, help="Skip SSIM of gene maps.")
+@click.option("--no-ari", is_flag=True, help="Skip k-means ARI against the layer truth.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+def evaluate(run_dir: Path, more: tuple[str, ...], on: tuple[str, ...], name: str | None, image: Path | None,
+             mpp: float | None, device: str, cache_dir: Path | None, no_ssim: bool, no_ari: bool, progress: bool) -> None:
+    """Score RUN: its held-out spots (recovery), or with --on DATA... sections it never saw."""
+    data = list(on) + list(more)
+    if more and not on:
+        raise click.UsageError(f"unexpected argument {more[0]!r}; sections to score go after --on")
+    if not data and (image or mpp or name):
+        raise click.UsageError("--image, --mpp and --name apply to --on DATA")
+    with command_errors(run_dir):
+        mod = training_module("hishrst_train.evaluate", command="evaluate")
+        if data:
+            training_module("hishrst_train.tasks", command="evaluate --on")
+            s = mod.evaluate_on(run_dir, data, image=image, mpp=mpp, ssim=not no_ssim, ari=not no_ari, device=device,
+                                cache_dir=cache_dir, name=name, progress=progress)
+            where = Path(s["folder"])
+        else:
+            s, where = mod.evaluate_run(run_dir, ssim=not no_ssim, ari=not no_ari), run_dir
+    _echo_metrics(s, where)
+
+
+@click.command(epilog=DATA_HELP)
+@click.argument("data", nargs=-1, required=True)
+@_fit_options
+@click.option("--no-ssim", is_flag=True, help="Skip SSIM of gene maps.")
+@click.option("--no-ari", is_flag=True, help="Skip k-means ARI against the layer truth.")
+def cv(data: tuple[str, ...], out: Path, no_ssim: bool, no_ari: bool, **opts: Any) -> None:
+    """Leave-one-section-out cross-validation over DATA... (each fold a `--task full` run under --out)."""
+    with command_errors(out):
+        training_module("hishrst_train.tasks", command="cv")
+        mod = training_module("hishrst_train.cv", command="cv")
+        table = mod.cv_run(list(data), out=out, ssim=not no_ssim, ari=not no_ari, **opts)
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    click.echo(f"wrote {out / 'cv_metrics.csv'} and one run per fold under {out}")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 __all__ = ["normalize_log1p", "preprocess", "select_hvgs"]
@@ -56,12 +57,15 @@ def select_hvgs(
     n_top: int = 1000,
     train_mask: np.ndarray | Sequence[int] | None = None,
     layer: str | None = None,
+    batch: np.ndarray | Sequence[Any] | None = None,
 ) -> list[str]:
     """Names of the ``n_top`` Seurat v3 highly variable genes, in the order of ``adata.var_names``.
 
     Computed with scanpy (``flavor="seurat_v3"``, needs scikit-misc) on raw counts (``X`` or
     ``layers[layer]``) of the training spots only when ``train_mask`` (boolean mask or row indices) is
-    given. With ``n_top`` ≥ the number of genes, all genes are returned and a warning says so.
+    given. ``batch`` (one label per spot, e.g. the section) ranks genes per batch (scanpy's
+    ``batch_key``), so one section's depth cannot dominate. With ``n_top`` ≥ the number of genes, all
+    genes are returned and a warning says so.
     """
     if n_top < 1:
         raise ValueError(f"n_top must be a positive number of genes, got {n_top}")
@@ -78,9 +82,18 @@ def select_hvgs(
     rows = _train_rows(adata.n_obs, train_mask) if train_mask is not None else np.arange(adata.n_obs)
     sub = ad.AnnData(X=X[rows].astype(np.float32) if sp.issparse(X) else np.asarray(X)[rows].astype(np.float32))
     sub.var_names = adata.var_names.astype(str)
+    batch_key = None
+    if batch is not None:
+        labels = np.asarray(batch)
+        if labels.shape != (adata.n_obs,):
+            raise ValueError(f"batch must hold one label per spot ({adata.n_obs}), got shape {labels.shape}")
+        if len(np.unique(labels[rows])) > 1:
+            sub.obs["batch"] = pd.Categorical(labels[rows].astype(str))
+            batch_key = "batch"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)
-        df = sc.pp.highly_variable_genes(sub, flavor="seurat_v3", n_top_genes=int(n_top), inplace=False)
+        df = sc.pp.highly_variable_genes(sub, flavor="seurat_v3", n_top_genes=int(n_top), inplace=False,
+                                         batch_key=batch_key)
     hv = np.asarray(df["highly_variable"], dtype=bool)
     if hv.size != len(genes):  # scanpy returns one row per gene, in var order
         raise RuntimeError(f"scanpy returned {hv.size} rows for {len(genes)} genes")

@@ -11,7 +11,10 @@ Versions:
 1. configs written before this module existed (no ``schema`` / ``schema_version``); optional fields
    (``image``, ``mpp_override``, ``preprocessing``, ``image_features``, encoder ``weights`` / ``gated`` /
    ``license``, position ``units``, grouping ``method`` / ``coords``) may be missing.
-2. the current layout: every field present; ``schema`` and ``schema_version`` first.
+2. every field present; ``schema`` and ``schema_version`` first.
+3. the current layout: ``sections`` lists every training section (name, kind, data, image, fullres_image,
+   mpp, n_spots); ``data`` / ``image`` keep the first section's paths; task ``full`` and position modes
+   ``relative`` / ``none`` are possible.
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ from hishrst_runtime.core.files import atomic_write
 from hishrst_runtime.core.grouping import GROUPING_METHOD
 from hishrst_runtime.core.jsonutil import json_default
 
-__all__ = ["RUN_SCHEMA", "RUN_SCHEMA_VERSION", "RunConfig", "RunConfigError", "Task", "PositionMode"]
+__all__ = ["RUN_SCHEMA", "RUN_SCHEMA_VERSION", "RunConfig", "RunConfigError", "Task", "PositionMode", "POSITION_UNITS"]
 
 RUN_SCHEMA = "hishrst.run"
 #: Current version of the ``config.json`` layout (see the module docstring for the history).
-RUN_SCHEMA_VERSION = 2
+RUN_SCHEMA_VERSION = 3
 
-Task = Literal["recovery", "generation"]
-PositionMode = Literal["continuous", "grid"]
+Task = Literal["recovery", "generation", "full"]
+PositionMode = Literal["continuous", "grid", "relative", "none"]
+#: Units of the positions each mode feeds the model.
+POSITION_UNITS: dict[str, str] = {"continuous": "um", "relative": "um", "none": "um", "grid": "array"}
 
 #: Fields every version must hold, as ``(section, key)`` (``key`` None: a top-level field).
 _REQUIRED: tuple[tuple[str, str | None], ...] = (
@@ -63,8 +68,20 @@ def _upgrade_1_to_2(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def _upgrade_2_to_3(d: dict[str, Any]) -> dict[str, Any]:
+    """One-section runs: ``sections`` from ``data`` / ``image`` (kind unknown: ``None``)."""
+    d = dict(d)
+    data = d.get("data") or ""
+    if "sections" not in d:
+        name = Path(data).name if data else "section"
+        name = Path(data).parent.name if name == "outs" else Path(name).stem if name.endswith(".h5ad") else name
+        d["sections"] = [{"name": name, "kind": None, "data": data, "image": d.get("image"), "fullres_image": None,
+                          "mpp": d["patch"].get("train_mpp"), "n_spots": d.get("summary", {}).get("n_spots")}] if data else []
+    return d
+
+
 #: ``version -> function`` turning a version-``version`` dict into a version ``version + 1`` one.
-_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_1_to_2}
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3}
 
 
 @dataclass(frozen=True)
@@ -74,8 +91,9 @@ class RunConfig:
     ``encoder``: name, fingerprint, input_size (px), feature_dim, mean/std (RGB, 0–1 scale), gated,
     license, weights (path or None). ``patch``: size_um (patch side, µm), train_mpp (µm/px of the
     training image), resize, pad_value. ``position``: mode, units. ``grouping``: method, max_size,
-    coords. ``model``: the :class:`~hishrst_train.model.HisHRSTConfig` dict. ``data`` / ``image``:
-    resolved paths of the training section and of an explicit image; ``mpp_override``: ``--mpp``.
+    coords. ``model``: the :class:`~hishrst_train.model.HisHRSTConfig` dict. ``sections``: one dict per
+    training section (name, kind, data, image, fullres_image, mpp in µm/px, n_spots). ``data`` / ``image``:
+    resolved paths of the first training section and of its explicit image; ``mpp_override``: ``--mpp``.
     """
 
     task: Task
@@ -94,6 +112,7 @@ class RunConfig:
     train: dict[str, Any] = field(default_factory=dict)
     torch_version: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
+    sections: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = RUN_SCHEMA_VERSION
 
     # ------------------------------------------------------------------------------------ reading
@@ -140,7 +159,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """The JSON layout of the current version (``schema`` and ``schema_version`` first)."""
         out: dict[str, Any] = {"schema": RUN_SCHEMA, "schema_version": RUN_SCHEMA_VERSION}
-        order = ("hishrst_version", "task", "data", "image", "mpp_override", "genes", "encoder", "patch", "position",
+        order = ("hishrst_version", "task", "data", "image", "mpp_override", "sections", "genes", "encoder", "patch", "position",
                  "grouping", "preprocessing", "image_features", "train", "torch_version", "summary", "model")
         out.update((k, getattr(self, k)) for k in order)
         return out

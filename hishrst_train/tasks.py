@@ -1,15 +1,25 @@
-"""The two HisHRST tasks, end to end: read a section, select genes, extract features, train, predict.
+"""The HisHRST tasks, end to end: read one or several sections, select genes, extract features, train, predict.
 
-* ``recovery``: a seeded random 50 % of the spots is used for training (gene selection included); the
-  model predicts the held-out half, grouped among themselves exactly as the training spots were.
-* ``generation``: train on all spots, then predict a grid ``densify`` times denser whose positions
-  come from an array→pixel affine fitted on the measured spots.
+* ``recovery``: a seeded random 50 % of each section's spots is used for training (gene selection
+  included); the model predicts the held-out half, grouped among themselves exactly as the training
+  spots were.
+* ``generation``: train on all spots, then predict, per section, a grid ``densify`` times denser whose
+  positions come from an array→pixel affine fitted on the measured spots.
+* ``full``: train on all spots of all sections (for models meant to predict other sections: see
+  ``hishrst evaluate RUN --on DATA`` and ``hishrst cv``); no predictions are written.
+
+In every task a seeded ``val_frac`` of the training spots is kept aside for early stopping.
+
+Several sections: genes are the intersection over sections (HVGs chosen on the pooled training spots,
+Seurat v3 with the section as batch); normalisation is per spot; features are extracted (and cached)
+per section at each section's own µm/px; neighbour groups never span sections.
 
 A run directory holds ``model.safetensors`` + ``config.json`` (the checkpoint; a versioned
-:class:`~hishrst_train.runconfig.RunConfig`), ``split.json``, ``predictions.h5ad`` (held-out spots: X =
-prediction, ``layers['truth']`` = measured) for recovery or ``dense.h5ad`` for generation, and
-``history.json``. It is built aside and swapped in when the fit succeeds
-(:mod:`hishrst_train.rundir`); an existing run is replaced only with ``overwrite=True``.
+:class:`~hishrst_train.runconfig.RunConfig` listing the sections), ``split.json``, ``baseline.json``
+(genes and their mean over the training spots), ``predictions.h5ad`` (held-out spots: X = prediction,
+``layers['truth']`` = measured, ``obs['section']``) for recovery or ``dense.h5ad`` for generation, and
+``history.json``. It is built aside and swapped in when the fit succeeds (:mod:`hishrst_train.rundir`);
+an existing run is replaced only with ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -17,64 +27,68 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from hishrst_runtime import __version__
-from hishrst_runtime.core.geometry import apply_affine, dense_array_grid, fit_affine
-from hishrst_runtime.core.grouping import GROUPING_METHOD, group_points
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.files import atomic_write
+from hishrst_runtime.core.geometry import apply_affine, dense_array_grid, fit_affine
+from hishrst_runtime.core.grouping import GROUPING_METHOD, group_points
 from hishrst_runtime.core.patches import DEFAULT_PATCH_UM, PAD_VALUE, RESIZE_FILTER
-from hishrst_train.model import HisHRSTConfig
-from hishrst_train.runconfig import PositionMode, RunConfig, Task
+from hishrst_train.data.sections import Section, SectionSpec, load_adata, open_section, parse_section, \
+    resolve_sections, section_names
+from hishrst_train.runconfig import POSITION_UNITS, PositionMode, RunConfig, Task
 from hishrst_train.rundir import building_run, check_run_out
+from hishrst_train.train import resolve_device, save_checkpoint  # torch: a missing [train] extra fails here
 
-__all__ = ["load_section", "fit_run", "spot_positions", "TARGET_SUM", "FitError"]
+__all__ = ["load_section", "open_sections", "fit_run", "spot_positions", "section_features", "load_run_encoder", "TARGET_SUM", "FitError",
+           "TASKS", "POSITION_MODES", "DataArg"]
 
 log = logging.getLogger("hishrst")
 TARGET_SUM = 1e4
+TASKS: tuple[str, ...] = ("recovery", "generation", "full")
+POSITION_MODES: tuple[str, ...] = ("continuous", "grid", "relative", "none")
+#: One ``DATA`` argument (see :mod:`hishrst_train.data.sections`) or a parsed spec.
+DataArg = str | Path | SectionSpec
 
 
 class FitError(InputError):
     """Fit inputs or options that cannot work (the message names the file or option and the fix)."""
 
 
-class MissingImageError(FitError, FileNotFoundError):
-    """The section has no full-resolution image to cut patches from."""
+def load_section(data: DataArg, *, image: str | Path | None = None, mpp: float | None = None) -> ad.AnnData:
+    """Read one section — a Space Ranger ``outs`` directory, ``PATH.h5ad:IMAGE``, an ``.h5ad`` with ``image``,
+    or a HEST-1k ``st/<id>.h5ad`` — as AnnData with ``uns['hishrst']``.
 
-
-def load_section(data: str | Path, *, image: str | Path | None = None, mpp: float | None = None) -> ad.AnnData:
-    """Read a Space Ranger ``outs`` directory, or an ``.h5ad`` plus its full-resolution image.
-
-    ``image``: the full-resolution H&E image — required with an ``.h5ad``; with an ``outs`` folder it is
-    used instead of the image found next to it (the spot pixel coordinates are checked against its
-    size). ``mpp`` (µm per full-resolution pixel) overrides the recorded pixel size.
+    ``image``: the full-resolution H&E image — required with a plain ``.h5ad``; otherwise it replaces the
+    image found next to the data (spot pixel coordinates are checked against its size). ``mpp`` (µm per
+    full-resolution pixel) overrides the recorded pixel size.
     """
-    from hishrst_train import data as io
+    return load_adata(parse_section(data, image=image), mpp=mpp)
 
-    data = Path(data)
-    if data.suffix == ".h5ad":
-        if image is None:
-            raise FitError(f"{data}: an .h5ad needs its full-resolution image; pass --image PATH")
-        return io.read_h5ad_with_image(data, image, mpp=mpp)
-    adata = io.read_visium(data, fullres_image=image)
-    if mpp is not None:
-        adata.uns["hishrst"]["mpp"] = float(mpp)
-    return adata
+
+def open_sections(data: DataArg | Sequence[DataArg], *, image: str | Path | None = None,
+                  mpp: float | None = None) -> list[Section]:
+    """Parse and open every section (unique names, images opened lazily)."""
+    specs = resolve_sections(data, image=image)
+    return [open_section(s, name=n, mpp=mpp) for s, n in zip(specs, section_names(specs))]
 
 
 def spot_positions(xy_px: np.ndarray, *, mpp: float, mode: str, array_rc: np.ndarray | None = None) -> np.ndarray:
-    """Model positions: µm (``continuous``) or (array_col, array_row) (``grid``, the reference's input)."""
-    if mode == "continuous":
+    """Model positions: µm (``continuous``, ``relative``, ``none``) or (array_col, array_row) (``grid``)."""
+    if mode != "grid":
         return np.asarray(xy_px, dtype=np.float64) * mpp
     if array_rc is None:
-        raise ValueError("grid position mode needs Visium array coordinates")
+        raise FitError("--position grid needs Visium array coordinates (obs array_row / array_col), which this "
+                       "section lacks; use --position relative")
     return np.stack([array_rc[:, 1], array_rc[:, 0]], axis=1).astype(np.float64)
 
 
@@ -86,119 +100,56 @@ def _split(n: int, seed: int) -> np.ndarray:
     return mask
 
 
+def _section_seed(seed: int, i: int) -> int:
+    """Seed of section ``i`` (section 0 keeps ``seed``, so one-section runs split as before)."""
+    return seed + 1000 * i
+
+
 @dataclass(frozen=True)
-class _Section:
-    """A training section opened for fitting: spots, pixel size (µm/px) and the lazily read image."""
+class _Options:
+    """Everything :func:`fit_run` needs besides the sections (see its docstring for units)."""
 
-    adata: ad.AnnData
-    mpp: float
-    img_path: str
-    img: Any
-    xy: np.ndarray  # [N, 2] full-resolution px
-    array_rc: np.ndarray  # [N, 2] Visium (array_row, array_col)
-
-
-def _open_section(data: str | Path, *, image: str | Path | None, mpp: float | None) -> _Section:
-    from hishrst_train.data import open_fullres_image
-
-    adata = load_section(data, image=image, mpp=mpp)
-    meta = adata.uns["hishrst"]
-    img_path = meta.get("fullres_image")
-    if not img_path:
-        raise MissingImageError(f"{data}: no full-resolution image found; pass --image PATH")
-    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-    array_rc = np.stack([adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy()], axis=1)
-    return _Section(adata=adata, mpp=float(meta["mpp"]), img_path=str(img_path), img=open_fullres_image(img_path),
-                    xy=xy, array_rc=array_rc)
+    task: Task
+    encoder: str
+    weights: str | Path | None
+    epochs: int
+    seed: int
+    n_genes: int
+    patch_um: float
+    position_mode: PositionMode
+    densify: float
+    max_group: int
+    batch_size: int
+    image_features: bool
+    val_frac: float
+    cache_dir: str | Path | None
+    progress: bool
+    device: str
 
 
-def _targets(adata: ad.AnnData, *, task: Task, seed: int, n_genes: int) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Train mask, selected genes (from training spots only) and log-normalised expression [N, genes]."""
-    from hishrst_train.preprocess import normalize_log1p, select_hvgs
-
-    train_mask = _split(adata.n_obs, seed) if task == "recovery" else np.ones(adata.n_obs, dtype=bool)
-    genes = select_hvgs(adata, n_top=n_genes, train_mask=train_mask if task == "recovery" else None)
-    expr = normalize_log1p(adata[:, genes].X, target_sum=TARGET_SUM)
-    expr = np.asarray(expr.toarray() if hasattr(expr, "toarray") else expr, dtype=np.float32)
-    return train_mask, list(genes), expr
-
-
-def _train_groups(xy: np.ndarray, train_mask: np.ndarray, *, seed: int, val_frac: float, max_group: int
-                  ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray] | None]:
-    """Training spots (validation removed), their neighbour groups and the validation groups."""
-    train_idx = np.flatnonzero(train_mask)
-    val_groups = None
-    if val_frac > 0:
-        perm = np.random.default_rng(seed + 1).permutation(train_idx)
-        n_val = int(round(len(train_idx) * val_frac))
-        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-        val_groups = [val_idx[g] for g in group_points(xy[val_idx], max_size=max_group)] if n_val else None
-    groups = [train_idx[g] for g in group_points(xy[train_idx], max_size=max_group)]
-    return train_idx, groups, val_groups
+def _check_options(o: _Options) -> None:
+    checks = [(o.task in TASKS, "task", f"one of {', '.join(TASKS)}"),
+              (o.position_mode in POSITION_MODES, "position", f"one of {', '.join(POSITION_MODES)}"),
+              (o.epochs >= 1, "epochs", "≥ 1"), (o.n_genes >= 1, "n-genes", "≥ 1"),
+              (0 <= o.val_frac < 1, "val-frac", "in [0, 1)"), (o.patch_um > 0, "patch-um", "> 0 µm"),
+              (o.densify > 1, "densify", "> 1"), (o.batch_size >= 1, "batch-size", "≥ 1"),
+              (o.max_group >= 1, "max-group", "≥ 1")]
+    for ok, name, want in checks:
+        if not ok:
+            value = getattr(o, name.replace("-", "_").replace("position", "position_mode"), None)
+            raise FitError(f"--{name} {value!r}: must be {want}")
 
 
-def _gene_var(genes: list[str]) -> pd.DataFrame:
-    return pd.DataFrame(index=pd.Index(genes, name="gene"))
-
-
-def _write_recovery(work: Path, model: Any, sec: _Section, feats: np.ndarray, pos: np.ndarray, expr: np.ndarray,
-                    genes: list[str], train_mask: np.ndarray, *, max_group: int) -> dict[str, Any]:
-    """Predict the held-out spots (grouped among themselves) → ``predictions.h5ad``."""
-    from hishrst_train.train import predict
-
-    obs = sec.adata.obs[["array_row", "array_col"]].copy()
-    if "layer" in sec.adata.obs:
-        obs["layer"] = sec.adata.obs["layer"].astype(str).values
-    test_idx = np.flatnonzero(~train_mask)
-    test_groups = [test_idx[g] for g in group_points(sec.xy[test_idx], max_size=max_group)]
-    pred = predict(model, feats, pos, groups=test_groups)[test_idx]
-    res = ad.AnnData(X=pred, obs=obs.iloc[test_idx].copy(), var=_gene_var(genes))
-    res.layers["truth"] = expr[test_idx]
-    res.obsm["spatial"] = sec.xy[test_idx]
-    res.write_h5ad(work / "predictions.h5ad")
-    return {"n_heldout": int(len(test_idx))}
-
-
-def _write_generation(work: Path, model: Any, sec: _Section, genes: list[str], *, densify: float,
-                      position_mode: PositionMode, max_group: int, features: Any) -> dict[str, Any]:
-    """Predict a grid ``densify`` times denser than the spots (array→pixel affine) → ``dense.h5ad``."""
-    from hishrst_train.train import predict
-
-    dense_rc = dense_array_grid(sec.array_rc[:, 0], sec.array_rc[:, 1], factor=densify)
-    affine = fit_affine(sec.array_rc.astype(np.float64), sec.xy)
-    dense_xy = apply_affine(affine, dense_rc)
-    dense_feats = features(dense_xy)
-    if position_mode == "grid":
-        log.warning("grid position mode truncates fractional array coordinates (the reference behaviour)")
-    dense_pos = spot_positions(dense_xy, mpp=sec.mpp, mode=position_mode, array_rc=dense_rc)
-    pred = predict(model, dense_feats, dense_pos, groups=group_points(dense_xy, max_size=max_group))
-    dobs = pd.DataFrame({"array_row": dense_rc[:, 0], "array_col": dense_rc[:, 1]},
-                        index=[f"d{i}" for i in range(len(dense_rc))])
-    res = ad.AnnData(X=pred, obs=dobs, var=_gene_var(genes))
-    res.obsm["spatial"] = dense_xy
-    res.uns["array_to_pixel_affine"] = affine
-    res.write_h5ad(work / "dense.h5ad")
-    return {"n_dense": int(len(dense_rc)), "densify": float(densify)}
-
-
-def _write_split(work: Path, adata: ad.AnnData, train_mask: np.ndarray, train_idx: np.ndarray, seed: int) -> None:
-    names = adata.obs_names
-    split = {"seed": seed, "train": names[train_idx].tolist(),
-             "validation": names[np.setdiff1d(np.flatnonzero(train_mask), train_idx)].tolist(),
-             "heldout": names[~train_mask].tolist()}
-    atomic_write(work / "split.json", json.dumps(split).encode())
-
-
-def _encoder_record(name: str, enc: Any, weights: str | Path | None) -> dict[str, Any]:
-    from hishrst_train.encoders.module import encoder_fingerprint
-
-    return {"name": name, "fingerprint": encoder_fingerprint(enc), "input_size": enc.input_size,
-            "feature_dim": enc.feature_dim, "mean": list(enc.spec.mean), "std": list(enc.spec.std),
-            "gated": bool(enc.spec.gated), "license": enc.spec.license, "weights": str(weights) if weights else None}
+def _check_sections(secs: list[Section], o: _Options) -> None:
+    for s in secs:
+        if s.array_rc is None and (o.position_mode == "grid" or o.task == "generation"):
+            what = "--position grid" if o.position_mode == "grid" else "--task generation"
+            raise FitError(f"{s.spec.data}: {what} needs Visium array coordinates (obs array_row / array_col), which "
+                           "this section lacks; use --position relative / --task recovery or full")
 
 
 def fit_run(
-    data: str | Path,
+    data: DataArg | Sequence[DataArg],
     *,
     out: str | Path,
     task: Task = "recovery",
@@ -219,92 +170,316 @@ def fit_run(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Train HisHRST on one section and write a run directory (see the module docstring).
+    """Train HisHRST on one or several sections and write a run directory (see the module docstring).
 
-    ``patch_um`` is the patch side in µm; ``densify`` the density factor of the generation grid;
-    ``image_features=False`` trains the position-only ablation (features replaced by zeros).
-    ``val_frac`` of the training spots (seeded; never held-out spots) is kept aside for early
-    stopping: ``epochs`` is then a maximum, and the weights of the best validation epoch are kept.
-    ``image`` replaces the section's own full-resolution image (required for an ``.h5ad``).
-    An existing run at ``out`` is replaced only with ``overwrite`` (and only once the new fit is
-    complete); a failed fit leaves nothing behind. Returns a summary dict (also in ``config.json``).
+    ``data``: one ``DATA`` or a sequence of them (outs folder, ``PATH.h5ad:IMAGE``, HEST ``st/<id>.h5ad``).
+    ``image`` replaces (or, for a plain ``.h5ad``, provides) the image of a single section; ``mpp``
+    (µm/px) overrides every section's pixel size. ``patch_um`` is the patch side in µm; ``densify`` the
+    density factor of the generation grid; ``image_features=False`` trains the position-only ablation.
+    ``val_frac`` of the training spots (seeded; never held-out spots) is kept aside for early stopping:
+    ``epochs`` is then a maximum, and the weights of the best validation epoch are kept. ``device``:
+    ``auto`` | ``cpu`` | ``cuda`` for feature extraction and training. An existing run at ``out`` is
+    replaced only with ``overwrite`` (and only once the new fit is complete); a failed fit leaves nothing
+    behind. Returns a summary dict (also in ``config.json``).
     """
-    if task not in ("recovery", "generation"):
-        raise FitError(f"task must be 'recovery' or 'generation', got {task!r}")
     t0 = time.perf_counter()
+    o = _Options(task=task, encoder=encoder, weights=weights, epochs=epochs, seed=seed, n_genes=n_genes,
+                 patch_um=patch_um, position_mode=position_mode, densify=densify, max_group=max_group,
+                 batch_size=batch_size, image_features=image_features, val_frac=val_frac, cache_dir=cache_dir,
+                 progress=progress, device=device)
+    _check_options(o)
+    specs = resolve_sections(data, image=image)
     out = Path(out)
-    check_run_out(out, overwrite=overwrite, inputs=(data, image))
-    sec = _open_section(data, image=image, mpp=mpp)
-    from hishrst_train.train import save_checkpoint
-
+    check_run_out(out, overwrite=overwrite, inputs=[p for s in specs for p in (s.data, s.image)])
+    o = _Options(**{**asdict(o), "device": resolve_device(device)})
+    secs = [open_section(s, name=n, mpp=mpp) for s, n in zip(specs, section_names(specs))]
+    _check_sections(secs, o)
     with building_run(out) as work:
-        summary, fields, model = _fit(work, sec, task=task, encoder=encoder, weights=weights, epochs=epochs, seed=seed,
-                               n_genes=n_genes, patch_um=patch_um, position_mode=position_mode, densify=densify,
-                               max_group=max_group, batch_size=batch_size, image_features=image_features,
-                               val_frac=val_frac, cache_dir=cache_dir, progress=progress)
+        summary, fields, model = _fit(work, secs, o)
         summary["seconds_total"] = round(time.perf_counter() - t0, 2)
-        config = RunConfig(**fields, summary=summary, data=str(Path(data).resolve()),
-                           image=str(Path(image).resolve()) if image else None, mpp_override=mpp)
+        first = specs[0].record()
+        config = RunConfig(**fields, summary=summary, data=first["data"], image=first["image"], mpp_override=mpp,
+                           sections=[s.record() for s in secs])
         save_checkpoint(work, model, config)
     return summary
 
 
-def _fit(work: Path, sec: _Section, *, task: Task, encoder: str, weights: str | Path | None, epochs: int, seed: int,
-         n_genes: int, patch_um: float, position_mode: PositionMode, densify: float, max_group: int,
-         batch_size: int, image_features: bool, val_frac: float, cache_dir: str | Path | None, progress: bool
-         ) -> tuple[dict[str, Any], dict[str, Any], Any]:
-    """Features, training, predictions, ``split.json`` and ``history.json`` into ``work``; returns the
-    summary, the :class:`RunConfig` fields known after training, and the trained model."""
-    import torch
+# ------------------------------------------------------------------------------------------ targets
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """Genes, per-section train masks and log-normalised expression, concatenated over sections."""
+
+    genes: list[str]
+    train_mask: np.ndarray  # [N] over all sections
+    expr: np.ndarray  # [N, G] float32
+    offsets: np.ndarray  # [S + 1] first row of each section
+
+
+def _common_genes(secs: list[Section]) -> list[str]:
+    genes = [str(g) for g in secs[0].adata.var_names]
+    for s in secs[1:]:
+        have = set(map(str, s.adata.var_names))
+        genes = [g for g in genes if g in have]
+    if not genes:
+        raise FitError(f"the sections share no gene names ({', '.join(s.name for s in secs)}); use sections measured "
+                       "with the same gene annotation (symbols)")
+    return genes
+
+
+def _select_genes(secs: list[Section], masks: list[np.ndarray], *, n_genes: int, pooled_train: bool) -> list[str]:
+    """HVGs on the training spots (all spots when not ``pooled_train``), sections as Seurat v3 batches."""
+    from hishrst_train.preprocess import select_hvgs
+
+    if len(secs) == 1:
+        return select_hvgs(secs[0].adata, n_top=n_genes, train_mask=masks[0] if pooled_train else None)
+    common = _common_genes(secs)
+    rows = [m if pooled_train else np.ones_like(m) for m in masks]
+    parts = [s.adata[r][:, common].X for s, r in zip(secs, rows)]
+    X = sp.vstack([sp.csr_matrix(p) for p in parts]).tocsr()
+    pooled = ad.AnnData(X=X, var=pd.DataFrame(index=pd.Index(common)))
+    batch = np.repeat(np.arange(len(secs)), [int(r.sum()) for r in rows])
+    return select_hvgs(pooled, n_top=n_genes, batch=batch)
+
+
+def _targets(secs: list[Section], *, task: Task, seed: int, n_genes: int) -> _Targets:
+    """Train masks, selected genes (from training spots only) and log-normalised expression."""
+    from hishrst_train.preprocess import normalize_log1p
+
+    masks = [_split(s.adata.n_obs, _section_seed(seed, i)) if task == "recovery" else np.ones(s.adata.n_obs, bool)
+             for i, s in enumerate(secs)]
+    genes = list(_select_genes(secs, masks, n_genes=n_genes, pooled_train=task == "recovery"))
+    expr = []
+    for s in secs:
+        e = normalize_log1p(s.adata[:, genes].X, target_sum=TARGET_SUM)
+        expr.append(np.asarray(e.toarray() if hasattr(e, "toarray") else e, dtype=np.float32))
+    offsets = np.concatenate([[0], np.cumsum([s.adata.n_obs for s in secs])])
+    return _Targets(genes=genes, train_mask=np.concatenate(masks), expr=np.concatenate(expr), offsets=offsets)
+
+
+def _train_groups(xy: np.ndarray, train_mask: np.ndarray, *, seed: int, val_frac: float, max_group: int
+                  ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """One section's training spots (validation removed), their neighbour groups and the validation groups."""
+    train_idx = np.flatnonzero(train_mask)
+    val_groups: list[np.ndarray] = []
+    if val_frac > 0:
+        perm = np.random.default_rng(seed + 1).permutation(train_idx)
+        n_val = int(round(len(train_idx) * val_frac))
+        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        val_groups = [val_idx[g] for g in group_points(xy[val_idx], max_size=max_group)] if n_val else []
+    groups = [train_idx[g] for g in group_points(xy[train_idx], max_size=max_group)]
+    return train_idx, groups, val_groups
+
+
+def _all_groups(secs: list[Section], t: _Targets, o: _Options
+                ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray] | None]:
+    """Training rows, training groups and validation groups over all sections (global row indices)."""
+    train_idx, groups, val_groups = [], [], []
+    for i, s in enumerate(secs):
+        lo, hi = t.offsets[i], t.offsets[i + 1]
+        ti, g, vg = _train_groups(s.xy, t.train_mask[lo:hi], seed=_section_seed(o.seed, i), val_frac=o.val_frac,
+                                  max_group=o.max_group)
+        train_idx.append(ti + lo)
+        groups += [x + lo for x in g]
+        val_groups += [x + lo for x in vg]
+    return np.concatenate(train_idx), groups, val_groups or None
+
+
+# ------------------------------------------------------------------------------------------ features
+
+
+def load_run_encoder(name: str, *, weights: str | Path | None, device: str) -> Any:
+    """:func:`~hishrst_train.encoders.module.load_encoder`, with an unreadable weights file (any error of the
+    safetensors reader too) as a :class:`~hishrst_train.encoders.weights.WeightsError` naming the file."""
+    from safetensors import SafetensorError
 
     from hishrst_train.encoders.module import load_encoder
+    from hishrst_train.encoders.weights import WeightsError
+
+    try:
+        return load_encoder(name, weights=weights, device=device)
+    except SafetensorError as e:
+        raise WeightsError(f"{weights or name}: not a readable weights file ({e}); pass a complete .safetensors or "
+                           "state-dict .bin file") from e
+
+
+def section_features(sec: Section, centres: np.ndarray, *, encoder: Any, patch_um: float, batch_size: int,
+                     cache_dir: str | Path | None, progress: bool) -> np.ndarray:
+    """Encoder features ``[N, D]`` of ``patch_um``-µm patches at ``centres`` (full-resolution px) of ``sec``;
+    cached per section image under ``cache_dir``."""
     from hishrst_train.features import extract_features
+
+    return extract_features(sec.img, centres, encoder=encoder, mpp=sec.mpp, patch_um=patch_um, batch_size=batch_size,
+                            cache_dir=cache_dir, progress=progress, image_key=sec.img_path)
+
+
+def _features(sec: Section, centres: np.ndarray, enc: Any, o: _Options) -> np.ndarray:
+    f = section_features(sec, centres, encoder=enc, patch_um=o.patch_um, batch_size=o.batch_size,
+                         cache_dir=o.cache_dir, progress=o.progress)
+    return f if o.image_features else np.zeros_like(f)
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def _gene_var(genes: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(index=pd.Index(genes, name="gene"))
+
+
+def _obs_keys(secs: list[Section]) -> np.ndarray:
+    """Row names over all sections: barcodes (one section) or ``<section>:<barcode>``."""
+    if len(secs) == 1:
+        return np.asarray(secs[0].adata.obs_names.astype(str))
+    return np.concatenate([[f"{s.name}:{b}" for b in s.adata.obs_names] for s in secs])
+
+
+def _section_obs(sec: Section, rows: np.ndarray, keys: np.ndarray) -> pd.DataFrame:
+    obs = pd.DataFrame(index=pd.Index(keys, name=None))
+    if sec.array_rc is not None:
+        obs["array_row"], obs["array_col"] = sec.array_rc[rows, 0], sec.array_rc[rows, 1]
+    if "layer" in sec.adata.obs:
+        obs["layer"] = sec.adata.obs["layer"].astype(str).to_numpy()[rows]
+    obs["section"] = sec.name
+    return obs
+
+
+def _write_recovery(work: Path, model: Any, secs: list[Section], t: _Targets, feats: np.ndarray, pos: np.ndarray,
+                    *, max_group: int) -> dict[str, Any]:
+    """Predict each section's held-out spots (grouped among themselves) → ``predictions.h5ad``."""
+    from hishrst_train.train import predict
+
+    keys, parts = _obs_keys(secs), []
+    for i, s in enumerate(secs):
+        lo = t.offsets[i]
+        rows = np.flatnonzero(~t.train_mask[lo : t.offsets[i + 1]])
+        idx = rows + lo
+        pred = predict(model, feats, pos, groups=[idx[g] for g in group_points(s.xy[rows], max_size=max_group)])[idx]
+        res = ad.AnnData(X=pred, obs=_section_obs(s, rows, keys[idx]), var=_gene_var(t.genes))
+        res.layers["truth"] = t.expr[idx]
+        res.obsm["spatial"] = s.xy[rows]
+        parts.append(res)
+    res = ad.concat(parts, merge="same") if len(parts) > 1 else parts[0]
+    res.write_h5ad(work / "predictions.h5ad")
+    return {"n_heldout": int(res.n_obs)}
+
+
+def _dense_section(model: Any, sec: Section, genes: list[str], enc: Any, o: _Options) -> ad.AnnData:
+    from hishrst_train.train import predict
+
+    if sec.array_rc is None:
+        raise FitError(f"{sec.spec.data}: --task generation needs Visium array coordinates (obs array_row / array_col)")
+    dense_rc = dense_array_grid(sec.array_rc[:, 0], sec.array_rc[:, 1], factor=o.densify)
+    affine = fit_affine(sec.array_rc.astype(np.float64), sec.xy)
+    dense_xy = apply_affine(affine, dense_rc)
+    if o.position_mode == "grid":
+        log.warning("grid position mode truncates fractional array coordinates (the reference behaviour)")
+    dense_pos = spot_positions(dense_xy, mpp=sec.mpp, mode=o.position_mode, array_rc=dense_rc)
+    pred = predict(model, _features(sec, dense_xy, enc, o), dense_pos, groups=group_points(dense_xy, max_size=o.max_group))
+    dobs = pd.DataFrame({"array_row": dense_rc[:, 0], "array_col": dense_rc[:, 1], "section": sec.name},
+                        index=[f"{sec.name}:d{i}" for i in range(len(dense_rc))])
+    res = ad.AnnData(X=pred, obs=dobs, var=_gene_var(genes))
+    res.obsm["spatial"] = dense_xy
+    res.uns["array_to_pixel_affine"] = {sec.name: affine}
+    return res
+
+
+def _write_generation(work: Path, model: Any, secs: list[Section], genes: list[str], enc: Any, o: _Options
+                      ) -> dict[str, Any]:
+    """Predict a grid ``densify`` times denser than each section's spots → ``dense.h5ad``."""
+    parts = [_dense_section(model, s, genes, enc, o) for s in secs]
+    affines = {k: v for p in parts for k, v in p.uns["array_to_pixel_affine"].items()}
+    if len(parts) == 1:  # one section: plain names and the matrix itself (as before)
+        res = parts[0]
+        res.obs_names = [f"d{i}" for i in range(res.n_obs)]
+        res.uns["array_to_pixel_affine"] = affines[secs[0].name]
+    else:
+        res = ad.concat(parts)
+        res.uns["array_to_pixel_affine"] = affines
+    res.write_h5ad(work / "dense.h5ad")
+    return {"n_dense": int(res.n_obs), "densify": float(o.densify)}
+
+
+def _write_split(work: Path, secs: list[Section], t: _Targets, train_idx: np.ndarray, seed: int) -> None:
+    keys = _obs_keys(secs)
+    val = np.setdiff1d(np.flatnonzero(t.train_mask), train_idx)
+    split = {"seed": seed, "train": keys[train_idx].tolist(), "validation": keys[val].tolist(),
+             "heldout": keys[~t.train_mask].tolist(),
+             "sections": {s.name: int(t.offsets[i + 1] - t.offsets[i]) for i, s in enumerate(secs)}}
+    atomic_write(work / "split.json", json.dumps(split).encode())
+
+
+def _write_baseline(work: Path, t: _Targets) -> None:
+    """``baseline.json``: each gene's mean over the training spots (the training-mean baseline of evaluate)."""
+    mean = t.expr[t.train_mask].mean(0) if t.train_mask.any() else np.zeros(len(t.genes))
+    atomic_write(work / "baseline.json", json.dumps({"genes": t.genes, "train_mean": mean.astype(float).tolist()}).encode())
+
+
+def _encoder_record(name: str, enc: Any, weights: str | Path | None) -> dict[str, Any]:
+    from hishrst_train.encoders.module import encoder_fingerprint
+
+    return {"name": name, "fingerprint": encoder_fingerprint(enc), "input_size": enc.input_size,
+            "feature_dim": enc.feature_dim, "mean": list(enc.spec.mean), "std": list(enc.spec.std),
+            "gated": bool(enc.spec.gated), "license": enc.spec.license, "weights": str(weights) if weights else None}
+
+
+# ------------------------------------------------------------------------------------------ fitting
+
+
+def _fit(work: Path, secs: list[Section], o: _Options) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Features, training, predictions, ``split.json``, ``baseline.json`` and ``history.json`` into ``work``;
+    returns the summary, the :class:`RunConfig` fields known after training, and the trained model."""
+    from hishrst_train.model import HisHRSTConfig
     from hishrst_train.train import TrainConfig, train_model
 
-    train_mask, genes, expr = _targets(sec.adata, task=task, seed=seed, n_genes=n_genes)
-    enc = load_encoder(encoder, weights=weights)
-
-    def features(centres: np.ndarray) -> np.ndarray:
-        f = extract_features(sec.img, centres, encoder=enc, mpp=sec.mpp, patch_um=patch_um, batch_size=batch_size,
-                             cache_dir=cache_dir, progress=progress, image_key=sec.img_path)
-        return f if image_features else np.zeros_like(f)
-
+    t = _targets(secs, task=o.task, seed=o.seed, n_genes=o.n_genes)
+    enc = load_run_encoder(o.encoder, weights=o.weights, device=o.device)
     t_feat = time.perf_counter()
-    feats = features(sec.xy)
+    feats = np.concatenate([_features(s, s.xy, enc, o) for s in secs])
     t_feat = time.perf_counter() - t_feat
-    pos = spot_positions(sec.xy, mpp=sec.mpp, mode=position_mode, array_rc=sec.array_rc)
-    train_idx, groups, val_groups = _train_groups(sec.xy, train_mask, seed=seed, val_frac=val_frac, max_group=max_group)
-    mcfg = HisHRSTConfig(feature_dim=enc.feature_dim, n_genes=len(genes), position_mode=position_mode)
-    tcfg = TrainConfig(epochs=epochs, seed=seed)
+    pos = np.concatenate([spot_positions(s.xy, mpp=s.mpp, mode=o.position_mode, array_rc=s.array_rc) for s in secs])
+    train_idx, groups, val_groups = _all_groups(secs, t, o)
+    mcfg = HisHRSTConfig(feature_dim=enc.feature_dim, n_genes=len(t.genes), position_mode=o.position_mode)
+    tcfg = TrainConfig(epochs=o.epochs, seed=o.seed)
     t_train = time.perf_counter()
     hist: dict[str, list[float]] = {}
-    model, history = train_model(feats, pos, expr, groups=groups, val_groups=val_groups, model_config=mcfg,
-                                 train_config=tcfg, history_out=hist, progress=progress)
+    model, history = train_model(feats, pos, t.expr, groups=groups, val_groups=val_groups, model_config=mcfg,
+                                 train_config=tcfg, history_out=hist, progress=o.progress, device=o.device)
     t_train = time.perf_counter() - t_train
 
-    summary: dict[str, Any] = {"task": task, "n_spots": int(sec.adata.n_obs), "n_train": int(len(train_idx)),
-                               "n_val": int(train_mask.sum()) - int(len(train_idx))}
-    if task == "recovery":
-        summary.update(_write_recovery(work, model, sec, feats, pos, expr, genes, train_mask, max_group=max_group))
-    else:
-        summary.update(_write_generation(work, model, sec, genes, densify=densify, position_mode=position_mode,
-                                         max_group=max_group, features=features))
-    _write_split(work, sec.adata, train_mask, train_idx, seed)
+    summary: dict[str, Any] = {"task": o.task, "n_sections": len(secs), "n_spots": int(len(t.train_mask)),
+                               "n_train": int(len(train_idx)), "n_val": int(t.train_mask.sum()) - int(len(train_idx))}
+    if o.task == "recovery":
+        summary.update(_write_recovery(work, model, secs, t, feats, pos, max_group=o.max_group))
+    elif o.task == "generation":
+        summary.update(_write_generation(work, model, secs, t.genes, enc, o))
+    _write_split(work, secs, t, train_idx, o.seed)
+    _write_baseline(work, t)
     atomic_write(work / "history.json", json.dumps(hist).encode())
     summary.update(
         final_train_mse=history[-1], epochs_run=len(history), best_epoch=int(hist["best_epoch"][0]),
         best_val_mse=min(hist["val_mse"]) if hist.get("val_mse") else None, seconds_features=round(t_feat, 2),
         seconds_train=round(t_train, 2), seconds_per_epoch=round(t_train / max(1, len(history)), 4),
+        device=o.device,
     )
-    config = {
-        "hishrst_version": __version__, "task": task, "genes": genes,
-        "encoder": _encoder_record(encoder, enc, weights),
-        "patch": {"size_um": float(patch_um), "train_mpp": sec.mpp, "resize": RESIZE_FILTER, "pad_value": PAD_VALUE},
-        "position": {"mode": position_mode, "units": "um" if position_mode == "continuous" else "array"},
-        "grouping": {"method": GROUPING_METHOD, "max_size": int(max_group), "coords": "level0_px"},
-        "preprocessing": {"hvg_flavor": "seurat_v3", "n_top_genes": int(n_genes), "target_sum": TARGET_SUM, "log1p": True},
-        "image_features": bool(image_features), "train": tcfg.__dict__, "torch_version": torch.__version__,
-        "model": mcfg.to_dict(),
+    return summary, _config_fields(secs, t, enc, mcfg, tcfg, o), model
+
+
+def _config_fields(secs: list[Section], t: _Targets, enc: Any, mcfg: Any, tcfg: Any, o: _Options) -> dict[str, Any]:
+    import torch
+
+    train_mpp = float(np.median([s.mpp for s in secs]))
+    return {
+        "hishrst_version": __version__, "task": o.task, "genes": t.genes,
+        "encoder": _encoder_record(o.encoder, enc, o.weights),
+        "patch": {"size_um": float(o.patch_um), "train_mpp": train_mpp, "resize": RESIZE_FILTER, "pad_value": PAD_VALUE},
+        "position": {"mode": o.position_mode, "units": POSITION_UNITS[o.position_mode]},
+        "grouping": {"method": GROUPING_METHOD, "max_size": int(o.max_group), "coords": "level0_px"},
+        "preprocessing": {"hvg_flavor": "seurat_v3", "n_top_genes": int(o.n_genes), "target_sum": TARGET_SUM,
+                          "log1p": True, "genes": "intersection" if len(secs) > 1 else "all",
+                          "hvg_batch": "section" if len(secs) > 1 else None},
+        "image_features": bool(o.image_features), "train": {**tcfg.__dict__, "val_frac": float(o.val_frac)},
+        "torch_version": torch.__version__, "model": mcfg.to_dict(),
     }
-    return summary, config, model

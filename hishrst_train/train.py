@@ -21,12 +21,30 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from hishrst_runtime.core.errors import EnvironmentProblem
 from hishrst_runtime.core.grouping import pad_groups, safe_index, scatter_groups
 from hishrst_runtime.core.files import atomic_write
 from hishrst_train.model import HisHRST, HisHRSTConfig
 from hishrst_train.runconfig import RunConfig, RunConfigError
 
-__all__ = ["TrainConfig", "train_model", "predict", "save_checkpoint", "load_checkpoint", "load_run", "seed_everything"]
+__all__ = ["DeviceError", "resolve_device", "TrainConfig", "train_model", "predict", "save_checkpoint", "load_checkpoint", "load_run", "seed_everything"]
+
+
+class DeviceError(EnvironmentProblem):
+    """``--device cuda`` on a machine where torch sees no CUDA GPU (or an unknown device name)."""
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``"cpu"`` or ``"cuda"`` for ``device`` in ``auto`` | ``cpu`` | ``cuda`` (``auto``: cuda when
+    ``torch.cuda.is_available()``); ``cuda`` without a usable GPU is a :class:`DeviceError`."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise DeviceError(f"--device {device!r}: choose auto, cpu or cuda")
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise DeviceError("--device cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False; torch "
+                          f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto, "
+                          "or install a CUDA build of torch")
+    return "cuda" if device == "cuda" or (device == "auto" and available) else "cpu"
 
 
 @dataclass

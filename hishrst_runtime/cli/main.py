@@ -22,8 +22,9 @@ __all__ = ["main", "run_main"]
 # does not import any subcommand module.
 _SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "synth": ("hishrst_train.cli", "synth", "Generate a synthetic Visium dataset (Space Ranger outs)."),
-    "fit": ("hishrst_train.cli", "fit", "Train HisHRST on a Visium section (recovery or generation task)."),
+    "fit": ("hishrst_train.cli", "fit", "Train HisHRST on one or more Visium sections (recovery, generation or full)."),
     "evaluate": ("hishrst_train.cli", "evaluate", "Per-gene PCC/MSE/MAE, SSIM and ARI of a fitted run."),
+    "cv": ("hishrst_train.cli", "cv", "Leave-one-section-out cross-validation over several sections."),
     "export": ("hishrst_export.cli", "export", "Export a fitted run to an ONNX/TensorRT model bundle."),
     "run": ("hishrst_runtime.cli.run", "run", "Predict dense expression over whole slides (OME-Zarr)."),
     "convert": ("hishrst_runtime.cli.convert", "convert_cmd", "Convert SVS / (OME-)TIFF slides to OME-Zarr 0.5."),

@@ -13,9 +13,10 @@ file, says what is wrong and how to fix it.
 """
 
 from hishrst_train.data.errors import DataError
+from hishrst_train.data.hest import read_hest
 from hishrst_train.data.image import FullresImage, image_mpp, open_fullres_image
 from hishrst_train.data.tenx import read_10x_h5, write_10x_h5
 from hishrst_train.data.visium import read_h5ad_with_image, read_visium
 
 __all__ = ["DataError", "FullresImage", "image_mpp", "open_fullres_image", "read_10x_h5", "read_h5ad_with_image",
-           "read_visium", "write_10x_h5"]
+           "read_hest", "read_visium", "write_10x_h5"]

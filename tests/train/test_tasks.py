@@ -95,6 +95,7 @@ def test_generation_task_dense_grid(section, tmp_path):
 def test_fit_errors_clearly(tmp_path):
     with pytest.raises(ValueError, match="task"):
         fit_run(tmp_path, out=tmp_path / "r", task="upscale")  # type: ignore[arg-type]
+    (tmp_path / "x.h5ad").touch()
     with pytest.raises(ValueError, match="--image"):
         fit_run(tmp_path / "x.h5ad", out=tmp_path / "r")
 
@@ -115,7 +116,7 @@ def test_cli_help_lists_commands_without_importing_torch():
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("cmd", ["synth", "fit", "evaluate", "export", "convert", "demo"])
+@pytest.mark.parametrize("cmd", ["synth", "fit", "evaluate", "cv", "export", "convert", "demo"])
 def test_every_subcommand_has_help(cmd):
     from click.testing import CliRunner
 

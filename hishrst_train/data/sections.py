@@ -1,0 +1,169 @@
+"""Training sections named on the command line: what each ``DATA`` is, and opening it for fitting.
+
+A ``DATA`` argument of ``hishrst fit`` / ``evaluate --on`` / ``cv`` is one of
+
+* a Space Ranger ``outs`` folder (or the folder holding ``outs/``): the image is found next to it;
+* ``PATH.h5ad:IMAGE`` — an ``.h5ad`` whose ``obsm['spatial']`` holds full-resolution pixel (x, y) of
+  ``IMAGE`` (the colon pairs each ``.h5ad`` with its image, so several can be given at once);
+* a HEST-1k sample addressed by its ``<root>/st/<id>.h5ad`` (:mod:`hishrst_train.data.hest` finds
+  ``wsis/<id>.tif`` and ``metadata/<id>.json``).
+
+``--image IMAGE`` is accepted with a single ``DATA`` only (the pre-multi-section syntax): it pairs a plain
+``.h5ad`` with its image, or replaces the image of an ``outs`` folder / HEST sample.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from hishrst_train.data.errors import DataError
+from hishrst_train.data.hest import is_hest_sample
+
+__all__ = ["SectionKind", "SectionSpec", "SectionError", "Section", "parse_section", "resolve_sections",
+           "section_names", "load_adata", "open_section"]
+
+SectionKind = Literal["visium", "h5ad", "hest"]
+
+
+class SectionError(DataError):
+    """A ``DATA`` argument that names no readable section (the message says which syntax to use)."""
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    """One section to read: its data path, an explicit full-resolution image (or None) and its kind."""
+
+    data: Path
+    image: Path | None
+    kind: SectionKind
+
+    def record(self) -> dict[str, Any]:
+        """Resolved paths and kind, as written to a run's ``config.json``."""
+        return {"kind": self.kind, "data": str(self.data.resolve()),
+                "image": str(self.image.resolve()) if self.image is not None else None}
+
+
+_PAIR = re.compile(r"^(?P<h5ad>.+?\.h5ad):(?P<image>.+)$", re.IGNORECASE)
+
+
+def parse_section(text: str | Path | SectionSpec, *, image: str | Path | None = None) -> SectionSpec:
+    """Turn a ``DATA`` argument (see the module docstring) into a :class:`SectionSpec`; ``image`` is ``--image``."""
+    if isinstance(text, SectionSpec):
+        return text
+    raw = str(text)
+    m = _PAIR.match(raw)
+    path, paired = (Path(m["h5ad"]), Path(m["image"])) if m and not Path(raw).exists() else (Path(raw), None)
+    if paired is not None and image is not None:
+        raise SectionError(f"{raw}: the image is given twice (after ':' and with --image); keep one")
+    img = paired if paired is not None else (Path(image) if image is not None else None)
+    if not path.exists():
+        raise SectionError(f"{path}: does not exist; pass a Space Ranger outs folder, PATH.h5ad:IMAGE or a HEST "
+                           "st/<id>.h5ad")
+    if img is not None and not img.is_file():
+        raise SectionError(f"{img}: the full-resolution image does not exist; check the path after ':' / --image")
+    if path.is_dir():
+        return SectionSpec(path, img, "visium")
+    if path.suffix.lower() != ".h5ad":
+        raise SectionError(f"{path}: not a Space Ranger outs folder or an .h5ad; pass outs/, PATH.h5ad:IMAGE or a HEST "
+                           "st/<id>.h5ad")
+    if is_hest_sample(path):
+        return SectionSpec(path, img, "hest")
+    if img is None:
+        raise SectionError(f"{path}: an .h5ad needs its full-resolution image; write {path}:IMAGE.tif (or pass "
+                           "--image PATH with a single DATA)")
+    return SectionSpec(path, img, "h5ad")
+
+
+def resolve_sections(data: str | Path | SectionSpec | Sequence[str | Path | SectionSpec], *,
+                     image: str | Path | None = None) -> list[SectionSpec]:
+    """Parse one or several ``DATA`` arguments; ``image`` (``--image``) is refused with more than one."""
+    items = [data] if isinstance(data, (str, Path, SectionSpec)) else list(data)
+    if not items:
+        raise SectionError("no DATA given; pass at least one section (outs folder, PATH.h5ad:IMAGE or HEST st/<id>.h5ad)")
+    if image is not None and len(items) > 1:
+        raise SectionError(f"--image {image}: applies to a single DATA, got {len(items)}; pair each .h5ad with its "
+                           "image as PATH.h5ad:IMAGE instead")
+    return [parse_section(x, image=image) for x in items]
+
+
+def _base_name(spec: SectionSpec) -> str:
+    p = spec.data.resolve()
+    if spec.kind == "visium":
+        p = p.parent if p.name == "outs" else p
+        return p.name or "section"
+    return p.stem
+
+
+def section_names(specs: Sequence[SectionSpec]) -> list[str]:
+    """Short unique names: the sample folder (``outs``' parent) or the ``.h5ad`` stem; repeats get ``-2``, ``-3``…"""
+    names: list[str] = []
+    for spec in specs:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", _base_name(spec))
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def load_adata(spec: SectionSpec, *, mpp: float | None = None) -> Any:
+    """The section as AnnData (raw counts, ``obsm['spatial']`` in full-resolution px, ``uns['hishrst']``).
+
+    ``mpp`` (µm per full-resolution pixel) overrides the recorded pixel size.
+    """
+    from hishrst_train import data as io
+    from hishrst_train.data.hest import read_hest
+
+    if spec.kind == "hest":
+        return read_hest(spec.data, image=spec.image, mpp=mpp)
+    if spec.kind == "h5ad":
+        return io.read_h5ad_with_image(spec.data, spec.image, mpp=mpp)
+    adata = io.read_visium(spec.data, fullres_image=spec.image)
+    if mpp is not None:
+        adata.uns["hishrst"]["mpp"] = float(mpp)
+    return adata
+
+
+@dataclass(frozen=True)
+class Section:
+    """A section opened for fitting or prediction: spots, pixel size (µm/px) and the lazily read image."""
+
+    name: str
+    spec: SectionSpec
+    adata: Any
+    mpp: float
+    img_path: str
+    img: Any
+    xy: np.ndarray  # [N, 2] full-resolution px
+    array_rc: np.ndarray | None  # [N, 2] Visium (array_row, array_col), None when the data has none
+
+    def record(self) -> dict[str, Any]:
+        """What a run's ``config.json`` records about this section."""
+        return {"name": self.name, **self.spec.record(), "fullres_image": self.img_path, "mpp": self.mpp,
+                "n_spots": int(self.adata.n_obs)}
+
+
+def open_section(spec: SectionSpec, *, name: str, mpp: float | None = None) -> Section:
+    """Read ``spec`` and open its full-resolution image (errors name the file and the fix)."""
+    from hishrst_train.data.image import open_fullres_image
+
+    adata = load_adata(spec, mpp=mpp)
+    meta = adata.uns["hishrst"]
+    img_path = meta.get("fullres_image")
+    if not img_path:
+        raise SectionError(f"{spec.data}: no full-resolution image found; pass --image PATH (one DATA) or put "
+                           "image.tif next to outs/")
+    if adata.n_obs < 2:
+        raise SectionError(f"{spec.data}: {adata.n_obs} spots in the tissue; a section needs at least 2")
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    array_rc = None
+    if {"array_row", "array_col"} <= set(adata.obs.columns):
+        array_rc = np.stack([adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy()], axis=1)
+    return Section(name=name, spec=spec, adata=adata, mpp=float(meta["mpp"]), img_path=str(img_path),
+                   img=open_fullres_image(img_path), xy=xy, array_rc=array_rc)
