@@ -53,6 +53,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         except (SafetensorError, OSError) as e:
             raise WeightsError(f"{p}: not a readable safetensors file ({e}); re-download or re-save it.") from e
     else:
+        from safetensors import SafetensorError  # torch.load may hand a file to the safetensors reader
+
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
@@ -63,7 +65,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
                 "pickles are never loaded; save `model.state_dict()` with safetensors.torch.save_file (preferred) "
                 "or torch.save."
             ) from e
-        except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, SafetensorError) as e:
             raise WeightsError(f"{p}: cannot read weights ({type(e).__name__}: {e}); is it a complete "
                                ".safetensors/.bin state dict?") from e
     if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
