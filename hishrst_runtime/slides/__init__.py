@@ -1,1 +1,2 @@
-"""Whole-slide input: OME-Zarr / TIFF readers, chunk decoding and caching, conversion, tissue detection. Depends on core."""
+"""Whole-slide input: OME-Zarr (local, remote, SpatialData) / TIFF / OpenSlide readers, chunk decoding and caching,
+conversion, tissue detection and tissue-mask files. Depends on core."""

@@ -19,10 +19,10 @@ import os
 from pathlib import Path
 
 from hishrst_runtime.core.files import remove_tree, swap_in, temp_sibling
-from hishrst_runtime.core.units import PixelSizeError, check_mpp, is_plausible_mpp, mpp_range
+from hishrst_runtime.core.units import PixelSizeError, check_mpp
 from hishrst_runtime.slides.errors import ConvertError
 from hishrst_runtime.slides.pyramid import DEFAULT_CHUNK, pyramid_shapes, write_ome_zarr
-from hishrst_runtime.slides.tiff import TiffError, TiffLevel, tiff_pixel_size, tiff_pixel_size_candidates
+from hishrst_runtime.slides.tiff import TiffError, TiffLevel, rgb8_problem, tiff_mpp_or_reason, tiff_pixel_size
 
 __all__ = [
     "ConvertError",
@@ -38,29 +38,19 @@ _MPP_HINT = "pass the pixel size with --mpp (µm per pixel, e.g. --mpp 0.5 for a
 
 def _check_rgb8(src: TiffLevel) -> None:
     """Refuse sources that are not one 8-bit RGB(A) plane."""
-    ch_axes = [a for a in src.axes if a in "SC"]
-    nch = src.dims[src.axes.index(ch_axes[0])] if len(ch_axes) == 1 else 1
-    extra = [(a, s) for a, s in zip(src.axes, src.dims) if a not in "YXSC" and s != 1]
-    if len(ch_axes) > 1 or extra or nch not in (3, 4):
-        raise ConvertError(f"{src.path}: not an RGB image (axes {src.axes!r}, shape {src.dims}); "
-                           "only brightfield RGB(A) slides can be converted — convert it to 8-bit RGB first")
-    if src.dtype.name != "uint8":
-        raise ConvertError(f"{src.path}: pixels are {src.dtype}, expected 8-bit RGB; convert it to 8-bit RGB first")
+    problem = rgb8_problem(src.axes, src.dims, src.dtype)
+    if problem is not None:
+        raise ConvertError(f"{src.path}: {problem}; convert it to 8-bit RGB first")
 
 
 def _source_mpp(src: TiffLevel, mpp: float | None, bounds: tuple[float, float] | None) -> tuple[float, str]:
     """(µm / pixel, origin) of the source: ``mpp`` if given, else the first plausible value in the file."""
     if mpp is not None:
         return float(mpp), "--mpp"
-    found = tiff_pixel_size_candidates(src.tif)
-    for value, origin in found:
-        if is_plausible_mpp(value, bounds=bounds):
-            return value, origin
-    lo, hi = mpp_range(bounds)
-    ignored = "; ".join(f"{origin} give {value:.4g} µm/pixel, outside the plausible {lo:g}–{hi:g} µm/pixel "
-                        "(HISHRST_MPP_RANGE widens it)" for value, origin in found)
-    raise ConvertError(f"{src.path}: the file has no usable pixel size (no Aperio MPP, OME PhysicalSizeX or "
-                       f"TIFF resolution in cm/inch{'; ' + ignored if ignored else ''}); {_MPP_HINT}")
+    value, origin = tiff_mpp_or_reason(src.tif, bounds=bounds)
+    if value is None:
+        raise ConvertError(f"{src.path}: {origin}; {_MPP_HINT}")
+    return value, origin
 
 
 def _check_paths(src: Path, out: Path, mpp: float | None, overwrite: bool, bounds: tuple[float, float] | None) -> None:

@@ -5,10 +5,11 @@ Each message names the store, chunk file or source file, says what is wrong and 
 
 from __future__ import annotations
 
-from hishrst_runtime.core.errors import InputError
+from hishrst_runtime.core.errors import EnvironmentProblem, InputError
 from hishrst_runtime.core.units import PixelSizeError
 
-__all__ = ["SlideError", "SlidePixelSizeError", "ChunkDecodeError", "MissingChunkError", "ConvertError"]
+__all__ = ["SlideError", "SlidePixelSizeError", "ChunkDecodeError", "MissingChunkError", "ConvertError",
+           "SlideExtraMissing", "RemoteSlideError", "MaskError"]
 
 
 class SlideError(InputError):
@@ -29,3 +30,16 @@ class MissingChunkError(SlideError):
 
 class ConvertError(InputError):
     """A source or output that cannot be converted; the message names the file, the problem and the fix."""
+
+
+class SlideExtraMissing(EnvironmentProblem, ImportError):
+    """A slide needs an optional package (fsspec for URLs, OpenSlide for vendor formats); the message names
+    the slide and the extra to install (``pip install "hishrst[remote]"`` / ``"hishrst[openslide]"``)."""
+
+
+class RemoteSlideError(SlideError):
+    """A remote slide (http(s)://, s3://) that cannot be reached or read; the message names the URL."""
+
+
+class MaskError(InputError):
+    """A tissue-mask file (GeoJSON, PNG, TIFF) that cannot be read or marks no tissue; the message names it."""

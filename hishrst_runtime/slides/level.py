@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from hishrst_runtime.slides.errors import ChunkDecodeError
+from hishrst_runtime.slides.errors import ChunkDecodeError, SlideError
 
 __all__ = ["Level", "LevelImage", "iter_chunk_regions", "direct_ok"]
 
@@ -55,6 +55,8 @@ class Level:
     _direct: Any = field(default=None, repr=False)
     #: The store's path or URL (for messages).
     store: str = field(default="", repr=False)
+    #: What a chunk that does not decode means and the fix (the end of :class:`ChunkDecodeError` messages).
+    corrupt_hint: str = field(default="the slide store is corrupt, convert the slide again", repr=False)
 
     def _index(self, y: slice, x: slice) -> tuple[Any, ...]:
         return tuple(y if a == "y" else x if a == "x" else slice(0, 3) if a == "c" else 0 for a in self._axes)
@@ -69,6 +71,8 @@ class Level:
         arr = self._open_array()
         try:
             return np.asarray(arr[self._index(slice(y0, y1), slice(x0, x1))])
+        except SlideError:  # already names its file or URL (a remote read, a TIFF tile)
+            raise
         except _DECODE_ERRORS as e:
             raise self._decode_error(y0, y1, x0, x1, e) from e
 
@@ -85,7 +89,7 @@ class Level:
         rows, cols = (f"{a}" if a == b else f"{a}–{b}" for a, b in spans)
         return ChunkDecodeError(
             f"{self.store}/{self.path}: a chunk in chunk-grid row(s) {rows}, column(s) {cols} does not decode "
-            f"({type(e).__name__}: {e}); the slide store is corrupt, convert the slide again")
+            f"({type(e).__name__}: {e}); {self.corrupt_hint}")
 
     def read_region(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         """Read the half-open box ``[y0:y1, x0:x1]`` (this level's pixels) as uint8 RGB ``(h, w, 3)``.

@@ -1,8 +1,14 @@
-"""Open an OME-Zarr (NGFF 0.4 / 0.5) whole slide lazily (torch-free).
+"""Open a whole slide lazily (torch-free): OME-Zarr (local or remote), SpatialData, TIFF-family, OpenSlide.
 
-A slide is an NGFF *multiscale image*: a zarr group whose metadata lists one array per pyramid
+:func:`open_slide` takes any slide argument (how each is addressed: :mod:`hishrst_runtime.slides.sources`)
+and returns one :class:`~hishrst_runtime.slides.slide.Slide` interface: a TIFF-family file is read
+directly (:mod:`hishrst_runtime.slides.tiffslide`), a vendor format through OpenSlide
+(:mod:`hishrst_runtime.slides.openslide_slide`), a URL through fsspec
+(:mod:`hishrst_runtime.slides.remote`); everything else is an OME-Zarr image, described here.
+
+An OME-Zarr slide is an NGFF *multiscale image*: a zarr group whose metadata lists one array per pyramid
 level (where that metadata lives per version: :mod:`hishrst_runtime.slides.ngff`). A
-bioformats2raw store, whose image group is ``0``, is accepted too.
+bioformats2raw store, whose image group is ``0``, is accepted too, and so is a SpatialData image element.
 
 * Axes are found by **name**: ``y``, ``x`` and an optional ``c`` in any order (``cyx`` and ``yxc``
   are the usual ones); leading ``t`` / ``z`` axes of size 1 are tolerated.
@@ -30,13 +36,18 @@ from hishrst_runtime.slides.chunks import DirectChunkReader
 from hishrst_runtime.slides.errors import SlideError, SlidePixelSizeError
 from hishrst_runtime.slides.level import Level, LevelImage, direct_ok, iter_chunk_regions
 from hishrst_runtime.slides.ngff import find_multiscales, parse_axes, scale_of
-from hishrst_runtime.slides.slide import Slide
+from hishrst_runtime.slides.slide import Slide, SlideKind
+from hishrst_runtime.slides.sources import SlideSource, parse_source, spatialdata_image_group
 
 __all__ = ["SlideError", "Level", "LevelImage", "Slide", "open_slide", "iter_chunk_regions", "UNIT_TO_UM",
-           "MAX_LEVEL_PIXELS", "SlidePixelSizeError"]
+           "MAX_LEVEL_PIXELS", "SlidePixelSizeError", "parse_source", "REMOTE_SCHEMES"]
 
 #: Largest level-0 area accepted (pixels): 10^11 px is 79 × 79 mm at 0.25 µm/px, beyond any glass slide.
 MAX_LEVEL_PIXELS = 10**11
+
+#: URL schemes :func:`open_slide` opens (through fsspec; ``pip install "hishrst[remote]"``). Other fsspec
+#: protocols (gs://, az://) also open when their package is installed, but are not part of the extra.
+REMOTE_SCHEMES = frozenset({"http", "https", "s3"})
 
 _MPP_HINT = "pass the pixel size with --mpp (µm per level-0 pixel, e.g. --mpp 0.5 for a 20x scan)"
 _REWRITE = "Re-write the store (e.g. `hishrst convert`)."
@@ -52,12 +63,8 @@ def _open_root(spath: str) -> Any:
     if "://" not in spath:
         p = Path(spath)
         if not p.exists():
-            raise _fail(spath, "no such file or directory", "Check the path of the OME-Zarr store.")
-        if not p.is_dir():
-            is_tiff = p.suffix.lower() in {".svs", ".tif", ".tiff", ".ndpi", ".scn"}
-            hint = f" Convert it first with `hishrst convert {p.name} {p.stem}.zarr`." if is_tiff else ""
-            raise _fail(spath, "not a zarr store (it is a file, OME-Zarr stores are directories)",
-                        "Pass the .zarr directory of an OME-Zarr image." + hint)
+            raise _fail(spath, "no such file or directory", "Check the path of the slide (an OME-Zarr store, "
+                        "a TIFF / SVS file, or STORE::ELEMENT for a SpatialData image).")
     try:
         return zarr.open_group(spath, mode="r")
     except Exception as e:  # noqa: BLE001 - zarr raises several types for "not a group"
@@ -161,20 +168,12 @@ def _level0_mpp(scales: list[tuple[float, float]] | None, units: tuple[str | Non
     return yx, "metadata"
 
 
-def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None,
-               mpp_range: tuple[float, float] | None = None) -> Slide:
-    """Open an OME-Zarr (NGFF 0.4 or 0.5) whole-slide image lazily.
-
-    ``mpp`` (µm per level-0 pixel) overrides the stored pixel size, or supplies it when the store
-    has none; the other levels keep their relative scales. Pixel sizes outside ``mpp_range`` (µm /
-    pixel; default ``$HISHRST_MPP_RANGE`` or 0.05–50, see :mod:`hishrst_runtime.core.units`) are
-    refused. Raises :class:`SlideError` (naming the store, the problem and the fix) for anything that
-    is not a usable RGB(A) uint8 multiscale image.
-    """
-    spath = os.fspath(path)
-    if mpp is not None:  # a bad --mpp is reported before the store is even opened
-        check_mpp(mpp, where=spath, source="--mpp", fix="pass e.g. --mpp 0.5", bounds=mpp_range, error=SlidePixelSizeError)
-    group, multiscales = find_multiscales(_open_root(spath), spath)
+def _zarr_slide(root: Any, src: SlideSource, mpp: float | None, mpp_range: tuple[float, float] | None) -> Slide:
+    """The multiscale image in ``root`` (or its SpatialData element / bioformats2raw child) as a Slide."""
+    spath = src.text
+    sdata = spatialdata_image_group(root, src.element, spath)
+    kind: SlideKind = "spatialdata" if sdata is not None else "remote-ome-zarr" if src.kind == "remote" else "ome-zarr"
+    group, multiscales = find_multiscales(root if sdata is None else sdata, spath)
     ms, arrays = _datasets(group, multiscales, spath)
     names, units = parse_axes(ms, len(arrays[0][1].shape), spath)
     n_channels = _check_image(arrays, names, spath)
@@ -202,5 +201,48 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None,
         for i, lv in enumerate(levels):
             lv.index = i
             lv.downsample = lv.mpp / levels[0].mpp
-    return Slide(spath, levels, mpp_source=source)
+    return Slide(spath, levels, mpp_source=source, kind=kind)
 
+
+def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None,
+               mpp_range: tuple[float, float] | None = None, max_concurrency: int | None = None,
+               storage_options: dict[str, Any] | None = None) -> Slide:
+    """Open a whole-slide image lazily: OME-Zarr (NGFF 0.4 / 0.5; local, ``http(s)://`` or ``s3://``), a
+    SpatialData image element (``STORE::ELEMENT``), a TIFF-family file (SVS, TIFF, OME-TIFF, NDPI, SCN, …)
+    read directly, or another vendor format through OpenSlide (addressing:
+    :mod:`hishrst_runtime.slides.sources`).
+
+    ``mpp`` (µm per level-0 pixel) overrides the stored pixel size, or supplies it when the slide
+    has none; the other levels keep their relative scales. Pixel sizes outside ``mpp_range`` (µm /
+    pixel; default ``$HISHRST_MPP_RANGE`` or 0.05–50, see :mod:`hishrst_runtime.core.units`) are
+    refused. For URLs, ``max_concurrency`` bounds the requests in flight (default
+    :data:`~hishrst_runtime.slides.remote.DEFAULT_MAX_CONCURRENCY`) and ``storage_options`` go to fsspec.
+    Raises :class:`SlideError` (naming the slide, the problem and the fix) for anything that is not a
+    usable RGB(A) uint8 image, and :class:`~hishrst_runtime.slides.errors.SlideExtraMissing` (naming the
+    extra to install) when the source needs an optional package.
+    """
+    spath = os.fspath(path)
+    if mpp is not None:  # a bad --mpp is reported before the slide is even opened
+        check_mpp(mpp, where=spath, source="--mpp", fix="pass e.g. --mpp 0.5", bounds=mpp_range, error=SlidePixelSizeError)
+    src = parse_source(spath)
+    if src.kind == "tiff":
+        from hishrst_runtime.slides.tiffslide import open_tiff_slide
+
+        return open_tiff_slide(src.location, mpp=mpp, mpp_range=mpp_range)
+    if src.kind == "openslide":
+        from hishrst_runtime.slides.openslide_slide import open_openslide_slide
+
+        return open_openslide_slide(src.location, mpp=mpp, mpp_range=mpp_range)
+    if src.kind == "remote":
+        from hishrst_runtime.slides.remote import DEFAULT_MAX_CONCURRENCY, open_remote_root
+        from hishrst_runtime.slides.tiffslide import TIFF_SUFFIXES
+
+        if src.location.lower().endswith(TIFF_SUFFIXES):
+            raise _fail(spath, "TIFF / SVS files are read from local disk only (URLs must be OME-Zarr stores)",
+                        "Download the file, or convert it with `hishrst convert` and serve the OME-Zarr store.")
+
+        root = open_remote_root(src.location, max_concurrency=max_concurrency or DEFAULT_MAX_CONCURRENCY,
+                                storage_options=storage_options)
+    else:
+        root = _open_root(src.location)
+    return _zarr_slide(root, src, mpp, mpp_range)

@@ -1,33 +1,42 @@
-"""An opened OME-Zarr whole-slide image: its levels, level choice and a bounded-memory overview (torch-free)."""
+"""An opened whole-slide image — OME-Zarr (local or remote), TIFF-family or OpenSlide — its levels, level
+choice and a bounded-memory overview (torch-free)."""
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 from PIL import Image
 
 from hishrst_runtime.slides.level import Level
 
-__all__ = ["Slide"]
+__all__ = ["Slide", "SlideKind"]
+
+#: How a slide was opened: a local OME-Zarr store, one over http(s):// or s3://, an image element of a
+#: SpatialData store, a TIFF-family file read directly, or a file read through OpenSlide.
+SlideKind = Literal["ome-zarr", "remote-ome-zarr", "spatialdata", "tiff", "openslide"]
 
 #: Column width (pixels) of the blocks a single huge level is decimated in.
 _THUMB_BLOCK_PX = 4096
 
 
 class Slide:
-    """An opened OME-Zarr whole-slide image (see :func:`hishrst_runtime.slides.reader.open_slide`).
+    """An opened whole-slide image (see :func:`hishrst_runtime.slides.reader.open_slide`).
 
     ``levels`` are sorted finest first; ``mpp0`` is the level-0 pixel size in µm / pixel and
-    ``shape0`` its (H, W) in pixels. Use as a context manager or call :meth:`close`.
+    ``shape0`` its (H, W) in pixels; ``kind`` says how it was opened (:data:`SlideKind`). Use as a
+    context manager or call :meth:`close`.
     """
 
-    def __init__(self, path: str, levels: list[Level], *, mpp_source: str) -> None:
+    def __init__(self, path: str, levels: list[Level], *, mpp_source: str, kind: SlideKind = "ome-zarr",
+                 on_close: Callable[[], None] | None = None) -> None:
         self.path = path
         self.levels = levels
         #: Where the pixel size came from: ``"metadata"`` or ``"override"`` (``mpp=``).
         self.mpp_source = mpp_source
+        self.kind: SlideKind = kind
+        self._on_close = on_close
 
     @property
     def mpp0(self) -> float:
@@ -49,9 +58,12 @@ class Slide:
         self.close()
 
     def close(self) -> None:
-        """Drop the array handles (local zarr stores hold no open files between reads)."""
+        """Drop the array handles and close the slide's files (a TIFF, an OpenSlide handle); idempotent."""
         for lv in self.levels:
             lv._array = None
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     def level_for_mpp(self, target_mpp: float, *, tolerance: float = 0.1) -> int:
         """Index of the level to read for a target resolution of ``target_mpp`` µm / pixel.

@@ -15,6 +15,7 @@ ImageDescription, the resolution tags.
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,18 @@ from hishrst_runtime.core.units import (
     aperio_mpp,
     is_plausible_mpp,
     json_description_mpp,
+    mpp_range,
     ome_physical_size_um,
     tiff_resolution_mpp,
 )
 from hishrst_runtime.slides.errors import SlideError
 
-__all__ = ["TiffError", "TiffLevel", "tiff_pixel_size", "tiff_pixel_size_candidates"]
+__all__ = ["TiffError", "TiffLevel", "open_tiff", "rgb8_problem", "tiff_pixel_size", "tiff_pixel_size_candidates",
+           "tiff_mpp_or_reason"]
 
 #: What a damaged TIFF raises from tifffile / imagecodecs / zarr (TiffFileError is a ValueError,
-#: the imagecodecs errors are RuntimeErrors).
-_READ_ERRORS = (ValueError, RuntimeError, OSError, KeyError, IndexError, EOFError)
+#: the imagecodecs errors are RuntimeErrors; a truncated header is a struct.error).
+_READ_ERRORS = (ValueError, RuntimeError, OSError, KeyError, IndexError, EOFError, struct.error)
 _FIX = "check that the file is complete (copy it again) and a valid TIFF / SVS / OME-TIFF"
 
 
@@ -45,6 +48,28 @@ class TiffError(SlideError):
         super().__init__(f"{path}: {reason}; {fix}")
 
 
+def open_tiff(path: str | os.PathLike[str]) -> Any:
+    """An open ``tifffile.TiffFile`` of ``path``; :class:`TiffError` naming the file when it is not a readable TIFF."""
+    import tifffile
+
+    try:
+        return tifffile.TiffFile(str(path))
+    except (tifffile.TiffFileError, *_READ_ERRORS) as e:
+        raise TiffError(path, f"not a readable SVS / TIFF / OME-TIFF file ({e})") from e
+
+
+def rgb8_problem(axes: str, dims: tuple[int, ...], dtype: Any) -> str | None:
+    """Why a TIFF level of tifffile ``axes`` / ``dims`` / ``dtype`` is not one 8-bit RGB(A) plane, or None if it is."""
+    ch_axes = [a for a in axes if a in "SC"]
+    nch = dims[axes.index(ch_axes[0])] if len(ch_axes) == 1 else 1
+    extra = [(a, s) for a, s in zip(axes, dims) if a not in "YXSC" and s != 1]
+    if len(ch_axes) > 1 or extra or nch not in (3, 4):
+        return f"not an RGB image (axes {axes!r}, shape {dims}); only brightfield RGB(A) slides are supported"
+    if np.dtype(dtype) != np.uint8:
+        return f"pixels are {np.dtype(dtype)}, expected 8-bit RGB"
+    return None
+
+
 class TiffLevel:
     """Lazy ``(H, W, C)`` view of level ``level`` of series ``series`` of a TIFF file (see the module docstring).
 
@@ -54,18 +79,17 @@ class TiffLevel:
     ``tif``, the open ``tifffile.TiffFile`` (for metadata). Close it, or use it as a context manager.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, series: int = 0, level: int = 0, memmap: bool = True) -> None:
-        import tifffile
-
+    def __init__(self, path: str | os.PathLike[str], *, series: int = 0, level: int = 0, memmap: bool = True,
+                 tif: Any = None) -> None:
         self.path = Path(path)
-        try:
-            self.tif: Any = tifffile.TiffFile(str(self.path))
-        except (tifffile.TiffFileError, *_READ_ERRORS) as e:
-            raise TiffError(self.path, f"not a readable SVS / TIFF / OME-TIFF file ({e})") from e
+        #: Whether :meth:`close` closes ``tif`` (not when an open ``tifffile.TiffFile`` was passed in).
+        self._owns = tif is None
+        self.tif: Any = open_tiff(self.path) if tif is None else tif
         try:
             self._open(series, level, memmap)
         except BaseException:
-            self.tif.close()
+            if self._owns:
+                self.tif.close()
             raise
 
     def _open(self, series: int, level: int, memmap: bool) -> None:
@@ -122,8 +146,9 @@ class TiffLevel:
         return data.reshape(data.shape[0], data.shape[1], -1)
 
     def close(self) -> None:
-        """Close the file (further reads fail)."""
-        self.tif.close()
+        """Close the file (further reads fail); a ``tif`` passed in by the caller stays open."""
+        if self._owns:
+            self.tif.close()
 
     def __enter__(self) -> TiffLevel:
         return self
@@ -132,10 +157,11 @@ class TiffLevel:
         self.close()
 
 
-def tiff_pixel_size_candidates(tif: Any) -> list[tuple[float, str]]:
-    """Every pixel size (µm / pixel, origin) recorded in the first page of an open ``tifffile.TiffFile``,
-    in order of trust: Aperio MPP, OME PhysicalSizeX/Y, a JSON ImageDescription, the resolution tags."""
-    page = tif.pages[0]
+def tiff_pixel_size_candidates(tif: Any, *, page: Any = None) -> list[tuple[float, str]]:
+    """Every pixel size (µm / pixel, origin) recorded in ``page`` (default: the first page) of an open
+    ``tifffile.TiffFile``, in order of trust: Aperio MPP, OME PhysicalSizeX/Y, a JSON ImageDescription,
+    the resolution tags."""
+    page = tif.pages[0] if page is None else page
     desc = page.description or ""
     found: list[tuple[float | None, str]] = []
     if desc.startswith("Aperio") or getattr(tif, "is_svs", False):
@@ -163,3 +189,18 @@ def tiff_pixel_size(tif: Any, *, mpp_range: tuple[float, float] | None = None) -
         if is_plausible_mpp(value, bounds=mpp_range):
             return value, origin
     return None, "none"
+
+
+def tiff_mpp_or_reason(tif: Any, *, page: Any = None, bounds: tuple[float, float] | None = None) -> tuple[float | None, str]:
+    """``(µm / pixel, origin)`` of the first plausible pixel size of ``page`` (default: the first page), or
+    ``(None, why)`` — a sentence saying what the file records and which values were ignored as implausible
+    (the one wording ``hishrst convert`` and the direct TIFF reader share)."""
+    found = tiff_pixel_size_candidates(tif, page=page)
+    for value, origin in found:
+        if is_plausible_mpp(value, bounds=bounds):
+            return value, origin
+    lo, hi = mpp_range(bounds)
+    ignored = "; ".join(f"{origin} give {value:.4g} µm/pixel, outside the plausible {lo:g}–{hi:g} µm/pixel "
+                        "(HISHRST_MPP_RANGE widens it)" for value, origin in found)
+    return None, ("the file has no usable pixel size (no Aperio MPP, OME PhysicalSizeX or TIFF resolution in "
+                  f"cm/inch{'; ' + ignored if ignored else ''})")

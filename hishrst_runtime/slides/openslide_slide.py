@@ -1,0 +1,116 @@
+"""Vendor formats through OpenSlide (MIRAX ``.mrxs``, Hamamatsu ``.vms`` / ``.vmu``, Sakura ``.svslide``,
+DICOM, …), with the same :class:`~hishrst_runtime.slides.slide.Slide` interface (torch-free).
+
+Needs the ``openslide`` extra (``pip install "hishrst[openslide]"``: openslide-python and the
+openslide-bin library); without it, :func:`open_openslide_slide` raises
+:class:`~hishrst_runtime.slides.errors.SlideExtraMissing` naming the extra. TIFF-family files (SVS,
+TIFF, NDPI, SCN) never come here: they are read directly with tifffile.
+
+Each OpenSlide level is a :class:`OpenSlideLevel` whose box reads call ``read_region`` (OpenSlide is
+thread-safe); transparent pixels (outside the scanned area) are composited over white. The chunk grid
+is a fixed :data:`CHUNK_PX` grid (OpenSlide hides the file's tiles). Pixel size: OpenSlide's
+``openslide.mpp-x`` / ``mpp-y`` properties (µm / pixel), checked with the plausibility bound of
+:mod:`hishrst_runtime.core.units`; ``mpp=`` overrides it. Levels below the coarsest stored one are
+added by 2 × 2 mean pooling (:mod:`hishrst_runtime.slides.pooled`). Chunk-integrity checks do not apply.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hishrst_runtime.core.units import check_mpp, is_plausible_mpp
+from hishrst_runtime.slides.errors import SlideError, SlideExtraMissing, SlidePixelSizeError
+from hishrst_runtime.slides.level import Level
+from hishrst_runtime.slides.pooled import extend_pyramid, level_downsample
+from hishrst_runtime.slides.slide import Slide
+
+__all__ = ["CHUNK_PX", "OpenSlideLevel", "import_openslide", "open_openslide_slide"]
+
+#: Side (pixels) of the chunk grid of an OpenSlide level.
+CHUNK_PX = 512
+_EXTRA = 'pip install "hishrst[openslide]"'
+
+
+def import_openslide(path: str) -> Any:
+    """The ``openslide`` module, or :class:`SlideExtraMissing` naming ``path`` and the extra to install."""
+    try:
+        import openslide
+    except (ImportError, OSError) as e:  # OSError: the Python package without the C library
+        raise SlideExtraMissing(f"{path}: this format is read through OpenSlide, which is not installed ({e}); "
+                                f"install it with: {_EXTRA} (SVS / TIFF / NDPI / SCN need no extra)") from e
+    return openslide
+
+
+@dataclass(eq=False)
+class OpenSlideLevel(Level):
+    """One OpenSlide level (the handle is ``_array``; ``path`` holds its level number); box reads via ``read_region``."""
+
+    def _zarr_read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        osr = self._open_array()
+        level = int(self.path.rsplit(" ", 1)[-1])
+        loc = (int(round(x0 * self.downsample)), int(round(y0 * self.downsample)))
+        try:
+            rgba = np.asarray(osr.read_region(loc, level, (x1 - x0, y1 - y0)))
+        except Exception as e:  # noqa: BLE001 - openslide.OpenSlideError and friends
+            raise SlideError(f"{self.store}: OpenSlide cannot read level {level} pixels [{y0}:{y1}, {x0}:{x1}] "
+                             f"({type(e).__name__}: {e}); {self.corrupt_hint}") from e
+        rgb, alpha = rgba[..., :3].astype(np.uint16), rgba[..., 3:4].astype(np.uint16)
+        if int(alpha.min()) == 255:
+            return np.ascontiguousarray(rgba[..., :3])
+        return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)  # over white
+
+
+def _mpp0(osr: Any, openslide: Any, path: str, mpp: float | None, bounds: tuple[float, float] | None) -> tuple[float, str]:
+    if mpp is not None:
+        return check_mpp(mpp, where=path, source="--mpp", fix="pass e.g. --mpp 0.5", bounds=bounds,
+                         error=SlidePixelSizeError), "override"
+    vals = []
+    for key in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y):
+        try:
+            vals.append(float(osr.properties[key]))
+        except (KeyError, TypeError, ValueError):
+            pass
+    if vals and all(is_plausible_mpp(v, bounds=bounds) for v in vals):
+        return sum(vals) / len(vals), "metadata"
+    seen = f" (openslide.mpp-x/y give {vals})" if vals else ""
+    raise SlidePixelSizeError(f"{path}: the file has no usable pixel size{seen}; pass the pixel size with --mpp "
+                              "(µm per level-0 pixel, e.g. --mpp 0.5 for a 20x scan)")
+
+
+def open_openslide_slide(path: str | os.PathLike[str], *, mpp: float | None = None,
+                         mpp_range: tuple[float, float] | None = None) -> Slide:
+    """Open a slide OpenSlide reads (see the module docstring); ``mpp`` (µm per level-0 pixel) overrides its
+    pixel size. Raises :class:`SlideExtraMissing` without OpenSlide, :class:`SlideError` naming the file when
+    OpenSlide cannot read it or it has no pixel size."""
+    spath = os.fspath(path)
+    openslide = import_openslide(spath)
+    if not Path(spath).exists():
+        raise SlideError(f"{spath}: no such file; check the path of the slide")
+    if openslide.OpenSlide.detect_format(spath) is None:
+        raise SlideError(f"{spath}: not a slide format hishrst or OpenSlide reads; pass an OME-Zarr store, a "
+                         "TIFF / SVS / NDPI / SCN file, or a format OpenSlide supports (MRXS, VMS, …)")
+    try:
+        osr = openslide.OpenSlide(spath)
+    except Exception as e:  # noqa: BLE001 - OpenSlideError, OpenSlideUnsupportedFormatError
+        raise SlideError(f"{spath}: OpenSlide cannot open the file ({type(e).__name__}: {e}); check that it is "
+                         "complete (for MRXS, the .mrxs file and its data directory)") from e
+    try:
+        mpp0, source = _mpp0(osr, openslide, spath, mpp, mpp_range)
+        w0, h0 = osr.level_dimensions[0]
+        levels: list[Level] = []
+        for i, (w, h) in enumerate(osr.level_dimensions):
+            dy, dx = level_downsample((h0, w0), (h, w))
+            levels.append(OpenSlideLevel(
+                index=i, mpp=mpp0 * 0.5 * (dy + dx), mpp_yx=(mpp0 * dy, mpp0 * dx), downsample=0.5 * (dy + dx),
+                shape=(int(h), int(w)), chunks=(min(CHUNK_PX, int(h)), min(CHUNK_PX, int(w))), path=f"level {i}",
+                _array=osr, _axes=("y", "x", "c"), _n_channels=3, store=spath,
+                corrupt_hint="the file is truncated or corrupt; copy it again"))
+    except BaseException:
+        osr.close()
+        raise
+    return Slide(spath, extend_pyramid(levels), mpp_source=source, kind="openslide", on_close=osr.close)

@@ -1,0 +1,110 @@
+"""What a slide argument names: a local OME-Zarr store, a URL, a SpatialData image element, a TIFF-family
+file or an OpenSlide file (torch-free). :func:`parse_source` only classifies; :func:`open_slide` opens.
+
+How sources are addressed (the same strings in ``hishrst-run`` and ``open_slide``):
+
+=====================================  ==============================================================
+``slide.ome.zarr``                      a local OME-Zarr (NGFF 0.4 / 0.5) directory, or bioformats2raw
+``https://host/slide.ome.zarr``         a remote OME-Zarr over HTTP(S) (``hishrst[remote]``); also
+``s3://bucket/slide.ome.zarr``          ``s3://`` and any other fsspec protocol whose package is installed
+``sdata.zarr::he_image``                image element ``he_image`` of a SpatialData store (local or URL);
+                                        ``sdata.zarr`` alone works when it holds exactly one image, and
+                                        ``sdata.zarr/images/he_image`` is plain NGFF and works too
+``slide.svs`` / ``.tif`` / ``.ndpi`` …  a TIFF-family file (recognised by its header), read directly
+``slide.mrxs`` / ``.vms`` / ``.vmu`` …  other formats, through OpenSlide (``hishrst[openslide]``)
+=====================================  ==============================================================
+
+``::`` separates an element name only when what follows has no ``/`` or ``:``, so fsspec's chained
+URLs (``simplecache::s3://…``) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from hishrst_runtime.slides.errors import SlideError
+from hishrst_runtime.slides.ngff import FORMATS
+
+__all__ = ["SlideSource", "SourceKind", "parse_source", "is_url", "spatialdata_image_group"]
+
+SourceKind = Literal["zarr", "remote", "tiff", "openslide"]
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_ELEMENT = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    """A classified slide argument: ``kind``, the store / file ``location`` (path or URL), the SpatialData
+    image ``element`` (or None) and ``text``, the argument as given (for messages)."""
+
+    text: str
+    kind: SourceKind
+    location: str
+    element: str | None = None
+
+
+def is_url(text: str) -> bool:
+    """Whether ``text`` is a URL (``scheme://…``) other than ``file://``."""
+    return bool(_URL.match(text)) and not text.lower().startswith("file://")
+
+
+def _split_element(text: str) -> tuple[str, str | None]:
+    head, sep, tail = text.rpartition("::")
+    if sep and head and _ELEMENT.match(tail):
+        return head, tail
+    return text, None
+
+
+def parse_source(source: str | os.PathLike[str]) -> SlideSource:
+    """Classify a slide argument (see the module docstring); never touches the network."""
+    from hishrst_runtime.slides.tiffslide import TIFF_SUFFIXES, is_tiff_file
+
+    text = os.fspath(source)
+    location, element = _split_element(text)
+    if location.lower().startswith("file://"):
+        location = location[len("file://"):]
+    if is_url(location):
+        return SlideSource(text, "remote", location.rstrip("/"), element)
+    p = Path(location)
+    if element is not None or not p.is_file():
+        return SlideSource(text, "zarr", location, element)
+    if is_tiff_file(p) or p.name.lower().endswith(TIFF_SUFFIXES):
+        return SlideSource(text, "tiff", location)
+    return SlideSource(text, "openslide", location)
+
+
+def _image_names(root: Any) -> list[str]:
+    try:
+        images = root.get("images")
+        if images is None or hasattr(images, "shape"):
+            return []
+        return sorted(str(k) for k in images.group_keys())
+    except (KeyError, OSError, ValueError, TypeError, AttributeError):
+        return []
+
+
+def spatialdata_image_group(root: Any, element: str | None, text: str) -> Any | None:
+    """The image group of SpatialData element ``element`` in the zarr group ``root``.
+
+    With ``element=None``: the only image of a SpatialData store, or None when ``root`` is not one (it
+    may be a plain OME-Zarr image). Raises :class:`SlideError` naming the store and the elements
+    present when the element is missing, or when there are several and none was named.
+    """
+    names = _image_names(root)
+    if element is None:
+        attrs = dict(root.attrs)
+        if not names or any(f.multiscales(attrs) is not None for f in FORMATS.values()):
+            return None
+        if len(names) > 1:
+            raise SlideError(f"{text}: this SpatialData store has {len(names)} image elements ({', '.join(names)}); "
+                             f"name one as {text}::{names[0]}")
+        element = names[0]
+    if element not in names:
+        have = ", ".join(names) if names else "none"
+        raise SlideError(f"{text}: no image element {element!r} in this store (image elements: {have}); "
+                         "pass STORE::ELEMENT with one of them (SpatialData stores keep images under images/)")
+    return root["images"][element]
