@@ -25,6 +25,7 @@ __all__ = [
     "open_slide",
     "convert_slide",
     "run_slides",
+    "read_points",
     "load_backend",
 ]
 
@@ -36,6 +37,7 @@ _WHERE = {
     "open_slide": "slides.reader",
     "convert_slide": "slides.convert",
     "run_slides": "jobs.runner",
+    "read_points": "inference.points",
     "load_backend": "backends",
 }
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from hishrst_runtime.cli.errors import user_errors
+from hishrst_runtime.cli.logs import configure_logging, progress_enabled
 from hishrst_runtime.slides.convert import DEFAULT_CHUNK, convert_slide
 
 __all__ = ["convert_cmd"]
@@ -22,8 +23,9 @@ __all__ = ["convert_cmd"]
 @click.option("--chunk", type=click.IntRange(64, 8192), default=DEFAULT_CHUNK, show_default=True,
               help="Chunk side in pixels.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT.zarr if it exists.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def convert_cmd(src: Path, out: Path, mpp: float | None, chunk: int, overwrite: bool, progress: bool) -> None:
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar [default: only when stderr is a terminal].")
+def convert_cmd(src: Path, out: Path, mpp: float | None, chunk: int, overwrite: bool, progress: bool | None) -> None:
     """Convert an SVS / TIFF / OME-TIFF slide IN to an OME-Zarr 0.5 pyramid OUT.zarr.
 
     Streams the slide with bounded memory; the pixel size is carried over from the file
@@ -32,8 +34,9 @@ def convert_cmd(src: Path, out: Path, mpp: float | None, chunk: int, overwrite: 
     from hishrst_runtime.slides.reader import open_slide
 
     t0 = time.perf_counter()
+    configure_logging()
     with user_errors():
-        path = convert_slide(src, out, mpp=mpp, chunk=chunk, overwrite=overwrite, progress=progress)
+        path = convert_slide(src, out, mpp=mpp, chunk=chunk, overwrite=overwrite, progress=progress_enabled(progress))
         with open_slide(path) as slide:
             shapes = ", ".join(f"{lv.shape[1]}x{lv.shape[0]}" for lv in slide.levels)
             click.echo(f"Wrote {path}: {len(slide.levels)} levels ({shapes} px, W x H), "

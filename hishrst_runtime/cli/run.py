@@ -1,36 +1,54 @@
-"""The ``hishrst-run`` / ``hishrst run`` command: argument parsing and the summary table.
+"""The ``hishrst-run`` / ``hishrst run`` command: argument parsing, the summary table and the run report.
 
 Options are parsed here and validated once, by :class:`~hishrst_runtime.jobs.options.RunOptions`; the
-work itself is :func:`hishrst_runtime.jobs.runner.run_slides`.
+slide list is built by :func:`~hishrst_runtime.jobs.slide_lists.expand_slides`, the work itself is
+:func:`hishrst_runtime.jobs.runner.run_slides`, and every invocation that reaches its output folder
+leaves a report there (:mod:`hishrst_runtime.jobs.report`).
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
-from hishrst_runtime.cli.errors import option_errors, user_errors
-from hishrst_runtime.jobs.options import DEFAULT_WORKERS, PROVIDERS, RunOptions
-from hishrst_runtime.jobs.paths import SlideArg, output_collisions, remote_problem
+from hishrst_runtime import __version__
+from hishrst_runtime.cli.errors import one_line, option_errors, user_errors
+from hishrst_runtime.cli.logs import configure_logging, progress_enabled
+from hishrst_runtime.core.errors import OutputStateError
+from hishrst_runtime.jobs.options import DEFAULT_WORKERS, OUTPUT_FORMATS, PROVIDERS, RunOptions
+from hishrst_runtime.jobs.paths import SlideArg, output_collisions
 from hishrst_runtime.jobs.results import SlideResult
 from hishrst_runtime.jobs.runner import run_slides
 
 __all__ = ["run", "print_results"]
 
+_PATH = click.Path(path_type=Path)
 _OPTIONS = [
     click.option("--bundle", "bundle_dir", required=True,
                  type=click.Path(exists=True, file_okay=False, path_type=Path),
                  help="Model bundle directory written by `hishrst export`."),
     click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-                 help="Output directory; one <slide>.zarr AnnData store per slide."),
+                 help="Output directory; one <slide>.zarr AnnData store per slide, and the run report "
+                      "(hishrst_run.json, summary.md)."),
+    click.option("--points", "points_file", type=click.Path(exists=True, path_type=Path), default=None,
+                 help="Predict at these points instead of a grid (one slide only): a CSV with header x,y "
+                      "(level-0 pixels; optional id column, used as obs names), an .h5ad with "
+                      "obsm['spatial'], or a Space Ranger outs folder (in-tissue spots, named by barcode). "
+                      "Rows keep the file's order; --pitch-um, --grid and --min-tissue do not apply."),
+    click.option("--slides-from", "slides_from", multiple=True, type=click.Path(exists=True, dir_okay=False,
+                 path_type=Path), help="Read more slides from FILE: one path or URL a line, # comment lines "
+                 "and blank lines ignored, relative paths from the current directory (repeatable)."),
+    click.option("--recursive", is_flag=True, help="Also take the slides in sub-folders of a folder argument."),
     click.option("--pitch-um", type=float, default=None,
                  help="Query-point spacing in µm [default: 50, 4× Visium density]."),
-    click.option("--grid", type=click.Choice(["hex", "square"]), default="hex", show_default=True),
+    click.option("--grid", type=click.Choice(["hex", "square"]), default="hex", show_default=True,
+                 help="Query-grid layout: hexagonal (as Visium) or square rows of points --pitch-um apart."),
     click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
                  help="Inference engine; `auto` picks the fastest available and says which."),
     click.option("--batch-size", type=int, default=64, show_default=True, help="Encoder batch size (tiles)."),
@@ -50,7 +68,21 @@ _OPTIONS = [
     click.option("--allow-missing-chunks", is_flag=True, help="Read chunk files missing inside tissue as "
                  "background fill instead of failing the slide."),
     click.option("--h5ad", is_flag=True, help="Also write <slide>.h5ad next to each store."),
-    click.option("--no-progress", is_flag=True, help="No progress bars."),
+    click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS), default="anndata", show_default=True,
+                 help="Output: the AnnData store <slide>.zarr, a SpatialData store <slide>.sdata.zarr (H&E, "
+                      "spots and table; built from the AnnData store, which is then removed), or both."),
+    click.option("--tissue-mask", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                 help="Tissue mask of the (one) slide, instead of detecting tissue: GeoJSON polygons in level-0 "
+                      "pixels (QuPath export) or a PNG / TIFF mask stretched over the slide."),
+    click.option("--tissue-geojson/--no-tissue-geojson", default=None,
+                 help="Write the tissue mask used as <slide>.tissue.geojson (level-0 pixel polygons, for "
+                      "QuPath) beside the output [default: only with --tissue-mask]."),
+    click.option("--progress/--no-progress", "progress", default=None, help="Show progress bars [default: "
+                 "only when stderr is a terminal]."),
+    click.option("-q", "--quiet", is_flag=True, help="Print only errors: no engine line, table or warnings."),
+    click.option("-v", "--verbose", count=True, help="More log messages (-v: info, -vv: debug)."),
+    click.version_option(__version__, "--version", prog_name="hishrst-run", message="%(prog)s %(version)s",
+                         help="Show the version and exit."),
 ]
 
 
@@ -60,12 +92,44 @@ def _with_options(f: Any) -> Any:
     return f
 
 
-def _slide_args(slides: Sequence[str]) -> list[SlideArg]:
-    """URLs stay strings (``s3://b/x`` must not become ``s3:/b/x``); everything else is a local path."""
-    return [s if remote_problem(s) else Path(s) for s in slides]
+def _slides(slides: Sequence[str], slides_from: Sequence[Path], recursive: bool) -> list[SlideArg]:
+    """The slide list (folders expanded, list files read, URLs kept as strings); exit 2 when empty."""
+    from hishrst_runtime.jobs.slide_lists import expand_slides
+
+    if not slides and not slides_from:
+        raise click.UsageError("no slides: pass SLIDE... (stores, files, folders or URLs) or --slides-from FILE")
+    with option_errors():
+        items = expand_slides(slides, slides_from=slides_from, recursive=recursive)
+    collisions = output_collisions(items, Path("."))  # on the full list, so every shard agrees
+    if collisions:
+        lines = "; ".join(f"{o.name} <- {', '.join(map(str, s))}" for o, s in collisions.items())
+        raise click.BadParameter(f"several slides would write the same output ({lines}); rename them",
+                                 param_hint="SLIDES")
+    return items
 
 
-def _select_shard(items: list[SlideArg], shard: str | None) -> list[SlideArg]:
+def _one_slide(option: str, items: list[SlideArg]) -> None:
+    """Exit 2 unless exactly one slide was named (``option`` applies to one slide)."""
+    if len(items) != 1:
+        shown = ", ".join(map(str, items[:3])) + (", ..." if len(items) > 3 else "")
+        raise click.UsageError(f"{option} takes exactly one slide, got {len(items)} ({shown or 'none'}); run "
+                               f"each slide with its own {option} file")
+
+
+def _points(points_file: Path | None, items: list[SlideArg]) -> dict[str, Any]:
+    """``{slide: QueryPoints}`` of ``--points`` (exactly one slide), or ``{}``."""
+    if points_file is None:
+        return {}
+    _one_slide("--points", items)
+    from hishrst_runtime.inference.points import read_points
+
+    with user_errors():
+        return {str(items[0]): read_points(points_file)}
+
+
+def _select_shard(items: list[SlideArg], shard: str | None, echo: Callable[[str], Any]
+                  ) -> tuple[list[SlideArg], tuple[int, int] | None]:
+    """(this job's slides, (I, N) or None) from ``--shard`` or a Slurm job array."""
     from hishrst_runtime.jobs.shards import parse_shard, shard_from_env, shard_items
 
     try:
@@ -73,44 +137,78 @@ def _select_shard(items: list[SlideArg], shard: str | None) -> list[SlideArg]:
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--shard") from e
     if sh is None:
-        return items
+        return items, None
     chosen = shard_items(items, index=sh[0], count=sh[1])
-    click.echo(f"shard {sh[0]}/{sh[1]}: {len(chosen)} of {len(items)} slides")
-    return chosen
+    echo(f"shard {sh[0]}/{sh[1]}: {len(chosen)} of {len(items)} slides")
+    return chosen, sh
 
 
-def print_results(results: Sequence[SlideResult]) -> Counter[str]:
+def print_results(results: Sequence[SlideResult], *, echo: Callable[[str], Any] = click.echo) -> Counter[str]:
     """The summary table of ``results`` (one row per slide, the reason under each that is not ok)."""
-    click.echo(f"\n{'slide':<34}{'status':<9}{'points':>9}{'tiles/s':>10}{'seconds':>9}")
+    echo(f"\n{'slide':<34}{'status':<9}{'points':>9}{'tiles/s':>10}{'seconds':>9}")
     blank = lambda v: "" if v is None else v  # noqa: E731
     for r in results:
-        click.echo(f"{r.name[:33]:<34}{r.status:<9}{blank(r.points):>9}{blank(r.tiles_per_s):>10}"
-                   f"{blank(r.seconds):>9}")
+        echo(f"{r.name[:33]:<34}{r.status:<9}{blank(r.points):>9}{blank(r.tiles_per_s):>10}{blank(r.seconds):>9}")
         if r.status != "ok":
-            click.echo(f"    {r.reason}")
+            echo(f"    {r.reason}")
     counts = Counter(r.status for r in results)
-    click.echo(f"{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed (of {len(results)} slides)")
+    echo(f"{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed (of {len(results)} slides)")
     return counts
 
 
+def _report(out_dir: Path, results: Sequence[SlideResult], *, started: float, shard: tuple[int, int] | None,
+            error: BaseException | None = None) -> None:
+    """Leave the run report in ``out_dir``; never for an invocation that stopped before ``out_dir`` existed
+    or because of the output location itself (it may be an input)."""
+    from hishrst_runtime.jobs.report import build_report, write_run_report
+
+    cause = error.__cause__ if error is not None else None
+    if not out_dir.is_dir() or isinstance(cause, OutputStateError):
+        return
+    params = dict(click.get_current_context().params)
+    report = build_report(results=results, args=params, started=started, finished=time.time(), shard=shard,
+                          error=None if error is None else one_line(error))
+    try:
+        write_run_report(out_dir, report)
+    except OSError as e:  # the predictions are written: a report that cannot be is a warning, not a failure
+        click.echo(f"warning: could not write the run report in {out_dir} ({e.strerror or e})", err=True)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("slides", nargs=-1, required=True, type=str)
+@click.argument("slides", nargs=-1, required=False, type=str)
 @_with_options
-def run(slides: tuple[str, ...], bundle_dir: Path, out_dir: Path, shard: str | None, no_progress: bool,
-        **settings: Any) -> None:
-    """Predict dense gene expression over whole-slide OME-Zarr SLIDES with an exported bundle."""
-    items = _slide_args(slides)
-    collisions = output_collisions(items, out_dir)  # on the full list, so every shard agrees
-    if collisions:
-        lines = "; ".join(f"{o.name} <- {', '.join(map(str, s))}" for o, s in collisions.items())
-        raise click.BadParameter(f"several slides would write the same output ({lines}); rename them",
-                                 param_hint="SLIDES")
+def run(slides: tuple[str, ...], bundle_dir: Path, out_dir: Path, shard: str | None, progress: bool | None,
+        quiet: bool, verbose: int, points_file: Path | None, slides_from: tuple[Path, ...], recursive: bool,
+        tissue_geojson: bool | None, **settings: Any) -> None:
+    """Predict dense gene expression over whole-slide SLIDES with an exported bundle.
+
+    SLIDES are OME-Zarr stores, slide files, folders of slides (*.zarr, .svs, .tif, .tiff, .ndpi, .scn)
+    or URLs; --slides-from FILE adds more. Writes OUT/<slide>.zarr per slide and a run report.
+    """
+    started = time.time()
+    configure_logging(quiet=quiet, verbose=verbose)
+    echo: Callable[[str], Any] = (lambda s: None) if quiet else click.echo
+    items = _slides(slides, slides_from, recursive)
+    points = _points(points_file, items)
+    if settings["tissue_mask"] is not None:
+        _one_slide("--tissue-mask", items)
+    geojson = settings["tissue_mask"] is not None if tissue_geojson is None else tissue_geojson
     with option_errors():
-        options = RunOptions(progress=not no_progress, **settings)
-    items = _select_shard(items, shard)
-    with user_errors():
-        results = run_slides(items, bundle_dir=bundle_dir, out_dir=out_dir, options=options, echo=click.echo)
-    counts = print_results(results)
+        options = RunOptions(progress=progress_enabled(progress, quiet=quiet), tissue_geojson=geojson, **settings)
+    items, sh = _select_shard(items, shard, echo)
+    try:
+        with user_errors():
+            results = run_slides(items, bundle_dir=bundle_dir, out_dir=out_dir, options=options, echo=echo,
+                                 points_px=points)
+    except click.ClickException as e:
+        _report(out_dir, [], started=started, shard=sh, error=e)
+        raise
+    _report(out_dir, results, started=started, shard=sh)
+    counts = print_results(results, echo=echo)
     if counts["failed"]:
+        if quiet:
+            for r in results:
+                if r.status == "failed":
+                    click.echo(f"{r.slide}: {r.reason}", err=True)
         click.echo(f"{counts['failed']} of {len(results)} slides failed", err=True)
         sys.exit(1)

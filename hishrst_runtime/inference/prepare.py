@@ -2,7 +2,8 @@
 
 :func:`prepare_slide` opens the OME-Zarr store, picks the pyramid level nearest the bundle's training
 resolution, detects tissue on a low-resolution thumbnail and lays query points over tissue on a
-hexagonal or square grid at ``pitch_um`` (or takes explicit points). The points are grouped with
+hexagonal or square grid at ``pitch_um`` (or takes explicit points, e.g. read from a file by
+:func:`hishrst_runtime.inference.points.read_points`). The points are grouped with
 :func:`hishrst_runtime.core.grouping.group_points` — the same function, on the same level-0 pixel
 coordinates, that training used. Grid points are then *renumbered in group order* (group ``k``
 holds rows ``start_k .. start_k + n_k - 1``), so output rows arrive in increasing order and every X
@@ -23,12 +24,20 @@ from hishrst_runtime.bundle.manifest import Bundle
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.geometry import query_grid
 from hishrst_runtime.core.grouping import group_points
+from hishrst_runtime.inference.points import QueryPoints, check_points_inside
 
-__all__ = ["DEFAULT_PITCH_UM", "GridKind", "PreparedSlide", "check_layout_options", "prepare_slide"]
+__all__ = ["DEFAULT_PITCH_UM", "GridKind", "PreparedSlide", "check_layout_options", "prepare_slide", "slide_location"]
 
 #: 4× Visium density: a hexagonal grid at half of Visium's 100 µm pitch (µm).
 DEFAULT_PITCH_UM = 50.0
 GridKind = Literal["hex", "square"]
+
+
+def slide_location(path: str | Path) -> str | Path:
+    """A slide argument as it is kept: a URL stays a string (``Path("s3://b/x")`` would be ``s3:/b/x``),
+    anything else becomes a :class:`~pathlib.Path`."""
+    text = str(path)
+    return text if isinstance(path, str) and "://" in text else Path(path)
 
 
 def check_layout_options(*, pitch_um: float, grid: str, min_tissue: float) -> None:
@@ -53,10 +62,12 @@ class PreparedSlide:
     on the query grid (``-1`` for explicit points); ``tissue_fraction``: ``[N]`` float32 in [0, 1];
     ``groups``: int64 index arrays partitioning ``range(N)``; ``thumbnail`` / ``tissue_mask``: RGB uint8
     overview and its boolean tissue mask, ``thumbnail_scale`` overview pixels per level-0 pixel;
-    ``pitch_um``: grid pitch in µm (``None`` for explicit points); ``seconds``: preparation wall time.
+    ``pitch_um``: grid pitch in µm (``None`` for explicit points); ``seconds``: preparation wall time;
+    ``obs_names``: the explicit points' names (``None``: rows are numbered); ``path``: the slide (a URL
+    stays a string, see :func:`slide_location`).
     """
 
-    path: Path
+    path: Path | str
     slide: Any
     level_index: int
     points_px: np.ndarray
@@ -71,6 +82,17 @@ class PreparedSlide:
     min_tissue: float | None = None
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    obs_names: list[str] | None = None
+
+    @property
+    def name(self) -> str:
+        """The slide's file name (a URL's last path segment), for progress bars and messages."""
+        return str(self.path).rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def location(self) -> str:
+        """The slide as an absolute path (or its URL), for the output's metadata."""
+        return self.path if isinstance(self.path, str) else str(self.path.resolve())
 
     def close(self) -> None:
         """Release the slide's array handles."""
@@ -120,7 +142,7 @@ def _grid_layout(slide: Any, fraction_at: Any, *, max_group: int, pitch_um: floa
     return _Layout(pts, grid_index, frac, groups, float(pitch_um), str(grid), float(min_tissue))
 
 
-def _explicit_layout(path: Path, points_px: np.ndarray, fraction_at: Any, *, max_group: int) -> _Layout:
+def _explicit_layout(path: Path | str, points_px: np.ndarray, fraction_at: Any, *, max_group: int) -> _Layout:
     """Caller's points, all kept in their order (row ``i`` is point ``i``)."""
     pts = np.asarray(points_px, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != 2 or not np.isfinite(pts).all():
@@ -139,50 +161,72 @@ def prepare_slide(
     grid: GridKind = "hex",
     min_tissue: float = 0.25,
     points_px: np.ndarray | None = None,
+    points: QueryPoints | None = None,
     thumbnail_side: int = 1024,
     allow_missing_chunks: bool = False,
+    tissue_mask: str | Path | None = None,
 ) -> PreparedSlide:
     """Open a slide and lay out its query points and neighbour groups (no inference yet).
 
     ``mpp`` (µm per level-0 pixel) overrides or supplies the store's pixel size. Grid points lie
     ``pitch_um`` µm apart and are kept where the tissue fraction of their ``patch_um`` window is at
     least ``min_tissue``; they are numbered in group order. Explicit ``points_px`` (``[N, 2]``
-    level-0 pixel (x, y)) are all kept, in their order. ``thumbnail_side`` is the overview's longer
-    side in pixels. ``allow_missing_chunks`` accepts chunk files missing where the overview shows
-    tissue (read as fill). Raises :class:`hishrst_runtime.slides.reader.SlideError` for unusable stores.
+    level-0 pixel (x, y)) are all kept, in their order. ``points`` (read from a file by
+    :func:`~hishrst_runtime.inference.points.read_points`) are explicit points too, with their names;
+    any of them outside the slide is an :class:`InputError` naming the first few. ``thumbnail_side`` is
+    the overview's longer side in pixels. ``allow_missing_chunks`` accepts chunk files missing where the
+    overview shows tissue (read as fill). ``tissue_mask``: a mask file (GeoJSON in level-0 pixels, or
+    a raster stretched over the slide; :func:`~hishrst_runtime.slides.masks.read_tissue_mask`) used
+    instead of the tissue detected on the overview, for the query grid and every tissue fraction.
+    Raises :class:`hishrst_runtime.slides.reader.SlideError` for unusable stores.
     """
     from hishrst_runtime.slides.reader import open_slide
 
     check_layout_options(pitch_um=pitch_um, grid=grid, min_tissue=min_tissue)
+    if points is not None and points_px is not None:
+        raise TypeError("give either points= or points_px=, not both")
     t0 = time.perf_counter()
+    where = slide_location(path)
     slide = open_slide(path, mpp=mpp)
     try:
-        level_index, thumb, mask, fraction_at = _survey(slide, bundle, thumbnail_side, allow_missing_chunks)
+        if points is not None:
+            check_points_inside(points, shape0=tuple(slide.shape0), slide=str(where))
+            points_px = points.xy_px
+        level_index, thumb, mask, fraction_at = _survey(slide, bundle, thumbnail_side, allow_missing_chunks,
+                                                        tissue_mask)
         if points_px is None:
             lay = _grid_layout(slide, fraction_at, max_group=bundle.max_group_size, pitch_um=pitch_um, grid=grid,
                                min_tissue=min_tissue)
         else:
-            lay = _explicit_layout(Path(path), points_px, fraction_at, max_group=bundle.max_group_size)
+            lay = _explicit_layout(where, points_px, fraction_at, max_group=bundle.max_group_size)
     except BaseException:
         slide.close()
         raise
     return PreparedSlide(
-        path=Path(path), slide=slide, level_index=level_index, points_px=lay.points_px, grid_index=lay.grid_index,
+        path=where, slide=slide, level_index=level_index, points_px=lay.points_px, grid_index=lay.grid_index,
         tissue_fraction=lay.tissue_fraction.astype(np.float32), groups=lay.groups, thumbnail=thumb,
         thumbnail_scale=thumb.shape[1] / slide.shape0[1], tissue_mask=mask, pitch_um=lay.pitch_um, grid=lay.grid,
         min_tissue=lay.min_tissue, seconds=time.perf_counter() - t0,
+        obs_names=None if points is None else points.names,
+        info={} if tissue_mask is None else {"tissue_mask_file": str(Path(tissue_mask).resolve())},
     )
 
 
-def _survey(slide: Any, bundle: Bundle, thumbnail_side: int, allow_missing_chunks: bool) -> tuple[int, np.ndarray,
-                                                                                                  np.ndarray, Any]:
-    """(level index, thumbnail, tissue mask, ``fraction_at(points_px) -> [N]``) of an open slide."""
+def _survey(slide: Any, bundle: Bundle, thumbnail_side: int, allow_missing_chunks: bool,
+            mask_file: str | Path | None = None) -> tuple[int, np.ndarray, np.ndarray, Any]:
+    """(level index, thumbnail, tissue mask, ``fraction_at(points_px) -> [N]``) of an open slide; the mask
+    is read from ``mask_file`` at the thumbnail's resolution when given, else detected on the thumbnail."""
     from hishrst_runtime.slides.tissue import detect_tissue, tissue_fraction_at
 
     level_index = slide.level_for_mpp(bundle.train_mpp)
     thumb = slide.thumbnail(max_side=thumbnail_side)
     thumb_mpp = slide.thumbnail_mpp(thumb.shape)
-    mask = detect_tissue(thumb)
+    if mask_file is None:
+        mask = detect_tissue(thumb)
+    else:
+        from hishrst_runtime.slides.masks import read_tissue_mask
+
+        mask = read_tissue_mask(mask_file, level0_shape_yx=tuple(slide.shape0), out_shape_yx=thumb.shape[:2])
     _check_chunks(slide, level_index, mask, allow_missing_chunks)
     radius = bundle.patch_um / 2.0
 

@@ -11,13 +11,16 @@ from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.inference.prepare import DEFAULT_PITCH_UM, check_layout_options
 from hishrst_runtime.slides.cache import DEFAULT_CACHE_BYTES
 
-__all__ = ["DEFAULT_WORKERS", "Provider", "PROVIDERS", "RunOptions"]
+__all__ = ["DEFAULT_WORKERS", "Provider", "PROVIDERS", "OutputFormat", "OUTPUT_FORMATS", "RunOptions"]
 
 #: Reader threads (fetch, decode, cut) by default.
 DEFAULT_WORKERS = 2
 Provider = Literal["auto", "cpu", "cuda", "tensorrt", "trt-native"]
 #: The ``--provider`` choices (the no-op engine is for benchmarks: pass ``engines=`` to ``run_slides``).
 PROVIDERS: tuple[str, ...] = get_args(Provider)
+OutputFormat = Literal["anndata", "spatialdata", "both"]
+#: The ``--format`` choices: the AnnData store, a SpatialData store built from it (which then replaces it), both.
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 
 
 def _int_at_least(name: str, value: Any, low: int, fix: str = "") -> None:
@@ -38,7 +41,10 @@ class RunOptions:
     patch; ``resume`` / ``overwrite``: finish incomplete / recompute complete outputs; ``h5ad``: also
     write ``<slide>.h5ad``; ``allow_missing_chunks``: read chunk files missing inside tissue as fill;
     ``cache_dir``: TensorRT engine cache; ``cache_bytes``: decoded-chunk cache bound per slide (bytes);
-    ``progress``: progress bars.
+    ``progress``: progress bars; ``output_format``: ``anndata`` (``<slide>.zarr``), ``spatialdata``
+    (``<slide>.sdata.zarr``, built from the AnnData store, which is then removed) or ``both``;
+    ``tissue_mask``: a tissue-mask file used instead of detected tissue (one slide per run);
+    ``tissue_geojson``: write the tissue mask used as ``<slide>.tissue.geojson`` beside the output.
     """
 
     pitch_um: float | None = None
@@ -56,6 +62,9 @@ class RunOptions:
     cache_dir: Path | None = None
     cache_bytes: int | None = None
     progress: bool = True
+    output_format: OutputFormat = "anndata"
+    tissue_mask: Path | None = None
+    tissue_geojson: bool = False
 
     def __post_init__(self) -> None:
         if self.pitch_um is None:
@@ -71,6 +80,11 @@ class RunOptions:
         if self.engine_threads is not None:
             _int_at_least("--engine-threads", self.engine_threads, 1)
         _int_at_least("cache_bytes", self.cache_bytes, 1)
+        if self.output_format not in OUTPUT_FORMATS:
+            raise InputError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.output_format!r}")
+        if self.tissue_mask is not None and not Path(self.tissue_mask).is_file():
+            raise InputError(f"--tissue-mask {self.tissue_mask}: no such file; pass a GeoJSON (QuPath export, "
+                             "level-0 pixels) or a PNG / TIFF mask")
         if self.mpp is not None and not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp)
                                          and self.mpp > 0):
             raise InputError(f"--mpp must be a positive number of µm per pixel, e.g. 0.5; got {self.mpp!r}")

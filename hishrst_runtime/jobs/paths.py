@@ -3,48 +3,82 @@
 Per slide ``S.ome.zarr`` (or ``S.zarr``) the output is ``OUT/S.zarr`` (built in ``OUT/S.zarr.partial``,
 guarded by ``OUT/S.zarr.lock``, optionally with ``OUT/S.h5ad``). :func:`check_output_location` refuses
 any of these that resolves to, inside or above an input slide or the bundle, before anything is
-touched. Slide arguments that are URLs (``http(s)://``, ``s3://``, ...) stay strings: they are never
-turned into local paths (``Path("s3://b/x")`` is ``s3:/b/x``).
+touched (also ``OUT/S.sdata.zarr`` and ``OUT/S.tissue.geojson``). Slide arguments that are URLs
+(``http(s)://``, ``s3://``, ...) stay strings: they are never turned into local paths (``Path("s3://b/x")``
+is ``s3:/b/x``); they go to the slide reader, and their output is named after the URL's last path segment.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from hishrst_runtime.core.errors import OutputStateError
 from hishrst_runtime.core.files import read_json
+from hishrst_runtime.jobs.formats import tissue_geojson_path
+from hishrst_runtime.output.spatialdata_store import spatialdata_path
 from hishrst_runtime.output.store import STATUS_ATTR, partial_path
 
-__all__ = ["SlideArg", "remote_problem", "slide_output_path", "output_collisions", "check_output_location",
-           "foreign_output"]
+__all__ = ["SlideArg", "SLIDE_SUFFIXES", "is_url", "slide_name", "remote_problem", "slide_output_path",
+           "output_collisions", "check_output_location", "foreign_output"]
 
 #: A slide as given: a local path, or a URL string (kept as it is).
 SlideArg = str | Path
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
+def _remote_support() -> bool:
+    """Whether the slide reader opens URLs (:mod:`hishrst_runtime.slides.remote`); it then reports a missing
+    ``remote`` extra or an unreachable URL itself, per slide."""
+    return importlib.util.find_spec("hishrst_runtime.slides.remote") is not None
+
+
 def remote_problem(slide: SlideArg) -> str | None:
-    """The one-line reason a URL slide cannot run (remote stores are not supported yet), or None for a local path."""
+    """The one-line reason a URL slide cannot run (the slide reader has no remote support), or None for a
+    local path or when URLs are passed to the reader."""
     text = str(slide) if isinstance(slide, str) else None
     if text is None or not _URL.match(text):
         return None
     scheme = text.split("://", 1)[0].lower()
+    if _remote_support():
+        return None
     need = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "an HTTP store", "https": "an HTTP store"}
     return (f"{text}: remote stores need {need.get(scheme, 'an fsspec filesystem')} support, which hishrst-run "
             "does not have yet (not supported yet); download the store and pass its local path")
 
 
+#: Slide name endings dropped from output names, longest first (``S.ome.tiff`` -> ``S.zarr``).
+SLIDE_SUFFIXES: tuple[str, ...] = (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif", ".svs", ".ndpi",
+                                   ".scn")
+
+
+def is_url(slide: SlideArg) -> bool:
+    """Whether a slide argument is a URL string (``scheme://...``)."""
+    return isinstance(slide, str) and bool(_URL.match(slide))
+
+
+def slide_name(slide: SlideArg) -> str:
+    """The slide's file name: a path's last part, a URL's last path segment (query and fragment dropped)."""
+    text = urlsplit(slide).path if is_url(slide) else str(slide)
+    return text.rstrip("/").rsplit("/", 1)[-1]
+
+
 def slide_output_path(slide: SlideArg, out_dir: Path) -> Path:
-    """``OUT_DIR/<slide name without .zarr / .ome.zarr>.zarr``."""
-    name = str(slide).rstrip("/").rsplit("/", 1)[-1]
-    for suffix in (".ome.zarr", ".zarr"):
-        if name.endswith(suffix) and len(name) > len(suffix):
+    """``OUT_DIR/<slide name without .ome.zarr / .zarr / .svs / .tif(f) / .ndpi / .scn>.zarr``; the image
+    element ``E`` of a SpatialData store ``S.zarr::E`` gives ``OUT_DIR/S_E.zarr``."""
+    name = slide_name(slide) or "slide"
+    head, sep, element = name.rpartition("::")
+    if sep and head:
+        name = head
+    for suffix in SLIDE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
             name = name[: -len(suffix)]
             break
-    return Path(out_dir) / f"{name}.zarr"
+    return Path(out_dir) / (f"{name}_{element}.zarr" if sep and head else f"{name}.zarr")
 
 
 def output_collisions(slides: Sequence[SlideArg], out_dir: Path) -> dict[Path, list[SlideArg]]:
@@ -53,7 +87,15 @@ def output_collisions(slides: Sequence[SlideArg], out_dir: Path) -> dict[Path, l
     for s in slides:
         if remote_problem(s) is None:
             by_out.setdefault(slide_output_path(s, out_dir), []).append(s)
-    return {o: s for o, s in by_out.items() if len({str(Path(p).resolve()) for p in s}) > 1}
+    same = lambda s: s if is_url(s) else str(Path(s).resolve())  # noqa: E731
+    return {o: s for o, s in by_out.items() if len({same(p) for p in s}) > 1}
+
+
+def _local_part(slide: SlideArg) -> str:
+    """The file or store of a local slide argument (``STORE::ELEMENT`` names an element of ``STORE``)."""
+    text = str(slide)
+    head, sep, tail = text.rpartition("::")
+    return head if sep and head and "/" not in tail else text
 
 
 def _related(a: Path, b: Path) -> str | None:
@@ -70,7 +112,7 @@ def _related(a: Path, b: Path) -> str | None:
 def check_output_location(slides: Sequence[SlideArg], out_dir: Path, bundle_dir: Path) -> None:
     """Raise :class:`OutputStateError` when ``out_dir`` lies in an input, or any slide's output files
     (store, ``.partial``, ``.lock``, ``.h5ad``) resolve to, inside or above an input slide or the bundle."""
-    local = [Path(s) for s in slides if remote_problem(s) is None]
+    local = [Path(_local_part(s)) for s in slides if not is_url(s)]
     inputs = [(p.resolve(), f"input slide {p}") for p in local] + [(Path(bundle_dir).resolve(), f"bundle {bundle_dir}")]
     out_root = Path(out_dir).resolve()
     for src, what in inputs:
@@ -80,7 +122,8 @@ def check_output_location(slides: Sequence[SlideArg], out_dir: Path, bundle_dir:
                                    "the inputs (nothing was written)")
     for slide in local:
         out = slide_output_path(slide, Path(out_dir))
-        for target in (out, partial_path(out), out.with_name(out.name + ".lock"), out.with_suffix(".h5ad")):
+        for target in (out, partial_path(out), out.with_name(out.name + ".lock"), out.with_suffix(".h5ad"),
+                       spatialdata_path(out), tissue_geojson_path(out)):
             resolved = target.resolve()
             for src, what in inputs:
                 how = _related(resolved, src)

@@ -8,8 +8,9 @@ crash-safely by :class:`hishrst_runtime.output.OutputStore` (built in ``OUT/S.za
 when complete), guarded by the lock file ``OUT/S.zarr.lock`` so several jobs can share ``OUT``.
 A complete output is skipped unless ``--overwrite``; an incomplete one is finished by ``--resume``.
 Outputs never resolve to, inside or above an input slide or the bundle (refused before anything is
-written). One slide's failure (including a lock file that cannot be created, or a URL slide) is
-reported in its :class:`SlideResult` and the others go on.
+written). One slide's failure (including a lock file that cannot be created, or a URL the slide reader
+cannot open) is reported in its :class:`SlideResult` and the others go on. ``--format`` and the tissue
+GeoJSON: :mod:`hishrst_runtime.jobs.formats`; explicit points from files: :mod:`hishrst_runtime.inference.points`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from hishrst_runtime.bundle.manifest import Bundle, BundleError, load_bundle
 from hishrst_runtime.core.errors import OutputStateError
 from hishrst_runtime.inference.engines import Engines, default_engine_threads, load_engines
 from hishrst_runtime.inference.pipeline import PreparedSlide, prepare_slide
+from hishrst_runtime.inference.points import QueryPoints
+from hishrst_runtime.jobs.formats import finish_formats, is_done
 from hishrst_runtime.jobs.locks import SlideLock
 from hishrst_runtime.jobs.options import DEFAULT_WORKERS, RunOptions
 from hishrst_runtime.jobs.paths import (
@@ -43,14 +46,25 @@ from hishrst_runtime.jobs.results import SlideResult
 from hishrst_runtime.jobs.slide_run import SlideContext, run_prepared
 from hishrst_runtime.output.store import OutputStore, write_h5ad
 
-__all__ = ["run_slides", "slide_output_path", "output_collisions", "DEFAULT_WORKERS", "RunOptions", "SlideResult"]
+__all__ = ["run_slides", "slide_output_path", "output_collisions", "DEFAULT_WORKERS", "RunOptions", "SlideResult",
+           "RUNNABLE_POSITION_MODES", "Points"]
+
+#: Explicit points of one slide: a ``[N, 2]`` level-0 pixel (x, y) array, or points read from a file.
+Points = np.ndarray | QueryPoints
+
+
+#: Position modes whose positions exist on any slide (absolute µm at run time); ``grid`` (Visium array
+#: coordinates) does not.
+RUNNABLE_POSITION_MODES: tuple[str, ...] = ("continuous", "relative", "none")
 
 
 def _load_run_bundle(bundle_dir: Path) -> Bundle:
+    """The bundle, refused when its position mode cannot run on whole slides (only ``grid``)."""
     bundle = load_bundle(bundle_dir)
-    if bundle.spec.position.mode != "continuous":
-        raise BundleError(f"{bundle_dir / 'manifest.json'}: the bundle encodes grid (array) positions, which only "
-                          "exist on Visium slides; re-train with --position-mode continuous to run on whole slides")
+    mode = bundle.spec.position.mode
+    if mode == "grid" or mode not in RUNNABLE_POSITION_MODES:
+        raise BundleError(f"{bundle_dir / 'manifest.json'}: the bundle encodes {mode} (array) positions, which only "
+                          "exist on Visium slides; re-train with --position continuous to run on whole slides")
     return bundle
 
 
@@ -83,7 +97,7 @@ def run_slides(
     bundle_dir: Path,
     out_dir: Path,
     options: RunOptions | None = None,
-    points_px: dict[str, np.ndarray] | None = None,
+    points_px: dict[str, Points] | None = None,
     engines: Engines | None = None,
     echo: Callable[[str], Any] = print,
     **settings: Any,
@@ -92,7 +106,8 @@ def run_slides(
 
     ``options`` (or the same fields as keyword ``settings``, e.g. ``pitch_um=40, provider="cpu"``):
     see :class:`RunOptions`. ``points_px``: ``{str(slide): [N, 2] level-0 pixel (x, y)}`` explicit
-    points instead of the grid (all kept, in order). ``engines``: already loaded engines to use instead
+    points instead of the grid (all kept, in order), or ``{str(slide): QueryPoints}`` (points read by
+    :func:`~hishrst_runtime.inference.points.read_points`: named, and refused when outside the slide). ``engines``: already loaded engines to use instead
     of loading the bundle's for ``options.provider`` (e.g. :func:`~hishrst_runtime.inference.engines.noop_engines`).
     Bad options, bundle and engine problems, and outputs that would touch an input raise before
     anything is written; a slide's own problem is reported in its result (``status="failed"``,
@@ -119,7 +134,7 @@ class _Runner:
     """The slide loop of one run: skip / lock / prepare (the next slide in the background) / predict."""
 
     def __init__(self, slides: list[SlideArg], out_dir: Path, ctx: SlideContext,
-                 points_px: dict[str, np.ndarray]) -> None:
+                 points_px: dict[str, Points]) -> None:
         self.slides, self.ctx, self.points_px = slides, ctx, points_px
         self.opts = ctx.options
         self.outs = [None if remote_problem(s) else slide_output_path(s, out_dir) for s in slides]
@@ -148,9 +163,11 @@ class _Runner:
 
     def _prepare(self, path: SlideArg) -> PreparedSlide:
         o = self.opts
+        given = self.points_px.get(str(path))
+        explicit = {"points": given} if isinstance(given, QueryPoints) else {"points_px": given}
         return prepare_slide(path, self.ctx.bundle, mpp=o.mpp, pitch_um=float(o.pitch_um or 0), grid=o.grid,
-                             min_tissue=o.min_tissue, points_px=self.points_px.get(str(path)),
-                             allow_missing_chunks=o.allow_missing_chunks)
+                             min_tissue=o.min_tissue, allow_missing_chunks=o.allow_missing_chunks,
+                             tissue_mask=o.tissue_mask, **explicit)
 
     def _drop(self, i: int) -> None:
         """Forget slide i's prefetch; close its slide once (and if) it is ready."""
@@ -161,7 +178,7 @@ class _Runner:
     def _needs_work(self, j: int) -> bool:
         out = self.outs[j]
         return out is not None and out not in self.collided and (
-            self.opts.overwrite or OutputStore.status(out) != "complete")
+            self.opts.overwrite or not is_done(out, self.opts.output_format))
 
     def _prefetch_after(self, i: int) -> None:
         """Prepare (in the background) the next slide after i that will need work."""
@@ -174,11 +191,14 @@ class _Runner:
         res = res.with_(status="skipped", reason="already complete (use --overwrite to recompute)")
         out = res.output
         h5 = Path(str(out)).with_suffix(".h5ad")
-        if out is not None and self.opts.h5ad and not h5.exists():
-            try:
+        try:
+            if out is not None and self.opts.h5ad and not h5.exists() and OutputStore.status(out) == "complete":
                 write_h5ad(out, h5)
-            except (OSError, ValueError, RuntimeError) as e:
-                res = res.with_(reason=f"{res.reason}; writing {h5} failed ({type(e).__name__}: {e})")
+            if out is not None:  # a run killed between the AnnData store and the SpatialData one
+                notes = finish_formats(out, self.opts.output_format)
+                res = res.with_(reason="; ".join([res.reason, *notes]))
+        except (OSError, ValueError, RuntimeError) as e:
+            res = res.with_(reason=f"{res.reason}; finishing its outputs failed ({type(e).__name__}: {e})")
         return res
 
     def _refused(self, i: int, res: SlideResult, lock: SlideLock) -> SlideResult | None:
@@ -193,7 +213,7 @@ class _Runner:
             others = ", ".join(str(s) for s, o in zip(self.slides, self.outs) if o == out)
             return res.with_(status="failed", reason=f"{out}: several slides would write this output ({others}); "
                              "rename the slides or run them with different --out")
-        if not self.opts.overwrite and OutputStore.status(out) == "complete":
+        if not self.opts.overwrite and is_done(out, self.opts.output_format):
             return self._skip_complete(i, res)
         try:
             held = lock.acquire()
@@ -206,7 +226,7 @@ class _Runner:
             who = info.describe() if info is not None else "another job"
             return res.with_(status="skipped", reason=f"locked by {who} ({lock.path}); it is being processed "
                              "elsewhere (delete the lock file if that job is gone)")
-        if not self.opts.overwrite and OutputStore.status(out) == "complete":  # finished by another job meanwhile
+        if not self.opts.overwrite and is_done(out, self.opts.output_format):  # finished by another job meanwhile
             lock.release()
             return self._skip_complete(i, res)
         return None
@@ -231,6 +251,8 @@ class _Runner:
             res = run_prepared(prep, out, self.ctx, lock).with_(slide=res.slide)
             if self.opts.h5ad:
                 write_h5ad(out, out.with_suffix(".h5ad"))
+            if self.opts.output_format != "anndata":
+                finish_formats(out, self.opts.output_format, levels=prep.slide.levels, replace=self.opts.overwrite)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 - one slide's failure must not stop the others

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,16 @@ from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.timing import StageTimer
 from hishrst_runtime.inference.engines import Engines
 from hishrst_runtime.inference.pipeline import PredictStats, PreparedSlide, predict_slide
+from hishrst_runtime.jobs.formats import write_tissue_geojson
+from hishrst_runtime.jobs.obs_names import name_rows
 from hishrst_runtime.jobs.options import RunOptions
 from hishrst_runtime.jobs.paths import slide_output_path
 from hishrst_runtime.jobs.results import SlideResult
 from hishrst_runtime.output.store import OutputStore, SpatialImages, partial_path
 
 __all__ = ["SlideContext", "run_prepared", "MAX_CHUNK_ROWS", "OUTPUT_BUFFER_BYTES", "LOCK_REFRESH_S"]
+
+log = logging.getLogger(__name__)
 
 #: Output X chunks hold at most this many rows (and at most ~4 MiB): progress is durable per chunk.
 MAX_CHUNK_ROWS = 1024
@@ -51,6 +56,7 @@ def _identity(prep: PreparedSlide, bundle: Bundle) -> dict[str, Any]:
         "points": "grid" if prep.pitch_um is not None else "explicit", "pitch_um": prep.pitch_um, "grid": prep.grid,
         "min_tissue": prep.min_tissue, "output_meaning": bundle.spec.output.meaning,
         "tissue_mask": prep.tissue_mask.astype(np.uint8), "tissue_mask_scalef": float(prep.thumbnail_scale),
+        **prep.info,  # e.g. the --tissue-mask file
     }
 
 
@@ -83,7 +89,7 @@ def _predict_into(store: OutputStore, prep: PreparedSlide, ctx: SlideContext, lo
 
     timer = StageTimer()
     done = store.done_mask()
-    bar = tqdm(total=len(done), initial=int(done.sum()), desc=prep.path.name[:30], unit="pt",
+    bar = tqdm(total=len(done), initial=int(done.sum()), desc=prep.name[:30], unit="pt",
                disable=not ctx.options.progress, leave=False, position=1)
     last_refresh = [time.monotonic()]
 
@@ -121,13 +127,18 @@ def run_prepared(prep: PreparedSlide, out: Path, ctx: SlideContext, lock: Any) -
         raise InputError(f"{prep.path}: no tissue found under the query grid (tissue detected on "
                          f"{float(prep.tissue_mask.mean()):.1%} of the overview); lower --min-tissue, "
                          "check the slide, or pass explicit points")
+    log.info("%s: %d query points at level %d, prepared in %.1f s", prep.name, n, prep.level_index, prep.seconds)
     store, resumed = _open_store(prep, out, ctx)
+    if prep.obs_names is not None:
+        name_rows(store.work_path, prep.obs_names)
+    if ctx.options.tissue_geojson:  # before any row: a complete output always has it beside it
+        write_tissue_geojson(out, prep.tissue_mask, shape0=tuple(prep.slide.shape0), given=ctx.options.tissue_mask)
     stats, timer = _predict_into(store, prep, ctx, lock, resumed)
     tiles_per_s = round(stats.points_computed / max(stats.seconds, 1e-9), 1)
     timings = {k: round(v, 3) for k, v in timer.seconds.items()} | {"prepare": round(prep.seconds, 3),
                                                                      "predict": round(stats.seconds, 3)}
     store.finalize({"hishrst_run": {
-        "slide": str(prep.path.resolve()), "bundle": str(Path(ctx.bundle.root).resolve()),
+        "slide": prep.location, "bundle": str(Path(ctx.bundle.root).resolve()),
         "engine": ctx.engines.provider, "hishrst_version": __version__, "resumed": resumed,
         "points_computed": stats.points_computed, "patch_side_px": int(stats.patch_side_px),
         "tiles_per_s": tiles_per_s, "timings": timings,

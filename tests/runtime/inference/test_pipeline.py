@@ -329,7 +329,8 @@ def test_input_errors_name_the_store_and_leave_no_output(image: tuple[np.ndarray
     file_slide.write_bytes(b"II*\x00not really")
     cases = {
         "missing": (tmp_path / "missing.ome.zarr", "no such file"),
-        "file": (file_slide, "hishrst convert"),
+        # a broken TIFF: "convert it first" (OME-Zarr-only reader) or the TIFF reader's own complaint
+        "file": (file_slide, "hishrst convert|no 2-D image|not a TIFF"),
         "no_multiscales": (_hand_store(tmp_path / "plain.zarr", img, multiscales=False), "not an OME-Zarr image"),
         "no_pixel_size": (_hand_store(tmp_path / "nounit.zarr", img, unit=None), "--mpp"),
         "dtype": (_hand_store(tmp_path / "u16.zarr", img.astype(np.uint16)), "uint8"),
@@ -339,7 +340,7 @@ def test_input_errors_name_the_store_and_leave_no_output(image: tuple[np.ndarray
     res = run([p for p, _ in cases.values()], small_bundle, out)
     for (name, (path, needle)), r in zip(cases.items(), res):
         assert r.status == "failed", (name, r)
-        assert str(path) in r.reason and needle in r.reason, (name, r.reason)
+        assert str(path) in r.reason and any(n in r.reason for n in needle.split("|")), (name, r.reason)
         no_output_left(out, path)
     assert sorted(os.listdir(out)) == []
     # --mpp supplies the missing pixel size.

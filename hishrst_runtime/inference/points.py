@@ -1,0 +1,202 @@
+"""Explicit query points from a file (``hishrst-run --points FILE``), torch-free.
+
+Three formats, each read into :class:`QueryPoints` (level-0 pixel (x, y) in the file's row order, and
+the point names when the file has them):
+
+- **CSV** (any other file): a header row with columns ``x`` and ``y`` (level-0 pixels; names are
+  matched case-insensitively) and an optional ``id`` column, used as the output's obs names.
+- **AnnData** ``.h5ad``: ``obsm['spatial']`` (level-0 pixel (x, y), as Space Ranger and scanpy store it);
+  obs names from the file's obs index. Read with h5py, lazily.
+- **Space Ranger** ``outs`` folder (or its ``spatial`` folder): ``spatial/tissue_positions.csv`` (with a
+  header) or ``spatial/tissue_positions_list.csv`` (without), columns ``barcode, in_tissue, array_row,
+  array_col, pxl_row_in_fullres, pxl_col_in_fullres``; only in-tissue spots (``in_tissue == 1``), named
+  by barcode, with x = ``pxl_col_in_fullres`` and y = ``pxl_row_in_fullres``.
+
+Every problem is an :class:`~hishrst_runtime.core.errors.InputError` naming the file, what is wrong and
+the fix. :func:`check_points_inside` refuses points whose centres lie outside the slide.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hishrst_runtime.core.errors import InputError
+
+__all__ = ["QueryPoints", "read_points", "check_points_inside", "POSITION_FILES"]
+
+#: Space Ranger's spot tables, newest first: (file name inside ``spatial/``, has a header row).
+POSITION_FILES: tuple[tuple[str, bool], ...] = (("tissue_positions.csv", True), ("tissue_positions_list.csv", False))
+_SR_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
+_FIX_CSV = "write a header row `x,y` (level-0 pixels; optional `id`), one point a row"
+_SHOWN = 3  # offending rows named in a message
+
+
+@dataclass(frozen=True)
+class QueryPoints:
+    """Explicit query points: ``xy_px`` float64 ``[N, 2]`` level-0 pixel (x, y) in the file's order,
+    ``names`` (``N`` unique obs names, or ``None``: the output numbers them ``p0, p1, ...``) and
+    ``source`` (the file, for messages)."""
+
+    xy_px: np.ndarray
+    names: list[str] | None
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.xy_px.shape[0])
+
+
+def read_points(path: str | Path) -> QueryPoints:
+    """The query points of a CSV file, an ``.h5ad`` or a Space Ranger ``outs`` folder (see the module
+    docstring), in the file's order; raises :class:`InputError` naming the file and the fix."""
+    p = Path(path)
+    if p.is_dir():
+        return _read_spaceranger(p)
+    if not p.is_file():
+        raise InputError(f"{p}: no such points file; pass a CSV with header `x,y`, an .h5ad with "
+                         "obsm['spatial'] or a Space Ranger outs folder")
+    if p.suffix.lower() == ".h5ad":
+        return _finish(p, *_read_h5ad(p))
+    return _finish(p, *_read_csv(p))
+
+
+def _finish(path: Path, xy: np.ndarray, names: list[str] | None, what: str = "point") -> QueryPoints:
+    """Check shape, finiteness and unique names; the :class:`QueryPoints` of ``path``."""
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    if len(xy) == 0:
+        raise InputError(f"{path}: no {what}s in the file; {_FIX_CSV}")
+    bad = np.flatnonzero(~np.isfinite(xy).all(axis=1))
+    if bad.size:
+        rows = ", ".join(str(int(i)) for i in bad[:_SHOWN])
+        raise InputError(f"{path}: {bad.size} {what}(s) without finite x, y (rows {rows}, 0-based); "
+                         "fill in or drop those rows")
+    if names is not None:
+        dup = [n for n, c in Counter(names).items() if c > 1]
+        if dup:
+            raise InputError(f"{path}: {len(dup)} duplicate id(s) ({', '.join(map(repr, dup[:_SHOWN]))}); "
+                             "ids become the output's obs names and must be unique")
+    return QueryPoints(xy_px=xy, names=names, source=str(path))
+
+
+def _number(text: str, path: Path, row: int, column: str) -> float:
+    try:
+        return float(text)
+    except ValueError as e:
+        raise InputError(f"{path}: row {row} has {column}={text!r}, not a number; "
+                         "coordinates are level-0 pixels such as 1234.5") from e
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
+    """(xy, ids or None) of a CSV with header ``x,y[,id]`` (any column order, case-insensitive)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: cannot read the points CSV ({e}); {_FIX_CSV}") from e
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        raise InputError(f"{path}: the points file is empty; {_FIX_CSV}")
+    header = [c.strip().lower() for c in rows[0]]
+    missing = [c for c in ("x", "y") if c not in header]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} in the header "
+                         f"({', '.join(rows[0]) or 'empty'}); {_FIX_CSV}")
+    ix, iy = header.index("x"), header.index("y")
+    iid = header.index("id") if "id" in header else None
+    xy = np.empty((len(rows) - 1, 2), dtype=np.float64)
+    ids: list[str] = []
+    for k, r in enumerate(rows[1:]):
+        if len(r) < len(header):
+            raise InputError(f"{path}: row {k + 1} has {len(r)} field(s), the header {len(header)}; {_FIX_CSV}")
+        xy[k] = (_number(r[ix].strip(), path, k + 1, "x"), _number(r[iy].strip(), path, k + 1, "y"))
+        if iid is not None:
+            ids.append(r[iid].strip())
+    return xy, (ids if iid is not None else None)
+
+
+def _decode(values: Sequence[object]) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _read_h5ad(path: Path) -> tuple[np.ndarray, list[str] | None]:
+    """(obsm['spatial'][:, :2], obs names) of an ``.h5ad``, read with h5py."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            spatial = f.get("obsm/spatial")
+            if not isinstance(spatial, h5py.Dataset):
+                raise InputError(f"{path}: no obsm['spatial'] array in the AnnData file; store the level-0 "
+                                 "pixel (x, y) of each point in adata.obsm['spatial']")
+            xy = np.asarray(spatial[()], dtype=np.float64)
+            obs = f.get("obs")
+            key = obs.attrs.get("_index") if isinstance(obs, h5py.Group) else None
+            names = _decode(obs[key][()]) if key is not None and key in obs else None
+    except OSError as e:
+        raise InputError(f"{path}: not a readable .h5ad (HDF5) file ({e}); pass an AnnData file written by "
+                         "anndata.write_h5ad") from e
+    if xy.ndim != 2 or xy.shape[1] < 2:
+        raise InputError(f"{path}: obsm['spatial'] has shape {xy.shape}; expected [points, 2] level-0 pixel (x, y)")
+    if names is not None and len(names) != len(xy):
+        names = None
+    return xy[:, :2], names
+
+
+def _read_spaceranger(folder: Path) -> QueryPoints:
+    """In-tissue spots of a Space Ranger ``outs`` (or ``outs/spatial``) folder, in the file's order."""
+    for base in (folder / "spatial", folder):
+        for name, has_header in POSITION_FILES:
+            if (base / name).is_file():
+                return _spaceranger_table(base / name, has_header)
+    looked = ", ".join(f"spatial/{n}" for n, _ in POSITION_FILES)
+    raise InputError(f"{folder}: a folder, but not a Space Ranger outs folder (looked for {looked}); pass the "
+                     "outs folder, a CSV with header `x,y` or an .h5ad with obsm['spatial']")
+
+
+def _spaceranger_table(path: Path, has_header: bool) -> QueryPoints:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if r]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: cannot read the spot table ({e}); re-export it from Space Ranger") from e
+    if has_header and rows:
+        header = [c.strip().lower() for c in rows[0]]
+        missing = [c for c in _SR_COLUMNS if c not in header]
+        if missing:
+            raise InputError(f"{path}: missing column(s) {', '.join(missing)}; a Space Ranger spot table has "
+                             f"{', '.join(_SR_COLUMNS)}")
+        cols, rows = [header.index(c) for c in _SR_COLUMNS], rows[1:]
+    else:
+        cols = list(range(len(_SR_COLUMNS)))
+    xy, names = [], []
+    for k, r in enumerate(rows):
+        if len(r) < len(_SR_COLUMNS):
+            raise InputError(f"{path}: row {k + 1} has {len(r)} field(s), expected {len(_SR_COLUMNS)} "
+                             f"({', '.join(_SR_COLUMNS)})")
+        if r[cols[1]].strip() not in ("1", "1.0", "True", "true"):
+            continue
+        xy.append((_number(r[cols[5]].strip(), path, k + 1, "pxl_col_in_fullres"),
+                   _number(r[cols[4]].strip(), path, k + 1, "pxl_row_in_fullres")))
+        names.append(r[cols[0]].strip())
+    return _finish(path, np.asarray(xy, dtype=np.float64), names, what="in-tissue spot")
+
+
+def check_points_inside(points: QueryPoints, *, shape0: tuple[int, int], slide: str) -> None:
+    """Raise :class:`InputError` naming the first few points whose centre lies outside the slide's level 0
+    (``shape0`` = (height, width) pixels; inside means ``0 <= x < width`` and ``0 <= y < height``)."""
+    h, w = shape0
+    x, y = points.xy_px[:, 0], points.xy_px[:, 1]
+    bad = np.flatnonzero((x < 0) | (y < 0) | (x >= w) | (y >= h))
+    if not bad.size:
+        return
+    shown = "; ".join(
+        f"{'row ' + str(int(i)) if points.names is None else repr(points.names[i])} at "
+        f"({x[i]:.1f}, {y[i]:.1f})" for i in bad[:_SHOWN])
+    raise InputError(f"{points.source}: {bad.size} of {len(points)} point(s) lie outside the slide {slide} "
+                     f"({w} x {h} level-0 pixels), e.g. {shown}; check that the points belong to this slide "
+                     "and are level-0 pixel (x, y)")
