@@ -115,7 +115,8 @@ def _fit_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="Patch side in µm."),
         click.option("--n-genes", type=click.IntRange(min=1), default=1000, show_default=True,
                      help="Highly variable genes to predict (chosen on training spots, from genes all sections share)."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the spot split, weight initialisation and batching (runs are reproducible)."),
         click.option("--val-frac", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
                      help="Fraction of the training spots kept aside for early stopping (0 disables it)."),
         click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
@@ -193,7 +194,8 @@ def _echo_metrics(s: dict[str, Any], where: Path) -> None:
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="With --on and a single DATA: its full-resolution image.")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, help="µm/px of the --on sections.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Device for feature extraction and prediction (auto: cuda when torch sees a GPU).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Feature cache folder.")
 @click.option("--no-ssim", is_flag=True, help="Skip SSIM of gene maps.")
 @click.option("--no-ari", is_flag=True, help="Skip k-means ARI against the layer truth.")

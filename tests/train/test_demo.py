@@ -20,6 +20,10 @@ def test_demo_small_end_to_end(tmp_path):
     s = json.loads((tmp_path / "d" / "demo_summary.json").read_text())
     assert s["dense_points"] > 0 and s["run_tiles_per_s"] > 0
     assert (tmp_path / "d" / "predictions" / "slide.zarr").is_dir()
+    # the unseen section (never trained on) was predicted at its measured spots and scored
+    assert "unseen section" in r.output and s["unseen_spots"] > 0
+    assert (tmp_path / "d" / "at_spots" / "slide.zarr").is_dir()
+    assert 0 < s["unseen_section_mse"] and -1 <= s["unseen_section_pcc_mean"] <= 1
     assert all(v <= 1e-4 for part in s["export_parity"].values() for v in part.values())
     png = tmp_path / "d" / s["png"].split("/")[-1]
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
