@@ -18,7 +18,6 @@ from hishrst_runtime.core.timing import StageTimer
 from hishrst_runtime.inference.engines import Engines
 from hishrst_runtime.inference.pipeline import PredictStats, PreparedSlide, predict_slide
 from hishrst_runtime.jobs.formats import write_tissue_geojson
-from hishrst_runtime.jobs.obs_names import name_rows
 from hishrst_runtime.jobs.options import RunOptions
 from hishrst_runtime.jobs.paths import slide_output_path
 from hishrst_runtime.jobs.results import SlideResult
@@ -78,7 +77,7 @@ def _open_store(prep: PreparedSlide, out: Path, ctx: SlideContext) -> tuple[Outp
     store = OutputStore.create(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
                                tissue_fraction=prep.tissue_fraction, genes=bundle.genes, uns={"hishrst": identity},
                                spatial=spatial, chunk_rows=rows, max_buffer_bytes=OUTPUT_BUFFER_BYTES,
-                               replace=opts.overwrite)
+                               replace=opts.overwrite, obs_names=prep.obs_names)
     return store, False
 
 
@@ -129,8 +128,6 @@ def run_prepared(prep: PreparedSlide, out: Path, ctx: SlideContext, lock: Any) -
                          "check the slide, or pass explicit points")
     log.info("%s: %d query points at level %d, prepared in %.1f s", prep.name, n, prep.level_index, prep.seconds)
     store, resumed = _open_store(prep, out, ctx)
-    if prep.obs_names is not None:
-        name_rows(store.work_path, prep.obs_names)
     if ctx.options.tissue_geojson:  # before any row: a complete output always has it beside it
         write_tissue_geojson(out, prep.tissue_mask, shape0=tuple(prep.slide.shape0), given=ctx.options.tissue_mask)
     stats, timer = _predict_into(store, prep, ctx, lock, resumed)

@@ -88,7 +88,8 @@ class SpatialImages:
 @dataclass(frozen=True)
 class StoreContent:
     """The validated skeleton of a store: ``xy`` float64 [N, 2] level-0 px, ``grid`` int64 [N, 2],
-    ``tissue_fraction`` float32 [N], ``genes`` (G names), ``uns`` (as stored), ``chunk_rows`` (X rows per chunk)."""
+    ``tissue_fraction`` float32 [N], ``genes`` (G names), ``uns`` (as stored), ``chunk_rows`` (X rows per chunk),
+    ``obs_names`` (N unique row names; ``None``: ``p0, p1, ...``)."""
 
     xy: np.ndarray
     grid: np.ndarray
@@ -96,6 +97,7 @@ class StoreContent:
     genes: list[str]
     uns: dict[str, Any]
     chunk_rows: int
+    obs_names: list[str] | None = None
 
     @property
     def n_obs(self) -> int:
@@ -123,7 +125,7 @@ def _auto_chunk_rows(n_obs: int, n_vars: int) -> int:
 
 def build_content(
     *, obs_xy_px: Any, grid_index: Any, tissue_fraction: Any, genes: Sequence[str], uns: Mapping[str, Any],
-    spatial: SpatialImages | None, chunk_rows: int | None,
+    spatial: SpatialImages | None, chunk_rows: int | None, obs_names: Sequence[str] | None = None,
 ) -> StoreContent:
     """Validate a new store's content (see :meth:`OutputStore.create`); raises ValueError naming the argument."""
     xy, grid, tf = _check_points(obs_xy_px, grid_index, tissue_fraction)
@@ -139,7 +141,11 @@ def build_content(
         if "spatial" in uns_dict:
             raise ValueError("give the slide images either as spatial= or as uns['spatial'], not both")
         uns_dict["spatial"] = spatial.to_uns()
-    return StoreContent(xy, grid, tf, gene_list, uns_dict, rows)
+    names = None if obs_names is None else [str(n) for n in obs_names]
+    if names is not None and (len(names) != xy.shape[0] or len(set(names)) != len(names)):
+        raise ValueError(f"obs_names must be {xy.shape[0]} unique names, one per point (got {len(names)}, "
+                         f"{len(names) - len(set(names))} duplicates)")
+    return StoreContent(xy, grid, tf, gene_list, uns_dict, rows, names)
 
 
 def write_skeleton(work: Path, content: StoreContent, *, fsync: bool) -> None:
@@ -149,7 +155,8 @@ def write_skeleton(work: Path, content: StoreContent, *, fsync: bool) -> None:
     try:
         encoding.write_group(tmp, {"encoding-type": "anndata", "encoding-version": "0.1.0",
                                    STATUS_ATTR: "incomplete", "hishrst_format_version": FORMAT_VERSION})
-        index = np.array([f"p{i}" for i in range(content.n_obs)], dtype=object)
+        names = content.obs_names or [f"p{i}" for i in range(content.n_obs)]
+        index = np.array(names, dtype=object)
         encoding.write_dataframe(tmp / "obs", index, {"grid_row": content.grid[:, 0], "grid_col": content.grid[:, 1],
                                                       "tissue_fraction": content.tissue_fraction})
         encoding.write_dataframe(tmp / "var", np.array(content.genes, dtype=object), {})

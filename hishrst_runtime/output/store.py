@@ -104,13 +104,15 @@ class OutputStore:
         genes: Sequence[str], uns: Mapping[str, Any], spatial: SpatialImages | None = None,
         chunk_rows: int | None = None, overwrite: bool = False, replace: bool = False, fsync: bool = True,
         max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES, flush_interval_s: float = 60.0,
+        obs_names: Sequence[str] | None = None,
     ) -> OutputStore:
         """Create a new, empty (incomplete) output for ``path`` (``OUT.zarr``) in ``OUT.zarr.partial``.
 
         ``obs_xy_px``: [N, 2] level-0 pixel (x, y); ``grid_index``: [N, 2] int (row, col);
         ``tissue_fraction``: [N] in [0, 1]; ``genes``: G unique names; ``uns``: JSON-able metadata;
         ``spatial``: thumbnail + scale factors for ``uns['spatial']``; ``chunk_rows``: X rows per chunk
-        (default: about 4 MiB per chunk); ``max_buffer_bytes``: bound on buffered rows (bytes);
+        (default: about 4 MiB per chunk); ``obs_names``: N unique row names (default ``p0, p1, ...``);
+        ``max_buffer_bytes``: bound on buffered rows (bytes);
         ``flush_interval_s``: write buffered rows at least this often (seconds).
 
         An existing output raises :class:`OutputExistsError`, except: ``replace=True`` keeps a complete
@@ -121,7 +123,8 @@ class OutputStore:
         """
         final = Path(path)
         content = build_content(obs_xy_px=obs_xy_px, grid_index=grid_index, tissue_fraction=tissue_fraction,
-                                genes=genes, uns=uns, spatial=spatial, chunk_rows=chunk_rows)
+                                genes=genes, uns=uns, spatial=spatial, chunk_rows=chunk_rows,
+                                obs_names=obs_names)
         with writing(final, "create the output"):
             prepare_location(final, overwrite=overwrite, replace=replace)
             write_skeleton(partial_path(final), content, fsync=fsync)

@@ -483,3 +483,16 @@ def test_sigkill_then_resume_gives_identical_x(tmp_path: Path) -> None:
         np.testing.assert_array_equal(got.obsm["spatial"], want.obsm["spatial"])
         assert got.obs.equals(want.obs) and list(got.var_names) == list(want.var_names)
         assert [p.name for p in path.parent.iterdir()] == ["crash.zarr"]  # no partial / temp / trash left
+
+
+def test_obs_names_given_at_create_survive_finalize(tmp_path: Path) -> None:
+    path = tmp_path / "named.zarr"
+    names = [f"spot-{i:03d}" for i in range(40)][::-1]
+    store = create(path, n=40, obs_names=names)
+    write_all(store, np.arange(40))
+    store.finalize()
+    assert list(ad.read_zarr(path).obs_names) == names
+    with pytest.raises(ValueError, match="unique names"):
+        create(tmp_path / "dup.zarr", n=3, obs_names=["a", "a", "b"])
+    with pytest.raises(ValueError, match="one per point"):
+        create(tmp_path / "short.zarr", n=3, obs_names=["a"])
