@@ -8,7 +8,7 @@
 * ``full``: train on all spots of all sections (for models meant to predict other sections: see
   ``hishrst evaluate RUN --on DATA`` and ``hishrst cv``); no predictions are written.
 
-In every task a seeded ``val_frac`` of the training spots is kept aside for early stopping.
+In every task a seeded ``val_frac`` of the training spots (whole neighbour groups) is kept aside for early stopping.
 
 Several sections: genes are the intersection over sections (HVGs chosen on the pooled training spots,
 Seurat v3 with the section as batch); normalisation is per spot; features are extracted (and cached)
@@ -262,16 +262,24 @@ def _targets(secs: list[Section], *, task: Task, seed: int, n_genes: int) -> _Ta
 
 def _train_groups(xy: np.ndarray, train_mask: np.ndarray, *, seed: int, val_frac: float, max_group: int
                   ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """One section's training spots (validation removed), their neighbour groups and the validation groups."""
+    """One section's training spots (validation removed), their neighbour groups and the validation groups.
+
+    Validation takes whole neighbour groups of the training spots (seeded, about ``val_frac`` of the spots),
+    so validation groups are as dense as training groups and as the groups met at inference: a random
+    sample of spots grouped among itself would be sparser, which misleads early stopping for position modes
+    that see distances within a group (``relative``)."""
     train_idx = np.flatnonzero(train_mask)
-    val_groups: list[np.ndarray] = []
-    if val_frac > 0:
-        perm = np.random.default_rng(seed + 1).permutation(train_idx)
-        n_val = int(round(len(train_idx) * val_frac))
-        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-        val_groups = [val_idx[g] for g in group_points(xy[val_idx], max_size=max_group)] if n_val else []
     groups = [train_idx[g] for g in group_points(xy[train_idx], max_size=max_group)]
-    return train_idx, groups, val_groups
+    if val_frac <= 0 or len(groups) < 2:
+        return train_idx, groups, []
+    order = np.random.default_rng(seed + 1).permutation(len(groups))
+    sizes = np.cumsum([len(groups[k]) for k in order])
+    n_val_groups = int(np.clip(np.searchsorted(sizes, len(train_idx) * val_frac) + 1, 1, len(groups) - 1))
+    is_val = np.zeros(len(groups), bool)
+    is_val[order[:n_val_groups]] = True
+    val_groups = [g for g, v in zip(groups, is_val) if v]
+    train_groups = [g for g, v in zip(groups, is_val) if not v]
+    return np.sort(np.concatenate(train_groups)), train_groups, val_groups
 
 
 def _all_groups(secs: list[Section], t: _Targets, o: _Options
