@@ -121,6 +121,8 @@ def _fit_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Fraction of the training spots kept aside for early stopping (0 disables it)."),
         click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
                      help="Maximum epochs; training stops early when the validation MSE stops improving."),
+        click.option("--lr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-3,
+                     show_default=True, help="Peak learning rate of Adam (the paper's 1e-3; warm-up, cosine decay)."),
         click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="µm per full-resolution pixel (overrides the recorded pixel size of every section)."),
         click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

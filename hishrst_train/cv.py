@@ -70,6 +70,7 @@ def cv_run(data: Sequence[Any], *, out: str | Path, overwrite: bool = False, mpp
     _check_out(out, overwrite=overwrite)
     fit_options = {k: v for k, v in fit_options.items() if k != "task"}
     names = section_names(specs)
+    _write_json(out, {"status": "running", "sections": [s.record() for s in specs], "names": names})
     rows = []
     for i, (spec, name) in enumerate(zip(specs, names)):
         run = out / f"fold{i}-{name}"
@@ -83,9 +84,20 @@ def cv_run(data: Sequence[Any], *, out: str | Path, overwrite: bool = False, mpp
     table = pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
     try:
         atomic_write(out / "cv_metrics.csv", table.to_csv(index=False).encode())
-        atomic_write(out / "cv.json", (json.dumps({"sections": [s.record() for s in specs], "names": names,
-                                                   "folds": rows, "mean": mean}, indent=2, default=float) + "\n").encode())
     except OSError as e:
         raise OutputStateError(f"{out}: cannot write the cross-validation table ({e.strerror or e}); free space or "
                                "fix its permissions") from e
+    _write_json(out, {"status": "complete", "sections": [s.record() for s in specs], "names": names,
+                      "folds": rows, "mean": mean})
     return table
+
+
+def _write_json(out: Path, record: dict[str, Any]) -> None:
+    """``cv.json``: written at the start (``status: running``, so an interrupted cross-validation is still
+    recognised as one and ``--overwrite`` can redo it) and again with the table at the end."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "cv.json", (json.dumps(record, indent=2, default=float) + "\n").encode())
+    except OSError as e:
+        raise OutputStateError(f"{out}: cannot write cv.json ({e.strerror or e}); free space or fix its "
+                               "permissions") from e

@@ -28,11 +28,10 @@ def _step(msg: str) -> float:
 def _measured(outs: Path, genes: list[str], target_sum: float) -> tuple[Any, np.ndarray]:
     """(AnnData of the section, its log1p-normalised expression of ``genes`` [spots, genes])."""
     from hishrst_train.data.sections import load_adata, parse_section
-    from hishrst_train.preprocess import normalize_log1p
+    from hishrst_train.preprocess import log_expression
 
     adata = load_adata(parse_section(outs))
-    x = normalize_log1p(adata, target_sum=target_sum)[:, genes].X
-    return adata, np.asarray(x.toarray() if hasattr(x, "toarray") else x, np.float64)
+    return adata, log_expression(adata, genes, target_sum=target_sum).astype(np.float64)
 
 
 def _score_unseen(run: Path, outs: Path, pred_store: Path) -> dict[str, Any]:

@@ -170,7 +170,7 @@ def _load_encoder(config: RunConfig, device: str) -> Any:
 def _predict_section(model: Any, config: RunConfig, sec: Any, genes: list[str], enc: Any, *, batch_size: int,
                      cache_dir: str | Path | None, progress: bool) -> ad.AnnData:
     from hishrst_runtime.core.grouping import group_points
-    from hishrst_train.preprocess import normalize_log1p
+    from hishrst_train.preprocess import log_expression
     from hishrst_train.tasks import TARGET_SUM, _section_obs, section_features, spot_positions
     from hishrst_train.train import predict
 
@@ -181,11 +181,11 @@ def _predict_section(model: Any, config: RunConfig, sec: Any, genes: list[str], 
     pos = spot_positions(sec.xy, mpp=sec.mpp, mode=config.position["mode"], array_rc=sec.array_rc)
     pred = predict(model, feats, pos, groups=group_points(sec.xy, max_size=config.grouping["max_size"]))
     col = [config.genes.index(g) for g in genes]
-    truth = normalize_log1p(sec.adata[:, genes].X, target_sum=TARGET_SUM)
+    truth = log_expression(sec.adata, genes, target_sum=TARGET_SUM)
     keys = np.array([f"{sec.name}:{b}" for b in sec.adata.obs_names])
     res = ad.AnnData(X=pred[:, col], obs=_section_obs(sec, np.arange(sec.adata.n_obs), keys),
                      var=pd.DataFrame(index=pd.Index(genes, name="gene")))
-    res.layers["truth"] = np.asarray(truth.toarray() if hasattr(truth, "toarray") else truth, dtype=np.float32)
+    res.layers["truth"] = truth
     res.obsm["spatial"] = sec.xy
     return res
 
@@ -223,6 +223,10 @@ def evaluate_on(run_dir: str | Path, data: Any, *, image: str | Path | None = No
     folder = run_dir / "eval" / label
     summary.update(sections=[s.record() for s in secs], n_genes_missing=len(config.genes) - len(genes),
                    position_mode=config.position["mode"], folder=str(folder))
+    if len(genes) < len(config.genes):
+        summary["warning_genes"] = (f"{len(config.genes) - len(genes)} of the run's genes were not measured here: "
+                                    "the measured truth is normalised over the remaining genes only, so absolute "
+                                    "errors (MSE, MAE) are shifted; PCC is less affected")
     if config.position["mode"] in ("continuous", "grid"):
         summary["warning"] = (f"position mode {config.position['mode']!r} encodes absolute placement on the training "
                               "slide; it does not transfer to other sections (train with --position relative)")

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["normalize_log1p", "preprocess", "select_hvgs"]
+__all__ = ["log_expression", "normalize_log1p", "preprocess", "select_hvgs"]
 
 log = logging.getLogger("hishrst")
 
@@ -115,6 +115,15 @@ def normalize_log1p(adata_or_X: Any, *, target_sum: float = 1e4) -> Any:
         out.X = _norm_matrix(adata_or_X.X, target_sum)
         return out
     return _norm_matrix(adata_or_X, target_sum)
+
+
+def log_expression(adata: Any, genes: Sequence[str], *, target_sum: float = 1e4) -> np.ndarray:
+    """The model's target for ``genes``: counts of those genes only, normalised per spot to ``target_sum``,
+    then ``log1p`` — dense float32 ``[spots, genes]``. Training, ``evaluate``, the demo and the benchmarks
+    all score against this, so a model's output and its measured truth are on one scale (normalising over
+    all genes and then taking the subset would shift every spot by its share of the other genes)."""
+    e = normalize_log1p(adata[:, list(genes)].X, target_sum=target_sum)
+    return np.asarray(e.toarray() if hasattr(e, "toarray") else e, dtype=np.float32)
 
 
 def _norm_matrix(X: Any, target_sum: float) -> Any:

@@ -125,6 +125,7 @@ class _Options:
     cache_dir: str | Path | None
     progress: bool
     device: str
+    lr: float = 1e-3
 
 
 def _check_options(o: _Options) -> None:
@@ -133,7 +134,7 @@ def _check_options(o: _Options) -> None:
               (o.epochs >= 1, "epochs", "≥ 1"), (o.n_genes >= 1, "n-genes", "≥ 1"),
               (0 <= o.val_frac < 1, "val-frac", "in [0, 1)"), (o.patch_um > 0, "patch-um", "> 0 µm"),
               (o.densify > 1, "densify", "> 1"), (o.batch_size >= 1, "batch-size", "≥ 1"),
-              (o.max_group >= 1, "max-group", "≥ 1")]
+              (o.max_group >= 1, "max-group", "≥ 1"), (0 < o.lr < 1, "lr", "in (0, 1)")]
     for ok, name, want in checks:
         if not ok:
             value = getattr(o, name.replace("-", "_").replace("position", "position_mode"), None)
@@ -161,7 +162,7 @@ def fit_run(
     seed: int = 0,
     n_genes: int = 1000,
     patch_um: float = DEFAULT_PATCH_UM,
-    position_mode: PositionMode = "continuous",
+    position_mode: PositionMode = "relative",
     densify: float = 4.0,
     max_group: int = 50,
     batch_size: int = 64,
@@ -171,6 +172,7 @@ def fit_run(
     progress: bool = True,
     overwrite: bool = False,
     device: str = "cpu",
+    lr: float = 1e-3,
 ) -> dict[str, Any]:
     """Train HisHRST on one or several sections and write a run directory (see the module docstring).
 
@@ -178,6 +180,7 @@ def fit_run(
     ``image`` replaces (or, for a plain ``.h5ad``, provides) the image of a single section; ``mpp``
     (µm/px) overrides every section's pixel size. ``patch_um`` is the patch side in µm; ``densify`` the
     density factor of the generation grid; ``image_features=False`` trains the position-only ablation.
+    ``lr``: Adam's peak learning rate.
     ``val_frac`` of the training spots (seeded; never held-out spots) is kept aside for early stopping:
     ``epochs`` is then a maximum, and the weights of the best validation epoch are kept. ``device``:
     ``auto`` | ``cpu`` | ``cuda`` for feature extraction and training. An existing run at ``out`` is
@@ -188,7 +191,7 @@ def fit_run(
     o = _Options(task=task, encoder=encoder, weights=weights, epochs=epochs, seed=seed, n_genes=n_genes,
                  patch_um=patch_um, position_mode=position_mode, densify=densify, max_group=max_group,
                  batch_size=batch_size, image_features=image_features, val_frac=val_frac, cache_dir=cache_dir,
-                 progress=progress, device=device)
+                 progress=progress, device=device, lr=lr)
     _check_options(o)
     specs = resolve_sections(data, image=image)
     out = Path(out)
@@ -247,15 +250,12 @@ def _select_genes(secs: list[Section], masks: list[np.ndarray], *, n_genes: int,
 
 def _targets(secs: list[Section], *, task: Task, seed: int, n_genes: int) -> _Targets:
     """Train masks, selected genes (from training spots only) and log-normalised expression."""
-    from hishrst_train.preprocess import normalize_log1p
+    from hishrst_train.preprocess import log_expression
 
     masks = [_split(s.adata.n_obs, _section_seed(seed, i)) if task == "recovery" else np.ones(s.adata.n_obs, bool)
              for i, s in enumerate(secs)]
     genes = list(_select_genes(secs, masks, n_genes=n_genes, pooled_train=task == "recovery"))
-    expr = []
-    for s in secs:
-        e = normalize_log1p(s.adata[:, genes].X, target_sum=TARGET_SUM)
-        expr.append(np.asarray(e.toarray() if hasattr(e, "toarray") else e, dtype=np.float32))
+    expr = [log_expression(s.adata, genes, target_sum=TARGET_SUM) for s in secs]
     offsets = np.concatenate([[0], np.cumsum([s.adata.n_obs for s in secs])])
     return _Targets(genes=genes, train_mask=np.concatenate(masks), expr=np.concatenate(expr), offsets=offsets)
 
@@ -450,7 +450,7 @@ def _fit(work: Path, secs: list[Section], o: _Options) -> tuple[dict[str, Any], 
     pos = np.concatenate([spot_positions(s.xy, mpp=s.mpp, mode=o.position_mode, array_rc=s.array_rc) for s in secs])
     train_idx, groups, val_groups = _all_groups(secs, t, o)
     mcfg = HisHRSTConfig(feature_dim=enc.feature_dim, n_genes=len(t.genes), position_mode=o.position_mode)
-    tcfg = TrainConfig(epochs=o.epochs, seed=o.seed)
+    tcfg = TrainConfig(epochs=o.epochs, seed=o.seed, lr=o.lr)
     t_train = time.perf_counter()
     hist: dict[str, list[float]] = {}
     model, history = train_model(feats, pos, t.expr, groups=groups, val_groups=val_groups, model_config=mcfg,

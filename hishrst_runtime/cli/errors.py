@@ -12,14 +12,15 @@ from collections.abc import Iterator
 import click
 
 from hishrst_runtime.core.errors import HishrstError, InputError
+from hishrst_runtime.core.urls import redact_text
 
 __all__ = ["user_errors", "option_errors", "one_line"]
 
 
 def one_line(e: BaseException) -> str:
-    """``e``'s message on one line (embedded newlines folded)."""
+    """``e``'s message on one line (embedded newlines folded, URLs without credentials or query strings)."""
     text = str(e).strip() or type(e).__name__
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return redact_text(" ".join(part.strip() for part in text.splitlines() if part.strip()))
 
 
 @contextlib.contextmanager

@@ -26,7 +26,8 @@ _SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "evaluate": ("hishrst_train.cli", "evaluate", "Per-gene PCC/MSE/MAE, SSIM and ARI of a fitted run."),
     "cv": ("hishrst_train.cli", "cv", "Leave-one-section-out cross-validation over several sections."),
     "export": ("hishrst_export.cli", "export", "Export a fitted run to an ONNX/TensorRT model bundle."),
-    "run": ("hishrst_runtime.cli.run", "run", "Predict dense expression over whole slides (OME-Zarr)."),
+    "run": ("hishrst_runtime.cli.run", "run", "Predict expression over whole slides (OME-Zarr, SVS / TIFF, URLs) "
+            "on a grid or at given points."),
     "convert": ("hishrst_runtime.cli.convert", "convert_cmd", "Convert SVS / (OME-)TIFF slides to OME-Zarr 0.5."),
     "demo": ("hishrst_train.demo", "demo", "Synthesize, train, export and run end to end on a demo slide."),
 }

@@ -21,6 +21,7 @@ from hishrst_runtime import __version__
 from hishrst_runtime.cli.errors import one_line, option_errors, user_errors
 from hishrst_runtime.cli.logs import configure_logging, progress_enabled
 from hishrst_runtime.core.errors import OutputStateError
+from hishrst_runtime.core.urls import redact_text
 from hishrst_runtime.jobs.options import DEFAULT_WORKERS, OUTPUT_FORMATS, PROVIDERS, RunOptions
 from hishrst_runtime.jobs.paths import SlideArg, output_collisions
 from hishrst_runtime.jobs.results import SlideResult
@@ -92,14 +93,15 @@ def _with_options(f: Any) -> Any:
     return f
 
 
-def _slides(slides: Sequence[str], slides_from: Sequence[Path], recursive: bool) -> list[SlideArg]:
-    """The slide list (folders expanded, list files read, URLs kept as strings); exit 2 when empty."""
+def _slides(slides: Sequence[str], slides_from: Sequence[Path], recursive: bool, out_dir: Path) -> list[SlideArg]:
+    """The slide list (folders expanded without hishrst's outputs, list files read, URLs kept as strings);
+    exit 2 when empty."""
     from hishrst_runtime.jobs.slide_lists import expand_slides
 
     if not slides and not slides_from:
         raise click.UsageError("no slides: pass SLIDE... (stores, files, folders or URLs) or --slides-from FILE")
     with option_errors():
-        items = expand_slides(slides, slides_from=slides_from, recursive=recursive)
+        items = expand_slides(slides, slides_from=slides_from, recursive=recursive, out_dir=out_dir)
     collisions = output_collisions(items, Path("."))  # on the full list, so every shard agrees
     if collisions:
         lines = "; ".join(f"{o.name} <- {', '.join(map(str, s))}" for o, s in collisions.items())
@@ -150,7 +152,7 @@ def print_results(results: Sequence[SlideResult], *, echo: Callable[[str], Any] 
     for r in results:
         echo(f"{r.name[:33]:<34}{r.status:<9}{blank(r.points):>9}{blank(r.tiles_per_s):>10}{blank(r.seconds):>9}")
         if r.status != "ok":
-            echo(f"    {r.reason}")
+            echo(f"    {redact_text(r.reason)}")
     counts = Counter(r.status for r in results)
     echo(f"{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed (of {len(results)} slides)")
     return counts
@@ -188,7 +190,7 @@ def run(slides: tuple[str, ...], bundle_dir: Path, out_dir: Path, shard: str | N
     started = time.time()
     configure_logging(quiet=quiet, verbose=verbose)
     echo: Callable[[str], Any] = (lambda s: None) if quiet else click.echo
-    items = _slides(slides, slides_from, recursive)
+    items = _slides(slides, slides_from, recursive, out_dir)
     points = _points(points_file, items)
     if settings["tissue_mask"] is not None:
         _one_slide("--tissue-mask", items)
@@ -209,6 +211,6 @@ def run(slides: tuple[str, ...], bundle_dir: Path, out_dir: Path, shard: str | N
         if quiet:
             for r in results:
                 if r.status == "failed":
-                    click.echo(f"{r.slide}: {r.reason}", err=True)
+                    click.echo(redact_text(f"{r.slide}: {r.reason}"), err=True)
         click.echo(f"{counts['failed']} of {len(results)} slides failed", err=True)
         sys.exit(1)

@@ -13,15 +13,22 @@ of three branches:
 Library code raises these; only :mod:`hishrst_runtime.cli` turns them into exit codes and one-line
 messages (:func:`hishrst_runtime.cli.errors.user_errors`). Concrete errors keep a builtin base too
 (``ValueError``, ``RuntimeError``, ``FileExistsError``) so older ``except`` clauses still catch them.
+A message never shows a URL's credentials or query string (:func:`hishrst_runtime.core.urls.redact_text`).
 """
 
 from __future__ import annotations
+
+from hishrst_runtime.core.urls import redact_text
 
 __all__ = ["HishrstError", "InputError", "EnvironmentProblem", "OutputStateError"]
 
 
 class HishrstError(Exception):
-    """Base of every error hishrst raises for a problem the user can fix (one-line message)."""
+    """Base of every error hishrst raises for a problem the user can fix (one-line message); its text has
+    the URLs in it redacted (user information and query strings removed)."""
+
+    def __str__(self) -> str:
+        return redact_text(super().__str__())
 
 
 class InputError(HishrstError, ValueError):

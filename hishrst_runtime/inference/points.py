@@ -13,7 +13,9 @@ the point names when the file has them):
   by barcode, with x = ``pxl_col_in_fullres`` and y = ``pxl_row_in_fullres``.
 
 Every problem is an :class:`~hishrst_runtime.core.errors.InputError` naming the file, what is wrong and
-the fix. :func:`check_points_inside` refuses points whose centres lie outside the slide.
+the fix. Points are named in messages by their id, else by the file's line number for CSV tables (the
+header is line 1), else by their 0-based row (an ``.h5ad``'s obs order, an array).
+:func:`check_points_inside` refuses points whose centres lie outside the slide.
 """
 
 from __future__ import annotations
@@ -40,15 +42,22 @@ _SHOWN = 3  # offending rows named in a message
 @dataclass(frozen=True)
 class QueryPoints:
     """Explicit query points: ``xy_px`` float64 ``[N, 2]`` level-0 pixel (x, y) in the file's order,
-    ``names`` (``N`` unique obs names, or ``None``: the output numbers them ``p0, p1, ...``) and
-    ``source`` (the file, for messages)."""
+    ``names`` (``N`` unique obs names, or ``None``: the output numbers them ``p0, p1, ...``), ``source``
+    (the file, for messages) and ``lines`` (each point's line in a CSV file, header = line 1; or None)."""
 
     xy_px: np.ndarray
     names: list[str] | None
     source: str
+    lines: list[int] | None = None
 
     def __len__(self) -> int:
         return int(self.xy_px.shape[0])
+
+    def label(self, i: int) -> str:
+        """Point ``i`` as messages name it: its id, its CSV line, or its 0-based row."""
+        if self.names is not None:
+            return repr(self.names[i])
+        return _where([i], self.lines)
 
 
 def read_points(path: str | Path) -> QueryPoints:
@@ -62,61 +71,75 @@ def read_points(path: str | Path) -> QueryPoints:
                          "obsm['spatial'] or a Space Ranger outs folder")
     if p.suffix.lower() == ".h5ad":
         return _finish(p, *_read_h5ad(p))
-    return _finish(p, *_read_csv(p))
+    xy, names, lines = _read_csv(p)
+    return _finish(p, xy, names, lines=lines)
 
 
-def _finish(path: Path, xy: np.ndarray, names: list[str] | None, what: str = "point") -> QueryPoints:
-    """Check shape, finiteness and unique names; the :class:`QueryPoints` of ``path``."""
+def _where(idx: Sequence[int], lines: Sequence[int] | None) -> str:
+    """``line 3, 7`` (CSV line numbers, header = line 1) or ``row 0, 4 (0-based)`` for points ``idx``."""
+    if lines is not None:
+        return "line " + ", ".join(str(lines[int(i)]) for i in idx)
+    return "row " + ", ".join(str(int(i)) for i in idx) + " (0-based)"
+
+
+def _finish(path: Path, xy: np.ndarray, names: list[str] | None, what: str = "point",
+            lines: list[int] | None = None) -> QueryPoints:
+    """Check shape, finiteness and unique names; the :class:`QueryPoints` of ``path`` (``lines``: each
+    point's line in the file, for messages)."""
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     if len(xy) == 0:
         raise InputError(f"{path}: no {what}s in the file; {_FIX_CSV}")
     bad = np.flatnonzero(~np.isfinite(xy).all(axis=1))
     if bad.size:
-        rows = ", ".join(str(int(i)) for i in bad[:_SHOWN])
-        raise InputError(f"{path}: {bad.size} {what}(s) without finite x, y (rows {rows}, 0-based); "
+        raise InputError(f"{path}: {bad.size} {what}(s) without finite x, y ({_where(bad[:_SHOWN], lines)}); "
                          "fill in or drop those rows")
     if names is not None:
         dup = [n for n, c in Counter(names).items() if c > 1]
         if dup:
             raise InputError(f"{path}: {len(dup)} duplicate id(s) ({', '.join(map(repr, dup[:_SHOWN]))}); "
                              "ids become the output's obs names and must be unique")
-    return QueryPoints(xy_px=xy, names=names, source=str(path))
+    return QueryPoints(xy_px=xy, names=names, source=str(path), lines=lines)
 
 
-def _number(text: str, path: Path, row: int, column: str) -> float:
+def _number(text: str, path: Path, line: int, column: str) -> float:
     try:
         return float(text)
     except ValueError as e:
-        raise InputError(f"{path}: row {row} has {column}={text!r}, not a number; "
+        raise InputError(f"{path}: line {line} has {column}={text!r}, not a number; "
                          "coordinates are level-0 pixels such as 1234.5") from e
 
 
-def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
-    """(xy, ids or None) of a CSV with header ``x,y[,id]`` (any column order, case-insensitive)."""
+def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a CSV file with their line numbers (1-based, as an editor shows them)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        return [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None, list[int]]:
+    """(xy, ids or None, line numbers) of a CSV with header ``x,y[,id]`` (any column order, case-insensitive)."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
+        rows = _csv_rows(path)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{path}: cannot read the points CSV ({e}); {_FIX_CSV}") from e
-    rows = [r for r in rows if any(c.strip() for c in r)]
     if not rows:
         raise InputError(f"{path}: the points file is empty; {_FIX_CSV}")
-    header = [c.strip().lower() for c in rows[0]]
+    header = [c.strip().lower() for c in rows[0][1]]
     missing = [c for c in ("x", "y") if c not in header]
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)} in the header "
-                         f"({', '.join(rows[0]) or 'empty'}); {_FIX_CSV}")
+                         f"({', '.join(rows[0][1]) or 'empty'}); {_FIX_CSV}")
     ix, iy = header.index("x"), header.index("y")
     iid = header.index("id") if "id" in header else None
     xy = np.empty((len(rows) - 1, 2), dtype=np.float64)
     ids: list[str] = []
-    for k, r in enumerate(rows[1:]):
+    for k, (line, r) in enumerate(rows[1:]):
         if len(r) < len(header):
-            raise InputError(f"{path}: row {k + 1} has {len(r)} field(s), the header {len(header)}; {_FIX_CSV}")
-        xy[k] = (_number(r[ix].strip(), path, k + 1, "x"), _number(r[iy].strip(), path, k + 1, "y"))
+            raise InputError(f"{path}: line {line} has {len(r)} field(s), the header {len(header)}; {_FIX_CSV}")
+        xy[k] = (_number(r[ix].strip(), path, line, "x"), _number(r[iy].strip(), path, line, "y"))
         if iid is not None:
             ids.append(r[iid].strip())
-    return xy, (ids if iid is not None else None)
+    return xy, (ids if iid is not None else None), [line for line, _ in rows[1:]]
 
 
 def _decode(values: Sequence[object]) -> list[str]:
@@ -143,7 +166,8 @@ def _read_h5ad(path: Path) -> tuple[np.ndarray, list[str] | None]:
     if xy.ndim != 2 or xy.shape[1] < 2:
         raise InputError(f"{path}: obsm['spatial'] has shape {xy.shape}; expected [points, 2] level-0 pixel (x, y)")
     if names is not None and len(names) != len(xy):
-        names = None
+        raise InputError(f"{path}: the obs index has {len(names)} names but obsm['spatial'] {len(xy)} rows; "
+                         "write the file with anndata (one obs name and one (x, y) per point)")
     return xy[:, :2], names
 
 
@@ -160,12 +184,11 @@ def _read_spaceranger(folder: Path) -> QueryPoints:
 
 def _spaceranger_table(path: Path, has_header: bool) -> QueryPoints:
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [r for r in csv.reader(f) if r]
+        rows = _csv_rows(path)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{path}: cannot read the spot table ({e}); re-export it from Space Ranger") from e
     if has_header and rows:
-        header = [c.strip().lower() for c in rows[0]]
+        header = [c.strip().lower() for c in rows[0][1]]
         missing = [c for c in _SR_COLUMNS if c not in header]
         if missing:
             raise InputError(f"{path}: missing column(s) {', '.join(missing)}; a Space Ranger spot table has "
@@ -173,17 +196,18 @@ def _spaceranger_table(path: Path, has_header: bool) -> QueryPoints:
         cols, rows = [header.index(c) for c in _SR_COLUMNS], rows[1:]
     else:
         cols = list(range(len(_SR_COLUMNS)))
-    xy, names = [], []
-    for k, r in enumerate(rows):
+    xy, names, lines = [], [], []
+    for line, r in rows:
         if len(r) < len(_SR_COLUMNS):
-            raise InputError(f"{path}: row {k + 1} has {len(r)} field(s), expected {len(_SR_COLUMNS)} "
+            raise InputError(f"{path}: line {line} has {len(r)} field(s), expected {len(_SR_COLUMNS)} "
                              f"({', '.join(_SR_COLUMNS)})")
         if r[cols[1]].strip() not in ("1", "1.0", "True", "true"):
             continue
-        xy.append((_number(r[cols[5]].strip(), path, k + 1, "pxl_col_in_fullres"),
-                   _number(r[cols[4]].strip(), path, k + 1, "pxl_row_in_fullres")))
+        xy.append((_number(r[cols[5]].strip(), path, line, "pxl_col_in_fullres"),
+                   _number(r[cols[4]].strip(), path, line, "pxl_row_in_fullres")))
         names.append(r[cols[0]].strip())
-    return _finish(path, np.asarray(xy, dtype=np.float64), names, what="in-tissue spot")
+        lines.append(line)
+    return _finish(path, np.asarray(xy, dtype=np.float64), names, what="in-tissue spot", lines=lines)
 
 
 def check_points_inside(points: QueryPoints, *, shape0: tuple[int, int], slide: str) -> None:
@@ -194,9 +218,7 @@ def check_points_inside(points: QueryPoints, *, shape0: tuple[int, int], slide: 
     bad = np.flatnonzero((x < 0) | (y < 0) | (x >= w) | (y >= h))
     if not bad.size:
         return
-    shown = "; ".join(
-        f"{'row ' + str(int(i)) if points.names is None else repr(points.names[i])} at "
-        f"({x[i]:.1f}, {y[i]:.1f})" for i in bad[:_SHOWN])
+    shown = "; ".join(f"{points.label(int(i))} at ({x[i]:.1f}, {y[i]:.1f})" for i in bad[:_SHOWN])
     raise InputError(f"{points.source}: {bad.size} of {len(points)} point(s) lie outside the slide {slide} "
                      f"({w} x {h} level-0 pixels), e.g. {shown}; check that the points belong to this slide "
                      "and are level-0 pixel (x, y)")

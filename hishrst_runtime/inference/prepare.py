@@ -24,6 +24,7 @@ from hishrst_runtime.bundle.manifest import Bundle
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.geometry import query_grid
 from hishrst_runtime.core.grouping import group_points
+from hishrst_runtime.core.urls import redact_url
 from hishrst_runtime.inference.points import QueryPoints, check_points_inside
 
 __all__ = ["DEFAULT_PITCH_UM", "GridKind", "PreparedSlide", "check_layout_options", "prepare_slide", "slide_location"]
@@ -86,13 +87,14 @@ class PreparedSlide:
 
     @property
     def name(self) -> str:
-        """The slide's file name (a URL's last path segment), for progress bars and messages."""
-        return str(self.path).rstrip("/").rsplit("/", 1)[-1]
+        """The slide's file name (a URL's last path segment, without credentials or query), for progress
+        bars and messages."""
+        return redact_url(str(self.path)).rstrip("/").rsplit("/", 1)[-1]
 
     @property
     def location(self) -> str:
-        """The slide as an absolute path (or its URL), for the output's metadata."""
-        return self.path if isinstance(self.path, str) else str(self.path.resolve())
+        """The slide as an absolute path (or its URL without credentials or query), for the output's metadata."""
+        return redact_url(self.path) if isinstance(self.path, str) else str(self.path.resolve())
 
     def close(self) -> None:
         """Release the slide's array handles."""
@@ -190,7 +192,7 @@ def prepare_slide(
     slide = open_slide(path, mpp=mpp)
     try:
         if points is not None:
-            check_points_inside(points, shape0=tuple(slide.shape0), slide=str(where))
+            check_points_inside(points, shape0=tuple(slide.shape0), slide=redact_url(str(where)))
             points_px = points.xy_px
         level_index, thumb, mask, fraction_at = _survey(slide, bundle, thumbnail_side, allow_missing_chunks,
                                                         tissue_mask)

@@ -11,21 +11,25 @@ Per slide output ``OUT/S.zarr``:
 
 A slide found complete whose SpatialData store is missing or stale (a run killed in between) gets it
 built without recomputing anything. ``OUT/S.tissue.geojson`` (:func:`write_tissue_geojson`) is the
-tissue mask the run used, as QuPath-readable polygons in level-0 pixels.
+tissue mask the run used, as QuPath-readable polygons in level-0 pixels; an existing one that hishrst did
+not write (:func:`foreign_tissue_geojson`) is never replaced.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hishrst_runtime.core.files import remove_tree
+from hishrst_runtime.output.errors import OutputExistsError
 from hishrst_runtime.output.spatialdata_store import spatialdata_path, spatialdata_status, write_spatialdata
 from hishrst_runtime.output.store import OutputStore
 
-__all__ = ["tissue_geojson_path", "write_tissue_geojson", "is_done", "finish_formats", "spatialdata_path"]
+__all__ = ["tissue_geojson_path", "foreign_tissue_geojson", "write_tissue_geojson", "is_done", "formats_pending",
+           "finish_formats", "spatialdata_path"]
 
 
 def tissue_geojson_path(out: Path) -> Path:
@@ -34,16 +38,34 @@ def tissue_geojson_path(out: Path) -> Path:
     return out.with_name(f"{name}.tissue.geojson")
 
 
+def foreign_tissue_geojson(out: Path, given: Path | None = None) -> str | None:
+    """The one-line reason ``OUT/S.tissue.geojson`` must not be written: it exists and hishrst did not write
+    it (no ``"generator": "hishrst"`` property), else None (also when it is the mask file ``given``)."""
+    from hishrst_runtime.slides.masks import written_by_hishrst
+
+    path = tissue_geojson_path(out)
+    if given is not None and Path(given).resolve() == path.resolve():
+        return None
+    if not os.path.lexists(path) or (path.is_file() and written_by_hishrst(path)):
+        return None
+    return (f"{path}: exists and was not written by hishrst-run (no \"generator\": \"hishrst\" property); it is "
+            "left as it is: move it away or choose another --out")
+
+
 def write_tissue_geojson(out: Path, mask: np.ndarray, *, shape0: tuple[int, int],
                          given: Path | None = None) -> Path | None:
     """Write the boolean overview ``mask`` over a level-0 ``shape0`` = (H, W) pixel slide as
     ``OUT/S.tissue.geojson`` (level-0 pixel polygons, atomically); returns the path, or None when the
-    path is the mask file ``given`` by the user (never overwritten)."""
+    path is the mask file ``given`` by the user (never overwritten). Raises :class:`OutputExistsError`
+    when the file exists but hishrst did not write it (:func:`foreign_tissue_geojson`)."""
     from hishrst_runtime.slides.masks import write_mask_geojson
 
     path = tissue_geojson_path(out)
     if given is not None and Path(given).resolve() == path.resolve():
         return None
+    foreign = foreign_tissue_geojson(out, given)
+    if foreign is not None:
+        raise OutputExistsError(foreign)
     h, w = mask.shape[:2]
     return write_mask_geojson(mask, path, scale_px=(shape0[0] / h, shape0[1] / w))
 
@@ -54,6 +76,13 @@ def is_done(out: Path, output_format: str) -> bool:
     if output_format == "spatialdata" and spatialdata_status(spatialdata_path(out)) == "complete":
         return True
     return OutputStore.status(out) == "complete"
+
+
+def formats_pending(out: Path, output_format: str) -> bool:
+    """Whether :func:`finish_formats` (without ``replace``) would write or remove anything for ``out``."""
+    if output_format == "anndata" or OutputStore.status(out) != "complete":
+        return False
+    return output_format == "spatialdata" or spatialdata_status(spatialdata_path(out), source=out) != "complete"
 
 
 def finish_formats(out: Path, output_format: str, *, levels: Any = None, replace: bool = False) -> list[str]:

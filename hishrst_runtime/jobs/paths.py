@@ -3,9 +3,11 @@
 Per slide ``S.ome.zarr`` (or ``S.zarr``) the output is ``OUT/S.zarr`` (built in ``OUT/S.zarr.partial``,
 guarded by ``OUT/S.zarr.lock``, optionally with ``OUT/S.h5ad``). :func:`check_output_location` refuses
 any of these that resolves to, inside or above an input slide or the bundle, before anything is
-touched (also ``OUT/S.sdata.zarr`` and ``OUT/S.tissue.geojson``). Slide arguments that are URLs
+touched (also ``OUT/S.sdata.zarr`` and ``OUT/S.tissue.geojson``), and the same for the ``--points`` and
+``--tissue-mask`` files. Slide arguments that are URLs
 (``http(s)://``, ``s3://``, ...) stay strings: they are never turned into local paths (``Path("s3://b/x")``
 is ``s3:/b/x``); they go to the slide reader, and their output is named after the URL's last path segment.
+A ``file://`` URL is a local path (:func:`as_slide_arg`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from hishrst_runtime.core.errors import OutputStateError
-from hishrst_runtime.core.files import read_json
+from hishrst_runtime.core.urls import redact_url
 from hishrst_runtime.jobs.formats import tissue_geojson_path
 from hishrst_runtime.output.spatialdata_store import spatialdata_path
+from hishrst_runtime.output.layout import written_by_hishrst
 from hishrst_runtime.output.store import STATUS_ATTR, partial_path
+from hishrst_runtime.slides.sources import file_url_path
 
-__all__ = ["SlideArg", "SLIDE_SUFFIXES", "is_url", "slide_name", "remote_problem", "slide_output_path",
+__all__ = ["SlideArg", "SLIDE_SUFFIXES", "is_url", "as_slide_arg", "slide_name", "remote_problem", "slide_output_path",
            "output_collisions", "check_output_location", "foreign_output"]
 
 #: A slide as given: a local path, or a URL string (kept as it is).
@@ -47,7 +51,8 @@ def remote_problem(slide: SlideArg) -> str | None:
     if _remote_support():
         return None
     need = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "an HTTP store", "https": "an HTTP store"}
-    return (f"{text}: remote stores need {need.get(scheme, 'an fsspec filesystem')} support, which hishrst-run "
+    return (f"{redact_url(text)}: remote stores need {need.get(scheme, 'an fsspec filesystem')} support, which "
+            "hishrst-run "
             "does not have yet (not supported yet); download the store and pass its local path")
 
 
@@ -57,8 +62,17 @@ SLIDE_SUFFIXES: tuple[str, ...] = (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr"
 
 
 def is_url(slide: SlideArg) -> bool:
-    """Whether a slide argument is a URL string (``scheme://...``)."""
-    return isinstance(slide, str) and bool(_URL.match(slide))
+    """Whether a slide argument is a URL string (``scheme://...``) other than ``file://`` (a local path:
+    :func:`as_slide_arg`)."""
+    return isinstance(slide, str) and bool(_URL.match(slide)) and file_url_path(slide) is None
+
+
+def as_slide_arg(slide: str | os.PathLike[str]) -> SlideArg:
+    """A slide argument as the runner keeps it: a ``file://`` URL becomes the local :class:`~pathlib.Path` it
+    names (:func:`hishrst_runtime.slides.sources.file_url_path`), so it is checked and named as a path;
+    anything else is returned as it is."""
+    local = file_url_path(slide) if isinstance(slide, str) else None
+    return Path(local) if local else slide
 
 
 def slide_name(slide: SlideArg) -> str:
@@ -109,11 +123,25 @@ def _related(a: Path, b: Path) -> str | None:
     return None
 
 
-def check_output_location(slides: Sequence[SlideArg], out_dir: Path, bundle_dir: Path) -> None:
+def _output_files(out: Path) -> tuple[Path, ...]:
+    """Every file or store hishrst-run may write for the output ``out`` (``OUT/S.zarr``)."""
+    return (out, partial_path(out), out.with_name(out.name + ".lock"), out.with_suffix(".h5ad"),
+            spatialdata_path(out), tissue_geojson_path(out))
+
+
+def check_output_location(slides: Sequence[SlideArg], out_dir: Path, bundle_dir: Path, *,
+                          points: Sequence[str | os.PathLike[str]] = (),
+                          tissue_mask: str | os.PathLike[str] | None = None) -> None:
     """Raise :class:`OutputStateError` when ``out_dir`` lies in an input, or any slide's output files
-    (store, ``.partial``, ``.lock``, ``.h5ad``) resolve to, inside or above an input slide or the bundle."""
+    (store, ``.partial``, ``.lock``, ``.h5ad``, ``.sdata.zarr``, ``.tissue.geojson``) resolve to, inside or
+    above an input: a slide, the bundle, a ``points`` file (``--points``) or the ``tissue_mask`` file
+    (``--tissue-mask``; it may be ``S.tissue.geojson`` itself, which is then never written)."""
     local = [Path(_local_part(s)) for s in slides if not is_url(s)]
     inputs = [(p.resolve(), f"input slide {p}") for p in local] + [(Path(bundle_dir).resolve(), f"bundle {bundle_dir}")]
+    inputs += [(Path(p).resolve(), f"points file {p}") for p in points]
+    mask = None if tissue_mask is None else Path(tissue_mask).resolve()
+    if mask is not None:
+        inputs.append((mask, f"tissue-mask file {tissue_mask}"))
     out_root = Path(out_dir).resolve()
     for src, what in inputs:
         how = _related(out_root, src)
@@ -122,9 +150,10 @@ def check_output_location(slides: Sequence[SlideArg], out_dir: Path, bundle_dir:
                                    "the inputs (nothing was written)")
     for slide in local:
         out = slide_output_path(slide, Path(out_dir))
-        for target in (out, partial_path(out), out.with_name(out.name + ".lock"), out.with_suffix(".h5ad"),
-                       spatialdata_path(out), tissue_geojson_path(out)):
+        for target in _output_files(out):
             resolved = target.resolve()
+            if target == tissue_geojson_path(out) and resolved == mask:
+                continue  # the mask given is that file: write_tissue_geojson never writes over it
             for src, what in inputs:
                 how = _related(resolved, src)
                 if how is not None:
@@ -137,8 +166,7 @@ def foreign_output(out: Path) -> str | None:
     (no ``hishrst_status`` root attribute), else None. Never suggests ``--overwrite``."""
     if not os.path.lexists(out):
         return None
-    attrs = read_json(out / ".zattrs") if out.is_dir() else None
-    if isinstance(attrs, dict) and STATUS_ATTR in attrs:
+    if out.is_dir() and written_by_hishrst(out):
         return None
     return (f"{out}: exists and was not written by hishrst-run (no {STATUS_ATTR} attribute); it is left as it "
             "is: move it away or choose another --out")

@@ -13,7 +13,9 @@ The JSON (``schema`` 1) holds the run id, start / finish times (UTC, ISO 8601) a
 command's arguments, the shard, host and pid, the versions of hishrst, Python, ONNX Runtime, numpy, zarr and
 anndata, per-slide results (:class:`~hishrst_runtime.jobs.results.SlideResult`: status, reason, points,
 engine, tiles/s, seconds, per-stage timings), the counts per status, and ``errors``: one line per failed
-slide, plus the invocation's own error when it stopped before its slides (``error``).
+slide, plus the invocation's own error when it stopped before its slides (``error``). Every string in it
+(arguments, slides, reasons) has its URLs' credentials and query strings removed
+(:func:`hishrst_runtime.core.urls.redact_text`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 from hishrst_runtime.core.files import atomic_write
 from hishrst_runtime.core.jsonutil import json_default
+from hishrst_runtime.core.urls import redact_text
 from hishrst_runtime.jobs.results import SlideResult
 
 __all__ = ["REPORT_SCHEMA", "HISTORY_DIR", "report_names", "run_id", "versions", "build_report", "summary_markdown",
@@ -96,7 +99,7 @@ def build_report(*, results: Sequence[SlideResult], args: Mapping[str, Any], sta
     ``error``: the one-line error that stopped the invocation before its slides, if any."""
     counts = Counter(r.status for r in results)
     errors = [f"{r.slide}: {r.reason}" for r in results if r.status == "failed"] + ([error] if error else [])
-    return {
+    return _redacted({
         "schema": REPORT_SCHEMA, "run_id": run_id(started, shard), "command": command,
         "argv": list(sys.argv[1:]), "args": json.loads(json.dumps(dict(args), default=_jsonable)),
         "shard": None if shard is None else {"index": shard[0], "count": shard[1]},
@@ -104,7 +107,18 @@ def build_report(*, results: Sequence[SlideResult], args: Mapping[str, Any], sta
         "started_at": _iso(started), "finished_at": _iso(finished), "seconds": round(finished - started, 3),
         "counts": {"ok": counts["ok"], "skipped": counts["skipped"], "failed": counts["failed"], "slides": len(results)},
         "slides": [_slide_entry(r) for r in results], "error": error, "errors": errors,
-    }
+    })
+
+
+def _redacted(o: Any) -> Any:
+    """``o`` (JSON-like) with :func:`redact_text` applied to every string."""
+    if isinstance(o, str):
+        return redact_text(o)
+    if isinstance(o, dict):
+        return {k: _redacted(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_redacted(v) for v in o]
+    return o
 
 
 def _jsonable(o: Any) -> Any:

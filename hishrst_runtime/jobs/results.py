@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from hishrst_runtime.core.urls import redact_url
+
 __all__ = ["SlideStatus", "SlideResult"]
 
 SlideStatus = Literal["ok", "skipped", "failed"]
@@ -44,5 +46,5 @@ class SlideResult:
 
     @property
     def name(self) -> str:
-        """The slide's file name (or the URL's last part), for tables."""
-        return str(self.slide).rstrip("/").rsplit("/", 1)[-1]
+        """The slide's file name (or the URL's last path segment, without credentials or query), for tables."""
+        return redact_url(str(self.slide)).rstrip("/").rsplit("/", 1)[-1]

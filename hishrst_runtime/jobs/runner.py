@@ -7,9 +7,11 @@ Per slide ``S.ome.zarr`` (or ``S.zarr``) the output is ``OUT/S.zarr``, an AnnDat
 crash-safely by :class:`hishrst_runtime.output.OutputStore` (built in ``OUT/S.zarr.partial`` and renamed
 when complete), guarded by the lock file ``OUT/S.zarr.lock`` so several jobs can share ``OUT``.
 A complete output is skipped unless ``--overwrite``; an incomplete one is finished by ``--resume``.
-Outputs never resolve to, inside or above an input slide or the bundle (refused before anything is
-written). One slide's failure (including a lock file that cannot be created, or a URL the slide reader
-cannot open) is reported in its :class:`SlideResult` and the others go on. ``--format`` and the tissue
+Outputs never resolve to, inside or above an input slide, the bundle, the points or the tissue-mask file
+(refused before anything is written), and an ``S.h5ad`` / ``S.tissue.geojson`` hishrst did not write is never
+replaced. A complete slide is skipped; what it lacks (its ``.h5ad`` copy, its SpatialData store) is finished
+under its lock, and left alone while another job holds it. One slide's failure (including a lock file that
+cannot be created, or a URL the slide reader cannot open) is reported in its :class:`SlideResult` and the others go on. ``--format`` and the tissue
 GeoJSON: :mod:`hishrst_runtime.jobs.formats`; explicit points from files: :mod:`hishrst_runtime.inference.points`.
 """
 
@@ -31,11 +33,12 @@ from hishrst_runtime.core.errors import OutputStateError
 from hishrst_runtime.inference.engines import Engines, default_engine_threads, load_engines
 from hishrst_runtime.inference.pipeline import PreparedSlide, prepare_slide
 from hishrst_runtime.inference.points import QueryPoints
-from hishrst_runtime.jobs.formats import finish_formats, is_done
+from hishrst_runtime.jobs.formats import finish_formats, foreign_tissue_geojson, formats_pending, is_done
 from hishrst_runtime.jobs.locks import SlideLock
 from hishrst_runtime.jobs.options import DEFAULT_WORKERS, RunOptions
 from hishrst_runtime.jobs.paths import (
     SlideArg,
+    as_slide_arg,
     check_output_location,
     foreign_output,
     output_collisions,
@@ -44,6 +47,8 @@ from hishrst_runtime.jobs.paths import (
 )
 from hishrst_runtime.jobs.results import SlideResult
 from hishrst_runtime.jobs.slide_run import SlideContext, run_prepared
+from hishrst_runtime.output.h5ad import foreign_h5ad
+from hishrst_runtime.output.spatialdata_store import require_spatialdata
 from hishrst_runtime.output.store import OutputStore, write_h5ad
 
 __all__ = ["run_slides", "slide_output_path", "output_collisions", "DEFAULT_WORKERS", "RunOptions", "SlideResult",
@@ -109,20 +114,26 @@ def run_slides(
     points instead of the grid (all kept, in order), or ``{str(slide): QueryPoints}`` (points read by
     :func:`~hishrst_runtime.inference.points.read_points`: named, and refused when outside the slide). ``engines``: already loaded engines to use instead
     of loading the bundle's for ``options.provider`` (e.g. :func:`~hishrst_runtime.inference.engines.noop_engines`).
-    Bad options, bundle and engine problems, and outputs that would touch an input raise before
-    anything is written; a slide's own problem is reported in its result (``status="failed"``,
-    ``reason``) and the others go on.
+    Bad options, bundle and engine problems, a missing ``spatialdata`` package for ``--format spatialdata |
+    both``, and outputs that would touch an input (a slide, the bundle, the points or tissue-mask file)
+    raise before anything is written; ``file://`` slide URLs are local paths. A slide's own problem is
+    reported in its result (``status="failed"``, ``reason``) and the others go on.
     """
     opts = RunOptions.from_settings(options, settings)
+    if opts.output_format != "anndata":  # before any slide, not after the first one is predicted
+        require_spatialdata()
+    slides = [as_slide_arg(s) for s in slides]  # file:// URLs are local paths
+    points_px = {str(as_slide_arg(k)): v for k, v in (points_px or {}).items()}
     bundle = _load_run_bundle(Path(bundle_dir))
-    check_output_location(slides, Path(out_dir), Path(bundle_dir))
+    check_output_location(slides, Path(out_dir), Path(bundle_dir), tissue_mask=opts.tissue_mask,
+                          points=[p.source for p in points_px.values() if isinstance(p, QueryPoints)])
     if engines is None:
         threads = opts.engine_threads or default_engine_threads(opts.workers)
         engines = load_engines(bundle, opts.provider, cache_dir=opts.cache_dir, threads=threads)
     try:
         ctx = _context(bundle, engines, opts, echo)
         _make_out_dir(Path(out_dir))
-        with _Runner(list(slides), Path(out_dir), ctx, points_px or {}) as runner:
+        with _Runner(slides, Path(out_dir), ctx, points_px) as runner:
             return runner.run_all()
     finally:
         for eng in (engines.encoder, engines.head):
@@ -186,26 +197,62 @@ class _Runner:
         if j is not None and j not in self.futures:
             self.futures[j] = self.prefetch.submit(self._prepare, self.slides[j])
 
-    def _skip_complete(self, i: int, res: SlideResult) -> SlideResult:
+    def _take(self, i: int, res: SlideResult, lock: SlideLock) -> SlideResult | None:
+        """Take slide i's lock without waiting: None when held now, else the slide's result (skipped:
+        locked by another job; failed: the lock file cannot be created)."""
+        try:
+            held = lock.acquire()
+        except OutputStateError as e:  # the lock file cannot be created: this slide fails, the others go on
+            self._drop(i)
+            return res.with_(status="failed", reason=f"{type(e).__name__}: {e}")
+        if held:
+            return None
+        self._drop(i)
+        info = lock.holder()
+        who = info.describe() if info is not None else "another job"
+        return res.with_(status="skipped", reason=f"locked by {who} ({lock.path}); it is being processed "
+                         "elsewhere (delete the lock file if that job is gone)")
+
+    def _skip_complete(self, i: int, res: SlideResult, lock: SlideLock, *, held: bool = False) -> SlideResult:
+        """Skip the complete slide i, finishing what it lacks (the ``.h5ad`` copy, ``--format``) under its lock,
+        taken without waiting unless ``held``; a slide locked by another job is left to it untouched."""
         self._drop(i)
         res = res.with_(status="skipped", reason="already complete (use --overwrite to recompute)")
-        out = res.output
-        h5 = Path(str(out)).with_suffix(".h5ad")
+        out, fmt = self.outs[i], self.opts.output_format
+        assert out is not None
+        h5 = out.with_suffix(".h5ad")
+        wants_h5 = lambda: self.opts.h5ad and not h5.exists() and OutputStore.status(out) == "complete"  # noqa: E731
+        if not (wants_h5() or formats_pending(out, fmt)):
+            if held:
+                lock.release()
+            return res
+        if not held:
+            refused = self._take(i, res, lock)
+            if refused is not None:
+                return refused
         try:
-            if out is not None and self.opts.h5ad and not h5.exists() and OutputStore.status(out) == "complete":
+            if wants_h5():  # a run killed between the AnnData store and its copies
                 write_h5ad(out, h5)
-            if out is not None:  # a run killed between the AnnData store and the SpatialData one
-                notes = finish_formats(out, self.opts.output_format)
-                res = res.with_(reason="; ".join([res.reason, *notes]))
+            notes = finish_formats(out, fmt)
+            res = res.with_(reason="; ".join([res.reason, *notes]))
         except (OSError, ValueError, RuntimeError) as e:
             res = res.with_(reason=f"{res.reason}; finishing its outputs failed ({type(e).__name__}: {e})")
+        finally:
+            lock.release()
         return res
 
+    def _foreign(self, out: Path) -> str | None:
+        """Why an existing file at one of ``out``'s outputs must be left alone (hishrst did not write it)."""
+        return (foreign_output(out)
+                or (foreign_h5ad(out.with_suffix(".h5ad")) if self.opts.h5ad else None)
+                or (foreign_tissue_geojson(out, self.opts.tissue_mask) if self.opts.tissue_geojson else None))
+
     def _refused(self, i: int, res: SlideResult, lock: SlideLock) -> SlideResult | None:
-        """The result of a slide that is not run (collision, complete, locked, lock impossible), else None;
-        when None is returned ``lock`` is held."""
+        """The result of a slide that is not run (collision, complete, locked, lock impossible, a foreign file
+        at an output), else None; when None is returned ``lock`` is held."""
         out = self.outs[i]
-        foreign = foreign_output(out) if out is not None else None
+        assert out is not None
+        foreign = self._foreign(out)
         if foreign is not None:
             self._drop(i)
             return res.with_(status="failed", reason=foreign)
@@ -214,21 +261,12 @@ class _Runner:
             return res.with_(status="failed", reason=f"{out}: several slides would write this output ({others}); "
                              "rename the slides or run them with different --out")
         if not self.opts.overwrite and is_done(out, self.opts.output_format):
-            return self._skip_complete(i, res)
-        try:
-            held = lock.acquire()
-        except OutputStateError as e:  # the lock file cannot be created: this slide fails, the others go on
-            self._drop(i)
-            return res.with_(status="failed", reason=f"{type(e).__name__}: {e}")
-        if not held:
-            self._drop(i)
-            info = lock.holder()
-            who = info.describe() if info is not None else "another job"
-            return res.with_(status="skipped", reason=f"locked by {who} ({lock.path}); it is being processed "
-                             "elsewhere (delete the lock file if that job is gone)")
+            return self._skip_complete(i, res, lock)
+        refused = self._take(i, res, lock)
+        if refused is not None:
+            return refused
         if not self.opts.overwrite and is_done(out, self.opts.output_format):  # finished by another job meanwhile
-            lock.release()
-            return self._skip_complete(i, res)
+            return self._skip_complete(i, res, lock, held=True)
         return None
 
     def _one(self, i: int) -> SlideResult:

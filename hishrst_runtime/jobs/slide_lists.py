@@ -2,12 +2,14 @@
 
 :func:`expand_slides` turns what the user named into the slides to run, in order and without repeats:
 
-- a URL (``http(s)://``, ``s3://``, ...) stays a string, as given;
+- a URL (``http(s)://``, ``s3://``, ...) stays a string, as given; a ``file://`` URL is the local path it names;
 - an OME-Zarr store (a ``*.zarr`` directory, or any directory holding ``zarr.json`` / ``.zgroup`` /
   ``.zattrs``) or a file is one slide;
 - any other directory is a *folder of slides*: the OME-Zarr stores (``*.zarr``) and TIFF-family files
   (:data:`TIFF_SUFFIXES`) inside it, sorted by name; with ``recursive=True`` also those in its
-  sub-folders (never inside a store). A folder without slides is an error naming it.
+  sub-folders (never inside a store). Never hishrst's own outputs (stores with the ``hishrst_status`` root
+  attribute: ``S.zarr``, ``S.sdata.zarr``, partials) nor the output folder ``--out``, so ``hishrst-run data/
+  --out data/`` can be run again. A folder without slides is an error naming it.
 
 :func:`read_slide_list` reads ``--slides-from FILE``: one path or URL a line; blank lines and lines
 starting with ``#`` are ignored; relative paths are relative to the current directory (as for
@@ -22,7 +24,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from hishrst_runtime.core.errors import InputError
-from hishrst_runtime.jobs.paths import SlideArg, is_url
+from hishrst_runtime.jobs.paths import SlideArg, as_slide_arg, is_url
+from hishrst_runtime.output.layout import written_by_hishrst
 
 __all__ = ["TIFF_SUFFIXES", "STORE_MARKERS", "is_store", "slides_in_folder", "read_slide_list", "expand_slides"]
 
@@ -43,7 +46,7 @@ def _is_slide_file(path: Path) -> bool:
     return path.suffix.lower() in TIFF_SUFFIXES and path.is_file() and not path.name.startswith(".")
 
 
-def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
+def _walk(folder: Path, recursive: bool, out_dir: Path | None, skipped: list[Path]) -> Iterator[Path]:
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as e:
@@ -54,23 +57,35 @@ def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            if is_store(p):
-                if p.suffix.lower() == ".zarr":
+            if out_dir is not None and p.resolve() == out_dir:  # the output folder (--out) inside this one
+                skipped.append(p)
+            elif is_store(p):
+                if written_by_hishrst(p):  # an output of hishrst-run (S.zarr, S.sdata.zarr, a .partial)
+                    skipped.append(p)
+                elif p.suffix.lower() == ".zarr":
                     yield p
             elif recursive:
-                yield from _walk(p, recursive)
+                yield from _walk(p, recursive, out_dir, skipped)
         elif _is_slide_file(p):
             yield p
 
 
-def slides_in_folder(folder: Path, *, recursive: bool = False) -> list[Path]:
+def slides_in_folder(folder: Path, *, recursive: bool = False, out_dir: Path | None = None) -> list[Path]:
     """The slides in ``folder`` (``*.zarr`` stores and :data:`TIFF_SUFFIXES` files), sorted by path;
-    ``recursive``: also in sub-folders. Raises :class:`InputError` when there are none."""
-    found = list(_walk(Path(folder), recursive))
+    ``recursive``: also in sub-folders. Stores hishrst wrote (root attribute ``hishrst_status``: outputs,
+    SpatialData stores, partials) and the output folder ``out_dir`` (when inside ``folder``) are skipped.
+    Raises :class:`InputError` when there are no slides."""
+    skipped: list[Path] = []
+    out = None if out_dir is None else Path(out_dir).resolve()
+    found = list(_walk(Path(folder), recursive, out, skipped))
+    if skipped:
+        log.info("%s: skipped %d output(s) of hishrst-run: %s", folder, len(skipped),
+                 ", ".join(p.name for p in skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
     if not found:
         what = "*.zarr stores or " + ", ".join(f"*{s}" for s in TIFF_SUFFIXES) + " files"
         hint = "" if recursive else "; add --recursive to search its sub-folders"
-        raise InputError(f"{folder}: a folder without slides (looked for {what}){hint}")
+        also = f"; skipped {len(skipped)} output(s) of hishrst-run" if skipped else ""
+        raise InputError(f"{folder}: a folder without slides (looked for {what}{also}){hint}")
     log.info("%s: %d slide(s)%s", folder, len(found), " (recursive)" if recursive else "")
     return found
 
@@ -92,27 +107,30 @@ def read_slide_list(path: str | Path) -> list[str]:
     return entries
 
 
-def _one(arg: str | os.PathLike[str], recursive: bool) -> list[SlideArg]:
+def _one(arg: str | os.PathLike[str], recursive: bool, out_dir: Path | None) -> list[SlideArg]:
+    arg = as_slide_arg(arg)  # a file:// URL is a local path
     if is_url(arg):
         return [str(arg)]
     p = Path(arg)
     if p.is_dir() and not is_store(p):
-        return list(slides_in_folder(p, recursive=recursive))
+        return list(slides_in_folder(p, recursive=recursive, out_dir=out_dir))
     return [p]  # a store, a file, or a missing path (reported per slide by the reader)
 
 
 def expand_slides(args: Iterable[str | os.PathLike[str]], *, slides_from: Iterable[str | Path] = (),
-                  recursive: bool = False) -> list[SlideArg]:
+                  recursive: bool = False, out_dir: Path | None = None) -> list[SlideArg]:
     """The slides named by ``args`` and the list files ``slides_from`` (their entries after ``args``):
-    folders of slides expanded, URLs kept as strings, later repeats of the same slide (same resolved
-    path or URL) dropped. Raises :class:`InputError` for a folder without slides or an unreadable list."""
+    folders of slides expanded (without hishrst's own outputs and the output folder ``out_dir``: see
+    :func:`slides_in_folder`), URLs kept as strings, ``file://`` URLs made paths, later repeats of the same
+    slide (same resolved path or URL) dropped. Raises :class:`InputError` for a folder without slides or
+    an unreadable list."""
     named: list[str | os.PathLike[str]] = list(args)
     for f in slides_from:
         named += read_slide_list(f)
     out: list[SlideArg] = []
     seen: set[str] = set()
     for arg in named:
-        for s in _one(arg, recursive):
+        for s in _one(arg, recursive, out_dir):
             key = s if isinstance(s, str) else str(s.resolve())
             if key not in seen:
                 seen.add(key)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -46,7 +48,7 @@ class SlideContext:
 
 
 def _identity(prep: PreparedSlide, bundle: Bundle) -> dict[str, Any]:
-    """Everything that determines the rows' values: compared on ``--resume``."""
+    """Everything that determines the rows' values and names: compared on ``--resume``."""
     slide = prep.slide
     level = slide.levels[prep.level_index]
     return {
@@ -55,8 +57,16 @@ def _identity(prep: PreparedSlide, bundle: Bundle) -> dict[str, Any]:
         "points": "grid" if prep.pitch_um is not None else "explicit", "pitch_um": prep.pitch_um, "grid": prep.grid,
         "min_tissue": prep.min_tissue, "output_meaning": bundle.spec.output.meaning,
         "tissue_mask": prep.tissue_mask.astype(np.uint8), "tissue_mask_scalef": float(prep.thumbnail_scale),
+        "obs_names_sha256": _names_hash(prep.obs_names),  # None (dropped) for numbered rows
         **prep.info,  # e.g. the --tissue-mask file
     }
+
+
+def _names_hash(names: list[str] | None) -> str | None:
+    """SHA-256 of the explicit points' names in order (so ``--resume`` refuses changed ids), or None."""
+    if names is None:
+        return None
+    return hashlib.sha256(json.dumps([str(n) for n in names]).encode("utf-8")).hexdigest()
 
 
 def _open_store(prep: PreparedSlide, out: Path, ctx: SlideContext) -> tuple[OutputStore, bool]:

@@ -23,7 +23,7 @@ from hishrst_runtime.core.files import atomic_write, fsync_path, read_json, remo
 from hishrst_runtime.output.errors import IncompleteOutputError, OutputExistsError
 
 __all__ = ["FORMAT_VERSION", "STATUS_ATTR", "PARTIAL_SUFFIX", "PROGRESS_DIR", "OutputStatus", "partial_path",
-           "read_root_attrs", "update_root_attrs", "output_status", "prepare_location", "publish"]
+           "read_root_attrs", "update_root_attrs", "output_status", "written_by_hishrst", "prepare_location", "publish"]
 
 OutputStatus = Literal["missing", "incomplete", "complete"]
 
@@ -50,6 +50,18 @@ def read_root_attrs(store: Path) -> dict[str, Any] | None:
     """The root ``.zattrs`` of ``store`` as a dict, or None when missing or unreadable."""
     attrs = read_json(store / ".zattrs")
     return attrs if isinstance(attrs, dict) else None
+
+
+def written_by_hishrst(store: str | os.PathLike[str]) -> bool:
+    """Whether the directory ``store`` is one hishrst wrote, complete or not (an AnnData output, its
+    ``.partial``, a SpatialData store): its root attributes (zarr v2 ``.zattrs`` or v3 ``zarr.json``)
+    hold :data:`STATUS_ATTR`. Reads one small JSON file; never opens the store."""
+    path = Path(store)
+    attrs = read_root_attrs(path)
+    if attrs is None:
+        meta = read_json(path / "zarr.json")
+        attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    return isinstance(attrs, dict) and STATUS_ATTR in attrs
 
 
 def update_root_attrs(store: Path, updates: Mapping[str, Any], *, fsync: bool) -> None:

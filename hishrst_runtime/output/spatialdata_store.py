@@ -20,6 +20,7 @@ without the mark is someone else's and is never replaced. ``spatialdata`` is imp
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -37,7 +38,7 @@ from hishrst_runtime.output.layout import PARTIAL_SUFFIX, STATUS_ATTR, output_st
 from hishrst_runtime.output.overview import (DEFAULT_MAX_IMAGE_SIDE, ImageScale, as_level_sources,
                                              read_pyramid, with_coarser_scale)
 
-__all__ = ["write_spatialdata", "spatialdata_path", "spatialdata_status", "SpatialDataStatus",
+__all__ = ["write_spatialdata", "spatialdata_path", "spatialdata_status", "require_spatialdata", "SpatialDataStatus",
            "SDATA_SUFFIX", "SDATA_FORMAT_VERSION", "COORDINATE_SYSTEM", "DEFAULT_MAX_IMAGE_SIDE"]
 
 SDATA_SUFFIX = ".sdata.zarr"
@@ -84,6 +85,18 @@ def spatialdata_status(path: str | os.PathLike[str], *,
         if made_from is None or made_from != src_attrs.get("hishrst_completed_at"):
             return "stale"
     return "complete"
+
+
+def require_spatialdata() -> None:
+    """Raise :class:`MissingExtraError` at once when the ``spatialdata`` package is not installed (found
+    with ``importlib.util.find_spec``, without importing it): a run checks this before its first slide."""
+    try:
+        found = importlib.util.find_spec("spatialdata") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise MissingExtraError("--format spatialdata / both needs the 'spatialdata' package, which is not "
+                                f"installed; install it with: {INSTALL_HINT} (or use --format anndata)")
 
 
 def _import_spatialdata() -> Any:

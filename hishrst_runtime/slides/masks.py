@@ -34,10 +34,14 @@ from PIL import Image
 from hishrst_runtime.core.files import atomic_write
 from hishrst_runtime.slides.errors import MaskError
 
-__all__ = ["MaskError", "GEOJSON_SUFFIXES", "read_tissue_mask", "mask_to_geojson", "write_mask_geojson"]
+__all__ = ["MaskError", "GEOJSON_SUFFIXES", "GENERATOR", "read_tissue_mask", "mask_to_geojson", "write_mask_geojson",
+           "written_by_hishrst"]
 
 GEOJSON_SUFFIXES = (".geojson", ".json")
 _TISSUE_CLASS = {"name": "Tissue", "color": [80, 200, 120]}
+#: ``properties`` of every FeatureCollection :func:`write_mask_geojson` writes (a GeoJSON foreign member
+#: QuPath ignores): how hishrst recognises its own files, and never replaces anyone else's.
+GENERATOR = {"generator": "hishrst"}
 
 
 def _shape2(value: Sequence[int], name: str) -> tuple[int, int]:
@@ -287,8 +291,19 @@ def _area(v: list[tuple[int, int]]) -> float:
 
 
 def write_mask_geojson(mask: np.ndarray, path: str | os.PathLike[str], *, scale_px: float | Sequence[float]) -> Path:
-    """Write :func:`mask_to_geojson` of ``mask`` to ``path`` atomically (compact JSON); returns the path."""
+    """Write :func:`mask_to_geojson` of ``mask`` to ``path`` atomically (compact JSON, with the
+    :data:`GENERATOR` properties); returns the path."""
     out = Path(path)
-    data = json.dumps(mask_to_geojson(mask, scale_px=scale_px), separators=(",", ":")).encode("utf-8")
-    atomic_write(out, data)
+    collection = {**mask_to_geojson(mask, scale_px=scale_px), "properties": dict(GENERATOR)}
+    atomic_write(out, json.dumps(collection, separators=(",", ":")).encode("utf-8"))
     return out
+
+
+def written_by_hishrst(path: str | os.PathLike[str]) -> bool:
+    """Whether the file ``path`` is a GeoJSON :func:`write_mask_geojson` wrote (its :data:`GENERATOR` mark)."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return False
+    props = data.get("properties") if isinstance(data, dict) else None
+    return isinstance(props, dict) and props.get("generator") == GENERATOR["generator"]

@@ -9,7 +9,8 @@ key — is the fill value, as a missing file is locally).
 Needs the ``remote`` extra (``pip install "hishrst[remote]"``: fsspec with aiohttp, s3fs); without it
 the error names the extra. A network problem (refused connection, DNS, timeout, HTTP 5xx, access
 denied) is a one-line :class:`~hishrst_runtime.slides.errors.RemoteSlideError` naming the URL, the
-problem and the fix — at open or on the read that met it.
+problem and the fix — at open or on the read that met it. URLs in messages never show credentials or
+query strings (presigned signatures): :func:`hishrst_runtime.core.urls.redact_text`.
 
 HTTP requests time out after :data:`HTTP_TIMEOUT_S` seconds (connecting: :data:`CONNECT_TIMEOUT_S`);
 ``storage_options`` replaces these defaults (it is passed to fsspec as is, e.g. ``{"anon": True}`` for
@@ -23,6 +24,7 @@ from typing import Any
 
 from zarr.storage import WrapperStore
 
+from hishrst_runtime.core.urls import redact_text
 from hishrst_runtime.slides.errors import RemoteSlideError, SlideError, SlideExtraMissing
 
 __all__ = ["DEFAULT_MAX_CONCURRENCY", "HTTP_TIMEOUT_S", "CONNECT_TIMEOUT_S", "BoundedStore", "open_remote_root"]
@@ -36,7 +38,8 @@ _FIX = "check the URL, that the server is reachable from this machine and the ob
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+    """``e`` on one line, at most 300 characters, its URLs redacted before it is cut."""
+    text = redact_text(" ".join(str(e).split())) or type(e).__name__
     return f"{type(e).__name__}: {text[:300]}"
 
 

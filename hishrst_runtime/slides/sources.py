@@ -12,7 +12,12 @@ How sources are addressed (the same strings in ``hishrst-run`` and ``open_slide`
                                         ``sdata.zarr/images/he_image`` is plain NGFF and works too
 ``slide.svs`` / ``.tif`` / ``.ndpi`` …  a TIFF-family file (recognised by its header), read directly
 ``slide.mrxs`` / ``.vms`` / ``.vmu`` …  other formats, through OpenSlide (``hishrst[openslide]``)
+``file:///data/slide.svs``              a local path (:func:`file_url_path`)
 =====================================  ==============================================================
+
+Files that are clearly not slides (text, CSV, JSON / GeoJSON, ``.h5ad``, PNG / JPEG:
+:data:`NOT_SLIDE_SUFFIXES`) are refused with a :class:`SlideError` naming the file (lists of slides go to
+``--slides-from FILE``).
 
 ``::`` separates an element name only when what follows has no ``/`` or ``:``, so fsspec's chained
 URLs (``simplecache::s3://…``) pass through unchanged.
@@ -25,15 +30,22 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from hishrst_runtime.slides.errors import SlideError
 from hishrst_runtime.slides.ngff import FORMATS
 
-__all__ = ["SlideSource", "SourceKind", "parse_source", "is_url", "spatialdata_image_group"]
+__all__ = ["SlideSource", "SourceKind", "parse_source", "is_url", "file_url_path", "spatialdata_image_group",
+           "NOT_SLIDE_SUFFIXES"]
 
 SourceKind = Literal["zarr", "remote", "tiff", "openslide"]
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _ELEMENT = re.compile(r"^[A-Za-z0-9_.\-]+$")
+#: Files that are never slides: refused naming the file, not handed to OpenSlide (whose missing extra would
+#: be the message). Lists of slides (``_LIST_SUFFIXES``) go to ``--slides-from FILE``.
+NOT_SLIDE_SUFFIXES: tuple[str, ...] = (".txt", ".csv", ".tsv", ".list", ".json", ".geojson", ".h5ad", ".h5",
+                                       ".png", ".jpg", ".jpeg", ".gif", ".md", ".yaml", ".yml")
+_LIST_SUFFIXES = (".txt", ".csv", ".list")
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,17 @@ def is_url(text: str) -> bool:
     return bool(_URL.match(text)) and not text.lower().startswith("file://")
 
 
+def file_url_path(text: str) -> str | None:
+    """The local path a ``file://`` URL names (``file:///data/s.svs`` and ``file://localhost/data/s.svs``
+    give ``/data/s.svs``; percent escapes decoded, a ``::element`` suffix kept), or None for other text."""
+    if not isinstance(text, str) or not text.lower().startswith("file://"):
+        return None
+    rest = text[len("file://"):]
+    if rest.lower().startswith("localhost/"):
+        rest = rest[len("localhost"):]
+    return unquote(rest)
+
+
 def _split_element(text: str) -> tuple[str, str | None]:
     head, sep, tail = text.rpartition("::")
     if sep and head and _ELEMENT.match(tail):
@@ -65,8 +88,7 @@ def parse_source(source: str | os.PathLike[str]) -> SlideSource:
 
     text = os.fspath(source)
     location, element = _split_element(text)
-    if location.lower().startswith("file://"):
-        location = location[len("file://"):]
+    location = file_url_path(location) or location
     if is_url(location):
         return SlideSource(text, "remote", location.rstrip("/"), element)
     p = Path(location)
@@ -74,6 +96,11 @@ def parse_source(source: str | os.PathLike[str]) -> SlideSource:
         return SlideSource(text, "zarr", location, element)
     if is_tiff_file(p) or p.name.lower().endswith(TIFF_SUFFIXES):
         return SlideSource(text, "tiff", location)
+    suffix = p.suffix.lower()
+    if suffix in NOT_SLIDE_SUFFIXES:
+        fix = (f"to list slides in a file use --slides-from {text}" if suffix in _LIST_SUFFIXES else
+               "pass an OME-Zarr store, a TIFF-family file (.svs, .tif, .ndpi, ...), an OpenSlide format or a URL")
+        raise SlideError(f"{text}: not a slide (a {suffix} file); {fix}")
     return SlideSource(text, "openslide", location)
 
 

@@ -65,7 +65,8 @@ def test_bundle_manifest_contents(small_bundle: Path, small_run: Path) -> None:
     assert norm["in_graph"] and norm["scale"] == pytest.approx(1 / 255) and len(norm["mean"]) == len(norm["std"]) == 3
     assert m["encoder"]["input"] == {"name": "tiles", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"}
     assert m["patch"]["size_um"] == config["patch"]["size_um"] and m["patch"]["train_mpp"] == config["patch"]["train_mpp"]
-    assert m["position"]["mode"] == "continuous" and m["position"]["units"] == "um" and "pos_n_freqs" in m["position"]
+    assert m["position"]["mode"] == "relative" and m["position"]["units"] == "um" and "rel_n_freqs" in m["position"]
+    assert set(m["position"]["invariant_to"]) == {"translation", "rotation", "reflection"}
     assert m["grouping"]["max_size"] == 50 and m["grouping"]["coords"] == "level0_px"
     assert m["genes"] == config["genes"]
     assert "log1p" in m["output"]["meaning"] and m["output"]["target_sum"] == 1e4

@@ -115,6 +115,30 @@ def test_cv_leave_one_section_out(sections, tmp_path):
     assert "mean" in r.stdout and (out / f"fold0-{a.parent.name}" / "eval" / a.parent.name / "metrics.json").is_file()
     r = CliRunner().invoke(cv, [str(x) for x in args])
     assert r.exit_code == 1 and "--overwrite" in r.stderr
+    assert json.loads((out / "cv.json").read_text())["status"] == "complete"
+
+
+def test_interrupted_cv_can_be_redone_with_overwrite(sections, tmp_path, monkeypatch):
+    """A cross-validation killed after its first fold is still recognised as one: --overwrite redoes it."""
+    import hishrst_train.evaluate as evaluate_mod
+    from hishrst_train.cli import cv
+
+    a, b, cache = sections
+    out = tmp_path / "cv"
+    args = [a, b, "--out", out, "--epochs", "1", "--no-progress", "--device", "cpu", "--cache-dir", cache, "--no-ari"]
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_mod, "evaluate_on", interrupted)
+    CliRunner().invoke(cv, [str(x) for x in args])
+    assert json.loads((out / "cv.json").read_text())["status"] == "running"
+    monkeypatch.undo()
+    r = CliRunner().invoke(cv, [str(x) for x in args])
+    assert r.exit_code == 1 and "--overwrite" in r.stderr  # refused without it, but as a cv folder
+    r = CliRunner().invoke(cv, [str(x) for x in [*args, "--overwrite"]])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "cv.json").read_text())["status"] == "complete"
 
 
 def test_runconfig_reads_version_2(small_run):

@@ -39,10 +39,10 @@ def test_csv_without_ids_has_no_names(tmp_path: Path) -> None:
     ("a,b\n1,2\n", "missing column(s) x, y"),
     ("", "empty"),
     ("x,y\n", "no points"),
-    ("x,y\n1,abc\n", "row 1 has y='abc'"),
-    ("x,y\n1\n", "row 1 has 1 field"),
+    ("x,y\n1,abc\n", "line 2 has y='abc'"),
+    ("x,y\n\n1,2\n1\n", "line 4 has 1 field"),  # the file's line numbers: header = line 1, blank lines count
     ("x,y,id\n1,2,a\n3,4,a\n", "duplicate id"),
-    ("x,y\n1,nan\n", "without finite x, y"),
+    ("x,y\n1,nan\n", "without finite x, y (line 2)"),
 ])
 def test_bad_csv_is_one_clear_line(tmp_path: Path, text: str, needle: str) -> None:
     f = tmp_path / "bad.csv"
@@ -71,6 +71,24 @@ def test_h5ad_obsm_spatial_and_obs_names(tmp_path: Path) -> None:
     (tmp_path / "broken.h5ad").write_bytes(b"not hdf5")
     with pytest.raises(InputError, match="not a readable .h5ad"):
         read_points(tmp_path / "broken.h5ad")
+
+
+def test_h5ad_whose_obs_names_do_not_match_the_points_is_refused(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    ad = pytest.importorskip("anndata")
+    import pandas as pd
+
+    a = ad.AnnData(np.zeros((3, 1), np.float32), obs=pd.DataFrame(index=["c", "a", "b"]))
+    a.obsm["spatial"] = np.array([[10.0, 20.0], [5.0, 1.0], [300.0, 40.0]])
+    f = tmp_path / "a.h5ad"
+    a.write_h5ad(f)
+    with h5py.File(f, "r+") as h:  # four points, three names: the names must not be dropped silently
+        del h["obsm/spatial"]
+        h["obsm/spatial"] = np.zeros((4, 2))
+    with pytest.raises(InputError) as e:
+        read_points(f)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: the obs index has 3 names but obsm['spatial'] 4 rows") and "\n" not in msg
 
 
 @pytest.mark.parametrize("name, header", [("tissue_positions.csv", True), ("tissue_positions_list.csv", False)])
@@ -110,5 +128,16 @@ def test_points_outside_the_slide_are_named() -> None:
     assert msg.startswith("pts.csv: 3 of 5 point(s) lie outside the slide s.zarr (100 x 50")
     assert "'b' at (-3.0, 5.0)" in msg and "'d' at (100.0, 10.0)" in msg and "'c'" not in msg
     check_points_inside(QueryPoints(pts.xy_px[[0, 2]], None, "p"), shape0=(50, 100), slide="s")
-    with pytest.raises(InputError, match=r"row 1 at \(-3.0, 5.0\)"):
+    with pytest.raises(InputError, match=r"row 1 \(0-based\) at \(-3.0, 5.0\)"):
         check_points_inside(QueryPoints(pts.xy_px, None, "p"), shape0=(50, 100), slide="s")
+    with pytest.raises(InputError, match=r"line 3 at \(-3.0, 5.0\)"):  # read from a CSV: the file's line
+        check_points_inside(QueryPoints(pts.xy_px, None, "p", lines=[2, 3, 4, 5, 6]), shape0=(50, 100), slide="s")
+
+
+def test_csv_points_outside_name_the_file_lines(tmp_path: Path) -> None:
+    f = tmp_path / "pts.csv"
+    f.write_text("x,y\n1,1\n\n-3,5\n")
+    pts = read_points(f)
+    assert pts.lines == [2, 4]
+    with pytest.raises(InputError, match=r"line 4 at \(-3.0, 5.0\)"):
+        check_points_inside(pts, shape0=(50, 100), slide="s")

@@ -119,3 +119,45 @@ def test_bundles_with_new_position_modes_load(make_tiny_bundle, tmp_path: Path, 
             pytest.skip(f"the bundle schema does not know position mode {mode!r} yet")
         raise
     assert bundle.spec.position.mode == mode
+
+
+def _hishrst_outputs(root: Path) -> None:
+    """What hishrst-run leaves in a folder: a complete store, a partial, a SpatialData store (zarr v3)."""
+    for name, status in (("a.zarr", "complete"), ("b.zarr.partial", "incomplete")):
+        (root / name).mkdir(parents=True)
+        (root / name / ".zgroup").write_text('{"zarr_format": 2}')
+        (root / name / ".zattrs").write_text(json.dumps({"hishrst_status": status}))
+    (root / "a.sdata.zarr").mkdir()
+    (root / "a.sdata.zarr" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
+                                                                 "attributes": {"hishrst_status": "complete"}}))
+    (root / "a.h5ad").write_text("x")
+    (root / "a.zarr.lock").write_text("{}")
+
+
+def test_folders_skip_hishrst_outputs_and_the_output_folder(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "a.ome.zarr").mkdir(parents=True)
+    (data / "a.ome.zarr" / "zarr.json").write_text("{}")
+    (data / "s.svs").write_text("x")
+    _hishrst_outputs(data)  # hishrst-run data/ --out data/ ran before
+    assert slides_in_folder(data) == [data / "a.ome.zarr", data / "s.svs"]
+    assert expand_slides([str(data)], out_dir=data) == [data / "a.ome.zarr", data / "s.svs"]
+    out = data / "preds"  # --out inside the folder: never searched, even with --recursive
+    out.mkdir()
+    (out / "x.svs").write_text("x")
+    (data / "sub").mkdir()
+    (data / "sub" / "y.svs").write_text("x")
+    got = expand_slides([str(data)], recursive=True, out_dir=out)
+    assert got == [data / "a.ome.zarr", data / "s.svs", data / "sub" / "y.svs"]
+    only = tmp_path / "only_outputs"
+    only.mkdir()
+    _hishrst_outputs(only)
+    with pytest.raises(InputError, match=r"a folder without slides .*skipped 3 output\(s\) of hishrst-run"):
+        slides_in_folder(only)
+
+
+def test_file_urls_become_paths(tmp_path: Path) -> None:
+    (tmp_path / "a.ome.zarr").mkdir()
+    (tmp_path / "a.ome.zarr" / "zarr.json").write_text("{}")
+    got = expand_slides([f"file://{tmp_path}/a.ome.zarr", str(tmp_path / "a.ome.zarr"), f"file://{tmp_path}"])
+    assert got == [tmp_path / "a.ome.zarr"] and isinstance(got[0], Path)  # repeats of one slide dropped
