@@ -79,15 +79,15 @@ class Backend(Protocol):
 _B = TypeVar("_B", bound="BackendBase")
 
 
-class BackendBase:
-    """Mix-in with the behaviour every backend shares: context manager, feed checking, repr."""
+class BackendBase(Backend):
+    """Mix-in with the behaviour every backend shares: context manager, feed checking, repr (the
+    attributes are those of :class:`Backend`)."""
 
-    name: str
-    provider: str
-    input_names: list[str]
-    output_names: list[str]
-    input_dtypes: list[np.dtype]
-    input_shapes: list[tuple[int | None, ...]]
+    def _adopt_session_io(self, session: Any) -> None:
+        """Take ``input_names`` / ``input_dtypes`` / ``input_shapes`` / ``output_names`` from an onnxruntime session."""
+        io = ort_session_io(session)
+        self.input_names, self.input_dtypes = io["input_names"], io["input_dtypes"]
+        self.input_shapes, self.output_names = io["input_shapes"], io["output_names"]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:  # pragma: no cover - overridden
         """Run the model (implemented by each backend)."""

@@ -16,7 +16,6 @@ from hishrst_runtime.backends.base import (
     BackendError,
     check_model_path,
     ort_errors,
-    ort_session_io,
     ort_session_options,
 )
 
@@ -43,11 +42,7 @@ class OrtCpuBackend(BackendBase):
             self._session = ort.InferenceSession(str(self.model_path), sess_options=so, providers=["CPUExecutionProvider"])
         except ort_errors() as e:
             raise BackendError(f"{self.model_path}: onnxruntime could not load the model ({e}); re-export the bundle") from e
-        io = ort_session_io(self._session)
-        self.input_names = io["input_names"]
-        self.input_dtypes = io["input_dtypes"]
-        self.input_shapes = io["input_shapes"]
-        self.output_names = io["output_names"]
+        self._adopt_session_io(self._session)
         self.name = f"onnxruntime-cpu-{ort.__version__}"
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

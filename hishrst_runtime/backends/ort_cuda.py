@@ -26,7 +26,6 @@ from hishrst_runtime.backends.base import (
     BackendError,
     check_model_path,
     ort_errors,
-    ort_session_io,
     ort_session_options,
     preload_ort_cuda_libraries,
 )
@@ -100,11 +99,7 @@ class OrtCudaBackend(BackendBase):
         import onnxruntime as ort
 
         self._session = self._create_session(providers, threads=threads)
-        io = ort_session_io(self._session)
-        self.input_names = io["input_names"]
-        self.input_dtypes = io["input_dtypes"]
-        self.input_shapes = io["input_shapes"]
-        self.output_names = io["output_names"]
+        self._adopt_session_io(self._session)
         self.name = f"onnxruntime-{self.provider}-{ort.__version__}"
 
     def _create_session(self, providers: list[Any], *, threads: int | None) -> Any:

@@ -81,16 +81,11 @@ def _metadata_mpp(meta: Path | None) -> tuple[float | None, str | None]:
 
 
 def _read_h5ad(path: Path) -> Any:
-    import anndata as ad
+    from hishrst_train.data.visium import read_spatial_h5ad
 
-    try:
-        adata = ad.read_h5ad(path)
-    except (OSError, KeyError, ValueError) as e:
-        raise _error(path, f"cannot read the .h5ad ({e})", "re-download st/<id>.h5ad of this HEST sample") from e
-    if "spatial" not in adata.obsm:
-        raise _error(path, "obsm['spatial'] (spot pixel coordinates) is missing",
-                     "use HEST's st/<id>.h5ad, which stores full-resolution pixel (x, y) in obsm['spatial']")
-    return adata
+    return read_spatial_h5ad(path, read_fix="re-download st/<id>.h5ad of this HEST sample",
+                             spatial_fix="use HEST's st/<id>.h5ad, which stores full-resolution pixel (x, y) in "
+                                         "obsm['spatial']")
 
 
 def read_hest(h5ad: str | Path, *, image: str | Path | None = None, mpp: float | None = None) -> Any:

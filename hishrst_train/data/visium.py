@@ -164,24 +164,31 @@ def read_visium(
     return adata
 
 
+def read_spatial_h5ad(path: Path, *, read_fix: str, spatial_fix: str) -> Any:
+    """An ``.h5ad`` that must hold ``obsm['spatial']``; errors name ``path`` and the given fix."""
+    import anndata as ad
+
+    try:
+        adata = ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as e:
+        raise _error(path, f"cannot read the .h5ad ({e})", read_fix) from e
+    if "spatial" not in adata.obsm:
+        raise _error(path, "obsm['spatial'] (spot pixel coordinates) is missing", spatial_fix)
+    return adata
+
+
 def read_h5ad_with_image(h5ad_path: str | Path, image_path: str | Path, *, mpp: float | None = None) -> Any:
     """Read an ``.h5ad`` whose ``obsm['spatial']`` holds full-resolution pixel (x, y) of ``image_path``.
 
     ``mpp`` (µm/px) defaults to the image's recorded pixel size, else ``55 / spot_diameter_fullres``
     from ``uns['spatial']``. Sets ``uns['hishrst'] = {"fullres_image": ..., "mpp": ..., "image": "full"}``.
     """
-    import anndata as ad
 
     h5ad_path, image_path = Path(h5ad_path), Path(image_path)
     if not h5ad_path.is_file():
         raise _error(h5ad_path, "the .h5ad file does not exist", "check the path")
-    try:
-        adata = ad.read_h5ad(h5ad_path)
-    except (OSError, KeyError, ValueError) as e:
-        raise _error(h5ad_path, f"cannot read the .h5ad ({e})", "write it with anndata's write_h5ad") from e
-    if "spatial" not in adata.obsm:
-        raise _error(h5ad_path, "obsm['spatial'] (spot pixel coordinates) is missing",
-                     "store full-resolution pixel (x, y) of each spot in adata.obsm['spatial']")
+    adata = read_spatial_h5ad(h5ad_path, read_fix="write it with anndata's write_h5ad",
+                              spatial_fix="store full-resolution pixel (x, y) of each spot in adata.obsm['spatial']")
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
     if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
         raise _error(h5ad_path, f"obsm['spatial'] must be finite [n_obs, 2] pixel (x, y), got shape {xy.shape}", "fix the coordinates")

@@ -12,7 +12,7 @@ from collections import Counter
 
 import numpy as np
 
-from hishrst_train.synth.render import _OD_GLASS, STRIP_ROWS, Renderer
+from hishrst_train.synth.render import _OD_GLASS, STRIP_ROWS, Renderer, transmit
 
 __all__ = ["CanvasRenderer"]
 
@@ -75,11 +75,7 @@ class CanvasRenderer:
         od = np.empty_like(grain)
         for ch in range(3):
             np.multiply(grain, -_OD_GLASS[ch], out=od)
-            np.exp(od, out=od)
-            od *= 255.0
-            od += 0.5
-            np.minimum(od, 255.0, out=od)
-            out[..., ch] = od
+            transmit(od, out[..., ch])
         return out
 
     def strip(self, y0: int, y1: int) -> np.ndarray:

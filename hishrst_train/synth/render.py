@@ -173,12 +173,18 @@ class Renderer:
             np.multiply(glass_p, _OD_GLASS[ch], out=tmp)
             od += tmp
             np.negative(od, out=od)
-            np.exp(od, out=od)
-            od *= 255.0
-            od += 0.5
-            np.minimum(od, 255.0, out=od)
-            out[..., ch] = od
+            transmit(od, out[..., ch])
         return out
+
+
+def transmit(neg_od: np.ndarray, out: np.ndarray) -> None:
+    """Beer–Lambert: ``out = round(255 · exp(neg_od))`` clipped to 255 (``neg_od`` = −optical density,
+    overwritten as scratch); ``out`` is one uint8 channel."""
+    np.exp(neg_od, out=neg_od)
+    neg_od *= 255.0
+    neg_od += 0.5
+    np.minimum(neg_od, 255.0, out=neg_od)
+    out[...] = neg_od
 
 
 def downsample2(a: np.ndarray) -> np.ndarray:
