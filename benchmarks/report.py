@@ -47,7 +47,7 @@ def _short(text: str, n: int = 220) -> str:
 
 
 def section(name: str, recs: list[dict[str, Any]], *, title: str | None = None) -> str:
-    ok = [r for r in recs if r.get("status") == "ok"]
+    ok = [r for r in recs if r.get("status", "ok") == "ok"]
     skipped = [r for r in recs if r.get("status") == "skipped"]
     out = [f"### {title or name}", "", _machine(recs), ""]
     if name == "encoder":
@@ -112,6 +112,27 @@ def section(name: str, recs: list[dict[str, Any]], *, title: str | None = None) 
         out.append(md_table([r for r in ok if r.get("kind") == "fit"],
                             [("preset", "preset"), ("device", "device"), ("train_spots", "train spots"), ("groups", "groups"),
                              ("n_genes", "genes"), ("epochs", "epochs"), ("seconds_per_epoch", "s/epoch")]))
+    elif name == "transfer":
+        out.append(md_table(ok, [("mode", "position mode"), ("pcc_within_recovery", "PCC within a section (recovery)"),
+                                 ("pcc_unseen_section", "PCC unseen section"), ("pcc_unseen_moved_5mm", "PCC same slide moved 5 mm"),
+                                 ("moved_minus_here", "moved − unmoved"), ("ridge_colour_pcc", "ridge on colour/stain stats"),
+                                 ("ratio_to_ridge", "model / ridge"), ("lr_within", "lr within"), ("lr_across", "lr across"),
+                                 ("genes", "genes"), ("preset", "preset"), ("seed", "seed")]))
+    elif name == "direct_wsi":
+        src = [r for r in ok if r.get("kind") == "source"]
+        out.append(md_table(src, [("source", "source"), ("tiles_per_s", "read+cut tiles/s (best)"),
+                                  ("median_tiles_per_s", "median"), ("points", "tiles"), ("decode_mpix_per_s", "decode MP/s"),
+                                  ("chunks", "chunk px"), ("passes", "passes")]))
+        e2e = [{"kind": "whole hishrst-run", "direct": r["direct"]["tiles_per_s"], "direct_median": r["direct"]["median_tiles_per_s"],
+                "omezarr": r["ome_zarr"]["tiles_per_s"], "omezarr_median": r["ome_zarr"]["median_tiles_per_s"],
+                "best": r["direct_over_omezarr"], "median": r["median_direct_over_omezarr"]}
+               for r in ok if r.get("kind") == "end_to_end"]
+        ratios = [{"kind": "read + cut + resample", "best": r["direct_over_omezarr"], "median": r["median_direct_over_omezarr"]}
+                  for r in ok if r.get("kind") == "ratio"]
+        out += ["", md_table(ratios + e2e, [("kind", "passes"), ("direct", "direct tiles/s (best)"),
+                                             ("direct_median", "median"), ("omezarr", "OME-Zarr tiles/s (best)"),
+                                             ("omezarr_median", "median"), ("best", "direct / OME-Zarr, best"),
+                                             ("median", "direct / OME-Zarr, median")])]
     if skipped:
         out += ["", "Not measured:", *[f"- {' '.join(str(r.get(k)) for k in ('encoder', 'backend', 'batch_size') if r.get(k) is not None)}: "
                                        f"{_short(r['reason'])}" for r in skipped]]
@@ -124,7 +145,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--md", type=Path, default=None, help="write the Markdown here (default: stdout only)")
     args = p.parse_args(argv)
     parts = []
-    for name in ("encoder", "pipeline", "reference", "training"):
+    for name in ("encoder", "pipeline", "reference", "training", "direct_wsi", "transfer"):
         files = sorted(args.dir.glob(f"{name}*.jsonl"), key=lambda f: (f.stem != name, f.stem))
         for f in files:  # <name>.jsonl first, then variants such as pipeline-whatif-ort-nospin.jsonl
             if f.stat().st_size:

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             test = _colour_features(d.outs[2].parent / "image.tif", r["xy"], patch_um=patch_um, mpp=mpp)
             ridge = round(_mean_pcc(_ridge(train, test), r["truth"]), 4)
         rec = {k: v for k, v in r.items() if k not in ("config", "xy", "truth")}
-        rec.update(ridge_colour_pcc=ridge, ratio_to_ridge=round(rec["pcc_unseen_section"] / ridge, 3),
+        rec.update(status="ok", ridge_colour_pcc=ridge, ratio_to_ridge=round(rec["pcc_unseen_section"] / ridge, 3),
                    moved_minus_here=round(rec["pcc_unseen_moved_5mm"] - rec["pcc_unseen_section"], 4),
                    epochs_max=epochs, seed=args.seed, preset="small" if args.quick else "medium")
         rows.append(writer.write(rec))

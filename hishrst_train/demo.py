@@ -136,10 +136,10 @@ def _plot(out: Path, *, scores: dict[str, Any], dense: Path) -> Path:
     dval = np.asarray(pred[:, gene].X).ravel()
     vmax = float(max(np.percentile(meas, 99.5), np.percentile(dval, 99.5)))  # one colour scale for both maps
     a = axes[0].scatter(xy[:, 0], xy[:, 1], c=meas, s=9, cmap="magma", vmin=0, vmax=vmax)
-    axes[0].set_title(f"{gene}: measured on the unseen section ({adata.n_obs} spots)")
+    axes[0].set_title(f"{gene}: measured\non the unseen section ({adata.n_obs} spots)")
     dxy = pred.obsm["spatial"]
     b = axes[1].scatter(dxy[:, 0], dxy[:, 1], c=dval, s=2.5, cmap="magma", vmin=0, vmax=vmax)
-    axes[1].set_title(f"{gene}: predicted by hishrst-run (4× density, {pred.n_obs} points; PCC at spots {pcc[j]:.2f})")
+    axes[1].set_title(f"{gene}: predicted by hishrst-run\n(4× density, {pred.n_obs} points; PCC at the spots {pcc[j]:.2f})")
     for ax, sc in zip(axes, (a, b)):
         ax.set_aspect("equal")
         ax.invert_yaxis()
