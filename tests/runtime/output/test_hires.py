@@ -14,7 +14,7 @@ ad = pytest.importorskip("anndata")
 from hishrst_runtime.output.content import HIRES_MAX_SIDE  # noqa: E402
 from hishrst_runtime.output.layout import FORMAT_VERSION  # noqa: E402
 from hishrst_runtime.output.store import SpatialImages  # noqa: E402
-from tests.runtime.output.test_store import GENES, create, spatial, write_all  # noqa: E402
+from tests.runtime.output.test_store import GENES, create, finished_adata, spatial, write_all  # noqa: E402
 
 
 def test_store_has_hires_and_lowres(tmp_path: Path) -> None:
@@ -49,11 +49,7 @@ def test_squidpy_spatial_scatter_with_defaults(tmp_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = tmp_path / "s.zarr"
-    store = create(path, n=64)
-    write_all(store, np.arange(64))
-    store.finalize()
-    adata = ad.read_zarr(path)
+    adata = finished_adata(tmp_path / "s.zarr", n=64)
     sq.pl.spatial_scatter(adata, color=GENES[0])  # looks up uns['spatial'][lib]['images']['hires']
     fig = plt.gcf()
     assert fig.axes and fig.axes[0].images  # the slide image is drawn under the spots

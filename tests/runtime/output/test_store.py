@@ -61,6 +61,14 @@ def create(path: Path, n: int = 300, **kw) -> OutputStore:
     return OutputStore.create(path, **make_points(n), genes=GENES, spatial=spatial(), **kw)
 
 
+def finished_adata(path: Path, n: int) -> "ad.AnnData":
+    """A complete store of ``n`` rows at ``path``, read back with anndata."""
+    store = create(path, n=n)
+    write_all(store, np.arange(n))
+    store.finalize()
+    return ad.read_zarr(path)
+
+
 def write_all(store: OutputStore, rows: np.ndarray, *, batch: int = 17, seed: int = 1) -> None:
     rng = np.random.default_rng(seed)
     rows = rng.permutation(rows)
@@ -376,11 +384,7 @@ def test_scanpy_spatial_plot(tmp_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = tmp_path / "s.zarr"
-    store = create(path, n=120)
-    write_all(store, np.arange(120))
-    store.finalize()
-    a = ad.read_zarr(path)
+    a = finished_adata(tmp_path / "s.zarr", n=120)
     sc.pl.spatial(a, img_key="lowres", library_id="slide_A", color=GENES[0], show=False)
     sc.pl.spatial(a, color=GENES[1], show=False)  # library and image found automatically
     plt.close("all")
