@@ -35,10 +35,8 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from hishrst_runtime import __version__
-from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.files import atomic_write
 from hishrst_runtime.core.geometry import apply_affine, dense_array_grid, fit_affine
 from hishrst_runtime.core.grouping import GROUPING_METHOD, group_points
@@ -47,21 +45,17 @@ from hishrst_train.data.sections import Section, SectionSpec, load_adata, open_s
     resolve_sections, section_names
 from hishrst_train.runconfig import POSITION_UNITS, PositionMode, RunConfig, Task
 from hishrst_train.rundir import building_run, check_run_out
+from hishrst_train.targets import TARGET_SUM, FitError, Targets, build_targets, training_groups
 from hishrst_train.train import resolve_device, save_checkpoint  # torch: a missing [train] extra fails here
 
 __all__ = ["load_section", "open_sections", "fit_run", "spot_positions", "section_features", "load_run_encoder", "TARGET_SUM", "FitError",
            "TASKS", "POSITION_MODES", "DataArg"]
 
 log = logging.getLogger("hishrst")
-TARGET_SUM = 1e4
 TASKS: tuple[str, ...] = ("recovery", "generation", "full")
 POSITION_MODES: tuple[str, ...] = ("continuous", "grid", "relative", "none")
 #: One ``DATA`` argument (see :mod:`hishrst_train.data.sections`) or a parsed spec.
 DataArg = str | Path | SectionSpec
-
-
-class FitError(InputError):
-    """Fit inputs or options that cannot work (the message names the file or option and the fix)."""
 
 
 def load_section(data: DataArg, *, image: str | Path | None = None, mpp: float | None = None) -> ad.AnnData:
@@ -90,19 +84,6 @@ def spot_positions(xy_px: np.ndarray, *, mpp: float, mode: str, array_rc: np.nda
         raise FitError("--position grid needs Visium array coordinates (obs array_row / array_col), which this "
                        "section lacks; use --position relative")
     return np.stack([array_rc[:, 1], array_rc[:, 0]], axis=1).astype(np.float64)
-
-
-def _split(n: int, seed: int) -> np.ndarray:
-    """Boolean train mask: a seeded random half of the spots."""
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(n, dtype=bool)
-    mask[rng.permutation(n)[: n // 2]] = True
-    return mask
-
-
-def _section_seed(seed: int, i: int) -> int:
-    """Seed of section ``i`` (section 0 keeps ``seed``, so one-section runs split as before)."""
-    return seed + 1000 * i
 
 
 @dataclass(frozen=True)
@@ -209,93 +190,6 @@ def fit_run(
     return summary
 
 
-# ------------------------------------------------------------------------------------------ targets
-
-
-@dataclass(frozen=True)
-class _Targets:
-    """Genes, per-section train masks and log-normalised expression, concatenated over sections."""
-
-    genes: list[str]
-    train_mask: np.ndarray  # [N] over all sections
-    expr: np.ndarray  # [N, G] float32
-    offsets: np.ndarray  # [S + 1] first row of each section
-
-
-def _common_genes(secs: list[Section]) -> list[str]:
-    genes = [str(g) for g in secs[0].adata.var_names]
-    for s in secs[1:]:
-        have = set(map(str, s.adata.var_names))
-        genes = [g for g in genes if g in have]
-    if not genes:
-        raise FitError(f"the sections share no gene names ({', '.join(s.name for s in secs)}); use sections measured "
-                       "with the same gene annotation (symbols)")
-    return genes
-
-
-def _select_genes(secs: list[Section], masks: list[np.ndarray], *, n_genes: int, pooled_train: bool) -> list[str]:
-    """HVGs on the training spots (all spots when not ``pooled_train``), sections as Seurat v3 batches."""
-    from hishrst_train.preprocess import select_hvgs
-
-    if len(secs) == 1:
-        return select_hvgs(secs[0].adata, n_top=n_genes, train_mask=masks[0] if pooled_train else None)
-    common = _common_genes(secs)
-    rows = [m if pooled_train else np.ones_like(m) for m in masks]
-    parts = [s.adata[r][:, common].X for s, r in zip(secs, rows)]
-    X = sp.vstack([sp.csr_matrix(p) for p in parts]).tocsr()
-    pooled = ad.AnnData(X=X, var=pd.DataFrame(index=pd.Index(common)))
-    batch = np.repeat(np.arange(len(secs)), [int(r.sum()) for r in rows])
-    return select_hvgs(pooled, n_top=n_genes, batch=batch)
-
-
-def _targets(secs: list[Section], *, task: Task, seed: int, n_genes: int) -> _Targets:
-    """Train masks, selected genes (from training spots only) and log-normalised expression."""
-    from hishrst_train.preprocess import log_expression
-
-    masks = [_split(s.adata.n_obs, _section_seed(seed, i)) if task == "recovery" else np.ones(s.adata.n_obs, bool)
-             for i, s in enumerate(secs)]
-    genes = list(_select_genes(secs, masks, n_genes=n_genes, pooled_train=task == "recovery"))
-    expr = [log_expression(s.adata, genes, target_sum=TARGET_SUM) for s in secs]
-    offsets = np.concatenate([[0], np.cumsum([s.adata.n_obs for s in secs])])
-    return _Targets(genes=genes, train_mask=np.concatenate(masks), expr=np.concatenate(expr), offsets=offsets)
-
-
-def _train_groups(xy: np.ndarray, train_mask: np.ndarray, *, seed: int, val_frac: float, max_group: int
-                  ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """One section's training spots (validation removed), their neighbour groups and the validation groups.
-
-    Validation takes whole neighbour groups of the training spots (seeded, about ``val_frac`` of the spots),
-    so validation groups are as dense as training groups and as the groups met at inference: a random
-    sample of spots grouped among itself would be sparser, which misleads early stopping for position modes
-    that see distances within a group (``relative``)."""
-    train_idx = np.flatnonzero(train_mask)
-    groups = [train_idx[g] for g in group_points(xy[train_idx], max_size=max_group)]
-    if val_frac <= 0 or len(groups) < 2:
-        return train_idx, groups, []
-    order = np.random.default_rng(seed + 1).permutation(len(groups))
-    sizes = np.cumsum([len(groups[k]) for k in order])
-    n_val_groups = int(np.clip(np.searchsorted(sizes, len(train_idx) * val_frac) + 1, 1, len(groups) - 1))
-    is_val = np.zeros(len(groups), bool)
-    is_val[order[:n_val_groups]] = True
-    val_groups = [g for g, v in zip(groups, is_val) if v]
-    train_groups = [g for g, v in zip(groups, is_val) if not v]
-    return np.sort(np.concatenate(train_groups)), train_groups, val_groups
-
-
-def _all_groups(secs: list[Section], t: _Targets, o: _Options
-                ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray] | None]:
-    """Training rows, training groups and validation groups over all sections (global row indices)."""
-    train_idx, groups, val_groups = [], [], []
-    for i, s in enumerate(secs):
-        lo, hi = t.offsets[i], t.offsets[i + 1]
-        ti, g, vg = _train_groups(s.xy, t.train_mask[lo:hi], seed=_section_seed(o.seed, i), val_frac=o.val_frac,
-                                  max_group=o.max_group)
-        train_idx.append(ti + lo)
-        groups += [x + lo for x in g]
-        val_groups += [x + lo for x in vg]
-    return np.concatenate(train_idx), groups, val_groups or None
-
-
 # ------------------------------------------------------------------------------------------ features
 
 
@@ -354,7 +248,7 @@ def _section_obs(sec: Section, rows: np.ndarray, keys: np.ndarray) -> pd.DataFra
     return obs
 
 
-def _write_recovery(work: Path, model: Any, secs: list[Section], t: _Targets, feats: np.ndarray, pos: np.ndarray,
+def _write_recovery(work: Path, model: Any, secs: list[Section], t: Targets, feats: np.ndarray, pos: np.ndarray,
                     *, max_group: int) -> dict[str, Any]:
     """Predict each section's held-out spots (grouped among themselves) → ``predictions.h5ad``."""
     from hishrst_train.train import predict
@@ -410,7 +304,7 @@ def _write_generation(work: Path, model: Any, secs: list[Section], genes: list[s
     return {"n_dense": int(res.n_obs), "densify": float(o.densify)}
 
 
-def _write_split(work: Path, secs: list[Section], t: _Targets, train_idx: np.ndarray, seed: int) -> None:
+def _write_split(work: Path, secs: list[Section], t: Targets, train_idx: np.ndarray, seed: int) -> None:
     keys = _obs_keys(secs)
     val = np.setdiff1d(np.flatnonzero(t.train_mask), train_idx)
     split = {"seed": seed, "train": keys[train_idx].tolist(), "validation": keys[val].tolist(),
@@ -419,7 +313,7 @@ def _write_split(work: Path, secs: list[Section], t: _Targets, train_idx: np.nda
     atomic_write(work / "split.json", json.dumps(split).encode())
 
 
-def _write_baseline(work: Path, t: _Targets) -> None:
+def _write_baseline(work: Path, t: Targets) -> None:
     """``baseline.json``: each gene's mean over the training spots (the training-mean baseline of evaluate)."""
     mean = t.expr[t.train_mask].mean(0) if t.train_mask.any() else np.zeros(len(t.genes))
     atomic_write(work / "baseline.json", json.dumps({"genes": t.genes, "train_mean": mean.astype(float).tolist()}).encode())
@@ -442,13 +336,13 @@ def _fit(work: Path, secs: list[Section], o: _Options) -> tuple[dict[str, Any], 
     from hishrst_train.model import HisHRSTConfig
     from hishrst_train.train import TrainConfig, train_model
 
-    t = _targets(secs, task=o.task, seed=o.seed, n_genes=o.n_genes)
+    t = build_targets(secs, task=o.task, seed=o.seed, n_genes=o.n_genes)
     enc = load_run_encoder(o.encoder, weights=o.weights, device=o.device)
     t_feat = time.perf_counter()
     feats = np.concatenate([_features(s, s.xy, enc, o) for s in secs])
     t_feat = time.perf_counter() - t_feat
     pos = np.concatenate([spot_positions(s.xy, mpp=s.mpp, mode=o.position_mode, array_rc=s.array_rc) for s in secs])
-    train_idx, groups, val_groups = _all_groups(secs, t, o)
+    train_idx, groups, val_groups = training_groups(secs, t, seed=o.seed, val_frac=o.val_frac, max_group=o.max_group)
     mcfg = HisHRSTConfig(feature_dim=enc.feature_dim, n_genes=len(t.genes), position_mode=o.position_mode)
     tcfg = TrainConfig(epochs=o.epochs, seed=o.seed, lr=o.lr)
     t_train = time.perf_counter()
@@ -475,7 +369,7 @@ def _fit(work: Path, secs: list[Section], o: _Options) -> tuple[dict[str, Any], 
     return summary, _config_fields(secs, t, enc, mcfg, tcfg, o), model
 
 
-def _config_fields(secs: list[Section], t: _Targets, enc: Any, mcfg: Any, tcfg: Any, o: _Options) -> dict[str, Any]:
+def _config_fields(secs: list[Section], t: Targets, enc: Any, mcfg: Any, tcfg: Any, o: _Options) -> dict[str, Any]:
     import torch
 
     train_mpp = float(np.median([s.mpp for s in secs]))

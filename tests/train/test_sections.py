@@ -70,17 +70,23 @@ def test_two_sections_recovery(sections, tmp_path):
 
 
 def test_groups_never_span_sections(sections):
-    from hishrst_train.tasks import _all_groups, _Options, _targets, open_sections
+    from hishrst_train.targets import build_targets, training_groups
+    from hishrst_train.tasks import open_sections
 
     a, b, _ = sections
     secs = open_sections([a, b])
-    t = _targets(secs, task="full", seed=0, n_genes=1000)
-    o = _Options(task="full", encoder="test-vit", weights=None, epochs=1, seed=0, n_genes=1000, patch_um=64.0,
-                 position_mode="relative", densify=4.0, max_group=50, batch_size=64, image_features=True,
-                 val_frac=0.1, cache_dir=None, progress=False, device="cpu")
-    _, groups, val_groups = _all_groups(secs, t, o)
+    t = build_targets(secs, task="full", seed=0, n_genes=1000)
+    _, groups, val_groups = training_groups(secs, t, seed=0, val_frac=0.1, max_group=50)
     for g in groups + val_groups:
         assert len(np.unique(np.searchsorted(t.offsets, g, side="right"))) == 1
+    # validation takes whole groups: as dense as training groups (a random sample grouped among itself is not)
+    xy = np.concatenate([s.xy for s in secs])
+
+    def spacing(gs):
+        return np.median([np.sort(np.linalg.norm(xy[g][:, None] - xy[g][None], axis=-1), axis=1)[:, 1].mean()
+                          for g in gs if len(g) > 1])
+
+    assert val_groups and spacing(val_groups) < 1.3 * spacing(groups)
 
 
 def test_full_run_then_evaluate_on_unseen_section(sections, tmp_path):
