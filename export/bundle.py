@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hishrst_runtime import __version__
 from hishrst_runtime.core.grouping import group_points, pad_groups
 from hishrst_runtime.bundle.manifest import (
     SCHEMA_NAME,
@@ -38,9 +37,10 @@ from hishrst_runtime.bundle.manifest import (
 from hishrst_runtime.core.errors import HishrstError
 from hishrst_runtime.core.files import remove_tree, swap_in, temp_sibling
 from hishrst_runtime.core.patches import cut_patches, patch_side_px
+from hishrst_export.manifest import build_manifest, file_entry, listed_files
 from hishrst_train.runconfig import RunConfig, RunConfigError
 
-__all__ = ["LICENSE_NOTICES", "N_RANDOM", "N_REAL", "POSITION_PARAMS", "ExportError", "export_bundle"]
+__all__ = ["LICENSE_NOTICES", "N_RANDOM", "N_REAL", "ExportError", "export_bundle"]
 
 LICENSE_NOTICES = {
     "CC-BY-NC-ND-4.0": (
@@ -112,29 +112,6 @@ def _parity_inputs(config: RunConfig, encoder: Any, *, rng: np.random.Generator,
     return tiles, feeds, status
 
 
-def _file_entry(path: Path, precision: str) -> dict[str, Any]:
-    """Manifest entry of an ONNX file: path, SHA-256, size, precision and its external-data files."""
-    from hishrst_export.onnx_export import external_data_files
-
-    entry: dict[str, Any] = {"path": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                             "format": "onnx", "precision": precision}
-    ext = external_data_files(path)
-    if ext:
-        entry["external_data"] = [
-            {"path": rel, "sha256": sha256_file(path.parent / rel), "bytes": (path.parent / rel).stat().st_size}
-            for rel in ext
-        ]
-    return entry
-
-
-def _listed(files: dict[str, Any]) -> set[str]:
-    names = set()
-    for entry in files.values():
-        names.add(entry["path"])
-        names.update(x["path"] for x in entry.get("external_data", []))
-    return names
-
-
 def _check_out(out: Path, *, overwrite: bool) -> None:
     if not out.exists():
         return
@@ -150,15 +127,6 @@ def _check_out(out: Path, *, overwrite: bool) -> None:
                               "replace it even with --overwrite — choose another --out or delete it yourself")
     elif not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; choose another --out")
-
-
-def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
-
-    return {"hishrst": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__}
 
 
 def export_bundle(
@@ -214,7 +182,7 @@ def export_bundle(
     try:
         files, parity = _export_models(tmp, model, config, encoder, precision=precision, max_batch=max_batch,
                                        opset=opset, data=data, seed=seed, trt_info=trt_info, echo=echo)
-        manifest = _manifest(model, config, encoder, files=files, parity=parity, opset=opset, max_batch=max_batch,
+        manifest = build_manifest(model, config, encoder, files=files, parity=parity, opset=opset, max_batch=max_batch,
                              notice=notice)
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, manifest)
@@ -295,12 +263,12 @@ def _export_models(tmp: Path, model: Any, config: RunConfig, encoder: Any, *, pr
     enc_report = encoder_parity(encoder, enc_path, tiles=tiles, precision=precision, batch_sizes=batch_sizes)
     head_path = export_head_onnx(model, tmp / "head.onnx", opset=opset, precision=precision)
     head_report = head_parity(model, head_path, feeds=feeds, precision=precision)
-    files = {"encoder": _file_entry(enc_path, precision), "head": _file_entry(head_path, precision)}
+    files = {"encoder": file_entry(enc_path, precision), "head": file_entry(head_path, precision)}
     if trt_info is not None:
         files.update(_engines(tmp, enc_path, head_path, feeds=feeds, tiles=tiles, precision=precision,
                               max_batch=max_batch, d=int(model.config.feature_dim),
                               n=int(config.grouping["max_size"]), trt_info=trt_info))
-    stray = sorted({p.name for p in tmp.iterdir()} - _listed(files))
+    stray = sorted({p.name for p in tmp.iterdir()} - listed_files(files))
     if stray:
         raise ExportError(f"{tmp}: the export wrote files the manifest would not list ({stray}); report this bug")
     parity = {
@@ -309,63 +277,6 @@ def _export_models(tmp: Path, model: Any, config: RunConfig, encoder: Any, *, pr
         "precision": precision, "seed": seed, "real_tiles": real_status, "encoder": enc_report, "head": head_report,
     }
     return files, parity
-
-
-def _manifest(model: Any, config: RunConfig, encoder: Any, *, files: dict[str, Any], parity: dict[str, Any],
-              opset: int, max_batch: int, notice: str | None) -> dict[str, Any]:
-    """The bundle's ``manifest.json`` contents (without ``export_seconds``)."""
-    from hishrst_export.onnx_export import EXTERNAL_DATA_THRESHOLD
-    from hishrst_train.encoders.module import encoder_fingerprint
-
-    mcfg = model.config.to_dict()
-    gated = bool(config.encoder.get("gated"))
-    return {
-        "hishrst_version": __version__,
-        "created_unix": int(time.time()),
-        "encoder": {
-            "name": config.encoder["name"], "architecture": encoder.spec.arch,
-            "fingerprint": encoder_fingerprint(encoder),
-            "input_size": int(encoder.input_size), "feature_dim": int(encoder.feature_dim),
-            "input": {"name": "tiles", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
-            "normalisation": {"scale": 1 / 255, "mean": list(encoder.spec.mean), "std": list(encoder.spec.std),
-                              "formula": "(tiles / 255 - mean) / std, per RGB channel", "in_graph": True},
-            "gated": gated, "license": config.encoder.get("license"),
-        },
-        "patch": config.patch,
-        "position": _position_manifest(mcfg, config.position),
-        "grouping": config.grouping,
-        "genes": list(config.genes),
-        "output": {"name": "expression", "meaning": "log1p of counts per 10k (normalize_total to 1e4, then log1p)",
-                   "target_sum": config.preprocessing.get("target_sum", 1e4), "dtype": "float32",
-                   "shape": "[groups, points, genes]"},
-        "head": {"inputs": ["features", "positions", "mask"], "max_group_size": config.grouping["max_size"]},
-        "preprocessing": config.preprocessing,
-        "files": files,
-        "onnx_opset": opset,
-        "max_batch": max_batch,
-        "external_data_threshold_bytes": EXTERNAL_DATA_THRESHOLD,
-        "parity": parity,
-        "license": {"gated": gated, "redistributable": not gated, "notice": notice},
-        "source_run": {"task": config.task, "hishrst_version": config.hishrst_version, "data": config.data},
-        "exporter": _versions(),
-    }
-
-
-#: Model config keys recorded in the manifest's ``position`` section, per position mode.
-POSITION_PARAMS: dict[str, tuple[str, ...]] = {
-    "continuous": ("pos_n_freqs", "min_wavelength_um", "max_wavelength_um"),
-    "relative": ("rel_n_freqs", "rel_min_wavelength_um", "rel_max_wavelength_um", "rel_eps_um2"),
-}
-
-
-def _position_manifest(mcfg: dict[str, Any], position: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's ``position`` section: the run's mode, ``units: "um"`` (every deployable head takes µm;
-    ``relative`` uses only distances within a group, ``none`` ignores them) and that mode's parameters."""
-    out = {**position, "mode": mcfg["position_mode"], "units": "um"}
-    out.update({k: mcfg[k] for k in POSITION_PARAMS.get(out["mode"], ())})
-    if out["mode"] == "relative":
-        out.update(frame="group centroid", invariant_to=["translation", "rotation", "reflection"])
-    return out
 
 
 def _engines(tmp: Path, enc_path: Path, head_path: Path, *, feeds: dict[str, dict[str, np.ndarray]],

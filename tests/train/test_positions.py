@@ -180,7 +180,7 @@ def test_head_export_parity_in_every_deployable_mode(mode: str, precision: str, 
 @pytest.mark.parametrize("mode", ["continuous", "relative", "none"])
 def test_manifest_position_section_records_the_mode(mode: str) -> None:
     pytest.importorskip("onnx")
-    from hishrst_export.bundle import POSITION_PARAMS, _position_manifest
+    from hishrst_export.manifest import POSITION_PARAMS, _position_manifest
 
     mcfg = HisHRSTConfig(feature_dim=8, n_genes=3, position_mode=mode).to_dict()  # type: ignore[arg-type]
     units = "um" if mode == "continuous" else "array"  # what fit wrote before it knew the new modes
@@ -205,7 +205,8 @@ def test_fit_and_export_a_bundle_in_mode(mode: str, small_section: Path, feature
     """fit → export → the runtime's own validation: the manifest records the mode and its parameters."""
     pytest.importorskip("timm")
     pytest.importorskip("onnx")
-    from hishrst_export.bundle import POSITION_PARAMS, export_bundle
+    from hishrst_export.bundle import export_bundle
+    from hishrst_export.manifest import POSITION_PARAMS
     from hishrst_runtime.bundle.manifest import load_bundle
     from hishrst_train.tasks import fit_run
 

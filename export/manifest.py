@@ -1,0 +1,105 @@
+"""The bundle's ``manifest.json`` as export writes it: file entries (hashes, external data), the encoder,
+patch, position, grouping, genes and output sections, parity figures, licence and versions. The runtime reads
+it back through :mod:`hishrst_runtime.bundle` (schema, upgrades, validation)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from hishrst_runtime import __version__
+from hishrst_runtime.bundle.manifest import sha256_file
+from hishrst_train.runconfig import RunConfig
+
+__all__ = ["POSITION_PARAMS", "build_manifest", "file_entry", "listed_files"]
+
+
+def file_entry(path: Path, precision: str) -> dict[str, Any]:
+    """Manifest entry of an ONNX file: path, SHA-256, size, precision and its external-data files."""
+    from hishrst_export.onnx_export import external_data_files
+
+    entry: dict[str, Any] = {"path": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+                             "format": "onnx", "precision": precision}
+    ext = external_data_files(path)
+    if ext:
+        entry["external_data"] = [
+            {"path": rel, "sha256": sha256_file(path.parent / rel), "bytes": (path.parent / rel).stat().st_size}
+            for rel in ext
+        ]
+    return entry
+
+
+def listed_files(files: dict[str, Any]) -> set[str]:
+    """Every file name the ``files`` section lists (models and their external data)."""
+    names = set()
+    for entry in files.values():
+        names.add(entry["path"])
+        names.update(x["path"] for x in entry.get("external_data", []))
+    return names
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"hishrst": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def build_manifest(model: Any, config: RunConfig, encoder: Any, *, files: dict[str, Any], parity: dict[str, Any],
+              opset: int, max_batch: int, notice: str | None) -> dict[str, Any]:
+    """The bundle's ``manifest.json`` contents (without ``export_seconds``)."""
+    from hishrst_export.onnx_export import EXTERNAL_DATA_THRESHOLD
+    from hishrst_train.encoders.module import encoder_fingerprint
+
+    mcfg = model.config.to_dict()
+    gated = bool(config.encoder.get("gated"))
+    return {
+        "hishrst_version": __version__,
+        "created_unix": int(time.time()),
+        "encoder": {
+            "name": config.encoder["name"], "architecture": encoder.spec.arch,
+            "fingerprint": encoder_fingerprint(encoder),
+            "input_size": int(encoder.input_size), "feature_dim": int(encoder.feature_dim),
+            "input": {"name": "tiles", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
+            "normalisation": {"scale": 1 / 255, "mean": list(encoder.spec.mean), "std": list(encoder.spec.std),
+                              "formula": "(tiles / 255 - mean) / std, per RGB channel", "in_graph": True},
+            "gated": gated, "license": config.encoder.get("license"),
+        },
+        "patch": config.patch,
+        "position": _position_manifest(mcfg, config.position),
+        "grouping": config.grouping,
+        "genes": list(config.genes),
+        "output": {"name": "expression", "meaning": "log1p of counts per 10k (normalize_total to 1e4, then log1p)",
+                   "target_sum": config.preprocessing.get("target_sum", 1e4), "dtype": "float32",
+                   "shape": "[groups, points, genes]"},
+        "head": {"inputs": ["features", "positions", "mask"], "max_group_size": config.grouping["max_size"]},
+        "preprocessing": config.preprocessing,
+        "files": files,
+        "onnx_opset": opset,
+        "max_batch": max_batch,
+        "external_data_threshold_bytes": EXTERNAL_DATA_THRESHOLD,
+        "parity": parity,
+        "license": {"gated": gated, "redistributable": not gated, "notice": notice},
+        "source_run": {"task": config.task, "hishrst_version": config.hishrst_version, "data": config.data},
+        "exporter": _versions(),
+    }
+
+
+#: Model config keys recorded in the manifest's ``position`` section, per position mode.
+POSITION_PARAMS: dict[str, tuple[str, ...]] = {
+    "continuous": ("pos_n_freqs", "min_wavelength_um", "max_wavelength_um"),
+    "relative": ("rel_n_freqs", "rel_min_wavelength_um", "rel_max_wavelength_um", "rel_eps_um2"),
+}
+
+
+def _position_manifest(mcfg: dict[str, Any], position: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``position`` section: the run's mode, ``units: "um"`` (every deployable head takes µm;
+    ``relative`` uses only distances within a group, ``none`` ignores them) and that mode's parameters."""
+    out = {**position, "mode": mcfg["position_mode"], "units": "um"}
+    out.update({k: mcfg[k] for k in POSITION_PARAMS.get(out["mode"], ())})
+    if out["mode"] == "relative":
+        out.update(frame="group centroid", invariant_to=["translation", "rotation", "reflection"])
+    return out
