@@ -215,3 +215,25 @@ def test_time_call_counts_and_skips_warmup_when_slow() -> None:
     slow = []
     t = time_call(lambda: (slow.append(1), _time.sleep(0.03)), warmup=3, min_time=0.0, min_iters=5, slow_s=0.01)
     assert len(slow) == 3 and t["iters"] == 2  # one warm-up call, then the minimum of 2
+
+
+def test_transfer_quick(bench_work: Path, tmp_path: Path) -> None:
+    records = _script("transfer", tmp_path / "transfer.jsonl", bench_work, "--modes", "relative")
+    (r,) = records
+    assert r["mode"] == "relative" and r["genes"] > 0
+    # through export and `hishrst-run --points`: the same slide moved 5 mm scores the same (exact invariance)
+    assert abs(r["moved_minus_here"]) <= 1e-3, r
+    for key in ("pcc_within_recovery", "pcc_unseen_section", "pcc_unseen_moved_5mm", "ridge_colour_pcc"):
+        assert math.isfinite(r[key]) and -1 <= r[key] <= 1
+
+
+def test_direct_wsi_quick(bench_work: Path, tmp_path: Path) -> None:
+    records = _script("direct_wsi", tmp_path / "direct_wsi.jsonl", bench_work)
+    if records[0]["status"] == "skipped":
+        pytest.skip(records[0]["reason"])
+    sources = {r["source"]: r for r in records if r.get("kind") == "source"}
+    assert set(sources) == {"direct", "ome-zarr"}
+    for r in sources.values():
+        _positive(r["tiles_per_s"], r["median_tiles_per_s"], r["decode_mpix_per_s"])
+    (e2e,) = [r for r in records if r.get("kind") == "end_to_end"]
+    _positive(e2e["direct"]["tiles_per_s"], e2e["ome_zarr"]["tiles_per_s"], e2e["direct_over_omezarr"])
