@@ -12,48 +12,24 @@ A ``file://`` URL is a local path (:func:`as_slide_arg`).
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from hishrst_runtime.core.errors import OutputStateError
-from hishrst_runtime.core.urls import redact_url
 from hishrst_runtime.jobs.formats import tissue_geojson_path
 from hishrst_runtime.output.spatialdata_store import spatialdata_path
 from hishrst_runtime.output.layout import written_by_hishrst
 from hishrst_runtime.output.store import STATUS_ATTR, partial_path
 from hishrst_runtime.slides.sources import file_url_path
+from hishrst_runtime.slides.sources import is_url as slide_is_url
 
-__all__ = ["SlideArg", "SLIDE_SUFFIXES", "is_url", "as_slide_arg", "slide_name", "remote_problem", "slide_output_path",
+__all__ = ["SlideArg", "SLIDE_SUFFIXES", "is_url", "as_slide_arg", "slide_name", "slide_output_path",
            "output_collisions", "check_output_location", "foreign_output"]
 
 #: A slide as given: a local path, or a URL string (kept as it is).
 SlideArg = str | Path
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def _remote_support() -> bool:
-    """Whether the slide reader opens URLs (:mod:`hishrst_runtime.slides.remote`); it then reports a missing
-    ``remote`` extra or an unreachable URL itself, per slide."""
-    return importlib.util.find_spec("hishrst_runtime.slides.remote") is not None
-
-
-def remote_problem(slide: SlideArg) -> str | None:
-    """The one-line reason a URL slide cannot run (the slide reader has no remote support), or None for a
-    local path or when URLs are passed to the reader."""
-    text = str(slide) if isinstance(slide, str) else None
-    if text is None or not _URL.match(text):
-        return None
-    scheme = text.split("://", 1)[0].lower()
-    if _remote_support():
-        return None
-    need = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "an HTTP store", "https": "an HTTP store"}
-    return (f"{redact_url(text)}: remote stores need {need.get(scheme, 'an fsspec filesystem')} support, which "
-            "hishrst-run "
-            "does not have yet (not supported yet); download the store and pass its local path")
 
 
 #: Slide name endings dropped from output names, longest first (``S.ome.tiff`` -> ``S.zarr``).
@@ -64,7 +40,7 @@ SLIDE_SUFFIXES: tuple[str, ...] = (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr"
 def is_url(slide: SlideArg) -> bool:
     """Whether a slide argument is a URL string (``scheme://...``) other than ``file://`` (a local path:
     :func:`as_slide_arg`)."""
-    return isinstance(slide, str) and bool(_URL.match(slide)) and file_url_path(slide) is None
+    return isinstance(slide, str) and slide_is_url(slide)
 
 
 def as_slide_arg(slide: str | os.PathLike[str]) -> SlideArg:
@@ -99,8 +75,7 @@ def output_collisions(slides: Sequence[SlideArg], out_dir: Path) -> dict[Path, l
     """Outputs that more than one of ``slides`` would write (``{output: [slides]}``; empty when none)."""
     by_out: dict[Path, list[SlideArg]] = {}
     for s in slides:
-        if remote_problem(s) is None:
-            by_out.setdefault(slide_output_path(s, out_dir), []).append(s)
+        by_out.setdefault(slide_output_path(s, out_dir), []).append(s)
     same = lambda s: s if is_url(s) else str(Path(s).resolve())  # noqa: E731
     return {o: s for o, s in by_out.items() if len({same(p) for p in s}) > 1}
 

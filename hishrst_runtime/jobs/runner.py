@@ -42,7 +42,6 @@ from hishrst_runtime.jobs.paths import (
     check_output_location,
     foreign_output,
     output_collisions,
-    remote_problem,
     slide_output_path,
 )
 from hishrst_runtime.jobs.results import SlideResult
@@ -148,7 +147,7 @@ class _Runner:
                  points_px: dict[str, Points]) -> None:
         self.slides, self.ctx, self.points_px = slides, ctx, points_px
         self.opts = ctx.options
-        self.outs = [None if remote_problem(s) else slide_output_path(s, out_dir) for s in slides]
+        self.outs = [slide_output_path(s, out_dir) for s in slides]
         self.collided = set(output_collisions(slides, out_dir))
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hishrst-prefetch")
         self.futures: dict[int, Future] = {}
@@ -188,7 +187,7 @@ class _Runner:
 
     def _needs_work(self, j: int) -> bool:
         out = self.outs[j]
-        return out is not None and out not in self.collided and (
+        return out not in self.collided and (
             self.opts.overwrite or not is_done(out, self.opts.output_format))
 
     def _prefetch_after(self, i: int) -> None:
@@ -270,10 +269,8 @@ class _Runner:
         return None
 
     def _one(self, i: int) -> SlideResult:
-        slide, out = self.slides[i], self.outs[i]
-        res = SlideResult(slide=str(slide), output=out, status="failed")
-        if out is None:  # a URL: never turned into a local path
-            return res.with_(reason=remote_problem(slide) or "")
+        out = self.outs[i]
+        res = SlideResult(slide=str(self.slides[i]), output=out, status="failed")
         lock = SlideLock(out)
         refused = self._refused(i, res, lock)
         return refused if refused is not None else self._run_locked(i, res, out, lock)
