@@ -30,11 +30,12 @@ import numpy as np
 
 from hishrst_runtime.core.errors import InputError
 
-__all__ = ["QueryPoints", "read_points", "check_points_inside", "POSITION_FILES"]
+__all__ = ["QueryPoints", "read_points", "check_points_inside", "POSITION_FILES", "SPOT_TABLE_COLUMNS"]
 
 #: Space Ranger's spot tables, newest first: (file name inside ``spatial/``, has a header row).
 POSITION_FILES: tuple[tuple[str, bool], ...] = (("tissue_positions.csv", True), ("tissue_positions_list.csv", False))
-_SR_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
+#: Columns of a Space Ranger spot table, in file order.
+SPOT_TABLE_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
 _FIX_CSV = "write a header row `x,y` (level-0 pixels; optional `id`), one point a row"
 _SHOWN = 3  # offending rows named in a message
 
@@ -189,18 +190,18 @@ def _spaceranger_table(path: Path, has_header: bool) -> QueryPoints:
         raise InputError(f"{path}: cannot read the spot table ({e}); re-export it from Space Ranger") from e
     if has_header and rows:
         header = [c.strip().lower() for c in rows[0][1]]
-        missing = [c for c in _SR_COLUMNS if c not in header]
+        missing = [c for c in SPOT_TABLE_COLUMNS if c not in header]
         if missing:
             raise InputError(f"{path}: missing column(s) {', '.join(missing)}; a Space Ranger spot table has "
-                             f"{', '.join(_SR_COLUMNS)}")
-        cols, rows = [header.index(c) for c in _SR_COLUMNS], rows[1:]
+                             f"{', '.join(SPOT_TABLE_COLUMNS)}")
+        cols, rows = [header.index(c) for c in SPOT_TABLE_COLUMNS], rows[1:]
     else:
-        cols = list(range(len(_SR_COLUMNS)))
+        cols = list(range(len(SPOT_TABLE_COLUMNS)))
     xy, names, lines = [], [], []
     for line, r in rows:
-        if len(r) < len(_SR_COLUMNS):
-            raise InputError(f"{path}: line {line} has {len(r)} field(s), expected {len(_SR_COLUMNS)} "
-                             f"({', '.join(_SR_COLUMNS)})")
+        if len(r) < len(SPOT_TABLE_COLUMNS):
+            raise InputError(f"{path}: line {line} has {len(r)} field(s), expected {len(SPOT_TABLE_COLUMNS)} "
+                             f"({', '.join(SPOT_TABLE_COLUMNS)})")
         if r[cols[1]].strip() not in ("1", "1.0", "True", "true"):
             continue
         xy.append((_number(r[cols[5]].strip(), path, line, "pxl_col_in_fullres"),

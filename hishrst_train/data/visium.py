@@ -13,6 +13,7 @@ import pandas as pd
 from hishrst_runtime.core.geometry import mpp_from_spot_diameter
 
 
+from hishrst_runtime.inference.points import POSITION_FILES, SPOT_TABLE_COLUMNS
 from hishrst_train.data.errors import _error
 
 __all__ = ['read_visium', 'read_h5ad_with_image']
@@ -22,7 +23,8 @@ log = logging.getLogger("hishrst")
 from hishrst_train.data.image import _IMAGE_SUFFIXES, _check_bounds, _image_hw, image_mpp, open_fullres_image
 from hishrst_train.data.tenx import _read_10x_h5
 
-_POS_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+#: Space Ranger's spot-table files and columns: one definition, shared with ``hishrst-run --points``.
+_POS_COLUMNS = list(SPOT_TABLE_COLUMNS)
 
 # ---------------------------------------------------------------------------------------------------
 # Space Ranger outs
@@ -30,7 +32,7 @@ _POS_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fu
 
 
 def _read_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
-    for name in ("tissue_positions.csv", "tissue_positions_list.csv"):
+    for name, _ in POSITION_FILES:
         p = spatial / name
         if p.is_file():
             break
