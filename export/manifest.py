@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hishrst_runtime import __version__
+from hishrst_runtime.core.version import __version__
 from hishrst_runtime.bundle.manifest import sha256_file
 from hishrst_train.runconfig import RunConfig
 

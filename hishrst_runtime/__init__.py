@@ -9,12 +9,7 @@ from __future__ import annotations
 
 from hishrst_runtime.core.lazy import lazy_attributes
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("hishrst")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+local"
+from hishrst_runtime.core.version import __version__
 
 __all__ = [
     "__version__",

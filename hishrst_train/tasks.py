@@ -36,7 +36,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from hishrst_runtime import __version__
+from hishrst_runtime.core.version import __version__
 from hishrst_runtime.core.files import atomic_write
 from hishrst_runtime.core.geometry import apply_affine, dense_array_grid, fit_affine
 from hishrst_runtime.core.grouping import GROUPING_METHOD, group_points

@@ -119,7 +119,7 @@ def upgrade_manifest(manifest: dict[str, Any], *, path: Path | str = "manifest.j
 
 
 def _own_version() -> str:
-    from hishrst_runtime import __version__
+    from hishrst_runtime.core.version import __version__
 
     return __version__
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from hishrst_runtime import __version__
+from hishrst_runtime.core.version import __version__
 from hishrst_runtime.cli.errors import user_errors
 from hishrst_runtime.core.errors import EnvironmentProblem
 

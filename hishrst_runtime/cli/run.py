@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from hishrst_runtime import __version__
+from hishrst_runtime.core.version import __version__
 from hishrst_runtime.cli.errors import one_line, option_errors, user_errors
 from hishrst_runtime.cli.logs import configure_logging, progress_enabled
 from hishrst_runtime.core.errors import OutputStateError

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["fsync_path", "atomic_write", "read_json", "remove_tree", "swap_in", "sha256_file", "temp_sibling"]
+__all__ = ["fsync_path", "atomic_write", "read_json", "remove_tree", "swap_in", "sha256_file", "temp_sibling",
+           "stale_siblings", "clean_stale_siblings"]
 
 
 def temp_sibling(path: Path, tag: str) -> Path:
@@ -110,3 +111,44 @@ def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_siblings(path: Path, tag: str) -> list[Path]:
+    """Hidden siblings :func:`temp_sibling` made for ``path`` with ``tag`` whose process is gone (a killed
+    run's debris: ``.<name>.<tag>-<pid>-<hex>``). Siblings of live processes are never listed."""
+    path = Path(path)
+    prefix = f".{path.name}.{tag}-"
+    found: list[Path] = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        pid_text = entry.name[len(prefix):].split("-", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            found.append(entry)
+    return found
+
+
+def clean_stale_siblings(path: Path, *tags: str) -> list[Path]:
+    """Delete the debris of killed runs beside ``path`` (:func:`stale_siblings` for each tag, default
+    ``partial``, ``tmp``, ``old``, ``trash``); returns what was removed. Errors removing one are ignored."""
+    removed: list[Path] = []
+    for tag in tags or ("partial", "tmp", "old", "trash"):
+        for entry in stale_siblings(path, tag):
+            with contextlib.suppress(OSError):
+                remove_tree(entry) if entry.is_dir() else entry.unlink()
+                removed.append(entry)
+    return removed

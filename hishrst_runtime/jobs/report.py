@@ -76,7 +76,7 @@ def versions() -> dict[str, str | None]:
             except PackageNotFoundError:
                 continue
     if out["hishrst"] is None:
-        from hishrst_runtime import __version__
+        from hishrst_runtime.core.version import __version__
 
         out["hishrst"] = __version__
     return out

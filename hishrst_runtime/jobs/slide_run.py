@@ -129,7 +129,7 @@ def _predict_into(store: OutputStore, prep: PreparedSlide, ctx: SlideContext, lo
 
 def run_prepared(prep: PreparedSlide, out: Path, ctx: SlideContext, lock: Any) -> SlideResult:
     """Predict one prepared slide into ``out`` (holding ``lock``) and finalize it; status ``ok``."""
-    from hishrst_runtime import __version__
+    from hishrst_runtime.core.version import __version__
 
     n = len(prep.points_px)
     if n == 0:
