@@ -10,7 +10,11 @@ Metrics: per gene PCC (constant genes counted, and scored 0 in ``pcc_mean_consta
 MAE pooled over all scored spots; SSIM of gene maps and k-means ARI against ``obs['layer']`` computed
 per section (where array coordinates / layers exist) and averaged. Baselines beside the model:
 ``baseline_train_mean`` (each gene's mean over the run's training spots, from ``baseline.json``) and
-``baseline_mean`` (the measured mean of the scored spots — optimistic, it sees the truth).
+``baseline_mean`` (the measured mean of the scored spots — optimistic, it sees the truth), and — when
+the run has them — ``baseline_ridge`` (PCA-256 + ridge on the same embeddings, fitted on training spots:
+:mod:`hishrst_train.baselines`) and, within a section, ``baseline_knn`` (position-only nearest training
+spots). The per-gene table carries ``pcc_<baseline>`` / ``mse_<baseline>`` columns; ``warnings`` lists
+where the model is worse than the training mean (MSE) or the ridge (PCC), and by how much.
 """
 
 from __future__ import annotations
@@ -27,10 +31,14 @@ import pandas as pd
 
 from hishrst_runtime.core.errors import InputError, OutputStateError
 from hishrst_runtime.core.files import atomic_write
+from hishrst_train.baselines import RIDGE_FILE, RidgeBaseline, baseline_warnings
 from hishrst_train.metrics import gene_map_ssim, kmeans_ari, per_gene_metrics, summarise
 from hishrst_train.runconfig import RunConfig
 
-__all__ = ["evaluate_run", "evaluate_on", "EvaluateError"]
+__all__ = ["evaluate_run", "evaluate_on", "EvaluateError", "BASELINE_LAYERS"]
+
+#: Layers of a predictions AnnData holding baseline predictions, by the baseline's name in the summary.
+BASELINE_LAYERS = {"ridge": "baseline_ridge", "knn": "baseline_knn"}
 
 
 class EvaluateError(InputError):
@@ -108,7 +116,24 @@ def _score(res: ad.AnnData, *, train_mean: np.ndarray | None, ssim: bool, ari: b
         tm = per_gene_metrics(np.broadcast_to(train_mean, truth.shape), truth)
         summary["baseline_train_mean"] = summarise(tm)
         per_gene["mse_train_mean"] = tm["mse"]
+    for name, layer in BASELINE_LAYERS.items():
+        if layer in res.layers:
+            bm = per_gene_metrics(np.asarray(res.layers[layer], dtype=np.float64), truth)
+            summary[f"baseline_{name}"] = summarise(bm)
+            per_gene[f"pcc_{name}"], per_gene[f"mse_{name}"] = bm["pcc"], bm["mse"]
+    summary["warnings"] = baseline_warnings(summary)
     return summary, per_gene
+
+
+def _ridge(run_dir: Path) -> RidgeBaseline | None:
+    """The run's ridge baseline (None for runs written before it existed)."""
+    path = run_dir / RIDGE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return RidgeBaseline.load(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise EvaluateError(f"{path}: unreadable ({type(e).__name__}: {e}); re-run `hishrst fit`") from e
 
 
 def _write(folder: Path, summary: dict[str, Any], per_gene: pd.DataFrame) -> None:
@@ -168,7 +193,7 @@ def _load_encoder(config: RunConfig, device: str) -> Any:
 
 
 def _predict_section(model: Any, config: RunConfig, sec: Any, genes: list[str], enc: Any, *, batch_size: int,
-                     cache_dir: str | Path | None, progress: bool) -> ad.AnnData:
+                     cache_dir: str | Path | None, progress: bool, ridge: RidgeBaseline | None = None) -> ad.AnnData:
     from hishrst_runtime.core.grouping import group_points
     from hishrst_train.preprocess import log_expression
     from hishrst_train.tasks import TARGET_SUM, _section_obs, section_features, spot_positions
@@ -186,6 +211,8 @@ def _predict_section(model: Any, config: RunConfig, sec: Any, genes: list[str], 
     res = ad.AnnData(X=pred[:, col], obs=_section_obs(sec, np.arange(sec.adata.n_obs), keys),
                      var=pd.DataFrame(index=pd.Index(genes, name="gene")))
     res.layers["truth"] = truth
+    if ridge is not None:
+        res.layers[BASELINE_LAYERS["ridge"]] = ridge.predict(feats)[:, col]
     res.obsm["spatial"] = sec.xy
     return res
 
@@ -215,8 +242,9 @@ def evaluate_on(run_dir: str | Path, data: Any, *, image: str | Path | None = No
         raise EvaluateError(f"{', '.join(str(s.spec.data) for s in secs)}: none of the run's {len(config.genes)} genes "
                             "were measured; evaluate on sections with the same gene annotation")
     enc = _load_encoder(config, resolve_device(device))
+    ridge = _ridge(run_dir)
     parts = [_predict_section(model, config, s, genes, enc, batch_size=batch_size, cache_dir=cache_dir,
-                              progress=progress) for s in secs]
+                              progress=progress, ridge=ridge) for s in secs]
     res = ad.concat(parts, merge="same") if len(parts) > 1 else parts[0]
     summary, per_gene = _score(res, train_mean=_train_mean(run_dir, genes), ssim=ssim, ari=ari)
     label = re.sub(r"[^A-Za-z0-9._+-]+", "_", name or "+".join(s.name for s in secs))[:120]
