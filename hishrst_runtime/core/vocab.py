@@ -1,0 +1,51 @@
+"""The one home of every named choice shared by training, export and the runtime.
+
+Each choice is a ``Literal`` type plus a tuple of its values (derived from the type, so the two cannot
+disagree) and, where it has one, its default. CLI choices, dataclass validation, manifest checks and
+docs import these; ``tests/test_facts.py`` fails when a module spells a list of them out again.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+__all__ = [
+    "PositionMode", "POSITION_MODES", "DEFAULT_POSITION_MODE", "UM_POSITION_MODES", "TRANSFERABLE_POSITION_MODES",
+    "Precision", "PRECISIONS", "DEFAULT_PRECISION",
+    "GridKind", "GRID_KINDS", "DEFAULT_GRID",
+    "Task", "TASKS", "DEFAULT_TASK",
+    "Provider", "PROVIDERS", "DEFAULT_PROVIDER",
+]
+
+#: How the head sees where spots are. ``relative`` (default): distances within a neighbour group only,
+#: exactly invariant to moving, rotating and mirroring the tissue; ``none``: positions ignored;
+#: ``continuous``: absolute µm on the training slide (does not transfer to other slides); ``grid``: Visium
+#: array indices (the reference implementation; training only, refused by the slide runtime).
+PositionMode = Literal["relative", "none", "continuous", "grid"]
+POSITION_MODES: tuple[str, ...] = get_args(PositionMode)
+DEFAULT_POSITION_MODE: PositionMode = "relative"
+#: Modes whose head takes positions in µm (every mode the slide runtime can run).
+UM_POSITION_MODES: tuple[str, ...] = ("relative", "none", "continuous")
+#: Modes that carry over to sections and slides the model never saw.
+TRANSFERABLE_POSITION_MODES: tuple[str, ...] = ("relative", "none")
+
+#: Numeric precision of exported ONNX graphs / TensorRT engines.
+Precision = Literal["fp32", "fp16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+DEFAULT_PRECISION: Precision = "fp32"
+
+#: Query-point lattice of ``hishrst-run`` over tissue.
+GridKind = Literal["hex", "square"]
+GRID_KINDS: tuple[str, ...] = get_args(GridKind)
+DEFAULT_GRID: GridKind = "hex"
+
+#: Training tasks: ``recovery`` (train on half of the spots, predict the other half), ``generation``
+#: (predict a denser spot grid), ``full`` (train on every spot, score other sections).
+Task = Literal["recovery", "generation", "full"]
+TASKS: tuple[str, ...] = get_args(Task)
+DEFAULT_TASK: Task = "recovery"
+
+#: Inference engines ``hishrst-run --provider`` accepts (``auto``: the fastest one installed).
+Provider = Literal["auto", "cpu", "cuda", "tensorrt", "trt-native"]
+PROVIDERS: tuple[str, ...] = get_args(Provider)
+DEFAULT_PROVIDER: Provider = "auto"
