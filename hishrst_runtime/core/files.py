@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["fsync_path", "atomic_write", "read_json", "remove_tree", "swap_in", "sha256_file", "temp_sibling",
-           "stale_siblings", "clean_stale_siblings"]
+           "stale_siblings", "restore_stale_old", "clean_stale_siblings"]
 
 
 def temp_sibling(path: Path, tag: str) -> Path:
@@ -142,9 +142,29 @@ def stale_siblings(path: Path, tag: str) -> list[Path]:
     return found
 
 
+def restore_stale_old(path: Path) -> Path | None:
+    """Put back the previous ``path`` that a run killed inside :func:`swap_in` left renamed aside: when
+    ``path`` is missing and a dead process's ``old`` sibling exists, the newest such sibling is renamed to
+    ``path`` (it is the only copy of the earlier output). Returns ``path`` when restored, else None."""
+    path = Path(path)
+    if os.path.lexists(path):
+        return None
+    aside = stale_siblings(path, "old")
+    if not aside:
+        return None
+    try:
+        os.rename(max(aside, key=lambda p: p.lstat().st_mtime), path)
+    except OSError:  # another process put it back (or replaced it) meanwhile
+        return None
+    return path
+
+
 def clean_stale_siblings(path: Path, *tags: str) -> list[Path]:
     """Delete the debris of killed runs beside ``path`` (:func:`stale_siblings` for each tag, default
-    ``partial``, ``tmp``, ``old``, ``trash``); returns what was removed. Errors removing one are ignored."""
+    ``partial``, ``tmp``, ``old``, ``trash``); returns what was removed. Errors removing one are ignored.
+    An ``old`` sibling that is the only copy of ``path`` (``path`` missing) is first put back
+    (:func:`restore_stale_old`), never deleted."""
+    restore_stale_old(path)
     removed: list[Path] = []
     for tag in tags or ("partial", "tmp", "old", "trash"):
         for entry in stale_siblings(path, tag):

@@ -22,11 +22,13 @@ from typing import Literal
 from hishrst_runtime.core.errors import OutputStateError
 from hishrst_runtime.core.files import atomic_write, read_json
 
-__all__ = ["OWNER_FILE", "OutputKind", "ForeignOutputError", "mark_owned", "owner_of", "check_replaceable",
+__all__ = ["OWNER_FILE", "OWNER_ATTR", "OutputKind", "ForeignOutputError", "mark_owned", "owner_of", "check_replaceable",
            "overlaps"]
 
-#: The marker file in the root of every output directory hishrst writes.
+#: The marker file in the root of every output directory hishrst writes (zarr stores: :data:`OWNER_ATTR`).
 OWNER_FILE = ".hishrst-output.json"
+#: The root attribute that marks a zarr store hishrst wrote (a file in a store would upset zarr's listing).
+OWNER_ATTR = "hishrst_output"
 
 OutputKind = Literal["fit-run", "cv", "synth", "bundle", "ome-zarr", "run-output"]
 
@@ -35,19 +37,46 @@ class ForeignOutputError(OutputStateError, FileExistsError):
     """The output path holds something hishrst did not write (or an input); it is never replaced."""
 
 
+def _zarr_attrs_file(directory: Path) -> tuple[Path, bool] | None:
+    """The file holding a zarr store's root attributes (``zarr.json`` v3: nested under ``attributes``;
+    ``.zattrs`` v2: the whole file), or None when ``directory`` is not a zarr store."""
+    if (directory / "zarr.json").is_file():
+        return directory / "zarr.json", True
+    if (directory / ".zgroup").is_file() or (directory / ".zattrs").is_file():
+        return directory / ".zattrs", False
+    return None
+
+
 def mark_owned(directory: Path, kind: OutputKind, **extra: object) -> Path:
-    """Write :data:`OWNER_FILE` into ``directory`` recording that hishrst wrote it as ``kind``."""
+    """Record that hishrst wrote ``directory`` as ``kind``: :data:`OWNER_FILE` in it, or — for a zarr store,
+    where a foreign file would upset zarr's listing — the root attribute :data:`OWNER_ATTR`. Returns the
+    file written."""
     from hishrst_runtime.core.version import __version__
 
-    path = Path(directory) / OWNER_FILE
+    directory = Path(directory)
     body = {"written_by": "hishrst", "kind": kind, "hishrst_version": __version__, **extra}
-    atomic_write(path, json.dumps(body, indent=1).encode())
+    found = _zarr_attrs_file(directory)
+    if found is None:
+        path = directory / OWNER_FILE
+        atomic_write(path, json.dumps(body, indent=1).encode())
+        return path
+    path, nested = found
+    meta = read_json(path) or {}
+    attrs = meta.setdefault("attributes", {}) if nested else meta
+    attrs[OWNER_ATTR] = body
+    atomic_write(path, json.dumps(meta, indent=1).encode())
     return path
 
 
 def owner_of(directory: Path) -> str | None:
-    """The ``kind`` recorded in ``directory``'s marker, or None when there is no valid marker."""
-    meta = read_json(Path(directory) / OWNER_FILE)
+    """The ``kind`` recorded by :func:`mark_owned` in ``directory``, or None when there is no valid marker."""
+    directory = Path(directory)
+    meta = read_json(directory / OWNER_FILE)
+    found = _zarr_attrs_file(directory)
+    if not isinstance(meta, dict) and found is not None:
+        attrs = read_json(found[0])
+        attrs = attrs.get("attributes") if found[1] and isinstance(attrs, dict) else attrs
+        meta = attrs.get(OWNER_ATTR) if isinstance(attrs, dict) else None
     if isinstance(meta, dict) and meta.get("written_by") == "hishrst" and isinstance(meta.get("kind"), str):
         return meta["kind"]
     return None
@@ -88,7 +117,7 @@ def check_replaceable(out: Path, *, kind: OutputKind, overwrite: bool, what: str
         return False
     found = owner_of(out)
     if found != kind and not (found is None and legacy is not None and legacy(out)):
-        said = f"hishrst wrote it as {found!r}, not {kind!r}" if found else f"it has no {OWNER_FILE} marker"
+        said = f"hishrst wrote it as {found!r}, not {kind!r}" if found else "it has no hishrst marker"
         raise ForeignOutputError(f"{out}: exists and is not {what} written by hishrst ({said}); it is never "
                                  f"replaced, even with --overwrite — choose another {option} or delete it yourself")
     if not overwrite:

@@ -12,6 +12,9 @@ caller asks for (normally the overview's, so it replaces :func:`~hishrst_runtime
 * **Raster** (PNG, TIFF, JPEG, … anything Pillow or tifffile reads): nonzero is tissue (for images with
   alpha the colour channels are used), **stretched** over the whole slide whatever its size: the image is
   resized to the requested shape by area averaging and a pixel is tissue when at least half of it is.
+  One size limit holds for every raster mask, whatever its format — the ``mask`` limit of
+  :mod:`hishrst_runtime.core.limits` (``HISHRST_MAX_MASK_PIXELS``), checked on the header before anything
+  is decoded (Pillow's own decompression-bomb limit is not applied on top of it).
 
 :func:`mask_to_geojson` turns a boolean mask into a QuPath-readable ``FeatureCollection`` — one
 ``Polygon`` feature (class "Tissue") per 4-connected tissue region, with its holes — by tracing the
@@ -23,21 +26,31 @@ winding order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
+from hishrst_runtime.core.errors import HishrstError
 from hishrst_runtime.core.files import atomic_write
+from hishrst_runtime.core.limits import RasterTooLargeError, check_raster_size
 from hishrst_runtime.slides.errors import MaskError
 
-__all__ = ["MaskError", "GEOJSON_SUFFIXES", "GENERATOR", "read_tissue_mask", "mask_to_geojson", "write_mask_geojson",
-           "written_by_hishrst"]
+__all__ = ["MaskError", "MaskTooLargeError", "GEOJSON_SUFFIXES", "GENERATOR", "read_tissue_mask", "mask_to_geojson",
+           "write_mask_geojson", "written_by_hishrst"]
 
 GEOJSON_SUFFIXES = (".geojson", ".json")
+
+
+class MaskTooLargeError(MaskError, RasterTooLargeError):
+    """A raster mask whose header declares more pixels than the mask limit (``HISHRST_MAX_MASK_PIXELS``)."""
+
+
 _TISSUE_CLASS = {"name": "Tissue", "color": [80, 200, 120]}
 #: ``properties`` of every FeatureCollection :func:`write_mask_geojson` writes (a GeoJSON foreign member
 #: QuPath ignores): how hishrst recognises its own files, and never replaces anyone else's.
@@ -168,28 +181,71 @@ def _rasterise(polys: list[list[np.ndarray]], scale_yx: tuple[float, float], sha
 
 
 def _load_raster(p: Path) -> np.ndarray:
-    """The mask image as a boolean 2-D array (nonzero colour = tissue)."""
+    """The mask image as a boolean 2-D array (nonzero colour = tissue); its declared size is checked against
+    the one mask limit (:func:`~hishrst_runtime.core.limits.check_raster_size`) before anything is decoded."""
     try:
-        if p.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            arr = np.asarray(tifffile.imread(str(p)))
-        else:
-            with Image.open(p) as im:
-                im.load()
-                if im.mode in ("LA", "RGBA", "PA"):
-                    im = im.convert("RGBA")
-                arr = np.asarray(im)
+        arr = _read_tiff(p) if p.suffix.lower() in (".tif", ".tiff") else _read_pillow(p)
+    except HishrstError:  # the size limit, or a bad $HISHRST_MAX_MASK_PIXELS: already one clear line
+        raise
     except Exception as e:  # noqa: BLE001 - Pillow / tifffile raise many types for unreadable images
         raise MaskError(f"{p}: not a readable mask image ({type(e).__name__}: {e}); pass a PNG or TIFF mask "
                         "(nonzero = tissue) or a GeoJSON") from e
-    arr = np.squeeze(arr)
     if arr.ndim == 3:
         arr = arr[..., :3] if arr.shape[-1] == 4 else arr[..., :1] if arr.shape[-1] == 2 else arr
-        arr = (arr != 0).any(axis=-1)
+        return (arr != 0).any(axis=-1)
     if arr.ndim != 2 or arr.size == 0:
         raise MaskError(f"{p}: a mask must be a 2-D image (got shape {arr.shape}); save a single-plane PNG or TIFF")
     return arr != 0
+
+
+def _check_size(p: Path, height: int, width: int) -> None:
+    try:
+        check_raster_size(height, width, kind="mask", where=str(p))
+    except RasterTooLargeError as e:
+        raise MaskTooLargeError(str(e)) from e
+
+
+def _read_tiff(p: Path) -> np.ndarray:
+    """The first series of a TIFF as ``(H, W)`` or ``(H, W, samples)``; the header is checked first."""
+    import tifffile
+
+    with tifffile.TiffFile(str(p)) as tif:
+        if not tif.series:
+            raise MaskError(f"{p}: the TIFF holds no image; save the mask as a single-plane PNG or TIFF")
+        series = tif.series[0]
+        axes, dims = str(series.axes).upper(), tuple(int(n) for n in series.shape)
+        keep = [axes.index(a) for a in "YXS" if a in axes]
+        if "Y" not in axes or "X" not in axes or any(n != 1 for i, n in enumerate(dims) if i not in keep):
+            raise MaskError(f"{p}: a mask must be a 2-D image (the TIFF has axes {axes!r}, shape {dims}); "
+                            "save a single-plane PNG or TIFF")
+        _check_size(p, dims[axes.index("Y")], dims[axes.index("X")])
+        arr = np.asarray(series.asarray())
+    rest = [i for i in range(len(dims)) if i not in keep]
+    return arr.transpose(keep + rest).reshape([dims[i] for i in keep])
+
+
+#: Pillow's global decompression-bomb limit is lifted only while this lock is held, so the mask limit
+#: (checked on the header) is the one limit, and the global is always restored.
+_PILLOW_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _hishrst_limit_only() -> Iterator[None]:
+    with _PILLOW_LOCK:
+        before = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
+
+
+def _read_pillow(p: Path) -> np.ndarray:
+    """An image Pillow reads as ``(H, W)`` or ``(H, W, C)``; the header's size is checked before decoding."""
+    with _hishrst_limit_only(), Image.open(p) as im:
+        _check_size(p, im.height, im.width)
+        im.load()
+        return np.asarray(im.convert("RGBA") if im.mode in ("LA", "RGBA", "PA") else im)
 
 
 def _stretch(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
