@@ -142,3 +142,14 @@ register_format(SlideFormat(
 register_format(SlideFormat(
     "openslide", (".mrxs", ".vms", ".vmu", ".svslide"), "hishrst_runtime.slides.openslide_slide:open_openslide_slide",
     extra="openslide", description="other vendor formats through OpenSlide"))
+
+
+def _sniff_dicom(path: Path) -> bool:
+    from hishrst_runtime.slides.dicom_slide import is_dicom_folder  # imports neither wsidicom nor pydicom
+
+    return is_dicom_folder(path)
+
+
+register_format(SlideFormat(
+    "dicom", (".dcm",), "hishrst_runtime.slides.dicom_slide:open_dicom_slide", sniff=_sniff_dicom, directory=True,
+    extra="dicom", description="DICOM whole slides (a folder of VL Whole Slide Microscopy files) through wsidicom"))
