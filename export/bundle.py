@@ -5,7 +5,16 @@ PyTorch fp32, on random tiles and on real tiles cut from the run's training sect
 TensorRT engines → ``manifest.json`` → validation with the runtime's own :func:`load_bundle`. The
 bundle is written into a temporary sibling directory and renamed into place only when every step
 has passed, so a failed export never leaves a bundle (nor a half-written one) behind, and
-``--overwrite`` replaces an existing bundle only after the new one is complete.
+``--overwrite`` replaces an existing bundle only after the new one is complete. Which directories may be
+replaced is the one ownership rule of :mod:`hishrst_runtime.core.owned`: every bundle is marked as written
+by hishrst; ``--overwrite`` replaces only such a bundle (or one written before the marker existed: a hishrst
+``manifest.json`` and nothing but the files it lists), never a folder of other files, and ``--out`` may not
+overlap the run directory or another input. Debris of killed exports (hidden ``.<out>.partial-PID-…``
+siblings) is removed by the next export; a full disk is a one-line :class:`ExportError`.
+
+Integrity: ``head.onnx`` records its gene names, their count and the manifest content hash in its
+``metadata_props`` (:mod:`hishrst_runtime.bundle.integrity`); a run whose weights hold NaN/inf is refused,
+and parity fails on any non-finite output (:mod:`hishrst_export.parity`).
 
 Bundle layout (schema :data:`hishrst_runtime.bundle.manifest.SCHEMA_VERSION`)::
 
@@ -18,7 +27,9 @@ Bundle layout (schema :data:`hishrst_runtime.bundle.manifest.SCHEMA_VERSION`)::
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +38,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hishrst_runtime.core.grouping import group_points, pad_groups
 from hishrst_runtime.bundle.manifest import (
     SCHEMA_NAME,
     load_bundle,
@@ -35,9 +45,11 @@ from hishrst_runtime.bundle.manifest import (
     write_manifest,
 )
 from hishrst_runtime.core.errors import HishrstError
-from hishrst_runtime.core.files import remove_tree, swap_in, temp_sibling
+from hishrst_runtime.core.files import clean_stale_siblings, read_json, remove_tree, swap_in, temp_sibling
+from hishrst_runtime.core.grouping import group_points, pad_groups
+from hishrst_runtime.core.owned import check_replaceable, mark_owned
 from hishrst_runtime.core.patches import cut_patches, patch_side_px
-from hishrst_export.manifest import build_manifest, file_entry, listed_files
+from hishrst_export.manifest import build_manifest, contract_sections, file_entry, head_metadata_for, listed_files
 from hishrst_train.runconfig import RunConfig, RunConfigError
 
 __all__ = ["LICENSE_NOTICES", "N_RANDOM", "N_REAL", "ExportError", "export_bundle"]
@@ -112,43 +124,31 @@ def _parity_inputs(config: RunConfig, encoder: Any, *, rng: np.random.Generator,
     return tiles, feeds, status
 
 
-def _check_out(out: Path, *, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not overwrite:
-        raise ExportError(f"{out}: already exists; pass --overwrite to replace it, or choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            is_bundle = json.loads((out / "manifest.json").read_text()).get("schema") == SCHEMA_NAME
-        except (OSError, ValueError, AttributeError):
-            is_bundle = False
-        if not is_bundle:
-            raise ExportError(f"{out}: exists and is not a hishrst bundle (no valid manifest.json); refusing to "
-                              "replace it even with --overwrite — choose another --out or delete it yourself")
-    elif not out.is_dir():
-        raise ExportError(f"{out}: exists and is not a directory; choose another --out")
+def _legacy_bundle(path: Path) -> bool:
+    """A bundle written before the ownership marker: a hishrst ``manifest.json`` and nothing but the files it
+    lists (a user's file beside them makes it a folder hishrst never deletes)."""
+    m = read_json(path / "manifest.json")
+    if not isinstance(m, dict) or m.get("schema") != SCHEMA_NAME or not isinstance(m.get("files"), dict):
+        return False
+    names = {"manifest.json"}
+    for entry in m["files"].values():
+        if isinstance(entry, dict):
+            names.add(str(entry.get("path")))
+            names.update(str(x.get("path") if isinstance(x, dict) else x) for x in entry.get("external_data") or [])
+    return {p.name for p in path.iterdir()} <= names
 
 
-def export_bundle(
-    run_dir: str | Path,
-    *,
-    out: str | Path,
-    precision: Literal["fp32", "fp16"] = "fp32",
-    max_batch: int = 64,
-    tensorrt: bool = False,
-    opset: int = 17,
-    weights: str | Path | None = None,
-    data: str | Path | None = None,
-    overwrite: bool = False,
-    seed: int = 0,
-    echo: Callable[[str], None] = _stderr,
-) -> dict[str, Any]:
+def export_bundle(run_dir: str | Path, *, out: str | Path, precision: Literal["fp32", "fp16"] = "fp32",
+                  max_batch: int = 64, tensorrt: bool = False, opset: int = 17, weights: str | Path | None = None,
+                  data: str | Path | None = None, overwrite: bool = False, seed: int = 0,
+                  echo: Callable[[str], None] = _stderr) -> dict[str, Any]:
     """Export ``run_dir`` (written by ``hishrst fit``) into the bundle directory ``out``.
 
     Args:
         run_dir: the fitted run (``config.json`` + ``model.safetensors``).
-        out: bundle directory to create (must not exist unless ``overwrite``; only an existing
-            hishrst bundle or an empty directory is ever replaced).
+        out: bundle directory to create (must not exist unless ``overwrite``; only a bundle hishrst
+            wrote or an empty directory is ever replaced; it may not overlap ``run_dir``, ``weights``
+            or ``data``).
         precision: ``"fp32"`` or ``"fp16"`` (mixed precision; see ``hishrst_export.onnx_export``).
         max_batch: largest batch (tiles, or head groups) for TensorRT profiles; also a parity chunk size.
         tensorrt: also build TensorRT engines (needs TensorRT >= 10 and an NVIDIA GPU; checked first).
@@ -160,8 +160,10 @@ def export_bundle(
         seed: seed of the random parity inputs.
         echo: where notices (licence, missing real tiles) go; stderr by default.
 
-    Returns the manifest. Raises :class:`ExportError` for unusable input and
-    :class:`hishrst_export.onnx_export.ParityError` when a parity check fails; in both cases nothing
+    Returns the manifest. Raises :class:`ExportError` for unusable input (weights with NaN/inf included)
+    or a full disk, :class:`hishrst_runtime.core.owned.ForeignOutputError` /
+    :class:`~hishrst_runtime.core.errors.OutputStateError` for an ``out`` that may not be written, and
+    :class:`hishrst_export.onnx_export.ParityError` when a parity check fails; in every case nothing
     is written (an existing bundle at ``out`` is left as it was).
     """
     run_dir, out = Path(run_dir), Path(out).absolute()
@@ -170,28 +172,70 @@ def export_bundle(
     if max_batch < 1:
         raise ExportError(f"--max-batch must be ≥ 1, got {max_batch}")
     trt_info = _tensorrt_preflight() if tensorrt else None  # fail before reading or writing anything
-    _check_out(out, overwrite=overwrite)
+    check_replaceable(out, kind="bundle", overwrite=overwrite, what="a hishrst model bundle",
+                      inputs=(run_dir, weights, data), legacy=_legacy_bundle)
     model, config, encoder = _load_run(run_dir, weights=weights)
+    notice = _licence_notice(config, echo)
+    contract, head_meta = _contract(run_dir, model, config, encoder, precision=precision)
+    t0 = time.perf_counter()
+    clean_stale_siblings(out, "partial", "tmp", "trash", *(("old",) if out.exists() else ()))  # killed exports
+    tmp = _make_tmp(out)
+    try:
+        files, parity = _export_models(tmp, model, config, encoder, precision=precision, max_batch=max_batch,
+                                       opset=opset, data=data, seed=seed, trt_info=trt_info, echo=echo,
+                                       head_meta=head_meta)
+        manifest = build_manifest(model, config, encoder, files=files, parity=parity, opset=opset,
+                                  max_batch=max_batch, notice=notice, contract=contract)
+        manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
+        _finish(tmp, out, manifest)
+    except BaseException as e:
+        remove_tree(tmp)
+        _raise_if_disk_full(e, out)
+        raise
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _finish(tmp: Path, out: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest and the ownership marker into ``tmp``, validate it as the runtime will, swap it in."""
+    write_manifest(tmp, manifest)
+    mark_owned(tmp, "bundle")
+    load_bundle(tmp)  # the runtime's own validation must accept what we wrote
+    swap_in(tmp, out)
+
+
+def _licence_notice(config: RunConfig, echo: Callable[[str], None]) -> str | None:
+    """The licence notice of a gated encoder (echoed), or None."""
     gated = bool(config.encoder.get("gated"))
     license_ = config.encoder.get("license") or ""
     notice = LICENSE_NOTICES.get(license_, "gated weights: check the licence") if gated else None
     if notice:
         echo(f"NOTICE ({license_}): {notice}")
-    t0 = time.perf_counter()
-    tmp = _make_tmp(out)
+    return notice
+
+
+def _contract(run_dir: Path, model: Any, config: RunConfig, encoder: Any, *, precision: str
+              ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The manifest's contract sections and the head's ``metadata_props`` (genes, content hash)."""
+    contract = contract_sections(model, config, encoder)
     try:
-        files, parity = _export_models(tmp, model, config, encoder, precision=precision, max_batch=max_batch,
-                                       opset=opset, data=data, seed=seed, trt_info=trt_info, echo=echo)
-        manifest = build_manifest(model, config, encoder, files=files, parity=parity, opset=opset, max_batch=max_batch,
-                             notice=notice)
-        manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
-        write_manifest(tmp, manifest)
-        load_bundle(tmp)  # the runtime's own validation must accept what we wrote
-        swap_in(tmp, out)
-    except BaseException:
-        remove_tree(tmp)
-        raise
-    return json.loads((out / "manifest.json").read_text())
+        return contract, head_metadata_for(contract, precision)
+    except ValueError as e:
+        raise ExportError(f"{run_dir / 'config.json'}: a NaN or infinite number in the bundle's contract ({e}); "
+                          "fix the run's config or re-fit the run") from e
+
+
+def _raise_if_disk_full(e: BaseException, out: Path) -> None:
+    """Turn a full disk (ENOSPC / EDQUOT behind ``e``) into a one-line :class:`ExportError`."""
+    seen: BaseException | None = e
+    for _ in range(8):  # the error itself or one of its causes
+        if seen is None:
+            return
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = Path(seen.filename).name if seen.filename else "the bundle"
+            reason = (seen.strerror or os.strerror(seen.errno)).lower()
+            raise ExportError(f"{out}: {reason} while writing {what}; free space on {out.parent} or choose another "
+                              "--out (nothing was written)") from e
+        seen = seen.__cause__ or seen.__context__
 
 
 def _tensorrt_preflight() -> dict[str, Any]:
@@ -234,7 +278,31 @@ def _load_run(run_dir: Path, *, weights: str | Path | None) -> tuple[Any, RunCon
             f"{fingerprint} vs {trained}), so the head would get features it was not trained on; "
             "pass the weights used by `hishrst fit` with --weights"
         )
+    _check_finite(run_dir, model, encoder)
     return model, config, encoder
+
+
+def _nonfinite_tensors(module: Any) -> list[str]:
+    """Names of ``module``'s floating-point parameters and buffers holding NaN or ±inf."""
+    import torch
+
+    return [name for name, t in module.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _check_finite(run_dir: Path, model: Any, encoder: Any) -> None:
+    """:class:`ExportError` when the head's or the encoder's weights hold NaN/inf (a bundle would predict NaN)."""
+    bad = _nonfinite_tensors(model)
+    if bad:
+        raise ExportError(
+            f"{run_dir / 'model.safetensors'}: {len(bad)} weight tensor(s) hold NaN/inf ({', '.join(bad[:3])}"
+            f"{', …' if len(bad) > 3 else ''}): training diverged, typically on NaN in the training data — check the "
+            "data (and the learning rate) and re-fit the run; a bundle of it would predict NaN"
+        )
+    bad = _nonfinite_tensors(encoder)
+    if bad:
+        raise ExportError(f"{run_dir}: the encoder weights hold NaN/inf ({', '.join(bad[:3])}); pass intact weights "
+                          "(those used by `hishrst fit`) with --weights")
 
 
 def _make_tmp(out: Path) -> Path:
@@ -246,13 +314,18 @@ def _make_tmp(out: Path) -> Path:
     except PermissionError as e:
         raise ExportError(f"{out.parent}: not writable ({e.strerror}); choose another --out or fix its "
                           "permissions") from e
+    except OSError as e:
+        _raise_if_disk_full(e, out)
+        raise
     return tmp
 
 
 def _export_models(tmp: Path, model: Any, config: RunConfig, encoder: Any, *, precision: str, max_batch: int,
                    opset: int, data: str | Path | None, seed: int, trt_info: dict[str, Any] | None,
-                   echo: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Both ONNX models (and engines) in ``tmp``, parity-checked: the manifest's ``files`` and ``parity``."""
+                   echo: Callable[[str], None], head_meta: dict[str, str] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both ONNX models (and engines) in ``tmp``, parity-checked: the manifest's ``files`` and ``parity``;
+    ``head_meta`` goes into the head's ``metadata_props``."""
     from hishrst_export.onnx_export import encoder_parity, export_encoder_onnx, export_head_onnx, head_parity
 
     enc_path = export_encoder_onnx(encoder, tmp / "encoder.onnx", opset=opset, precision=precision)
@@ -261,7 +334,7 @@ def _export_models(tmp: Path, model: Any, config: RunConfig, encoder: Any, *, pr
         echo(f"WARNING: real-tile parity check skipped — {real_status}; pass --data OUTS_DIR to include it")
     batch_sizes = tuple(dict.fromkeys((1, 7, max_batch)))
     enc_report = encoder_parity(encoder, enc_path, tiles=tiles, precision=precision, batch_sizes=batch_sizes)
-    head_path = export_head_onnx(model, tmp / "head.onnx", opset=opset, precision=precision)
+    head_path = export_head_onnx(model, tmp / "head.onnx", opset=opset, precision=precision, metadata=head_meta)
     head_report = head_parity(model, head_path, feeds=feeds, precision=precision)
     files = {"encoder": file_entry(enc_path, precision), "head": file_entry(head_path, precision)}
     if trt_info is not None:

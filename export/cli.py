@@ -25,6 +25,9 @@ def format_summary(m: dict[str, Any], out: Path) -> list[str]:
         (f"  encoder  {enc['name']} ({enc['input_size']} px uint8 RGB → {enc['feature_dim']}-d), "
          f"patch {m['patch']['size_um']:g} µm at {m['patch']['train_mpp']:g} µm/px, genes {len(m['genes'])}"),
     ]
+    if "integrity" in m:
+        lines.append(f"  integrity    manifest content sha256 {m['integrity']['content_sha256'][:12]}… "
+                     "(also recorded in head.onnx with its gene names)")
     for key, f in m["files"].items():
         lines.append(f"  {key:<12} {f['path']:<14} {f['precision']}  {_mb(f.get('bytes'))}  sha256 {f['sha256'][:12]}…")
         for x in f.get("external_data", []):

@@ -1,6 +1,10 @@
 """The bundle's ``manifest.json`` as export writes it: file entries (hashes, external data), the encoder,
 patch, position, grouping, genes and output sections, parity figures, licence and versions. The runtime reads
-it back through :mod:`hishrst_runtime.bundle` (schema, upgrades, validation)."""
+it back through :mod:`hishrst_runtime.bundle` (schema, upgrades, validation).
+
+The sections that define the numbers (:func:`contract_sections`) are built before the head is exported, so
+the head's ONNX ``metadata_props`` can record its genes and the manifest content hash
+(:func:`head_metadata_for`; the hash itself is defined in :mod:`hishrst_runtime.bundle.integrity`)."""
 
 from __future__ import annotations
 
@@ -8,11 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hishrst_runtime.core.version import __version__
+from hishrst_runtime.bundle.integrity import head_metadata
 from hishrst_runtime.bundle.manifest import sha256_file
+from hishrst_runtime.core.version import __version__
 from hishrst_train.runconfig import RunConfig
 
-__all__ = ["POSITION_PARAMS", "build_manifest", "file_entry", "listed_files"]
+__all__ = ["POSITION_PARAMS", "build_manifest", "contract_sections", "file_entry", "head_metadata_for",
+           "listed_files"]
 
 
 def file_entry(path: Path, precision: str) -> dict[str, Any]:
@@ -48,17 +54,13 @@ def _versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__}
 
 
-def build_manifest(model: Any, config: RunConfig, encoder: Any, *, files: dict[str, Any], parity: dict[str, Any],
-              opset: int, max_batch: int, notice: str | None) -> dict[str, Any]:
-    """The bundle's ``manifest.json`` contents (without ``export_seconds``)."""
-    from hishrst_export.onnx_export import EXTERNAL_DATA_THRESHOLD
+def contract_sections(model: Any, config: RunConfig, encoder: Any) -> dict[str, Any]:
+    """The manifest sections that define what the bundle computes: encoder (with its normalisation), patch,
+    position, grouping, genes, output, head and preprocessing (all covered by the content hash)."""
     from hishrst_train.encoders.module import encoder_fingerprint
 
     mcfg = model.config.to_dict()
-    gated = bool(config.encoder.get("gated"))
     return {
-        "hishrst_version": __version__,
-        "created_unix": int(time.time()),
         "encoder": {
             "name": config.encoder["name"], "architecture": encoder.spec.arch,
             "fingerprint": encoder_fingerprint(encoder),
@@ -66,7 +68,7 @@ def build_manifest(model: Any, config: RunConfig, encoder: Any, *, files: dict[s
             "input": {"name": "tiles", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
             "normalisation": {"scale": 1 / 255, "mean": list(encoder.spec.mean), "std": list(encoder.spec.std),
                               "formula": "(tiles / 255 - mean) / std, per RGB channel", "in_graph": True},
-            "gated": gated, "license": config.encoder.get("license"),
+            "gated": bool(config.encoder.get("gated")), "license": config.encoder.get("license"),
         },
         "patch": config.patch,
         "position": _position_manifest(mcfg, config.position),
@@ -77,6 +79,29 @@ def build_manifest(model: Any, config: RunConfig, encoder: Any, *, files: dict[s
                    "shape": "[groups, points, genes]"},
         "head": {"inputs": ["features", "positions", "mask"], "max_group_size": config.grouping["max_size"]},
         "preprocessing": config.preprocessing,
+    }
+
+
+def head_metadata_for(contract: dict[str, Any], precision: str) -> dict[str, str]:
+    """``head.onnx``'s ``metadata_props`` for a bundle of ``contract`` whose models are in ``precision``:
+    genes, their count and the content hash the finished manifest will carry. Raises ``ValueError`` for a
+    NaN or infinite number in the contract."""
+    return head_metadata({**contract, "files": {k: {"precision": precision} for k in ("encoder", "head")}})
+
+
+def build_manifest(model: Any, config: RunConfig, encoder: Any, *, files: dict[str, Any], parity: dict[str, Any],
+                   opset: int, max_batch: int, notice: str | None,
+                   contract: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The bundle's ``manifest.json`` contents (without ``export_seconds``; ``write_manifest`` adds the
+    schema and the ``integrity`` section). ``contract``: :func:`contract_sections`, if already built."""
+    from hishrst_export.onnx_export import EXTERNAL_DATA_THRESHOLD
+
+    contract = contract_sections(model, config, encoder) if contract is None else contract
+    gated = bool(config.encoder.get("gated"))
+    return {
+        "hishrst_version": __version__,
+        "created_unix": int(time.time()),
+        **contract,
         "files": files,
         "onnx_opset": opset,
         "max_batch": max_batch,

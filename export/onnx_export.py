@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -283,8 +283,22 @@ def export_encoder_onnx(encoder: EncoderModule, out_path: str | Path, *, opset: 
     return out_path
 
 
-def export_head_onnx(model: HisHRST, out_path: str | Path, *, opset: int = 17, precision: Precision = "fp32") -> Path:
-    """Export a :class:`hishrst_train.model.HisHRST` head (features, positions in µm, mask → expression)."""
+def _set_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    """Set ``metadata_props`` entries of the ONNX file ``path`` in place (external data left untouched)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    kept = {p.key: p.value for p in model.metadata_props if p.key not in metadata}
+    onnx.helper.set_model_props(model, {**kept, **metadata})
+    onnx.save_model(model, str(path))
+
+
+def export_head_onnx(model: HisHRST, out_path: str | Path, *, opset: int = 17, precision: Precision = "fp32",
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """Export a :class:`hishrst_train.model.HisHRST` head (features, positions in µm, mask → expression).
+
+    ``metadata``: ``metadata_props`` to record in the file (export passes the genes and the manifest
+    content hash, :func:`hishrst_export.manifest.head_metadata_for`)."""
     out_path = Path(out_path)
     d = model.config.feature_dim
     args = (torch.randn(2, 5, d), torch.rand(2, 5, 2) * 1000, torch.ones(2, 5))
@@ -297,6 +311,8 @@ def export_head_onnx(model: HisHRST, out_path: str | Path, *, opset: int = 17, p
         _to_fp16(out_path, keep_fp32_prefixes=prefixes, keep_fp32_nodes=HEAD_FP32_NODES)
         if prefixes:
             _drop_fp16_round_trips(out_path, prefixes=prefixes)
+    if metadata:
+        _set_metadata(out_path, metadata)
     _check(out_path)
     return out_path
 
@@ -308,6 +324,12 @@ def _verdict(name: str, got: np.ndarray, want: np.ndarray, precision: Precision)
     except ValueError as e:
         raise ParityError(f"{name}: ONNX {e} (PyTorch's); the export is broken — report it") from e
     tol = PARITY_TOLERANCE[precision]
+    if stats["nonfinite"]:
+        raise ParityError(
+            f"{name}: {stats['nonfinite_reference']} non-finite values (NaN/inf) in PyTorch's reference output and "
+            f"{stats['nonfinite_output']} in ONNX Runtime's; a model that predicts NaN/inf cannot pass parity — "
+            "check the run's training data and loss for NaN and re-fit it"
+        )
     if not passes(stats, tol):
         raise ParityError(
             f"{name}: ONNX Runtime disagrees with PyTorch beyond the {precision} tolerance "

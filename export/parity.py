@@ -7,9 +7,10 @@ TensorRT engine against ONNX Runtime (:mod:`hishrst_export.tensorrt`). :func:`co
 Statistics (all dimensionless): ``max_abs`` = max |got − want|; ``scaled_max_abs`` = ``max_abs`` /
 max(1, max |want|); ``min_gene_pcc`` / ``mean_gene_pcc`` = the smallest / mean Pearson correlation per
 output column (last axis: per gene for the head, per feature for the encoder; constant columns are
-skipped); ``pcc`` = the correlation of all compared values; ``nonfinite`` = values where ``got`` is
-NaN/inf and ``want`` is not the same non-finite value (any such value fails the check; where both hold
-the same non-finite value they agree and are left out); ``compared`` = values compared.
+skipped); ``pcc`` = the correlation of all compared values; ``nonfinite`` = values where ``got`` or
+``want`` is NaN/inf (``nonfinite_output`` in ``got``, ``nonfinite_reference`` in ``want``); any such
+value fails the check, even where both hold the same NaN: a model that outputs NaN/inf is broken whatever
+the engine, and agreement on NaN is no parity. ``compared`` = values compared.
 """
 
 from __future__ import annotations
@@ -62,32 +63,27 @@ def compare(got: np.ndarray, want: np.ndarray, *, valid: np.ndarray | None = Non
     if valid is not None:
         g, w = g[valid], w[valid]
     g, w = g.reshape(-1, g.shape[-1] if g.ndim else 1), w.reshape(-1, w.shape[-1] if w.ndim else 1)
-    same_nonfinite = ~np.isfinite(w) & ((g == w) | (np.isnan(g) & np.isnan(w)))
-    bad = ~np.isfinite(g) & ~same_nonfinite | (~np.isfinite(w) & ~same_nonfinite)
-    nonfinite = int(np.count_nonzero(bad))
-    g = np.where(same_nonfinite, 0.0, np.where(bad, np.inf, g))
-    w = np.where(np.isfinite(w), w, 0.0)
-    compared = int(g.size - np.count_nonzero(same_nonfinite))
-    if compared == 0:
-        return {"max_abs": 0.0, "scaled_max_abs": 0.0, "min_gene_pcc": 1.0, "mean_gene_pcc": 1.0, "pcc": 1.0,
-                "nonfinite": 0, "compared": 0}
+    bad_g, bad_w = ~np.isfinite(g), ~np.isfinite(w)
+    counts = {"nonfinite": int(np.count_nonzero(bad_g | bad_w)), "nonfinite_output": int(np.count_nonzero(bad_g)),
+              "nonfinite_reference": int(np.count_nonzero(bad_w)), "compared": int(g.size)}
+    if g.size == 0:
+        return {"max_abs": 0.0, "scaled_max_abs": 0.0, "min_gene_pcc": 1.0, "mean_gene_pcc": 1.0, "pcc": 1.0, **counts}
+    if counts["nonfinite"]:
+        return {"max_abs": float("inf"), "scaled_max_abs": float("inf"), "min_gene_pcc": 0.0, "mean_gene_pcc": 0.0,
+                "pcc": 0.0, **counts}
     max_abs = float(np.abs(g - w).max())
     scaled = max_abs / max(1.0, float(np.abs(w).max()))
-    if nonfinite:
-        cols, pcc = np.zeros(1), 0.0
-    else:
-        cols = _column_pcc(g, w)
-        flat_g, flat_w = g.reshape(-1), w.reshape(-1)
-        constant = flat_g.size < 2 or flat_g.std() == 0 or flat_w.std() == 0
-        pcc = 1.0 if constant else float(np.corrcoef(flat_g, flat_w)[0, 1])  # constant: scaled_max_abs decides
+    cols = _column_pcc(g, w)
+    flat_g, flat_w = g.reshape(-1), w.reshape(-1)
+    constant = flat_g.size < 2 or flat_g.std() == 0 or flat_w.std() == 0
+    pcc = 1.0 if constant else float(np.corrcoef(flat_g, flat_w)[0, 1])  # constant: scaled_max_abs decides
     return {
         "max_abs": max_abs,
         "scaled_max_abs": scaled,
         "min_gene_pcc": float(cols.min()) if cols.size else 1.0,
         "mean_gene_pcc": float(cols.mean()) if cols.size else 1.0,
         "pcc": pcc,
-        "nonfinite": nonfinite,
-        "compared": compared,
+        **counts,
     }
 
 

@@ -322,7 +322,8 @@ def engine_parity(
         stats = compare(g, w, valid=valid)
         outputs[name] = stats
         if not passes(stats, tol):
-            failures.append(f"{name}: {stats}")
+            nan = f"{stats['nonfinite']} non-finite values (NaN/inf), " if stats["nonfinite"] else ""
+            failures.append(f"{name}: {nan}{stats}")
     report = {"reference": "ONNX Runtime (CPU)", "precision": prec, "tolerance": dict(tol),
               "outputs": outputs, "passed": not failures}
     if failures and raise_on_fail:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from hishrst_runtime.bundle.io_names import ENCODER_IO, HEAD_IO
-from hishrst_runtime.bundle.onnx_graph import OnnxFormatError, read_onnx_graph
+from hishrst_runtime.bundle.onnx_graph import OnnxFormatError, OnnxGraphInfo, read_onnx_graph
 from hishrst_runtime.bundle.spec import BundleError, BundleSpec
 
 __all__ = ["Role", "check_engine_io", "check_onnx_file", "expected_io"]
@@ -95,9 +95,10 @@ def check_engine_io(
 
 def check_onnx_file(
     spec: BundleSpec, role: Role, model: Path, *, listed_external: Sequence[Path], root: Path, where: str
-) -> None:
+) -> OnnxGraphInfo:
     """Check the ONNX file ``model`` of ``role`` (see the module docstring); ``listed_external`` are the
-    resolved external-data paths the manifest lists for it, ``root`` the bundle directory."""
+    resolved external-data paths the manifest lists for it, ``root`` the bundle directory. Returns what was
+    read of the graph (its ``metadata`` carries the head's gene names)."""
     try:
         graph = read_onnx_graph(model)
     except OnnxFormatError as e:
@@ -116,3 +117,4 @@ def check_onnx_file(
             raise BundleError(f"{where}: {model.name} references external data {location!r} that the manifest does "
                               f"not list (so it cannot be hash-checked); re-export the bundle, or list it with its "
                               f"SHA-256 under external_data")
+    return graph

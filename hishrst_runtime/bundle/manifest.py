@@ -4,7 +4,7 @@ A bundle is a directory holding ``manifest.json`` and the files it lists (``enco
 ``head.onnx``, optional TensorRT engines, ONNX external-data files). The manifest is the contract
 between ``hishrst export`` and the runtime; :func:`load_bundle` is the one loader and validates it.
 
-Schema (``schema = "hishrst-bundle"``, ``schema_version`` = :data:`SCHEMA_VERSION` = 1)::
+Schema (``schema = "hishrst-bundle"``, ``schema_version`` = :data:`SCHEMA_VERSION` = 2)::
 
     hishrst_version, created_unix
     encoder     {name, input_size (px), feature_dim, input {dtype uint8, layout NHWC, channels RGB},
@@ -18,12 +18,15 @@ Schema (``schema = "hishrst-bundle"``, ``schema_version`` = :data:`SCHEMA_VERSIO
     files       {key: {path, sha256, precision, format, [external_data: [{path, sha256}]],
                        [gpu, tensorrt_version] for engines}}   keys: encoder, head, [encoder_trt, head_trt]
     onnx_opset, max_batch, parity {precision, encoder {...}, head {...}}, license {...}
+    integrity   {content_sha256, covers, canonical}   (since 2; see hishrst_runtime.bundle.integrity)
 
 Versioning: every schema change bumps :data:`SCHEMA_VERSION` and adds an upgrade function
 ``vN → vN+1`` to :data:`_UPGRADES`. :func:`load_bundle` applies the chain in memory, so bundles
 written by older releases keep loading; manifests from a *newer* release are refused with a clear
 error. Version 0 is the pre-release layout (no ``grouping.coords``, no ``output.target_sum``, and
-external data as two parallel lists ``external_data`` / ``external_data_sha256``).
+external data as two parallel lists ``external_data`` / ``external_data_sha256``). Version 1 has no
+``integrity`` section and its ``head.onnx`` no gene names: such bundles load with a warning that they are
+not integrity-protected (:mod:`~hishrst_runtime.bundle.integrity`).
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
 from hishrst_runtime.bundle.contract import check_onnx_file
+from hishrst_runtime.bundle.integrity import check_integrity, integrity_section
 from hishrst_runtime.bundle.spec import BundleError, BundleSpec, build_spec
-from hishrst_runtime.core.files import sha256_file
+from hishrst_runtime.core.files import atomic_write, sha256_file
 
 __all__ = [
     "SCHEMA_NAME",
@@ -55,7 +59,7 @@ __all__ = [
 ]
 
 SCHEMA_NAME = "hishrst-bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _REQUIRED_TOP = ("schema", "schema_version", "encoder", "patch", "position", "grouping", "genes", "output", "files")
 _REQUIRED_NESTED = {
@@ -84,8 +88,14 @@ def _v0_to_v1(m: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
+def _v1_to_v2(m: dict[str, Any]) -> dict[str, Any]:
+    """1 → 2: nothing to add (2 adds the optional-for-old ``integrity`` section and the head's gene names;
+    :func:`~hishrst_runtime.bundle.integrity.check_integrity` warns that a version 1 bundle lacks them)."""
+    return m
+
+
 #: ``{from_version: upgrade to from_version + 1}``; each function gets a deep copy and returns it.
-_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1}
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1, 1: _v1_to_v2}
 SUPPORTED_SCHEMA_VERSIONS = tuple(sorted({*_UPGRADES, SCHEMA_VERSION}))
 
 
@@ -266,9 +276,11 @@ def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
     Checks the schema name and version (upgrading older versions in memory), the required fields and
     their values (:func:`~hishrst_runtime.bundle.spec.build_spec`), that every listed file (external
     data included) stays inside the bundle and exists, (``verify_hashes=True``) that each file's
-    SHA-256 matches, and that ``encoder.onnx`` / ``head.onnx`` have their roles' tensors with the
+    SHA-256 matches, that ``encoder.onnx`` / ``head.onnx`` have their roles' tensors with the
     manifest's sizes and reference no unlisted external data
-    (:func:`~hishrst_runtime.bundle.contract.check_onnx_file`). Every failure raises
+    (:func:`~hishrst_runtime.bundle.contract.check_onnx_file`), and that the manifest's genes are the head's
+    and its content hash holds (:func:`~hishrst_runtime.bundle.integrity.check_integrity`; older bundles
+    without them load with a logged warning). Every failure raises
     :class:`BundleError` naming the offending file or field and the fix.
     """
     root = Path(root)
@@ -283,21 +295,27 @@ def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
         raise BundleError(f"{mpath}: not valid JSON ({e}); re-export the bundle") from e
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA_NAME:
         raise BundleError(f"{mpath}: not a hishrst bundle manifest (schema is not {SCHEMA_NAME!r}); re-export the bundle")
-    source_version = manifest.get("schema_version")
+    raw, source_version = manifest, cast(int, manifest.get("schema_version"))  # checked by the upgrade
     manifest = upgrade_manifest(manifest, path=mpath)
     _validate(root, manifest, verify_hashes=verify_hashes)
-    bundle = Bundle(root=root, manifest=manifest, source_schema_version=cast(int, source_version))  # checked by the upgrade
+    bundle = Bundle(root=root, manifest=manifest, source_schema_version=source_version)
+    graphs = {}
     for role in ("encoder", "head"):
-        check_onnx_file(bundle.spec, role, bundle.path(role), listed_external=bundle.external_data(role), root=root,
-                        where=f"{mpath}: files.{role} ({manifest['files'][role]['path']})")
+        graphs[role] = check_onnx_file(bundle.spec, role, bundle.path(role), listed_external=bundle.external_data(role),
+                                       root=root, where=f"{mpath}: files.{role} ({manifest['files'][role]['path']})")
+    check_integrity(raw, graphs["head"].metadata, source_version=source_version, mpath=mpath,
+                    head_where=f"files.head ({manifest['files']['head']['path']})")
     return bundle
 
 
 def write_manifest(root: str | Path, manifest: dict[str, Any]) -> Path:
-    """Write ``manifest.json`` (current schema) atomically (temp file + rename) and return its path."""
+    """Write ``manifest.json`` (current schema, with its ``integrity`` section computed here) atomically and
+    durably (temp file, fsync, rename) and return its path. Raises ``ValueError`` for a NaN or infinite
+    number in a section the content hash covers, ``OSError`` when the file cannot be written."""
     root = Path(root)
-    manifest = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, **manifest}
-    tmp = root / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    tmp.replace(root / "manifest.json")
+    body = {k: v for k, v in manifest.items() if k not in ("schema", "schema_version", "integrity")}
+    body = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, **body}
+    body["integrity"] = integrity_section(body)
+    data = (json.dumps(body, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    atomic_write(root / "manifest.json", data, fsync=True)
     return root / "manifest.json"

@@ -2,7 +2,8 @@
 
 The runtime's base install has onnxruntime but not ``onnx``, and creating an onnxruntime session
 would load (and optimise) every weight. The loader only needs the graph's inputs and outputs (names,
-element types, shapes) and the external-data files its tensors point to, so this module walks the
+element types, shapes), the external-data files its tensors point to and the model's ``metadata_props``
+(export records the head's gene names there), so this module walks the
 protobuf wire format of ``ModelProto`` directly over a read-only memory map: tensor payloads
 (``raw_data``) are skipped by length, never copied.
 
@@ -12,15 +13,15 @@ Field numbers are those of ``onnx/onnx.proto`` (proto2, stable since IR version 
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = ["OnnxFormatError", "OnnxGraphInfo", "TensorInfo", "read_onnx_graph"]
 
 # ModelProto / GraphProto / NodeProto / AttributeProto / TensorProto / ValueInfoProto field numbers.
-_MODEL_GRAPH = 7
+_MODEL_GRAPH, _MODEL_METADATA = 7, 14  # ModelProto.graph, ModelProto.metadata_props
 _GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_SPARSE = 1, 5, 11, 12, 15
 _NODE_ATTRIBUTE = 5
 _ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
@@ -47,11 +48,13 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class OnnxGraphInfo:
-    """The main graph's real inputs (initializers excluded) and outputs, and every external-data location."""
+    """The main graph's real inputs (initializers excluded) and outputs, every external-data location, and
+    the model's ``metadata_props`` (``{key: value}``; the last entry wins for a repeated key)."""
 
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     external_data: tuple[str, ...]
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     def input(self, name: str) -> TensorInfo | None:
         """The input called ``name``, or ``None``."""
@@ -197,8 +200,14 @@ def _graph_info(buf: Any, start: int, end: int) -> OnnxGraphInfo:
     return OnnxGraphInfo(inputs=real, outputs=tuple(outputs), external_data=tuple(external))
 
 
+def _metadata(buf: Any, span: tuple[int, int]) -> tuple[str, str]:
+    """StringStringEntryProto {1: key, 2: value} → ``(key, value)``."""
+    kv = {f: v for f, v in _fields(buf, *span) if isinstance(v, tuple)}
+    return (_text(buf, kv[1]) if 1 in kv else ""), (_text(buf, kv[2]) if 2 in kv else "")
+
+
 def read_onnx_graph(path: str | Path) -> OnnxGraphInfo:
-    """Inputs, outputs and external-data locations of the ONNX model at ``path``.
+    """Inputs, outputs, external-data locations and ``metadata_props`` of the ONNX model at ``path``.
 
     Raises :class:`OnnxFormatError` when the file is empty, truncated or not an ONNX model, and
     ``OSError`` when it cannot be read. Memory use is independent of the weights' size.
@@ -209,7 +218,15 @@ def read_onnx_graph(path: str | Path) -> OnnxGraphInfo:
         except ValueError as e:  # an empty file cannot be mapped
             raise OnnxFormatError("the file is empty") from e
     with buf:
-        graphs = list(_sub(buf, 0, len(buf), _MODEL_GRAPH))
+        graphs, metadata = [], {}
+        for f, v in _fields(buf, 0, len(buf)):
+            if f == _MODEL_GRAPH and isinstance(v, tuple):
+                graphs.append(v)
+            elif f == _MODEL_METADATA and isinstance(v, tuple):
+                key, value = _metadata(buf, v)
+                metadata[key] = value
         if not graphs:
             raise OnnxFormatError("no graph in the file (not an ONNX model)")
-        return _graph_info(buf, *graphs[-1])
+        info = _graph_info(buf, *graphs[-1])
+        return OnnxGraphInfo(inputs=info.inputs, outputs=info.outputs, external_data=info.external_data,
+                             metadata=metadata)

@@ -24,6 +24,7 @@ from hishrst_export.onnx_export import PARITY_TOLERANCE, ParityError
 from hishrst_export.parity import compare
 
 from hishrst_runtime.bundle.manifest import SCHEMA_VERSION, BundleError, load_bundle
+from hishrst_runtime.core.owned import ForeignOutputError
 
 QUIET = {"echo": lambda s: None}
 
@@ -75,7 +76,8 @@ def test_bundle_manifest_contents(small_bundle: Path, small_run: Path) -> None:
     assert set(m["files"]) == {"encoder", "head"}
     for entry in m["files"].values():
         assert entry["precision"] == "fp32" and len(entry["sha256"]) == 64 and "external_data" not in entry
-    assert sorted(p.name for p in small_bundle.iterdir()) == ["encoder.onnx", "head.onnx", "manifest.json"]
+    assert sorted(p.name for p in small_bundle.iterdir()) == [".hishrst-output.json", "encoder.onnx", "head.onnx",
+                                                               "manifest.json"]
     par = m["parity"]
     assert par["precision"] == "fp32" and "spots of" in par["real_tiles"]
     for part in ("encoder", "head"):
@@ -215,12 +217,12 @@ def test_existing_out_without_overwrite_errors(small_run: Path, small_bundle: Pa
     out = _copy(small_bundle, tmp_path / "bundle")
     before = _snapshot(out)
     res = CliRunner().invoke(export_cmd, [str(small_run), "--out", str(out)])
-    assert res.exit_code != 0 and "already exists" in res.output and "--overwrite" in res.output
+    assert res.exit_code != 0 and "already holds a hishrst model bundle" in res.output and "--overwrite" in res.output
     assert _snapshot(out) == before
     other = tmp_path / "not_a_bundle"
     other.mkdir()
     (other / "precious.txt").write_text("keep me")
-    with pytest.raises(ExportError, match="not a hishrst bundle"):
+    with pytest.raises(ForeignOutputError, match="is not a hishrst model bundle written by hishrst"):
         export_bundle(small_run, out=other, overwrite=True, **QUIET)
     assert (other / "precious.txt").read_text() == "keep me"
 
@@ -284,7 +286,7 @@ def test_external_data_is_listed_hashed_and_verified(small_run: Path, tmp_path: 
     assert any("real-tile parity check skipped" in n and "--data" in n for n in notes)
     assert set(m["parity"]["encoder"]) == set(m["parity"]["head"]) == {"random"}
     assert m["parity"]["real_tiles"].startswith("unavailable")
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir()) == [".hishrst-output.json",
         "encoder.onnx", "encoder.onnx.data", "head.onnx", "head.onnx.data", "manifest.json"]
     for key in ("encoder", "head"):
         (ext,) = m["files"][key]["external_data"]
@@ -308,7 +310,7 @@ def test_export_rejects_bad_arguments(small_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="max-batch"):
         export_bundle(small_run, out=tmp_path / "x", max_batch=0, **QUIET)
     with pytest.raises(ExportError, match="not a finished `hishrst fit` run"):
-        export_bundle(tmp_path, out=tmp_path / "x", **QUIET)
+        export_bundle(tmp_path / "run", out=tmp_path / "x", **QUIET)
     assert not (tmp_path / "x").exists()
 
 

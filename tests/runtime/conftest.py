@@ -6,6 +6,8 @@
   ``head.onnx`` maps features ``[G, N, 4]``, positions ``[G, N, 2]`` (µm) and mask ``[G, N]`` to
   expression ``[G, N, 3]`` (a linear map of features and positions, zeroed where the mask is 0).
   Manifest: genes ``G0 G1 G2``, 32 µm patches at 0.5 µm/px, groups of at most 8, ``max_batch`` 16.
+  ``head.onnx`` records the gene names and count in its ``metadata_props`` as export does (not the
+  manifest content hash, so ``edit`` may change other sections).
   It runs end to end through the CPU engines (and the whole pipeline) on a base install.
 * ``make_tiny_bundle`` (function): the builder, ``make_tiny_bundle(root, *, external=False,
   edit=None, **sizes)`` → ``root``; ``external=True`` stores the encoder's weights in
@@ -122,6 +124,7 @@ def build_tiny_bundle(
     n_genes: int = 3,
 ) -> Path:
     """Write the tiny bundle into the new directory ``root`` and return ``root``."""
+    from hishrst_runtime.bundle.integrity import META_GENES, META_N_GENES, head_metadata
     from hishrst_runtime.bundle.manifest import write_manifest
     from hishrst_runtime.core.files import sha256_file
 
@@ -129,6 +132,8 @@ def build_tiny_bundle(
     models = {"encoder": tiny_encoder_model(input_size=input_size, feature_dim=feature_dim),
               "head": tiny_head_model(feature_dim=feature_dim, n_genes=n_genes)}
     m = tiny_manifest(input_size=input_size, feature_dim=feature_dim, n_genes=n_genes)
+    _onnx().helper.set_model_props(models["head"], {k: v for k, v in head_metadata(m).items()
+                                                     if k in (META_GENES, META_N_GENES)})
     for key, model in models.items():
         path = root / f"{key}.onnx"
         _save(model, path, external=external and key == "encoder")

@@ -11,7 +11,7 @@ from typing import Any, get_args
 
 import pytest
 
-from hishrst_runtime.bundle.manifest import SCHEMA_NAME, load_bundle, upgrade_manifest
+from hishrst_runtime.bundle.manifest import SCHEMA_NAME, load_bundle, upgrade_manifest, write_manifest
 from hishrst_runtime.bundle.spec import (
     POSITION_MODES,
     UM_POSITION_MODES,
@@ -86,7 +86,7 @@ def test_new_modes_load_end_to_end(tiny_bundle: Path, tmp_path: Path, mode: str)
     path = root / "manifest.json"
     m = json.loads(path.read_text())
     m["position"]["mode"] = mode
-    path.write_text(json.dumps(m))
+    write_manifest(root, m)  # re-sealed: an edit by hand would break the content hash
     spec = load_bundle(root).spec
     assert spec.position.mode == mode and spec.position.feeds_um
 
