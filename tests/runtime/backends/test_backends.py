@@ -335,7 +335,7 @@ def test_import_leaves_torch_timm_tensorrt_unloaded() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.returncode == 0 and res.stdout.split() == ["LOADED", "[]"], res.stdout + res.stderr  # ran to the end
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -125,7 +125,7 @@ print("LOADED", loaded)
 sys.exit(1 if loaded else 0)
 """
     res = _python(code)
-    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.returncode == 0 and res.stdout.split() == ["LOADED", "[]"], res.stdout + res.stderr
 
 
 def test_loading_cpu_imports_only_its_engine(tiny_bundle: Path) -> None:
@@ -141,4 +141,4 @@ print("LOADED", loaded)
 sys.exit(1 if loaded else 0)
 """
     res = _python(code)
-    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.returncode == 0 and res.stdout.split() == ["LOADED", "[]"], res.stdout + res.stderr

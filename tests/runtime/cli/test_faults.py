@@ -179,16 +179,33 @@ def test_unwritable_output_location_is_one_line(crop: Path, small_bundle: Path, 
     assert blocker.read_text() == "not a folder"
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores folder permissions")
-def test_read_only_output_folder_fails_each_slide(crop: Path, small_bundle: Path, tmp_path: Path, noop: None) -> None:
+def test_read_only_output_folder_fails_each_slide(crop: Path, small_bundle: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, noop: None) -> None:
+    """An --out folder that refuses new entries (``chmod a-w``): each slide fails on its lock naming the
+    lock file, the run report is only warned about, nothing is written, no traceback; an --out that would
+    have to be created inside it is one ``Error:`` line. Simulated at the OS calls (also holds as root)."""
+    from tests.runtime.output.test_reliability import refuse_writes_in
+
+    slides = [Path(shutil.copytree(crop, tmp_path / "in" / f"{name}.ome.zarr")) for name in ("a", "b")]
     out = tmp_path / "ro"
     out.mkdir()
-    out.chmod(0o555)
-    try:
-        r = invoke([crop, "--bundle", small_bundle, "--out", out])
-    finally:
-        out.chmod(0o755)
-    assert r.exit_code == 1 and f"{out / 'crop.zarr.lock'}: cannot create the lock file" in r.output, r.output
+    refused = refuse_writes_in(monkeypatch, out)
+    r = invoke([*slides, "--bundle", small_bundle, "--out", out])
+    assert r.exit_code == 1, r.output
+    for name in ("a", "b"):
+        lock = out / f"{name}.zarr.lock"
+        reason = next((ln for ln in r.output.splitlines() if str(lock) in ln), None)
+        assert reason is not None and f"{lock}: cannot create the lock file (Permission denied)" in reason, r.output
+        assert "--out" in reason
+    assert "0 ok, 0 skipped, 2 failed" in r.output, r.output
+    assert any("run report" in ln and str(out) in ln for ln in r.output.splitlines()), r.output
+    assert str(out / "a.zarr.lock") in refused
+    new = out / "new"
+    r = invoke([slides[0], "--bundle", small_bundle, "--out", new])
+    assert r.exit_code == 1, r.output
+    assert f"{new}: cannot create the output folder (Permission denied)" in error_line(r) and "--out" in error_line(r)
+    monkeypatch.undo()
+    assert list(out.iterdir()) == []  # no lock, store, partial or report left behind
 
 
 @pytest.mark.parametrize("url", ["s3://bucket/slides/x.ome.zarr", "https://example.org/x.ome.zarr"])

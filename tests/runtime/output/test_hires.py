@@ -50,7 +50,17 @@ def test_squidpy_spatial_scatter_with_defaults(tmp_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     adata = finished_adata(tmp_path / "s.zarr", n=64)
+    lib = adata.uns["spatial"]["slide_A"]
     sq.pl.spatial_scatter(adata, color=GENES[0])  # looks up uns['spatial'][lib]['images']['hires']
-    fig = plt.gcf()
-    assert fig.axes and fig.axes[0].images  # the slide image is drawn under the spots
+    ax = plt.gcf().axes[0]
+    assert ax.get_title() == GENES[0]
+    (im,) = ax.images  # the slide image is drawn under the spots: the stored 'hires' one
+    np.testing.assert_array_equal(np.asarray(im.get_array()), lib["images"]["hires"])
+    (spots,) = ax.collections
+    centres = np.array([path.vertices[:-1].mean(axis=0) for path in spots.get_paths()])
+    want = np.asarray(adata.obsm["spatial"]) * lib["scalefactors"]["tissue_hires_scalef"]
+    order = lambda xy: xy[np.lexsort((xy[:, 1], xy[:, 0]))]  # noqa: E731
+    np.testing.assert_allclose(order(centres), order(want), atol=0.05)  # every spot, on its place in the image
+    values = np.asarray(adata[:, GENES[0]].X).ravel()
+    np.testing.assert_allclose(np.sort(np.asarray(spots.get_array())), np.sort(values), rtol=1e-6)  # its colours
     plt.close("all")

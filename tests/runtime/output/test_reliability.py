@@ -3,10 +3,13 @@ that refuse writes (read-only, permission denied, disk full), rows kept after fa
 
 from __future__ import annotations
 
+import builtins
 import errno
+import io
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,6 +32,91 @@ from tests.runtime.output.test_store import GENES, create, expected_values, writ
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` (relative path -> bytes)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def refuse_writes_in(monkeypatch: pytest.MonkeyPatch, directory: Path, code: int = errno.EACCES) -> list[str]:
+    """Make ``directory`` refuse changes to its entries, as the OS does (also for root, which ignores
+    permission bits): ``EACCES`` acts as a ``chmod a-w`` folder (no entry of it can be created, removed or
+    renamed; its existing files and sub-folders stay writable), ``EROFS`` as a read-only filesystem
+    mounted there (nothing below it can be created, removed, renamed or opened for writing).
+
+    Patches the calls every write goes through (``os.open`` / ``os.mkdir`` / ``os.rename`` / ``os.replace``
+    / ``os.unlink`` / ``os.rmdir`` / ``os.link`` / ``os.symlink`` and ``open``, hence ``pathlib``,
+    ``tempfile``, ``shutil``) to raise ``OSError(code)`` naming the path. Returns the refused paths.
+    """
+    top = os.path.realpath(directory)
+    refused: list[str] = []
+    real = {name: getattr(os, name) for name in ("open", "mkdir", "rename", "replace", "unlink", "remove",
+                                                  "rmdir", "link", "symlink")}
+    real_open = builtins.open
+
+    def where(path: Any, dir_fd: int | None = None) -> tuple[str, bool]:
+        """(the absolute entry path, whether its folder is the refusing one)."""
+        p = os.fsdecode(os.fspath(path))
+        if dir_fd is not None and not os.path.isabs(p):
+            p = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), p)
+        p = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(p))), os.path.basename(p))
+        parent = os.path.dirname(p)
+        hit = parent == top or (code == errno.EROFS and parent.startswith(top + os.sep))
+        return p, hit
+
+    def refuse(p: str) -> None:
+        refused.append(p)
+        raise OSError(code, os.strerror(code), p)  # PermissionError for EACCES
+
+    def check_new(path: Any, dir_fd: int | None = None, *, writes_existing: bool = False) -> None:
+        p, hit = where(path, dir_fd)
+        if hit and (not os.path.lexists(p) or (writes_existing and code == errno.EROFS)):
+            refuse(p)
+
+    def check_entry(path: Any, dir_fd: int | None = None) -> None:
+        p, hit = where(path, dir_fd)
+        if hit and os.path.lexists(p):
+            refuse(p)
+
+    def os_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        writes = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND))
+        if flags & os.O_CREAT or writes:
+            p, hit = where(path, dir_fd)
+            if hit and ((flags & os.O_CREAT and not os.path.lexists(p)) or (writes and code == errno.EROFS)):
+                refuse(p)
+        return real["open"](path, flags, mode, dir_fd=dir_fd)
+
+    def open_(file: Any, mode: str = "r", *a: Any, **kw: Any) -> Any:
+        if not isinstance(file, int) and any(c in mode for c in "wax+"):
+            check_new(file, writes_existing=True)
+        return real_open(file, mode, *a, **kw)
+
+    def mkdir(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        check_new(path, dir_fd)
+        return real["mkdir"](path, mode, dir_fd=dir_fd)
+
+    def move(name: str) -> Any:
+        def wrapped(src: Any, dst: Any, *, src_dir_fd: int | None = None, dst_dir_fd: int | None = None) -> None:
+            if where(src, src_dir_fd)[1] or where(dst, dst_dir_fd)[1]:
+                refuse(where(src, src_dir_fd)[0])
+            return real[name](src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+        return wrapped
+
+    def remove(name: str) -> Any:
+        def wrapped(path: Any, *, dir_fd: int | None = None) -> None:
+            check_entry(path, dir_fd)
+            return real[name](path, dir_fd=dir_fd)
+        return wrapped
+
+    def link(name: str) -> Any:
+        def wrapped(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+            check_new(dst, kw.get("dst_dir_fd") or kw.get("dir_fd"))
+            return real[name](src, dst, *a, **kw)
+        return wrapped
+
+    for name, fn in [("open", os_open), ("mkdir", mkdir), ("rename", move("rename")), ("replace", move("replace")),
+                     ("unlink", remove("unlink")), ("remove", remove("remove")), ("rmdir", remove("rmdir")),
+                     ("link", link("link")), ("symlink", link("symlink"))]:
+        monkeypatch.setattr(os, name, fn)
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)  # pathlib's Path.open / read_* / write_*
+    return refused
 
 
 def complete_store(path: Path, n: int = 40) -> dict[str, bytes]:
@@ -150,17 +238,27 @@ def test_create_in_a_location_that_refuses_writes(tmp_path: Path, monkeypatch: p
     assert [p.name for p in path.parent.iterdir()] == []  # no partial, no temporary skeleton
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores directory permissions")
-def test_create_in_a_read_only_directory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("code, words", [(errno.EACCES, "permission denied"), (errno.EROFS, "read-only")])
+def test_create_in_a_read_only_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         code: int, words: str) -> None:
+    """A folder that refuses new entries (``chmod a-w``, or a read-only mount): one line naming the output,
+    nothing left behind. Simulated at the OS calls so that it also holds when the tests run as root."""
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        with pytest.raises(OutputNotWritableError, match="permission denied") as info:
-            create(ro / "s.zarr", n=10)
-        assert_one_line(info.value, ro / "s.zarr")
-    finally:
-        ro.chmod(0o755)
+    (ro / "other.zarr").mkdir()  # someone's earlier output next to it stays as it is
+    before = snapshot(ro), sorted(p.name for p in ro.iterdir())
+    refused = refuse_writes_in(monkeypatch, ro, code)
+    with pytest.raises(OutputNotWritableError, match=words) as info:
+        create(ro / "s.zarr", n=10)
+    assert refused, "the store never tried to write into the folder"
+    assert_one_line(info.value, ro / "s.zarr")
+    assert info.value.errno == code and info.value.__cause__.errno == code
+    assert "Traceback" not in str(info.value)
+    monkeypatch.undo()
+    assert (snapshot(ro), sorted(p.name for p in ro.iterdir())) == before  # no partial, no temporary skeleton
+    assert OutputStore.status(ro / "s.zarr") == "missing"
+    create(ro / "s.zarr", n=10).close()  # writable again: the failed attempt left nothing in the way
+    assert OutputStore.status(ro / "s.zarr") == "incomplete"
 
 
 def test_disk_full_while_writing_keeps_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

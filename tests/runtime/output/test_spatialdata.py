@@ -151,7 +151,19 @@ def test_spatialdata_plot_draws_predictions_over_the_image(converted) -> None:
     _, _, sdata = converted
     fig, ax = plt.subplots()
     sdata.pl.render_images("slide_A_he").pl.render_shapes("slide_A_spots", color=GENES[0]).pl.show(ax=ax)
-    assert ax.images and ax.collections  # the H&E and the circles
+    (im,) = ax.images  # the H&E, spanning the slide in level-0 pixels, its red squares under MARKED
+    img = np.asarray(im.get_array())
+    to_data = im.get_transform() - ax.transData
+    h, w = img.shape[:2]
+    np.testing.assert_allclose(to_data.transform([[-0.5, -0.5], [w - 0.5, h - 0.5]]), [[0, 0], [W0, H0]], atol=4)
+    for x, y in np.floor(to_data.inverted().transform(MARKED) + 0.5).astype(int):
+        np.testing.assert_allclose(img[y, x][:3], (1.0, 0.0, 0.0) if img.dtype.kind == "f" else (255, 0, 0))
+    (spots,) = ax.collections  # one circle per point, where it was predicted, coloured by its value
+    centres = np.array([path.vertices[:-1].mean(axis=0) for path in spots.get_paths()])
+    np.testing.assert_allclose(centres, points(), atol=2)
+    values = np.asarray(sdata.tables["table"][:, GENES[0]].X).ravel()
+    assert len(values) == len(points()) and np.ptp(values) > 0
+    np.testing.assert_allclose(spots.get_facecolors(), spots.cmap(spots.norm(values)), atol=1e-6)
     plt.close("all")
 
 

@@ -385,8 +385,25 @@ def test_scanpy_spatial_plot(tmp_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     a = finished_adata(tmp_path / "s.zarr", n=120)
-    sc.pl.spatial(a, img_key="lowres", library_id="slide_A", color=GENES[0], show=False)
-    sc.pl.spatial(a, color=GENES[1], show=False)  # library and image found automatically
+    scalef = a.uns["spatial"]["slide_A"]["scalefactors"]["tissue_lowres_scalef"]
+    want_xy = np.asarray(a.obsm["spatial"]) * scalef  # the spots in lowres-image pixels
+
+    def by_xy(xy: np.ndarray) -> np.ndarray:
+        return xy[np.lexsort((xy[:, 1], xy[:, 0]))]
+
+    drawn = [(GENES[0], sc.pl.spatial(a, img_key="lowres", library_id="slide_A", color=GENES[0], show=False)),
+             (GENES[1], sc.pl.spatial(a, color=GENES[1], show=False))]  # library and image found automatically
+    for gene, axs in drawn:
+        (ax,) = axs
+        assert ax.get_title() == gene
+        (im,) = ax.images  # the slide overview under the spots
+        np.testing.assert_array_equal(np.asarray(im.get_array()), spatial().lowres)
+        (spots,) = ax.collections
+        assert len(spots.get_paths()) == a.n_obs
+        centres = np.array([path.vertices[:-1].mean(axis=0) for path in spots.get_paths()])
+        np.testing.assert_allclose(by_xy(centres), by_xy(want_xy), atol=0.05)  # each spot where it was predicted
+        np.testing.assert_allclose(np.sort(np.asarray(spots.get_array())),  # coloured by that gene's values
+                                   np.sort(np.asarray(a[:, gene].X).ravel()), rtol=1e-6)
     plt.close("all")
 
 

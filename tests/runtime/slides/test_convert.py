@@ -42,7 +42,10 @@ def test_pyramid_shapes() -> None:
 def test_written_stores_validate(tmp_path: Path, version: str) -> None:
     models = pytest.importorskip(f"ome_zarr_models.v0{version[-1]}.image")
     p = write_ome_zarr(_image(), tmp_path / "s.zarr", mpp=0.5, chunk=64, n_levels=2, version=version)  # type: ignore[arg-type]
-    models.Image.from_zarr(zarr.open_group(str(p), mode="r"))
+    (ms,) = models.Image.from_zarr(zarr.open_group(str(p), mode="r")).ome_attributes.multiscales  # spec-valid
+    assert [d.path for d in ms.datasets] == ["0", "1"]  # and what it validated is the pyramid written, in µm
+    assert [d.coordinateTransformations[0].scale for d in ms.datasets] == [[1.0, 0.5, 0.5], [1.0, 1.0, 1.0]]
+    assert [(a.name, a.unit) for a in ms.axes] == [("c", None), ("y", "micrometer"), ("x", "micrometer")]
     if version == "0.5":
         assert zarr.open_array(str(p / "0"), mode="r").metadata.dimension_names == ("c", "y", "x")
     else:
