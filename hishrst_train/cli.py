@@ -80,21 +80,23 @@ def command_errors(out: Path | None = None) -> Iterator[None]:
 @click.option("--sections", type=click.IntRange(min=1), default=1, show_default=True,
               help="Number of sections (more than one: OUT_DIR/section_<k>/, one shared expression model, each section "
                    "placed and rotated differently on its slide).")
-def synth(out_dir: Path, preset: str, seed: int, sections: int) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Replace a data set `hishrst synth` wrote in OUT_DIR (kept until the new one is complete); other "
+                   "folders are never replaced.")
+def synth(out_dir: Path, preset: str, seed: int, sections: int, overwrite: bool) -> None:
     """Generate synthetic Visium sections (Space Ranger outs + pyramidal TIFF) in OUT_DIR."""
     t0 = time.perf_counter()
     with command_errors(out_dir):
-        mod = training_module("hishrst_train.synth", command="synth")
-        if sections == 1:
-            outs = [mod.make_synthetic_visium(out_dir, preset=preset, seed=seed)]
-        elif hasattr(mod, "make_synthetic_sections"):
-            outs = mod.make_synthetic_sections(out_dir, sections, seed=seed, preset=preset)
-        else:
-            outs = [mod.make_synthetic_visium(out_dir / f"section{i}", preset=preset, seed=seed + i)
-                    for i in range(sections)]
+        mod = training_module("hishrst_train.synth.output", command="synth")
+        outs = mod.write_synth(out_dir, sections=sections, preset=preset, seed=seed, overwrite=overwrite)
     for o in outs:
         click.echo(f"wrote synthetic Visium ({preset}) to {o}")
     click.echo(f"{len(outs)} section(s) in {time.perf_counter() - t0:.1f} s")
+
+
+COUNTS_HELP = ("What the sections' matrices hold: raw = UMI counts (finite, non-negative whole numbers; hishrst "
+               "normalises them to log1p of counts per 10k); log = already log1p of counts per 10k (scanpy "
+               "normalize_total(target_sum=1e4) + log1p), used as the target as is. Other values are refused.")
 
 
 def _fit_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -123,8 +125,11 @@ def _fit_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Maximum epochs; training stops early when the validation MSE stops improving."),
         click.option("--lr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-3,
                      show_default=True, help="Peak learning rate of Adam (the paper's 1e-3; warm-up, cosine decay)."),
-        click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="µm per full-resolution pixel (overrides the recorded pixel size of every section)."),
+        click.option("--counts", type=click.Choice(["raw", "log"]), default="raw", show_default=True,
+                     help=COUNTS_HELP),
+        click.option("--mpp", type=float, default=None,
+                     help="µm per full-resolution pixel (overrides the recorded pixel size of every section; "
+                          "0.05–50, HISHRST_MPP_RANGE=LO,HI widens it)."),
         click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                      help="Local encoder weights file (safetensors or state-dict .bin)."),
         click.option("--encoder", type=click.Choice(ENCODER_NAMES), default="test-vit", show_default=True,
@@ -195,7 +200,9 @@ def _echo_metrics(s: dict[str, Any], where: Path) -> None:
 @click.option("--name", default=None, help="Subfolder name under RUN/eval/ (default: the section names).")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="With --on and a single DATA: its full-resolution image.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, help="µm/px of the --on sections.")
+@click.option("--mpp", type=float, default=None, help="µm/px of the --on sections (0.05–50).")
+@click.option("--counts", type=click.Choice(["raw", "log"]), default=None,
+              help=COUNTS_HELP + " Default: what the run was trained on.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Device for feature extraction and prediction (auto: cuda when torch sees a GPU).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Feature cache folder.")
@@ -203,19 +210,20 @@ def _echo_metrics(s: dict[str, Any], where: Path) -> None:
 @click.option("--no-ari", is_flag=True, help="Skip k-means ARI against the layer truth.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 def evaluate(run_dir: Path, more: tuple[str, ...], on: tuple[str, ...], name: str | None, image: Path | None,
-             mpp: float | None, device: str, cache_dir: Path | None, no_ssim: bool, no_ari: bool, progress: bool) -> None:
+             mpp: float | None, counts: str | None, device: str, cache_dir: Path | None, no_ssim: bool, no_ari: bool,
+             progress: bool) -> None:
     """Score RUN: its held-out spots (recovery), or with --on DATA... sections it never saw."""
     data = list(on) + list(more)
     if more and not on:
         raise click.UsageError(f"unexpected argument {more[0]!r}; sections to score go after --on")
-    if not data and (image or mpp or name):
-        raise click.UsageError("--image, --mpp and --name apply to --on DATA")
+    if not data and (image or mpp is not None or name or counts):
+        raise click.UsageError("--image, --mpp, --counts and --name apply to --on DATA")
     with command_errors(run_dir):
         mod = training_module("hishrst_train.evaluate", command="evaluate")
         if data:
             training_module("hishrst_train.tasks", command="evaluate --on")
             s = mod.evaluate_on(run_dir, data, image=image, mpp=mpp, ssim=not no_ssim, ari=not no_ari, device=device,
-                                cache_dir=cache_dir, name=name, progress=progress)
+                                cache_dir=cache_dir, name=name, progress=progress, counts=counts)
             where = Path(s["folder"])
         else:
             s, where = mod.evaluate_run(run_dir, ssim=not no_ssim, ari=not no_ari), run_dir

@@ -9,7 +9,6 @@ and its mean go to ``<out>/cv_metrics.csv`` and ``<out>/cv.json``.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,11 @@ import numpy as np
 import pandas as pd
 
 from hishrst_runtime.core.errors import InputError, OutputStateError
-from hishrst_runtime.core.files import atomic_write
+from hishrst_runtime.core.files import atomic_write, clean_stale_siblings
+from hishrst_runtime.core.owned import check_replaceable, mark_owned
+from hishrst_train.rundir import claim_output
 
-__all__ = ["cv_run", "CvError", "CV_COLUMNS"]
+__all__ = ["cv_run", "CvError", "CV_COLUMNS", "is_legacy_cv"]
 
 #: Columns of ``cv_metrics.csv`` after ``fold`` and ``heldout``.
 CV_COLUMNS = ("n_spots", "pcc_mean", "pcc_mean_constant_as_zero", "mse_mean", "mae_mean", "mse_train_mean_baseline",
@@ -31,16 +32,14 @@ class CvError(InputError):
     """Cross-validation inputs that cannot work (fewer than two sections, an --out that is not free)."""
 
 
-def _check_out(out: Path, *, overwrite: bool) -> None:
-    if not os.path.lexists(out) or (out.is_dir() and not any(out.iterdir())):
-        return
-    if not out.is_dir():
-        raise CvError(f"{out}: exists and is not a directory; choose another --out")
-    if not (out / "cv.json").is_file() and not (out / "cv_metrics.csv").is_file():
-        raise CvError(f"{out}: exists and is not a hishrst cv folder; choose another --out")
-    if not overwrite:
-        raise CvError(f"{out}: already holds a cross-validation; pass --overwrite to replace its folds, or choose "
-                      "another --out")
+def is_legacy_cv(path: Path) -> bool:
+    """A cross-validation folder written before the ownership marker: ``cv.json`` parses as an object with
+    hishrst's ``status`` (``running`` / ``complete``) and the list of section ``names``."""
+    try:
+        meta = json.loads((path / "cv.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("status") in ("running", "complete") and isinstance(meta.get("names"), list)
 
 
 def _row(fold: int, name: str, s: dict[str, Any]) -> dict[str, Any]:
@@ -53,31 +52,53 @@ def _row(fold: int, name: str, s: dict[str, Any]) -> dict[str, Any]:
 
 
 def cv_run(data: Sequence[Any], *, out: str | Path, overwrite: bool = False, mpp: float | None = None,
-           ssim: bool = True, ari: bool = True, **fit_options: Any) -> pd.DataFrame:
+           ssim: bool = True, ari: bool = True, counts: str = "raw", **fit_options: Any) -> pd.DataFrame:
     """Leave-one-section-out over ``data`` (the ``DATA`` forms of ``hishrst fit``; at least two sections).
 
     ``fit_options`` go to :func:`hishrst_train.tasks.fit_run` (``task`` is always ``full``); ``mpp``
-    (µm/px) overrides every section's pixel size. Returns the table (one row per fold, then ``mean``).
+    (µm/px) overrides every section's pixel size; ``counts`` (``raw`` | ``log``) as ``--counts``. Every
+    section is read and checked before the first fold; a section given twice is refused. ``out`` is
+    replaced (fold by fold) only with ``overwrite``, and only when hishrst wrote it as a cross-validation.
+    Returns the table (one row per fold, then ``mean``).
     """
-    from hishrst_train.data.sections import resolve_sections, section_names
-    from hishrst_train.evaluate import evaluate_on
-    from hishrst_train.tasks import fit_run
+    from hishrst_train.data.counts import check_counts_mode
+    from hishrst_train.data.sections import check_distinct, resolve_sections
+    from hishrst_train.tasks import open_sections
 
     specs = resolve_sections(data)
     if len(specs) < 2:
         raise CvError(f"leave-one-section-out needs at least 2 sections, got {len(specs)}; pass more DATA")
+    counts = check_counts_mode(counts)
     out = Path(out)
-    _check_out(out, overwrite=overwrite)
-    fit_options = {k: v for k, v in fit_options.items() if k != "task"}
+    with claim_output(out, command="cv"):
+        check_replaceable(out, kind="cv", overwrite=overwrite, what="a cross-validation", option="--out",
+                          inputs=[p for s in specs for p in (s.data, s.image)], legacy=is_legacy_cv)
+        check_distinct(open_sections(specs, mpp=mpp, counts=counts))  # every section valid and given once
+        for name in ("cv.json", "cv_metrics.csv"):
+            clean_stale_siblings(out / name)
+        table = _folds(specs, out, overwrite=overwrite, mpp=mpp, counts=counts, ssim=ssim, ari=ari,
+                       fit_options={k: v for k, v in fit_options.items() if k != "task"})
+    return table
+
+
+def _folds(specs: list[Any], out: Path, *, overwrite: bool, mpp: float | None, counts: str, ssim: bool, ari: bool,
+           fit_options: dict[str, Any]) -> pd.DataFrame:
+    """Train and score every fold into ``out`` (marked as hishrst's ``cv`` output); write the table."""
+    from hishrst_train.data.sections import section_names
+    from hishrst_train.evaluate import evaluate_on
+    from hishrst_train.tasks import fit_run
+
     names = section_names(specs)
     _write_json(out, {"status": "running", "sections": [s.record() for s in specs], "names": names})
+    mark_owned(out, "cv")
     rows = []
     for i, (spec, name) in enumerate(zip(specs, names)):
         run = out / f"fold{i}-{name}"
         train = [s for j, s in enumerate(specs) if j != i]
-        fit_run(train, out=run, task="full", mpp=mpp, overwrite=overwrite, **fit_options)
+        fit_run(train, out=run, task="full", mpp=mpp, overwrite=overwrite, counts=counts, **fit_options)
         s = evaluate_on(run, [spec], mpp=mpp, ssim=ssim, ari=ari, name=name, device=fit_options.get("device", "cpu"),
-                        cache_dir=fit_options.get("cache_dir"), progress=fit_options.get("progress", True))
+                        cache_dir=fit_options.get("cache_dir"), progress=fit_options.get("progress", True),
+                        counts=counts)
         rows.append(_row(i, name, s))
     table = pd.DataFrame(rows)
     mean = {"fold": "mean", "heldout": "", **{c: float(table[c].mean()) for c in CV_COLUMNS}}

@@ -54,20 +54,43 @@ def _score_unseen(run: Path, outs: Path, pred_store: Path) -> dict[str, Any]:
             "per_gene_pcc": per_gene_metrics(np.asarray(pred[:, genes].X, np.float64), truth)["pcc"]}
 
 
-def run_demo(out: Path, *, preset: str = "dlpfc", epochs: int = 30, seed: int = 0, progress: bool = True) -> dict:
-    """Run the demo into ``out``; returns a summary dict (also written to ``out/demo_summary.json``)."""
+def is_legacy_demo(path: Path) -> bool:
+    """A demo folder written before the ownership marker: ``demo_summary.json`` parses as the demo's summary."""
+    try:
+        s = json.loads((path / "demo_summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(s, dict) and "unseen_section_pcc_mean" in s and "export_parity" in s
+
+
+def run_demo(out: Path, *, preset: str = "dlpfc", epochs: int = 30, seed: int = 0, progress: bool = True,
+             overwrite: bool = False) -> dict:
+    """Run the demo into ``out``; returns a summary dict (also written to ``out/demo_summary.json``).
+
+    ``out`` must be missing, empty, or a demo folder hishrst wrote (replaced only with ``overwrite``, piece
+    by piece, each piece kept until its new version is complete); a folder of other files is refused."""
+    from hishrst_runtime.core.owned import check_replaceable, mark_owned
+    from hishrst_train.rundir import claim_output
+
+    out = Path(out)
+    with claim_output(out, command="demo"):
+        check_replaceable(out, kind="demo", overwrite=overwrite, what="a demo output", legacy=is_legacy_demo)  # type: ignore[arg-type]
+        out.mkdir(parents=True, exist_ok=True)
+        mark_owned(out, "demo")  # type: ignore[arg-type]
+        return _run_steps(out, preset=preset, epochs=epochs, seed=seed, progress=progress)
+
+
+def _run_steps(out: Path, *, preset: str, epochs: int, seed: int, progress: bool) -> dict:
     from hishrst_export.bundle import export_bundle
     from hishrst_runtime.inference.points import read_points
     from hishrst_runtime.jobs.runner import run_slides
     from hishrst_runtime.slides.convert import convert_slide
-    from hishrst_train.synth import make_synthetic_sections
+    from hishrst_train.synth.output import write_synth
     from hishrst_train.tasks import fit_run
 
-    out.mkdir(parents=True, exist_ok=True)
-    t: dict[str, float] = {}
     t0 = _step(f"1/7 synthesizing three '{preset}' sections of one expression model (seed {seed})")
-    outs = make_synthetic_sections(out / "sections", 3, seed=seed, preset=preset)  # type: ignore[arg-type]
-    t["synth"] = time.perf_counter() - t0
+    outs = write_synth(out / "sections", sections=3, seed=seed, preset=preset, overwrite=True)  # type: ignore[arg-type]
+    t: dict[str, float] = {"synth": time.perf_counter() - t0}
 
     t0 = _step(f"2/7 training HisHRST on sections 0 and 1 (full task, relative positions, test encoder, "
                f"≤ {epochs} epochs)")
@@ -160,10 +183,15 @@ def _plot(out: Path, *, scores: dict[str, Any], dense: Path) -> Path:
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
               help="Maximum training epochs (early stopping on a validation split keeps the best).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data and the fit.")
-def demo(out: Path, preset: str, epochs: int, seed: int) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier demo in --out (a folder the demo did not write is never replaced).")
+def demo(out: Path, preset: str, epochs: int, seed: int, overwrite: bool) -> None:
     """Synthesize three sections, train on two, export, and run the third (unseen) section's slide."""
+    from hishrst_train.cli import command_errors
+
     t0 = time.perf_counter()
-    s = run_demo(out, preset=preset, epochs=epochs, seed=seed)
+    with command_errors(out):
+        s = run_demo(out, preset=preset, epochs=epochs, seed=seed, overwrite=overwrite)
     click.echo("\n=== hishrst demo summary ===")
     click.echo(f"unseen section ({s['unseen_spots']} spots, predicted by hishrst-run --points): "
                f"PCC (mean over genes) {s['unseen_section_pcc_mean']:.3f}   MSE {s['unseen_section_mse']:.4f} "

@@ -219,7 +219,8 @@ def _predict_section(model: Any, config: RunConfig, sec: Any, genes: list[str], 
 
 def evaluate_on(run_dir: str | Path, data: Any, *, image: str | Path | None = None, mpp: float | None = None,
                 ssim: bool = True, ari: bool = True, device: str = "cpu", batch_size: int = 64,
-                cache_dir: str | Path | None = None, name: str | None = None, progress: bool = True) -> dict[str, Any]:
+                cache_dir: str | Path | None = None, name: str | None = None, progress: bool = True,
+                counts: str | None = None) -> dict[str, Any]:
     """Predict every measured spot of ``data`` (one or several sections the run never trained on) and score it.
 
     ``data`` takes the ``DATA`` forms of ``hishrst fit``; ``image`` / ``mpp`` (µm/px) as there. Genes the
@@ -232,7 +233,7 @@ def evaluate_on(run_dir: str | Path, data: Any, *, image: str | Path | None = No
 
     run_dir = Path(run_dir)
     model, config = load_run(run_dir)
-    secs = open_sections(data, image=image, mpp=mpp)
+    secs = open_sections(data, image=image, mpp=mpp, counts=counts or config.counts)  # --counts (default: the run's)
     _check_unseen(config, secs)
     have = set(config.genes)
     for s in secs:

@@ -58,13 +58,15 @@ def select_hvgs(
     train_mask: np.ndarray | Sequence[int] | None = None,
     layer: str | None = None,
     batch: np.ndarray | Sequence[Any] | None = None,
+    counts: str = "raw",
 ) -> list[str]:
     """Names of the ``n_top`` Seurat v3 highly variable genes, in the order of ``adata.var_names``.
 
     Computed with scanpy (``flavor="seurat_v3"``, needs scikit-misc) on raw counts (``X`` or
     ``layers[layer]``) of the training spots only when ``train_mask`` (boolean mask or row indices) is
     given. ``batch`` (one label per spot, e.g. the section) ranks genes per batch (scanpy's
-    ``batch_key``), so one section's depth cannot dominate. With ``n_top`` ≥ the number of genes, all
+    ``batch_key``), so one section's depth cannot dominate. ``counts="log"``: the matrix holds
+    log1p-normalised values (``--counts log``), ranked with scanpy's ``seurat`` flavour instead. With ``n_top`` ≥ the number of genes, all
     genes are returned and a warning says so.
     """
     if n_top < 1:
@@ -78,7 +80,7 @@ def select_hvgs(
     import anndata as ad
     import scanpy as sc
 
-    X = _counts(adata, layer)
+    X = _counts(adata, layer) if counts == "raw" else (adata.layers[layer] if layer is not None else adata.X)
     rows = _train_rows(adata.n_obs, train_mask) if train_mask is not None else np.arange(adata.n_obs)
     sub = ad.AnnData(X=X[rows].astype(np.float32) if sp.issparse(X) else np.asarray(X)[rows].astype(np.float32))
     sub.var_names = adata.var_names.astype(str)
@@ -92,8 +94,8 @@ def select_hvgs(
             batch_key = "batch"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)
-        df = sc.pp.highly_variable_genes(sub, flavor="seurat_v3", n_top_genes=int(n_top), inplace=False,
-                                         batch_key=batch_key)
+        df = sc.pp.highly_variable_genes(sub, flavor="seurat_v3" if counts == "raw" else "seurat",
+                                         n_top_genes=int(n_top), inplace=False, batch_key=batch_key)
     hv = np.asarray(df["highly_variable"], dtype=bool)
     if hv.size != len(genes):  # scanpy returns one row per gene, in var order
         raise RuntimeError(f"scanpy returned {hv.size} rows for {len(genes)} genes")
@@ -121,7 +123,14 @@ def log_expression(adata: Any, genes: Sequence[str], *, target_sum: float = 1e4)
     """The model's target for ``genes``: counts of those genes only, normalised per spot to ``target_sum``,
     then ``log1p`` — dense float32 ``[spots, genes]``. Training, ``evaluate``, the demo and the benchmarks
     all score against this, so a model's output and its measured truth are on one scale (normalising over
-    all genes and then taking the subset would shift every spot by its share of the other genes)."""
+    all genes and then taking the subset would shift every spot by its share of the other genes).
+
+    A section read with ``--counts log`` (``uns['hishrst']['counts'] == 'log'``) already holds normalised
+    log1p values: they are returned as they are."""
+    meta = getattr(adata, "uns", {}).get("hishrst") or {}
+    if meta.get("counts") == "log":
+        X = adata[:, list(genes)].X
+        return np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float32)
     e = normalize_log1p(adata[:, list(genes)].X, target_sum=target_sum)
     return np.asarray(e.toarray() if hasattr(e, "toarray") else e, dtype=np.float32)
 

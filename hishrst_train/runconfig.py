@@ -12,9 +12,13 @@ Versions:
    (``image``, ``mpp_override``, ``preprocessing``, ``image_features``, encoder ``weights`` / ``gated`` /
    ``license``, position ``units``, grouping ``method`` / ``coords``) may be missing.
 2. every field present; ``schema`` and ``schema_version`` first.
-3. the current layout: ``sections`` lists every training section (name, kind, data, image, fullres_image,
+3. ``sections`` lists every training section (name, kind, data, image, fullres_image,
    mpp, n_spots); ``data`` / ``image`` keep the first section's paths; task ``full`` and position modes
    ``relative`` / ``none`` are possible.
+4. the current layout: ``preprocessing`` records ``counts`` (``raw``: UMI counts normalised by hishrst;
+   ``log``: pre-normalised log1p values used as given, ``--counts log``) and ``genes_dropped`` (how many
+   genes the intersection over sections left out, and a few of their names); each section records its
+   ``counts`` mode and content ``fingerprint``. Older configs read as ``counts: raw`` (all they could be).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ __all__ = ["RUN_SCHEMA", "RUN_SCHEMA_VERSION", "RunConfig", "RunConfigError", "T
 
 RUN_SCHEMA = "hishrst.run"
 #: Current version of the ``config.json`` layout (see the module docstring for the history).
-RUN_SCHEMA_VERSION = 3
+RUN_SCHEMA_VERSION = 4
 
 Task = Literal["recovery", "generation", "full"]
 PositionMode = Literal["continuous", "grid", "relative", "none"]
@@ -80,8 +84,16 @@ def _upgrade_2_to_3(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def _upgrade_3_to_4(d: dict[str, Any]) -> dict[str, Any]:
+    """Runs before ``--counts`` trained on raw counts; nothing was recorded about dropped genes."""
+    d = dict(d)
+    d["preprocessing"] = {"counts": "raw", "genes_dropped": None, **(d.get("preprocessing") or {})}
+    return d
+
+
 #: ``version -> function`` turning a version-``version`` dict into a version ``version + 1`` one.
-_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3}
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3,
+                                                                      3: _upgrade_3_to_4}
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,7 @@ class RunConfig:
     coords. ``model``: the :class:`~hishrst_train.model.HisHRSTConfig` dict. ``sections``: one dict per
     training section (name, kind, data, image, fullres_image, mpp in µm/px, n_spots). ``data`` / ``image``:
     resolved paths of the first training section and of its explicit image; ``mpp_override``: ``--mpp``.
+    ``preprocessing``: HVG flavour, ``counts`` (``raw`` | ``log``), target_sum, genes_dropped, ….
     """
 
     task: Task
@@ -172,6 +185,11 @@ class RunConfig:
         return path
 
     # ------------------------------------------------------------------------------------ views
+
+    @property
+    def counts(self) -> str:
+        """What the training sections' matrices held: ``raw`` counts or ``log``-normalised values."""
+        return str(self.preprocessing.get("counts", "raw"))
 
     @property
     def weights(self) -> str | None:

@@ -9,7 +9,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import anndata as ad
 import numpy as np
@@ -21,7 +22,10 @@ from hishrst_runtime.core.grouping import group_points
 from hishrst_train.data.sections import Section
 from hishrst_train.runconfig import Task
 
-__all__ = ["TARGET_SUM", "FitError", "Targets", "build_targets", "section_seed", "spot_split", "training_groups"]
+__all__ = ["TARGET_SUM", "FitError", "Targets", "build_targets", "dropped_genes", "section_seed", "spot_split",
+           "training_groups"]
+
+log = logging.getLogger("hishrst")
 
 #: Counts per spot after normalisation (``log1p`` of counts per 10k).
 TARGET_SUM = 1e4
@@ -52,6 +56,8 @@ class Targets:
     train_mask: np.ndarray  # [N] over all sections
     expr: np.ndarray  # [N, G] float32
     offsets: np.ndarray  # [S + 1] first row of each section
+    #: Genes measured in some sections but not all, left out by the intersection (sorted).
+    dropped_genes: list[str] = field(default_factory=list)
 
 
 def _common_genes(secs: list[Section]) -> list[str]:
@@ -65,31 +71,50 @@ def _common_genes(secs: list[Section]) -> list[str]:
     return genes
 
 
-def _select_genes(secs: list[Section], masks: list[np.ndarray], *, n_genes: int, pooled_train: bool) -> list[str]:
+def dropped_genes(secs: list[Section]) -> list[str]:
+    """Genes some sections measured but not all (left out by the intersection), sorted; logged as a warning
+    with their count and a few names."""
+    if len(secs) < 2:
+        return []
+    every = set(_common_genes(secs))
+    dropped = sorted({str(g) for s in secs for g in s.adata.var_names} - every)
+    if dropped:
+        per = ", ".join(f"{s.name}: {sum(str(g) not in every for g in s.adata.var_names)}" for s in secs)
+        log.warning("%d genes are not measured in every section and are left out (%s; e.g. %s); use sections "
+                    "with the same gene annotation to keep them", len(dropped), per, ", ".join(dropped[:5]))
+    return dropped
+
+
+def _select_genes(secs: list[Section], masks: list[np.ndarray], *, n_genes: int, pooled_train: bool,
+                  counts: str = "raw") -> list[str]:
     """HVGs on the training spots (all spots when not ``pooled_train``), sections as Seurat v3 batches."""
     from hishrst_train.preprocess import select_hvgs
 
     if len(secs) == 1:
-        return select_hvgs(secs[0].adata, n_top=n_genes, train_mask=masks[0] if pooled_train else None)
+        return select_hvgs(secs[0].adata, n_top=n_genes, train_mask=masks[0] if pooled_train else None,
+                           counts=counts)
     common = _common_genes(secs)
     rows = [m if pooled_train else np.ones_like(m) for m in masks]
     parts = [s.adata[r][:, common].X for s, r in zip(secs, rows)]
     X = sp.vstack([sp.csr_matrix(p) for p in parts]).tocsr()
     pooled = ad.AnnData(X=X, var=pd.DataFrame(index=pd.Index(common)))
     batch = np.repeat(np.arange(len(secs)), [int(r.sum()) for r in rows])
-    return select_hvgs(pooled, n_top=n_genes, batch=batch)
+    return select_hvgs(pooled, n_top=n_genes, batch=batch, counts=counts)
 
 
-def build_targets(secs: list[Section], *, task: Task, seed: int, n_genes: int) -> Targets:
-    """Train masks, selected genes (from training spots only) and log-normalised expression."""
+def build_targets(secs: list[Section], *, task: Task, seed: int, n_genes: int, counts: str = "raw") -> Targets:
+    """Train masks, selected genes (from training spots only) and log-normalised expression; ``counts``:
+    what the sections' matrices hold (``raw`` counts or ``log``-normalised values, see ``--counts``)."""
     from hishrst_train.preprocess import log_expression
 
     masks = [spot_split(s.adata.n_obs, section_seed(seed, i)) if task == "recovery" else np.ones(s.adata.n_obs, bool)
              for i, s in enumerate(secs)]
-    genes = list(_select_genes(secs, masks, n_genes=n_genes, pooled_train=task == "recovery"))
+    dropped = dropped_genes(secs)
+    genes = list(_select_genes(secs, masks, n_genes=n_genes, pooled_train=task == "recovery", counts=counts))
     expr = [log_expression(s.adata, genes, target_sum=TARGET_SUM) for s in secs]
     offsets = np.concatenate([[0], np.cumsum([s.adata.n_obs for s in secs])])
-    return Targets(genes=genes, train_mask=np.concatenate(masks), expr=np.concatenate(expr), offsets=offsets)
+    return Targets(genes=genes, train_mask=np.concatenate(masks), expr=np.concatenate(expr), offsets=offsets,
+                   dropped_genes=dropped)
 
 
 def _train_groups(xy: np.ndarray, train_mask: np.ndarray, *, seed: int, val_frac: float, max_group: int

@@ -41,10 +41,15 @@ from hishrst_runtime.core.files import atomic_write
 from hishrst_runtime.core.geometry import apply_affine, dense_array_grid, fit_affine
 from hishrst_runtime.core.grouping import GROUPING_METHOD, group_points
 from hishrst_runtime.core.patches import DEFAULT_PATCH_UM, PAD_VALUE, RESIZE_FILTER
-from hishrst_train.data.sections import Section, SectionSpec, load_adata, open_section, parse_section, \
-    resolve_sections, section_names
+from hishrst_train.data.counts import CountsMode, check_counts_mode
+from hishrst_train.data.errors import check_section_mpp
+from hishrst_train.data.sections import Section, SectionSpec, check_distinct, load_adata, open_section, \
+    parse_section, resolve_sections, section_names
 from hishrst_train.runconfig import POSITION_UNITS, PositionMode, RunConfig, Task
-from hishrst_train.rundir import building_run, check_run_out
+from hishrst_train.rundir import building_run, check_run_out, claim_output
+from hishrst_train.outputs import gene_var as _gene_var, write_baseline as _write_baseline, \
+    write_recovery as _write_recovery, write_split as _write_split
+from hishrst_train.outputs import section_obs as _section_obs  # noqa: F401  (evaluate imports it from here)
 from hishrst_train.targets import TARGET_SUM, FitError, Targets, build_targets, training_groups
 from hishrst_train.train import resolve_device, save_checkpoint  # torch: a missing [train] extra fails here
 
@@ -58,7 +63,8 @@ POSITION_MODES: tuple[str, ...] = ("continuous", "grid", "relative", "none")
 DataArg = str | Path | SectionSpec
 
 
-def load_section(data: DataArg, *, image: str | Path | None = None, mpp: float | None = None) -> ad.AnnData:
+def load_section(data: DataArg, *, image: str | Path | None = None, mpp: float | None = None,
+                 counts: CountsMode = "raw") -> ad.AnnData:
     """Read one section — a Space Ranger ``outs`` directory, ``PATH.h5ad:IMAGE``, an ``.h5ad`` with ``image``,
     or a HEST-1k ``st/<id>.h5ad`` — as AnnData with ``uns['hishrst']``.
 
@@ -66,14 +72,14 @@ def load_section(data: DataArg, *, image: str | Path | None = None, mpp: float |
     image found next to the data (spot pixel coordinates are checked against its size). ``mpp`` (µm per
     full-resolution pixel) overrides the recorded pixel size.
     """
-    return load_adata(parse_section(data, image=image), mpp=mpp)
+    return load_adata(parse_section(data, image=image), mpp=mpp, counts=counts)
 
 
 def open_sections(data: DataArg | Sequence[DataArg], *, image: str | Path | None = None,
-                  mpp: float | None = None) -> list[Section]:
-    """Parse and open every section (unique names, images opened lazily)."""
+                  mpp: float | None = None, counts: CountsMode = "raw") -> list[Section]:
+    """Parse and open every section (unique names, images opened lazily; ``counts`` as ``--counts``)."""
     specs = resolve_sections(data, image=image)
-    return [open_section(s, name=n, mpp=mpp) for s, n in zip(specs, section_names(specs))]
+    return [open_section(s, name=n, mpp=mpp, counts=counts) for s, n in zip(specs, section_names(specs))]
 
 
 def spot_positions(xy_px: np.ndarray, *, mpp: float, mode: str, array_rc: np.ndarray | None = None) -> np.ndarray:
@@ -107,9 +113,11 @@ class _Options:
     progress: bool
     device: str
     lr: float = 1e-3
+    counts: CountsMode = "raw"
 
 
 def _check_options(o: _Options) -> None:
+    check_counts_mode(o.counts)
     checks = [(o.task in TASKS, "task", f"one of {', '.join(TASKS)}"),
               (o.position_mode in POSITION_MODES, "position", f"one of {', '.join(POSITION_MODES)}"),
               (o.epochs >= 1, "epochs", "≥ 1"), (o.n_genes >= 1, "n-genes", "≥ 1"),
@@ -154,6 +162,7 @@ def fit_run(
     overwrite: bool = False,
     device: str = "cpu",
     lr: float = 1e-3,
+    counts: CountsMode = "raw",
 ) -> dict[str, Any]:
     """Train HisHRST on one or several sections and write a run directory (see the module docstring).
 
@@ -161,24 +170,35 @@ def fit_run(
     ``image`` replaces (or, for a plain ``.h5ad``, provides) the image of a single section; ``mpp``
     (µm/px) overrides every section's pixel size. ``patch_um`` is the patch side in µm; ``densify`` the
     density factor of the generation grid; ``image_features=False`` trains the position-only ablation.
-    ``lr``: Adam's peak learning rate.
+    ``lr``: Adam's peak learning rate. ``counts``: what the sections' matrices hold — ``raw`` UMI counts
+    (normalised here) or ``log``-normalised values used as given (:mod:`hishrst_train.data.counts`).
     ``val_frac`` of the training spots (seeded; never held-out spots) is kept aside for early stopping:
     ``epochs`` is then a maximum, and the weights of the best validation epoch are kept. ``device``:
     ``auto`` | ``cpu`` | ``cuda`` for feature extraction and training. An existing run at ``out`` is
-    replaced only with ``overwrite`` (and only once the new fit is complete); a failed fit leaves nothing
-    behind. Returns a summary dict (also in ``config.json``).
+    replaced only with ``overwrite`` (and only once the new fit is complete; only a directory hishrst wrote
+    as a run, :mod:`hishrst_train.rundir`); a failed fit leaves nothing behind, and a second fit into the
+    same ``out`` while this one runs fails at once. Returns a summary dict (also in ``config.json``).
     """
     t0 = time.perf_counter()
     o = _Options(task=task, encoder=encoder, weights=weights, epochs=epochs, seed=seed, n_genes=n_genes,
                  patch_um=patch_um, position_mode=position_mode, densify=densify, max_group=max_group,
                  batch_size=batch_size, image_features=image_features, val_frac=val_frac, cache_dir=cache_dir,
-                 progress=progress, device=device, lr=lr)
+                 progress=progress, device=device, lr=lr, counts=counts)
     _check_options(o)
     specs = resolve_sections(data, image=image)
-    out = Path(out)
+    if mpp is not None:
+        mpp = check_section_mpp(mpp, where=specs[0].data, source="--mpp")
+    with claim_output(Path(out), command="fit"):
+        return _fit_claimed(Path(out), specs, o, mpp=mpp, overwrite=overwrite, t0=t0)
+
+
+def _fit_claimed(out: Path, specs: list[SectionSpec], o: _Options, *, mpp: float | None, overwrite: bool,
+                 t0: float) -> dict[str, Any]:
+    """:func:`fit_run` once ``out`` is locked: check it, read the sections, fit and write the run."""
     check_run_out(out, overwrite=overwrite, inputs=[p for s in specs for p in (s.data, s.image)])
-    o = _Options(**{**asdict(o), "device": resolve_device(device)})
-    secs = [open_section(s, name=n, mpp=mpp) for s, n in zip(specs, section_names(specs))]
+    o = _Options(**{**asdict(o), "device": resolve_device(o.device)})
+    secs = [open_section(s, name=n, mpp=mpp, counts=o.counts) for s, n in zip(specs, section_names(specs))]
+    check_distinct(secs)
     _check_sections(secs, o)
     with building_run(out) as work:
         summary, fields, model = _fit(work, secs, o)
@@ -227,47 +247,6 @@ def _features(sec: Section, centres: np.ndarray, enc: Any, o: _Options) -> np.nd
 # ------------------------------------------------------------------------------------------ outputs
 
 
-def _gene_var(genes: list[str]) -> pd.DataFrame:
-    return pd.DataFrame(index=pd.Index(genes, name="gene"))
-
-
-def _obs_keys(secs: list[Section]) -> np.ndarray:
-    """Row names over all sections: barcodes (one section) or ``<section>:<barcode>``."""
-    if len(secs) == 1:
-        return np.asarray(secs[0].adata.obs_names.astype(str))
-    return np.concatenate([[f"{s.name}:{b}" for b in s.adata.obs_names] for s in secs])
-
-
-def _section_obs(sec: Section, rows: np.ndarray, keys: np.ndarray) -> pd.DataFrame:
-    obs = pd.DataFrame(index=pd.Index(keys, name=None))
-    if sec.array_rc is not None:
-        obs["array_row"], obs["array_col"] = sec.array_rc[rows, 0], sec.array_rc[rows, 1]
-    if "layer" in sec.adata.obs:
-        obs["layer"] = sec.adata.obs["layer"].astype(str).to_numpy()[rows]
-    obs["section"] = sec.name
-    return obs
-
-
-def _write_recovery(work: Path, model: Any, secs: list[Section], t: Targets, feats: np.ndarray, pos: np.ndarray,
-                    *, max_group: int) -> dict[str, Any]:
-    """Predict each section's held-out spots (grouped among themselves) → ``predictions.h5ad``."""
-    from hishrst_train.train import predict
-
-    keys, parts = _obs_keys(secs), []
-    for i, s in enumerate(secs):
-        lo = t.offsets[i]
-        rows = np.flatnonzero(~t.train_mask[lo : t.offsets[i + 1]])
-        idx = rows + lo
-        pred = predict(model, feats, pos, groups=[idx[g] for g in group_points(s.xy[rows], max_size=max_group)])[idx]
-        res = ad.AnnData(X=pred, obs=_section_obs(s, rows, keys[idx]), var=_gene_var(t.genes))
-        res.layers["truth"] = t.expr[idx]
-        res.obsm["spatial"] = s.xy[rows]
-        parts.append(res)
-    res = ad.concat(parts, merge="same") if len(parts) > 1 else parts[0]
-    res.write_h5ad(work / "predictions.h5ad")
-    return {"n_heldout": int(res.n_obs)}
-
-
 def _dense_section(model: Any, sec: Section, genes: list[str], enc: Any, o: _Options) -> ad.AnnData:
     from hishrst_train.train import predict
 
@@ -304,21 +283,6 @@ def _write_generation(work: Path, model: Any, secs: list[Section], genes: list[s
     return {"n_dense": int(res.n_obs), "densify": float(o.densify)}
 
 
-def _write_split(work: Path, secs: list[Section], t: Targets, train_idx: np.ndarray, seed: int) -> None:
-    keys = _obs_keys(secs)
-    val = np.setdiff1d(np.flatnonzero(t.train_mask), train_idx)
-    split = {"seed": seed, "train": keys[train_idx].tolist(), "validation": keys[val].tolist(),
-             "heldout": keys[~t.train_mask].tolist(),
-             "sections": {s.name: int(t.offsets[i + 1] - t.offsets[i]) for i, s in enumerate(secs)}}
-    atomic_write(work / "split.json", json.dumps(split).encode())
-
-
-def _write_baseline(work: Path, t: Targets) -> None:
-    """``baseline.json``: each gene's mean over the training spots (the training-mean baseline of evaluate)."""
-    mean = t.expr[t.train_mask].mean(0) if t.train_mask.any() else np.zeros(len(t.genes))
-    atomic_write(work / "baseline.json", json.dumps({"genes": t.genes, "train_mean": mean.astype(float).tolist()}).encode())
-
-
 def _encoder_record(name: str, enc: Any, weights: str | Path | None) -> dict[str, Any]:
     from hishrst_train.encoders.module import encoder_fingerprint
 
@@ -336,7 +300,7 @@ def _fit(work: Path, secs: list[Section], o: _Options) -> tuple[dict[str, Any], 
     from hishrst_train.model import HisHRSTConfig
     from hishrst_train.train import TrainConfig, train_model
 
-    t = build_targets(secs, task=o.task, seed=o.seed, n_genes=o.n_genes)
+    t = build_targets(secs, task=o.task, seed=o.seed, n_genes=o.n_genes, counts=o.counts)
     enc = load_run_encoder(o.encoder, weights=o.weights, device=o.device)
     t_feat = time.perf_counter()
     feats = np.concatenate([_features(s, s.xy, enc, o) for s in secs])
@@ -379,8 +343,11 @@ def _config_fields(secs: list[Section], t: Targets, enc: Any, mcfg: Any, tcfg: A
         "patch": {"size_um": float(o.patch_um), "train_mpp": train_mpp, "resize": RESIZE_FILTER, "pad_value": PAD_VALUE},
         "position": {"mode": o.position_mode, "units": POSITION_UNITS[o.position_mode]},
         "grouping": {"method": GROUPING_METHOD, "max_size": int(o.max_group), "coords": "level0_px"},
-        "preprocessing": {"hvg_flavor": "seurat_v3", "n_top_genes": int(o.n_genes), "target_sum": TARGET_SUM,
-                          "log1p": True, "genes": "intersection" if len(secs) > 1 else "all",
+        "preprocessing": {"counts": o.counts, "hvg_flavor": "seurat_v3" if o.counts == "raw" else "seurat",
+                          "n_top_genes": int(o.n_genes), "target_sum": TARGET_SUM, "log1p": True,
+                          "normalised_by": "hishrst" if o.counts == "raw" else "input",
+                          "genes": "intersection" if len(secs) > 1 else "all",
+                          "genes_dropped": {"count": len(t.dropped_genes), "examples": t.dropped_genes[:20]},
                           "hvg_batch": "section" if len(secs) > 1 else None},
         "image_features": bool(o.image_features), "train": {**tcfg.__dict__, "val_frac": float(o.val_frac)},
         "torch_version": torch.__version__, "model": mcfg.to_dict(),

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from hishrst_train.data.errors import _error
+from hishrst_train.data.errors import _error, check_section_mpp
 from hishrst_train.data.image import _check_bounds, _image_hw, image_mpp
 
 __all__ = ["HEST_MPP_KEYS", "HestPaths", "hest_paths", "is_hest_sample", "read_hest"]
@@ -71,12 +71,11 @@ def _metadata_mpp(meta: Path | None) -> tuple[float | None, str | None]:
     if not isinstance(d, dict):
         raise _error(meta, "the HEST metadata is not a JSON object", "re-download metadata/<id>.json of this sample")
     for key in HEST_MPP_KEYS:
-        try:
-            v = float(d[key]) if d.get(key) is not None else None
-        except (TypeError, ValueError) as e:
-            raise _error(meta, f"{key} is {d[key]!r}, not a number", "fix the value (µm per full-resolution pixel)") from e
-        if v is not None and np.isfinite(v) and v > 0:
-            return v, key
+        if d.get(key) is None:
+            continue
+        v = check_section_mpp(d[key], where=meta, source=key, fix="fix the value (µm per full-resolution pixel) or "
+                              "pass --mpp")
+        return v, key
     return None, None
 
 

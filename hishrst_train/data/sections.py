@@ -14,6 +14,7 @@ A ``DATA`` argument of ``hishrst fit`` / ``evaluate --on`` / ``cv`` is one of
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,11 +23,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hishrst_train.data.errors import DataError
+from hishrst_train.data.counts import CountsMode, check_counts, check_counts_mode, count_fingerprint
+from hishrst_train.data.errors import DataError, check_section_mpp
 from hishrst_train.data.hest import is_hest_sample
 
 __all__ = ["SectionKind", "SectionSpec", "SectionError", "Section", "parse_section", "resolve_sections",
-           "section_names", "load_adata", "open_section"]
+           "section_names", "load_adata", "open_section", "check_distinct"]
+
+log = logging.getLogger("hishrst")
 
 SectionKind = Literal["visium", "h5ad", "hest"]
 
@@ -112,21 +116,52 @@ def section_names(specs: Sequence[SectionSpec]) -> list[str]:
     return names
 
 
-def load_adata(spec: SectionSpec, *, mpp: float | None = None) -> Any:
-    """The section as AnnData (raw counts, ``obsm['spatial']`` in full-resolution px, ``uns['hishrst']``).
+def _matrix_file(spec: SectionSpec) -> Path:
+    """The file holding the section's expression matrix (named in errors about its values)."""
+    if spec.kind != "visium":
+        return spec.data
+    name = "filtered_feature_bc_matrix.h5"
+    outs = spec.data
+    if not (outs / name).exists() and (outs / "outs" / name).exists():
+        outs = outs / "outs"
+    return outs / name
 
-    ``mpp`` (µm per full-resolution pixel) overrides the recorded pixel size.
+
+def _in_tissue_only(adata: Any, source: Path) -> Any:
+    """Drop spots Space Ranger's positions file marks ``in_tissue == 0`` (as ``hishrst-run --points outs/`` does)."""
+    if "in_tissue" not in adata.obs:
+        return adata
+    keep = adata.obs["in_tissue"].to_numpy() != 0
+    if keep.all():
+        return adata
+    log.warning("%s: %d of %d matrix spots lie outside the tissue (in_tissue = 0 in tissue_positions); using the "
+                "%d in-tissue spots only", source, int((~keep).sum()), adata.n_obs, int(keep.sum()))
+    return adata[keep].copy()
+
+
+def load_adata(spec: SectionSpec, *, mpp: float | None = None, counts: CountsMode = "raw") -> Any:
+    """The section as AnnData (in-tissue spots, ``obsm['spatial']`` in full-resolution px, ``uns['hishrst']``).
+
+    ``mpp`` (µm per full-resolution pixel) overrides the recorded pixel size; every pixel size is checked
+    for plausibility (:func:`hishrst_train.data.errors.check_section_mpp`). ``counts`` says what ``X``
+    holds (``raw`` UMI counts or ``log``-normalised values, :mod:`hishrst_train.data.counts`); values that
+    do not fit are refused, and ``uns['hishrst']['counts']`` records it.
     """
     from hishrst_train import data as io
     from hishrst_train.data.hest import read_hest
 
-    if spec.kind == "hest":
-        return read_hest(spec.data, image=spec.image, mpp=mpp)
-    if spec.kind == "h5ad":
-        return io.read_h5ad_with_image(spec.data, spec.image, mpp=mpp)
-    adata = io.read_visium(spec.data, fullres_image=spec.image)
+    counts = check_counts_mode(counts)
     if mpp is not None:
-        adata.uns["hishrst"]["mpp"] = float(mpp)
+        mpp = check_section_mpp(mpp, where=spec.data, source="--mpp")
+    if spec.kind == "hest":
+        adata = read_hest(spec.data, image=spec.image, mpp=mpp)
+    elif spec.kind == "h5ad":
+        adata = io.read_h5ad_with_image(spec.data, spec.image, mpp=mpp)
+    else:
+        adata = io.read_visium(spec.data, fullres_image=spec.image, mpp=mpp)
+        adata = _in_tissue_only(adata, _matrix_file(spec).parent / "spatial")
+    check_counts(adata, source=_matrix_file(spec), mode=counts)
+    adata.uns["hishrst"]["counts"] = counts
     return adata
 
 
@@ -142,18 +177,20 @@ class Section:
     img: Any
     xy: np.ndarray  # [N, 2] full-resolution px
     array_rc: np.ndarray | None  # [N, 2] Visium (array_row, array_col), None when the data has none
+    fingerprint: str = ""  # content (:func:`~hishrst_train.data.counts.count_fingerprint`)
 
     def record(self) -> dict[str, Any]:
         """What a run's ``config.json`` records about this section."""
         return {"name": self.name, **self.spec.record(), "fullres_image": self.img_path, "mpp": self.mpp,
-                "n_spots": int(self.adata.n_obs)}
+                "n_spots": int(self.adata.n_obs), "counts": self.adata.uns["hishrst"].get("counts", "raw"),
+                "fingerprint": self.fingerprint}
 
 
-def open_section(spec: SectionSpec, *, name: str, mpp: float | None = None) -> Section:
-    """Read ``spec`` and open its full-resolution image (errors name the file and the fix)."""
+def open_section(spec: SectionSpec, *, name: str, mpp: float | None = None, counts: CountsMode = "raw") -> Section:
+    """Read ``spec`` (see :func:`load_adata`) and open its full-resolution image (errors name the file and the fix)."""
     from hishrst_train.data.image import open_fullres_image
 
-    adata = load_adata(spec, mpp=mpp)
+    adata = load_adata(spec, mpp=mpp, counts=counts)
     meta = adata.uns["hishrst"]
     img_path = meta.get("fullres_image")
     if not img_path:
@@ -165,5 +202,25 @@ def open_section(spec: SectionSpec, *, name: str, mpp: float | None = None) -> S
     array_rc = None
     if {"array_row", "array_col"} <= set(adata.obs.columns):
         array_rc = np.stack([adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy()], axis=1)
-    return Section(name=name, spec=spec, adata=adata, mpp=float(meta["mpp"]), img_path=str(img_path),
-                   img=open_fullres_image(img_path), xy=xy, array_rc=array_rc)
+    mpp_um = check_section_mpp(meta["mpp"], where=spec.data, source="the section's pixel size")
+    return Section(name=name, spec=spec, adata=adata, mpp=mpp_um, img_path=str(img_path),
+                   img=open_fullres_image(img_path), xy=xy, array_rc=array_rc, fingerprint=count_fingerprint(adata))
+
+
+def _identity(spec: SectionSpec) -> str:
+    """The resolved path of a section's expression matrix (``outs`` and its parent are one section)."""
+    return str(_matrix_file(spec).resolve())
+
+
+def check_distinct(secs: Sequence[Section]) -> None:
+    """Refuse a section given twice: the same resolved file, or the same content (a copy of it)."""
+    seen: dict[str, Section] = {}
+    for s in secs:
+        for key, how in ((_identity(s.spec), "is the same file as"), (s.fingerprint, "has the same content as")):
+            if not key:
+                continue
+            if key in seen:
+                raise SectionError(f"{s.spec.data}: {how} {seen[key].spec.data} (given twice); pass each section "
+                                   "once — training on a duplicate weights it double and can leak into held-out spots")
+            seen[key] = s
+

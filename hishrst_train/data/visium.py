@@ -14,7 +14,7 @@ from hishrst_runtime.core.geometry import mpp_from_spot_diameter
 
 
 from hishrst_runtime.inference.points import POSITION_FILES, SPOT_TABLE_COLUMNS
-from hishrst_train.data.errors import _error
+from hishrst_train.data.errors import _error, check_section_mpp
 
 __all__ = ['read_visium', 'read_h5ad_with_image']
 
@@ -72,6 +72,7 @@ def _find_fullres(outs: Path) -> Path | None:
 def read_visium(
     path: str | Path, *, library_id: str | None = None, image: Literal["hires", "lowres", "full"] = "full",
     fullres_image: str | Path | None = None, count_file: str = "filtered_feature_bc_matrix.h5", load_images: bool = True,
+    mpp: float | None = None,
 ) -> Any:
     """Read a Space Ranger ``outs`` folder into AnnData (scanpy/squidpy conventions, see module docs).
 
@@ -81,7 +82,9 @@ def read_visium(
     found); ``"hires"``/``"lowres"`` use Space Ranger's downscaled PNG (``fullres_image`` is then
     ``None`` and ``uns['hishrst']['image_scalef']`` maps full-resolution pixels to it). The spot pixel
     coordinates are checked against the chosen image's size. ``mpp`` (µm per full-resolution pixel)
-    comes from the full-resolution image's metadata if present, else ``55 / spot_diameter_fullres``.
+    comes from the full-resolution image's metadata if present, else ``55 / spot_diameter_fullres``; an
+    ``mpp`` argument (``--mpp``) replaces both. Every pixel size must be plausible (0.05–50 µm/px, see
+    :func:`hishrst_runtime.core.units.check_mpp`).
     ``spatial/ground_truth_layers.csv`` (``barcode,layer``), if present, becomes ``obs['layer']``.
     """
     if image not in ("hires", "lowres", "full"):
@@ -124,7 +127,8 @@ def read_visium(
             images[res] = np.asarray(open_fullres_image(ip)[:, :])
     tol = spot_d / 2.0
     meta: dict[str, Any] = {"image": image}
-    mpp = mpp_spot = mpp_from_spot_diameter(spot_d)
+    override, mpp = mpp, mpp_from_spot_diameter(spot_d)
+    mpp_spot = mpp
     full = Path(fullres_image) if fullres_image is not None else (_find_fullres(outs) if image == "full" else None)
     if image == "full":
         if full is None:
@@ -147,7 +151,12 @@ def read_visium(
         scalef = float(scalefactors[key])
         _check_bounds(adata.obsm["spatial"] * scalef, images[image].shape[:2], ip, tol_px=tol * scalef + 1, what=f"{image} pixels")
         meta.update(fullres_image=None, image_path=str(ip), image_scalef=scalef)
-    meta["mpp"] = float(mpp)
+    from_image = full is not None and image == "full" and mpp != mpp_spot
+    if override is not None:
+        meta["mpp"] = check_section_mpp(override, where=outs, source="--mpp")
+    else:
+        meta["mpp"] = check_section_mpp(mpp, where=full if from_image else sf_path, source="the image's pixel size"
+                                        if from_image else f"the pixel size implied by spot_diameter_fullres={spot_d:g}")
     adata.uns["spatial"] = {library_id: {
         "images": images if load_images else {k: v for k, v in images.items() if k == image},
         "scalefactors": scalefactors,
@@ -205,9 +214,10 @@ def read_h5ad_with_image(h5ad_path: str | Path, image_path: str | Path, *, mpp: 
         mpp = image_mpp(image_path)
     if mpp is None and spot_d is not None:
         mpp = mpp_from_spot_diameter(spot_d)
-    if mpp is None or not (np.isfinite(mpp) and mpp > 0):
+    if mpp is None:
         raise _error(image_path, "the pixel size (µm/px) is unknown: the image records none and the .h5ad has no spot_diameter_fullres",
                      "pass mpp= (e.g. 0.5 for a 20× scan)")
+    mpp = check_section_mpp(mpp, where=h5ad_path, source="the pixel size")
     tol = (spot_d / 2.0) if spot_d else 27.5 / float(mpp)
     _check_bounds(xy, _image_hw(image_path), image_path, tol_px=tol, what="obsm['spatial']")
     adata.obsm["spatial"] = xy

@@ -111,9 +111,10 @@ def test_cli_help_lists_commands_without_importing_torch():
         "r = CliRunner().invoke(main, ['run', '--help'])\n"
         "assert r.exit_code == 0 and '--bundle' in r.output, r.output\n"
         "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch imported'\n"
+        "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr  # every check ran
 
 
 @pytest.mark.parametrize("cmd", ["synth", "fit", "evaluate", "cv", "export", "convert", "demo"])
