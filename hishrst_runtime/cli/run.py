@@ -22,6 +22,7 @@ from hishrst_runtime.cli.errors import one_line, option_errors, user_errors
 from hishrst_runtime.cli.logs import configure_logging, progress_enabled
 from hishrst_runtime.core.errors import OutputStateError
 from hishrst_runtime.core.urls import redact_text
+from hishrst_runtime.jobs.interrupts import Interrupted, raising_on_signals
 from hishrst_runtime.jobs.options import DEFAULT_WORKERS, OUTPUT_FORMATS, PROVIDERS, RunOptions
 from hishrst_runtime.jobs.paths import SlideArg, output_collisions
 from hishrst_runtime.jobs.results import SlideResult
@@ -154,7 +155,9 @@ def print_results(results: Sequence[SlideResult], *, echo: Callable[[str], Any] 
         if r.status != "ok":
             echo(f"    {redact_text(r.reason)}")
     counts = Counter(r.status for r in results)
-    echo(f"{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed (of {len(results)} slides)")
+    stopped = f", {counts['interrupted']} interrupted" if counts["interrupted"] else ""
+    echo(f"{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed{stopped} "
+         f"(of {len(results)} slides)")
     return counts
 
 
@@ -168,12 +171,24 @@ def _report(out_dir: Path, results: Sequence[SlideResult], *, started: float, sh
     if not out_dir.is_dir() or isinstance(cause, OutputStateError):
         return
     params = dict(click.get_current_context().params)
+    stop = error if isinstance(error, Interrupted) else None
     report = build_report(results=results, args=params, started=started, finished=time.time(), shard=shard,
-                          error=None if error is None else one_line(error))
+                          error=None if error is None else one_line(error),
+                          interrupted=None if stop is None else stop.name)
     try:
         write_run_report(out_dir, report)
     except OSError as e:  # the predictions are written: a report that cannot be is a warning, not a failure
         click.echo(f"warning: could not write the run report in {out_dir} ({e.strerror or e})", err=True)
+
+
+def _interrupted(out_dir: Path, e: Interrupted, *, started: float, shard: tuple[int, int] | None,
+                 echo: Callable[[str], Any]) -> None:
+    """SIGTERM / SIGINT: the report (the slide in flight ``interrupted``), the table, exit ``128 + signum``."""
+    _report(out_dir, e.results, started=started, shard=shard, error=e)
+    if e.results:
+        print_results(e.results, echo=echo)
+    click.echo(f"interrupted by {e.name}: rerun with --resume to finish (rows already written are kept)", err=True)
+    sys.exit(e.exit_status)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -190,22 +205,28 @@ def run(slides: tuple[str, ...], bundle_dir: Path, out_dir: Path, shard: str | N
     started = time.time()
     configure_logging(quiet=quiet, verbose=verbose)
     echo: Callable[[str], Any] = (lambda s: None) if quiet else click.echo
-    items = _slides(slides, slides_from, recursive, out_dir)
-    points = _points(points_file, items)
-    if settings["tissue_mask"] is not None:
-        _one_slide("--tissue-mask", items)
-    geojson = settings["tissue_mask"] is not None if tissue_geojson is None else tissue_geojson
-    with option_errors():
-        options = RunOptions(progress=progress_enabled(progress, quiet=quiet), tissue_geojson=geojson, **settings)
-    items, sh = _select_shard(items, shard, echo)
-    try:
-        with user_errors():
-            results = run_slides(items, bundle_dir=bundle_dir, out_dir=out_dir, options=options, echo=echo,
-                                 points_px=points)
-    except click.ClickException as e:
-        _report(out_dir, [], started=started, shard=sh, error=e)
-        raise
-    _report(out_dir, results, started=started, shard=sh)
+    sh: tuple[int, int] | None = None
+    with raising_on_signals():  # SIGTERM / SIGINT: report, then exit 128 + signum
+        try:
+            items = _slides(slides, slides_from, recursive, out_dir)
+            points = _points(points_file, items)
+            if settings["tissue_mask"] is not None:
+                _one_slide("--tissue-mask", items)
+            geojson = settings["tissue_mask"] is not None if tissue_geojson is None else tissue_geojson
+            with option_errors():
+                options = RunOptions(progress=progress_enabled(progress, quiet=quiet), tissue_geojson=geojson,
+                                     **settings)
+            items, sh = _select_shard(items, shard, echo)
+            try:
+                with user_errors():
+                    results = run_slides(items, bundle_dir=bundle_dir, out_dir=out_dir, options=options, echo=echo,
+                                         points_px=points)
+            except click.ClickException as e:
+                _report(out_dir, [], started=started, shard=sh, error=e)
+                raise
+        except Interrupted as e:
+            _interrupted(out_dir, e, started=started, shard=sh, echo=echo)
+        _report(out_dir, results, started=started, shard=sh)
     counts = print_results(results, echo=echo)
     if counts["failed"]:
         if quiet:

@@ -21,16 +21,19 @@ header is line 1), else by their 0-based row (an ``.h5ad``'s obs order, an array
 from __future__ import annotations
 
 import csv
+import logging
+from array import array
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from hishrst_runtime.core.errors import InputError
 
-__all__ = ["QueryPoints", "read_points", "check_points_inside", "POSITION_FILES", "SPOT_TABLE_COLUMNS"]
+__all__ = ["QueryPoints", "read_points", "check_points_inside", "POSITION_FILES", "SPOT_TABLE_COLUMNS", "MANY_POINTS"]
 
 #: Space Ranger's spot tables, newest first: (file name inside ``spatial/``, has a header row).
 POSITION_FILES: tuple[tuple[str, bool], ...] = (("tissue_positions.csv", True), ("tissue_positions_list.csv", False))
@@ -38,18 +41,23 @@ POSITION_FILES: tuple[tuple[str, bool], ...] = (("tissue_positions.csv", True), 
 SPOT_TABLE_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
 _FIX_CSV = "write a header row `x,y` (level-0 pixels; optional `id`), one point a row"
 _SHOWN = 3  # offending rows named in a message
+#: More points than this in one file are warned about (memory and time); the one definition of the limit.
+MANY_POINTS = 2_000_000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class QueryPoints:
     """Explicit query points: ``xy_px`` float64 ``[N, 2]`` level-0 pixel (x, y) in the file's order,
     ``names`` (``N`` unique obs names, or ``None``: the output numbers them ``p0, p1, ...``), ``source``
-    (the file, for messages) and ``lines`` (each point's line in a CSV file, header = line 1; or None)."""
+    (the file, for messages) and ``lines`` (each point's line in a CSV file, header = line 1, as a list or
+    a ``range``; or None)."""
 
     xy_px: np.ndarray
     names: list[str] | None
     source: str
-    lines: list[int] | None = None
+    lines: Sequence[int] | None = None
 
     def __len__(self) -> int:
         return int(self.xy_px.shape[0])
@@ -84,7 +92,7 @@ def _where(idx: Sequence[int], lines: Sequence[int] | None) -> str:
 
 
 def _finish(path: Path, xy: np.ndarray, names: list[str] | None, what: str = "point",
-            lines: list[int] | None = None) -> QueryPoints:
+            lines: Sequence[int] | None = None) -> QueryPoints:
     """Check shape, finiteness and unique names; the :class:`QueryPoints` of ``path`` (``lines``: each
     point's line in the file, for messages)."""
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
@@ -99,6 +107,10 @@ def _finish(path: Path, xy: np.ndarray, names: list[str] | None, what: str = "po
         if dup:
             raise InputError(f"{path}: {len(dup)} duplicate id(s) ({', '.join(map(repr, dup[:_SHOWN]))}); "
                              "ids become the output's obs names and must be unique")
+    if len(xy) > MANY_POINTS:
+        log.warning("%s: %s %ss (more than %s): predicting them takes memory and time in proportion (the "
+                    "output holds one row of every gene per point); check that this is the intended file",
+                    path, f"{len(xy):,}", what, f"{MANY_POINTS:,}")
     return QueryPoints(xy_px=xy, names=names, source=str(path), lines=lines)
 
 
@@ -117,30 +129,52 @@ def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
         return [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
 
 
-def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None, list[int]]:
-    """(xy, ids or None, line numbers) of a CSV with header ``x,y[,id]`` (any column order, case-insensitive)."""
+def _csv_header(path: Path, reader: Any) -> list[str]:
+    """The first non-blank row of ``reader`` (lower-cased, stripped), checked for ``x`` and ``y``."""
+    for r in reader:
+        if any(c.strip() for c in r):
+            header = [c.strip().lower() for c in r]
+            missing = [c for c in ("x", "y") if c not in header]
+            if missing:
+                raise InputError(f"{path}: missing column(s) {', '.join(missing)} in the header "
+                                 f"({', '.join(r) or 'empty'}); {_FIX_CSV}")
+            return header
+    raise InputError(f"{path}: the points file is empty; {_FIX_CSV}")
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None, Sequence[int]]:
+    """(xy, ids or None, line numbers) of a CSV with header ``x,y[,id]`` (any column order, case-insensitive).
+
+    Streamed row by row into compact arrays (16 bytes a point, plus the ids when there are any), so ten
+    million points do not hold their text in memory; the line numbers are a ``range`` when no line is blank.
+    """
+    xs, ys, lines, ids = array("d"), array("d"), array("q"), []
     try:
-        rows = _csv_rows(path)
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = _csv_header(path, reader)
+            ix, iy = header.index("x"), header.index("y")
+            iid = header.index("id") if "id" in header else None
+            for r in reader:
+                if len(r) < len(header):
+                    if not any(c.strip() for c in r):
+                        continue
+                    raise InputError(f"{path}: line {reader.line_num} has {len(r)} field(s), the header "
+                                     f"{len(header)}; {_FIX_CSV}")
+                if not any(c.strip() for c in r):
+                    continue
+                xs.append(_number(r[ix].strip(), path, reader.line_num, "x"))
+                ys.append(_number(r[iy].strip(), path, reader.line_num, "y"))
+                lines.append(reader.line_num)
+                if iid is not None:
+                    ids.append(r[iid].strip())
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{path}: cannot read the points CSV ({e}); {_FIX_CSV}") from e
-    if not rows:
-        raise InputError(f"{path}: the points file is empty; {_FIX_CSV}")
-    header = [c.strip().lower() for c in rows[0][1]]
-    missing = [c for c in ("x", "y") if c not in header]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)} in the header "
-                         f"({', '.join(rows[0][1]) or 'empty'}); {_FIX_CSV}")
-    ix, iy = header.index("x"), header.index("y")
-    iid = header.index("id") if "id" in header else None
-    xy = np.empty((len(rows) - 1, 2), dtype=np.float64)
-    ids: list[str] = []
-    for k, (line, r) in enumerate(rows[1:]):
-        if len(r) < len(header):
-            raise InputError(f"{path}: line {line} has {len(r)} field(s), the header {len(header)}; {_FIX_CSV}")
-        xy[k] = (_number(r[ix].strip(), path, line, "x"), _number(r[iy].strip(), path, line, "y"))
-        if iid is not None:
-            ids.append(r[iid].strip())
-    return xy, (ids if iid is not None else None), [line for line, _ in rows[1:]]
+    xy = np.stack([np.frombuffer(xs, dtype=np.float64), np.frombuffer(ys, dtype=np.float64)], axis=1)
+    n = len(lines)
+    contiguous = n == 0 or lines[-1] - lines[0] == n - 1
+    return xy, (ids if iid is not None else None), (range(lines[0], lines[0] + n) if n and contiguous
+                                                    else lines.tolist())
 
 
 def _decode(values: Sequence[object]) -> list[str]:

@@ -189,7 +189,7 @@ def prepare_slide(
         raise TypeError("give either points= or points_px=, not both")
     t0 = time.perf_counter()
     where = slide_location(path)
-    slide = open_slide(path, mpp=mpp)
+    slide = open_slide(path, mpp=mpp, allow_missing_chunks=allow_missing_chunks)
     try:
         if points is not None:
             check_points_inside(points, shape0=tuple(slide.shape0), slide=redact_url(str(where)))

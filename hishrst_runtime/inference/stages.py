@@ -10,7 +10,8 @@ encoder batches and head batches of an uninterrupted one). Per unit:
    ``round(patch_um / level_mpp)`` pixels, i.e. the trained physical size.
 2. :func:`encode_tiles` runs the encoder in batches of ``batch_size`` tiles.
 3. :func:`head_rows` runs the head over the unit's groups (padded to the bundle's
-   ``max_group_size``) and returns the output rows and their values.
+   ``max_group_size``) and returns the output rows and their values; a NaN or infinite value fails the
+   slide (:class:`NonFiniteOutputError`) before anything of the unit is written.
 
 Benchmarks call these same functions, so what they time is what ``hishrst-run`` runs.
 """
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from hishrst_runtime.bundle.manifest import Bundle
+from hishrst_runtime.bundle.spec import BundleError
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.grouping import local_groups, safe_index
 from hishrst_runtime.core.patches import patch_origins, patch_side_px, resize_image
@@ -32,8 +34,12 @@ from hishrst_runtime.core.timing import StageTimer
 from hishrst_runtime.inference.prepare import PreparedSlide
 from hishrst_runtime.slides.cache import DEFAULT_CACHE_BYTES, ChunkCache
 
-__all__ = ["MAX_UNIT_REGION_PX", "UnitPlan", "plan_units", "work_units", "unit_rows", "read_tiles",
-           "encode_tiles", "head_rows"]
+__all__ = ["MAX_UNIT_REGION_PX", "NonFiniteOutputError", "UnitPlan", "plan_units", "work_units", "unit_rows",
+           "read_tiles", "encode_tiles", "head_rows", "check_finite"]
+
+class NonFiniteOutputError(BundleError):
+    """The bundle's head returned NaN or infinite values; the slide fails and those rows are not written."""
+
 
 #: Largest box (pixels; 4 bytes each) a reader assembles for one work unit; sparser units go patch by patch.
 MAX_UNIT_REGION_PX = 1 << 24
@@ -152,4 +158,18 @@ def head_rows(plan: UnitPlan, head: Any, unit: list[int], feats: np.ndarray) -> 
     out = np.concatenate(outs)
     valid = local >= 0
     plan.timer.add("head", time.perf_counter() - t0)
-    return idx[local[valid]], np.ascontiguousarray(out[valid])
+    rows, values = idx[local[valid]], np.ascontiguousarray(out[valid])
+    check_finite(plan, rows, values)
+    return rows, values
+
+
+def check_finite(plan: UnitPlan, rows: np.ndarray, values: np.ndarray) -> None:
+    """Raise :class:`NonFiniteOutputError` when any of the head's ``values`` (``[rows, genes]``) is NaN or
+    infinite: such rows are never written as if they were predictions."""
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        shown = ", ".join(str(int(r)) for r in rows[bad][:3]) + (", ..." if bad.sum() > 3 else "")
+        raise NonFiniteOutputError(
+            f"{plan.bundle.root}: the head returned non-finite values (NaN or infinite) for {int(bad.sum())} of "
+            f"{len(rows)} rows of a work unit of {plan.prep.name} (points {shown}); nothing of them is written. "
+            "The bundle is broken (e.g. trained on data with NaN): check the training data, re-train and re-export")

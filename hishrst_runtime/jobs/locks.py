@@ -9,7 +9,8 @@ not refreshed (:meth:`SlideLock.refresh` touches it) for ``stale_after_s`` (defa
 is serialised by a second ``O_EXCL`` file (``OUT.zarr.lock.break``) and re-checks that the lock
 is still the same stale one, so two jobs never break each other's fresh locks. A lock file that
 cannot be created at all (read-only folder, permissions) raises :class:`LockUnavailableError`
-naming the path.
+naming the path, and so does a lock path that exists but is not a readable file (a directory, a symlink
+loop).
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ class SlideLock:
                 mtime = os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             return None, None, None
+        except OSError as e:  # a directory, a symlink loop, no permission: not a lock hishrst can use
+            what = "is a directory, not a lock file" if self.path.is_dir() else f"cannot be read ({e.strerror or e})"
+            raise LockUnavailableError(f"{self.path}: the slide's lock path {what}; remove it if no job is "
+                                       "running this slide, or choose another --out") from e
         try:
             d = json.loads(raw.decode("utf-8"))
             info = LockInfo(str(d["hostname"]), int(d["pid"]), float(d["started"]), str(d["token"]), mtime)

@@ -12,6 +12,7 @@ A ``file://`` URL is a local path (:func:`as_slide_arg`).
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,8 @@ from hishrst_runtime.slides.sources import file_url_path
 from hishrst_runtime.slides.sources import is_url as slide_is_url
 
 __all__ = ["SlideArg", "SLIDE_SUFFIXES", "is_url", "as_slide_arg", "slide_name", "slide_output_path",
-           "output_collisions", "check_output_location", "foreign_output"]
+           "resolved", "slide_problem", "OUTPUT_NAME_RESERVE", "output_collisions", "check_output_location",
+           "foreign_output"]
 
 #: A slide as given: a local path, or a URL string (kept as it is).
 SlideArg = str | Path
@@ -71,12 +73,56 @@ def slide_output_path(slide: SlideArg, out_dir: Path) -> Path:
     return Path(out_dir) / (f"{name}_{element}.zarr" if sep and head else f"{name}.zarr")
 
 
+def resolved(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute with its symbolic links resolved, or only made absolute when they cannot be
+    (a symbolic-link loop, a name too long): such a path is then reported by whatever reads it, per slide."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError for a loop
+        return Path(os.path.abspath(path))
+
+
+#: Characters hishrst adds to an output's name for the files beside it (the longest: the hidden
+#: ``.S.sdata.zarr.partial.trash-<pid>-<8 hex>`` of ``S.zarr``); an output name must leave room for them.
+OUTPUT_NAME_RESERVE = 40
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system of ``folder`` (or its nearest existing parent) takes."""
+    for p in (folder, *folder.parents):
+        try:
+            return int(os.pathconf(p, "PC_NAME_MAX"))
+        except (OSError, ValueError):
+            continue
+    return 255
+
+
+def slide_problem(slide: SlideArg, out: Path) -> str | None:
+    """Why ``slide`` cannot run into ``out`` before anything is tried, as one line naming the fix, or None:
+    a local slide path that is a symbolic-link loop, or an output name too long for the file system
+    (with :data:`OUTPUT_NAME_RESERVE` characters to spare)."""
+    if not is_url(slide):
+        local = _local_part(slide)
+        try:
+            os.stat(local)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return (f"{local}: a symbolic-link loop (the link points to itself, directly or through other "
+                        "links); fix the link or pass the slide's real path")
+    size, limit = len(out.name.encode("utf-8")), _name_max(out.parent) - OUTPUT_NAME_RESERVE
+    if size > limit:
+        return (f"{out.parent}/{out.name[:40]}...: the output name is {size} bytes long; with the suffixes "
+                f"hishrst adds it exceeds the file system's limit of {limit + OUTPUT_NAME_RESERVE} bytes per name: "
+                f"rename the slide (or link it under a shorter name) so that its output name is at most {limit} bytes")
+    return None
+
+
 def output_collisions(slides: Sequence[SlideArg], out_dir: Path) -> dict[Path, list[SlideArg]]:
     """Outputs that more than one of ``slides`` would write (``{output: [slides]}``; empty when none)."""
     by_out: dict[Path, list[SlideArg]] = {}
     for s in slides:
         by_out.setdefault(slide_output_path(s, out_dir), []).append(s)
-    same = lambda s: s if is_url(s) else str(Path(s).resolve())  # noqa: E731
+    same = lambda s: s if is_url(s) else str(resolved(s))  # noqa: E731
     return {o: s for o, s in by_out.items() if len({same(p) for p in s}) > 1}
 
 
@@ -112,12 +158,12 @@ def check_output_location(slides: Sequence[SlideArg], out_dir: Path, bundle_dir:
     above an input: a slide, the bundle, a ``points`` file (``--points``) or the ``tissue_mask`` file
     (``--tissue-mask``; it may be ``S.tissue.geojson`` itself, which is then never written)."""
     local = [Path(_local_part(s)) for s in slides if not is_url(s)]
-    inputs = [(p.resolve(), f"input slide {p}") for p in local] + [(Path(bundle_dir).resolve(), f"bundle {bundle_dir}")]
-    inputs += [(Path(p).resolve(), f"points file {p}") for p in points]
-    mask = None if tissue_mask is None else Path(tissue_mask).resolve()
+    inputs = [(resolved(p), f"input slide {p}") for p in local] + [(resolved(bundle_dir), f"bundle {bundle_dir}")]
+    inputs += [(resolved(p), f"points file {p}") for p in points]
+    mask = None if tissue_mask is None else resolved(tissue_mask)
     if mask is not None:
         inputs.append((mask, f"tissue-mask file {tissue_mask}"))
-    out_root = Path(out_dir).resolve()
+    out_root = resolved(out_dir)
     for src, what in inputs:
         how = _related(out_root, src)
         if how in ("is", "is inside"):
@@ -126,11 +172,11 @@ def check_output_location(slides: Sequence[SlideArg], out_dir: Path, bundle_dir:
     for slide in local:
         out = slide_output_path(slide, Path(out_dir))
         for target in _output_files(out):
-            resolved = target.resolve()
-            if target == tissue_geojson_path(out) and resolved == mask:
+            real = resolved(target)
+            if target == tissue_geojson_path(out) and real == mask:
                 continue  # the mask given is that file: write_tissue_geojson never writes over it
             for src, what in inputs:
-                how = _related(resolved, src)
+                how = _related(real, src)
                 if how is not None:
                     raise OutputStateError(f"{target}: the output of {slide} {how} the {what}; hishrst-run "
                                            "never writes over its inputs: choose another --out (nothing was written)")

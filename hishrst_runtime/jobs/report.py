@@ -13,7 +13,10 @@ The JSON (``schema`` 1) holds the run id, start / finish times (UTC, ISO 8601) a
 command's arguments, the shard, host and pid, the versions of hishrst, Python, ONNX Runtime, numpy, zarr and
 anndata, per-slide results (:class:`~hishrst_runtime.jobs.results.SlideResult`: status, reason, points,
 engine, tiles/s, seconds, per-stage timings), the counts per status, and ``errors``: one line per failed
-slide, plus the invocation's own error when it stopped before its slides (``error``). Every string in it
+and interrupted slide, plus the invocation's own error when it stopped (``error``), ``interrupted`` (the
+signal that stopped it, or null), and per slide ``chunks_recomputed`` (output chunks of a resumed partial that
+failed verification) and ``filled_chunks`` (``count`` and the ``first`` 10 names of slide chunks read as
+fill under ``--allow-missing-chunks``). Every string in it
 (arguments, slides, reasons) has its URLs' credentials and query strings removed
 (:func:`hishrst_runtime.core.urls.redact_text`).
 """
@@ -86,27 +89,36 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="seconds")
 
 
+#: Names of filled slide chunks listed per slide in the report (the count is always complete).
+FILLED_CHUNKS_SHOWN = 10
+
+
 def _slide_entry(r: SlideResult) -> dict[str, Any]:
     return {"slide": r.slide, "output": None if r.output is None else str(r.output), "status": r.status,
             "reason": r.reason or None, "points": r.points, "computed": r.computed, "engine": r.engine,
-            "tiles_per_s": r.tiles_per_s, "seconds": r.seconds, "resumed": r.resumed, "timings": dict(r.timings)}
+            "tiles_per_s": r.tiles_per_s, "seconds": r.seconds, "resumed": r.resumed, "timings": dict(r.timings),
+            "chunks_recomputed": r.chunks_recomputed,
+            "filled_chunks": {"count": len(r.filled_chunks), "first": list(r.filled_chunks[:FILLED_CHUNKS_SHOWN])}}
 
 
 def build_report(*, results: Sequence[SlideResult], args: Mapping[str, Any], started: float, finished: float,
-                 shard: tuple[int, int] | None, error: str | None = None, command: str = "hishrst-run"
-                 ) -> dict[str, Any]:
+                 shard: tuple[int, int] | None, error: str | None = None, command: str = "hishrst-run",
+                 interrupted: str | None = None) -> dict[str, Any]:
     """The report of one invocation (see the module docstring); ``started`` / ``finished``: epoch seconds;
-    ``error``: the one-line error that stopped the invocation before its slides, if any."""
+    ``error``: the one-line error that stopped the invocation, if any; ``interrupted``: the signal's name
+    (``SIGTERM``, ``SIGINT``) when one stopped it."""
     counts = Counter(r.status for r in results)
-    errors = [f"{r.slide}: {r.reason}" for r in results if r.status == "failed"] + ([error] if error else [])
+    errors = [f"{r.slide}: {r.reason}" for r in results if r.status in ("failed", "interrupted")]
+    errors += [error] if error else []
     return _redacted({
         "schema": REPORT_SCHEMA, "run_id": run_id(started, shard), "command": command,
         "argv": list(sys.argv[1:]), "args": json.loads(json.dumps(dict(args), default=_jsonable)),
         "shard": None if shard is None else {"index": shard[0], "count": shard[1]},
         "host": socket.gethostname(), "pid": os.getpid(), "versions": versions(),
         "started_at": _iso(started), "finished_at": _iso(finished), "seconds": round(finished - started, 3),
-        "counts": {"ok": counts["ok"], "skipped": counts["skipped"], "failed": counts["failed"], "slides": len(results)},
-        "slides": [_slide_entry(r) for r in results], "error": error, "errors": errors,
+        "counts": {"ok": counts["ok"], "skipped": counts["skipped"], "failed": counts["failed"],
+                   "interrupted": counts["interrupted"], "slides": len(results)},
+        "slides": [_slide_entry(r) for r in results], "error": error, "errors": errors, "interrupted": interrupted,
     })
 
 
@@ -132,6 +144,18 @@ def _cell(v: Any) -> str:
     return "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
 
 
+def _note(entry: Mapping[str, Any]) -> str:
+    """A slide's reason, and the chunks a resume recomputed or the slide read as fill, if any."""
+    parts = [entry["reason"]] if entry.get("reason") else []
+    if entry.get("chunks_recomputed"):
+        parts.append(f"{entry['chunks_recomputed']} output chunk(s) failed verification and were recomputed")
+    filled = entry.get("filled_chunks") or {}
+    if filled.get("count"):
+        parts.append(f"{filled['count']} slide chunk(s) read as fill ({', '.join(filled['first'])}"
+                     + (", ..." if filled["count"] > len(filled["first"]) else "") + ")")
+    return "; ".join(parts)
+
+
 def summary_markdown(report: Mapping[str, Any]) -> str:
     """A short Markdown summary of ``report``: when, what, versions, one table row per slide, failures."""
     c, v, args = report["counts"], report["versions"], report["args"]
@@ -143,12 +167,13 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
         + ("" if shard is None else f", shard {shard['index']}/{shard['count']}"),
         f"- hishrst {v.get('hishrst')}, Python {v.get('python')}, onnxruntime {v.get('onnxruntime')}, "
         f"numpy {v.get('numpy')}",
-        f"- **{c['ok']} ok, {c['skipped']} skipped, {c['failed']} failed** (of {c['slides']} slides)", "",
+        f"- **{c['ok']} ok, {c['skipped']} skipped, {c['failed']} failed"
+        + (f", {c['interrupted']} interrupted" if c.get("interrupted") else "") + f"** (of {c['slides']} slides)", "",
     ]
     if report["slides"]:
         lines += ["| slide | status | points | tiles/s | seconds | note |", "|---|---|---:|---:|---:|---|"]
         lines += [f"| {_cell(s['slide'])} | {s['status']} | {_cell(s['points'])} | {_cell(s['tiles_per_s'])} | "
-                  f"{_cell(s['seconds'])} | {_cell(s['reason'])} |" for s in report["slides"]]
+                  f"{_cell(s['seconds'])} | {_cell(_note(s))} |" for s in report["slides"]]
     if report["error"]:
         lines += ["", f"**Stopped:** {_cell(report['error'])}"]
     return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ from hishrst_runtime.core.urls import redact_url
 
 __all__ = ["SlideStatus", "SlideResult"]
 
-SlideStatus = Literal["ok", "skipped", "failed"]
+SlideStatus = Literal["ok", "skipped", "failed", "interrupted"]
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,9 @@ class SlideResult:
     ``engine``: the provider that ran it; ``tiles_per_s``: computed points per second of inference; ``seconds``: wall time of the slide
     (prepare, predict, finalize); ``resumed``: finished an incomplete output; ``timings``: seconds per
     stage; ``stats``: the pipeline's counters
-    (:class:`~hishrst_runtime.inference.pipeline.PredictStats`).
+    (:class:`~hishrst_runtime.inference.pipeline.PredictStats`); ``chunks_recomputed``: X chunks of a
+    resumed partial that failed verification (missing or changed) and were computed again;
+    ``filled_chunks``: names of slide chunks read as fill (``--allow-missing-chunks``).
     """
 
     slide: str
@@ -39,6 +41,8 @@ class SlideResult:
     resumed: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     stats: Any = None
+    chunks_recomputed: int = 0
+    filled_chunks: tuple[str, ...] = ()
 
     def with_(self, **changes: Any) -> SlideResult:
         """A copy with ``changes`` applied."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from hishrst_runtime.inference.engines import Engines, default_engine_threads, l
 from hishrst_runtime.inference.pipeline import PreparedSlide, prepare_slide
 from hishrst_runtime.inference.points import QueryPoints
 from hishrst_runtime.jobs.formats import finish_formats, foreign_tissue_geojson, formats_pending, is_done
+from hishrst_runtime.jobs.interrupts import Interrupted
 from hishrst_runtime.jobs.locks import SlideLock
 from hishrst_runtime.jobs.options import DEFAULT_WORKERS, RunOptions
 from hishrst_runtime.jobs.paths import (
@@ -43,6 +45,7 @@ from hishrst_runtime.jobs.paths import (
     foreign_output,
     output_collisions,
     slide_output_path,
+    slide_problem,
 )
 from hishrst_runtime.jobs.results import SlideResult
 from hishrst_runtime.jobs.slide_run import SlideContext, run_prepared
@@ -161,14 +164,31 @@ class _Runner:
         self.prefetch.shutdown(wait=True, cancel_futures=True)
 
     def run_all(self) -> list[SlideResult]:
+        """Every slide's result, in order. A SIGTERM / SIGINT (:class:`Interrupted`, or a plain
+        ``KeyboardInterrupt``) raises :class:`Interrupted` carrying the results so far, the slide in flight
+        ``interrupted``."""
         from tqdm.auto import tqdm
 
         results: list[SlideResult] = []
-        with tqdm(total=len(self.slides), desc="slides", unit="slide", disable=not self.opts.progress,
-                  position=0) as overall:
-            for i in range(len(self.slides)):
-                results.append(self._one(i))
-                overall.update(1)
+        current: list[int] = []  # the slide in flight, if any
+        try:
+            with tqdm(total=len(self.slides), desc="slides", unit="slide", disable=not self.opts.progress,
+                      position=0) as overall:
+                for i in range(len(self.slides)):
+                    current[:] = [i]
+                    results.append(self._one(i))
+                    current.clear()
+                    overall.update(1)
+        except KeyboardInterrupt as e:
+            stop = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+            if current:
+                i = current[0]
+                results.append(SlideResult(
+                    slide=str(self.slides[i]), output=self.outs[i], status="interrupted",
+                    reason=f"interrupted by {stop.name}; rerun with --resume to finish it (the rows already "
+                           "written are kept)"))
+            stop.results = results
+            raise stop from (None if stop is e else e)
         return results
 
     def _prepare(self, path: SlideArg) -> PreparedSlide:
@@ -187,7 +207,7 @@ class _Runner:
 
     def _needs_work(self, j: int) -> bool:
         out = self.outs[j]
-        return out not in self.collided and (
+        return out not in self.collided and slide_problem(self.slides[j], out) is None and (
             self.opts.overwrite or not is_done(out, self.opts.output_format))
 
     def _prefetch_after(self, i: int) -> None:
@@ -251,6 +271,10 @@ class _Runner:
         at an output), else None; when None is returned ``lock`` is held."""
         out = self.outs[i]
         assert out is not None
+        problem = slide_problem(self.slides[i], out)
+        if problem is not None:
+            self._drop(i)
+            return res.with_(status="failed", reason=problem)
         foreign = self._foreign(out)
         if foreign is not None:
             self._drop(i)
@@ -296,6 +320,8 @@ class _Runner:
                 traceback.print_exc()
         finally:
             if prep is not None:
+                filled = getattr(getattr(prep, "slide", None), "filled_chunks", None) or ()
+                res = res.with_(filled_chunks=tuple(str(c) for c in filled))
                 prep.close()
             lock.release()
         return res.with_(seconds=round(time.perf_counter() - t0, 2))

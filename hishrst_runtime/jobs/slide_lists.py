@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from hishrst_runtime.core.errors import InputError
-from hishrst_runtime.jobs.paths import SlideArg, as_slide_arg, is_url
+from hishrst_runtime.jobs.paths import SlideArg, as_slide_arg, is_url, resolved
 from hishrst_runtime.output.layout import written_by_hishrst
 
 __all__ = ["TIFF_SUFFIXES", "STORE_MARKERS", "is_store", "slides_in_folder", "read_slide_list", "expand_slides"]
@@ -46,18 +46,38 @@ def _is_slide_file(path: Path) -> bool:
     return path.suffix.lower() in TIFF_SUFFIXES and path.is_file() and not path.name.startswith(".")
 
 
-def _walk(folder: Path, recursive: bool, out_dir: Path | None, skipped: list[Path]) -> Iterator[Path]:
+def _entry_kind(entry: os.DirEntry[str]) -> str | None:
+    """``"dir"``, ``"file"``, ``"slide"`` (named like a slide but it cannot be looked at: a symbolic-link loop,
+    no permission; it fails as that slide, with the reason) or None (skipped, with a warning)."""
     try:
+        return "dir" if entry.is_dir() else "file" if entry.is_file() else None
+    except OSError as e:
+        if entry.name.lower().endswith((".zarr", *TIFF_SUFFIXES)):
+            return "slide"
+        log.warning("%s: skipped (%s)", entry.path, e.strerror or e)
+        return None
+
+
+def _walk(folder: Path, recursive: bool, out_dir: Path | None, skipped: list[Path],
+          seen: set[tuple[int, int]] | None = None) -> Iterator[Path]:
+    """The slides below ``folder``; ``seen``: (device, inode) of the folders already walked, so a
+    symbolic link back to a parent folder is walked once."""
+    seen = set() if seen is None else seen
+    try:
+        st = folder.stat()
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as e:
         raise InputError(f"{folder}: cannot list the folder of slides ({e.strerror or e}); check its "
-                         "permissions") from e
+                         "permissions and symbolic links") from e
+    if (st.st_dev, st.st_ino) in seen:
+        log.warning("%s: skipped, a symbolic link to a folder already searched (a loop)", folder)
+        return
+    seen.add((st.st_dev, st.st_ino))
     for entry in entries:
         p = Path(entry.path)
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            if out_dir is not None and p.resolve() == out_dir:  # the output folder (--out) inside this one
+        kind = None if entry.name.startswith(".") else _entry_kind(entry)
+        if kind == "dir":
+            if out_dir is not None and resolved(p) == out_dir:  # the output folder (--out) inside this one
                 skipped.append(p)
             elif is_store(p):
                 if written_by_hishrst(p):  # an output of hishrst-run (S.zarr, S.sdata.zarr, a .partial)
@@ -65,8 +85,8 @@ def _walk(folder: Path, recursive: bool, out_dir: Path | None, skipped: list[Pat
                 elif p.suffix.lower() == ".zarr":
                     yield p
             elif recursive:
-                yield from _walk(p, recursive, out_dir, skipped)
-        elif _is_slide_file(p):
+                yield from _walk(p, recursive, out_dir, skipped, seen)
+        elif kind == "slide" or (kind == "file" and _is_slide_file(p)):
             yield p
 
 
@@ -76,7 +96,7 @@ def slides_in_folder(folder: Path, *, recursive: bool = False, out_dir: Path | N
     SpatialData stores, partials) and the output folder ``out_dir`` (when inside ``folder``) are skipped.
     Raises :class:`InputError` when there are no slides."""
     skipped: list[Path] = []
-    out = None if out_dir is None else Path(out_dir).resolve()
+    out = None if out_dir is None else resolved(out_dir)
     found = list(_walk(Path(folder), recursive, out, skipped))
     if skipped:
         log.info("%s: skipped %d output(s) of hishrst-run: %s", folder, len(skipped),
@@ -112,7 +132,11 @@ def _one(arg: str | os.PathLike[str], recursive: bool, out_dir: Path | None) -> 
     if is_url(arg):
         return [str(arg)]
     p = Path(arg)
-    if p.is_dir() and not is_store(p):
+    try:
+        folder = p.is_dir() and not is_store(p)
+    except OSError:  # a name too long, ...: reported per slide by the reader
+        folder = False
+    if folder:
         return list(slides_in_folder(p, recursive=recursive, out_dir=out_dir))
     return [p]  # a store, a file, or a missing path (reported per slide by the reader)
 
@@ -131,7 +155,7 @@ def expand_slides(args: Iterable[str | os.PathLike[str]], *, slides_from: Iterab
     seen: set[str] = set()
     for arg in named:
         for s in _one(arg, recursive, out_dir):
-            key = s if isinstance(s, str) else str(s.resolve())
+            key = s if isinstance(s, str) else str(resolved(s))
             if key not in seen:
                 seen.add(key)
                 out.append(s)

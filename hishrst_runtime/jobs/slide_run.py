@@ -25,7 +25,8 @@ from hishrst_runtime.jobs.paths import slide_output_path
 from hishrst_runtime.jobs.results import SlideResult
 from hishrst_runtime.output.store import OutputStore, SpatialImages, partial_path
 
-__all__ = ["SlideContext", "run_prepared", "MAX_CHUNK_ROWS", "OUTPUT_BUFFER_BYTES", "LOCK_REFRESH_S"]
+__all__ = ["SlideContext", "run_prepared", "MAX_CHUNK_ROWS", "OUTPUT_BUFFER_BYTES", "EXPLICIT_BUFFER_BYTES",
+           "LOCK_REFRESH_S"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 MAX_CHUNK_ROWS = 1024
 #: Bound of the output store's row buffers (bytes).
 OUTPUT_BUFFER_BYTES = 64 << 20
+#: Bound of the row buffers for explicit points (bytes). Their rows keep the file's order, which need not
+#: follow the neighbour-group order they are computed in: buffering their whole X (when it fits) writes
+#: every X chunk once, instead of writing and re-reading partial chunks whenever the buffers are full.
+EXPLICIT_BUFFER_BYTES = 1 << 30
 #: Seconds between refreshes of a held slide lock (its heartbeat for jobs on other hosts).
 LOCK_REFRESH_S = 60.0
 
@@ -69,24 +74,39 @@ def _names_hash(names: list[str] | None) -> str | None:
     return hashlib.sha256(json.dumps([str(n) for n in names]).encode("utf-8")).hexdigest()
 
 
+def _buffer_bytes(prep: PreparedSlide, n_genes: int) -> int:
+    """The output's row-buffer bound: :data:`OUTPUT_BUFFER_BYTES` for grid points (their rows arrive in
+    order), enough for the whole X of explicit points up to :data:`EXPLICIT_BUFFER_BYTES` (warned above)."""
+    if prep.pitch_um is not None:
+        return OUTPUT_BUFFER_BYTES
+    need = (len(prep.points_px) + MAX_CHUNK_ROWS) * n_genes * 4
+    if need > EXPLICIT_BUFFER_BYTES:
+        log.warning("%s: %d points x %d genes (%.1f GiB) exceed the %.1f GiB output buffer: points whose order in "
+                    "the file does not follow their position make output chunks be rewritten (slower); order "
+                    "the points by position (e.g. by y, then x) to avoid it", prep.name, len(prep.points_px),
+                    n_genes, need / 2**30, EXPLICIT_BUFFER_BYTES / 2**30)
+    return max(OUTPUT_BUFFER_BYTES, min(need, EXPLICIT_BUFFER_BYTES))
+
+
 def _open_store(prep: PreparedSlide, out: Path, ctx: SlideContext) -> tuple[OutputStore, bool]:
     """(store, resumed): the incomplete output reopened for ``--resume``, else a new one."""
     bundle, n = ctx.bundle, len(prep.points_px)
     identity = _identity(prep, bundle)
+    buffer_bytes = _buffer_bytes(prep, len(bundle.genes))
     opts, state = ctx.options, OutputStore.status(out)
     # --resume finishes a partial; with --overwrite that partial may be the replacement of a complete output.
     replacing = opts.overwrite and state == "complete" and partial_path(out).is_dir()
     if opts.resume and (state == "incomplete" or replacing):
         return OutputStore.open_incomplete(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
                                            genes=bundle.genes, expected_uns={"hishrst": identity},
-                                           max_buffer_bytes=OUTPUT_BUFFER_BYTES, replace=replacing), True
+                                           max_buffer_bytes=buffer_bytes, replace=replacing), True
     library_id = slide_output_path(prep.path, Path(".")).name[: -len(".zarr")].replace("/", "_") or "slide"
     spatial = SpatialImages(library_id=library_id, lowres=prep.thumbnail, lowres_scalef=prep.thumbnail_scale,
                             spot_diameter_fullres=(prep.pitch_um or bundle.patch_um) / float(prep.slide.mpp0))
     rows = max(1, min(MAX_CHUNK_ROWS, n, (4 << 20) // (4 * len(bundle.genes))))
     store = OutputStore.create(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
                                tissue_fraction=prep.tissue_fraction, genes=bundle.genes, uns={"hishrst": identity},
-                               spatial=spatial, chunk_rows=rows, max_buffer_bytes=OUTPUT_BUFFER_BYTES,
+                               spatial=spatial, chunk_rows=rows, max_buffer_bytes=buffer_bytes,
                                replace=opts.overwrite, obs_names=prep.obs_names)
     return store, False
 
@@ -147,8 +167,10 @@ def run_prepared(prep: PreparedSlide, out: Path, ctx: SlideContext, lock: Any) -
     store.finalize({"hishrst_run": {
         "slide": prep.location, "bundle": str(Path(ctx.bundle.root).resolve()),
         "engine": ctx.engines.provider, "hishrst_version": __version__, "resumed": resumed,
-        "points_computed": stats.points_computed, "patch_side_px": int(stats.patch_side_px),
+        "chunks_recomputed": len(store.chunks_recomputed), "points_computed": stats.points_computed,
+        "patch_side_px": int(stats.patch_side_px),
         "tiles_per_s": tiles_per_s, "timings": timings,
     }})
     return SlideResult(slide=str(prep.path), output=out, status="ok", points=n, computed=stats.points_computed,
-                       engine=ctx.engines.provider, tiles_per_s=tiles_per_s, resumed=resumed, timings=timings, stats=stats)
+                       engine=ctx.engines.provider, tiles_per_s=tiles_per_s, resumed=resumed, timings=timings,
+                       stats=stats, chunks_recomputed=len(store.chunks_recomputed))

@@ -144,8 +144,8 @@ class ChunkBuffers:
         self._progress.unclaim(k)  # first: a kill during the X write must not leave claimed rows torn
         with self._done_lock:
             self._done[lo:hi] = False  # no longer claimed on disk until the claim below
-        self._X.write(k, buf.data, fsync=self._fsync)
-        self._progress.claim(k, buf.filled)
+        digest = self._X.write(k, buf.data, fsync=self._fsync)
+        self._progress.claim(k, buf.filled, digest)
         with self._done_lock:
             self._done[lo:hi] = buf.filled
         buf.dirty = False

@@ -16,6 +16,7 @@ few thread hops. Here the same files are written with plain file I/O:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -257,9 +258,10 @@ class XChunks:
             raise ValueError(f"{self.path(k)}: chunk holds {flat.size} values, expected {self.chunk_rows * self.n_vars}")
         return flat.reshape(self.chunk_rows, self.n_vars)[:rows].astype(np.float32)
 
-    def write(self, k: int, data: np.ndarray, *, fsync: bool) -> None:
+    def write(self, k: int, data: np.ndarray, *, fsync: bool) -> bytes:
         """Encode float32 [rows <= chunk_rows, n_vars] ``data`` as chunk ``k`` (padded with the fill value,
-        as zarr stores edge chunks) and write it in place, fsync'd if asked."""
+        as zarr stores edge chunks) and write it in place, fsync'd if asked; returns the SHA-256 of the
+        file's bytes (recorded with the chunk's progress, verified on ``--resume``)."""
         if data.shape[0] < self.chunk_rows:
             full = np.full((self.chunk_rows, self.n_vars), self.fill_value, dtype="<f4")
             full[: data.shape[0]] = data
@@ -277,3 +279,4 @@ class XChunks:
                 os.fsync(fh.fileno())
         if fsync and new_file:  # the new directory entry must be durable before the chunk's rows are claimed
             fsync_path(path.parent, directory=True)
+        return hashlib.sha256(memoryview(payload).cast("B")).digest()

@@ -1,7 +1,11 @@
-"""Checks that an incomplete store (``OUT.zarr.partial``) was made by the same run that wants to finish it."""
+"""Checks of an incomplete store (``OUT.zarr.partial``) before it is finished: its claimed X chunks are what
+was written (:func:`verify_claims`), and it was made by the same run that wants to finish it
+(:func:`check_same_run`)."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import reprlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -9,10 +13,56 @@ from typing import Any
 
 import numpy as np
 
-from hishrst_runtime.output.encoding import SKIP, to_uns, values_equal
+from hishrst_runtime.output.encoding import SKIP, XChunks, to_uns, values_equal
 from hishrst_runtime.output.errors import NOT_WRITABLE_ERRNOS, OutputMismatchError, not_writable
+from hishrst_runtime.output.progress import ChunkClaim, ProgressRecords
 
-__all__ = ["open_group", "unreadable", "check_same_run"]
+__all__ = ["open_group", "unreadable", "check_same_run", "verify_claims"]
+
+log = logging.getLogger(__name__)
+
+
+def _claim_problem(x: XChunks, c: ChunkClaim) -> str | None:
+    """Why chunk ``c``'s claimed rows cannot be trusted, or None. A record with a checksum needs the file with
+    exactly those bytes; an older record without one needs a file that decodes to a whole chunk."""
+    path = x.path(c.k)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return "its file is missing"
+    if c.digest is not None:
+        return None if hashlib.sha256(raw).digest() == c.digest else "its checksum does not match"
+    try:
+        x.read(c.k, c.hi - c.lo)
+    except (ValueError, RuntimeError, TypeError) as e:  # a wrong size, or the codec refused the bytes
+        return f"it does not decode ({e})"
+    return None
+
+
+def verify_claims(progress: ProgressRecords, x: XChunks, work: Path) -> tuple[np.ndarray, list[int], int]:
+    """(done mask bool [n_obs], chunks unclaimed, chunks trusted without a checksum) of the partial ``work``.
+
+    Every claimed X chunk is checked (:func:`_claim_problem`); a chunk that fails is unclaimed (its
+    record deleted, a warning logged) so its rows are computed again. Records written before checksums
+    (hishrst < this release) are trusted when their file exists and decodes, with one warning.
+    """
+    done = np.zeros(progress.n_obs, dtype=bool)
+    bad: list[int] = []
+    legacy = 0
+    for c in progress.claims():
+        problem = _claim_problem(x, c)
+        if problem is not None:
+            log.warning("%s: X chunk %s claims %d rows but %s; they are computed again", work, x.path(c.k).name,
+                        int(c.filled.sum()), problem)
+            progress.unclaim(c.k)
+            bad.append(c.k)
+            continue
+        legacy += c.digest is None
+        done[c.lo:c.hi] = c.filled
+    if legacy:
+        log.warning("%s: %d X chunk(s) were written before chunk checksums; they are kept unverified (they "
+                    "exist and decode); use --overwrite instead of --resume to recompute them", work, legacy)
+    return done, bad, legacy
 
 
 def open_group(work: Path) -> Any:

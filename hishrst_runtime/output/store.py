@@ -24,9 +24,11 @@ Crash safety
 * Rows are buffered per X chunk and written whole (:mod:`~hishrst_runtime.output.buffers`); every
   chunk's rows on disk are claimed by a durable bitmap (:mod:`~hishrst_runtime.output.progress`). A
   kill at any instant (``kill -9``, OOM, Slurm time limit) leaves every claimed row intact;
-  :meth:`OutputStore.open_incomplete` rebuilds :meth:`~OutputStore.done_mask` from the bitmaps, the
-  runtime computes only the missing rows, and since predictions are deterministic per row a resumed run
-  gives exactly the X of an uninterrupted one.
+  :meth:`OutputStore.open_incomplete` rebuilds :meth:`~OutputStore.done_mask` from the bitmaps after
+  checking every claimed chunk against the checksum recorded with it (a missing or changed chunk is
+  unclaimed and counted in :attr:`OutputStore.chunks_recomputed`), the runtime computes only the
+  missing rows, and since predictions are deterministic per row a resumed run gives exactly the X of
+  an uninterrupted one.
 * A location that refuses a write (read-only, permission denied, disk full) raises
   :class:`~hishrst_runtime.output.errors.OutputNotWritableError` (one line naming the path and the fix)
   from the call that met it; the rows not yet written stay buffered, so a retry can still write them.
@@ -56,7 +58,7 @@ from hishrst_runtime.output.layout import (FORMAT_VERSION, PARTIAL_SUFFIX, PROGR
                                            output_status, partial_path, prepare_location, publish, read_root_attrs,
                                            update_root_attrs)
 from hishrst_runtime.output.progress import ProgressRecords
-from hishrst_runtime.output.resume import check_same_run, open_group, unreadable
+from hishrst_runtime.output.resume import check_same_run, open_group, unreadable, verify_claims
 
 __all__ = ["OutputExistsError", "OutputMismatchError", "IncompleteOutputError", "OutputNotWritableError",
            "OutputStatus", "SpatialImages", "OutputStore", "partial_path", "write_h5ad",
@@ -90,10 +92,12 @@ class OutputStore:
         self._finalized = False
         progress = ProgressRecords(self.work_path, n_obs=self.n_obs, chunk_rows=self.chunk_rows, fsync=fsync)
         attrs = read_root_attrs(self.work_path) or {}
+        #: X chunks whose claimed rows failed verification when reopened (computed again), by index
+        self.chunks_recomputed: list[int] = []
         if attrs.get(STATUS_ATTR) == "complete":  # crashed inside finalize, after every row was on disk
             done = np.ones(self.n_obs, dtype=bool)
         else:
-            done = progress.load()
+            done, self.chunks_recomputed, _ = verify_claims(progress, x, self.work_path)
         self._progress = progress
         self._rows = ChunkBuffers(x, progress, done, fsync=fsync, max_buffer_bytes=max_buffer_bytes)
 

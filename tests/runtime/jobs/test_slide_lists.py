@@ -82,7 +82,8 @@ def test_run_report_files(tmp_path: Path, shard: tuple[int, int] | None) -> None
     data = json.loads((tmp_path / json_name).read_text())
     assert data == json.loads(paths[0].read_text()) and paths[0].parent.name == HISTORY_DIR
     assert data["run_id"].startswith("20231114T221320Z-" + ("all" if shard is None else "shard-1-of-4"))
-    assert data["counts"] == {"ok": 1, "skipped": 0, "failed": 1, "slides": 2} and data["seconds"] == 12.5
+    assert data["counts"] == {"ok": 1, "skipped": 0, "failed": 1, "interrupted": 0, "slides": 2}
+    assert data["seconds"] == 12.5 and data["interrupted"] is None
     assert set(data["versions"]) >= {"hishrst", "python", "onnxruntime", "numpy"}
     assert data["args"]["bundle_dir"] == "/b" and data["slides"][0]["timings"] == {"encoder": 0.5}
     assert data["errors"] == ["b.zarr: SlideError: b | bad"]
