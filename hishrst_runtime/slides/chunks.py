@@ -9,8 +9,10 @@ file and decompresses it
 with numcodecs directly (which releases the GIL, so reader threads decode in parallel). Anything
 else (sharding, other codecs or filters, remote stores) returns ``None`` from
 :meth:`DirectChunkReader.for_array` and the caller keeps using zarr. The decoded bytes are exactly
-what zarr would return: a missing chunk file is the array's fill value, and a file that does not
-decode to the chunk's size raises :class:`ChunkDecodeError` instead of returning wrong pixels.
+what zarr would return; a missing chunk file is ``None`` from :meth:`DirectChunkReader.read_or_none` (the
+level judges it by the rule of :mod:`hishrst_runtime.slides.integrity`, which :class:`MissingChunks` carries
+per slide), and a file that does not decode to the chunk's size raises :class:`ChunkDecodeError` instead
+of returning wrong pixels.
 
 Checksums: zstd frames written with a content checksum (``hishrst convert`` writes them) are verified
 by the zstd decoder, and a zarr v3 ``crc32c`` codec is verified before decompression; a mismatch is a
@@ -20,6 +22,7 @@ only be checked for decoding to the right size.
 
 from __future__ import annotations
 
+import threading
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +31,55 @@ import numpy as np
 
 from hishrst_runtime.slides.errors import ChunkDecodeError
 
-__all__ = ["ChunkDecodeError", "DirectChunkReader"]
+__all__ = ["ChunkDecodeError", "DirectChunkReader", "ChunkAbsent", "MissingChunks", "is_metadata_key",
+           "local_store"]
+
+#: Keys of zarr metadata documents (an absent one is normal; every other absent key is a chunk).
+_METADATA_KEYS = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
+
+
+def is_metadata_key(key: str) -> bool:
+    """Whether the store key ``key`` names a zarr metadata document rather than a chunk."""
+    return key.rsplit("/", 1)[-1] in _METADATA_KEYS
+
+
+def local_store(store: Any) -> Any:
+    """The zarr ``LocalStore`` under ``store`` (itself or the store a wrapper wraps), or None."""
+    from zarr.storage import LocalStore
+
+    for _ in range(4):
+        if isinstance(store, LocalStore):
+            return store
+        store = getattr(store, "_store", None)
+    return None
+
+
+class ChunkAbsent(Exception):
+    """Internal signal (never shown to users): the store has no object for chunk ``key`` (a missing file,
+    HTTP 404). Raised by a store wrapper in place of zarr's silent fill; the slide level judges it."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class MissingChunks:
+    """One slide's rule for chunks and tiles with no usable data (see
+    :mod:`hishrst_runtime.slides.integrity`): ``allow`` (``--allow-missing-chunks``) reads them as the fill
+    value, and every chunk so read is appended once to ``filled`` (thread-safe)."""
+
+    def __init__(self, *, allow: bool = False) -> None:
+        self.allow = bool(allow)
+        self.filled: list[str] = []
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def record(self, name: str) -> None:
+        """Count chunk ``name`` as read as fill (once)."""
+        with self._lock:
+            if name not in self._seen:
+                self._seen.add(name)
+                self.filled.append(name)
 
 
 def _compressor_decoder(name: str) -> Callable[[bytes], bytes] | None:
@@ -92,10 +143,8 @@ class DirectChunkReader:
     def for_array(cls, arr: Any) -> DirectChunkReader | None:
         """A reader for the zarr-python 3 array ``arr``, or ``None`` when its layout is not the simple one."""
         try:
-            from zarr.storage import LocalStore
-
-            meta = arr.metadata
-            if not isinstance(arr.store, LocalStore) or np.dtype(arr.dtype) != np.uint8:
+            meta, store = arr.metadata, local_store(arr.store)
+            if store is None or np.dtype(arr.dtype) != np.uint8:
                 return None
             if getattr(arr, "shards", None) is not None:
                 return None
@@ -109,7 +158,7 @@ class DirectChunkReader:
                 return None
             fill = meta.fill_value
             fill = 0 if fill is None else int(fill)
-            root = Path(arr.store.root) / arr.path if arr.path else Path(arr.store.root)
+            root = Path(store.root) / arr.path if arr.path else Path(store.root)
             chunk_shape = tuple(int(c) for c in arr.chunks)
             encode_key = meta.encode_chunk_key
             encode_key(tuple(0 for _ in chunk_shape))  # must work for this metadata
@@ -117,13 +166,22 @@ class DirectChunkReader:
             return None
         return cls(root, encode_key, decode, chunk_shape, fill)
 
+    def name(self, coords: tuple[int, ...]) -> str:
+        """The chunk file of chunk-grid ``coords`` (for messages)."""
+        return str(self.root / self._encode_key(tuple(int(c) for c in coords)))
+
     def read(self, coords: tuple[int, ...]) -> np.ndarray:
         """Chunk at chunk-grid ``coords`` as a uint8 array of the full chunk shape (fill value if absent)."""
+        data = self.read_or_none(coords)
+        return np.full(self.chunk_shape, self.fill_value, dtype=np.uint8) if data is None else data
+
+    def read_or_none(self, coords: tuple[int, ...]) -> np.ndarray | None:
+        """Like :meth:`read`, but None when the chunk file is absent."""
         path = self.root / self._encode_key(tuple(int(c) for c in coords))
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            return np.full(self.chunk_shape, self.fill_value, dtype=np.uint8)
+            return None
         except OSError as e:
             raise ChunkDecodeError(f"{path}: cannot read the chunk file ({e}); check the slide store's files") from e
         try:

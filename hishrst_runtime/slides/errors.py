@@ -5,11 +5,14 @@ Each message names the store, chunk file or source file, says what is wrong and 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from hishrst_runtime.core.errors import EnvironmentProblem, InputError
+from hishrst_runtime.core.limits import RasterTooLargeError, check_raster_size
 from hishrst_runtime.core.units import PixelSizeError
 
 __all__ = ["SlideError", "SlidePixelSizeError", "ChunkDecodeError", "MissingChunkError", "ConvertError",
-           "SlideExtraMissing", "RemoteSlideError", "MaskError"]
+           "SlideExtraMissing", "RemoteSlideError", "MaskError", "SlideTooLargeError", "check_slide_size"]
 
 
 class SlideError(InputError):
@@ -43,3 +46,16 @@ class RemoteSlideError(SlideError):
 
 class MaskError(InputError):
     """A tissue-mask file (GeoJSON, PNG, TIFF) that cannot be read or marks no tissue; the message names it."""
+
+
+class SlideTooLargeError(SlideError, RasterTooLargeError):
+    """A slide level (or an overview of it) larger than :mod:`hishrst_runtime.core.limits` allows."""
+
+
+def check_slide_size(height: int, width: int, *, where: str, kind: Literal["slide", "overview"] = "slide",
+                     fix: str = "") -> None:
+    """:func:`~hishrst_runtime.core.limits.check_raster_size` raising :class:`SlideTooLargeError` (a SlideError)."""
+    try:
+        check_raster_size(height, width, kind=kind, where=where, fix=fix)
+    except RasterTooLargeError as e:
+        raise SlideTooLargeError(str(e)) from e

@@ -1,9 +1,30 @@
-"""Chunk integrity: refuse a slide whose level has chunk files missing where there is tissue (torch-free).
+"""The one rule for chunks and tiles with no usable data, and its early check (torch-free).
 
-zarr reads a missing chunk file as the array's fill value. That is how converters leave out empty
-background (``write_empty_chunks=False``), but inside tissue it means a lost file: the pixels would be
-predicted as white glass. :func:`check_missing_chunks` lists the chunk files of the level once and
-compares the missing ones with the tissue mask of the slide's overview.
+**The rule** (every reader: local and remote OME-Zarr, SpatialData elements, TIFF / SVS):
+
+* A chunk or tile *has no data* when its chunk file is absent (zarr), the server answers HTTP 404 (or
+  S3 has no such key) for it, or its TIFF ``TileOffsets`` / ``TileByteCounts`` entry is 0. Any other
+  HTTP error is an error, never fill.
+* Such a chunk is **background**, and read as the fill value without a word, when the evidence shows
+  uniform fill there: the same region of the next coarser *stored* level (a sparse store leaves out
+  chunks that are all fill — zarr's ``write_empty_chunks=False`` — and its coarser levels are fill there
+  too), or, on the coarsest stored level (the overview itself, e.g. a single-level store), the one-pixel
+  ring of pixels around the chunk.
+* Otherwise the data is **missing** (the overview shows something there that the chunk lost): reading
+  it raises :class:`~hishrst_runtime.slides.errors.MissingChunkError` naming the chunk file or URL, the
+  level and the chunk index, and the fix — unless missing chunks are allowed (``--allow-missing-chunks``,
+  ``open_slide(..., allow_missing_chunks=True)``, ``Slide.allow_missing_chunks``): then it reads as the
+  fill value and is listed once in ``Slide.filled_chunks``.
+* A chunk or tile that does not decode (a failed checksum, a JPEG tile libjpeg would only warn about) is
+  a :class:`~hishrst_runtime.slides.errors.ChunkDecodeError` naming it; with missing chunks allowed it is
+  read as fill and counted the same way (for direct reads; box reads of remote stores always fail).
+
+Not covered: missing inner chunks of sharded arrays (the shard index hides them), TIFF levels tifffile
+reads through its own zarr view (NDPI, planar or non-RGB layouts), and OpenSlide formats (OpenSlide reads
+areas without tiles as transparent, i.e. background).
+
+:func:`check_missing_chunks` applies the rule early, before any work, to the chunks of the level to be
+read that lie in the tissue of the slide's overview (one directory walk of a local store).
 """
 
 from __future__ import annotations
@@ -15,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from hishrst_runtime.slides.chunks import local_store
 from hishrst_runtime.slides.errors import MissingChunkError
 from hishrst_runtime.slides.slide import Slide
 
@@ -24,11 +46,10 @@ __all__ = ["check_missing_chunks", "missing_chunks"]
 def _local_root(arr: Any) -> Path | None:
     """The directory of a zarr array in a local, unsharded store; None when listing is not possible."""
     try:
-        from zarr.storage import LocalStore
-
-        if not isinstance(arr.store, LocalStore) or getattr(arr, "shards", None) is not None:
+        store = local_store(arr.store)
+        if store is None or getattr(arr, "shards", None) is not None:
             return None
-        root = Path(arr.store.root)
+        root = Path(store.root)
         return root / arr.path if arr.path else root
     except (ImportError, AttributeError):
         return None
@@ -87,36 +108,29 @@ def _in_tissue(tissue: np.ndarray, shape: tuple[int, int], chunks: tuple[int, in
 
 def check_missing_chunks(slide: Slide, level: int, *, tissue: np.ndarray,
                          allow_missing: bool = False) -> list[tuple[int, int]]:
-    """Refuse missing chunk files of ``level`` where the overview shows tissue.
+    """Apply the rule of this module now to the missing chunk files of ``level`` in tissue.
 
-    ``tissue`` is the boolean tissue mask of ``slide.thumbnail()`` (same thumbnail geometry,
-    ``slide.thumbnail_mpp(tissue.shape)``); it covers the whole slide. A chunk of ``level`` whose file
-    is missing is "in tissue" when the mask shows tissue over it. When the overview was read from
-    ``level`` itself (always so on a single-level slide) a missing chunk looks like fill there too, so it
-    counts as in tissue when any of its 8 neighbouring chunks shows tissue. Raises
-    :class:`~hishrst_runtime.slides.errors.MissingChunkError` naming the first such chunk file and the
-    fix (restore the chunk, or pass ``--allow-missing-chunks`` to read it as the fill value), unless
-    ``allow_missing``. Missing chunks in background are always allowed (converters leave empty chunks
-    out). Returns the missing chunk coordinates (cy, cx) in tissue that were allowed (empty unless
-    ``allow_missing``).
+    ``tissue`` is the boolean tissue mask of ``slide.thumbnail()`` (same thumbnail geometry); a chunk is
+    "in tissue" when the mask shows tissue over it or, when the overview was read from ``level`` itself,
+    over one of its 8 neighbours. Such a chunk whose evidence is not uniform fill raises
+    :class:`~hishrst_runtime.slides.errors.MissingChunkError` naming the first chunk file and the fix,
+    unless ``allow_missing`` or the slide allows missing chunks. ``allow_missing`` also makes the slide
+    allow them from now on (its later reads fill and count them). Returns the missing chunks (cy, cx) in
+    tissue that were allowed (counted in ``slide.filled_chunks``; empty unless allowed).
 
-    Listing is one directory walk of the level's local store; for stores that cannot be listed
-    (remote stores, sharded arrays) nothing is checked and ``[]`` is returned.
+    For stores that cannot be listed (remote stores, sharded arrays) nothing is checked here and ``[]``
+    is returned; their chunks follow the rule when they are read.
     """
     mask = np.asarray(tissue, dtype=bool)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"tissue must be a non-empty 2-D boolean mask, got shape {mask.shape}")
+    if allow_missing:
+        slide.allow_missing_chunks = True
     found = missing_chunks(slide, level)
     if not found or not found[0]:
         return []
     missing, paths = found
     lv = slide.levels[level]
     same = slide.thumbnail_level(max(mask.shape)) == level
-    bad = [c for c in missing if _in_tissue(mask, lv.shape, lv.chunks, *c, neighbours=same)]
-    if bad and not allow_missing:
-        cy, cx = bad[0]
-        raise MissingChunkError(
-            f"{paths[bad[0]]}: chunk ({cy}, {cx}) of pyramid level {level} of {slide.path} is missing where the "
-            f"overview shows tissue ({len(bad)} such chunk(s) in all); restore the chunk file (or convert the slide "
-            f"again), or pass --allow-missing-chunks to read missing chunks as the fill value")
-    return bad
+    near = [c for c in missing if _in_tissue(mask, lv.shape, lv.chunks, *c, neighbours=same)]
+    return [c for c in near if lv._absent(c[0], c[1], paths[c])]

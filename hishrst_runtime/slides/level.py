@@ -2,7 +2,8 @@
 
 Coordinates are ``(x, y)``; a region ``(x0, y0, x1, y1)`` is half-open and in the pixels of the
 level it is read from (level-0 pixels × ``1 / downsample``). Reads are safe from several threads
-(zarr-python 3 keeps no per-read state on the array).
+(zarr-python 3 keeps no per-read state on the array). Every read — whole chunks and boxes — applies the
+one rule for chunks with no data or that do not decode (:mod:`hishrst_runtime.slides.integrity`).
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from hishrst_runtime.slides.errors import ChunkDecodeError, SlideError
+from hishrst_runtime.slides.chunks import ChunkAbsent
+from hishrst_runtime.slides.errors import ChunkDecodeError, MissingChunkError, SlideError
 
 __all__ = ["Level", "LevelImage", "iter_chunk_regions", "direct_ok"]
 
@@ -57,6 +59,13 @@ class Level:
     store: str = field(default="", repr=False)
     #: What a chunk that does not decode means and the fix (the end of :class:`ChunkDecodeError` messages).
     corrupt_hint: str = field(default="the slide store is corrupt, convert the slide again", repr=False)
+    #: The slide's missing-data rule (:class:`~hishrst_runtime.slides.chunks.MissingChunks`), set by the Slide.
+    _missing: Any = field(default=None, repr=False)
+    #: The next coarser *stored* level (the evidence for absent chunks), set by the Slide; None on the coarsest.
+    _coarser: Any = field(default=None, repr=False)
+    _verdicts: dict = field(default_factory=dict, repr=False)
+    #: Whether the level is computed from another one (then it has no chunks of its own to lose).
+    computed: ClassVar[bool] = False
 
     def _index(self, y: slice, x: slice) -> tuple[Any, ...]:
         return tuple(y if a == "y" else x if a == "x" else slice(0, 3) if a == "c" else 0 for a in self._axes)
@@ -67,14 +76,164 @@ class Level:
         return self._array
 
     def _zarr_read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """Box read through zarr; a chunk that does not decode becomes a :class:`ChunkDecodeError` naming it."""
+        """Box read (direct chunk reads when possible, else zarr); a chunk with no data is judged by the
+        slide's missing-data rule and a chunk that does not decode is a :class:`ChunkDecodeError` naming it."""
         arr = self._open_array()
+        if self._direct is not None:
+            return self._direct_box(y0, y1, x0, x1)
         try:
-            return np.asarray(arr[self._index(slice(y0, y1), slice(x0, x1))])
-        except SlideError:  # already names its file or URL (a remote read, a TIFF tile)
-            raise
-        except _DECODE_ERRORS as e:
-            raise self._decode_error(y0, y1, x0, x1, e) from e
+            return self._zarr_box(arr, y0, y1, x0, x1, retries=0)
+        except ChunkAbsent as e:  # judge it, then read the box one storage unit at a time (each fetched once)
+            self._absent_key(arr, e.key, y0, y1, x0, x1)
+        kept, (uh, uw) = self._kept(), self._unit(arr)
+        iy, ix = kept.index("y"), kept.index("x")
+        shape = [y1 - y0 if a == "y" else x1 - x0 if a == "x" else min(3, self._n_channels) for a in kept]
+        out = np.empty(shape, dtype=np.uint8)
+        for uy in range(y0 // uh, (y1 - 1) // uh + 1):
+            for ux in range(x0 // uw, (x1 - 1) // uw + 1):
+                a0, a1, b0, b1 = max(y0, uy * uh), min(y1, (uy + 1) * uh), max(x0, ux * uw), min(x1, (ux + 1) * uw)
+                sl: list[slice] = [slice(None)] * len(kept)
+                sl[iy], sl[ix] = slice(a0 - y0, a1 - y0), slice(b0 - x0, b1 - x0)
+                out[tuple(sl)] = self._zarr_box(arr, a0, a1, b0, b1, retries=8)
+        return out
+
+    def _zarr_box(self, arr: Any, y0: int, y1: int, x0: int, x1: int, *, retries: int) -> np.ndarray:
+        """One zarr read of the box; up to ``retries`` absent chunks are judged and admitted on the way."""
+        for attempt in range(retries + 1):
+            try:
+                return np.asarray(arr[self._index(slice(y0, y1), slice(x0, x1))])
+            except ChunkAbsent as e:
+                if attempt == retries:
+                    raise
+                self._absent_key(arr, e.key, y0, y1, x0, x1)
+            except SlideError:  # already names its file or URL (a remote read, a TIFF tile)
+                raise
+            except _DECODE_ERRORS as e:
+                raise self._decode_error(y0, y1, x0, x1, e) from e
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _unit(self, arr: Any) -> tuple[int, int]:
+        """(rows, columns) of one stored object of the array: a chunk, or a shard of a sharded array."""
+        grid = getattr(getattr(arr.metadata, "chunk_grid", None), "chunk_shape", None) or arr.chunks
+        return int(grid[self._axes.index("y")]), int(grid[self._axes.index("x")])
+
+    def _kept(self) -> list[str]:
+        return [a for a in self._axes if a in ("y", "x", "c")]
+
+    def _direct_box(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The box ``[y0:y1, x0:x1]`` in the kept axis order, assembled from directly decoded chunks."""
+        (ch, cw), (h, w), kept = self.chunks, self.shape, self._kept()
+        iy, ix = kept.index("y"), kept.index("x")
+        rows = []
+        for cy in range(y0 // ch, (y1 - 1) // ch + 1):
+            row = []
+            for cx in range(x0 // cw, (x1 - 1) // cw + 1):
+                oy, ox = cy * ch, cx * cw
+                block = self._direct_block(cy, cx, min(ch, h - oy), min(cw, w - ox), kept)
+                sl = [slice(None)] * 3
+                sl[iy], sl[ix] = slice(max(y0, oy) - oy, min(y1, oy + ch) - oy), slice(max(x0, ox) - ox, min(x1, ox + cw) - ox)
+                row.append(block[tuple(sl)])
+            rows.append(row[0] if len(row) == 1 else np.concatenate(row, axis=ix))
+        return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=iy)
+
+    # --- the missing-data rule (hishrst_runtime.slides.integrity describes it) ---------------------------
+
+    def _where(self, cy: int, cx: int) -> str:
+        return f"chunk ({cy}, {cx}) of pyramid level {self.index} ({self.path}) of {self.store}"
+
+    def _absent(self, cy: int, cx: int, name: str, unit: tuple[int, int] | None = None) -> bool:
+        """Chunk (cy, cx) (or the storage ``unit`` box (ch, cw) at it) has no data: False when it is background,
+        True when it is not but missing chunks are allowed (it is counted); else :class:`MissingChunkError`."""
+        uh, uw = unit or self.chunks
+        y0, x0 = cy * uh, cx * uw
+        if self._is_background(y0, min(y0 + uh, self.shape[0]), x0, min(x0 + uw, self.shape[1])):
+            return False
+        if self._missing is not None and self._missing.allow:
+            self._missing.record(f"{name} [level {self.index}, chunk ({cy}, {cx}), missing]")
+            return True
+        evidence = "the next coarser level" if self._coarser is not None else "the pixels around it"
+        raise MissingChunkError(
+            f"{name}: {self._where(cy, cx)} has no data (missing) and {evidence} is not plain background there; "
+            "restore the chunk / tile (copy or convert the slide again), or pass --allow-missing-chunks to read "
+            "missing chunks as the fill value (they are counted in the run report)")
+
+    def _corrupt(self, cy: int, cx: int, e: ChunkDecodeError) -> None:
+        """A chunk that does not decode: counted as fill when missing chunks are allowed, else ``e`` is raised."""
+        if self._missing is None or not self._missing.allow:
+            raise e
+        self._missing.record(f"{str(e).split(':', 1)[0]} [level {self.index}, chunk ({cy}, {cx}), corrupt]")
+
+    def _absent_key(self, arr: Any, key: str, y0: int, y1: int, x0: int, x1: int) -> None:
+        """Judge the absent store object ``key`` met by a zarr read of the box, then let the store fill it."""
+        meta = arr.metadata
+        unit = tuple(int(c) for c in getattr(getattr(meta, "chunk_grid", None), "chunk_shape", None) or arr.chunks)
+        uh, uw = self._unit(arr)
+        grid = [-(-int(n) // int(c)) for n, c in zip(arr.shape, unit)]
+        prefix = f"{arr.path}/" if getattr(arr, "path", "") else ""
+        for uy in range(y0 // uh, (y1 - 1) // uh + 1):
+            for ux in range(x0 // uw, (x1 - 1) // uw + 1):
+                for k in range(grid[self._axes.index("c")] if "c" in self._axes else 1):
+                    coords = tuple(uy if a == "y" else ux if a == "x" else k if a == "c" else 0 for a in self._axes)
+                    if prefix + meta.encode_chunk_key(coords) == key:
+                        self._absent(uy, ux, f"{self.store}/{key}", (uh, uw))
+                        arr.store.admit_absent(key)
+                        return
+        raise SlideError(f"{self.store}/{key}: an object the read did not ask for is missing; check the store")
+
+    def _is_background(self, y0: int, y1: int, x0: int, x1: int) -> bool:
+        """Whether the evidence for the box ``[y0:y1, x0:x1]`` is uniform fill: the same region of the next
+        coarser stored level, or on the coarsest stored level the one-pixel ring around the box."""
+        key = (y0, y1, x0, x1)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = self._verdicts[key] = all(lv._is_fill(*box, self._fill_value()) for lv, box in self._evidence(*key))
+        return verdict
+
+    def _evidence(self, y0: int, y1: int, x0: int, x1: int) -> list[tuple[Level, tuple[int, int, int, int]]]:
+        c, (h, w) = self._coarser, self.shape
+        if c is not None:
+            (chh, cww), fy, fx = c.shape, c.shape[0] / h, c.shape[1] / w
+            a0, b0 = min(math.ceil(y0 * fy), chh - 1), min(math.ceil(x0 * fx), cww - 1)
+            a1, b1 = min(max(math.floor(y1 * fy), a0 + 1), chh), min(max(math.floor(x1 * fx), b0 + 1), cww)
+            return [(c, (a0, a1, b0, b1))]
+        xa, xb = max(x0 - 1, 0), min(x1 + 1, w)
+        boxes = [(y0 - 1, y0, xa, xb)] if y0 > 0 else []
+        boxes += [(y1, y1 + 1, xa, xb)] if y1 < h else []
+        boxes += [(y0, y1, x0 - 1, x0)] if x0 > 0 else []
+        boxes += [(y0, y1, x1, x1 + 1)] if x1 < w else []
+        return [(self, b) for b in boxes]
+
+    def _fill_value(self) -> int:
+        if self._direct is not None:
+            return int(self._direct.fill_value)
+        fill = getattr(self._array, "fill_value", None)
+        return int(fill) if fill is not None else 0
+
+    def _is_fill(self, y0: int, y1: int, x0: int, x1: int, fill: int) -> bool:
+        """Whether the box is uniform ``fill`` (±2, lossy codecs) with absent chunks counted as fill; a chunk
+        that does not decode is not fill."""
+        (ch, cw), arr = self.chunks, self._open_array()
+        for cy in range(y0 // ch, (y1 - 1) // ch + 1):
+            for cx in range(x0 // cw, (x1 - 1) // cw + 1):
+                sy = slice(max(y0, cy * ch), min(y1, (cy + 1) * ch))
+                sx = slice(max(x0, cx * cw), min(x1, (cx + 1) * cw))
+                try:
+                    if self._direct is not None:
+                        parts = self._direct_parts(cy, cx, judged=False)
+                        kept = self._kept()
+                        data = None if parts is None else [p[tuple(
+                            slice(sy.start - cy * ch, sy.stop - cy * ch) if a == "y" else slice(
+                                sx.start - cx * cw, sx.stop - cx * cw) if a == "x" else slice(None) for a in kept)]
+                            for p in parts]
+                    else:
+                        data = [np.asarray(arr[self._index(sy, sx)])]
+                except ChunkAbsent:
+                    data = None
+                except (SlideError, *_DECODE_ERRORS):
+                    return False
+                if data is not None and any((np.abs(d.astype(np.int16) - fill) > 2).any() for d in data):
+                    return False
+        return True
 
     def _decode_error(self, y0: int, y1: int, x0: int, x1: int, e: BaseException) -> ChunkDecodeError:
         ch, cw = self.chunks
@@ -113,14 +272,31 @@ class Level:
             data = np.repeat(data[..., None], 3, axis=-1)
         return np.ascontiguousarray(data, dtype=np.uint8)
 
-    def _direct_block(self, cy: int, cx: int, bh: int, bw: int, kept: list[str]) -> np.ndarray:
-        """Chunk (cy, cx) decoded directly, all channel chunks joined, cropped to (bh, bw) in ``kept`` order."""
+    def _direct_parts(self, cy: int, cx: int, *, judged: bool) -> list[np.ndarray] | None:
+        """The channel chunks of chunk (cy, cx), decoded directly. ``judged``: a chunk with no data or that
+        does not decode goes through the slide's rule (fill, or an error); else None when any is absent."""
         cc = self._direct.chunk_shape[self._axes.index("c")]
         parts = []
         for k in range(math.ceil(3 / cc)):
             coords = tuple(cy if a == "y" else cx if a == "x" else k if a == "c" else 0 for a in self._axes)
-            block = self._direct.read(coords)
+            try:
+                block = self._direct.read_or_none(coords)
+            except ChunkDecodeError as e:
+                if not judged:
+                    raise
+                self._corrupt(cy, cx, e)  # raises unless allowed; then the fill value, counted
+                block = np.full(self._direct.chunk_shape, self._direct.fill_value, dtype=np.uint8)
+            if block is None:
+                if not judged:
+                    return None
+                self._absent(cy, cx, self._direct.name(coords))
+                block = np.full(self._direct.chunk_shape, self._direct.fill_value, dtype=np.uint8)
             parts.append(block.reshape([n for a, n in zip(self._axes, block.shape) if a in ("y", "x", "c")]))
+        return parts
+
+    def _direct_block(self, cy: int, cx: int, bh: int, bw: int, kept: list[str]) -> np.ndarray:
+        """Chunk (cy, cx) decoded directly, all channel chunks joined, cropped to (bh, bw) in ``kept`` order."""
+        parts = self._direct_parts(cy, cx, judged=True) or []
         data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=kept.index("c"))
         return data[tuple(slice(0, bh) if a == "y" else slice(0, bw) if a == "x" else slice(0, 3) for a in kept)]
 

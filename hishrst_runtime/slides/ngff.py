@@ -13,13 +13,14 @@ axes); :func:`parse_axes` and :func:`scale_of` read the parts every version shar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from hishrst_runtime.slides.errors import SlideError
 
 __all__ = ["NgffFormat", "FormatV04", "FormatV05", "FORMATS", "format_for", "find_multiscales", "parse_axes",
-           "scale_of", "multiscale_metadata", "ZSTD_LEVEL"]
+           "scale_of", "multiscale_metadata", "ZSTD_LEVEL", "space_scale"]
 
 #: zstd level of the chunks hishrst writes (zarr-python's default level).
 ZSTD_LEVEL = 0
@@ -169,3 +170,64 @@ def multiscale_metadata(
     channels = [{"color": c, "label": lab, "active": True, "coefficient": 1.0, "family": "linear", "inverted": False,
                  "window": dict(window)} for c, lab in (("FF0000", "red"), ("00FF00", "green"), ("0000FF", "blue"))]
     return fmt.wrap(ms, {"channels": channels, "rdefs": {"model": "color"}})
+
+
+def _axis_names(t: dict[str, Any], key: str, names: list[str]) -> list[str]:
+    axes = t.get(key, {}).get("axes") if isinstance(t.get(key), dict) else None
+    if isinstance(axes, list) and axes:
+        return [str(a.get("name", "")).lower() if isinstance(a, dict) else str(a).lower() for a in axes]
+    return list(names)
+
+
+def _yx_scale(t: Any, names: list[str]) -> tuple[float, float] | str:
+    """(y, x) scale of one SpatialData / NGFF transformation, or why it cannot be honoured."""
+    if not isinstance(t, dict):
+        return f"an unreadable transformation {t!r}"
+    kind = str(t.get("type", ""))
+    if kind == "identity":
+        return 1.0, 1.0
+    if kind in ("scale", "translation"):
+        vals, axes = t.get(kind), _axis_names(t, "input", names)
+        if not isinstance(vals, list) or len(vals) != len(axes) or "y" not in axes or "x" not in axes:
+            return f"a {kind} whose values {vals!r} do not match the axes {axes}"
+        if kind == "translation":
+            return (1.0, 1.0) if all(float(v) == 0 for v in vals) else f"a translation by {vals}"
+        return float(vals[axes.index("y")]), float(vals[axes.index("x")])
+    if kind == "sequence":
+        sy = sx = 1.0
+        for inner in t.get("transformations") or []:
+            got = _yx_scale(inner, names)
+            if isinstance(got, str):
+                return got
+            sy, sx = sy * got[0], sx * got[1]
+        return sy, sx
+    if kind == "affine":
+        m, ins, outs = t.get("affine"), _axis_names(t, "input", names), _axis_names(t, "output", names)
+        try:
+            rows = [[float(v) for v in r] for r in m]  # type: ignore[union-attr]
+            (oy, ox), (iy, ix) = (outs.index("y"), outs.index("x")), (ins.index("y"), ins.index("x"))
+            if rows[oy][ix] == 0 and rows[ox][iy] == 0 and rows[oy][-1] == 0 and rows[ox][-1] == 0:
+                return rows[oy][iy], rows[ox][ix]
+        except (TypeError, ValueError, IndexError):
+            pass
+        return f"an affine transformation {m!r} (rotation, shear, flip or translation)"
+    return f"a {kind or 'typeless'} transformation"
+
+
+def space_scale(ms: dict[str, Any], names: list[str], path: str, *,
+                preferred: str = "global") -> tuple[float, float] | None:
+    """(y, x) scale from a SpatialData element's level 0 to its coordinate system (``preferred``, else the
+    first listed), or None when the multiscale names no coordinate system. Raises :class:`SlideError`
+    naming ``path`` for a transformation that is not a positive scale (rotation, shear, translation)."""
+    listed = [t for t in ms.get("coordinateTransformations") or [] if isinstance(t, dict) and isinstance(t.get("output"), dict)]
+    if not listed:
+        return None
+    chosen = next((t for t in listed if t["output"].get("name") == preferred), listed[0])
+    got = _yx_scale(chosen, names)
+    if isinstance(got, tuple) and all(math.isfinite(v) and v > 0 for v in got):
+        return got
+    what = got if isinstance(got, str) else f"a scale of {got} (not positive)"
+    cs = chosen["output"].get("name")
+    raise SlideError(f"{path}: the image's transformation to coordinate system {cs!r} is {what}, which hishrst cannot "
+                     "honour (only identity and positive scales); write the image with a Scale or Identity "
+                     "transformation, or pass the plain image group (STORE/images/NAME) to read it in its own pixels")

@@ -11,7 +11,10 @@ thread-safe); transparent pixels (outside the scanned area) are composited over 
 is a fixed :data:`CHUNK_PX` grid (OpenSlide hides the file's tiles). Pixel size: OpenSlide's
 ``openslide.mpp-x`` / ``mpp-y`` properties (µm / pixel), checked with the plausibility bound of
 :mod:`hishrst_runtime.core.units`; ``mpp=`` overrides it. Levels below the coarsest stored one are
-added by 2 × 2 mean pooling (:mod:`hishrst_runtime.slides.pooled`). Chunk-integrity checks do not apply.
+added by 2 × 2 mean pooling (:mod:`hishrst_runtime.slides.pooled`). Every level is checked against the
+slide size limit (:mod:`hishrst_runtime.core.limits`) at open. Missing-chunk checks do not apply: OpenSlide
+hides the file's tiles and returns areas it has no tile for as transparent, which is background (white)
+by its format's definition.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from hishrst_runtime.core.units import check_mpp, is_plausible_mpp
-from hishrst_runtime.slides.errors import SlideError, SlideExtraMissing, SlidePixelSizeError
+from hishrst_runtime.slides.errors import SlideError, SlideExtraMissing, SlidePixelSizeError, check_slide_size
 from hishrst_runtime.slides.level import Level
 from hishrst_runtime.slides.pooled import extend_pyramid, level_downsample
 from hishrst_runtime.slides.slide import Slide
@@ -104,6 +107,8 @@ def open_openslide_slide(path: str | os.PathLike[str], *, mpp: float | None = No
         w0, h0 = osr.level_dimensions[0]
         levels: list[Level] = []
         for i, (w, h) in enumerate(osr.level_dimensions):
+            check_slide_size(int(h), int(w), where=f"{spath} (OpenSlide level {i})",
+                              fix="the file's header is probably damaged; copy or export the slide again")
             dy, dx = level_downsample((h0, w0), (h, w))
             levels.append(OpenSlideLevel(
                 index=i, mpp=mpp0 * 0.5 * (dy + dx), mpp_yx=(mpp0 * dy, mpp0 * dx), downsample=0.5 * (dy + dx),

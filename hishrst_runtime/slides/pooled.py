@@ -37,6 +37,8 @@ _CHUNK_PX = 512
 class PooledLevel(Level):
     """A level computed from the level above it (held in ``_array``) by 2 × 2 mean pooling; see the module docstring."""
 
+    computed = True
+
     def _zarr_read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         parent: Level = self._open_array()
         ph, pw = parent.shape

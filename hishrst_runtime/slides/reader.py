@@ -31,23 +31,27 @@ from typing import Any
 
 import numpy as np
 
+from hishrst_runtime.core.limits import LIMITS
 from hishrst_runtime.core.units import UNIT_TO_UM, check_mpp, unit_to_um
 from hishrst_runtime.slides.chunks import DirectChunkReader
-from hishrst_runtime.slides.errors import SlideError, SlidePixelSizeError
+from hishrst_runtime.slides.errors import SlideError, SlidePixelSizeError, check_slide_size
 from hishrst_runtime.slides.level import Level, LevelImage, direct_ok, iter_chunk_regions
-from hishrst_runtime.slides.ngff import find_multiscales, parse_axes, scale_of
+from hishrst_runtime.slides.ngff import find_multiscales, parse_axes, scale_of, space_scale
 from hishrst_runtime.slides.slide import Slide, SlideKind
 from hishrst_runtime.slides.sources import SlideSource, parse_source, spatialdata_image_group
 
 __all__ = ["SlideError", "Level", "LevelImage", "Slide", "open_slide", "iter_chunk_regions", "UNIT_TO_UM",
-           "MAX_LEVEL_PIXELS", "SlidePixelSizeError", "parse_source", "REMOTE_SCHEMES"]
+           "MAX_LEVEL_PIXELS", "SlidePixelSizeError", "parse_source", "REMOTE_SCHEMES", "OTHER_SCHEMES"]
 
-#: Largest level-0 area accepted (pixels): 10^11 px is 79 × 79 mm at 0.25 µm/px, beyond any glass slide.
-MAX_LEVEL_PIXELS = 10**11
+#: The default level-0 area limit (pixels); kept for older imports — the limit itself (and its
+#: ``HISHRST_MAX_SLIDE_PIXELS`` override) is :mod:`hishrst_runtime.core.limits`.
+MAX_LEVEL_PIXELS = int(LIMITS["slide"].default)
 
-#: URL schemes :func:`open_slide` opens (through fsspec; ``pip install "hishrst[remote]"``). Other fsspec
-#: protocols (gs://, az://) also open when their package is installed, but are not part of the extra.
+#: URL schemes :func:`open_slide` opens (through fsspec; ``pip install "hishrst[remote]"``).
 REMOTE_SCHEMES = frozenset({"http", "https", "s3"})
+#: Object stores that also open when their fsspec package is installed (not part of the extra), and
+#: fsspec's caching prefixes (``simplecache::s3://…``). Any other scheme (ftp://, sftp://…) is refused.
+OTHER_SCHEMES = frozenset({"gs", "gcs", "az", "abfs", "abfss", "simplecache", "filecache", "blockcache"})
 
 _MPP_HINT = "pass the pixel size with --mpp (µm per level-0 pixel, e.g. --mpp 0.5 for a 20x scan)"
 _REWRITE = "Re-write the store (e.g. `hishrst convert`)."
@@ -60,13 +64,20 @@ def _fail(path: str, what: str, fix: str) -> SlideError:
 def _open_root(spath: str) -> Any:
     import zarr  # imported here so that `import hishrst_runtime.slides.reader` stays cheap
 
-    if "://" not in spath:
+    if "://" in spath:  # a chained fsspec URL (simplecache::s3://…)
+        _check_scheme(spath, spath)
+    else:
         p = Path(spath)
         if not p.exists():
             raise _fail(spath, "no such file or directory", "Check the path of the slide (an OME-Zarr store, "
                         "a TIFF / SVS file, or STORE::ELEMENT for a SpatialData image).")
     try:
-        return zarr.open_group(spath, mode="r")
+        from zarr.storage import LocalStore
+
+        from hishrst_runtime.slides.remote import AbsentAwareStore
+
+        store = AbsentAwareStore(LocalStore(spath, read_only=True)) if "://" not in spath else spath
+        return zarr.open_group(store, mode="r")
     except Exception as e:  # noqa: BLE001 - zarr raises several types for "not a group"
         raise _fail(spath, f"not a zarr store ({type(e).__name__}: {e})",
                     "Pass the .zarr directory of an OME-Zarr image, "
@@ -108,10 +119,10 @@ def _check_image(arrays: list[tuple[str, Any, dict]], names: list[str], spath: s
         h, w = int(arr.shape[names.index("y")]), int(arr.shape[names.index("x")])
         if h < 1 or w < 1:
             raise _fail(spath, f"pyramid level {dpath!r} is empty ({h} x {w} pixels)", _REWRITE)
-    h0, w0 = int(shape0[names.index("y")]), int(shape0[names.index("x")])
-    if h0 * w0 > MAX_LEVEL_PIXELS:
-        raise _fail(spath, f"level 0 declares {w0} x {h0} = {h0 * w0:.3g} pixels, more than any glass slide "
-                    f"({MAX_LEVEL_PIXELS:.0e})", "The metadata is damaged; re-write the store (e.g. `hishrst convert`).")
+    for dpath, arr, _ in arrays:
+        check_slide_size(int(arr.shape[names.index("y")]), int(arr.shape[names.index("x")]),
+                         where=f"{spath} (pyramid level {dpath!r})",
+                         fix="more than any glass slide: the metadata is damaged; re-write the store (e.g. `hishrst convert`)")
     n_channels = int(shape0[names.index("c")]) if "c" in names else 1
     dtype = np.dtype(arrays[0][1].dtype)
     if dtype != np.uint8:
@@ -168,7 +179,8 @@ def _level0_mpp(scales: list[tuple[float, float]] | None, units: tuple[str | Non
     return yx, "metadata"
 
 
-def _zarr_slide(root: Any, src: SlideSource, mpp: float | None, mpp_range: tuple[float, float] | None) -> Slide:
+def _zarr_slide(root: Any, src: SlideSource, mpp: float | None, mpp_range: tuple[float, float] | None,
+                allow_missing_chunks: bool = False) -> Slide:
     """The multiscale image in ``root`` (or its SpatialData element / bioformats2raw child) as a Slide."""
     spath = src.text
     sdata = spatialdata_image_group(root, src.element, spath)
@@ -178,35 +190,62 @@ def _zarr_slide(root: Any, src: SlideSource, mpp: float | None, mpp_range: tuple
     names, units = parse_axes(ms, len(arrays[0][1].shape), spath)
     n_channels = _check_image(arrays, names, spath)
     iy, ix = names.index("y"), names.index("x")
+    to_space = space_scale(ms, names, spath) if sdata is not None else None
+    if to_space is not None:  # the element's transformation to its coordinate system: level 0 is that space
+        ms = {k: v for k, v in ms.items() if k != "coordinateTransformations"}
     scales = _scales_yx(ms, arrays, names, spath)
     if scales is None:  # fall back to shape ratios for the relative level sizes
         shape0 = arrays[0][1].shape
         rel = [(shape0[iy] / a.shape[iy], shape0[ix] / a.shape[ix]) for _, a, _ in arrays]
     else:
         rel = [(s[0] / scales[0][0], s[1] / scales[0][1]) for s in scales]
+    sy, sx = to_space or (1.0, 1.0)
     mpp0_yx, source = _level0_mpp(scales, (units[iy], units[ix]), spath, mpp, mpp_range)
+    if source == "override":  # --mpp is the pixel size of level 0, the coordinate system's pixels
+        mpp0_yx = (mpp0_yx[0] * sy, mpp0_yx[1] * sx)
     levels = []
     for i, ((dpath, arr, _), (ry, rx)) in enumerate(zip(arrays, rel)):
         chunks = tuple(int(c) for c in arr.chunks)
         myx = (mpp0_yx[0] * ry, mpp0_yx[1] * rx)
         levels.append(Level(
-            index=i, mpp=0.5 * (myx[0] + myx[1]), mpp_yx=myx, downsample=0.5 * (ry + rx),
+            index=i, mpp=0.5 * (myx[0] + myx[1]), mpp_yx=myx, downsample=0.5 * (ry * sy + rx * sx),
             shape=(int(arr.shape[iy]), int(arr.shape[ix])), chunks=(chunks[iy], chunks[ix]), path=dpath, _array=arr,
             _axes=tuple(names), _n_channels=n_channels, store=spath,
             _direct=DirectChunkReader.for_array(arr) if direct_ok(names, arr.chunks) else None,
         ))
+    levels = _sorted_levels(levels, (sy, sx))
+    base = None
+    if to_space is not None:
+        h0, w0 = arrays[0][1].shape[iy], arrays[0][1].shape[ix]
+        base = ((max(1, round(h0 * sy)), max(1, round(w0 * sx))), 0.5 * (mpp0_yx[0] / sy + mpp0_yx[1] / sx))
+    return Slide(spath, levels, mpp_source=source, kind=kind, allow_missing_chunks=allow_missing_chunks, base=base)
+
+
+def _sorted_levels(levels: list[Level], to_space: tuple[float, float]) -> list[Level]:
+    """``levels`` finest first, their indices and downsamples (relative to level 0's space) renumbered."""
     order = sorted(range(len(levels)), key=lambda i: levels[i].mpp)
     if order != list(range(len(levels))):
         levels = [levels[i] for i in order]
         for i, lv in enumerate(levels):
             lv.index = i
-            lv.downsample = lv.mpp / levels[0].mpp
-    return Slide(spath, levels, mpp_source=source, kind=kind)
+            lv.downsample = lv.mpp / levels[0].mpp * 0.5 * (to_space[0] + to_space[1])
+    return levels
+
+
+def _check_scheme(spath: str, location: str) -> None:
+    """Refuse a URL whose scheme (or any scheme of a chained URL) hishrst does not open, before any network."""
+    schemes = [part.split("://", 1)[0].lower() for part in location.split("::") if "://" in part]
+    schemes += [part.lower() for part in location.split("::")[:-1] if "://" not in part]
+    bad = [sc for sc in schemes if sc not in REMOTE_SCHEMES | OTHER_SCHEMES]
+    if bad:
+        raise SlideError(f"{spath}: unsupported URL scheme {bad[0]!r}; slides are read from local paths, file://, "
+                         f"http(s):// and s3:// URLs (and gs://, az:// with their fsspec package); download the "
+                         "slide or serve it over HTTP(S)")
 
 
 def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None,
                mpp_range: tuple[float, float] | None = None, max_concurrency: int | None = None,
-               storage_options: dict[str, Any] | None = None) -> Slide:
+               storage_options: dict[str, Any] | None = None, allow_missing_chunks: bool = False) -> Slide:
     """Open a whole-slide image lazily: OME-Zarr (NGFF 0.4 / 0.5; local, ``http(s)://`` or ``s3://``), a
     SpatialData image element (``STORE::ELEMENT``), a TIFF-family file (SVS, TIFF, OME-TIFF, NDPI, SCN, …)
     read directly, or another vendor format through OpenSlide (addressing:
@@ -219,7 +258,10 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None,
     :data:`~hishrst_runtime.slides.remote.DEFAULT_MAX_CONCURRENCY`) and ``storage_options`` go to fsspec.
     Raises :class:`SlideError` (naming the slide, the problem and the fix) for anything that is not a
     usable RGB(A) uint8 image, and :class:`~hishrst_runtime.slides.errors.SlideExtraMissing` (naming the
-    extra to install) when the source needs an optional package.
+    extra to install) when the source needs an optional package. Chunks or tiles with no data, or that do
+    not decode, follow the rule of :mod:`hishrst_runtime.slides.integrity`; ``allow_missing_chunks`` reads
+    those outside the background as the fill value and lists them in ``Slide.filled_chunks``. A SpatialData
+    element's ``Scale`` to its coordinate system is honoured: level 0 is that space.
     """
     spath = os.fspath(path)
     if mpp is not None:  # a bad --mpp is reported before the slide is even opened
@@ -228,12 +270,13 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None,
     if src.kind == "tiff":
         from hishrst_runtime.slides.tiffslide import open_tiff_slide
 
-        return open_tiff_slide(src.location, mpp=mpp, mpp_range=mpp_range)
+        return open_tiff_slide(src.location, mpp=mpp, mpp_range=mpp_range, allow_missing_chunks=allow_missing_chunks)
     if src.kind == "openslide":
         from hishrst_runtime.slides.openslide_slide import open_openslide_slide
 
         return open_openslide_slide(src.location, mpp=mpp, mpp_range=mpp_range)
     if src.kind == "remote":
+        _check_scheme(spath, src.location)
         from hishrst_runtime.slides.remote import DEFAULT_MAX_CONCURRENCY, open_remote_root
         from hishrst_runtime.slides.tiffslide import TIFF_SUFFIXES
 
@@ -245,4 +288,4 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None,
                                 storage_options=storage_options)
     else:
         root = _open_root(src.location)
-    return _zarr_slide(root, src, mpp, mpp_range)
+    return _zarr_slide(root, src, mpp, mpp_range, allow_missing_chunks)

@@ -3,8 +3,11 @@
 :func:`open_remote_root` opens the zarr group at a URL read-only through zarr's fsspec store. Every
 read of the slide — metadata and whole chunks — goes through :class:`BoundedStore`, which lets at most
 ``max_concurrency`` requests be in flight **in all** (zarr's own limit is per call, and several reader
-threads call at once). Chunks are read whole (one GET each; a missing chunk — HTTP 404, a missing S3
-key — is the fill value, as a missing file is locally).
+threads call at once). Chunks are read whole (one GET each). A missing chunk — HTTP 404, a missing S3
+key — is judged like a missing chunk file locally (:class:`AbsentAwareStore`; the rule:
+:mod:`hishrst_runtime.slides.integrity`): background where the coarser level is uniform fill, else an
+error naming the chunk's URL (or the fill value, counted, with ``--allow-missing-chunks``). Any other
+HTTP error is an error.
 
 Needs the ``remote`` extra (``pip install "hishrst[remote]"``: fsspec with aiohttp, s3fs); without it
 the error names the extra. A network problem (refused connection, DNS, timeout, HTTP 5xx, access
@@ -25,9 +28,11 @@ from typing import Any
 from zarr.storage import WrapperStore
 
 from hishrst_runtime.core.urls import redact_text
+from hishrst_runtime.slides.chunks import ChunkAbsent, is_metadata_key
 from hishrst_runtime.slides.errors import RemoteSlideError, SlideError, SlideExtraMissing
 
-__all__ = ["DEFAULT_MAX_CONCURRENCY", "HTTP_TIMEOUT_S", "CONNECT_TIMEOUT_S", "BoundedStore", "open_remote_root"]
+__all__ = ["DEFAULT_MAX_CONCURRENCY", "HTTP_TIMEOUT_S", "CONNECT_TIMEOUT_S", "AbsentAwareStore", "BoundedStore",
+           "open_remote_root"]
 
 #: Requests in flight at once per remote slide (all reader threads together).
 DEFAULT_MAX_CONCURRENCY = 16
@@ -47,16 +52,43 @@ def _remote_error(where: str, e: BaseException) -> RemoteSlideError:
     return RemoteSlideError(f"{where}: cannot read the remote slide ({_one_line(e)}); {_FIX}")
 
 
-class BoundedStore(WrapperStore):  # type: ignore[type-arg]
-    """A zarr store wrapper that limits the requests in flight and names the URL in errors (see the module docstring)."""
+class AbsentAwareStore(WrapperStore):  # type: ignore[type-arg]
+    """A zarr store wrapper under which an absent chunk is not silently the fill value: ``get`` raises
+    :class:`~hishrst_runtime.slides.chunks.ChunkAbsent` for a chunk key the wrapped store does not have,
+    until :meth:`admit_absent` admits it (after the slide level judged it). Metadata keys pass as usual."""
 
-    def __init__(self, store: Any, *, url: str = "", limit: int = DEFAULT_MAX_CONCURRENCY) -> None:
+    def __init__(self, store: Any, *, admitted: set[str] | None = None) -> None:
         super().__init__(store)
+        self._admitted: set[str] = set() if admitted is None else admitted
+
+    def _with_store(self, store: Any) -> AbsentAwareStore:
+        return type(self)(store, admitted=self._admitted)
+
+    def admit_absent(self, key: str) -> None:
+        """Let the absent chunk ``key`` read as the fill value from now on."""
+        self._admitted.add(key)
+
+    def _check_absent(self, key: str, value: Any) -> Any:
+        if value is None and not is_metadata_key(key) and key not in self._admitted:
+            raise ChunkAbsent(key)
+        return value
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        return self._check_absent(key, await self._store.get(key, prototype, byte_range))
+
+
+class BoundedStore(AbsentAwareStore):
+    """A zarr store wrapper that limits the requests in flight, names the URL in errors and reports absent
+    chunks (see the module docstring)."""
+
+    def __init__(self, store: Any, *, url: str = "", limit: int = DEFAULT_MAX_CONCURRENCY,
+                 admitted: set[str] | None = None) -> None:
+        super().__init__(store, admitted=admitted)
         self.url, self.limit = url, max(1, int(limit))
         self._sem: asyncio.Semaphore | None = None
 
     def _with_store(self, store: Any) -> BoundedStore:
-        return type(self)(store, url=self.url, limit=self.limit)
+        return type(self)(store, url=self.url, limit=self.limit, admitted=self._admitted)
 
     def _semaphore(self) -> asyncio.Semaphore:
         if self._sem is None:  # created on zarr's event loop, on first use
@@ -66,9 +98,10 @@ class BoundedStore(WrapperStore):  # type: ignore[type-arg]
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
         async with self._semaphore():
             try:
-                return await self._store.get(key, prototype, byte_range)
+                value = await self._store.get(key, prototype, byte_range)
             except Exception as e:  # noqa: BLE001 - aiohttp / botocore / OS errors: one line naming the URL
                 raise _remote_error(f"{self.url}/{key}", e) from e
+        return self._check_absent(key, value)
 
     async def exists(self, key: str) -> bool:
         async with self._semaphore():

@@ -9,6 +9,8 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 from PIL import Image
 
+from hishrst_runtime.slides.chunks import MissingChunks
+from hishrst_runtime.slides.errors import check_slide_size
 from hishrst_runtime.slides.level import Level
 
 __all__ = ["Slide", "SlideKind"]
@@ -27,26 +29,53 @@ class Slide:
     ``levels`` are sorted finest first; ``mpp0`` is the level-0 pixel size in µm / pixel and
     ``shape0`` its (H, W) in pixels; ``kind`` says how it was opened (:data:`SlideKind`). Use as a
     context manager or call :meth:`close`.
+
+    Level 0 (the coordinate space of points and outputs) is the finest level, unless ``base`` =
+    ((H, W), µm / pixel) names a finer space the levels are scaled into (a SpatialData element with a
+    ``Scale`` to its coordinate system; the levels' ``downsample`` are then relative to that space).
+
+    Missing or corrupt chunks follow one rule (:mod:`hishrst_runtime.slides.integrity`);
+    ``allow_missing_chunks`` (settable) reads those inside tissue as the fill value, and
+    :attr:`filled_chunks` lists each chunk so read (thread-safe; for the run report).
     """
 
     def __init__(self, path: str, levels: list[Level], *, mpp_source: str, kind: SlideKind = "ome-zarr",
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None, allow_missing_chunks: bool = False,
+                 base: tuple[tuple[int, int], float] | None = None) -> None:
         self.path = path
         self.levels = levels
         #: Where the pixel size came from: ``"metadata"`` or ``"override"`` (``mpp=``).
         self.mpp_source = mpp_source
         self.kind: SlideKind = kind
         self._on_close = on_close
+        self._base = base
+        self._missing = MissingChunks(allow=allow_missing_chunks)
+        #: Names of the chunks / tiles read as the fill value because missing chunks were allowed.
+        self.filled_chunks: list[str] = self._missing.filled
+        stored = [lv for lv in levels if not lv.computed]
+        for lv in levels:
+            lv._missing = self._missing
+            coarser = [c for c in stored if c.mpp > lv.mpp * 1.01]
+            lv._coarser = coarser[0] if coarser and not lv.computed else None
+
+    @property
+    def allow_missing_chunks(self) -> bool:
+        """Whether chunks / tiles with no data inside tissue read as the fill value (counted) instead of failing."""
+        return self._missing.allow
+
+    @allow_missing_chunks.setter
+    def allow_missing_chunks(self, value: bool) -> None:
+        self._missing.allow = bool(value)
 
     @property
     def mpp0(self) -> float:
         """Level-0 pixel size in µm / pixel."""
-        return self.levels[0].mpp
+        return self.levels[0].mpp if self._base is None else self._base[1]
 
     @property
     def shape0(self) -> tuple[int, int]:
         """Level-0 (H, W) in pixels."""
-        return self.levels[0].shape
+        return self.levels[0].shape if self._base is None else self._base[0]
 
     def __repr__(self) -> str:
         return f"Slide({self.path!r}, shape0={self.shape0}, mpp0={self.mpp0:.4g}, levels={len(self.levels)})"
@@ -102,6 +131,8 @@ class Slide:
         scale = min(1.0, max_side / max(h, w))
         oh, ow = max(1, round(h * scale)), max(1, round(w * scale))
         step = max(1, int(max(h, w) // (2 * max_side)))  # cheap pre-decimation of very large levels
+        check_slide_size(-(-h // step), -(-w // step), kind="overview", where=f"{self.path} (overview of level "
+                          f"{lv.index})", fix=f"ask for a smaller overview than max_side={max_side}")
         img = lv.read_region(0, 0, w, h) if step == 1 else _decimate(lv, step)
         if img.shape[:2] != (oh, ow):
             img = np.asarray(Image.fromarray(img).resize((ow, oh), Image.BILINEAR))

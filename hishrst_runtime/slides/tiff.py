@@ -14,7 +14,9 @@ ImageDescription, the resolution tags.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,13 @@ from hishrst_runtime.core.units import (
 from hishrst_runtime.slides.errors import SlideError
 
 __all__ = ["TiffError", "TiffLevel", "open_tiff", "rgb8_problem", "tiff_pixel_size", "tiff_pixel_size_candidates",
-           "tiff_mpp_or_reason"]
+           "tiff_mpp_or_reason", "jpeg_problem", "aperio_mag_problem"]
+
+#: Aperio ``MPP`` may differ from ``10 / AppMag`` µm / pixel (20× ≈ 0.5) by at most this factor either way.
+APPMAG_TOLERANCE = 1.6
+#: Markers allowed after 0xFF inside JPEG data after the first SOS: stuffing, restarts, fill, the markers
+#: between the scans of a multi-scan image (DHT, DQT, DRI, SOS, DNL) and EOI.
+_JPEG_OK = frozenset({0x00, 0xFF, 0xC4, 0xDB, 0xDD, 0xDA, 0xDC, 0xD9, *range(0xD0, 0xD8)})
 
 #: What a damaged TIFF raises from tifffile / imagecodecs / zarr (TiffFileError is a ValueError,
 #: the imagecodecs errors are RuntimeErrors; a truncated header is a struct.error).
@@ -157,6 +165,50 @@ class TiffLevel:
         self.close()
 
 
+def jpeg_problem(raw: bytes) -> str | None:
+    """Why the JPEG stream ``raw`` (one TIFF tile) is damaged in a way libjpeg only warns about, or None.
+
+    libjpeg decodes a stream cut short ("Premature end of JPEG file") or with junk before a marker
+    ("Corrupt JPEG data: extraneous bytes") with a warning that imagecodecs does not pass on, so these
+    are checked on the bytes: SOI at the start, EOI at the end (after any zero padding), and only
+    stuffing / restart / scan markers after 0xFF inside the entropy-coded data.
+    """
+    data = bytes(raw).rstrip(b"\x00")
+    if not data.startswith(b"\xff\xd8"):
+        return "the JPEG tile does not start with a start-of-image marker"
+    if not data.endswith(b"\xff\xd9"):
+        return "the JPEG tile is cut short (no end-of-image marker; libjpeg: premature end of JPEG file)"
+    sos = data.find(b"\xff\xda")
+    if sos < 0:
+        return None  # an abbreviated stream without a scan is decoded (and refused) by the codec itself
+    body = np.frombuffer(data, dtype=np.uint8, offset=sos + 2)[:-2]
+    ff = np.flatnonzero(body[:-1] == 0xFF)
+    bad = [int(b) for b in body[ff + 1] if int(b) not in _JPEG_OK]
+    if bad:
+        return f"the JPEG tile has corrupt data (unexpected marker 0xFF{bad[0]:02X} inside the image data)"
+    return None
+
+
+def aperio_mag_problem(description: str, mpp: float) -> str | None:
+    """Why an Aperio ``MPP`` of ``mpp`` µm / pixel contradicts the ``AppMag`` of ``description``, or None.
+
+    ``AppMag`` M implies about ``10 / M`` µm / pixel (20× ≈ 0.5, 40× ≈ 0.25); more than
+    :data:`APPMAG_TOLERANCE` × off either way (a value written in the wrong unit, 10× off) is a problem.
+    """
+    m = re.search(r"\bAppMag\s*=\s*([0-9.eE+-]+)", description or "")
+    try:
+        mag = float(m.group(1)) if m else 0.0
+    except ValueError:
+        return None
+    if not (math.isfinite(mag) and mag > 0):
+        return None
+    expected = 10.0 / mag
+    if 1.0 / APPMAG_TOLERANCE <= mpp / expected <= APPMAG_TOLERANCE:
+        return None
+    return (f"its Aperio MPP = {mpp:g} µm/pixel contradicts AppMag = {mag:g} (about {expected:.3g} µm/pixel; the "
+            f"two differ {max(mpp / expected, expected / mpp):.1f}×)")
+
+
 def tiff_pixel_size_candidates(tif: Any, *, page: Any = None) -> list[tuple[float, str]]:
     """Every pixel size (µm / pixel, origin) recorded in ``page`` (default: the first page) of an open
     ``tifffile.TiffFile``, in order of trust: Aperio MPP, OME PhysicalSizeX/Y, a JSON ImageDescription,
@@ -198,6 +250,10 @@ def tiff_mpp_or_reason(tif: Any, *, page: Any = None, bounds: tuple[float, float
     found = tiff_pixel_size_candidates(tif, page=page)
     for value, origin in found:
         if is_plausible_mpp(value, bounds=bounds):
+            desc = (tif.pages[0] if page is None else page).description or ""
+            problem = aperio_mag_problem(desc, value) if origin == "Aperio MPP" else None
+            if problem is not None:
+                return None, f"{problem}, so the pixel size is unknown (one of them is wrong)"
             return value, origin
     lo, hi = mpp_range(bounds)
     ignored = "; ".join(f"{origin} give {value:.4g} µm/pixel, outside the plausible {lo:g}–{hi:g} µm/pixel "

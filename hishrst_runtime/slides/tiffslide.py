@@ -10,7 +10,14 @@ SVS, (pyramidal / OME-) TIFF, NDPI, SCN, BIF and other files tifffile reads beco
   whole-chunk reads — the streaming pipeline's primitive — read one tile's bytes with ``os.pread``
   and decode them with tifffile's own decoder (JPEG, JPEG 2000, LZW, deflate, …: the same pixels its
   zarr view gives) on the calling thread, so reader threads decode in parallel. Memory is bounded by
-  what is asked for; nothing is loaded whole. A missing (zero-length) tile reads as 0, as in tifffile.
+  what is asked for; nothing is loaded whole; a level larger than the slide limit
+  (:mod:`hishrst_runtime.core.limits`) is refused at open, before anything is decoded.
+* **Missing and corrupt tiles.** A tile with ``TileByteCounts`` or ``TileOffsets`` 0 has no data: it is
+  judged by the rule of :mod:`hishrst_runtime.slides.integrity` (background when the next coarser stored
+  level is uniform white there, else an error naming the tile, or white fill counted in
+  ``Slide.filled_chunks`` with ``--allow-missing-chunks``). A tile that does not decode, and a JPEG tile
+  that is cut short (no end-of-image marker) or has bytes after a marker libjpeg would skip, is a
+  :class:`~hishrst_runtime.slides.errors.ChunkDecodeError` naming the tile (fill, counted, when allowed).
 * **Pixel size.** From the baseline page, with the parsers ``hishrst convert`` uses
   (:func:`~hishrst_runtime.slides.tiff.tiff_mpp_or_reason`; Aperio MPP, OME PhysicalSize, JSON
   description, resolution tags in cm / inch); ``mpp=`` overrides it.
@@ -19,8 +26,8 @@ SVS, (pyramidal / OME-) TIFF, NDPI, SCN, BIF and other files tifffile reads beco
   axis. Below the coarsest stored level, 2 × 2 mean-pooled levels are added exactly as
   ``hishrst convert`` builds its pyramid (:mod:`hishrst_runtime.slides.pooled`), so a single-level TIFF
   gives the same levels, thumbnails and predictions as its converted store.
-* **Chunk integrity** (:func:`~hishrst_runtime.slides.integrity.check_missing_chunks`) does not apply:
-  a TIFF lists every tile, so there is nothing to check and nothing is reported.
+* **Aperio AppMag.** An SVS whose ``MPP`` is far (more than 1.6×) from what its ``AppMag`` implies is
+  refused unless ``mpp=`` states the pixel size (:func:`~hishrst_runtime.slides.tiff.tiff_mpp_or_reason`).
 """
 
 from __future__ import annotations
@@ -33,11 +40,11 @@ from typing import Any
 import numpy as np
 
 from hishrst_runtime.core.units import check_mpp
-from hishrst_runtime.slides.errors import ChunkDecodeError, SlideError, SlidePixelSizeError
+from hishrst_runtime.slides.errors import ChunkDecodeError, SlideError, SlidePixelSizeError, check_slide_size
 from hishrst_runtime.slides.level import Level, direct_ok
 from hishrst_runtime.slides.pooled import extend_pyramid, level_downsample
 from hishrst_runtime.slides.slide import Slide
-from hishrst_runtime.slides.tiff import TiffError, TiffLevel, open_tiff, rgb8_problem, tiff_mpp_or_reason
+from hishrst_runtime.slides.tiff import TiffError, TiffLevel, jpeg_problem, open_tiff, rgb8_problem, tiff_mpp_or_reason
 
 __all__ = ["TIFF_SUFFIXES", "TileReader", "open_tiff_slide", "is_tiff_file"]
 
@@ -64,8 +71,12 @@ class TileReader:
 
     Used as a :class:`~hishrst_runtime.slides.level.Level`'s direct chunk reader: :meth:`read` takes
     chunk-grid coordinates in the level's axis order and returns the segment **padded** to
-    ``chunk_shape`` (``(rows, columns, samples)`` of a tile or strip).
+    ``chunk_shape`` (``(rows, columns, samples)`` of a tile or strip). A tile with no data (offset or
+    byte count 0) is :attr:`fill_value` (white) from :meth:`read`, None from :meth:`read_or_none`.
     """
+
+    #: What a tile with no data reads as once allowed: white, the background of a brightfield slide.
+    fill_value = 255
 
     def __init__(self, path: Path, fd: int, page: Any, chunk_shape: tuple[int, int, int]) -> None:
         self.path, self._fd, self._page = path, fd, page
@@ -78,6 +89,7 @@ class TileReader:
         if getattr(page, "jpegheader", None) is not None:
             self._args["jpegheader"] = page.jpegheader
         self._decode = page.decode  # tifffile's (cached, thread-safe) decoder closure
+        self._jpeg = int(page.compression) in (7, 6)  # JPEG (and old-style JPEG): checked for truncation
         self._lock = None if hasattr(os, "pread") else threading.Lock()
 
     @classmethod
@@ -100,20 +112,33 @@ class TileReader:
             os.lseek(self._fd, offset, os.SEEK_SET)
             return os.read(self._fd, n)
 
+    def name(self, coords: tuple[int, ...]) -> str:
+        """The file and tile of chunk-grid ``coords`` (for messages)."""
+        index = int(coords[0]) * self._across + int(coords[1])
+        return f"{self.path} (page {self._page.index}, tile {index})"
+
     def read(self, coords: tuple[int, ...]) -> np.ndarray:
-        """Segment at chunk-grid ``(cy, cx, 0)`` as uint8 ``chunk_shape`` (zeros for a missing segment)."""
+        """Segment at chunk-grid ``(cy, cx, 0)`` as uint8 ``chunk_shape`` (:attr:`fill_value` when it has no data)."""
+        data = self.read_or_none(coords)
+        return np.full(self.chunk_shape, self.fill_value, dtype=np.uint8) if data is None else data
+
+    def read_or_none(self, coords: tuple[int, ...]) -> np.ndarray | None:
+        """Like :meth:`read`, but None for a segment with no data (offset or byte count 0)."""
         cy, cx = int(coords[0]), int(coords[1])
         index = cy * self._across + cx
         offset, count = int(self._offsets[index]), int(self._counts[index])
         if offset == 0 or count == 0:
-            return np.zeros(self.chunk_shape, dtype=np.uint8)
+            return None
         try:
             raw = self._pread(count, offset)
             if len(raw) != count:
                 raise EOFError(f"read {len(raw)} of {count} bytes")
+            problem = jpeg_problem(raw) if self._jpeg else None
+            if problem is not None:
+                raise ValueError(problem)
             data = self._decode(raw, index, **self._args)[0]
         except _DECODE_ERRORS as e:
-            raise ChunkDecodeError(f"{self.path}: tile ({cy}, {cx}) at byte {offset} cannot be read or decoded "
+            raise ChunkDecodeError(f"{self.name(coords)}: tile ({cy}, {cx}) at byte {offset} cannot be read or decoded "
                                    f"({type(e).__name__}: {e}); {_CORRUPT}") from e
         block = np.asarray(data).reshape(-1, *self.chunk_shape[1:])
         if block.shape[0] != self.chunk_shape[0]:  # a short last strip
@@ -162,6 +187,8 @@ def _open_levels(path: Path, tif: Any, series: int) -> list[TiffLevel]:
         except TiffError as e:
             raise SlideError(f"{path}: pyramid level {i}: {e.reason}; {e.fix}") from e
         problem = rgb8_problem(lv.axes, lv.dims, lv.dtype)
+        check_slide_size(lv.shape[0], lv.shape[1], where=f"{path} (pyramid level {i})",
+                          fix="the file's header is probably damaged; copy or export the slide again")
         if problem is not None:
             raise SlideError(f"{path}: {problem}; convert it to 8-bit RGB, e.g. with `hishrst convert`")
         levels.append(lv)
@@ -185,11 +212,11 @@ def _chunk_tuple(src: TiffLevel) -> tuple[int, ...]:
 
 
 def open_tiff_slide(path: str | os.PathLike[str], *, mpp: float | None = None,
-                    mpp_range: tuple[float, float] | None = None) -> Slide:
+                    mpp_range: tuple[float, float] | None = None, allow_missing_chunks: bool = False) -> Slide:
     """Open a TIFF-family slide (SVS, TIFF, OME-TIFF, NDPI, SCN, …) lazily; see the module docstring.
 
     ``mpp`` (µm per level-0 pixel) overrides or supplies the file's pixel size; values outside
-    ``mpp_range`` (µm / pixel) are refused. Raises :class:`SlideError` naming the file for an
+    ``mpp_range`` (µm / pixel) are refused. ``allow_missing_chunks``: see :class:`Slide`. Raises :class:`SlideError` naming the file for an
     unreadable, truncated or non-RGB file or a missing pixel size.
     """
     p = Path(path)
@@ -220,4 +247,5 @@ def open_tiff_slide(path: str | os.PathLike[str], *, mpp: float | None = None,
         os.close(fd)
         tif.close()
 
-    return Slide(str(p), extend_pyramid(levels), mpp_source=source, kind="tiff", on_close=close)
+    return Slide(str(p), extend_pyramid(levels), mpp_source=source, kind="tiff", on_close=close,
+                 allow_missing_chunks=allow_missing_chunks)
