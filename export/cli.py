@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from hishrst_train.cli import command_errors, training_module
+from hishrst_runtime.cli.errors import command_errors
+from hishrst_train.cli import training_module
 
 __all__ = ["export", "format_summary"]
 

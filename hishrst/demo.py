@@ -74,9 +74,9 @@ def run_demo(out: Path, *, preset: str = "dlpfc", epochs: int = 30, seed: int = 
 
     out = Path(out)
     with claim_output(out, command="demo"):
-        check_replaceable(out, kind="demo", overwrite=overwrite, what="a demo output", legacy=is_legacy_demo)  # type: ignore[arg-type]
+        check_replaceable(out, kind="demo", overwrite=overwrite, what="a demo output", legacy=is_legacy_demo)
         out.mkdir(parents=True, exist_ok=True)
-        mark_owned(out, "demo")  # type: ignore[arg-type]
+        mark_owned(out, "demo")
         return _run_steps(out, preset=preset, epochs=epochs, seed=seed, progress=progress)
 
 
@@ -89,7 +89,7 @@ def _run_steps(out: Path, *, preset: str, epochs: int, seed: int, progress: bool
     from hishrst_train.tasks import fit_run
 
     t0 = _step(f"1/7 synthesizing three '{preset}' sections of one expression model (seed {seed})")
-    outs = write_synth(out / "sections", sections=3, seed=seed, preset=preset, overwrite=True)  # type: ignore[arg-type]
+    outs = write_synth(out / "sections", sections=3, seed=seed, preset=preset, overwrite=True)
     t: dict[str, float] = {"synth": time.perf_counter() - t0}
 
     t0 = _step(f"2/7 training HisHRST on sections 0 and 1 (full task, relative positions, test encoder, "
@@ -187,7 +187,7 @@ def _plot(out: Path, *, scores: dict[str, Any], dense: Path) -> Path:
               help="Replace an earlier demo in --out (a folder the demo did not write is never replaced).")
 def demo(out: Path, preset: str, epochs: int, seed: int, overwrite: bool) -> None:
     """Synthesize three sections, train on two, export, and run the third (unseen) section's slide."""
-    from hishrst_train.cli import command_errors
+    from hishrst_runtime.cli.errors import command_errors
 
     t0 = time.perf_counter()
     with command_errors(out):

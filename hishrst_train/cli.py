@@ -11,65 +11,29 @@ paired with its full-resolution image) or a HEST-1k ``<root>/st/<id>.h5ad``; ``-
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import importlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import click
 
-from hishrst_runtime.cli.errors import user_errors
-from hishrst_runtime.core.errors import EnvironmentProblem, HishrstError, OutputStateError
+from hishrst_runtime.cli.errors import command_errors
+from hishrst_runtime.core.extras import import_extra
 from hishrst_runtime.core.patches import DEFAULT_PATCH_UM
 from hishrst_train.encoders.registry import ENCODER_NAMES
 
-__all__ = ["synth", "fit", "evaluate", "cv", "training_module", "command_errors", "MissingExtraError"]
+__all__ = ["synth", "fit", "evaluate", "cv", "training_module"]
 
 DATA_HELP = ("DATA: Space Ranger outs folder, PATH.h5ad:IMAGE, or a HEST-1k st/<id>.h5ad (finds wsis/ and "
              "metadata/ beside st/).")
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
-
-
-class MissingExtraError(EnvironmentProblem):
-    """A package of an extra (``[train]``, ``[export]``) is not installed (or does not import)."""
 
 
 def training_module(name: str, *, command: str, extra: str = "train") -> ModuleType:
     """Import ``name`` (a training or export module) for ``hishrst command``; a missing or broken
-    dependency is a :class:`MissingExtraError` naming the pip extra to install."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        missing = getattr(e, "name", None) or str(e)
-        raise MissingExtraError(f"`hishrst {command}` needs {missing!r}, which is not installed or does not import "
-                                f'({type(e).__name__}); install the {extra} extra: pip install "hishrst[{extra}]"') from e
-
-
-@contextlib.contextmanager
-def command_errors(out: Path | None = None) -> Iterator[None]:
-    """:func:`user_errors`, plus file-system refusals (permissions, full disk, read-only) as one line naming
-    the path (``out``, the command's output, when the error names no file)."""
-    with user_errors():
-        try:
-            yield
-        except HishrstError:
-            raise
-        except (PermissionError, IsADirectoryError, NotADirectoryError) as e:
-            raise OutputStateError(f"{e.filename or out or '?'}: {e.strerror or e}; check the path and its "
-                                   "permissions, or choose another location") from e
-        except OSError as e:
-            where = e.filename or (out if e.errno in _NO_SPACE else None)
-            if e.errno is None or where is None:
-                raise
-            raise OutputStateError(f"{where}: {e.strerror or e}; free space or choose another location") from e
-        except Exception as e:  # the safetensors reader's error type, without importing safetensors here
-            if type(e).__name__ != "SafetensorError":
-                raise
-            raise OutputStateError(f"{out or '?'}: a safetensors file could not be read ({e}); re-create it") from e
+    dependency is a :class:`~hishrst_runtime.core.extras.MissingExtraError` naming the pip extra."""
+    return import_extra(name, extra=extra, needed_by=f"`hishrst {command}`")
 
 
 @click.command()

@@ -135,36 +135,11 @@ def _facts_key(facts: Mapping[str, Any]) -> str:
 
 
 def onnx_input_shapes(model_path: str | Path) -> dict[str, tuple[int | None, ...]]:
-    """Each graph input's shape (dynamic dims as ``None``), read without loading the weights.
+    """Each graph input's shape (dynamic dims as ``None``), read from the protobuf without loading the
+    weights or importing ``onnx`` (:func:`hishrst_runtime.core.onnx_graph.read_onnx_graph`)."""
+    from hishrst_runtime.core.onnx_graph import read_onnx_graph
 
-    Uses the ``onnx`` package when installed (``load_external_data=False``), otherwise an onnxruntime
-    CPU session with graph optimisation disabled.
-    """
-    model_path = Path(model_path)
-    try:
-        import onnx
-
-        have_onnx = True
-    except ImportError:
-        have_onnx = False
-    if have_onnx:
-        model = onnx.load(str(model_path), load_external_data=False)
-        init_names = {t.name for t in model.graph.initializer}
-        shapes: dict[str, tuple[int | None, ...]] = {}
-        for vi in model.graph.input:
-            if vi.name in init_names:
-                continue
-            dims = vi.type.tensor_type.shape.dim
-            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
-        return shapes
-    import onnxruntime as ort
-
-    from hishrst_runtime.backends.base import _dims
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(model_path), sess_options=so, providers=["CPUExecutionProvider"])
-    return {i.name: _dims(i.shape) for i in sess.get_inputs()}
+    return {t.name: tuple(t.shape) for t in read_onnx_graph(model_path).inputs}
 
 
 def profile_shapes(

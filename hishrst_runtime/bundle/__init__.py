@@ -4,7 +4,7 @@
 * :mod:`.spec` — :class:`BundleSpec` (frozen dataclasses, defaults in one place, the head's TensorRT profile).
 * :mod:`.contract` — the models' roles, tensor names and sizes against the manifest; unlisted external data.
 * :mod:`.integrity` — the manifest's content hash and the head's recorded gene names, checked at load.
-* :mod:`.onnx_graph` — an ONNX file's inputs, outputs, external data and metadata, read without ``onnx`` or
+* :mod:`hishrst_runtime.core.onnx_graph` (in core, shared with the TensorRT backend) — an ONNX file's inputs, outputs, external data and metadata, read without ``onnx`` or
   the weights.
 * :mod:`.io_names` — the ONNX tensor names shared with export.
 """

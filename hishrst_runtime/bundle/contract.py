@@ -3,7 +3,7 @@
 Two entry points share one table of expectations (:func:`expected_io`):
 
 * :func:`check_onnx_file` — run by ``load_bundle`` on ``encoder.onnx`` and ``head.onnx`` (read with
-  :mod:`~hishrst_runtime.bundle.onnx_graph`, weights untouched): the graph must have its role's
+  :mod:`~hishrst_runtime.core.onnx_graph`, weights untouched): the graph must have its role's
   tensor names (an encoder/head swap is named as such), the static sizes must agree with the manifest
   (``encoder.input_size``, ``encoder.feature_dim``, the number of ``genes``), and every external-data
   file the graph references must be listed in the manifest (listed files are hashed; an unlisted one
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from hishrst_runtime.bundle.io_names import ENCODER_IO, HEAD_IO
-from hishrst_runtime.bundle.onnx_graph import OnnxFormatError, OnnxGraphInfo, read_onnx_graph
+from hishrst_runtime.core.onnx_graph import OnnxFormatError, OnnxGraphInfo, read_onnx_graph
 from hishrst_runtime.bundle.spec import BundleError, BundleSpec
 
 __all__ = ["Role", "check_engine_io", "check_onnx_file", "expected_io"]

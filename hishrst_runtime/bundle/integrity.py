@@ -13,7 +13,7 @@ schema 2 two records protect the contract:
 * ``metadata_props`` of ``head.onnx`` (:func:`head_metadata`, written by export): the gene names in
   output order (:data:`META_GENES`, a JSON list), their count (:data:`META_N_GENES`) and the manifest
   content hash (:data:`META_CONTENT_SHA256`). The loader reads them without ``onnx``
-  (:mod:`~hishrst_runtime.bundle.onnx_graph`).
+  (:mod:`~hishrst_runtime.core.onnx_graph`).
 
 :func:`check_integrity` runs at load. Bundles older than :data:`INTEGRITY_SINCE` have neither record; they
 load with a logged warning that they are not integrity-protected. Whatever the manifest's version, a head

@@ -1,5 +1,5 @@
 """Click commands: parsing options and mapping hishrst errors to exit codes. The only layer that imports click for user-facing errors."""
 
-from hishrst_runtime.cli.main import main, run_main
+from hishrst_runtime.cli.main import run_main
 
-__all__ = ["main", "run_main"]
+__all__ = ["run_main"]

@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 def test_demo_small_end_to_end(tmp_path):
     from click.testing import CliRunner
 
-    from hishrst_runtime.cli.main import main
+    from hishrst.cli import main
 
     r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--preset", "small", "--epochs", "5"])
     assert r.exit_code == 0, r.output

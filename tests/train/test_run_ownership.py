@@ -193,7 +193,7 @@ def test_synth_refuses_to_replace_silently(tmp_path):
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path):
-    from hishrst_runtime.cli.main import main
+    from hishrst.cli import main
 
     out = tmp_path / "d"
     files = user_folder(out)

@@ -104,7 +104,7 @@ def test_cli_help_lists_commands_without_importing_torch():
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from hishrst_runtime.cli.main import main\n"
+        "from hishrst.cli import main\n"
         "r = CliRunner().invoke(main, ['--help'])\n"
         "assert r.exit_code == 0, r.output\n"
         "for c in ('synth', 'fit', 'evaluate', 'export', 'run', 'convert', 'demo'): assert c in r.output\n"
@@ -121,7 +121,7 @@ def test_cli_help_lists_commands_without_importing_torch():
 def test_every_subcommand_has_help(cmd):
     from click.testing import CliRunner
 
-    from hishrst_runtime.cli.main import main
+    from hishrst.cli import main
 
     r = CliRunner().invoke(main, [cmd, "--help"])
     assert r.exit_code == 0, r.output

@@ -3,7 +3,7 @@
 Each check is exercised on a copy of the session's tiny bundle (``tests/runtime/conftest.py``; never
 modified in place) or on a bundle built for the test, and must fail as one :class:`BundleError` (an
 ``InputError``) whose single-line message names the bundle's file and the offending field. Also the
-ONNX reader (:mod:`hishrst_runtime.bundle.onnx_graph`) on damaged files. Skipped without ``onnx``.
+ONNX reader (:mod:`hishrst_runtime.core.onnx_graph`) on damaged files. Skipped without ``onnx``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from hishrst_runtime.bundle.manifest import load_bundle
-from hishrst_runtime.bundle.onnx_graph import OnnxFormatError, read_onnx_graph
+from hishrst_runtime.core.onnx_graph import OnnxFormatError, read_onnx_graph
 from hishrst_runtime.bundle.spec import BundleError
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.files import sha256_file

@@ -24,7 +24,7 @@ from hishrst_runtime.bundle.integrity import (
     head_metadata,
 )
 from hishrst_runtime.bundle.manifest import SCHEMA_VERSION, BundleError, load_bundle, write_manifest
-from hishrst_runtime.bundle.onnx_graph import read_onnx_graph
+from hishrst_runtime.core.onnx_graph import read_onnx_graph
 from hishrst_runtime.core.files import sha256_file
 from tests.runtime.conftest import build_tiny_bundle
 

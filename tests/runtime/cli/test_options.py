@@ -20,7 +20,7 @@ from click.testing import CliRunner, Result
 
 ad = pytest.importorskip("anndata")
 
-from hishrst_runtime.cli.main import main  # noqa: E402
+from hishrst.cli import main  # noqa: E402
 from hishrst_runtime.cli.run import run  # noqa: E402
 from hishrst_runtime.jobs.runner import run_slides  # noqa: E402
 from hishrst_runtime.slides.convert import write_ome_zarr  # noqa: E402

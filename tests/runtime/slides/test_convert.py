@@ -233,7 +233,7 @@ def test_convert_cli(tmp_path: Path) -> None:
     assert "1 levels" in res.output and "0.5 µm/px" in res.output
     res = runner.invoke(convert_cmd, [str(src), str(tmp_path / "c.zarr"), "--mpp", "0.5"])
     assert res.exit_code != 0 and "--overwrite" in res.output
-    from hishrst_runtime.cli.main import main
+    from hishrst.cli import main
 
     res = runner.invoke(main, ["convert", str(src), str(tmp_path / "c.zarr"), "--mpp", "0.6", "--overwrite",
                                "--no-progress"])

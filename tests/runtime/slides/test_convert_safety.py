@@ -20,7 +20,7 @@ import tifffile
 import zarr
 from click.testing import CliRunner
 
-from hishrst_runtime.cli.main import main
+from hishrst.cli import main
 from hishrst_runtime.core.errors import OutputStateError
 from hishrst_runtime.core.limits import RasterTooLargeError
 from hishrst_runtime.core.owned import OWNER_ATTR, owner_of
