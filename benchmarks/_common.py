@@ -6,7 +6,8 @@ memory import this module too).
 * :func:`print_table` — a fixed-width table of records;
 * :func:`time_call` — warm-up, then repeated timing until a minimum time and count are reached;
 * :func:`run_child` — run ``module:function(**kwargs)`` in a fresh interpreter and measure its peak
-  RSS (the child's own ``ru_maxrss`` and a psutil-polled sum over its process tree).
+  RSS (the child's own ``ru_maxrss`` and a psutil-polled sum over its process tree);
+* :func:`peak_rss_bytes` — this process's peak RSS.
 
 The synthetic data the benchmarks share (sections, slides, bundles) is built by :mod:`benchmarks._data`.
 """
@@ -284,69 +285,90 @@ def run_child(target: str, kwargs: dict[str, Any], *, timeout: float | None = No
     ``process_wall_s`` and ``torch_imported`` (whether the child ended with torch loaded).
     Raises ``RuntimeError`` with the child's output tail if it fails.
     """
-    import psutil
-
     with tempfile.TemporaryDirectory(prefix="hishrst-bench-") as tmp:
         args_f, res_f = Path(tmp) / "args.json", Path(tmp) / "result.json"
         args_f.write_text(json.dumps(kwargs, default=json_default))
         cmd = [sys.executable, "-m", "benchmarks._common", "child", target, str(args_f), str(res_f)]
-        e = dict(os.environ)
-        e["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([e["PYTHONPATH"]] if e.get("PYTHONPATH") else [])])
-        e.update(env or {})
         log = Path(tmp) / "log.txt"
         t0 = time.perf_counter()
-        with open(log, "w") as fh:
-            proc = subprocess.Popen(cmd, cwd=str(ROOT), env=e, stdout=fh, stderr=subprocess.STDOUT)
-            peak = [0]
-            stop = threading.Event()
-
-            def poll() -> None:
-                try:
-                    p = psutil.Process(proc.pid)
-                except psutil.NoSuchProcess:
-                    return
-                while not stop.is_set():
-                    try:
-                        total = p.memory_info().rss
-                        for c in p.children(recursive=True):
-                            try:
-                                total += c.memory_info().rss
-                            except psutil.NoSuchProcess:
-                                pass
-                        peak[0] = max(peak[0], total)
-                    except psutil.NoSuchProcess:
-                        return
-                    stop.wait(poll_s)
-
-            th = threading.Thread(target=poll, daemon=True)
-            th.start()
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                rc = -9
-            finally:
-                stop.set()
-                th.join()
+        rc, peak = _wait_polled(cmd, _child_env(env), log, timeout=timeout, poll_s=poll_s)
         wall = time.perf_counter() - t0
         if rc != 0 or not res_f.exists():
             tail = log.read_text(errors="replace")[-4000:]
             raise RuntimeError(f"benchmark child {target} failed (exit code {rc}):\n{tail}")
         result = json.loads(res_f.read_text())
-    result["tree_peak_rss_bytes"] = peak[0]
+    result["tree_peak_rss_bytes"] = peak
     result["process_wall_s"] = wall
     return result
 
 
-def _child_main(target: str, args_file: str, result_file: str) -> None:
+def _child_env(env: dict[str, str] | None) -> dict[str, str]:
+    """This process's environment with the repository root first on ``PYTHONPATH``, plus ``env``."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([e["PYTHONPATH"]] if e.get("PYTHONPATH") else [])])
+    e.update(env or {})
+    return e
+
+
+def _wait_polled(cmd: list[str], env: dict[str, str], log: Path, *, timeout: float | None,
+                 poll_s: float) -> tuple[int, int]:
+    """Run ``cmd`` (output to ``log``) while a thread polls its process tree's RSS: (exit code, peak bytes).
+    A run past ``timeout`` is killed (exit code -9)."""
+    import psutil  # noqa: F401 - fail before starting the child if it is missing
+
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=fh, stderr=subprocess.STDOUT)
+        peak = [0]
+        stop = threading.Event()
+        th = threading.Thread(target=_poll_tree_rss, args=(proc.pid, peak, stop, poll_s), daemon=True)
+        th.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = -9
+        finally:
+            stop.set()
+            th.join()
+    return rc, peak[0]
+
+
+def _poll_tree_rss(pid: int, peak: list[int], stop: threading.Event, poll_s: float) -> None:
+    """Until ``stop`` is set or the process ends: ``peak[0]`` = the highest summed RSS of ``pid`` and its children."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    while not stop.is_set():
+        try:
+            total = p.memory_info().rss
+            for c in p.children(recursive=True):
+                try:
+                    total += c.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            peak[0] = max(peak[0], total)
+        except psutil.NoSuchProcess:
+            return
+        stop.wait(poll_s)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS so far, in bytes (``getrusage(RUSAGE_SELF).ru_maxrss``: KiB on Linux, bytes on macOS)."""
     import resource
 
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(ru if sys.platform == "darwin" else ru * 1024)
+
+
+def _child_main(target: str, args_file: str, result_file: str) -> None:
     module, func = target.split(":")
     kwargs = json.loads(Path(args_file).read_text())
     result = getattr(importlib.import_module(module), func)(**kwargs)
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result["child_maxrss_bytes"] = int(ru if sys.platform == "darwin" else ru * 1024)
+    result["child_maxrss_bytes"] = peak_rss_bytes()
     result["torch_imported"] = "torch" in sys.modules
     Path(result_file).write_text(json.dumps(result, default=json_default))
 

@@ -3,18 +3,20 @@
 * :func:`ensure_section` — a synthetic Visium section (``hishrst_train.synth``, seed 0);
 * :func:`ensure_slides` — its image as OME-Zarr: ``1x`` and ``4x`` (the image tiled 2 × 2 through the
   lazy :class:`Tiled2x2` adapter, so it is never materialised);
-* :func:`ensure_bundle` — a ``test-vit`` recovery run fitted on the section and its exported bundle.
+* :func:`ensure_bundle` — a ``test-vit`` recovery run fitted on the section and its exported bundle;
+* :func:`prepare_data` — all of them for a quick / full run (the preset chosen by :func:`data_plan`).
 
 ``python -m benchmarks._data prepare [--quick] [--workdir DIR]`` builds them ahead of timing.
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -145,15 +147,31 @@ def data_plan(quick: bool) -> tuple[str, int, int]:
     return ("small", *BUNDLE_QUICK) if quick else ("dlpfc", *BUNDLE_FULL)
 
 
+class BenchData(NamedTuple):
+    """What :func:`prepare_data` built: the work directory, preset, its 1x/4x slides, fitted run and bundle."""
+
+    work: Path
+    preset: str
+    slides: dict[str, Path]
+    run_dir: Path | None
+    bundle: Path | None
+
+
+def prepare_data(args: argparse.Namespace, *, fit_bundle: bool = True) -> BenchData:
+    """The synthetic data of a quick (``args.quick``) or full run in ``args``' work directory: the section's
+    slides and, unless ``fit_bundle`` is false, the fitted run and its bundle."""
+    work = workdir_of(args)
+    preset, epochs, genes = data_plan(args.quick)
+    slides = ensure_slides(work, preset)
+    run_dir, bundle = ensure_bundle(work, preset, epochs=epochs, n_genes=genes) if fit_bundle else (None, None)
+    return BenchData(work, preset, slides, run_dir, bundle)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = base_parser("_data", "Build the cached synthetic data (section, 1x/4x slides, bundle) used by the benchmarks.")
     p.add_argument("command", choices=["prepare"])
     args = p.parse_args(argv)
-    work = workdir_of(args)
-    preset, epochs, genes = data_plan(args.quick)
-    ensure_slides(work, preset)
-    ensure_bundle(work, preset, epochs=epochs, n_genes=genes)
-    print(f"ready: {work}")
+    print(f"ready: {prepare_data(args).work}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ target: direct reading within 10 % of the OME-Zarr throughput (ratio ≥ 0.90). 
 geometry is HisHRST's (64 µm patches at 0.5 µm/px, resized to 224 px), needing no model files.
 
     python -m benchmarks.direct_wsi            # the shared CMU SVS, 7 repeats
-    python -m benchmarks.direct_wsi --quick    # 3 repeats
+    python -m benchmarks.direct_wsi --quick    # 1 repeat
     python -m benchmarks.direct_wsi --slide my.svs --workers 4 --bundle bundles/r1
 
 Results: JSON lines (``benchmarks/results/direct_wsi.jsonl`` unless ``--out``), one record per source and
@@ -154,14 +154,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--bundle", type=Path, default=None, help="a bundle whose geometry to use (default: HisHRST's)")
     p.add_argument("--workers", type=int, default=2, help="reader threads (hishrst-run's default: 2)")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per work unit (hishrst-run's default: 64)")
-    p.add_argument("--repeats", type=int, default=None, help="timed passes per source (default 7; --quick: 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed passes per source (default 7; --quick: 1)")
     p.add_argument("--patch-um", type=float, default=64.0, help="patch side, µm (default bundle only)")
     p.add_argument("--input-size", type=int, default=224, help="encoder input side, px (default bundle only)")
     p.add_argument("--run-bundle", type=Path, default=None,
                    help="also time whole hishrst-run passes with this bundle (default: the benchmarks' small "
                         "test-vit bundle, trained on first use; 'none' skips)")
     args = p.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 7)
+    repeats = args.repeats or (1 if args.quick else 7)
     slide = (args.slide or SHARED_SVS).resolve()
     with JsonlWriter(args.out, benchmark="direct_wsi", quick=args.quick, append=args.append) as out:
         if not slide.is_file():

@@ -14,6 +14,8 @@ On a GPU each row also gives the achieved TFLOP/s and its share of the GPU's den
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -158,10 +160,10 @@ class _Skip(Exception):
 def default_batches(name: str, gpu: bool, quick: bool) -> list[int]:
     if name == "uni":
         return ([1, 8] if gpu else [1]) if quick else ([1, 8, 32, 64, 128, 256] if gpu else [1, 4, 8])
-    return ([1, 32] if gpu else [1, 8, 32]) if quick else ([1, 8, 32, 64, 128, 256, 512] if gpu else [1, 8, 32, 64, 128, 256])
+    return ([1, 32] if gpu else [1, 8]) if quick else ([1, 8, 32, 64, 128, 256, 512] if gpu else [1, 8, 32, 64, 128, 256])
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = base_parser("encoder", __doc__.split("\n\n")[0])
     p.add_argument("--encoders", type=str_list, default=None, help=f"comma list of {', '.join(ENCODERS)} "
                    "(default: both; --quick: test-vit only)")
@@ -174,21 +176,102 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     unknown = [b for b in args.backends if b not in BACKENDS] + [e for e in (args.encoders or []) if e not in ENCODERS]
     if unknown:
         p.error(f"unknown backend/encoder {unknown}")
+    return args
 
+
+@dataclasses.dataclass
+class _Setup:
+    """Where and how the points of one invocation are measured."""
+
+    args: argparse.Namespace
+    work: Path
+    device: str
+    gpu_name: str | None
+    peak: float | None
+    timing: dict[str, Any]
+
+    @property
+    def gpu(self) -> bool:
+        return self.device == "cuda"
+
+
+def _setup(args: argparse.Namespace) -> _Setup:
     import torch
-
-    from hishrst_train.encoders import load_encoder
 
     work = workdir_of(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    gpu = device == "cuda"
     gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    peak = gpu_peak_tflops(gpu_name)
     timing = {"warmup": 1, "min_time": 0.2, "min_iters": 2} if args.quick else {"warmup": 3, "min_time": 2.0, "min_iters": 5}
     if args.min_time is not None:
         timing["min_time"] = args.min_time
+    return _Setup(args, work, device, gpu_name, gpu_peak_tflops(gpu_name), timing)
+
+
+def _runner(enc: Any, backend: str, batches: list[int], s: _Setup) -> tuple[Callable, str, Any]:
+    """(run, label, backend to close or None) of one backend; raises :class:`_Skip` for a known reason."""
+    if not backend.startswith("torch"):
+        return _runtime_runner(enc, backend, s.work, max(batches), s.args.threads)
+    if backend == "torch-compile" and s.args.quick and not s.gpu:
+        raise _Skip("--quick on CPU: torch.compile (inductor) spends tens of seconds compiling C++ "
+                    "per batch size; run without --quick")
+    run, label = _torch_runner(enc, s.device, backend.split("-", 1)[1])
+    return run, label, None
+
+
+def _measure_encoder(out: JsonlWriter, name: str, s: _Setup, rng: np.random.Generator) -> None:
+    from hishrst_train.encoders import load_encoder
+
+    enc = load_encoder(name, random_init=True).eval()
+    flops = vit_flops_per_tile(enc.backbone, enc.input_size)
+    batches = s.args.batch_sizes or default_batches(name, s.gpu, s.args.quick)
+    print(f"\n{name}: {flops / 1e9:.4g} GFLOP/tile, input {enc.input_size} px, device {s.device}, "
+          f"batch sizes {batches}", flush=True)
+    for backend in s.args.backends:
+        base = {"encoder": name, "backend": backend, "device": "cuda" if backend in ("ort-cuda", "ort-tensorrt", "tensorrt")
+                else ("cpu" if backend == "ort-cpu" else s.device)}
+        try:
+            run, label, closer = _runner(enc, backend, batches, s)
+        except _Skip as e:
+            out.skip(str(e), **base)
+            continue
+        except Exception as e:  # noqa: BLE001 - a backend that cannot start is reported, not fatal
+            out.skip(f"{type(e).__name__}: {e}", **base)
+            continue
+        for bs in batches:
+            tiles = rng.integers(0, 256, (bs, enc.input_size, enc.input_size, 3), dtype=np.uint8)
+            _measure_point(out, base, run, label, tiles, flops, s, threads=getattr(closer, "threads", None))
+        if closer is not None:
+            closer.close()
+
+
+def _measure_point(out: JsonlWriter, base: dict[str, Any], run: Callable, label: str, tiles: np.ndarray,
+                   flops: float, s: _Setup, *, threads: int | None) -> None:
+    """Time one backend at one batch size and record it (or why it failed)."""
+    import torch
+
+    bs, backend, cuda = len(tiles), base["backend"], base["device"] == "cuda"
+    try:
+        t = time_call(lambda: run(tiles), **s.timing)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch
+        out.skip(f"{type(e).__name__}: {str(e)[:300]}", **base, batch_size=bs)
+        return
+    tps = bs / t["median_s"]
+    tflops = tps * flops / 1e12
+    out.write({**base, "label": label, "status": "ok", "batch_size": bs, "tiles_per_s": tps,
+               "ms_per_batch_median": 1e3 * t["median_s"], "ms_per_batch_min": 1e3 * t["min_s"],
+               "iters": t["iters"], "first_call_s": t["first_call_s"], "flops_per_tile": flops,
+               "tflops": tflops, "gpu_name": s.gpu_name if cuda else None,
+               "gpu_peak_tflops_fp16": s.peak if cuda else None,
+               "pct_of_peak": 100 * tflops / s.peak if s.peak and cuda else None,
+               "threads": torch.get_num_threads() if backend.startswith("torch") else threads})
+    print(f"  {backend:<15} {label:<32} batch {bs:>4}: {tps:10.1f} tiles/s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = _parse_args(argv)
+    s = _setup(args)
     encoders = args.encoders or (["test-vit"] if args.quick else list(ENCODERS))
     with JsonlWriter(args.out, benchmark="encoder", quick=args.quick, append=args.append) as out:
         if args.quick and not args.encoders:
@@ -196,53 +279,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                      "on a small CPU; run without --quick (or pass --encoders uni)", encoder="uni")
         rng = np.random.default_rng(0)
         for name in encoders:
-            enc = load_encoder(name, random_init=True).eval()
-            flops = vit_flops_per_tile(enc.backbone, enc.input_size)
-            batches = args.batch_sizes or default_batches(name, gpu, args.quick)
-            print(f"\n{name}: {flops / 1e9:.4g} GFLOP/tile, input {enc.input_size} px, device {device}, "
-                  f"batch sizes {batches}", flush=True)
-            for backend in args.backends:
-                base = {"encoder": name, "backend": backend, "device": "cuda" if backend in ("ort-cuda", "ort-tensorrt", "tensorrt")
-                        else ("cpu" if backend == "ort-cpu" else device)}
-                closer = None
-                try:
-                    if backend.startswith("torch"):
-                        if backend == "torch-compile" and args.quick and not gpu:
-                            raise _Skip("--quick on CPU: torch.compile (inductor) spends tens of seconds compiling C++ "
-                                        "per batch size; run without --quick")
-                        run, label = _torch_runner(enc, device, backend.split("-", 1)[1])
-                    else:
-                        run, label, closer = _runtime_runner(enc, backend, work, max(batches), args.threads)
-                except _Skip as e:
-                    out.skip(str(e), **base)
-                    continue
-                except Exception as e:  # noqa: BLE001 - a backend that cannot start is reported, not fatal
-                    out.skip(f"{type(e).__name__}: {e}", **base)
-                    continue
-                for bs in batches:
-                    tiles = rng.integers(0, 256, (bs, enc.input_size, enc.input_size, 3), dtype=np.uint8)
-                    try:
-                        t = time_call(lambda run=run, tiles=tiles: run(tiles), **timing)
-                    except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch
-                        out.skip(f"{type(e).__name__}: {str(e)[:300]}", **base, batch_size=bs)
-                        continue
-                    tps = bs / t["median_s"]
-                    tflops = tps * flops / 1e12
-                    out.write({**base, "label": label, "status": "ok", "batch_size": bs, "tiles_per_s": tps,
-                               "ms_per_batch_median": 1e3 * t["median_s"], "ms_per_batch_min": 1e3 * t["min_s"],
-                               "iters": t["iters"], "first_call_s": t["first_call_s"], "flops_per_tile": flops,
-                               "tflops": tflops, "gpu_name": gpu_name if base["device"] == "cuda" else None,
-                               "gpu_peak_tflops_fp16": peak if base["device"] == "cuda" else None,
-                               "pct_of_peak": 100 * tflops / peak if peak and base["device"] == "cuda" else None,
-                               "threads": torch.get_num_threads() if backend.startswith("torch") else getattr(closer, "threads", None)})
-                    print(f"  {backend:<15} {label:<32} batch {bs:>4}: {tps:10.1f} tiles/s", flush=True)
-                if closer is not None:
-                    closer.close()
-            del enc
+            _measure_encoder(out, name, s, rng)
         rows = [r for r in out.records if r.get("status") == "ok"]
         cols = [("encoder", "encoder"), ("backend", "backend"), ("device", "device"), ("batch_size", "batch"),
                 ("tiles_per_s", "tiles/s"), ("ms_per_batch_median", "ms/batch")]
-        if gpu:
+        if s.gpu:
             cols += [("tflops", "TFLOP/s"), ("pct_of_peak", "% peak fp16")]
         print_table(rows, cols, title=f"encoder throughput ({'quick' if args.quick else 'full'} run) -> {args.out}")
         return out.records

@@ -21,6 +21,8 @@ seconds of ``predict_slide`` alone. Both exclude interpreter start-up and engine
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import shutil
 import sys
 import time
@@ -29,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import JsonlWriter, base_parser, mb, print_table, run_child, workdir_of
-from benchmarks._data import data_plan, ensure_bundle, ensure_slides
+from benchmarks._common import JsonlWriter, base_parser, mb, peak_rss_bytes, print_table, run_child
+from benchmarks._data import prepare_data
 
 TARGET_RATIO = 0.90
 TARGET_RSS_GROWTH = 0.20
@@ -165,8 +167,6 @@ def size_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size:
     """One slide size in one fresh process: ``hishrst-run`` with the real engine (peak RSS taken right
     after it), then with the no-op engine, then (if asked) the engine alone on pre-cut tiles — with the
     run's intra-op threads and with all physical cores; the faster is the engine's limit."""
-    import resource
-
     from hishrst_runtime.inference.engines import default_engine_threads
     from hishrst_runtime.jobs.runner import DEFAULT_WORKERS
 
@@ -190,8 +190,7 @@ def size_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size:
         engine_only_child(slide, bundle, provider, batch_size, max_tile_mb=16.0, min_time=0.0)
     real = run_pipeline_child(slide, bundle, out_dir, provider, batch_size, workers, ort_threads)
     real["cold_prepare_seconds"] = cold_prepare
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    real["maxrss_bytes"] = int(ru if sys.platform == "darwin" else ru * 1024)
+    real["maxrss_bytes"] = peak_rss_bytes()
     real["torch_imported"] = "torch" in sys.modules
     shutil.rmtree(out_dir, ignore_errors=True)
     noop = run_pipeline_child(slide, bundle, out_dir, "noop", batch_size, workers, ort_threads)
@@ -215,7 +214,7 @@ def size_child(slide: str, bundle: str, out_dir: str, provider: str, batch_size:
 # --------------------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def _parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = base_parser("pipeline", __doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, default=None, help="bundle to run (default: a test-vit bundle fitted on the preset)")
     p.add_argument("--provider", default="auto", help="hishrst-run --provider (default auto: the fastest available)")
@@ -227,121 +226,166 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    "intra-op threads (default: the runtime's choice, the cores the readers leave free)")
     p.add_argument("--ort-spin", choices=["on", "off"], default=None, help="what-if: 'on' lets ONNX Runtime's "
                    "intra-op threads spin (onnxruntime's own default; the runtime turns it off)")
-    args = p.parse_args(argv)
+    return p, p.parse_args(argv)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What every measurement of one invocation shares."""
+
+    args: argparse.Namespace
+    preset: str
+    slides: dict[str, Path]
+    bundle: Path
+    sizes: list[str]
+    scratch: Path
+    what_if: dict[str, Any]
+    common: dict[str, Any]
+
+
+def _setup(p: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
     what_if = {"ort_threads": args.ort_threads, "ort_spin": None if args.ort_spin is None else args.ort_spin == "on"}
-    work = workdir_of(args)
-    preset, epochs, genes = data_plan(args.quick)
-    slides = ensure_slides(work, preset)
-    bundle = args.bundle.resolve() if args.bundle else ensure_bundle(work, preset, epochs=epochs, n_genes=genes)[1]
-    sizes = [s for s in args.sizes.split(",") if s in slides]
+    data = prepare_data(args, fit_bundle=args.bundle is None)
+    bundle = args.bundle.resolve() if args.bundle else data.bundle
+    sizes = [s for s in args.sizes.split(",") if s in data.slides]
     if not sizes:
-        p.error(f"--sizes: choose from {', '.join(slides)}")
-    common = {"preset": preset, "bundle": str(bundle), "batch_size": args.batch_size, "workers": args.workers,
+        p.error(f"--sizes: choose from {', '.join(data.slides)}")
+    common = {"preset": data.preset, "bundle": str(bundle), "batch_size": args.batch_size, "workers": args.workers,
               "what_if": what_if if (args.ort_threads or args.ort_spin is not None) else None}
-    scratch = work / "out-pipeline"
+    return _Plan(args, data.preset, data.slides, bundle, sizes, data.work / "out-pipeline", what_if, common)
+
+
+def _measure_size(plan: _Plan, size: str, first: bool) -> dict[str, dict[str, Any]]:
+    """``--repeats`` fresh processes on one slide size; the fastest real, no-op and engine-only results."""
+    args = plan.args
+    best: dict[str, Any] = {}
+    for rep in range(max(1, args.repeats)):
+        shutil.rmtree(plan.scratch, ignore_errors=True)
+        print(f"hishrst-run {plan.slides[size].name}: --provider {args.provider}, then noop"
+              f"{', then the engine alone' if first else ''} (fresh process, run {rep + 1}) ...", flush=True)
+        r = run_child("benchmarks.pipeline:size_child",
+                      {"slide": str(plan.slides[size]), "bundle": str(plan.bundle), "out_dir": str(plan.scratch),
+                       "provider": args.provider, "batch_size": args.batch_size, "workers": args.workers,
+                       "engine_only": {"max_tile_mb": 256.0, "min_time": 0.2 if args.quick else 10.0} if first else None,
+                       **plan.what_if})
+        for key, cost in (("real", "slide_seconds"), ("noop", "slide_seconds"), ("engine_only", "seconds_per_tile")):
+            if r[key] is not None and (key not in best or r[key][cost] < best[key][cost]):
+                best[key] = r[key]
+    shutil.rmtree(plan.scratch, ignore_errors=True)
+    return best
+
+
+def _run_record(plan: _Plan, size: str, key: str, r: dict[str, Any]) -> dict[str, Any]:
+    """The ``end_to_end`` (``key="real"``) or ``noop`` record of one slide size."""
+    args, slide = plan.args, plan.slides[size]
+    provider = args.provider if key == "real" else "noop"
+    return {**plan.common, "kind": "end_to_end" if key == "real" else "noop", "status": "ok",
+            "slide": f"{plan.preset}-{size}", "slide_path": str(slide), "provider": provider,
+            "engine": r["engine"], "points": r["points"],
+            "tiles_per_s": r["points_computed"] / r["slide_seconds"],
+            "stream_tiles_per_s": r["points_computed"] / r["stream_seconds"],
+            "slide_seconds": r["slide_seconds"], "stream_seconds": r["stream_seconds"],
+            "prepare_seconds": r["prepare_seconds"], "stages": r["stages"],
+            "other_seconds": r["slide_seconds"] - r["stream_seconds"] - (r["prepare_seconds"] or 0.0),
+            # peak RSS of the fresh process right after the real-engine run (None for the no-op
+            # run, which follows it in the same process)
+            "peak_rss_mb": mb(r.get("maxrss_bytes")), "torch_imported": r["torch_imported"],
+            "chunk_cache": r["chunk_cache"], "patch_side_px": r["patch_side_px"],
+            "cold_prepare_seconds": r.get("cold_prepare_seconds"),
+            "run_slides_wall_s": r["run_slides_wall_s"], "engine_line": r.get("engine_line"),
+            "equivalent_cli": f"hishrst-run {slide} --bundle {plan.bundle} --out OUT --provider "
+                              f"{provider} --batch-size {args.batch_size}"
+                              + (f" --workers {args.workers}" if args.workers is not None else "")
+                              + (f" --engine-threads {args.ort_threads}" if args.ort_threads else "")}
+
+
+def _engine_record(plan: _Plan, size: str, e: dict[str, Any]) -> dict[str, Any]:
+    return {**plan.common, "kind": "engine_only", "status": "ok", "slide": f"{plan.preset}-{size}",
+            "provider": plan.args.provider, "engine": e["engine"], "tiles_per_s": e["tiles_per_s"],
+            "tiles": e["tiles"], "sample_tiles": e["sample_tiles"], "seconds": e["seconds"],
+            "threads": e.get("threads"), "tiles_per_s_by_threads": e.get("by_threads"),
+            "reader_costs": e.get("reader_costs")}
+
+
+def _summary(plan: _Plan, rows: list[dict[str, Any]], eng: dict[str, Any]) -> dict[str, Any]:
+    """End-to-end / engine-only ratios, RSS flatness and (CPU engines) the CPU-budget estimate."""
+    e2e = {r["slide"]: r for r in rows if r.get("kind") == "end_to_end"}
+    summary: dict[str, Any] = {**plan.common, "kind": "summary", "status": "ok", "engine_only_tiles_per_s": eng["tiles_per_s"],
+                               "targets": {"ratio_min": TARGET_RATIO, "rss_growth_max": TARGET_RSS_GROWTH,
+                                           "rss_max_mb": TARGET_RSS_MB}}
+    for name, r in e2e.items():
+        tag = name.rsplit("-", 1)[1]
+        summary[f"ratio_{tag}"] = r["tiles_per_s"] / eng["tiles_per_s"]
+        summary[f"stream_ratio_{tag}"] = r["stream_tiles_per_s"] / eng["tiles_per_s"]
+        summary[f"peak_rss_mb_{tag}"] = r["peak_rss_mb"]
+    if "peak_rss_mb_1x" in summary and "peak_rss_mb_4x" in summary:
+        summary["rss_growth"] = summary["peak_rss_mb_4x"] / summary["peak_rss_mb_1x"] - 1
+        summary["rss_flat"] = summary["rss_growth"] <= TARGET_RSS_GROWTH and summary["peak_rss_mb_4x"] <= TARGET_RSS_MB
+    summary["ratio_met"] = all(summary[k] >= TARGET_RATIO for k in summary if k.startswith("ratio_"))
+    rc = eng.get("reader_costs")
+    by = {int(t): v for t, v in (eng.get("tiles_per_s_by_threads") or {}).items()}
+    if rc and by:
+        # CPU-budget estimate: the engine's CPU time per tile is threads / tiles_per_s at its most frugal
+        # thread count; the readers' work (uncontended, single-threaded) comes on top; all of it shares
+        # the machine's physical cores. An estimate, not a bound: each term is measured on its own.
+        from hishrst_runtime.backends.base import default_threads
+
+        cores = default_threads()
+        engine_us = min(1e6 * t / v for t, v in by.items())
+        e2e_est = cores * 1e6 / (engine_us + rc["us_per_tile_total"])
+        summary.update(cores=cores, engine_core_us_per_tile=engine_us, reader_us_per_tile=rc["us_per_tile_total"],
+                       cpu_budget_e2e_tiles_per_s=e2e_est,
+                       cpu_budget_estimate_ratio=min(1.0, e2e_est / eng["tiles_per_s"]))
+    return summary
+
+
+def _print_report(args: argparse.Namespace, rows: list[dict[str, Any]], eng: dict[str, Any], summary: dict[str, Any]) -> None:
+    print_table([r for r in rows if r.get("kind") != "engine_only"],
+                [("slide", "slide"), ("engine", "engine"), ("points", "points"), ("tiles_per_s", "tiles/s"),
+                 ("stream_tiles_per_s", "stream tiles/s"), ("slide_seconds", "slide s"), ("prepare_seconds", "prepare s"),
+                 ("other_seconds", "store+finalize s"),
+                 ("s_read_decode", "read+decode s"), ("s_cut_resample", "cut+resample s"), ("s_encoder", "encoder s"),
+                 ("s_head", "head s"), ("s_write", "write s"), ("peak_rss_mb", "peak RSS MB")],
+                title=f"hishrst-run end to end ({'quick' if args.quick else 'full'} run, batch {args.batch_size})")
+    by = ", ".join(f"{t} thread(s) {v:,.0f}" for t, v in (eng.get("tiles_per_s_by_threads") or {}).items())
+    print(f"\nengine alone ({eng['engine']}, pre-cut tiles): {eng['tiles_per_s']:.1f} tiles/s (the faster of: {by})")
+    for tag in ("1x", "4x"):
+        if f"ratio_{tag}" in summary:
+            print(f"end-to-end / engine-only ({tag}): {100 * summary[f'ratio_{tag}']:.0f} % "
+                  f"(stream only: {100 * summary[f'stream_ratio_{tag}']:.0f} %; target ≥ {100 * TARGET_RATIO:.0f} %)")
+    rc = eng.get("reader_costs")
+    if rc:
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in rc["us_per_tile"].items())
+        print(f"reader CPU per tile, single thread: {rc['us_per_tile_total']:.0f} µs ({parts})")
+    if "cpu_budget_estimate_ratio" in summary:
+        print(f"CPU budget: engine ≥ {summary['engine_core_us_per_tile']:.0f} core-µs per tile + readers "
+              f"{summary['reader_us_per_tile']:.0f} µs on {summary['cores']} cores → end to end about "
+              f"{summary['cpu_budget_e2e_tiles_per_s']:,.0f} tiles/s = "
+              f"{100 * summary['cpu_budget_estimate_ratio']:.0f} % of engine-only (estimate: perfect overlap, no other cost; "
+              "the per-tile costs are measured separately and vary run to run)")
+    if "rss_growth" in summary:
+        print(f"peak RSS 1x → 4x: {summary['peak_rss_mb_1x']:.0f} → {summary['peak_rss_mb_4x']:.0f} MB "
+              f"({100 * summary['rss_growth']:+.0f} %; target within {100 * TARGET_RSS_GROWTH:.0f} % and ≤ {TARGET_RSS_MB:.0f} MB)")
+    print(f"-> {args.out}")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p, args = _parse_args(argv)
+    plan = _setup(p, args)
     rows: list[dict[str, Any]] = []
     with JsonlWriter(args.out, benchmark="pipeline", quick=args.quick, append=args.append) as out:
         eng = None
-        for i, size in enumerate(sizes):
-            best: dict[str, Any] = {}
-            for rep in range(max(1, args.repeats)):
-                shutil.rmtree(scratch, ignore_errors=True)
-                print(f"hishrst-run {slides[size].name}: --provider {args.provider}, then noop"
-                      f"{', then the engine alone' if i == 0 else ''} (fresh process, run {rep + 1}) ...", flush=True)
-                r = run_child("benchmarks.pipeline:size_child",
-                              {"slide": str(slides[size]), "bundle": str(bundle), "out_dir": str(scratch),
-                               "provider": args.provider, "batch_size": args.batch_size, "workers": args.workers,
-                               "engine_only": {"max_tile_mb": 256.0, "min_time": 1.0 if args.quick else 10.0} if i == 0 else None,
-                               **what_if})
-                for key, cost in (("real", "slide_seconds"), ("noop", "slide_seconds"), ("engine_only", "seconds_per_tile")):
-                    if r[key] is not None and (key not in best or r[key][cost] < best[key][cost]):
-                        best[key] = r[key]
-            shutil.rmtree(scratch, ignore_errors=True)
+        for i, size in enumerate(plan.sizes):
+            best = _measure_size(plan, size, first=i == 0)
             for key in ("real", "noop"):
-                r = best[key]
-                st = r["stages"]
-                provider = args.provider if key == "real" else "noop"
-                rec = out.write({**common, "kind": "end_to_end" if key == "real" else "noop", "status": "ok",
-                                 "slide": f"{preset}-{size}", "slide_path": str(slides[size]), "provider": provider,
-                                 "engine": r["engine"], "points": r["points"],
-                                 "tiles_per_s": r["points_computed"] / r["slide_seconds"],
-                                 "stream_tiles_per_s": r["points_computed"] / r["stream_seconds"],
-                                 "slide_seconds": r["slide_seconds"], "stream_seconds": r["stream_seconds"],
-                                 "prepare_seconds": r["prepare_seconds"], "stages": st,
-                                 "other_seconds": r["slide_seconds"] - r["stream_seconds"] - (r["prepare_seconds"] or 0.0),
-                                 # peak RSS of the fresh process right after the real-engine run (None for the no-op
-                                 # run, which follows it in the same process)
-                                 "peak_rss_mb": mb(r.get("maxrss_bytes")), "torch_imported": r["torch_imported"],
-                                 "chunk_cache": r["chunk_cache"], "patch_side_px": r["patch_side_px"],
-                                 "cold_prepare_seconds": r.get("cold_prepare_seconds"),
-                                 "run_slides_wall_s": r["run_slides_wall_s"], "engine_line": r.get("engine_line"),
-                                 "equivalent_cli": f"hishrst-run {slides[size]} --bundle {bundle} --out OUT --provider "
-                                                   f"{provider} --batch-size {args.batch_size}"
-                                                   + (f" --workers {args.workers}" if args.workers is not None else "")
-                                                   + (f" --engine-threads {args.ort_threads}" if args.ort_threads else "")})
-                rows.append({**rec, **{f"s_{k}": v for k, v in st.items()}})
+                rec = out.write(_run_record(plan, size, key, best[key]))
+                rows.append({**rec, **{f"s_{k}": v for k, v in best[key]["stages"].items()}})
             if "engine_only" in best:
-                e = best["engine_only"]
-                eng = out.write({**common, "kind": "engine_only", "status": "ok", "slide": f"{preset}-{size}",
-                                 "provider": args.provider, "engine": e["engine"], "tiles_per_s": e["tiles_per_s"],
-                                 "tiles": e["tiles"], "sample_tiles": e["sample_tiles"], "seconds": e["seconds"],
-                                 "threads": e.get("threads"), "tiles_per_s_by_threads": e.get("by_threads"),
-                                 "reader_costs": e.get("reader_costs")})
+                eng = out.write(_engine_record(plan, size, best["engine_only"]))
         assert eng is not None
-        e2e = {r["slide"]: r for r in rows if r.get("kind") == "end_to_end"}
-        summary: dict[str, Any] = {**common, "kind": "summary", "status": "ok", "engine_only_tiles_per_s": eng["tiles_per_s"],
-                                   "targets": {"ratio_min": TARGET_RATIO, "rss_growth_max": TARGET_RSS_GROWTH,
-                                               "rss_max_mb": TARGET_RSS_MB}}
-        for name, r in e2e.items():
-            tag = name.rsplit("-", 1)[1]
-            summary[f"ratio_{tag}"] = r["tiles_per_s"] / eng["tiles_per_s"]
-            summary[f"stream_ratio_{tag}"] = r["stream_tiles_per_s"] / eng["tiles_per_s"]
-            summary[f"peak_rss_mb_{tag}"] = r["peak_rss_mb"]
-        if "peak_rss_mb_1x" in summary and "peak_rss_mb_4x" in summary:
-            summary["rss_growth"] = summary["peak_rss_mb_4x"] / summary["peak_rss_mb_1x"] - 1
-            summary["rss_flat"] = summary["rss_growth"] <= TARGET_RSS_GROWTH and summary["peak_rss_mb_4x"] <= TARGET_RSS_MB
-        summary["ratio_met"] = all(summary[k] >= TARGET_RATIO for k in summary if k.startswith("ratio_"))
-        rc = eng.get("reader_costs")
-        by = {int(t): v for t, v in (eng.get("tiles_per_s_by_threads") or {}).items()}
-        if rc and by:
-            # CPU-budget estimate: the engine's CPU time per tile is threads / tiles_per_s at its most frugal
-            # thread count; the readers' work (uncontended, single-threaded) comes on top; all of it shares
-            # the machine's physical cores. An estimate, not a bound: each term is measured on its own.
-            from hishrst_runtime.backends.base import default_threads
-
-            cores = default_threads()
-            engine_us = min(1e6 * t / v for t, v in by.items())
-            e2e_est = cores * 1e6 / (engine_us + rc["us_per_tile_total"])
-            summary.update(cores=cores, engine_core_us_per_tile=engine_us, reader_us_per_tile=rc["us_per_tile_total"],
-                           cpu_budget_e2e_tiles_per_s=e2e_est,
-                           cpu_budget_estimate_ratio=min(1.0, e2e_est / eng["tiles_per_s"]))
+        summary = _summary(plan, rows, eng)
         out.write(summary)
-        print_table([r for r in rows if r.get("kind") != "engine_only"],
-                    [("slide", "slide"), ("engine", "engine"), ("points", "points"), ("tiles_per_s", "tiles/s"),
-                     ("stream_tiles_per_s", "stream tiles/s"), ("slide_seconds", "slide s"), ("prepare_seconds", "prepare s"),
-                     ("other_seconds", "store+finalize s"),
-                     ("s_read_decode", "read+decode s"), ("s_cut_resample", "cut+resample s"), ("s_encoder", "encoder s"),
-                     ("s_head", "head s"), ("s_write", "write s"), ("peak_rss_mb", "peak RSS MB")],
-                    title=f"hishrst-run end to end ({'quick' if args.quick else 'full'} run, batch {args.batch_size})")
-        by = ", ".join(f"{t} thread(s) {v:,.0f}" for t, v in (eng.get("tiles_per_s_by_threads") or {}).items())
-        print(f"\nengine alone ({eng['engine']}, pre-cut tiles): {eng['tiles_per_s']:.1f} tiles/s (the faster of: {by})")
-        for tag in ("1x", "4x"):
-            if f"ratio_{tag}" in summary:
-                print(f"end-to-end / engine-only ({tag}): {100 * summary[f'ratio_{tag}']:.0f} % "
-                      f"(stream only: {100 * summary[f'stream_ratio_{tag}']:.0f} %; target ≥ {100 * TARGET_RATIO:.0f} %)")
-        if rc:
-            parts = ", ".join(f"{k} {v:.0f}" for k, v in rc["us_per_tile"].items())
-            print(f"reader CPU per tile, single thread: {rc['us_per_tile_total']:.0f} µs ({parts})")
-        if "cpu_budget_estimate_ratio" in summary:
-            print(f"CPU budget: engine ≥ {summary['engine_core_us_per_tile']:.0f} core-µs per tile + readers "
-                  f"{summary['reader_us_per_tile']:.0f} µs on {summary['cores']} cores → end to end about "
-                  f"{summary['cpu_budget_e2e_tiles_per_s']:,.0f} tiles/s = "
-                  f"{100 * summary['cpu_budget_estimate_ratio']:.0f} % of engine-only (estimate: perfect overlap, no other cost; "
-                  "the per-tile costs are measured separately and vary run to run)")
-        if "rss_growth" in summary:
-            print(f"peak RSS 1x → 4x: {summary['peak_rss_mb_1x']:.0f} → {summary['peak_rss_mb_4x']:.0f} MB "
-                  f"({100 * summary['rss_growth']:+.0f} %; target within {100 * TARGET_RSS_GROWTH:.0f} % and ≤ {TARGET_RSS_MB:.0f} MB)")
-        print(f"-> {args.out}")
+        _print_report(args, rows, eng, summary)
         return out.records
 
 

@@ -18,6 +18,8 @@ the test encoder), and peak RSS of both.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -25,9 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import (JsonlWriter, base_parser, count_list, mb, print_table, run_child,
-                                workdir_of)
-from benchmarks._data import data_plan, ensure_bundle, ensure_slides
+from benchmarks._common import JsonlWriter, base_parser, count_list, mb, print_table, run_child
+from benchmarks._data import prepare_data
 
 TARGET_SPEEDUP = 3.0
 
@@ -104,72 +105,111 @@ def _points(slide: Path, bundle: Path, out: Path) -> int:
     return n
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = base_parser("reference", __doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=64, help="batch size of both pipelines (default 64)")
     p.add_argument("--ref-workers", type=count_list, default=[0, 2], help="DataLoader num_workers values (default 0,2)")
     p.add_argument("--repeats", type=int, default=1, help="runs per pipeline (the fastest is reported)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """The slide, its points and the fitted run both pipelines are given."""
+
+    args: argparse.Namespace
+    slide: Path
+    run_dir: Path
+    bundle: Path
+    image: Path
+    mpp: float
+    pts_file: Path
+    n_points: int
+    scratch: Path
+    common: dict[str, Any]
+
+
+def _setup(args: argparse.Namespace) -> _Plan:
     from hishrst_train.synth import PRESETS
 
-    work = workdir_of(args)
-    preset, epochs, genes = data_plan(args.quick)
-    slide = ensure_slides(work, preset)["1x"]
-    run_dir, bundle = ensure_bundle(work, preset, epochs=epochs, n_genes=genes)
-    image = work / f"synth-{preset}" / "image.tif"
-    mpp = float(PRESETS[preset].mpp)
+    data = prepare_data(args)
+    preset, work = data.preset, data.work
+    slide = data.slides["1x"]
+    assert data.run_dir is not None and data.bundle is not None
     pts_file = work / f"points-{preset}-1x.npy"
-    n_points = _points(slide, bundle, pts_file)
-    scratch = work / "out-reference"
+    n_points = _points(slide, data.bundle, pts_file)
     common = {"preset": preset, "slide": f"{preset}-1x", "encoder": "test-vit", "batch_size": args.batch_size, "points": n_points}
+    return _Plan(args, slide, data.run_dir, data.bundle, work / f"synth-{preset}" / "image.tif",
+                 float(PRESETS[preset].mpp), pts_file, n_points, work / "out-reference", common)
 
-    def best(target: str, kw: dict[str, Any], key: str) -> dict[str, Any]:
-        runs = []
-        for _ in range(max(1, args.repeats)):
-            shutil.rmtree(scratch, ignore_errors=True)
-            scratch.mkdir(parents=True)
-            runs.append(run_child(target, kw))
-        shutil.rmtree(scratch, ignore_errors=True)
-        return min(runs, key=lambda r: r[key])
 
+def _best(plan: _Plan, target: str, kw: dict[str, Any], key: str) -> dict[str, Any]:
+    """``--repeats`` fresh-process runs of ``target`` on a clean scratch folder; the one with the least ``key``."""
+    runs = []
+    for _ in range(max(1, plan.args.repeats)):
+        shutil.rmtree(plan.scratch, ignore_errors=True)
+        plan.scratch.mkdir(parents=True)
+        runs.append(run_child(target, kw))
+    shutil.rmtree(plan.scratch, ignore_errors=True)
+    return min(runs, key=lambda r: r[key])
+
+
+def _measure_ours(out: JsonlWriter, plan: _Plan) -> dict[str, Any]:
+    print(f"ours: hishrst-run {plan.slide.name} --provider cpu ...", flush=True)
+    o = _best(plan, "benchmarks.pipeline:run_pipeline_child", {"slide": str(plan.slide), "bundle": str(plan.bundle),
+              "out_dir": str(plan.scratch), "provider": "cpu", "batch_size": plan.args.batch_size, "workers": None},
+              "slide_seconds")
+    if o["points"] != plan.n_points:
+        raise RuntimeError(f"hishrst-run computed {o['points']} points, the reference was given {plan.n_points}")
+    return out.write({**plan.common, "pipeline": "ours", "status": "ok", "engine": o["engine"],
+                      "tiles_per_s": o["points"] / o["slide_seconds"], "seconds": o["slide_seconds"],
+                      "stages": {**o["stages"], "prepare": o["prepare_seconds"]},
+                      "peak_rss_mb": mb(o["child_maxrss_bytes"]), "tree_peak_rss_mb": mb(o["tree_peak_rss_bytes"]),
+                      "process_wall_s": o["process_wall_s"], "torch_imported": o["torch_imported"]})
+
+
+def _measure_reference(out: JsonlWriter, plan: _Plan, nw: int) -> dict[str, Any]:
+    print(f"reference: tifffile.imread + PIL/torchvision + DataLoader(num_workers={nw}) + eager torch ...", flush=True)
+    r = _best(plan, "benchmarks.reference:reference_child", {"image": str(plan.image), "points_file": str(plan.pts_file),
+              "run_dir": str(plan.run_dir), "mpp": plan.mpp, "batch_size": plan.args.batch_size, "num_workers": nw,
+              "out_path": str(plan.scratch / "reference.h5ad")}, "seconds")
+    return out.write({**plan.common, "pipeline": "reference", "status": "ok", "num_workers": nw,
+                      "engine": "torch eager fp32", "tiles_per_s": r["tiles_per_s"], "seconds": r["seconds"],
+                      "stages": r["stages"], "threads": r["threads"], "peak_rss_mb": mb(r["child_maxrss_bytes"]),
+                      "tree_peak_rss_mb": mb(r["tree_peak_rss_bytes"]), "process_wall_s": r["process_wall_s"]})
+
+
+def _summary(plan: _Plan, ours: dict[str, Any], refs: list[dict[str, Any]]) -> dict[str, Any]:
+    fastest = max(refs, key=lambda r: r["tiles_per_s"])
+    mem_ref = next((r for r in refs if r["num_workers"] == 0), fastest)
+    return {**plan.common, "kind": "summary", "status": "ok", "speedup": ours["tiles_per_s"] / fastest["tiles_per_s"],
+            "speedup_vs": f"reference num_workers={fastest['num_workers']} (the fastest)",
+            "speedup_by_workers": {str(r["num_workers"]): ours["tiles_per_s"] / r["tiles_per_s"] for r in refs},
+            "rss_ratio_ref_over_ours": mem_ref["peak_rss_mb"] / ours["peak_rss_mb"],
+            "rss_ratio_vs": f"reference num_workers={mem_ref['num_workers']} (own process peak RSS)",
+            "target_speedup": TARGET_SPEEDUP, "target_met": ours["tiles_per_s"] / fastest["tiles_per_s"] >= TARGET_SPEEDUP}
+
+
+def _print_report(args: argparse.Namespace, ours: dict[str, Any], refs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    rows = [{**r, "name": r["pipeline"] + (f" (workers={r['num_workers']})" if "num_workers" in r else "")}
+            for r in [ours, *refs]]
+    print_table(rows, [("name", "pipeline"), ("engine", "engine"), ("points", "points"), ("tiles_per_s", "tiles/s"),
+                       ("seconds", "seconds"), ("peak_rss_mb", "peak RSS MB"), ("tree_peak_rss_mb", "tree RSS MB"),
+                       ("process_wall_s", "process s")],
+                title=f"ours vs reference-style pipeline ({'quick' if args.quick else 'full'} run, batch {args.batch_size})")
+    print(f"\nours / reference throughput: {summary['speedup']:.2f}× (vs {summary['speedup_vs']}; target ≥ {TARGET_SPEEDUP:g}×)")
+    print(f"reference / ours peak RSS: {summary['rss_ratio_ref_over_ours']:.2f}× ({summary['rss_ratio_vs']})")
+    print(f"-> {args.out}")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = _parse_args(argv)
+    plan = _setup(args)
     with JsonlWriter(args.out, benchmark="reference", quick=args.quick, append=args.append) as out:
-        print(f"ours: hishrst-run {slide.name} --provider cpu ...", flush=True)
-        o = best("benchmarks.pipeline:run_pipeline_child", {"slide": str(slide), "bundle": str(bundle), "out_dir": str(scratch),
-                 "provider": "cpu", "batch_size": args.batch_size, "workers": None}, "slide_seconds")
-        if o["points"] != n_points:
-            raise RuntimeError(f"hishrst-run computed {o['points']} points, the reference was given {n_points}")
-        ours = out.write({**common, "pipeline": "ours", "status": "ok", "engine": o["engine"],
-                          "tiles_per_s": o["points"] / o["slide_seconds"], "seconds": o["slide_seconds"],
-                          "stages": {**o["stages"], "prepare": o["prepare_seconds"]},
-                          "peak_rss_mb": mb(o["child_maxrss_bytes"]), "tree_peak_rss_mb": mb(o["tree_peak_rss_bytes"]),
-                          "process_wall_s": o["process_wall_s"], "torch_imported": o["torch_imported"]})
-        refs = []
-        for nw in args.ref_workers:
-            print(f"reference: tifffile.imread + PIL/torchvision + DataLoader(num_workers={nw}) + eager torch ...", flush=True)
-            r = best("benchmarks.reference:reference_child", {"image": str(image), "points_file": str(pts_file),
-                     "run_dir": str(run_dir), "mpp": mpp, "batch_size": args.batch_size, "num_workers": nw,
-                     "out_path": str(scratch / "reference.h5ad")}, "seconds")
-            refs.append(out.write({**common, "pipeline": "reference", "status": "ok", "num_workers": nw,
-                                   "engine": "torch eager fp32", "tiles_per_s": r["tiles_per_s"], "seconds": r["seconds"],
-                                   "stages": r["stages"], "threads": r["threads"], "peak_rss_mb": mb(r["child_maxrss_bytes"]),
-                                   "tree_peak_rss_mb": mb(r["tree_peak_rss_bytes"]), "process_wall_s": r["process_wall_s"]}))
-        fastest = max(refs, key=lambda r: r["tiles_per_s"])
-        mem_ref = next((r for r in refs if r["num_workers"] == 0), fastest)
-        summary = out.write({**common, "kind": "summary", "status": "ok", "speedup": ours["tiles_per_s"] / fastest["tiles_per_s"],
-                             "speedup_vs": f"reference num_workers={fastest['num_workers']} (the fastest)",
-                             "speedup_by_workers": {str(r["num_workers"]): ours["tiles_per_s"] / r["tiles_per_s"] for r in refs},
-                             "rss_ratio_ref_over_ours": mem_ref["peak_rss_mb"] / ours["peak_rss_mb"],
-                             "rss_ratio_vs": f"reference num_workers={mem_ref['num_workers']} (own process peak RSS)",
-                             "target_speedup": TARGET_SPEEDUP, "target_met": ours["tiles_per_s"] / fastest["tiles_per_s"] >= TARGET_SPEEDUP})
-        rows = [{**r, "name": r["pipeline"] + (f" (workers={r['num_workers']})" if "num_workers" in r else "")}
-                for r in [ours, *refs]]
-        print_table(rows, [("name", "pipeline"), ("engine", "engine"), ("points", "points"), ("tiles_per_s", "tiles/s"),
-                           ("seconds", "seconds"), ("peak_rss_mb", "peak RSS MB"), ("tree_peak_rss_mb", "tree RSS MB"),
-                           ("process_wall_s", "process s")],
-                    title=f"ours vs reference-style pipeline ({'quick' if args.quick else 'full'} run, batch {args.batch_size})")
-        print(f"\nours / reference throughput: {summary['speedup']:.2f}× (vs {summary['speedup_vs']}; target ≥ {TARGET_SPEEDUP:g}×)")
-        print(f"reference / ours peak RSS: {summary['rss_ratio_ref_over_ours']:.2f}× ({summary['rss_ratio_vs']})")
-        print(f"-> {args.out}")
+        ours = _measure_ours(out, plan)
+        refs = [_measure_reference(out, plan, nw) for nw in args.ref_workers]
+        summary = out.write(_summary(plan, ours, refs))
+        _print_report(args, ours, refs, summary)
         return out.records
 
 

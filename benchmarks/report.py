@@ -8,7 +8,7 @@ from the measurements, never typed by hand).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,93 +46,124 @@ def _short(text: str, n: int = 220) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _encoder(ok: list[dict[str, Any]]) -> list[str]:
+    gpu = any(r.get("pct_of_peak") is not None for r in ok)
+    cols = [("encoder", "encoder"), ("backend", "backend"), ("label", "engine"), ("device", "device"),
+            ("batch_size", "batch"), ("tiles_per_s", "tiles/s"), ("ms_per_batch_median", "ms/batch")]
+    cols += [("tflops", "TFLOP/s"), ("pct_of_peak", "% of fp16 peak")] if gpu else []
+    return [md_table(ok, cols)]
+
+
+def _pipeline(ok: list[dict[str, Any]]) -> list[str]:
+    runs = [r for r in ok if r.get("kind") in ("end_to_end", "noop")]
+    out = [md_table(runs, [("slide", "slide"), ("engine", "engine"), ("points", "points"), ("tiles_per_s", "tiles/s"),
+                           ("stream_tiles_per_s", "stream tiles/s"), ("slide_seconds", "slide s"),
+                           ("prepare_seconds", "prepare s"), ("other_seconds", "store+finalize s"),
+                           ("stages.read_decode", "read+decode s"), ("stages.cut_resample", "cut+resample s"),
+                           ("stages.encoder", "encoder s"), ("stages.head", "head s"), ("stages.write", "write s"),
+                           ("peak_rss_mb", "peak RSS MB")])]
+    out.append("")
+    eng_rows = [{**r, "by_threads": ", ".join(f"{t}: {fmt(v)}" for t, v in (r.get("tiles_per_s_by_threads") or {}).items())}
+                for r in ok if r.get("kind") == "engine_only"]
+    out.append(md_table(eng_rows, [("slide", "engine only, tiles of"), ("engine", "engine"), ("tiles_per_s", "tiles/s"),
+                                   ("threads", "intra-op threads"), ("by_threads", "tiles/s by intra-op threads"),
+                                   ("tiles", "tiles")]))
+    lines = sorted({r["engine_line"] for r in runs if r.get("engine_line") and r.get("kind") == "end_to_end"})
+    if lines:
+        out += ["", "hishrst-run said: " + "; ".join(f"`{x}`" for x in lines)]
+    for s in (r for r in ok if r.get("kind") == "summary"):
+        out += _pipeline_summary(s)
+    return out + _reader_costs(ok)
+
+
+def _pipeline_summary(s: dict[str, Any]) -> list[str]:
+    out = ["", md_table([s], [("ratio_1x", "e2e/engine 1×"), ("ratio_4x", "e2e/engine 4×"),
+                              ("stream_ratio_1x", "stream/engine 1×"), ("stream_ratio_4x", "stream/engine 4×"),
+                              ("peak_rss_mb_1x", "RSS 1× MB"), ("peak_rss_mb_4x", "RSS 4× MB"),
+                              ("rss_growth", "RSS growth"), ("ratio_met", "≥ 90 %"), ("rss_flat", "RSS flat")])]
+    if s.get("cpu_budget_estimate_ratio") is not None:
+        out.append("")
+        out.append(md_table([s], [("cores", "physical cores"), ("engine_core_us_per_tile", "engine core-µs/tile (least)"),
+                                  ("reader_us_per_tile", "reader µs/tile, 1 thread"),
+                                  ("cpu_budget_e2e_tiles_per_s", "CPU-budget e2e estimate tiles/s"),
+                                  ("cpu_budget_estimate_ratio", "CPU-budget estimate of e2e/engine")]))
+    return out
+
+
+def _reader_costs(ok: list[dict[str, Any]]) -> list[str]:
+    costs = [{"slide": r["slide"], **{f"rc_{k}": v for k, v in r["reader_costs"]["us_per_tile"].items()},
+              "rc_tiles": r["reader_costs"]["tiles"], "rc_chunks": r["reader_costs"]["chunks"]}
+             for r in ok if r.get("kind") == "engine_only" and r.get("reader_costs")]
+    if not costs:
+        return []
+    return ["", "Reader CPU per tile (µs, one thread, no contention; `reader_costs_child`):", "",
+            md_table(costs, [("slide", "tiles of"), ("rc_tiles", "tiles"), ("rc_chunks", "chunks decoded"),
+                             ("rc_decode", "decode"),
+                             ("rc_cut_resample", "cut + resample (Pillow) + mosaic → numpy")])]
+
+
+def _reference(ok: list[dict[str, Any]]) -> list[str]:
+    rows = [{**r, "name": r["pipeline"] + (f" (num_workers={r['num_workers']})" if "num_workers" in r else ""),
+             "stage_s": ", ".join(f"{k} {fmt(v)}" for k, v in (r.get("stages") or {}).items() if v is not None)}
+            for r in ok if r.get("pipeline")]
+    out = [md_table(rows, [("name", "pipeline"), ("engine", "engine"), ("points", "points"), ("tiles_per_s", "tiles/s"),
+                           ("seconds", "seconds"), ("peak_rss_mb", "peak RSS MB"), ("tree_peak_rss_mb", "tree RSS MB"),
+                           ("stage_s", "stage seconds (reader stages summed over threads)")])]
+    for s in (r for r in ok if r.get("kind") == "summary"):
+        out.append("")
+        out.append(md_table([s], [("speedup", "ours / reference tiles/s"), ("speedup_vs", "vs"),
+                                  ("rss_ratio_ref_over_ours", "reference / ours peak RSS"), ("target_met", "≥ 3×")]))
+    return out
+
+
+def _training(ok: list[dict[str, Any]]) -> list[str]:
+    return [md_table([r for r in ok if r.get("kind") == "features"],
+                     [("preset", "preset"), ("encoder", "encoder"), ("device", "device"), ("batch_size", "batch"),
+                      ("tiles", "tiles"), ("tiles_per_s", "tiles/s")]),
+            "",
+            md_table([r for r in ok if r.get("kind") == "fit"],
+                     [("preset", "preset"), ("device", "device"), ("train_spots", "train spots"), ("groups", "groups"),
+                      ("n_genes", "genes"), ("epochs", "epochs"), ("seconds_per_epoch", "s/epoch")])]
+
+
+def _transfer(ok: list[dict[str, Any]]) -> list[str]:
+    return [md_table(ok, [("mode", "position mode"), ("pcc_within_recovery", "PCC within a section (recovery)"),
+                          ("pcc_unseen_section", "PCC unseen section"), ("pcc_unseen_moved_5mm", "PCC same slide moved 5 mm"),
+                          ("moved_minus_here", "moved − unmoved"), ("ridge_colour_pcc", "ridge on colour/stain stats"),
+                          ("ratio_to_ridge", "model / ridge"), ("lr_within", "lr within"), ("lr_across", "lr across"),
+                          ("genes", "genes"), ("preset", "preset"), ("seed", "seed")])]
+
+
+def _direct_wsi(ok: list[dict[str, Any]]) -> list[str]:
+    src = [r for r in ok if r.get("kind") == "source"]
+    e2e = [{"kind": "whole hishrst-run", "direct": r["direct"]["tiles_per_s"], "direct_median": r["direct"]["median_tiles_per_s"],
+            "omezarr": r["ome_zarr"]["tiles_per_s"], "omezarr_median": r["ome_zarr"]["median_tiles_per_s"],
+            "best": r["direct_over_omezarr"], "median": r["median_direct_over_omezarr"]}
+           for r in ok if r.get("kind") == "end_to_end"]
+    ratios = [{"kind": "read + cut + resample", "best": r["direct_over_omezarr"], "median": r["median_direct_over_omezarr"]}
+              for r in ok if r.get("kind") == "ratio"]
+    return [md_table(src, [("source", "source"), ("tiles_per_s", "read+cut tiles/s (best)"),
+                           ("median_tiles_per_s", "median"), ("points", "tiles"), ("decode_mpix_per_s", "decode MP/s"),
+                           ("chunks", "chunk px"), ("passes", "passes")]),
+            "", md_table(ratios + e2e, [("kind", "passes"), ("direct", "direct tiles/s (best)"),
+                                        ("direct_median", "median"), ("omezarr", "OME-Zarr tiles/s (best)"),
+                                        ("omezarr_median", "median"), ("best", "direct / OME-Zarr, best"),
+                                        ("median", "direct / OME-Zarr, median")])]
+
+
+#: The tables of each benchmark's section, from its successful records.
+_TABLES: dict[str, Callable[[list[dict[str, Any]]], list[str]]] = {
+    "encoder": _encoder, "pipeline": _pipeline, "reference": _reference, "training": _training,
+    "transfer": _transfer, "direct_wsi": _direct_wsi,
+}
+
+
 def section(name: str, recs: list[dict[str, Any]], *, title: str | None = None) -> str:
     ok = [r for r in recs if r.get("status", "ok") == "ok"]
     skipped = [r for r in recs if r.get("status") == "skipped"]
     out = [f"### {title or name}", "", _machine(recs), ""]
-    if name == "encoder":
-        gpu = any(r.get("pct_of_peak") is not None for r in ok)
-        cols = [("encoder", "encoder"), ("backend", "backend"), ("label", "engine"), ("device", "device"),
-                ("batch_size", "batch"), ("tiles_per_s", "tiles/s"), ("ms_per_batch_median", "ms/batch")]
-        cols += [("tflops", "TFLOP/s"), ("pct_of_peak", "% of fp16 peak")] if gpu else []
-        out.append(md_table(ok, cols))
-    elif name == "pipeline":
-        runs = [r for r in ok if r.get("kind") in ("end_to_end", "noop")]
-        out.append(md_table(runs, [("slide", "slide"), ("engine", "engine"), ("points", "points"), ("tiles_per_s", "tiles/s"),
-                                   ("stream_tiles_per_s", "stream tiles/s"), ("slide_seconds", "slide s"),
-                                   ("prepare_seconds", "prepare s"), ("other_seconds", "store+finalize s"),
-                                   ("stages.read_decode", "read+decode s"), ("stages.cut_resample", "cut+resample s"),
-                                   ("stages.encoder", "encoder s"), ("stages.head", "head s"), ("stages.write", "write s"),
-                                   ("peak_rss_mb", "peak RSS MB")]))
-        out.append("")
-        eng_rows = [{**r, "by_threads": ", ".join(f"{t}: {fmt(v)}" for t, v in (r.get("tiles_per_s_by_threads") or {}).items())}
-                    for r in ok if r.get("kind") == "engine_only"]
-        out.append(md_table(eng_rows, [("slide", "engine only, tiles of"), ("engine", "engine"), ("tiles_per_s", "tiles/s"),
-                                       ("threads", "intra-op threads"), ("by_threads", "tiles/s by intra-op threads"),
-                                       ("tiles", "tiles")]))
-        lines = sorted({r["engine_line"] for r in runs if r.get("engine_line") and r.get("kind") == "end_to_end"})
-        if lines:
-            out += ["", "hishrst-run said: " + "; ".join(f"`{x}`" for x in lines)]
-        for s in (r for r in ok if r.get("kind") == "summary"):
-            out.append("")
-            out.append(md_table([s], [("ratio_1x", "e2e/engine 1×"), ("ratio_4x", "e2e/engine 4×"),
-                                      ("stream_ratio_1x", "stream/engine 1×"), ("stream_ratio_4x", "stream/engine 4×"),
-                                      ("peak_rss_mb_1x", "RSS 1× MB"), ("peak_rss_mb_4x", "RSS 4× MB"),
-                                      ("rss_growth", "RSS growth"), ("ratio_met", "≥ 90 %"), ("rss_flat", "RSS flat")]))
-            if s.get("cpu_budget_estimate_ratio") is not None:
-                out.append("")
-                out.append(md_table([s], [("cores", "physical cores"), ("engine_core_us_per_tile", "engine core-µs/tile (least)"),
-                                          ("reader_us_per_tile", "reader µs/tile, 1 thread"),
-                                          ("cpu_budget_e2e_tiles_per_s", "CPU-budget e2e estimate tiles/s"),
-                                          ("cpu_budget_estimate_ratio", "CPU-budget estimate of e2e/engine")]))
-        costs = [{"slide": r["slide"], **{f"rc_{k}": v for k, v in r["reader_costs"]["us_per_tile"].items()},
-                  "rc_tiles": r["reader_costs"]["tiles"], "rc_chunks": r["reader_costs"]["chunks"]}
-                 for r in ok if r.get("kind") == "engine_only" and r.get("reader_costs")]
-        if costs:
-            out += ["", "Reader CPU per tile (µs, one thread, no contention; `reader_costs_child`):", ""]
-            out.append(md_table(costs, [("slide", "tiles of"), ("rc_tiles", "tiles"), ("rc_chunks", "chunks decoded"),
-                                        ("rc_decode", "decode"),
-                                        ("rc_cut_resample", "cut + resample (Pillow) + mosaic → numpy")]))
-    elif name == "reference":
-        rows = [{**r, "name": r["pipeline"] + (f" (num_workers={r['num_workers']})" if "num_workers" in r else ""),
-                 "stage_s": ", ".join(f"{k} {fmt(v)}" for k, v in (r.get("stages") or {}).items() if v is not None)}
-                for r in ok if r.get("pipeline")]
-        out.append(md_table(rows, [("name", "pipeline"), ("engine", "engine"), ("points", "points"), ("tiles_per_s", "tiles/s"),
-                                   ("seconds", "seconds"), ("peak_rss_mb", "peak RSS MB"), ("tree_peak_rss_mb", "tree RSS MB"),
-                                   ("stage_s", "stage seconds (reader stages summed over threads)")]))
-        for s in (r for r in ok if r.get("kind") == "summary"):
-            out.append("")
-            out.append(md_table([s], [("speedup", "ours / reference tiles/s"), ("speedup_vs", "vs"),
-                                      ("rss_ratio_ref_over_ours", "reference / ours peak RSS"), ("target_met", "≥ 3×")]))
-    elif name == "training":
-        out.append(md_table([r for r in ok if r.get("kind") == "features"],
-                            [("preset", "preset"), ("encoder", "encoder"), ("device", "device"), ("batch_size", "batch"),
-                             ("tiles", "tiles"), ("tiles_per_s", "tiles/s")]))
-        out.append("")
-        out.append(md_table([r for r in ok if r.get("kind") == "fit"],
-                            [("preset", "preset"), ("device", "device"), ("train_spots", "train spots"), ("groups", "groups"),
-                             ("n_genes", "genes"), ("epochs", "epochs"), ("seconds_per_epoch", "s/epoch")]))
-    elif name == "transfer":
-        out.append(md_table(ok, [("mode", "position mode"), ("pcc_within_recovery", "PCC within a section (recovery)"),
-                                 ("pcc_unseen_section", "PCC unseen section"), ("pcc_unseen_moved_5mm", "PCC same slide moved 5 mm"),
-                                 ("moved_minus_here", "moved − unmoved"), ("ridge_colour_pcc", "ridge on colour/stain stats"),
-                                 ("ratio_to_ridge", "model / ridge"), ("lr_within", "lr within"), ("lr_across", "lr across"),
-                                 ("genes", "genes"), ("preset", "preset"), ("seed", "seed")]))
-    elif name == "direct_wsi":
-        src = [r for r in ok if r.get("kind") == "source"]
-        out.append(md_table(src, [("source", "source"), ("tiles_per_s", "read+cut tiles/s (best)"),
-                                  ("median_tiles_per_s", "median"), ("points", "tiles"), ("decode_mpix_per_s", "decode MP/s"),
-                                  ("chunks", "chunk px"), ("passes", "passes")]))
-        e2e = [{"kind": "whole hishrst-run", "direct": r["direct"]["tiles_per_s"], "direct_median": r["direct"]["median_tiles_per_s"],
-                "omezarr": r["ome_zarr"]["tiles_per_s"], "omezarr_median": r["ome_zarr"]["median_tiles_per_s"],
-                "best": r["direct_over_omezarr"], "median": r["median_direct_over_omezarr"]}
-               for r in ok if r.get("kind") == "end_to_end"]
-        ratios = [{"kind": "read + cut + resample", "best": r["direct_over_omezarr"], "median": r["median_direct_over_omezarr"]}
-                  for r in ok if r.get("kind") == "ratio"]
-        out += ["", md_table(ratios + e2e, [("kind", "passes"), ("direct", "direct tiles/s (best)"),
-                                             ("direct_median", "median"), ("omezarr", "OME-Zarr tiles/s (best)"),
-                                             ("omezarr_median", "median"), ("best", "direct / OME-Zarr, best"),
-                                             ("median", "direct / OME-Zarr, median")])]
+    if name in _TABLES:
+        out += _TABLES[name](ok)
     if skipped:
         out += ["", "Not measured:", *[f"- {' '.join(str(r.get(k)) for k in ('encoder', 'backend', 'batch_size') if r.get(k) is not None)}: "
                                        f"{_short(r['reason'])}" for r in skipped]]

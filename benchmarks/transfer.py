@@ -2,8 +2,8 @@
 tissue lies on that slide?
 
 Three synthetic sections share one expression model (``hishrst synth --sections 3``; seed 11 — not the
-seed the tests use) but differ in tissue shape, arrangement, array rotation and placement. For each
-position mode (``relative``, ``continuous``, ``none``):
+seed the tests use) but differ in tissue shape, arrangement, array rotation and placement (``--quick``:
+not placement). For each position mode (``relative``, ``continuous``, ``none``):
 
 * **within a section** — ``hishrst fit S0 --task recovery`` then ``hishrst evaluate``: held-out PCC;
 * **across sections** — ``hishrst fit S0 S1 --task full``, ``hishrst export``, then the *runtime*
@@ -22,7 +22,7 @@ PCC: mean over genes of the per-gene Pearson correlation across spots, genes con
 counted as 0 (``hishrst_train.metrics``).
 
     python -m benchmarks.transfer            # ~1,000 spots per section, 60 epochs at most (≈ 20 min, 2 cores)
-    python -m benchmarks.transfer --quick    # small preset, few epochs: a smoke run
+    python -m benchmarks.transfer --quick    # small preset, sections not shifted on their slides, few epochs: a smoke run
 """
 
 from __future__ import annotations
@@ -155,7 +155,10 @@ def _prepare(work: Path, *, quick: bool, seed: int) -> _Data:
     root = work / f"transfer-{'quick' if quick else 'medium'}-{seed}"
     p = _preset(quick)
     if not (root / "data" / "sections.json").exists():
-        make_synthetic_sections(root / "data", 3, seed=seed, preset=p, compression="zlib")
+        # --quick: every section at the origin of its slide (no placement shift of up to 2 mm per axis):
+        # smaller images to render, convert and move; the 5 mm move below is kept
+        shift = {"max_shift_um": 0.0} if quick else {}
+        make_synthetic_sections(root / "data", 3, seed=seed, preset=p, compression="zlib", **shift)
     outs = [root / "data" / f"section_{k}" / "outs" for k in range(3)]
     move_px = int(round(MOVE_UM / p.mpp))
     slide2 = root / "section2.ome.zarr"

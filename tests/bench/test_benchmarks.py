@@ -109,6 +109,21 @@ def test_report_renders_results(encoder_jsonl: tuple[Path, list[dict]], tmp_path
     assert sum(line.startswith("| test-vit |") for line in text.splitlines()) == sum(r["status"] == "ok" for r in records)
 
 
+def test_report_renders_every_committed_result() -> None:
+    """Every benchmark's section of RESULTS.md renders from the committed results (one table or more each)."""
+    from benchmarks._common import RESULTS_DIR, read_jsonl
+    from benchmarks.report import section
+
+    names = ("encoder", "pipeline", "reference", "training", "direct_wsi", "transfer")
+    files = [f for f in sorted(RESULTS_DIR.glob("*.jsonl")) if f.stem.split("-")[0] in names and f.stat().st_size]
+    if not files:
+        pytest.skip(f"no committed results in {RESULTS_DIR}")
+    for f in files:
+        text = section(f.stem.split("-")[0], read_jsonl(f), title=f.stem)
+        assert text.startswith(f"### {f.stem}\n") and "*Command*" in text
+        assert sum(line.startswith("|---") for line in text.splitlines()) >= 1, f
+
+
 def test_pipeline_quick(bench_work: Path, tmp_path: Path) -> None:
     records = _script("pipeline", tmp_path / "pipeline.jsonl", bench_work)
     by_kind: dict[str, list[dict]] = {}
