@@ -33,6 +33,7 @@ import numpy as np
 
 from benchmarks._common import JsonlWriter, base_parser, mb, peak_rss_bytes, print_table, run_child
 from benchmarks._data import prepare_data
+from hishrst_runtime.backends.registry import engine_entry
 
 TARGET_RATIO = 0.90
 TARGET_RSS_GROWTH = 0.20
@@ -99,7 +100,7 @@ def engine_only_child(slide: str, bundle: str, provider: str, batch_size: int, m
 
     b = load_bundle(Path(bundle))
     encoder, head, chosen = load_engines(b, provider, cache_dir=None, threads=threads)
-    if chosen in ("tensorrt", "trt-native"):  # as run_slides: TensorRT profiles stop at the bundle's max_batch
+    if engine_entry(chosen).batch_bounded:  # as run_slides: TensorRT profiles stop at the bundle's max_batch
         batch_size = min(batch_size, b.spec.max_batch)
     size = b.spec.encoder.input_size
     plan, units = _sample_units(slide, bundle, batch_size, int(max_tile_mb * 2**20) // (size * size * 3))

@@ -33,6 +33,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from hishrst_runtime.core.vocab import UM_POSITION_MODES
+
 import numpy as np
 
 from benchmarks._common import JsonlWriter, base_parser, print_table, str_list, workdir_of
@@ -222,7 +224,7 @@ def _one_mode(mode: str, d: _Data, work: Path, *, epochs: int, seed: int, cache:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = base_parser("transfer", __doc__.split("\n\n")[0])
-    p.add_argument("--modes", type=str_list, default=["relative", "continuous", "none"], help="position modes")
+    p.add_argument("--modes", type=str_list, default=list(UM_POSITION_MODES), help="position modes")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (early stopping; default 40, --quick 5)")
     p.add_argument("--seed", type=int, default=11, help="seed of the synthetic sections (tests use 0)")
     p.add_argument("--lrs", type=str_list, default=None,

@@ -40,12 +40,13 @@ import importlib.util
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from hishrst_runtime.backends.base import GPU_EXTRA_HINT, Backend, BackendError, gpu_name
 from hishrst_runtime.backends.registry import ENGINES, BackendOptions, EngineEntry, engine_entry, load_engine
+from hishrst_runtime.core.vocab import Provider  # the one list of --provider choices
 
 __all__ = [
     "ENGINES",
@@ -64,7 +65,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Provider = Literal["auto", "cpu", "cuda", "tensorrt", "trt-native"]
 
 #: Concrete providers, fastest first (the order ``"auto"`` tries them in): the keys of :data:`ENGINES`.
 PROVIDERS: tuple[str, ...] = tuple(ENGINES)

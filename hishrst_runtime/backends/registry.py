@@ -62,13 +62,15 @@ Loader = Callable[[Path | None, BackendOptions], Backend]
 @dataclass(frozen=True)
 class EngineEntry:
     """One provider: the ``module`` holding its engine, what it runs (an ONNX model or a serialized
-    TensorRT engine), a one-line ``summary`` and the ``loader`` (imports ``module`` when called)."""
+    TensorRT engine), a one-line ``summary``, the ``loader`` (imports ``module`` when called) and whether
+    its batch size is bounded by the bundle's ``max_batch`` (TensorRT optimisation profiles stop there)."""
 
     provider: str
     module: str
     runs: Literal["onnx", "engine"]
     summary: str
     loader: Loader
+    batch_bounded: bool = False
 
     def load(self, model_path: str | Path | None, options: BackendOptions) -> Backend:
         """Load ``model_path`` with this engine (see :func:`load_engine`)."""
@@ -119,9 +121,11 @@ _PKG = "hishrst_runtime.backends"
 ENGINES: Mapping[str, EngineEntry] = MappingProxyType({
     e.provider: e for e in (
         EngineEntry("trt-native", f"{_PKG}.tensorrt_native", "engine",
-                    "the bundle's serialized TensorRT engine, run with the tensorrt package", _load_trt_native),
+                    "the bundle's serialized TensorRT engine, run with the tensorrt package", _load_trt_native,
+                    batch_bounded=True),
         EngineEntry("tensorrt", f"{_PKG}.ort_trt", "onnx",
-                    "onnxruntime-gpu's TensorRT execution provider (engines cached on first use)", _load_ort_trt),
+                    "onnxruntime-gpu's TensorRT execution provider (engines cached on first use)", _load_ort_trt,
+                    batch_bounded=True),
         EngineEntry("cuda", f"{_PKG}.ort_cuda", "onnx", "onnxruntime-gpu's CUDA execution provider", _load_ort_cuda),
         EngineEntry("cpu", f"{_PKG}.ort_cpu", "onnx", "onnxruntime on the CPU (always available)", _load_ort_cpu),
     )

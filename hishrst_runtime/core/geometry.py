@@ -11,11 +11,10 @@ horizontally and neighbouring rows ``pitch * sqrt(3) / 2`` apart vertically.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
 from hishrst_runtime.core.errors import InputError
+from hishrst_runtime.core.vocab import DEFAULT_GRID, GRID_KINDS, GridKind
 
 __all__ = [
     "MAX_GRID_POINTS",
@@ -140,7 +139,7 @@ def query_grid(
     y1_um: float,
     *,
     pitch_um: float,
-    kind: Literal["hex", "square"] = "hex",
+    kind: GridKind = DEFAULT_GRID,
     max_points: int = MAX_GRID_POINTS,
 ) -> np.ndarray:
     """Points (x, y) in µm covering the box ``[x0, x1] × [y0, y1]`` at ``pitch_um`` spacing.
@@ -152,8 +151,8 @@ def query_grid(
     """
     if not np.isfinite(pitch_um) or pitch_um <= 0:
         raise ValueError(f"pitch must be a positive number of µm, got {pitch_um!r}")
-    if kind not in ("hex", "square"):
-        raise ValueError(f"grid kind must be 'hex' or 'square', got {kind!r}")
+    if kind not in GRID_KINDS:
+        raise ValueError(f"grid kind must be one of {', '.join(GRID_KINDS)}, got {kind!r}")
     dy = pitch_um * (_ROW_STEP if kind == "hex" else 1.0)
     _check_grid_size(x1_um - x0_um, y1_um - y0_um, pitch_um, dy, max_points)
     ys = np.arange(y0_um, y1_um + 1e-9, dy)
