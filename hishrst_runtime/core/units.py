@@ -4,7 +4,9 @@ Every place a pixel size (µm / pixel) enters hishrst goes through this module: 
 (:func:`unit_to_um`), OME-XML ``PhysicalSizeX/Y`` (:func:`ome_physical_size_um`), Aperio's ``MPP = ...``
 (:func:`aperio_mpp`), a JSON ImageDescription ``{"mpp": ...}`` (:func:`json_description_mpp`), the TIFF
 ``XResolution`` / ``YResolution`` / ``ResolutionUnit`` tags (:func:`tiff_resolution_mpp`), and the
-user's ``--mpp`` (:func:`check_mpp`).
+user's ``--mpp`` (:func:`check_mpp`, :func:`check_mpp_option`). Every slide reader decides a slide's level-0
+pixel size with the one resolver, :func:`resolve_mpp`: the override, else its metadata candidates in order
+of trust, checked against the plausible range, or the one standard "no usable pixel size" error.
 
 **Missing ResolutionUnit.** TIFF 6.0 makes inch the default, but files that omit the tag are, in
 practice, files that never recorded a physical resolution (the 72 dpi / "1 pixel per unit"
@@ -25,7 +27,7 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 from hishrst_runtime.core.errors import InputError
 
@@ -38,6 +40,10 @@ __all__ = [
     "mpp_range",
     "is_plausible_mpp",
     "check_mpp",
+    "check_mpp_option",
+    "MppCandidate",
+    "MPP_FIX",
+    "resolve_mpp",
     "ome_physical_size_um",
     "aperio_mpp",
     "json_description_mpp",
@@ -63,6 +69,10 @@ _TIFF_RESUNIT_TO_UM = {2: 25400.0, 3: 1e4}
 DEFAULT_MPP_RANGE: tuple[float, float] = (0.05, 50.0)
 #: Environment variable overriding :data:`DEFAULT_MPP_RANGE`, as ``"LO,HI"`` in µm / pixel.
 MPP_RANGE_ENV = "HISHRST_MPP_RANGE"
+
+
+#: The fix every "no usable pixel size" message ends with.
+MPP_FIX = "pass the pixel size with --mpp (µm per level-0 pixel, e.g. --mpp 0.5 for a 20x scan)"
 
 
 class PixelSizeError(InputError):
@@ -202,3 +212,66 @@ def tiff_resolution_mpp(xres: Any, yres: Any, unit: Any) -> float | None:
     if any(v is None for v in vals):
         return None
     return sum(per_unit_um / v for v in vals) / len(vals)  # type: ignore[operator]
+
+
+def check_mpp_option(value: Any, *, bounds: tuple[float, float] | None = None,
+                     error: type[PixelSizeError] | None = None) -> float | None:
+    """The user's ``--mpp`` (µm per level-0 pixel) as a float, None when not given; the one check of the
+    option (what :func:`resolve_mpp` applies to an override), for a run to call once before any slide."""
+    if value is None:
+        return None
+    return check_mpp(value, where="--mpp", source="the pixel size", fix="pass e.g. --mpp 0.5 for a 20x scan",
+                     bounds=bounds, error=error)
+
+
+class MppCandidate(NamedTuple):
+    """A pixel size a slide's metadata records: ``value`` µm / pixel (a number, a ``(y, x)`` pair, or None when
+    absent), ``source`` (where it comes from, for messages: ``"Aperio MPP"``, ``"the DICOM PixelSpacing"``) and
+    ``conflict``: why the value cannot be trusted although plausible (e.g. it contradicts the magnification)."""
+
+    value: Any
+    source: str
+    conflict: str | None = None
+
+
+def _yx(value: Any) -> tuple[float, float]:
+    if isinstance(value, (tuple, list)):
+        return float(value[0]), float(value[1])
+    return float(value), float(value)
+
+
+def resolve_mpp(where: str, *, override: Any = None, candidates: Sequence[MppCandidate | tuple[Any, str]] = (),
+                bounds: tuple[float, float] | None = None, strict: bool = False,
+                missing: str = "the slide has no usable pixel size", fix: str = MPP_FIX,
+                error: type[PixelSizeError] | None = None) -> tuple[tuple[float, float], str]:
+    """The level-0 pixel size ``((y, x) µm / pixel, source)`` of the slide ``where`` — the one resolver every reader calls.
+
+    ``override`` (the user's ``--mpp``), when given, wins and is checked (:func:`check_mpp`; source
+    ``"override"``). Else the first present ``candidates`` value (in order of trust) that lies in the plausible
+    range (:func:`mpp_range` of ``bounds``): with ``strict`` (a store's scales, DICOM PixelSpacing: the one
+    authoritative record) an implausible first value is an error naming it; otherwise it counts as absent
+    (a placeholder) and is named in the error if nothing else is usable. A chosen candidate with a ``conflict``
+    is an error. Raises ``error`` (a :class:`PixelSizeError`): ``"{where}: {missing} (...ignored values); {fix}"``.
+    """
+    error = error or PixelSizeError
+    if override is not None:
+        v = check_mpp(override, where=where, source="--mpp", fix="pass e.g. --mpp 0.5", bounds=bounds, error=error)
+        return (v, v), "override"
+    lo, hi = mpp_range(bounds)
+    ignored = []
+    for cand in (MppCandidate(*c) for c in candidates):
+        if cand.value is None:
+            continue
+        yx = _yx(cand.value)
+        if strict:
+            yx = tuple(check_mpp(v, where=where, source=cand.source, fix="check it, or " + fix, bounds=bounds,
+                                 error=error) for v in yx)  # type: ignore[assignment]
+        elif not all(is_plausible_mpp(v, bounds=bounds) for v in yx):
+            shown = f"{yx[0]:.4g}" if yx[0] == yx[1] else f"{yx[0]:.4g} × {yx[1]:.4g}"
+            ignored.append(f"{cand.source} give {shown} µm/pixel, outside the plausible {lo:g}–{hi:g} µm/pixel "
+                           f"({MPP_RANGE_ENV} widens it)")
+            continue
+        if cand.conflict is not None:
+            raise error(f"{where}: {cand.conflict}, so the pixel size is unknown (one of them is wrong); {fix}")
+        return yx, cand.source
+    raise error(f"{where}: {missing}{'; ' + '; '.join(ignored) if ignored else ''}; {fix}")

@@ -4,8 +4,14 @@
 0.5 store with checksummed chunks, streaming: level 0 is read through the lazy
 :class:`~hishrst_runtime.slides.tiff.TiffLevel` view in bands of chunk rows and written by
 :func:`~hishrst_runtime.slides.pyramid.write_ome_zarr`, so memory stays at a few bands whatever the
-slide size. The store is written to a hidden temporary directory next to the output and swapped in
-at the end; a truncated or corrupt source is a :class:`ConvertError` naming the file.
+slide size. The pixels are read through level 0 of the direct TIFF reader
+(:func:`~hishrst_runtime.slides.tiffslide.open_tiff_slide`), so convert applies the same missing / corrupt
+tile rule as ``hishrst-run`` on the file (:mod:`hishrst_runtime.slides.integrity`): a tile with no data
+(``TileByteCounts`` / ``TileOffsets`` 0) is background only where the next coarser stored level is plain
+background, and a tile that does not decode or is a JPEG cut short is an error naming the tile — never
+black or silently damaged pixels in the store. The store is written to a hidden temporary directory next
+to the output and swapped in at the end; a truncated or corrupt source is a :class:`ConvertError` naming
+the file.
 
 The pixel size (µm / pixel) of a source comes from, in order: ``mpp=`` / ``--mpp``; Aperio's
 ``MPP = ...`` in the ImageDescription; OME-XML ``PhysicalSizeX/Y`` (with units); a JSON
@@ -36,10 +42,11 @@ from hishrst_runtime.core.files import (clean_stale_siblings, read_json, remove_
                                         temp_sibling)
 from hishrst_runtime.core.limits import RasterTooLargeError, check_raster_size
 from hishrst_runtime.core.owned import check_replaceable, mark_owned
-from hishrst_runtime.core.units import PixelSizeError, check_mpp
-from hishrst_runtime.slides.errors import ConvertError
+from hishrst_runtime.core.units import PixelSizeError, resolve_mpp
+from hishrst_runtime.slides.errors import ConvertError, MissingChunkError, SlideError
 from hishrst_runtime.slides.pyramid import DEFAULT_CHUNK, pyramid_shapes, write_ome_zarr
-from hishrst_runtime.slides.tiff import TiffError, TiffLevel, rgb8_problem, tiff_mpp_or_reason, tiff_pixel_size
+from hishrst_runtime.slides.tiff import (NO_TIFF_MPP, TiffError, TiffLevel, rgb8_problem, tiff_mpp_candidates,
+                                         tiff_pixel_size)
 
 __all__ = [
     "ConvertError",
@@ -56,7 +63,6 @@ __all__ = [
     "convert_slide",
 ]
 
-_MPP_HINT = "pass the pixel size with --mpp (µm per pixel, e.g. --mpp 0.5 for a 20x scan)"
 #: Environment variable overriding the compression ratio :func:`estimate_output_bytes` assumes.
 COMPRESSION_ENV = "HISHRST_CONVERT_COMPRESSION"
 #: The assumed ratio of uncompressed to written bytes (the real SVS test slide, all tissue, gives 2.6).
@@ -147,24 +153,21 @@ def _check_pixels(src: TiffLevel) -> None:
         raise SlideTooLargeError(str(e)) from e
 
 
-def _source_mpp(src: TiffLevel, mpp: float | None, bounds: tuple[float, float] | None) -> tuple[float, str]:
-    """(µm / pixel, origin) of the source: ``mpp`` if given, else the first plausible value in the file."""
-    if mpp is not None:
-        return float(mpp), "--mpp"
-    value, origin = tiff_mpp_or_reason(src.tif, bounds=bounds)
-    if value is None:
-        raise ConvertError(f"{src.path}: {origin}; {_MPP_HINT}")
-    return value, origin
+def _source_mpp(src: Path, tif: object, mpp: float | None, bounds: tuple[float, float] | None) -> tuple[float, str]:
+    """(µm / pixel, origin) of the source (:func:`~hishrst_runtime.core.units.resolve_mpp`): ``mpp`` if given
+    (origin ``"--mpp"``), else the first plausible value in the file."""
+    candidates = tiff_mpp_candidates(tif) if mpp is None else []
+    try:
+        (value, _), origin = resolve_mpp(str(src), override=mpp, candidates=candidates, bounds=bounds,
+                                         missing=NO_TIFF_MPP)
+    except PixelSizeError as e:
+        raise ConvertError(str(e)) from e
+    return value, "--mpp" if origin == "override" else origin
 
 
-def _check_source(src: Path, mpp: float | None, bounds: tuple[float, float] | None) -> None:
+def _check_source(src: Path) -> None:
     if not src.is_file():
         raise ConvertError(f"{src}: no such file; check the path of the slide to convert")
-    if mpp is not None:
-        try:
-            check_mpp(mpp, where=str(src), source="--mpp", fix="pass e.g. --mpp 0.5", bounds=bounds)
-        except PixelSizeError as e:
-            raise ConvertError(str(e)) from e
 
 
 def _check_output(src: Path, out: Path, overwrite: bool) -> bool:
@@ -204,19 +207,35 @@ def _os_error(e: OSError, src: Path, out: Path) -> ConvertOutputError | None:
     return None
 
 
+def _tile_error(e: SlideError) -> ConvertError:
+    """A missing or corrupt tile met while converting, as a one-line :class:`ConvertError` naming the tile."""
+    if isinstance(e, MissingChunkError):  # its fix names hishrst-run's --allow-missing-chunks, which convert lacks
+        what = str(e).split("; restore", 1)[0]
+        return ConvertError(f"{what}; restore the tile (copy the slide again or re-export it): hishrst convert "
+                            "does not fill missing tiles")
+    return ConvertError(str(e))
+
+
 def _write_store(source: TiffLevel, src: Path, out: Path, *, mpp: float, origin: str, chunk: int,
-                 progress: bool) -> Path:
-    """Write the store to a hidden ``.<name>.partial-…`` beside ``out`` and mark it; removed on any failure."""
+                 progress: bool, bounds: tuple[float, float] | None) -> Path:
+    """Write the store to a hidden ``.<name>.partial-…`` beside ``out`` and mark it; removed on any failure.
+    The pixels are level 0 of the direct reader (its missing / corrupt tile rule, see the module docstring)."""
+    from hishrst_runtime.slides.tiffslide import open_tiff_slide
+
     tmp = temp_sibling(out, "partial")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_ome_zarr(source, tmp, mpp=mpp, chunk=chunk, version="0.5", axes="cyx", name=src.stem,
-                       progress=progress, source_align_rows=source.align_rows,
-                       extra_attrs={"hishrst": {"source": src.name, "mpp_source": origin}})
+        with open_tiff_slide(src, mpp=mpp, mpp_range=bounds) as direct:
+            write_ome_zarr(direct.levels[0].image, tmp, mpp=mpp, chunk=chunk, version="0.5", axes="cyx",
+                           name=src.stem, progress=progress, source_align_rows=source.align_rows,
+                           extra_attrs={"hishrst": {"source": src.name, "mpp_source": origin}})
         mark_owned(tmp, "ome-zarr", source=src.name)
     except TiffError as e:
         remove_tree(tmp)
         raise ConvertError(f"{src}: {e.reason}; copy the complete file again or re-export it") from e
+    except SlideError as e:  # a tile with no data inside tissue, or one that does not decode
+        remove_tree(tmp)
+        raise _tile_error(e) from e
     except OSError as e:
         remove_tree(tmp)
         error = _os_error(e, src, out)
@@ -254,14 +273,15 @@ def convert_slide(
     """
     src, out = Path(src), Path(out_path)
     _compression_ratio(compression)
-    _check_source(src, mpp, mpp_range)
+    _check_source(src)
     _check_output(src, out, overwrite)
     with _open_source(src) as source:
         _check_pixels(source)
-        use_mpp, origin = _source_mpp(source, mpp, mpp_range)
+        use_mpp, origin = _source_mpp(src, source.tif, mpp, mpp_range)
         _prepare_output(src, out, overwrite)
         _check_free_space(src, out, source.shape[:2], compression)
-        tmp = _write_store(source, src, out, mpp=use_mpp, origin=origin, chunk=chunk, progress=progress)
+        tmp = _write_store(source, src, out, mpp=use_mpp, origin=origin, chunk=chunk, progress=progress,
+                           bounds=mpp_range)
     try:
         return swap_in(tmp, out)
     except OSError as e:

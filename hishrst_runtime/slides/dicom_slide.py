@@ -9,12 +9,13 @@ content sniff, only reads the 4-byte ``DICM`` magic of a few files.
 * **Slide.** ``wsidicom.WsiDicom.open(folder)``: the folder's files (not its sub-folders) that are
   VL Whole Slide Microscopy instances; the levels of the selected pyramid (wsidicom's default, the first)
   are the slide's levels, finest (the base) first. Labels, overviews and thumbnails are not used.
-* **Reads.** Each level is a :class:`DicomLevel` whose box reads call ``read_region`` on that stored
-  level (never a rescaled one), as uint8 RGB (grey images are replicated to three channels). The chunk
+* **Reads.** Each level is a :class:`~hishrst_runtime.slides.level.Level` whose box source, a
+  :class:`DicomBoxes`, calls ``read_region`` on that stored level (never a rescaled one), as uint8 RGB (grey images are replicated to three channels). The chunk
   grid is the level's DICOM tile grid, so whole-chunk reads decode whole frames. The default focal plane
   and optical path are read. wsidicom's file reads are locked, so reader threads may share a slide.
-* **Pixel size.** Level 0's DICOM PixelSpacing (mm, rows then columns) × 1000 → µm per pixel, checked
-  with the plausibility bound of :mod:`hishrst_runtime.core.units`; ``mpp=`` overrides it. wsidicom itself
+* **Pixel size.** Level 0's DICOM PixelSpacing (mm, rows then columns) × 1000 → µm per pixel, resolved
+  with :func:`~hishrst_runtime.core.units.resolve_mpp` (the one record: an implausible value is an error
+  naming it); ``mpp=`` overrides it. wsidicom itself
   needs the spacing to order the levels, so a folder without it cannot be opened even with ``mpp=``.
 * **Completeness.** wsidicom silently skips files it cannot read — a damaged level-0 file would leave a
   coarser level as the base. So a file with the DICOM magic that wsidicom did not take is an error unless
@@ -36,13 +37,13 @@ from typing import Any
 import numpy as np
 
 from hishrst_runtime.core.limits import check_raster_size
-from hishrst_runtime.core.units import check_mpp
+from hishrst_runtime.core.units import MppCandidate, resolve_mpp
 from hishrst_runtime.slides.errors import ChunkDecodeError, SlideError, SlideExtraMissing, SlidePixelSizeError
 from hishrst_runtime.slides.level import Level
 from hishrst_runtime.slides.pooled import extend_pyramid, level_downsample
 from hishrst_runtime.slides.slide import Slide
 
-__all__ = ["DicomLevel", "import_wsidicom", "is_dicom_folder", "open_dicom_slide"]
+__all__ = ["DicomBoxes", "import_wsidicom", "is_dicom_folder", "open_dicom_slide"]
 
 _EXTRA = 'pip install "hishrst[dicom]"'
 #: The DICOM file magic and where it sits (after the 128-byte preamble).
@@ -52,7 +53,6 @@ _SNIFF_ENTRIES, _SNIFF_FILES = 64, 8
 _WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 _UNUSED_KINDS = ("LABEL", "OVERVIEW", "THUMBNAIL")
 _CORRUPT = "the DICOM file is truncated or corrupt; copy the slide folder again (or export it again)"
-_MPP_FIX = "pass the pixel size with --mpp (µm per level-0 pixel, e.g. --mpp 0.5 for a 20x scan)"
 #: What wsidicom and pydicom raise for files they cannot parse or decode (wsidicom's own errors are added).
 _BASE_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, IndexError, AttributeError,
                                                  OSError, EOFError, NotImplementedError, RuntimeError)
@@ -111,18 +111,22 @@ def _errors(wsidicom: Any) -> tuple[type[BaseException], ...]:
     return _BASE_ERRORS + own
 
 
-@dataclass(eq=False)
-class DicomLevel(Level):
-    """One stored level of a DICOM pyramid (the ``WsiDicom`` handle is ``_array``); box reads via ``read_region``
-    on wsidicom's pyramid level ``pyramid_level`` (log2 of its downsample), so nothing is rescaled."""
+@dataclass(frozen=True)
+class DicomBoxes:
+    """The :class:`~hishrst_runtime.slides.boxes.BoxSource` of one stored level of a DICOM pyramid: ``read_region``
+    of the ``WsiDicom`` handle ``wsi`` on wsidicom's pyramid level ``pyramid_level`` (log2 of its downsample),
+    so nothing is rescaled. ``store``, ``path``: the folder and the level's files, for messages."""
 
-    pyramid_level: int = 0
+    wsi: Any
+    pyramid_level: int
+    store: str
+    path: str
+    corrupt_hint: str = _CORRUPT
     _read_errors: tuple[type[BaseException], ...] = field(default=_BASE_ERRORS, repr=False)
 
-    def _zarr_read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        wsi = self._open_array()
+    def read_box(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         try:
-            data = np.asarray(wsi.read_region((x0, y0), self.pyramid_level, (x1 - x0, y1 - y0), as_array=True))
+            data = np.asarray(self.wsi.read_region((x0, y0), self.pyramid_level, (x1 - x0, y1 - y0), as_array=True))
         except self._read_errors as e:
             raise ChunkDecodeError(f"{self.store}: DICOM {self.path} pixels [{y0}:{y1}, {x0}:{x1}] cannot be read "
                                    f"({_one_line(e)}); {self.corrupt_hint}") from e
@@ -195,15 +199,12 @@ def _open_wsi(wsidicom: Any, path: Path) -> Any:
 
 def _mpp_yx(wsi: Any, path: str, mpp: float | None,
             bounds: tuple[float, float] | None) -> tuple[tuple[float, float], str]:
-    if mpp is not None:
-        v = check_mpp(mpp, where=path, source="--mpp", fix="pass e.g. --mpp 0.5", bounds=bounds,
-                      error=SlidePixelSizeError)
-        return (v, v), "override"
-    spacing = wsi.levels[0].pixel_spacing  # SizeMm(width=column spacing, height=row spacing)
-    src = "the DICOM PixelSpacing of level 0 (× 1000)"
-    my, mx = (check_mpp(float(s) * 1000.0, where=path, source=src, fix=_MPP_FIX, bounds=bounds,
-                        error=SlidePixelSizeError) for s in (spacing.height, spacing.width))
-    return (my, mx), "metadata"
+    spacing = None if mpp is not None else wsi.levels[0].pixel_spacing  # SizeMm(width=columns, height=rows)
+    value = None if spacing is None else (float(spacing.height) * 1000.0, float(spacing.width) * 1000.0)
+    yx, origin = resolve_mpp(path, override=mpp, bounds=bounds, strict=True, error=SlidePixelSizeError,
+                             candidates=[MppCandidate(value, "the DICOM PixelSpacing of level 0 (× 1000)")],
+                             missing="the DICOM files have no pixel spacing")
+    return yx, "override" if origin == "override" else "metadata"
 
 
 def _level_files(wsi_level: Any) -> str:
@@ -225,18 +226,19 @@ def _levels(wsi: Any, wsidicom: Any, path: str, mpp_yx: tuple[float, float]) -> 
         h, w = int(lv.size.height), int(lv.size.width)
         th, tw = int(lv.tile_size.height), int(lv.tile_size.width)
         dy, dx = level_downsample((h0, w0), (h, w))
-        levels.append(DicomLevel(
+        name = f"level {i} ({_level_files(lv)})"
+        levels.append(Level(
             index=i, mpp=0.5 * (mpp_yx[0] * dy + mpp_yx[1] * dx), mpp_yx=(mpp_yx[0] * dy, mpp_yx[1] * dx),
-            downsample=0.5 * (dy + dx), shape=(h, w), chunks=(min(th, h), min(tw, w)),
-            path=f"level {i} ({_level_files(lv)})", _array=wsi, _axes=("y", "x", "c"), _n_channels=3, store=path,
-            corrupt_hint=_CORRUPT, pyramid_level=int(lv.level), _read_errors=_errors(wsidicom)))
+            downsample=0.5 * (dy + dx), shape=(h, w), chunks=(min(th, h), min(tw, w)), path=name, store=path,
+            corrupt_hint=_CORRUPT, source=DicomBoxes(wsi, int(lv.level), path, name, _CORRUPT, _errors(wsidicom))))
     return levels
 
 
 def open_dicom_slide(location: str | os.PathLike[str], *, mpp: float | None = None,
-                     mpp_range: tuple[float, float] | None = None) -> Slide:
+                     mpp_range: tuple[float, float] | None = None, allow_missing_chunks: bool = False) -> Slide:
     """Open a local DICOM whole slide (a folder of its ``.dcm`` files, or one file; see the module docstring);
-    ``mpp`` (µm per level-0 pixel) overrides its pixel size. Raises :class:`SlideExtraMissing` without
+    ``mpp`` (µm per level-0 pixel) overrides its pixel size; ``allow_missing_chunks`` is kept on the Slide
+    (chunk-integrity checks do not apply). Raises :class:`SlideExtraMissing` without
     wsidicom, :class:`SlideError` naming the folder when it is missing, incomplete or unreadable."""
     spath = os.fspath(location)
     wsidicom = import_wsidicom(spath)
@@ -257,5 +259,5 @@ def open_dicom_slide(location: str | os.PathLike[str], *, mpp: float | None = No
     except BaseException:
         wsi.close()
         raise
-    return Slide(spath, extend_pyramid(levels), mpp_source=source, kind="dicom",  # type: ignore[arg-type]
-                 on_close=wsi.close)
+    return Slide(spath, extend_pyramid(levels), mpp_source=source, kind="dicom", on_close=wsi.close,
+                 allow_missing_chunks=allow_missing_chunks)

@@ -3,12 +3,19 @@ which module opens it and which optional extra that module needs.
 
 Every list of slide suffixes elsewhere derives from here — folder scans (``hishrst-run DIR``), output
 names (``S.svs`` → ``S.zarr``), training's image readers — so a reader the runtime can open is also
-found in folders and named the same way. Adding a format is one reader module plus one
-:func:`register_format` call below (e.g. DICOM WSI: :mod:`hishrst_runtime.slides.dicom_slide`).
+found in folders and named the same way; :func:`~hishrst_runtime.slides.reader.open_slide` dispatches a
+local file or directory to its format's opener through :func:`format_for_path`. Adding a format is one
+reader module plus one :func:`register_format` call below (e.g. DICOM WSI:
+:mod:`hishrst_runtime.slides.dicom_slide`); no other module changes.
 
 An opener is named as ``"module:function"`` and imported only when a slide of that format is opened,
 so an optional package is never imported at start-up. Every opener has the signature
-``open(location: str, *, mpp: float | None, mpp_range: tuple[float, float] | None) -> Slide``.
+``open(location: str, *, mpp: float | None, mpp_range: tuple[float, float] | None,
+allow_missing_chunks: bool) -> Slide``; it builds plain :class:`~hishrst_runtime.slides.level.Level` s
+over its own :class:`~hishrst_runtime.slides.boxes.BoxSource` (or a zarr-like array), decides the pixel
+size with :func:`~hishrst_runtime.core.units.resolve_mpp`, and names itself in ``Slide.kind``.
+A file no format claims goes to the ``fallback`` format (OpenSlide), unless it is clearly not a slide
+(:data:`~hishrst_runtime.slides.sources.NOT_SLIDE_SUFFIXES`).
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["SlideFormat", "register_format", "slide_formats", "get_format", "slide_suffixes", "scan_suffixes",
-           "strip_slide_suffix", "format_for_path", "load_opener", "ZARR_SUFFIXES"]
+           "strip_slide_suffix", "format_for_path", "format_for_name", "fallback_format", "load_opener",
+           "ZARR_SUFFIXES"]
 
 #: Directory endings of (OME-)Zarr stores.
 ZARR_SUFFIXES: tuple[str, ...] = (".ome.zarr", ".zarr")
@@ -32,7 +40,8 @@ class SlideFormat:
     lookups try the longest first); ``opener``: ``"module:function"``; ``sniff``: recognises the content
     whatever the name (None: by name only); ``directory``: the slide is a directory (zarr store, DICOM
     folder); ``extra``: the pip extra its opener needs (None: base install); ``scan``: found by folder
-    scans (False for formats opened only when named, e.g. OpenSlide's catch-all)."""
+    scans (False for formats opened only when named); ``fallback``: opens local files no format claims
+    (one format, OpenSlide's catch-all)."""
 
     name: str
     suffixes: tuple[str, ...]
@@ -42,6 +51,7 @@ class SlideFormat:
     extra: str | None = None
     scan: bool = True
     description: str = ""
+    fallback: bool = False
 
 
 _REGISTRY: dict[str, SlideFormat] = {}
@@ -110,6 +120,20 @@ def format_for_path(path: Path) -> SlideFormat | None:
     return None
 
 
+def format_for_name(name: str) -> SlideFormat | None:
+    """The format whose name ending ``name`` has (longest ending first; no file is touched, e.g. for URLs)."""
+    low = name.lower()
+    for suffix in slide_suffixes():
+        if low.endswith(suffix):
+            return next(f for f in _REGISTRY.values() if suffix in f.suffixes)
+    return None
+
+
+def fallback_format() -> SlideFormat | None:
+    """The format that opens local files no format claims (OpenSlide), or None when none is registered."""
+    return next((f for f in _REGISTRY.values() if f.fallback), None)
+
+
 def load_opener(fmt: SlideFormat) -> Callable[..., Any]:
     """Import and return ``fmt``'s opener (only now is its module, and any optional package it needs, imported)."""
     if fmt.opener is None:
@@ -134,14 +158,14 @@ def _sniff_zarr(path: Path) -> bool:
 register_format(SlideFormat(
     "ome-zarr", ZARR_SUFFIXES, None, sniff=_sniff_zarr, directory=True,
     description="OME-Zarr (NGFF 0.4 / 0.5, bioformats2raw), local or over http(s) / s3; SpatialData image elements"))
-register_format(SlideFormat(
+register_format(SlideFormat(  # the one list of TIFF-family endings (training's readers derive theirs from it)
     "tiff", (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".ndpi", ".scn", ".bif", ".qptiff", ".btf", ".tf2",
              ".tf8"),
     "hishrst_runtime.slides.tiffslide:open_tiff_slide", sniff=_sniff_tiff,
     description="TIFF-family whole-slide files (SVS, TIFF, OME-TIFF, NDPI, SCN, BIF, QPTIFF, BigTIFF), read directly"))
 register_format(SlideFormat(
     "openslide", (".mrxs", ".vms", ".vmu", ".svslide"), "hishrst_runtime.slides.openslide_slide:open_openslide_slide",
-    extra="openslide", description="other vendor formats through OpenSlide"))
+    extra="openslide", fallback=True, description="other vendor formats through OpenSlide"))
 
 
 def _sniff_dicom(path: Path) -> bool:

@@ -1,4 +1,7 @@
-"""One pyramid level of an OME-Zarr slide: box reads, whole-chunk reads and chunk-aligned tiling (torch-free).
+"""One pyramid level of a slide: box reads, whole-chunk reads and chunk-aligned tiling (torch-free).
+
+Where the pixels come from — a zarr-like array (built in) or a reader's
+:class:`~hishrst_runtime.slides.boxes.BoxSource` — is described in :mod:`hishrst_runtime.slides.boxes`.
 
 Coordinates are ``(x, y)``; a region ``(x0, y0, x1, y1)`` is half-open and in the pixels of the
 level it is read from (level-0 pixels × ``1 / downsample``). Reads are safe from several threads
@@ -11,26 +14,19 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
 
+from hishrst_runtime.slides.boxes import BoxSource, LevelImage, direct_ok, iter_chunk_regions
 from hishrst_runtime.slides.chunks import ChunkAbsent
 from hishrst_runtime.slides.errors import ChunkDecodeError, MissingChunkError, SlideError
 
-__all__ = ["Level", "LevelImage", "iter_chunk_regions", "direct_ok"]
+__all__ = ["Level", "LevelImage", "BoxSource", "iter_chunk_regions", "direct_ok"]
 
 #: What zarr's codec pipeline raises for a chunk that does not decode (zstd/blosc, gzip/zlib, shapes).
 _DECODE_ERRORS = (RuntimeError, ValueError, TypeError, OSError, EOFError, zlib.error)
-
-
-def direct_ok(axes: Sequence[str], chunks: Sequence[int]) -> bool:
-    """Whether :meth:`Level.read_chunk` can use direct chunk reads: a ``c, y, x`` or ``y, x, c`` order
-    (leading singleton ``t`` / ``z`` allowed) whose singleton axes are chunked by 1."""
-    kept = [a for a in axes if a in ("y", "x", "c")]
-    return kept in (["c", "y", "x"], ["y", "x", "c"]) and all(
-        int(c) == 1 for a, c in zip(axes, chunks) if a not in ("y", "x", "c"))
 
 
 @dataclass(eq=False)
@@ -42,6 +38,11 @@ class Level:
     (ch, cw) are in this level's pixels. A Level can be passed to
     :func:`hishrst_runtime.core.patches.cut_patch` directly (it reads ``shape[0:2]`` and slices
     ``level[y0:y1, x0:x1]``); :attr:`image` is the same view with ``shape == (H, W, 3)``.
+
+    The pixels come from ``_array`` (a zarr-like array in ``_axes`` order, with the optional direct chunk
+    reader ``_direct``) or, when given, from ``source`` (a :class:`~hishrst_runtime.slides.boxes.BoxSource`;
+    ``_axes`` is then ``y, x, c``). ``computed``: the level is computed from another one (pooled), so it has
+    no chunks of its own to lose.
     """
 
     index: int
@@ -51,9 +52,9 @@ class Level:
     shape: tuple[int, int]
     chunks: tuple[int, int]
     path: str
-    _array: Any = field(repr=False)
-    _axes: tuple[str, ...] = field(repr=False)
-    _n_channels: int = field(repr=False)
+    _array: Any = field(default=None, repr=False)
+    _axes: tuple[str, ...] = field(default=("y", "x", "c"), repr=False)
+    _n_channels: int = field(default=3, repr=False)
     _direct: Any = field(default=None, repr=False)
     #: The store's path or URL (for messages).
     store: str = field(default="", repr=False)
@@ -64,20 +65,45 @@ class Level:
     #: The next coarser *stored* level (the evidence for absent chunks), set by the Slide; None on the coarsest.
     _coarser: Any = field(default=None, repr=False)
     _verdicts: dict = field(default_factory=dict, repr=False)
+    #: Where the pixels come from when not from ``_array`` (the public extension point).
+    source: BoxSource | None = field(default=None, repr=False)
     #: Whether the level is computed from another one (then it has no chunks of its own to lose).
-    computed: ClassVar[bool] = False
+    computed: bool = False
+    _closed: bool = field(default=False, repr=False)
 
     def _index(self, y: slice, x: slice) -> tuple[Any, ...]:
         return tuple(y if a == "y" else x if a == "x" else slice(0, 3) if a == "c" else 0 for a in self._axes)
 
     def _open_array(self) -> Any:
-        if self._array is None:
+        if self._closed or (self._array is None and self.source is None):
             raise ValueError("the slide is closed; open it again with open_slide()")
         return self._array
 
-    def _zarr_read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """Box read (direct chunk reads when possible, else zarr); a chunk with no data is judged by the
-        slide's missing-data rule and a chunk that does not decode is a :class:`ChunkDecodeError` naming it."""
+    def close(self) -> None:
+        """Drop the pixel handles (further reads raise); the Slide closes the files themselves."""
+        self._closed, self._array, self.source = True, None, None
+
+    def read_box(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[y0:y1, x0:x1]`` (half-open, inside the level, non-empty) as uint8 RGB ``(h, w, 3)``: from
+        the ``source`` when the level has one, else from the array (:meth:`_array_read`). This makes a Level
+        a :class:`~hishrst_runtime.slides.boxes.BoxSource` itself."""
+        self._open_array()
+        if self.source is not None:
+            return self.source.read_box(y0, y1, x0, x1)
+        data = self._array_read(y0, y1, x0, x1)
+        kept = self._kept()
+        if "c" in kept:
+            data = np.moveaxis(data, kept.index("c"), -1)
+            if kept.index("y") > kept.index("x"):  # (x, y, c) -> (y, x, c)
+                data = data.swapaxes(0, 1)
+        else:  # pragma: no cover - rejected at open (needs 3 or 4 channels)
+            data = np.repeat(data[..., None], 3, axis=-1)
+        return np.ascontiguousarray(data[..., :3], dtype=np.uint8)
+
+    def _array_read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Box read from the array in its kept axis order (direct chunk reads when possible, else zarr); a chunk
+        with no data is judged by the slide's missing-data rule and a chunk that does not decode is a
+        :class:`ChunkDecodeError` naming it."""
         arr = self._open_array()
         if self._direct is not None:
             return self._direct_box(y0, y1, x0, x1)
@@ -225,6 +251,8 @@ class Level:
                             slice(sy.start - cy * ch, sy.stop - cy * ch) if a == "y" else slice(
                                 sx.start - cx * cw, sx.stop - cx * cw) if a == "x" else slice(None) for a in kept)]
                             for p in parts]
+                    elif self.source is not None:
+                        data = [self.source.read_box(sy.start, sy.stop, sx.start, sx.stop)]
                     else:
                         data = [np.asarray(arr[self._index(sy, sx)])]
                 except ChunkAbsent:
@@ -262,15 +290,7 @@ class Level:
         cx1, cy1 = min(max(int(x1), cx0), w), min(max(int(y1), cy0), h)
         if cx1 <= cx0 or cy1 <= cy0:
             return np.zeros((max(cy1 - cy0, 0), max(cx1 - cx0, 0), 3), dtype=np.uint8)
-        data = self._zarr_read(cy0, cy1, cx0, cx1)
-        kept = [a for a in self._axes if a in ("y", "x", "c")]
-        if "c" in kept:
-            data = np.moveaxis(data, kept.index("c"), -1)
-            if kept.index("y") > kept.index("x"):  # (x, y, c) -> (y, x, c)
-                data = data.swapaxes(0, 1)
-        else:  # pragma: no cover - rejected at open (needs 3 or 4 channels)
-            data = np.repeat(data[..., None], 3, axis=-1)
-        return np.ascontiguousarray(data, dtype=np.uint8)
+        return self.read_box(cy0, cy1, cx0, cx1)
 
     def _direct_parts(self, cy: int, cx: int, *, judged: bool) -> list[np.ndarray] | None:
         """The channel chunks of chunk (cy, cx), decoded directly. ``judged``: a chunk with no data or that
@@ -316,13 +336,13 @@ class Level:
         if not (0 <= y0 < h and 0 <= x0 < w):
             raise IndexError(f"chunk ({cy}, {cx}) is outside the level's {math.ceil(h / ch)} x {math.ceil(w / cw)} chunks")
         bh, bw = min(ch, h - y0), min(cw, w - x0)
-        kept = [a for a in self._axes if a in ("y", "x", "c")]
-        if kept not in (["c", "y", "x"], ["y", "x", "c"]):  # unusual axis orders
-            return Image.fromarray(self.read_region(x0, y0, x0 + bw, y0 + bh))
+        kept = self._kept()
+        if self.source is not None or kept not in (["c", "y", "x"], ["y", "x", "c"]):  # a box source, unusual orders
+            return Image.fromarray(self.read_box(y0, y0 + bh, x0, x0 + bw))
         if self._direct is not None:  # both orders have a c axis; it may be chunked by fewer than 3
             data = self._direct_block(int(cy), int(cx), bh, bw, kept)
         else:
-            data = self._zarr_read(y0, y0 + bh, x0, x0 + bw)
+            data = self._array_read(y0, y0 + bh, x0, x0 + bw)
         if kept == ["c", "y", "x"]:
             planes = [np.ascontiguousarray(data[i], dtype=np.uint8) for i in range(3)]
             return Image.merge("RGB", [Image.frombuffer("L", (bw, bh), p, "raw", "L", 0, 1) for p in planes])
@@ -348,44 +368,3 @@ class Level:
     def iter_regions(self, region_size_px: int | None = None) -> Iterator[tuple[int, int, int, int]]:
         """Chunk-aligned boxes covering the level; see :func:`iter_chunk_regions`."""
         return iter_chunk_regions(self, region_size_px)
-
-
-class LevelImage:
-    """Thin adapter: a :class:`Level` seen as an ``(H, W, 3)`` uint8 array (for ``cut_patch``)."""
-
-    __slots__ = ("level",)
-
-    def __init__(self, level: Level) -> None:
-        self.level = level
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.level.shape[0], self.level.shape[1], 3)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.uint8)
-
-    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
-        return self.level[key]
-
-
-def iter_chunk_regions(level: Level, region_size_px: int | None = None) -> Iterator[tuple[int, int, int, int]]:
-    """Yield boxes ``(x0, y0, x1, y1)`` (level pixels, half-open) tiling ``level`` in row-major order.
-
-    Box edges fall on chunk boundaries: the box side is ``region_size_px`` rounded **up** to a
-    whole number of chunks (one chunk when ``None``); boxes on the right / bottom edge are clipped
-    to the level. Reading the boxes one by one decodes every chunk exactly once.
-    """
-    h, w = level.shape
-    ch, cw = level.chunks
-    if region_size_px is None:
-        bh, bw = ch, cw
-    else:
-        if int(region_size_px) <= 0:
-            raise ValueError(f"region_size_px must be a positive number of pixels, got {region_size_px!r}")
-        bh = ch * max(1, math.ceil(int(region_size_px) / ch))
-        bw = cw * max(1, math.ceil(int(region_size_px) / cw))
-    for y0 in range(0, h, bh):
-        for x0 in range(0, w, bw):
-            yield x0, y0, min(x0 + bw, w), min(y0 + bh, h)

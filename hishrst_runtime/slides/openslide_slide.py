@@ -6,11 +6,11 @@ openslide-bin library); without it, :func:`open_openslide_slide` raises
 :class:`~hishrst_runtime.slides.errors.SlideExtraMissing` naming the extra. TIFF-family files (SVS,
 TIFF, NDPI, SCN) never come here: they are read directly with tifffile.
 
-Each OpenSlide level is a :class:`OpenSlideLevel` whose box reads call ``read_region`` (OpenSlide is
-thread-safe); transparent pixels (outside the scanned area) are composited over white. The chunk grid
+Each OpenSlide level is a :class:`~hishrst_runtime.slides.level.Level` whose box source, an
+:class:`OpenSlideBoxes`, calls ``read_region`` (OpenSlide is thread-safe); transparent pixels (outside the scanned area) are composited over white. The chunk grid
 is a fixed :data:`CHUNK_PX` grid (OpenSlide hides the file's tiles). Pixel size: OpenSlide's
-``openslide.mpp-x`` / ``mpp-y`` properties (µm / pixel), checked with the plausibility bound of
-:mod:`hishrst_runtime.core.units`; ``mpp=`` overrides it. Levels below the coarsest stored one are
+``openslide.mpp-x`` / ``mpp-y`` properties (µm / pixel), resolved with
+:func:`~hishrst_runtime.core.units.resolve_mpp` (implausible values count as absent); ``mpp=`` overrides it. Levels below the coarsest stored one are
 added by 2 × 2 mean pooling (:mod:`hishrst_runtime.slides.pooled`). Every level is checked against the
 slide size limit (:mod:`hishrst_runtime.core.limits`) at open. Missing-chunk checks do not apply: OpenSlide
 hides the file's tiles and returns areas it has no tile for as transparent, which is background (white)
@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from hishrst_runtime.core.units import check_mpp, is_plausible_mpp
+from hishrst_runtime.core.units import MppCandidate, resolve_mpp
 from hishrst_runtime.slides.errors import SlideError, SlideExtraMissing, SlidePixelSizeError, check_slide_size
 from hishrst_runtime.slides.level import Level
 from hishrst_runtime.slides.pooled import extend_pyramid, level_downsample
 from hishrst_runtime.slides.slide import Slide
 
-__all__ = ["CHUNK_PX", "OpenSlideLevel", "import_openslide", "open_openslide_slide"]
+__all__ = ["CHUNK_PX", "OpenSlideBoxes", "import_openslide", "open_openslide_slide"]
 
 #: Side (pixels) of the chunk grid of an OpenSlide level.
 CHUNK_PX = 512
@@ -49,18 +49,23 @@ def import_openslide(path: str) -> Any:
     return openslide
 
 
-@dataclass(eq=False)
-class OpenSlideLevel(Level):
-    """One OpenSlide level (the handle is ``_array``; ``path`` holds its level number); box reads via ``read_region``."""
+@dataclass(frozen=True)
+class OpenSlideBoxes:
+    """The :class:`~hishrst_runtime.slides.boxes.BoxSource` of OpenSlide level ``level`` of the handle ``osr``
+    (``downsample``: of that level, to address it in level-0 pixels); transparent pixels over white."""
 
-    def _zarr_read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        osr = self._open_array()
-        level = int(self.path.rsplit(" ", 1)[-1])
+    osr: Any
+    level: int
+    downsample: float
+    store: str
+    corrupt_hint: str
+
+    def read_box(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         loc = (int(round(x0 * self.downsample)), int(round(y0 * self.downsample)))
         try:
-            rgba = np.asarray(osr.read_region(loc, level, (x1 - x0, y1 - y0)))
+            rgba = np.asarray(self.osr.read_region(loc, self.level, (x1 - x0, y1 - y0)))
         except Exception as e:  # noqa: BLE001 - openslide.OpenSlideError and friends
-            raise SlideError(f"{self.store}: OpenSlide cannot read level {level} pixels [{y0}:{y1}, {x0}:{x1}] "
+            raise SlideError(f"{self.store}: OpenSlide cannot read level {self.level} pixels [{y0}:{y1}, {x0}:{x1}] "
                              f"({type(e).__name__}: {e}); {self.corrupt_hint}") from e
         rgb, alpha = rgba[..., :3].astype(np.uint16), rgba[..., 3:4].astype(np.uint16)
         if int(alpha.min()) == 255:
@@ -69,26 +74,24 @@ class OpenSlideLevel(Level):
 
 
 def _mpp0(osr: Any, openslide: Any, path: str, mpp: float | None, bounds: tuple[float, float] | None) -> tuple[float, str]:
-    if mpp is not None:
-        return check_mpp(mpp, where=path, source="--mpp", fix="pass e.g. --mpp 0.5", bounds=bounds,
-                         error=SlidePixelSizeError), "override"
     vals = []
-    for key in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y):
+    for key in (openslide.PROPERTY_NAME_MPP_Y, openslide.PROPERTY_NAME_MPP_X):
         try:
             vals.append(float(osr.properties[key]))
         except (KeyError, TypeError, ValueError):
-            pass
-    if vals and all(is_plausible_mpp(v, bounds=bounds) for v in vals):
-        return sum(vals) / len(vals), "metadata"
-    seen = f" (openslide.mpp-x/y give {vals})" if vals else ""
-    raise SlidePixelSizeError(f"{path}: the file has no usable pixel size{seen}; pass the pixel size with --mpp "
-                              "(µm per level-0 pixel, e.g. --mpp 0.5 for a 20x scan)")
+            vals.append(None)
+    value = (vals[0], vals[1]) if None not in vals else next((v for v in vals if v is not None), None)
+    (my, mx), origin = resolve_mpp(path, override=mpp, candidates=[MppCandidate(value, "openslide.mpp-x/y")],
+                                   bounds=bounds, missing="the file has no usable pixel size",
+                                   error=SlidePixelSizeError)
+    return 0.5 * (my + mx), "override" if origin == "override" else "metadata"
 
 
 def open_openslide_slide(path: str | os.PathLike[str], *, mpp: float | None = None,
-                         mpp_range: tuple[float, float] | None = None) -> Slide:
+                         mpp_range: tuple[float, float] | None = None, allow_missing_chunks: bool = False) -> Slide:
     """Open a slide OpenSlide reads (see the module docstring); ``mpp`` (µm per level-0 pixel) overrides its
-    pixel size. Raises :class:`SlideExtraMissing` without OpenSlide, :class:`SlideError` naming the file when
+    pixel size; ``allow_missing_chunks`` is kept on the Slide (no tile of an OpenSlide level is ever missing).
+    Raises :class:`SlideExtraMissing` without OpenSlide, :class:`SlideError` naming the file when
     OpenSlide cannot read it or it has no pixel size."""
     spath = os.fspath(path)
     openslide = import_openslide(spath)
@@ -110,12 +113,14 @@ def open_openslide_slide(path: str | os.PathLike[str], *, mpp: float | None = No
             check_slide_size(int(h), int(w), where=f"{spath} (OpenSlide level {i})",
                               fix="the file's header is probably damaged; copy or export the slide again")
             dy, dx = level_downsample((h0, w0), (h, w))
-            levels.append(OpenSlideLevel(
+            hint = "the file is truncated or corrupt; copy it again"
+            levels.append(Level(
                 index=i, mpp=mpp0 * 0.5 * (dy + dx), mpp_yx=(mpp0 * dy, mpp0 * dx), downsample=0.5 * (dy + dx),
                 shape=(int(h), int(w)), chunks=(min(CHUNK_PX, int(h)), min(CHUNK_PX, int(w))), path=f"level {i}",
-                _array=osr, _axes=("y", "x", "c"), _n_channels=3, store=spath,
-                corrupt_hint="the file is truncated or corrupt; copy it again"))
+                source=OpenSlideBoxes(osr, i, 0.5 * (dy + dx), spath, hint), store=spath,
+                corrupt_hint=hint))
     except BaseException:
         osr.close()
         raise
-    return Slide(spath, extend_pyramid(levels), mpp_source=source, kind="openslide", on_close=osr.close)
+    return Slide(spath, extend_pyramid(levels), mpp_source=source, kind="openslide", on_close=osr.close,
+                 allow_missing_chunks=allow_missing_chunks)

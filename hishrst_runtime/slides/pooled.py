@@ -1,7 +1,7 @@
 """Pyramid levels computed on the fly by 2 × 2 mean pooling, exactly as ``hishrst convert`` writes them (torch-free).
 
 A slide read directly (a TIFF, an OpenSlide format) may stop its pyramid early — a single-level TIFF has
-none at all. :func:`extend_pyramid` appends :class:`PooledLevel` s below the coarsest stored level with
+none at all. :func:`extend_pyramid` appends levels read through :class:`PooledBoxes` below the coarsest stored level with
 the rule of :func:`~hishrst_runtime.slides.pyramid.pyramid_shapes` (halve, rounding up, while the smaller
 side exceeds 1024 pixels), each one the 2 × 2 mean of the level above it (odd edges replicated,
 :func:`~hishrst_runtime.slides.pyramid._pool2`), with exactly twice its downsample. So a single-level slide
@@ -24,7 +24,7 @@ import numpy as np
 from hishrst_runtime.slides.level import Level
 from hishrst_runtime.slides.pyramid import _pool2
 
-__all__ = ["BLOCK_PX", "MIN_SIDE_PX", "PooledLevel", "extend_pyramid", "level_downsample"]
+__all__ = ["BLOCK_PX", "MIN_SIDE_PX", "PooledBoxes", "extend_pyramid", "level_downsample"]
 
 #: Side (pixels of the pooled level) of the blocks a box is assembled from.
 BLOCK_PX = 1024
@@ -33,14 +33,15 @@ MIN_SIDE_PX = 1024
 _CHUNK_PX = 512
 
 
-@dataclass(eq=False)
-class PooledLevel(Level):
-    """A level computed from the level above it (held in ``_array``) by 2 × 2 mean pooling; see the module docstring."""
+@dataclass(frozen=True)
+class PooledBoxes:
+    """The :class:`~hishrst_runtime.slides.boxes.BoxSource` of a level computed from ``parent``, the level above
+    it, by 2 × 2 mean pooling; see the module docstring."""
 
-    computed = True
+    parent: Level
 
-    def _zarr_read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        parent: Level = self._open_array()
+    def read_box(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        parent = self.parent
         ph, pw = parent.shape
         out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
         for by in range(y0, y1, BLOCK_PX):
@@ -52,13 +53,13 @@ class PooledLevel(Level):
         return out
 
 
-def _pooled(parent: Level) -> PooledLevel:
+def _pooled(parent: Level) -> Level:
     h, w = parent.shape
     shape = (math.ceil(h / 2), math.ceil(w / 2))
-    return PooledLevel(
+    return Level(
         index=parent.index + 1, mpp=parent.mpp * 2.0, mpp_yx=(parent.mpp_yx[0] * 2.0, parent.mpp_yx[1] * 2.0),
         downsample=parent.downsample * 2.0, shape=shape, chunks=(min(_CHUNK_PX, shape[0]), min(_CHUNK_PX, shape[1])),
-        path=f"{parent.path} pooled 2x", _array=parent, _axes=("y", "x", "c"), _n_channels=3, store=parent.store,
+        path=f"{parent.path} pooled 2x", source=PooledBoxes(parent), computed=True, store=parent.store,
         corrupt_hint=parent.corrupt_hint,
     )
 

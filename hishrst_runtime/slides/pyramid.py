@@ -136,8 +136,10 @@ def _create_arrays(out: Path, shapes: list[tuple[int, int]], *, chunk: int, axes
     for k, (h, w) in enumerate(shapes):
         shp = (3, h, w) if axes == "cyx" else (h, w, 3)
         chk = (3, min(chunk, h), min(chunk, w)) if axes == "cyx" else (min(chunk, h), min(chunk, w), 3)
+        # Every chunk is written, background too: in a store hishrst converted, an absent chunk is lost data,
+        # never "empty" (the missing-data rule then needs no guess from neighbouring pixels).
         arrays.append(root.create_array(str(k), shape=shp, chunks=chk, dtype="uint8", fill_value=255,
-                                        **fmt.array_kwargs(axes)))
+                                        config={"write_empty_chunks": True}, **fmt.array_kwargs(axes)))
     return root, arrays
 
 

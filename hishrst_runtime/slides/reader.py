@@ -1,9 +1,9 @@
-"""Open a whole slide lazily (torch-free): OME-Zarr (local or remote), SpatialData, TIFF-family, OpenSlide.
+"""Open a whole slide lazily (torch-free): OME-Zarr (local or remote), SpatialData, or any registered format.
 
 :func:`open_slide` takes any slide argument (how each is addressed: :mod:`hishrst_runtime.slides.sources`)
-and returns one :class:`~hishrst_runtime.slides.slide.Slide` interface: a TIFF-family file is read
-directly (:mod:`hishrst_runtime.slides.tiffslide`), a vendor format through OpenSlide
-(:mod:`hishrst_runtime.slides.openslide_slide`), a URL through fsspec
+and returns one :class:`~hishrst_runtime.slides.slide.Slide` interface: a local file or directory of a
+registered format goes to that format's opener (:mod:`hishrst_runtime.slides.formats`: TIFF-family files
+read directly, vendor formats through OpenSlide, DICOM folders through wsidicom), a URL through fsspec
 (:mod:`hishrst_runtime.slides.remote`); everything else is an OME-Zarr image, described here.
 
 An OME-Zarr slide is an NGFF *multiscale image*: a zarr group whose metadata lists one array per pyramid
@@ -17,7 +17,8 @@ bioformats2raw store, whose image group is ``0``, is accepted too, and so is a S
   multiscale-wide one) on the ``y`` / ``x`` axes, converted to micrometres from the axis ``unit``
   (:mod:`hishrst_runtime.core.units`). A missing or unknown unit counts as no pixel size;
   ``open_slide(path, mpp=...)`` then supplies it (and always overrides the stored one). Zero or
-  negative scales, and level-0 pixel sizes outside the plausible range, are errors naming the store.
+  negative scales, and level-0 pixel sizes outside the plausible range, are errors naming the store
+  (decided by :func:`~hishrst_runtime.core.units.resolve_mpp`, as for every reader).
 
 Nothing is ever loaded whole: :class:`~hishrst_runtime.slides.level.Level` reads boxes and whole
 chunks of lazy zarr arrays. Arrays are opened once per :class:`~hishrst_runtime.slides.slide.Slide`.
@@ -32,9 +33,10 @@ from typing import Any
 import numpy as np
 
 from hishrst_runtime.core.limits import LIMITS
-from hishrst_runtime.core.units import UNIT_TO_UM, check_mpp, unit_to_um
+from hishrst_runtime.core.units import UNIT_TO_UM, MppCandidate, resolve_mpp, unit_to_um
 from hishrst_runtime.slides.chunks import DirectChunkReader
 from hishrst_runtime.slides.errors import SlideError, SlidePixelSizeError, check_slide_size
+from hishrst_runtime.slides.formats import format_for_name, load_opener
 from hishrst_runtime.slides.level import Level, LevelImage, direct_ok, iter_chunk_regions
 from hishrst_runtime.slides.ngff import find_multiscales, parse_axes, scale_of, space_scale
 from hishrst_runtime.slides.slide import Slide, SlideKind
@@ -53,7 +55,6 @@ REMOTE_SCHEMES = frozenset({"http", "https", "s3"})
 #: fsspec's caching prefixes (``simplecache::s3://…``). Any other scheme (ftp://, sftp://…) is refused.
 OTHER_SCHEMES = frozenset({"gs", "gcs", "az", "abfs", "abfss", "simplecache", "filecache", "blockcache"})
 
-_MPP_HINT = "pass the pixel size with --mpp (µm per level-0 pixel, e.g. --mpp 0.5 for a 20x scan)"
 _REWRITE = "Re-write the store (e.g. `hishrst convert`)."
 
 
@@ -161,22 +162,19 @@ def _scales_yx(ms: dict[str, Any], arrays: list[tuple[str, Any, dict]], names: l
 
 def _level0_mpp(scales: list[tuple[float, float]] | None, units: tuple[str | None, str | None], spath: str,
                 mpp: float | None, mpp_range: tuple[float, float] | None) -> tuple[tuple[float, float], str]:
-    """((y, x) µm / pixel of level 0, source) from ``mpp`` or the metadata, checked for plausibility."""
-    if mpp is not None:
-        v = check_mpp(mpp, where=spath, source="--mpp", fix="pass the level-0 pixel size, e.g. --mpp 0.5 for a 20x "
-                      "scan", bounds=mpp_range, error=SlidePixelSizeError)
-        return (v, v), "override"
+    """((y, x) µm / pixel of level 0, source) from ``mpp`` or the metadata (:func:`resolve_mpp`: the scales are
+    the store's one record, so an implausible value is an error)."""
     factors = [unit_to_um(u) for u in units]
-    if scales is None or factors[0] is None or factors[1] is None:
-        unit_txt = f"unit {units[0]!r}" if units[0] else "no unit"
-        known = ", ".join(k for k in UNIT_TO_UM if k.isascii() and k.endswith("er"))
-        raise _fail(spath, f"the store has no usable pixel size (y/x axes have {unit_txt}; known units: {known})",
-                    _MPP_HINT)
-    yx = (scales[0][0] * factors[0], scales[0][1] * factors[1])
-    for v in yx:
-        check_mpp(v, where=spath, source=f"the store's metadata pixel size (scale × unit {units[0]!r})",
-                  fix="check the axis units, or " + _MPP_HINT, bounds=mpp_range, error=SlidePixelSizeError)
-    return yx, "metadata"
+    value = None
+    if mpp is None and scales is not None and factors[0] is not None and factors[1] is not None:
+        value = (scales[0][0] * factors[0], scales[0][1] * factors[1])
+    unit_txt = f"unit {units[0]!r}" if units[0] else "no unit"
+    known = ", ".join(k for k in UNIT_TO_UM if k.isascii() and k.endswith("er"))
+    yx, origin = resolve_mpp(
+        spath, override=mpp, bounds=mpp_range, strict=True, error=SlidePixelSizeError,
+        candidates=[MppCandidate(value, f"the store's metadata pixel size (scale × unit {units[0]!r})")],
+        missing=f"the store has no usable pixel size (y/x axes have {unit_txt}; known units: {known})")
+    return yx, "override" if origin == "override" else "metadata"
 
 
 def _zarr_slide(root: Any, src: SlideSource, mpp: float | None, mpp_range: tuple[float, float] | None,
@@ -247,9 +245,10 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None,
                mpp_range: tuple[float, float] | None = None, max_concurrency: int | None = None,
                storage_options: dict[str, Any] | None = None, allow_missing_chunks: bool = False) -> Slide:
     """Open a whole-slide image lazily: OME-Zarr (NGFF 0.4 / 0.5; local, ``http(s)://`` or ``s3://``), a
-    SpatialData image element (``STORE::ELEMENT``), a TIFF-family file (SVS, TIFF, OME-TIFF, NDPI, SCN, …)
-    read directly, or another vendor format through OpenSlide (addressing:
-    :mod:`hishrst_runtime.slides.sources`).
+    SpatialData image element (``STORE::ELEMENT``), or a local file / directory of a registered format
+    (:mod:`hishrst_runtime.slides.formats`: a TIFF-family file read directly, a DICOM folder, another vendor
+    format through OpenSlide; addressing: :mod:`hishrst_runtime.slides.sources`). ``mpp``, ``mpp_range``
+    and ``allow_missing_chunks`` reach every opener.
 
     ``mpp`` (µm per level-0 pixel) overrides the stored pixel size, or supplies it when the slide
     has none; the other levels keep their relative scales. Pixel sizes outside ``mpp_range`` (µm /
@@ -264,24 +263,17 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None,
     element's ``Scale`` to its coordinate system is honoured: level 0 is that space.
     """
     spath = os.fspath(path)
-    if mpp is not None:  # a bad --mpp is reported before the slide is even opened
-        check_mpp(mpp, where=spath, source="--mpp", fix="pass e.g. --mpp 0.5", bounds=mpp_range, error=SlidePixelSizeError)
     src = parse_source(spath)
-    if src.kind == "tiff":
-        from hishrst_runtime.slides.tiffslide import open_tiff_slide
-
-        return open_tiff_slide(src.location, mpp=mpp, mpp_range=mpp_range, allow_missing_chunks=allow_missing_chunks)
-    if src.kind == "openslide":
-        from hishrst_runtime.slides.openslide_slide import open_openslide_slide
-
-        return open_openslide_slide(src.location, mpp=mpp, mpp_range=mpp_range)
+    if src.format is not None:  # a registered format's opener (TIFF-family, OpenSlide, DICOM, …)
+        opener = load_opener(src.format)
+        return opener(src.location, mpp=mpp, mpp_range=mpp_range, allow_missing_chunks=allow_missing_chunks)
     if src.kind == "remote":
         _check_scheme(spath, src.location)
         from hishrst_runtime.slides.remote import DEFAULT_MAX_CONCURRENCY, open_remote_root
-        from hishrst_runtime.slides.tiffslide import TIFF_SUFFIXES
 
-        if src.location.lower().endswith(TIFF_SUFFIXES):
-            raise _fail(spath, "TIFF / SVS files are read from local disk only (URLs must be OME-Zarr stores)",
+        fmt = format_for_name(src.location)
+        if fmt is not None and fmt.opener is not None:
+            raise _fail(spath, f"{fmt.name} slides are read from local disk only (URLs must be OME-Zarr stores)",
                         "Download the file, or convert it with `hishrst convert` and serve the OME-Zarr store.")
 
         root = open_remote_root(src.location, max_concurrency=max_concurrency or DEFAULT_MAX_CONCURRENCY,

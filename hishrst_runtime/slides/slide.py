@@ -1,10 +1,10 @@
-"""An opened whole-slide image — OME-Zarr (local or remote), TIFF-family or OpenSlide — its levels, level
-choice and a bounded-memory overview (torch-free)."""
+"""An opened whole-slide image — OME-Zarr (local or remote) or any registered format (TIFF-family, OpenSlide,
+DICOM, …) — its levels, level choice and a bounded-memory overview (torch-free)."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -16,8 +16,9 @@ from hishrst_runtime.slides.level import Level
 __all__ = ["Slide", "SlideKind"]
 
 #: How a slide was opened: a local OME-Zarr store, one over http(s):// or s3://, an image element of a
-#: SpatialData store, a TIFF-family file read directly, or a file read through OpenSlide.
-SlideKind = Literal["ome-zarr", "remote-ome-zarr", "spatialdata", "tiff", "openslide"]
+#: SpatialData store, or the name of the registered format whose opener read it
+#: (:mod:`hishrst_runtime.slides.formats`: ``"tiff"``, ``"openslide"``, ``"dicom"``, …).
+SlideKind = str
 
 #: Column width (pixels) of the blocks a single huge level is decimated in.
 _THUMB_BLOCK_PX = 4096
@@ -87,9 +88,9 @@ class Slide:
         self.close()
 
     def close(self) -> None:
-        """Drop the array handles and close the slide's files (a TIFF, an OpenSlide handle); idempotent."""
+        """Drop the levels' pixel handles and close the slide's files (a TIFF, an OpenSlide handle); idempotent."""
         for lv in self.levels:
-            lv._array = None
+            lv.close()
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close()

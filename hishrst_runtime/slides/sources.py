@@ -1,5 +1,6 @@
-"""What a slide argument names: a local OME-Zarr store, a URL, a SpatialData image element, a TIFF-family
-file or an OpenSlide file (torch-free). :func:`parse_source` only classifies; :func:`open_slide` opens.
+"""What a slide argument names: a local OME-Zarr store, a URL, a SpatialData image element, or a local file or
+directory of a registered format (TIFF-family, OpenSlide, DICOM, …: :mod:`hishrst_runtime.slides.formats`)
+(torch-free). :func:`parse_source` only classifies; :func:`open_slide` opens.
 
 How sources are addressed (the same strings in ``hishrst-run`` and ``open_slide``):
 
@@ -12,10 +13,13 @@ How sources are addressed (the same strings in ``hishrst-run`` and ``open_slide`
                                         ``sdata.zarr/images/he_image`` is plain NGFF and works too
 ``slide.svs`` / ``.tif`` / ``.ndpi`` …  a TIFF-family file (recognised by its header), read directly
 ``slide.mrxs`` / ``.vms`` / ``.vmu`` …  other formats, through OpenSlide (``hishrst[openslide]``)
+``slide_dicom/``                        a folder of DICOM WSI files (recognised by content; ``hishrst[dicom]``)
 ``file:///data/slide.svs``              a local path (:func:`file_url_path`)
 =====================================  ==============================================================
 
-Files that are clearly not slides (text, CSV, JSON / GeoJSON, ``.h5ad``, PNG / JPEG:
+A local file or directory goes to the registered format :func:`~hishrst_runtime.slides.formats.format_for_path`
+finds (by content first, then by name): zarr stores to the zarr reader, the others to their opener. A file
+no format claims goes to the fallback format (OpenSlide). Files that are clearly not slides (text, CSV, JSON / GeoJSON, ``.h5ad``, PNG / JPEG:
 :data:`NOT_SLIDE_SUFFIXES`) are refused with a :class:`SlideError` naming the file (lists of slides go to
 ``--slides-from FILE``).
 
@@ -29,16 +33,19 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import unquote
 
 from hishrst_runtime.slides.errors import SlideError
+from hishrst_runtime.slides.formats import SlideFormat, fallback_format, format_for_path
 from hishrst_runtime.slides.ngff import FORMATS
 
 __all__ = ["SlideSource", "SourceKind", "parse_source", "is_url", "file_url_path", "spatialdata_image_group",
            "NOT_SLIDE_SUFFIXES"]
 
-SourceKind = Literal["zarr", "remote", "tiff", "openslide"]
+#: ``"zarr"`` (a local zarr store, or anything the zarr reader should name), ``"remote"`` (a URL), or the
+#: name of the registered format whose opener reads the file or directory (``"tiff"``, ``"dicom"``, …).
+SourceKind = str
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _ELEMENT = re.compile(r"^[A-Za-z0-9_.\-]+$")
 #: Files that are never slides: refused naming the file, not handed to OpenSlide (whose missing extra would
@@ -51,16 +58,20 @@ _LIST_SUFFIXES = (".txt", ".csv", ".list")
 @dataclass(frozen=True)
 class SlideSource:
     """A classified slide argument: ``kind``, the store / file ``location`` (path or URL), the SpatialData
-    image ``element`` (or None) and ``text``, the argument as given (for messages)."""
+    image ``element`` (or None), ``text``, the argument as given (for messages), and ``format``: the
+    registered format whose opener reads it (None for zarr stores and URLs)."""
 
     text: str
     kind: SourceKind
     location: str
     element: str | None = None
+    format: SlideFormat | None = None
 
 
-def is_url(text: str) -> bool:
-    """Whether ``text`` is a URL (``scheme://…``) other than ``file://``."""
+def is_url(text: str | os.PathLike[str]) -> bool:
+    """Whether ``text`` is a URL (``scheme://…``) other than ``file://`` (a ``Path`` never is)."""
+    if not isinstance(text, str):
+        return False
     return bool(_URL.match(text)) and not text.lower().startswith("file://")
 
 
@@ -84,24 +95,27 @@ def _split_element(text: str) -> tuple[str, str | None]:
 
 def parse_source(source: str | os.PathLike[str]) -> SlideSource:
     """Classify a slide argument (see the module docstring); never touches the network."""
-    from hishrst_runtime.slides.tiffslide import TIFF_SUFFIXES, is_tiff_file
-
     text = os.fspath(source)
     location, element = _split_element(text)
     location = file_url_path(location) or location
     if is_url(location):
         return SlideSource(text, "remote", location.rstrip("/"), element)
     p = Path(location)
-    if element is not None or not p.is_file():
+    if element is not None or not p.exists():  # the zarr reader names a missing path
         return SlideSource(text, "zarr", location, element)
-    if is_tiff_file(p) or p.name.lower().endswith(TIFF_SUFFIXES):
-        return SlideSource(text, "tiff", location)
+    fmt = format_for_path(p)
+    if fmt is not None and fmt.opener is not None:
+        return SlideSource(text, fmt.name, location, format=fmt)
+    if fmt is not None or p.is_dir():  # zarr stores, and directories no format claims (the zarr reader says why)
+        return SlideSource(text, "zarr", location)
     suffix = p.suffix.lower()
-    if suffix in NOT_SLIDE_SUFFIXES:
+    fallback = fallback_format()
+    if suffix in NOT_SLIDE_SUFFIXES or fallback is None:
         fix = (f"to list slides in a file use --slides-from {text}" if suffix in _LIST_SUFFIXES else
-               "pass an OME-Zarr store, a TIFF-family file (.svs, .tif, .ndpi, ...), an OpenSlide format or a URL")
-        raise SlideError(f"{text}: not a slide (a {suffix} file); {fix}")
-    return SlideSource(text, "openslide", location)
+               "pass an OME-Zarr store, a TIFF-family file (.svs, .tif, .ndpi, ...), a DICOM folder, an OpenSlide "
+               "format or a URL")
+        raise SlideError(f"{text}: not a slide (a {suffix or 'suffix-less'} file); {fix}")
+    return SlideSource(text, fallback.name, location, format=fallback)
 
 
 def _image_names(root: Any) -> list[str]:

@@ -7,9 +7,10 @@ non-Y/X axes flattened into the last one in file order (``C`` = 3 for RGB, 1 for
 ``hishrst convert`` and training's full-resolution image reader are built on it. A truncated or
 corrupt file raises :class:`TiffError` naming it, at open or when the bad tile is read.
 
-:func:`tiff_pixel_size` finds the pixel size (µm / pixel) of a TIFF with the parsers of
+:func:`tiff_mpp_candidates` lists the pixel sizes (µm / pixel) a TIFF records, with the parsers of
 :mod:`hishrst_runtime.core.units`, in order: Aperio ``MPP``, OME ``PhysicalSizeX/Y``, a JSON
-ImageDescription, the resolution tags.
+ImageDescription, the resolution tags; the direct reader and ``hishrst convert`` decide with
+:func:`~hishrst_runtime.core.units.resolve_mpp`, training with :func:`tiff_pixel_size`.
 """
 
 from __future__ import annotations
@@ -24,17 +25,18 @@ from typing import Any
 import numpy as np
 
 from hishrst_runtime.core.units import (
+    MppCandidate,
+    PixelSizeError,
     aperio_mpp,
-    is_plausible_mpp,
     json_description_mpp,
-    mpp_range,
     ome_physical_size_um,
+    resolve_mpp,
     tiff_resolution_mpp,
 )
 from hishrst_runtime.slides.errors import SlideError
 
 __all__ = ["TiffError", "TiffLevel", "open_tiff", "rgb8_problem", "tiff_pixel_size", "tiff_pixel_size_candidates",
-           "tiff_mpp_or_reason", "jpeg_problem", "aperio_mag_problem"]
+           "tiff_mpp_candidates", "NO_TIFF_MPP", "jpeg_problem", "aperio_mag_problem"]
 
 #: Aperio ``MPP`` may differ from ``10 / AppMag`` µm / pixel (20× ≈ 0.5) by at most this factor either way.
 APPMAG_TOLERANCE = 1.6
@@ -46,6 +48,8 @@ _JPEG_OK = frozenset({0x00, 0xFF, 0xC4, 0xDB, 0xDD, 0xDA, 0xDC, 0xD9, *range(0xD
 #: the imagecodecs errors are RuntimeErrors; a truncated header is a struct.error).
 _READ_ERRORS = (ValueError, RuntimeError, OSError, KeyError, IndexError, EOFError, struct.error)
 _FIX = "check that the file is complete (copy it again) and a valid TIFF / SVS / OME-TIFF"
+#: What a TIFF without a usable pixel size lacks (the start of the one "no usable pixel size" message).
+NO_TIFF_MPP = "the file has no usable pixel size (no Aperio MPP, OME PhysicalSizeX or TIFF resolution in cm/inch)"
 
 
 class TiffError(SlideError):
@@ -232,31 +236,23 @@ def tiff_pixel_size_candidates(tif: Any, *, page: Any = None) -> list[tuple[floa
 
 
 def tiff_pixel_size(tif: Any, *, mpp_range: tuple[float, float] | None = None) -> tuple[float | None, str]:
-    """The first plausible pixel size (µm / pixel) of an open ``tifffile.TiffFile`` and its origin.
+    """The first plausible pixel size (µm / pixel) of an open ``tifffile.TiffFile`` and its origin
+    (:func:`~hishrst_runtime.core.units.resolve_mpp` of :func:`tiff_pixel_size_candidates`).
 
     Implausible values (outside :func:`hishrst_runtime.core.units.mpp_range`, e.g. a 72 dpi
     placeholder) count as absent. Returns ``(None, "none")`` when the file has no usable pixel size.
     """
-    for value, origin in tiff_pixel_size_candidates(tif):
-        if is_plausible_mpp(value, bounds=mpp_range):
-            return value, origin
-    return None, "none"
+    try:
+        (value, _), origin = resolve_mpp("", candidates=tiff_pixel_size_candidates(tif), bounds=mpp_range)
+    except PixelSizeError:
+        return None, "none"
+    return value, origin
 
 
-def tiff_mpp_or_reason(tif: Any, *, page: Any = None, bounds: tuple[float, float] | None = None) -> tuple[float | None, str]:
-    """``(µm / pixel, origin)`` of the first plausible pixel size of ``page`` (default: the first page), or
-    ``(None, why)`` — a sentence saying what the file records and which values were ignored as implausible
-    (the one wording ``hishrst convert`` and the direct TIFF reader share)."""
-    found = tiff_pixel_size_candidates(tif, page=page)
-    for value, origin in found:
-        if is_plausible_mpp(value, bounds=bounds):
-            desc = (tif.pages[0] if page is None else page).description or ""
-            problem = aperio_mag_problem(desc, value) if origin == "Aperio MPP" else None
-            if problem is not None:
-                return None, f"{problem}, so the pixel size is unknown (one of them is wrong)"
-            return value, origin
-    lo, hi = mpp_range(bounds)
-    ignored = "; ".join(f"{origin} give {value:.4g} µm/pixel, outside the plausible {lo:g}–{hi:g} µm/pixel "
-                        "(HISHRST_MPP_RANGE widens it)" for value, origin in found)
-    return None, ("the file has no usable pixel size (no Aperio MPP, OME PhysicalSizeX or TIFF resolution in "
-                  f"cm/inch{'; ' + ignored if ignored else ''})")
+def tiff_mpp_candidates(tif: Any, *, page: Any = None) -> list[MppCandidate]:
+    """The pixel sizes ``page`` (default: the first page) records, in order of trust, as candidates for
+    :func:`~hishrst_runtime.core.units.resolve_mpp`; an Aperio MPP that contradicts the ``AppMag`` carries
+    that conflict (:func:`aperio_mag_problem`)."""
+    desc = (tif.pages[0] if page is None else page).description or ""
+    return [MppCandidate(value, origin, aperio_mag_problem(desc, value) if origin == "Aperio MPP" else None)
+            for value, origin in tiff_pixel_size_candidates(tif, page=page)]

@@ -18,16 +18,20 @@ SVS, (pyramidal / OME-) TIFF, NDPI, SCN, BIF and other files tifffile reads beco
   ``Slide.filled_chunks`` with ``--allow-missing-chunks``). A tile that does not decode, and a JPEG tile
   that is cut short (no end-of-image marker) or has bytes after a marker libjpeg would skip, is a
   :class:`~hishrst_runtime.slides.errors.ChunkDecodeError` naming the tile (fill, counted, when allowed).
-* **Pixel size.** From the baseline page, with the parsers ``hishrst convert`` uses
-  (:func:`~hishrst_runtime.slides.tiff.tiff_mpp_or_reason`; Aperio MPP, OME PhysicalSize, JSON
-  description, resolution tags in cm / inch); ``mpp=`` overrides it.
+* **Pixel size.** From the baseline page, with the candidates ``hishrst convert`` uses
+  (:func:`~hishrst_runtime.slides.tiff.tiff_mpp_candidates`; Aperio MPP, OME PhysicalSize, JSON
+  description, resolution tags in cm / inch) and the one resolver
+  (:func:`~hishrst_runtime.core.units.resolve_mpp`); ``mpp=`` overrides it.
 * **Levels.** A level whose size is the level-0 size divided by a power of two (rounded either way)
   has exactly that downsample, as in a converted store; other levels use the ratio of the sizes per
   axis. Below the coarsest stored level, 2 × 2 mean-pooled levels are added exactly as
   ``hishrst convert`` builds its pyramid (:mod:`hishrst_runtime.slides.pooled`), so a single-level TIFF
   gives the same levels, thumbnails and predictions as its converted store.
 * **Aperio AppMag.** An SVS whose ``MPP`` is far (more than 1.6×) from what its ``AppMag`` implies is
-  refused unless ``mpp=`` states the pixel size (:func:`~hishrst_runtime.slides.tiff.tiff_mpp_or_reason`).
+  refused unless ``mpp=`` states the pixel size (:func:`~hishrst_runtime.slides.tiff.tiff_mpp_candidates`).
+
+The file name endings read here are the ``tiff`` entry of the format registry
+(:mod:`hishrst_runtime.slides.formats`), whose content sniff is :func:`is_tiff_file`.
 """
 
 from __future__ import annotations
@@ -39,20 +43,17 @@ from typing import Any
 
 import numpy as np
 
-from hishrst_runtime.core.units import check_mpp
+from hishrst_runtime.core.units import resolve_mpp
 from hishrst_runtime.slides.errors import ChunkDecodeError, SlideError, SlidePixelSizeError, check_slide_size
 from hishrst_runtime.slides.level import Level, direct_ok
 from hishrst_runtime.slides.pooled import extend_pyramid, level_downsample
 from hishrst_runtime.slides.slide import Slide
-from hishrst_runtime.slides.tiff import TiffError, TiffLevel, jpeg_problem, open_tiff, rgb8_problem, tiff_mpp_or_reason
+from hishrst_runtime.slides.tiff import (NO_TIFF_MPP, TiffError, TiffLevel, jpeg_problem, open_tiff, rgb8_problem,
+                                         tiff_mpp_candidates)
 
-__all__ = ["TIFF_SUFFIXES", "TileReader", "open_tiff_slide", "is_tiff_file"]
+__all__ = ["TileReader", "open_tiff_slide", "is_tiff_file"]
 
-#: File name endings read directly through tifffile (lower case).
-TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".ndpi", ".scn", ".bif", ".qptiff", ".btf",
-                 ".tf2", ".tf8")
 _MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_MPP_HINT = "pass the pixel size with --mpp (µm per level-0 pixel, e.g. --mpp 0.5 for a 20x scan)"
 _CORRUPT = "the file is truncated or corrupt; copy it again (or re-export it)"
 _DECODE_ERRORS = (ValueError, RuntimeError, OSError, KeyError, IndexError, EOFError, NotImplementedError)
 
@@ -168,13 +169,10 @@ def _axis_names(axes: str) -> tuple[str, ...]:
 
 
 def _level0_mpp(tif: Any, page: Any, path: Path, mpp: float | None, bounds: tuple[float, float] | None) -> tuple[float, str]:
-    if mpp is not None:
-        return check_mpp(mpp, where=str(path), source="--mpp", fix="pass e.g. --mpp 0.5", bounds=bounds,
-                         error=SlidePixelSizeError), "override"
-    value, why = tiff_mpp_or_reason(tif, page=page, bounds=bounds)
-    if value is None:
-        raise SlidePixelSizeError(f"{path}: {why}; {_MPP_HINT}")
-    return value, "metadata"
+    candidates = [] if mpp is not None else tiff_mpp_candidates(tif, page=page)
+    (value, _), origin = resolve_mpp(str(path), override=mpp, candidates=candidates, bounds=bounds,
+                                     missing=NO_TIFF_MPP, error=SlidePixelSizeError)
+    return value, "override" if origin == "override" else "metadata"
 
 
 def _open_levels(path: Path, tif: Any, series: int) -> list[TiffLevel]:

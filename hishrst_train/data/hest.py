@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from hishrst_runtime.slides.formats import get_format
 from hishrst_train.data.errors import _error, check_section_mpp
 from hishrst_train.data.image import _check_bounds, _image_hw, image_mpp
 
@@ -30,7 +31,8 @@ log = logging.getLogger("hishrst")
 
 #: Metadata keys holding the full-resolution pixel size (µm/px), in order of preference.
 HEST_MPP_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")
-_WSI_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".svs", ".btf")
+#: Whole-slide name endings HEST's ``wsis/`` may hold: the runtime's format registry (``tiff`` entry).
+_WSI_SUFFIXES = get_format("tiff").suffixes
 _SPOT_UM = 55.0  # Visium spot diameter (µm): the bounds-check tolerance is half of it
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from hishrst_runtime.slides.formats import get_format
 from hishrst_runtime.slides.tiff import TiffError, TiffLevel, tiff_pixel_size
 from hishrst_train.data.errors import _error
 
@@ -17,8 +18,13 @@ __all__ = ['FullresImage', 'image_mpp', 'open_fullres_image']
 
 log = logging.getLogger("hishrst")
 
-_TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".scn")
+#: TIFF-family name endings: the runtime's format registry (``tiff`` entry), so training reads what it reads.
+_TIFF_SUFFIXES = get_format("tiff").suffixes
 _IMAGE_SUFFIXES = _TIFF_SUFFIXES + (".png", ".jpg", ".jpeg")
+
+
+def _tiff_named(path: Path) -> bool:
+    return path.name.lower().endswith(_TIFF_SUFFIXES)
 
 # ---------------------------------------------------------------------------------------------------
 # Images
@@ -129,7 +135,7 @@ def open_fullres_image(path: str | Path, *, cache_mb: float = 256.0) -> FullresI
     path = Path(path)
     if not path.is_file():
         raise _error(path, "the full-resolution image does not exist", "pass the path of the H&E image used by Space Ranger")
-    if path.suffix.lower() in _TIFF_SUFFIXES or _is_tiff(path):
+    if _tiff_named(path) or _is_tiff(path):
         try:
             level = TiffLevel(path)
         except TiffError as e:
@@ -173,7 +179,7 @@ def image_mpp(path: str | Path) -> float | None:
     default) are ignored. PNG / JPEG record none.
     """
     path = Path(path)
-    if not (path.suffix.lower() in _TIFF_SUFFIXES or _is_tiff(path)):
+    if not (_tiff_named(path) or _is_tiff(path)):
         return None
     import tifffile
 
@@ -186,7 +192,7 @@ def image_mpp(path: str | Path) -> float | None:
 
 def _image_hw(path: Path) -> tuple[int, int]:
     """(height, width) of an image without decoding it."""
-    if path.suffix.lower() in _TIFF_SUFFIXES or _is_tiff(path):
+    if _tiff_named(path) or _is_tiff(path):
         import tifffile
 
         try:

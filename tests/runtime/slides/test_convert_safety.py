@@ -240,3 +240,79 @@ def test_a_run_killed_mid_swap_gets_its_old_store_back(tmp_path: Path) -> None:
         convert_slide(src, out, mpp=0.5, progress=False)
     assert _entries(tmp_path) == ["s.zarr", "slide.tif"]
     assert open_slide(out).mpp0 == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------- missing and corrupt tiles: the reader's rule
+
+_TILE = 64
+
+
+def _tissue_tiff(path: Path, *, levels: int = 1) -> Path:
+    """A tiled JPEG TIFF: glass (white) with a textured tissue block over tiles (1..2, 1..2) of 64 px, optionally a
+    SubIFD pyramid of 2x levels, with a JSON pixel size of 0.5 µm/pixel."""
+    img = np.full((256, 256, 3), 255, np.uint8)
+    rng = np.random.default_rng(0)
+    img[70:190, 70:190] = (rng.normal(0, 12, (120, 120, 3)) + [200, 110, 170]).clip(0, 255).astype(np.uint8)
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, tile=(_TILE, _TILE), compression="jpeg", photometric="rgb", subifds=levels - 1,
+                 description='{"mpp": 0.5}', metadata=None)
+        for k in range(1, levels):
+            tw.write(img[:: 2**k, :: 2**k], tile=(_TILE, _TILE), compression="jpeg", photometric="rgb",
+                     subfiletype=1, metadata=None)
+    return path
+
+
+def _patch_tile(path: Path, index: int, *, tag: str | None = None, cut: bool = False) -> None:
+    """Zero entry ``index`` of the first page's ``tag`` (TileByteCounts / TileOffsets), or (``cut``) zero the
+    second half of that tile's JPEG bytes (a file cut short: libjpeg only warns)."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        if cut:
+            at, size = page.dataoffsets[index] + page.databytecounts[index] // 2, page.databytecounts[index] // 2
+        else:
+            t = page.tags[tag]
+            size = t.valuebytecount // t.count
+            at = t.valueoffset + index * size
+    raw = bytearray(path.read_bytes())
+    raw[at : at + size] = bytes(size)
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("tag", ["TileByteCounts", "TileOffsets"])
+def test_convert_refuses_a_tile_without_bytes_in_tissue(tmp_path: Path, tag: str) -> None:
+    """Before: tifffile read the tile as black and the store silently held a black square."""
+    src = _tissue_tiff(tmp_path / "s.tif")
+    _patch_tile(src, 1 * 4 + 1, tag=tag)  # tile (1, 1): tissue
+    out = tmp_path / "s.zarr"
+    with pytest.raises(ConvertError, match=r"tile 5\).*no data.*restore the tile") as ei:
+        convert_slide(src, out, chunk=64, progress=False)
+    msg = str(ei.value)
+    assert str(src) in msg and "\n" not in msg and "--allow-missing-chunks" not in msg
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".s.zarr")]
+
+
+def test_convert_reads_a_tile_without_bytes_over_background_as_white(tmp_path: Path) -> None:
+    """The reader's rule, not a blanket refusal: where the coarser stored level is glass, an empty tile is glass."""
+    src = _tissue_tiff(tmp_path / "b.tif", levels=2)
+    _patch_tile(src, 0, tag="TileByteCounts")  # tile (0, 0): glass
+    out = convert_slide(src, tmp_path / "b.zarr", chunk=64, progress=False)
+    stored = np.asarray(zarr.open_group(out, mode="r")["0"][:, :_TILE, :_TILE])
+    assert (stored == 255).all()  # white, not black
+
+
+def test_convert_refuses_a_truncated_jpeg_tile(tmp_path: Path) -> None:
+    """Before: the tile cut short decoded (libjpeg only warns) and the store held its damaged pixels."""
+    src = _tissue_tiff(tmp_path / "c.tif")
+    _patch_tile(src, 5, cut=True)
+    out = tmp_path / "c.zarr"
+    with pytest.raises(ConvertError, match=r"tile 5\).*cut short") as ei:
+        convert_slide(src, out, chunk=64, progress=False)
+    assert str(src) in str(ei.value) and "\n" not in str(ei.value) and not out.exists()
+
+
+def test_convert_of_an_intact_tiff_equals_the_direct_reader(tmp_path: Path) -> None:
+    src = _tissue_tiff(tmp_path / "ok.tif", levels=2)
+    out = convert_slide(src, tmp_path / "ok.zarr", chunk=64, progress=False)
+    stored = np.asarray(zarr.open_group(out, mode="r")["0"][:]).transpose(1, 2, 0)  # c, y, x -> y, x, c
+    with open_slide(src) as direct:
+        np.testing.assert_array_equal(stored, direct.levels[0].read_region(0, 0, 256, 256))

@@ -18,10 +18,10 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
 
 from hishrst_runtime.core.limits import RasterTooLargeError  # noqa: E402
-from hishrst_runtime.slides.dicom_slide import DicomLevel, is_dicom_folder, open_dicom_slide  # noqa: E402
+from hishrst_runtime.slides.dicom_slide import DicomBoxes, is_dicom_folder, open_dicom_slide  # noqa: E402
 from hishrst_runtime.slides.errors import ChunkDecodeError, SlideError, SlideExtraMissing  # noqa: E402
 from hishrst_runtime.slides.formats import format_for_path, get_format, load_opener, scan_suffixes  # noqa: E402
-from hishrst_runtime.slides.pooled import PooledLevel  # noqa: E402
+from hishrst_runtime.slides.pooled import PooledBoxes  # noqa: E402
 from tests.runtime.slides.dicom_fixture import pattern_image, pool2, write_dicom_wsi  # noqa: E402
 
 H, W = 600, 700  # 3 x 3 tiles of 256 px at level 0 (partial edge tiles), 2 x 2 at level 1
@@ -49,7 +49,7 @@ def test_reads_exact_pixels_at_every_level_and_across_tile_borders(folder: Path,
     with open_dicom_slide(folder) as s:
         assert s.kind == "dicom" and s.shape0 == (H, W) and [lv.shape for lv in s.levels] == [(H, W), (300, 350)]
         lv0, lv1 = s.levels
-        assert isinstance(lv0, DicomLevel) and lv0.chunks == (256, 256) and lv1.downsample == 2.0
+        assert isinstance(lv0.source, DicomBoxes) and lv0.chunks == (256, 256) and lv1.downsample == 2.0
         np.testing.assert_array_equal(lv0.read_region(0, 0, W, H), image)
         box = lv0.read_region(250, 240, 520, 530)  # crosses two tile borders each way
         assert box.dtype == np.uint8 and box.flags.c_contiguous
@@ -163,7 +163,7 @@ def test_a_single_level_slide_gets_pooled_levels(tmp_path: Path) -> None:
     big = pattern_image(1100, 1040)
     write_dicom_wsi(tmp_path / "one", big, tile=512, levels=1)
     with open_dicom_slide(tmp_path / "one") as s:
-        assert len(s.levels) == 2 and isinstance(s.levels[1], PooledLevel) and s.levels[1].shape == (550, 520)
+        assert len(s.levels) == 2 and isinstance(s.levels[1].source, PooledBoxes) and s.levels[1].computed and s.levels[1].shape == (550, 520)
         got = s.levels[1].read_region(0, 0, 520, 550).astype(int)
         assert np.abs(got - pool2(big).astype(int)).max() <= 1
 

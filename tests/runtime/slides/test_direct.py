@@ -141,7 +141,7 @@ def test_single_level_stripped_tiff_gets_the_converted_pyramid(tmp_path: Path) -
                      description='{"mpp": 0.25}', metadata=None)
     converted = convert_slide(tif, tmp_path / "flat.ome.zarr", chunk=256, progress=False)
     with open_slide(tif) as direct, open_slide(converted) as conv:
-        assert len(direct.levels) == 2 and type(direct.levels[1]).__name__ == "PooledLevel"
+        assert len(direct.levels) == 2 and type(direct.levels[1].source).__name__ == "PooledBoxes"
         _assert_same_slides(direct, conv)
 
 
