@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +49,7 @@ from hishrst_runtime.core.files import clean_stale_siblings, read_json, remove_t
 from hishrst_runtime.core.grouping import group_points, pad_groups
 from hishrst_runtime.core.owned import check_replaceable, mark_owned
 from hishrst_runtime.core.patches import cut_patches, patch_side_px
+from hishrst_runtime.core.vocab import DEFAULT_PRECISION, PRECISIONS, Precision
 from hishrst_export.manifest import build_manifest, contract_sections, file_entry, head_metadata_for, listed_files
 from hishrst_train.runconfig import RunConfig, RunConfigError
 
@@ -138,7 +139,7 @@ def _legacy_bundle(path: Path) -> bool:
     return {p.name for p in path.iterdir()} <= names
 
 
-def export_bundle(run_dir: str | Path, *, out: str | Path, precision: Literal["fp32", "fp16"] = "fp32",
+def export_bundle(run_dir: str | Path, *, out: str | Path, precision: Precision = DEFAULT_PRECISION,
                   max_batch: int = 64, tensorrt: bool = False, opset: int = 17, weights: str | Path | None = None,
                   data: str | Path | None = None, overwrite: bool = False, seed: int = 0,
                   echo: Callable[[str], None] = _stderr) -> dict[str, Any]:
@@ -167,8 +168,8 @@ def export_bundle(run_dir: str | Path, *, out: str | Path, precision: Literal["f
     is written (an existing bundle at ``out`` is left as it was).
     """
     run_dir, out = Path(run_dir), Path(out).absolute()
-    if precision not in ("fp32", "fp16"):
-        raise ExportError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision {precision!r}: must be one of {', '.join(PRECISIONS)}")
     if max_batch < 1:
         raise ExportError(f"--max-batch must be ≥ 1, got {max_batch}")
     trt_info = _tensorrt_preflight() if tensorrt else None  # fail before reading or writing anything
@@ -176,6 +177,9 @@ def export_bundle(run_dir: str | Path, *, out: str | Path, precision: Literal["f
                       inputs=(run_dir, weights, data), legacy=_legacy_bundle)
     model, config, encoder = _load_run(run_dir, weights=weights)
     notice = _licence_notice(config, echo)
+    if encoder.spec.test_only:
+        echo(f"WARNING: encoder {encoder.spec.name!r} is a randomly initialised test encoder: this bundle predicts "
+             "nothing real and is marked encoder.test_encoder in its manifest; use it for tests and smoke runs only")
     contract, head_meta = _contract(run_dir, model, config, encoder, precision=precision)
     t0 = time.perf_counter()
     clean_stale_siblings(out, "partial", "tmp", "trash", *(("old",) if out.exists() else ()))  # killed exports

@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from hishrst_runtime.cli.errors import command_errors
-from hishrst_train.cli import training_module
+from hishrst_runtime.core.vocab import DEFAULT_PRECISION, PRECISIONS
+from hishrst_train.cli import threads_option, training_module, use_threads
 
 __all__ = ["export", "format_summary"]
 
@@ -50,6 +51,8 @@ def format_summary(m: dict[str, Any], out: Path) -> list[str]:
     for key, f in m["files"].items():
         if f.get("format") == "tensorrt":
             lines.append(f"  {key}: TensorRT {f.get('tensorrt_version')} on {f.get('gpu')} (runs only there)")
+    if enc.get("test_encoder"):
+        lines.append(f"  TEST ENCODER: {enc['name']} has random weights — this bundle predicts nothing real")
     if m["license"]["gated"]:
         lines.append(f"  LICENCE ({m['encoder'].get('license')}): {m['license']['notice']}")
     return lines
@@ -58,7 +61,7 @@ def format_summary(m: dict[str, Any], out: Path) -> list[str]:
 @click.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle directory to write.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULT_PRECISION, show_default=True,
               help="fp16: half-precision weights/activations (LayerNorm, softmax, positions kept fp32).")
 @click.option("--max-batch", type=int, default=64, show_default=True, help="Largest batch for TensorRT profiles.")
 @click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines (needs TensorRT and a GPU).")
@@ -68,12 +71,14 @@ def format_summary(m: dict[str, Any], out: Path) -> list[str]:
 @click.option("--data", type=click.Path(exists=True, path_type=Path), default=None,
               help="Training section (Space Ranger outs), if it moved since `hishrst fit` (real-tile parity check).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
+@threads_option
 def export(run_dir: Path, out: Path, precision: str, max_batch: int, tensorrt: bool, opset: int,
-           weights: Path | None, data: Path | None, overwrite: bool) -> None:
+           weights: Path | None, data: Path | None, overwrite: bool, threads: int | None) -> None:
     """Export a fitted RUN_DIR to an ONNX (and optionally TensorRT) model bundle, parity-checked."""
     with command_errors():
         bundle = training_module("hishrst_export.bundle", command="export", extra="export")
         onnx_export = training_module("hishrst_export.onnx_export", command="export", extra="export")
+        use_threads(threads)
         try:
             m = bundle.export_bundle(run_dir, out=out, precision=precision, max_batch=max_batch, tensorrt=tensorrt,
                                      opset=opset, weights=weights, data=data, overwrite=overwrite,

@@ -55,8 +55,9 @@ def _versions() -> dict[str, str]:
 
 
 def contract_sections(model: Any, config: RunConfig, encoder: Any) -> dict[str, Any]:
-    """The manifest sections that define what the bundle computes: encoder (with its normalisation), patch,
-    position, grouping, genes, output, head and preprocessing (all covered by the content hash)."""
+    """The manifest sections that define what the bundle computes: encoder (with its normalisation, pooling and
+    ``test_encoder`` — true for a randomly initialised test encoder), patch, position, grouping, genes, output,
+    head and preprocessing (all covered by the content hash)."""
     from hishrst_train.encoders.module import encoder_fingerprint
 
     mcfg = model.config.to_dict()
@@ -69,6 +70,7 @@ def contract_sections(model: Any, config: RunConfig, encoder: Any) -> dict[str, 
             "normalisation": {"scale": 1 / 255, "mean": list(encoder.spec.mean), "std": list(encoder.spec.std),
                               "formula": "(tiles / 255 - mean) / std, per RGB channel", "in_graph": True},
             "gated": bool(config.encoder.get("gated")), "license": config.encoder.get("license"),
+            "pooling": encoder.spec.pooling, "test_encoder": bool(encoder.spec.test_only),
         },
         "patch": config.patch,
         "position": _position_manifest(mcfg, config.position),

@@ -33,13 +33,14 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 from hishrst_runtime.bundle.io_names import ENCODER_IO, HEAD_IO
 from hishrst_runtime.core.errors import HishrstError
+from hishrst_runtime.core.vocab import Precision
 from hishrst_export.parity import PARITY_TOLERANCE as _PARITY
 from hishrst_export.parity import compare, passes
 
@@ -60,7 +61,6 @@ __all__ = [
     "head_parity",
 ]
 
-Precision = Literal["fp32", "fp16"]
 
 #: Parity thresholds against PyTorch fp32 on the CPU (the ``onnx`` rows of
 #: :data:`hishrst_export.parity.PARITY_TOLERANCE`; see there for the statistics and figures).

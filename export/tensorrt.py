@@ -30,13 +30,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from hishrst_export.parity import PARITY_TOLERANCE as _PARITY
 from hishrst_export.parity import compare, passes
 from hishrst_runtime.core.errors import EnvironmentProblem, HishrstError
 from hishrst_runtime.core.files import atomic_write
+from hishrst_runtime.core.vocab import PRECISIONS, Precision
 
 __all__ = [
     "PARITY_TOLERANCE",
@@ -50,8 +51,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Precision = Literal["fp32", "fp16"]
 
 #: Engine-vs-ONNX Runtime thresholds (the ``tensorrt`` rows of
 #: :data:`hishrst_export.parity.PARITY_TOLERANCE`; see there for the statistics).
@@ -71,19 +70,10 @@ class EngineParityError(HishrstError, RuntimeError):
 
 
 def _import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise TensorRTUnavailable(
-            f"the TensorRT Python package is not installed ({e}); building engines needs TensorRT >= 10 and an NVIDIA GPU: "
-            "pip install 'hishrst[gpu]' (or pip install tensorrt) on the GPU machine the engine will run on"
-        ) from e
-    major = int(str(trt.__version__).split(".")[0])
-    if major < 10:
-        raise TensorRTUnavailable(
-            f"TensorRT {trt.__version__} is too old; hishrst needs TensorRT >= 10 (pip install -U tensorrt)"
-        )
-    return trt
+    """TensorRT through the runtime's one importer and version rule, failing as :class:`TensorRTUnavailable`."""
+    from hishrst_runtime.backends.tensorrt_native import import_tensorrt
+
+    return import_tensorrt(TensorRTUnavailable, fix="on the GPU machine the engine will run on (or skip --tensorrt)")
 
 
 def _require_gpu(device_id: int = 0) -> str:
@@ -186,77 +176,22 @@ def build_engine(
             TensorRT cannot honour.
         ValueError: inconsistent batch or shape arguments.
     """
-    from hishrst_runtime.backends.ort_trt import onnx_input_shapes, profile_shapes
-
     onnx_path = Path(onnx_path)
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
-    if workspace_gb <= 0:
-        raise ValueError(f"workspace_gb must be > 0, got {workspace_gb}")
-    if not onnx_path.is_file():
-        raise FileNotFoundError(f"{onnx_path}: ONNX model not found")
-    profile = profile_shapes(onnx_input_shapes(onnx_path), min_batch=min_batch, opt_batch=opt_batch,
-                             max_batch=max_batch, shapes=shapes)
-    if profile is None:
-        raise ValueError(
-            f"{onnx_path}: some inputs have dynamic dimensions besides the batch; pass "
-            "shapes={input: ((min...), (opt...), (max...))} for them"
-        )
+    profile = _check_build_args(onnx_path, precision=precision, workspace_gb=workspace_gb, min_batch=min_batch,
+                                opt_batch=opt_batch, max_batch=max_batch, shapes=shapes)
     trt = _import_tensorrt()
     _require_gpu(device_id)
     _use_device(device_id)
     out = Path(out_path) if out_path is not None else onnx_path.with_suffix(".engine")
-
-    has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")  # False on TensorRT >= 11 (weak typing removed)
-    strongly_typed = onnx_has_fp16(onnx_path) or not has_fp16_flag
-    if precision == "fp16" and strongly_typed and not onnx_has_fp16(onnx_path):
-        raise TensorRTBuildError(
-            f"{onnx_path}: TensorRT {trt.__version__} has no FP16 builder flag (removed in TensorRT 11: networks are "
-            "strongly typed), and this ONNX graph is float32, so the engine would be fp32. Export an fp16 ONNX "
-            "(hishrst export --precision fp16, or NVIDIA ModelOpt AutoCast) and build that, or build with precision='fp32'"
-        )
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise TensorRTBuildError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors or 'no details'}")
-
+    strongly_typed = _strongly_typed(trt, onnx_path, precision)
+    builder, network, parser = _parse_network(trt, onnx_path, strongly_typed=strongly_typed)  # noqa: F841 - kept alive
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if precision == "fp16" and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
-    net_inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
-    if profile:
-        opt_profile = builder.create_optimization_profile()
-        for name, (lo, mid, hi) in profile.items():
-            if name not in net_inputs:
-                raise ValueError(f"{onnx_path}: shapes names an input {name!r} the network does not have ({list(net_inputs)})")
-            try:
-                opt_profile.set_shape(name, lo, mid, hi)
-            except (RuntimeError, TypeError) as e:
-                raise TensorRTBuildError(f"{onnx_path}: invalid profile for {name!r} min={lo} opt={mid} max={hi} ({e})") from e
-        if config.add_optimization_profile(opt_profile) < 0:
-            raise TensorRTBuildError(f"{onnx_path}: TensorRT rejected the optimisation profile {profile}")
-
-    cache = None
+    _add_profile(builder, network, config, profile, onnx_path)
     if timing_cache is not None:
-        tc = Path(timing_cache)
-        data = tc.read_bytes() if tc.is_file() else b""
-        try:
-            cache = config.create_timing_cache(data)
-        except RuntimeError as e:  # unreadable blob (another TensorRT version, truncated file)
-            log.warning("%s: cannot read the timing cache (%s)", tc, e)
-            cache = None
-        if cache is None or not config.set_timing_cache(cache, False):
-            log.warning("%s: timing cache does not match this TensorRT/GPU; starting a new one", tc)
-            cache = config.create_timing_cache(b"")
-            config.set_timing_cache(cache, False)
-
+        _load_timing_cache(config, Path(timing_cache))
     log.info("building TensorRT engine for %s (%s, %s network, profile %s)", onnx_path, precision,
              "strongly typed" if strongly_typed else "weakly typed", profile)
     serialized = builder.build_serialized_network(network, config)
@@ -268,6 +203,86 @@ def build_engine(
         blob = config.get_timing_cache().serialize()
         atomic_write(Path(timing_cache), lambda f: f.write(blob))
     return out
+
+
+def _check_build_args(onnx_path: Path, *, precision: str, workspace_gb: float, min_batch: int, opt_batch: int | None,
+                      max_batch: int, shapes: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate the arguments of :func:`build_engine` and return the optimisation profile (before TensorRT)."""
+    from hishrst_runtime.backends.ort_trt import onnx_input_shapes, profile_shapes
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if workspace_gb <= 0:
+        raise ValueError(f"workspace_gb must be > 0, got {workspace_gb}")
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{onnx_path}: ONNX model not found")
+    profile = profile_shapes(onnx_input_shapes(onnx_path), min_batch=min_batch, opt_batch=opt_batch,
+                             max_batch=max_batch, shapes=shapes)
+    if profile is None:
+        raise ValueError(
+            f"{onnx_path}: some inputs have dynamic dimensions besides the batch; pass "
+            "shapes={input: ((min...), (opt...), (max...))} for them"
+        )
+    return profile
+
+
+def _strongly_typed(trt: Any, onnx_path: Path, precision: str) -> bool:
+    """Whether to build a strongly typed network (fp16 ONNX, or TensorRT >= 11); refuses an fp16 request this
+    TensorRT cannot honour for a float32 graph."""
+    has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")  # False on TensorRT >= 11 (weak typing removed)
+    fp16_graph = onnx_has_fp16(onnx_path)
+    if precision == "fp16" and not has_fp16_flag and not fp16_graph:
+        raise TensorRTBuildError(
+            f"{onnx_path}: TensorRT {trt.__version__} has no FP16 builder flag (removed in TensorRT 11: networks are "
+            "strongly typed), and this ONNX graph is float32, so the engine would be fp32. Export an fp16 ONNX "
+            "(hishrst export --precision fp16, or NVIDIA ModelOpt AutoCast) and build that, or build with precision='fp32'"
+        )
+    return fp16_graph or not has_fp16_flag
+
+
+def _parse_network(trt: Any, onnx_path: Path, *, strongly_typed: bool) -> tuple[Any, Any, Any]:
+    """A builder, the network parsed from ``onnx_path`` (external data beside it is found) and the parser,
+    which owns the weights: the caller keeps it until the engine is built."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise TensorRTBuildError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors or 'no details'}")
+    return builder, network, parser
+
+
+def _add_profile(builder: Any, network: Any, config: Any, profile: dict[str, Any], onnx_path: Path) -> None:
+    """One optimisation profile with ``profile``'s (min, opt, max) shape per input."""
+    if not profile:
+        return
+    net_inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    opt_profile = builder.create_optimization_profile()
+    for name, (lo, mid, hi) in profile.items():
+        if name not in net_inputs:
+            raise ValueError(f"{onnx_path}: shapes names an input {name!r} the network does not have ({list(net_inputs)})")
+        try:
+            opt_profile.set_shape(name, lo, mid, hi)
+        except (RuntimeError, TypeError) as e:
+            raise TensorRTBuildError(f"{onnx_path}: invalid profile for {name!r} min={lo} opt={mid} max={hi} ({e})") from e
+    if config.add_optimization_profile(opt_profile) < 0:
+        raise TensorRTBuildError(f"{onnx_path}: TensorRT rejected the optimisation profile {profile}")
+
+
+def _load_timing_cache(config: Any, tc: Path) -> None:
+    """Load the timing cache ``tc`` into ``config`` (a fresh one when it is unreadable or does not match)."""
+    data = tc.read_bytes() if tc.is_file() else b""
+    try:
+        cache = config.create_timing_cache(data)
+    except RuntimeError as e:  # unreadable blob (another TensorRT version, truncated file)
+        log.warning("%s: cannot read the timing cache (%s)", tc, e)
+        cache = None
+    if cache is None or not config.set_timing_cache(cache, False):
+        log.warning("%s: timing cache does not match this TensorRT/GPU; starting a new one", tc)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
 
 
 # ----------------------------------------------------------------------------- parity

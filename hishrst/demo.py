@@ -1,7 +1,8 @@
 """``hishrst demo``: the whole product on built-in synthetic data, end to end, on a slide the model never saw.
 
 synthesize three sections of one expression model (different tissue shape, placement and rotation) →
-fit on sections 0 and 1 (``--task full``, relative positions, test encoder) → export an ONNX bundle
+fit on sections 0 and 1 (``--task full``, relative positions, the random test encoder — allowed here on
+purpose, and the bundle says so) → export an ONNX bundle
 (parity-checked) → write section 2's H&E as an OME-Zarr slide → ``hishrst-run`` it at its measured spots
 (``--points``) and score against the measured expression, beside the training-mean baseline →
 ``hishrst-run`` the whole slide at 4× Visium density → write a PNG of one gene, measured vs predicted.
@@ -39,14 +40,16 @@ def _score_unseen(run: Path, outs: Path, pred_store: Path) -> dict[str, Any]:
     import anndata as ad
 
     from hishrst_train.metrics import per_gene_metrics, summarise
+    from hishrst_train.rundir import RunLayout
 
-    config = json.loads((run / "config.json").read_text())
+    layout = RunLayout(run)
+    config = json.loads(layout.config.read_text())
     genes = list(config["genes"])
     adata, truth = _measured(outs, genes, float(config["preprocessing"]["target_sum"]))
     pred = ad.read_zarr(pred_store)
     if list(pred.obs_names) != list(adata.obs_names):
         raise click.ClickException(f"{pred_store}: rows are not the measured spots in order")
-    base = json.loads((run / "baseline.json").read_text())
+    base = json.loads(layout.baseline.read_text())
     mean = np.asarray(base["train_mean"], np.float64)[[base["genes"].index(g) for g in genes]]
     model = summarise(per_gene_metrics(np.asarray(pred[:, genes].X, np.float64), truth))
     baseline = summarise(per_gene_metrics(np.broadcast_to(mean, truth.shape), truth))
@@ -94,8 +97,8 @@ def _run_steps(out: Path, *, preset: str, epochs: int, seed: int, progress: bool
 
     t0 = _step(f"2/7 training HisHRST on sections 0 and 1 (full task, relative positions, test encoder, "
                f"≤ {epochs} epochs)")
-    fit = fit_run(outs[:2], out=out / "run", task="full", encoder="test-vit", epochs=epochs, seed=seed,
-                  position_mode="relative", progress=progress, overwrite=True)
+    fit = fit_run(outs[:2], out=out / "run", task="full", encoder="test-vit", allow_test_encoder=True, epochs=epochs,
+                  seed=seed, position_mode="relative", progress=progress, overwrite=True)
     t["fit"] = time.perf_counter() - t0
 
     t0 = _step("3/7 exporting the ONNX bundle (with parity checks)")

@@ -22,9 +22,12 @@ import click
 from hishrst_runtime.cli.errors import command_errors
 from hishrst_runtime.core.extras import import_extra
 from hishrst_runtime.core.patches import DEFAULT_PATCH_UM
-from hishrst_train.encoders.registry import ENCODER_NAMES
+from hishrst_runtime.core.threads import THREADS_ENV, resolve_threads
+from hishrst_runtime.core.vocab import DEFAULT_POSITION_MODE, DEFAULT_TASK, POSITION_MODES, TASKS
+from hishrst_train.encoders.registry import DEFAULT_ENCODER, ENCODER_NAMES, is_encoder_name
 
-__all__ = ["synth", "fit", "evaluate", "cv", "training_module"]
+__all__ = ["synth", "fit", "evaluate", "cv", "training_module", "use_threads", "threads_option",
+           "allow_test_encoder_option"]
 
 DATA_HELP = ("DATA: Space Ranger outs folder, PATH.h5ad:IMAGE, or a HEST-1k st/<id>.h5ad (finds wsis/ and "
              "metadata/ beside st/).")
@@ -34,6 +37,54 @@ def training_module(name: str, *, command: str, extra: str = "train") -> ModuleT
     """Import ``name`` (a training or export module) for ``hishrst command``; a missing or broken
     dependency is a :class:`~hishrst_runtime.core.extras.MissingExtraError` naming the pip extra."""
     return import_extra(name, extra=extra, needed_by=f"`hishrst {command}`")
+
+
+_INTEROP_SET: list[int] = []
+
+
+def use_threads(threads: int | None) -> int:
+    """Resolve the thread count (:func:`~hishrst_runtime.core.threads.resolve_threads`: ``--threads``, else
+    ``$HISHRST_THREADS``, else the cores this process may use that others are not keeping busy), give it to
+    torch (intra-op; inter-op once per process, as torch allows) and print it. Call before any torch work."""
+    n = resolve_threads(threads)
+    import torch
+
+    torch.set_num_threads(n)
+    if not _INTEROP_SET:
+        try:
+            torch.set_num_interop_threads(max(1, min(n, 4)))
+        except RuntimeError:  # inter-op work already ran in this process: torch keeps its pool
+            pass
+        _INTEROP_SET.append(n)
+    click.echo(f"threads: {n} (--threads N or ${THREADS_ENV} to change)")
+    return n
+
+
+def threads_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--threads N`` (default: :func:`~hishrst_runtime.core.threads.resolve_threads`)."""
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help=f"CPU threads for torch (default: ${THREADS_ENV}, else the cores this job may use — "
+                             "affinity / cgroup quota — minus those other processes keep busy).")(f)
+
+
+def allow_test_encoder_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--allow-test-encoder``: accept a random test encoder (tests and smoke runs only)."""
+    return click.option("--allow-test-encoder", is_flag=True,
+                        help="Accept a randomly initialised test encoder (test-vit): for tests and smoke runs "
+                             "only — its model predicts nothing real.")(f)
+
+
+def _encoder_name(ctx: click.Context, param: click.Parameter, value: str) -> str:  # noqa: ARG001 - click callback
+    if not is_encoder_name(value):
+        raise click.BadParameter(f"{value!r} is not an encoder; choose one of {', '.join(ENCODER_NAMES)}, or "
+                                 "hf-hub:ORG/NAME, timm:FOLDER, timm:ARCH (with --weights)")
+    return value
+
+
+ENCODER_HELP = (f"Frozen encoder: {', '.join(ENCODER_NAMES)}; or hf-hub:ORG/NAME (a timm model on the Hugging Face "
+                "hub), timm:FOLDER (local timm config.json + weights) or timm:ARCH with --weights FILE. Weights: "
+                "--weights, $HISHRST_WEIGHTS_DIR/<name>/, the Hugging Face cache, then the hub with your token. "
+                "test-vit (random) needs --allow-test-encoder.")
 
 
 @click.command()
@@ -67,14 +118,15 @@ def _fit_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by ``fit`` and ``cv`` (applied bottom-up, so listed here in reverse help order)."""
     opts = [
         click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars."),
+        threads_option, allow_test_encoder_option,
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Feature cache folder (one cache entry per section image, encoder and geometry)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="Feature extraction and training device (auto: cuda when torch sees a GPU)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
                      help="Feature-extraction batch size."),
-        click.option("--position", "position_mode", type=click.Choice(["relative", "continuous", "grid", "none"]),
-                     default="relative", show_default=True,
+        click.option("--position", "position_mode", type=click.Choice(POSITION_MODES),
+                     default=DEFAULT_POSITION_MODE, show_default=True,
                      help="relative: distances within neighbour groups (transfers to other sections); continuous: "
                           "absolute µm; grid: Visium array embeddings (the reference); none: image only."),
         click.option("--patch-um", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_PATCH_UM,
@@ -96,8 +148,8 @@ def _fit_options(f: Callable[..., Any]) -> Callable[..., Any]:
                           "0.05–50, HISHRST_MPP_RANGE=LO,HI widens it)."),
         click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                      help="Local encoder weights file (safetensors or state-dict .bin)."),
-        click.option("--encoder", type=click.Choice(ENCODER_NAMES), default="test-vit", show_default=True,
-                     help="Encoder (test-vit: tiny random ViT for smoke runs, no download)."),
+        click.option("--encoder", default=DEFAULT_ENCODER, show_default=True, callback=_encoder_name,
+                     help=ENCODER_HELP),
         click.option("--overwrite", is_flag=True,
                      help="Replace an existing run at --out (the old run is kept until the new fit succeeds)."),
         click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -111,7 +163,7 @@ def _fit_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.command(epilog=DATA_HELP)
 @click.argument("data", nargs=-1, required=True)
 @_fit_options
-@click.option("--task", type=click.Choice(["recovery", "generation", "full"]), default="recovery", show_default=True,
+@click.option("--task", type=click.Choice(TASKS), default=DEFAULT_TASK, show_default=True,
               help="recovery: train on half of each section's spots, predict the rest; generation: predict a denser "
                    "grid; full: train on every spot (then `hishrst evaluate RUN --on OTHER`).")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -121,8 +173,10 @@ def _fit_options(f: Callable[..., Any]) -> Callable[..., Any]:
               help="Generation task: density factor.")
 def fit(data: tuple[str, ...], out: Path, task: str, image: Path | None, densify: float, **opts: Any) -> None:
     """Train HisHRST on one or several sections DATA... and write a run directory to --out."""
+    threads = opts.pop("threads")
     with command_errors(out):
         tasks = training_module("hishrst_train.tasks", command="fit")
+        use_threads(threads)
         s = tasks.fit_run(list(data), out=out, task=task, image=image, densify=densify, **opts)
     click.echo(f"\n{task} run written to {out}")
     last = {"recovery": ("held-out spots", s.get("n_heldout")), "generation": ("dense points", s.get("n_dense"))}
@@ -156,6 +210,20 @@ def _echo_metrics(s: dict[str, Any], where: Path) -> None:
     click.echo(f"wrote {where / 'metrics.json'} and {where / 'per_gene_metrics.csv'}")
 
 
+def _check_run_encoder(run_dir: Path, *, allow_test_encoder: bool) -> None:
+    """Refuse to score a run trained on a random test encoder unless ``--allow-test-encoder`` (an unreadable
+    ``config.json`` is left for evaluate itself to report)."""
+    from hishrst_train.encoders.registry import check_encoder_allowed
+    from hishrst_train.runconfig import RunConfig, RunConfigError
+    from hishrst_train.rundir import RunLayout
+
+    try:
+        name = str(RunConfig.from_json(RunLayout(run_dir).config).encoder.get("name"))
+    except RunConfigError:
+        return
+    check_encoder_allowed(name, allow_test_encoder=allow_test_encoder, where=f"{run_dir}: trained with encoder")
+
+
 @click.command(epilog=DATA_HELP)
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("more", nargs=-1, metavar="")
@@ -173,9 +241,11 @@ def _echo_metrics(s: dict[str, Any], where: Path) -> None:
 @click.option("--no-ssim", is_flag=True, help="Skip SSIM of gene maps.")
 @click.option("--no-ari", is_flag=True, help="Skip k-means ARI against the layer truth.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@threads_option
+@allow_test_encoder_option
 def evaluate(run_dir: Path, more: tuple[str, ...], on: tuple[str, ...], name: str | None, image: Path | None,
              mpp: float | None, counts: str | None, device: str, cache_dir: Path | None, no_ssim: bool, no_ari: bool,
-             progress: bool) -> None:
+             progress: bool, threads: int | None, allow_test_encoder: bool) -> None:
     """Score RUN: its held-out spots (recovery), or with --on DATA... sections it never saw."""
     data = list(on) + list(more)
     if more and not on:
@@ -183,7 +253,9 @@ def evaluate(run_dir: Path, more: tuple[str, ...], on: tuple[str, ...], name: st
     if not data and (image or mpp is not None or name or counts):
         raise click.UsageError("--image, --mpp, --counts and --name apply to --on DATA")
     with command_errors(run_dir):
+        _check_run_encoder(run_dir, allow_test_encoder=allow_test_encoder)
         mod = training_module("hishrst_train.evaluate", command="evaluate")
+        use_threads(threads)
         if data:
             training_module("hishrst_train.tasks", command="evaluate --on")
             s = mod.evaluate_on(run_dir, data, image=image, mpp=mpp, ssim=not no_ssim, ari=not no_ari, device=device,
@@ -201,9 +273,11 @@ def evaluate(run_dir: Path, more: tuple[str, ...], on: tuple[str, ...], name: st
 @click.option("--no-ari", is_flag=True, help="Skip k-means ARI against the layer truth.")
 def cv(data: tuple[str, ...], out: Path, no_ssim: bool, no_ari: bool, **opts: Any) -> None:
     """Leave-one-section-out cross-validation over DATA... (each fold a `--task full` run under --out)."""
+    threads = opts.pop("threads")
     with command_errors(out):
         training_module("hishrst_train.tasks", command="cv")
         mod = training_module("hishrst_train.cv", command="cv")
+        use_threads(threads)
         table = mod.cv_run(list(data), out=out, ssim=not no_ssim, ari=not no_ari, **opts)
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     click.echo(f"wrote {out / 'cv_metrics.csv'} and one run per fold under {out}")

@@ -27,12 +27,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.files import atomic_write
 from hishrst_runtime.core.grouping import GROUPING_METHOD
 from hishrst_runtime.core.jsonutil import json_default
+from hishrst_runtime.core.vocab import PositionMode, Task
 
 __all__ = ["RUN_SCHEMA", "RUN_SCHEMA_VERSION", "RunConfig", "RunConfigError", "Task", "PositionMode", "POSITION_UNITS"]
 
@@ -40,8 +41,6 @@ RUN_SCHEMA = "hishrst.run"
 #: Current version of the ``config.json`` layout (see the module docstring for the history).
 RUN_SCHEMA_VERSION = 4
 
-Task = Literal["recovery", "generation", "full"]
-PositionMode = Literal["continuous", "grid", "relative", "none"]
 #: Units of the positions each mode feeds the model.
 POSITION_UNITS: dict[str, str] = {"continuous": "um", "relative": "um", "none": "um", "grid": "array"}
 

@@ -23,6 +23,7 @@ import contextlib
 import errno
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from hishrst_runtime.core.errors import OutputStateError
@@ -30,13 +31,61 @@ from hishrst_runtime.core.files import clean_stale_siblings, remove_tree, swap_i
 from hishrst_runtime.core.owned import check_replaceable, mark_owned
 from hishrst_runtime.jobs.locks import SlideLock
 
-__all__ = ["RunOutputError", "OutputLockedError", "DiskFullError", "check_run_out", "is_legacy_run", "claim_output",
-           "building_run", "disk_errors"]
+__all__ = ["RunLayout", "RunOutputError", "OutputLockedError", "DiskFullError", "check_run_out", "is_legacy_run",
+           "claim_output", "building_run", "disk_errors"]
 
 log = logging.getLogger("hishrst")
 
 #: errno values meaning "the disk (or quota) is full / read-only", reported as :class:`DiskFullError`.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files of a run directory, named once: ``RunLayout(root).config`` etc. (paths; nothing is read).
+
+    ``config`` (``config.json``, a versioned :class:`~hishrst_train.runconfig.RunConfig`), ``model``
+    (``model.safetensors``), ``split`` (``split.json``), ``history`` (``history.json``), ``baseline``
+    (``baseline.json``: each gene's training mean), ``predictions`` (``predictions.h5ad``, recovery),
+    ``dense`` (``dense.h5ad``, generation), ``eval_dir(name)`` (``eval/<name>/`` of ``evaluate --on``).
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.json"
+
+    @property
+    def baseline(self) -> Path:
+        return self.root / "baseline.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions.h5ad"
+
+    @property
+    def dense(self) -> Path:
+        return self.root / "dense.h5ad"
+
+    def eval_dir(self, name: str) -> Path:
+        """``eval/<name>/``: where ``hishrst evaluate RUN --on DATA --name NAME`` writes."""
+        return self.root / "eval" / name
 
 
 class RunOutputError(OutputStateError, FileExistsError):
@@ -56,10 +105,11 @@ def is_legacy_run(path: Path) -> bool:
     and ``model.safetensors`` exists (both, so a folder with some other ``config.json`` never qualifies)."""
     from hishrst_train.runconfig import RunConfig, RunConfigError
 
-    if not (path / "model.safetensors").is_file():
+    layout = RunLayout(path)
+    if not layout.model.is_file():
         return False
     try:
-        RunConfig.from_json(path / "config.json")
+        RunConfig.from_json(layout.config)
     except (RunConfigError, OSError, TypeError, ValueError):
         return False
     return True

@@ -59,8 +59,8 @@ def small_run(small_section: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     root = tmp_path_factory.mktemp("small_run")
     with torch_threads(1), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="only .* genes available")  # the preset has 300 genes
-        fit_run(small_section, out=root / "run", encoder="test-vit", epochs=SMALL_RUN_EPOCHS, seed=0,
-                progress=False, cache_dir=root / "cache")
+        fit_run(small_section, out=root / "run", encoder="test-vit", allow_test_encoder=True, epochs=SMALL_RUN_EPOCHS,
+                seed=0, progress=False, cache_dir=root / "cache")
     return root / "run"
 
 

@@ -25,20 +25,33 @@ import numpy as np
 
 from hishrst_runtime.backends.base import BackendBase, BackendError, gpu_name
 
-__all__ = ["TensorRTNativeBackend", "check_engine_compat", "import_tensorrt"]
+__all__ = ["MIN_TENSORRT_MAJOR", "TensorRTNativeBackend", "check_engine_compat", "import_tensorrt"]
 
 log = logging.getLogger(__name__)
 
 
-def import_tensorrt() -> Any:
-    """Import the ``tensorrt`` module or raise :class:`BackendError` naming the ``[gpu]`` extra."""
+#: Oldest TensorRT major version hishrst builds or runs engines with (the one version rule, for export too).
+MIN_TENSORRT_MAJOR = 10
+
+
+def import_tensorrt(error: type[Exception] = BackendError, *, fix: str = "or choose --provider cuda / cpu") -> Any:
+    """Import the ``tensorrt`` module, refusing TensorRT older than :data:`MIN_TENSORRT_MAJOR`.
+
+    The one TensorRT importer of hishrst: the runtime raises :class:`BackendError` (``fix`` names another
+    provider); export passes its own ``error`` class and ``fix``. The message names the ``[gpu]`` extra."""
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise BackendError(
-            f"the TensorRT Python package is not installed ({e}); install it with: pip install 'hishrst[gpu]' "
-            "(or choose --provider cuda / cpu)"
-        ) from e
+        raise error(f"the TensorRT Python package is not installed ({e}); install TensorRT >= {MIN_TENSORRT_MAJOR} "
+                    f"with: pip install 'hishrst[gpu]' (or pip install tensorrt), {fix}") from e
+    version = str(getattr(trt, "__version__", "0"))
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = 0
+    if major < MIN_TENSORRT_MAJOR:
+        raise error(f"TensorRT {version} is too old; hishrst needs TensorRT >= {MIN_TENSORRT_MAJOR} "
+                    f"(pip install -U tensorrt), {fix}")
     return trt
 
 

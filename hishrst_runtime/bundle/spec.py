@@ -13,11 +13,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, cast
 
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.grouping import GROUPING_METHOD
 from hishrst_runtime.core.patches import PAD_VALUE, RESIZE_FILTER
+from hishrst_runtime.core.vocab import POSITION_MODES, UM_POSITION_MODES, PositionMode
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
@@ -64,7 +65,9 @@ class NormalisationSpec:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """The image encoder: uint8 NHWC tiles of ``input_size`` px → ``feature_dim`` features."""
+    """The image encoder: uint8 NHWC tiles of ``input_size`` px → ``feature_dim`` features. ``test_encoder``:
+    randomly initialised (tests and smoke runs only; its predictions mean nothing); False for bundles written
+    before the key existed. ``pooling``: how tokens became the feature (``cls``, ``cls+mean``; None if unrecorded)."""
 
     name: str
     input_size: int
@@ -73,6 +76,8 @@ class EncoderSpec:
     normalisation: NormalisationSpec | None
     gated: bool
     license: str | None
+    test_encoder: bool = False
+    pooling: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,13 +91,6 @@ class PatchSpec:
     algorithm: str | None
 
 
-#: How the head uses positions (``position.mode``): ``continuous`` (absolute µm), ``grid`` (Visium array
-#: indices), ``relative`` (the head graph turns absolute µm into translation/rotation-invariant
-#: quantities) or ``none`` (the head ignores them).
-PositionMode = Literal["continuous", "grid", "relative", "none"]
-POSITION_MODES: tuple[str, ...] = get_args(PositionMode)
-#: The modes whose head is fed absolute µm positions (the runtime treats them alike; only ``grid`` differs).
-UM_POSITION_MODES: tuple[str, ...] = ("continuous", "relative", "none")
 
 
 @dataclass(frozen=True)
@@ -188,6 +186,11 @@ class BundleSpec:
     onnx_opset: int | None
     license: LicenseSpec
     hishrst_version: str | None
+
+    @property
+    def test_encoder(self) -> bool:
+        """Whether the bundle's encoder is a randomly initialised test encoder (``encoder.test_encoder``)."""
+        return self.encoder.test_encoder
 
     @property
     def has_engines(self) -> bool:
@@ -290,7 +293,8 @@ def _encoder(r: _Reader) -> EncoderSpec:
         name=r.text("encoder.name"), input_size=r.positive_int("encoder.input_size"),
         feature_dim=r.positive_int("encoder.feature_dim"), fingerprint=r.optional_text("encoder.fingerprint"),
         normalisation=_normalisation(r), gated=bool(r.get("encoder.gated", False)),
-        license=r.optional_text("encoder.license"),
+        license=r.optional_text("encoder.license"), test_encoder=r.get("encoder.test_encoder", False) is True,
+        pooling=r.optional_text("encoder.pooling"),
     )
 
 

@@ -89,7 +89,33 @@ def read_visium(
     """
     if image not in ("hires", "lowres", "full"):
         raise ValueError(f"image must be 'hires', 'lowres' or 'full', got {image!r}")
-    outs = Path(path)
+    outs = _resolve_outs(Path(path), count_file)
+    adata, attrs = _read_10x_h5(outs / count_file)
+    spatial = outs / "spatial"
+    _attach_positions(adata, spatial)
+    sf_path, scalefactors, spot_d = _read_scalefactors(spatial)
+    if library_id is None:
+        lib = attrs.get("library_ids")
+        library_id = (lib[0].decode() if isinstance(lib[0], bytes) else str(lib[0])) if lib is not None and len(lib) else outs.parent.name
+    images = {res: np.asarray(open_fullres_image(ip)[:, :]) for res in ("hires", "lowres")
+              if (ip := spatial / f"tissue_{res}_image.png").is_file() and (load_images or res == image)}
+    full = Path(fullres_image) if fullres_image is not None else (_find_fullres(outs) if image == "full" else None)
+    meta, image_mpp_value = _image_meta(adata, outs, spatial, image=image, full=full, images=images,
+                                        scalefactors=scalefactors, spot_d=spot_d)
+    meta["mpp"] = _section_mpp(mpp, image_mpp_value, outs=outs, full=full, sf_path=sf_path, spot_d=spot_d)
+    adata.uns["spatial"] = {library_id: {
+        "images": images if load_images else {k: v for k, v in images.items() if k == image},
+        "scalefactors": scalefactors,
+        "metadata": {k: attrs[k] for k in ("chemistry_description", "software_version") if k in attrs}
+        | {"source_image_path": str(full) if full is not None else None},
+    }}
+    adata.uns["hishrst"] = meta
+    _attach_layers(adata, spatial / "ground_truth_layers.csv")
+    return adata
+
+
+def _resolve_outs(outs: Path, count_file: str) -> Path:
+    """The ``outs`` folder holding ``count_file`` (the folder above it is accepted too)."""
     if outs.is_dir() and not (outs / count_file).exists() and (outs / "outs" / count_file).exists():
         outs = outs / "outs"
     if not outs.is_dir():
@@ -97,8 +123,11 @@ def read_visium(
     if not (outs / count_file).is_file():
         raise _error(outs / count_file, "the filtered feature-barcode matrix is missing",
                      f"pass Space Ranger's outs/ folder, which contains {count_file} and spatial/")
-    adata, attrs = _read_10x_h5(outs / count_file)
-    spatial = outs / "spatial"
+    return outs
+
+
+def _attach_positions(adata: Any, spatial: Path) -> None:
+    """``obs`` in_tissue / array_row / array_col and ``obsm['spatial']`` (full-resolution px) from the positions file."""
     pos, pos_path = _read_positions(spatial)
     missing = adata.obs_names.difference(pos.index)
     if len(missing):
@@ -109,6 +138,9 @@ def read_visium(
         adata.obs[col] = p[col].to_numpy(np.int64)
     adata.obsm["spatial"] = p[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
 
+
+def _read_scalefactors(spatial: Path) -> tuple[Path, dict[str, Any], float]:
+    """``(path, scale factors, spot_diameter_fullres in px)`` of ``spatial/scalefactors_json.json``."""
     sf_path = spatial / "scalefactors_json.json"
     if not sf_path.is_file():
         raise _error(sf_path, "the scale factors file is missing", "copy the whole spatial/ folder of Space Ranger's outs/")
@@ -117,33 +149,16 @@ def read_visium(
         spot_d = float(scalefactors["spot_diameter_fullres"])
     except (ValueError, KeyError, TypeError) as e:
         raise _error(sf_path, f"unreadable or without spot_diameter_fullres ({e})", "restore it from Space Ranger's outs/spatial/") from e
-    if library_id is None:
-        lib = attrs.get("library_ids")
-        library_id = (lib[0].decode() if isinstance(lib[0], bytes) else str(lib[0])) if lib is not None and len(lib) else outs.parent.name
-    images: dict[str, np.ndarray] = {}
-    for res in ("hires", "lowres"):
-        ip = spatial / f"tissue_{res}_image.png"
-        if ip.is_file() and (load_images or res == image):
-            images[res] = np.asarray(open_fullres_image(ip)[:, :])
+    return sf_path, scalefactors, spot_d
+
+
+def _image_meta(adata: Any, outs: Path, spatial: Path, *, image: str, full: Path | None, images: dict[str, np.ndarray],
+                scalefactors: dict[str, Any], spot_d: float) -> tuple[dict[str, Any], float | None]:
+    """``uns['hishrst']`` image fields with the spots checked against the chosen image, and the full-resolution
+    image's recorded µm/px (None when it records none or another image is used)."""
     tol = spot_d / 2.0
     meta: dict[str, Any] = {"image": image}
-    override, mpp = mpp, mpp_from_spot_diameter(spot_d)
-    mpp_spot = mpp
-    full = Path(fullres_image) if fullres_image is not None else (_find_fullres(outs) if image == "full" else None)
-    if image == "full":
-        if full is None:
-            log.warning("%s: no full-resolution image found next to outs/; pass fullres_image=PATH", outs)
-        else:
-            if not full.is_file():
-                raise _error(full, "the full-resolution image does not exist", "pass the path of the H&E image Space Ranger used")
-            _check_bounds(adata.obsm["spatial"], _image_hw(full), full, tol_px=tol, what="full-resolution pixels")
-            m = image_mpp(full)
-            if m is not None:
-                if abs(m / mpp_spot - 1) > 0.1:
-                    log.warning("%s records %.4f µm/px but spot_diameter_fullres implies %.4f; using the image's value", full, m, mpp_spot)
-                mpp = m
-        meta["fullres_image"] = str(full) if full is not None else None
-    else:
+    if image != "full":
         key = f"tissue_{image}_scalef"
         ip = spatial / f"tissue_{image}_image.png"
         if image not in images or key not in scalefactors:
@@ -151,28 +166,42 @@ def read_visium(
         scalef = float(scalefactors[key])
         _check_bounds(adata.obsm["spatial"] * scalef, images[image].shape[:2], ip, tol_px=tol * scalef + 1, what=f"{image} pixels")
         meta.update(fullres_image=None, image_path=str(ip), image_scalef=scalef)
-    from_image = full is not None and image == "full" and mpp != mpp_spot
+        return meta, None
+    meta["fullres_image"] = str(full) if full is not None else None
+    if full is None:
+        log.warning("%s: no full-resolution image found next to outs/; pass fullres_image=PATH", outs)
+        return meta, None
+    if not full.is_file():
+        raise _error(full, "the full-resolution image does not exist", "pass the path of the H&E image Space Ranger used")
+    _check_bounds(adata.obsm["spatial"], _image_hw(full), full, tol_px=tol, what="full-resolution pixels")
+    return meta, image_mpp(full)
+
+
+def _section_mpp(override: float | None, from_image: float | None, *, outs: Path, full: Path | None, sf_path: Path,
+                 spot_d: float) -> float:
+    """µm/px of the section: ``--mpp``, else the full-resolution image's own value, else 55 µm / spot diameter."""
+    mpp_spot = mpp_from_spot_diameter(spot_d)
+    if from_image is not None and abs(from_image / mpp_spot - 1) > 0.1:
+        log.warning("%s records %.4f µm/px but spot_diameter_fullres implies %.4f; using the image's value", full,
+                    from_image, mpp_spot)
     if override is not None:
-        meta["mpp"] = check_section_mpp(override, where=outs, source="--mpp")
+        return check_section_mpp(override, where=outs, source="--mpp")
+    if from_image is not None and from_image != mpp_spot:
+        return check_section_mpp(from_image, where=full, source="the image's pixel size")
+    return check_section_mpp(mpp_spot, where=sf_path,
+                             source=f"the pixel size implied by spot_diameter_fullres={spot_d:g}")
+
+
+def _attach_layers(adata: Any, gt: Path) -> None:
+    """``obs['layer']`` from ``spatial/ground_truth_layers.csv`` (``barcode,layer``), when present."""
+    if not gt.is_file():
+        return
+    layers = pd.read_csv(gt)
+    if {"barcode", "layer"} <= set(layers.columns):
+        m = layers.set_index(layers["barcode"].astype(str))["layer"]
+        adata.obs["layer"] = pd.Categorical(m.reindex(adata.obs_names).to_numpy())
     else:
-        meta["mpp"] = check_section_mpp(mpp, where=full if from_image else sf_path, source="the image's pixel size"
-                                        if from_image else f"the pixel size implied by spot_diameter_fullres={spot_d:g}")
-    adata.uns["spatial"] = {library_id: {
-        "images": images if load_images else {k: v for k, v in images.items() if k == image},
-        "scalefactors": scalefactors,
-        "metadata": {k: attrs[k] for k in ("chemistry_description", "software_version") if k in attrs}
-        | {"source_image_path": str(full) if full is not None else None},
-    }}
-    adata.uns["hishrst"] = meta
-    gt = spatial / "ground_truth_layers.csv"
-    if gt.is_file():
-        layers = pd.read_csv(gt)
-        if {"barcode", "layer"} <= set(layers.columns):
-            m = layers.set_index(layers["barcode"].astype(str))["layer"]
-            adata.obs["layer"] = pd.Categorical(m.reindex(adata.obs_names).to_numpy())
-        else:
-            log.warning("%s: expected columns barcode,layer; ignored", gt)
-    return adata
+        log.warning("%s: expected columns barcode,layer; ignored", gt)
 
 
 def read_spatial_h5ad(path: Path, *, read_fix: str, spatial_fix: str) -> Any:

@@ -1,7 +1,12 @@
 """Frozen pathology foundation-model encoders, by concern:
 
-* :mod:`.registry` — name → :class:`EncoderSpec` (timm architecture, input size in px, RGB mean/std,
-  feature dimension, where the weights live); torch-free;
+* :mod:`.spec` — :class:`EncoderSpec` (timm architecture, input size in px, RGB mean/std, token geometry,
+  pooling, feature dimension, where the weights live, licence); torch-free;
+* :mod:`.registry` — name → spec (UNI, UNI2-h, the random ``test-vit``, the public models of :mod:`.zoo`),
+  the default encoder and the test-encoder check; torch-free;
+* :mod:`.generic` — ``hf-hub:ORG/NAME``, ``timm:FOLDER`` and ``timm:ARCH`` (bring your own timm model);
+* :mod:`.convert` — fitting a weights file onto the timm model (trunk prefix, transformers DINOv2 names,
+  position-embedding resampling);
 * :mod:`.weights` — where the weights come from (explicit file → local folder / Hugging Face cache →
   hub download) and the offline / gated-access errors; torch-free;
 * :mod:`.state_dict` — reading safetensors / torch state-dict files and checking they fit;
@@ -20,6 +25,11 @@ __all__ = [
     "ENCODERS",
     "ENCODER_NAMES",
     "UnknownEncoderError",
+    "DEFAULT_ENCODER",
+    "TestEncoderError",
+    "check_encoder_allowed",
+    "generic_spec",
+    "EncoderBuildError",
     "WEIGHTS_DIR_ENV",
     "WeightsError",
     "EncoderModule",
@@ -40,6 +50,11 @@ _WHERE = {
     "IMAGENET_MEAN": "registry",
     "IMAGENET_STD": "registry",
     "get_encoder_spec": "registry",
+    "DEFAULT_ENCODER": "registry",
+    "TestEncoderError": "registry",
+    "check_encoder_allowed": "registry",
+    "generic_spec": "generic",
+    "EncoderBuildError": "module",
     "WEIGHTS_DIR_ENV": "weights",
     "HUB_PROBE_TIMEOUT_S": "weights",
     "HUB_ETAG_TIMEOUT_S": "weights",

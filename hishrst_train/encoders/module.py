@@ -17,21 +17,40 @@ from typing import Any
 import torch
 from torch import nn
 
+from hishrst_train.encoders.convert import adapt_state_dict
+from hishrst_runtime.core.errors import InputError
 from hishrst_train.encoders.registry import EncoderSpec, get_encoder_spec
 from hishrst_train.encoders.state_dict import check_state_dict, load_state_dict_file
 from hishrst_train.encoders.weights import WeightsError, resolve_weights
 
-__all__ = ["EncoderModule", "build_backbone", "load_encoder", "encoder_fingerprint", "set_fused_attn"]
+__all__ = ["EncoderModule", "EncoderBuildError", "build_backbone", "load_encoder", "encoder_fingerprint",
+           "set_fused_attn", "pool_tokens"]
+
+
+class EncoderBuildError(InputError, ValueError):
+    """timm cannot build the encoder's architecture with its arguments, or it does not match the spec."""
+
+
+def pool_tokens(tokens: torch.Tensor, *, prefix_tokens: int) -> torch.Tensor:
+    """``cls+mean`` pooling: the CLS token ⊕ the mean of the patch tokens (after ``prefix_tokens`` — the CLS
+    token and the registers), ``[B, T, D]`` → ``[B, 2·D]`` (Virchow / Virchow2)."""
+    return torch.cat([tokens[:, 0], tokens[:, prefix_tokens:].mean(dim=1)], dim=-1)
 
 
 def _timm_kwargs(spec: EncoderSpec) -> dict[str, Any]:
+    """``spec.timm_kwargs`` with ``mlp_layer`` / ``act_layer`` class names (``SwiGLUPacked``, or dotted as
+    in hub configs: ``timm.layers.SwiGLUPacked``, ``torch.nn.SiLU``) resolved to the classes."""
     import timm.layers
 
     kwargs = dict(spec.timm_kwargs)
-    if isinstance(kwargs.get("mlp_layer"), str):
-        kwargs["mlp_layer"] = getattr(timm.layers, kwargs["mlp_layer"])
-    if isinstance(kwargs.get("act_layer"), str):
-        kwargs["act_layer"] = getattr(nn, kwargs["act_layer"])
+    for key, home in (("mlp_layer", timm.layers), ("act_layer", nn)):
+        if isinstance(kwargs.get(key), str):
+            short = kwargs[key].rsplit(".", 1)[-1]
+            found = getattr(home, short, None) or getattr(timm.layers, short, None)
+            if found is None:
+                raise EncoderBuildError(f"encoder {spec.name!r}: {key} {kwargs[key]!r} is neither in timm.layers "
+                                          "nor torch.nn; fix the encoder's config")
+            kwargs[key] = found
     return kwargs
 
 
@@ -42,10 +61,16 @@ def build_backbone(spec: EncoderSpec, *, device: str | torch.device | None = Non
     """
     import timm
 
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = timm.create_model(spec.arch, pretrained=False, **_timm_kwargs(spec))
-    if getattr(model, "num_features", spec.feature_dim) != spec.feature_dim:
-        raise RuntimeError(f"encoder {spec.name!r}: timm built {model.num_features}-d features, spec says {spec.feature_dim}")
+    kwargs = _timm_kwargs(spec)
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = timm.create_model(spec.arch, pretrained=False, **kwargs)
+    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
+        raise EncoderBuildError(f"encoder {spec.name!r}: timm cannot build {spec.arch!r} with {dict(spec.timm_kwargs)} "
+                                f"({type(e).__name__}: {e}); check the architecture name and its arguments") from e
+    if getattr(model, "num_features", spec.width) != spec.width:
+        raise EncoderBuildError(f"encoder {spec.name!r}: timm built {model.num_features}-d tokens, the spec says "
+                                f"{spec.width} ({spec.pooling} → {spec.feature_dim}-d); fix the encoder's spec")
     return model
 
 
@@ -68,8 +93,8 @@ def _random_backbone(spec: EncoderSpec) -> nn.Module:
 
 
 def _load_into_meta(spec: EncoderSpec, path: Path) -> nn.Module:
-    sd = load_state_dict_file(path)
     model = build_backbone(spec, device="meta")
+    sd = adapt_state_dict(load_state_dict_file(path), spec, model, path)
     check_state_dict(model, sd, spec, path)
     try:
         model.load_state_dict(sd, strict=True, assign=True)
@@ -131,6 +156,9 @@ class EncoderModule(nn.Module):
         x = tiles.to(torch.float32) / 255.0
         x = (x - self.mean) / self.std
         x = x.permute(0, 3, 1, 2)
+        if self.spec.pooling == "cls+mean":
+            tokens = self.backbone.forward_features(x)
+            return pool_tokens(tokens, prefix_tokens=int(self.backbone.num_prefix_tokens)).to(torch.float32)
         return self.backbone(x).to(torch.float32)
 
     def extra_repr(self) -> str:
@@ -138,20 +166,20 @@ class EncoderModule(nn.Module):
 
 
 def load_encoder(
-    name: str,
+    name: str | EncoderSpec,
     *,
     weights: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
     random_init: bool = False,
 ) -> EncoderModule:
-    """Build encoder ``name`` with its weights (resolved as in :func:`resolve_weights`) on ``device``.
+    """Build encoder ``name`` (a registered or generic name, or an :class:`EncoderSpec`) with its weights (resolved as in :func:`resolve_weights`) on ``device``.
 
     ``random_init=True`` skips weight resolution and uses seeded random weights (architecture tests, e.g.
     ONNX export of the full UNI graph without access to its weights). Raises :class:`WeightsError` with
     instructions when the weights are unavailable or do not fit the architecture.
     """
-    spec = get_encoder_spec(name)
+    spec = name if isinstance(name, EncoderSpec) else get_encoder_spec(name)
     path = None if random_init else resolve_weights(spec, weights=weights, cache_dir=cache_dir)
     backbone = _random_backbone(spec) if path is None else _load_into_meta(spec, path)
     return EncoderModule(backbone, spec).to(device)
@@ -176,6 +204,8 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
     if spec is not None:
         h.update(repr((spec.name, spec.arch, sorted(spec.timm_kwargs.items()), spec.input_size, spec.mean,
                        spec.std)).encode())
+        if spec.pooling != "cls":  # only non-default pooling enters, so earlier fingerprints stay valid
+            h.update(f"pooling={spec.pooling}".encode())
     else:
         h.update(type(encoder).__qualname__.encode())
     for k, v in sd.items():

@@ -2,22 +2,30 @@
 
 * ``uni``     — UNI (ViT-L/16, 1024-d), ``MahmoodLab/UNI``, gated, CC-BY-NC-ND-4.0;
 * ``uni2-h``  — UNI2-h (ViT-H/14 with SwiGLU and 8 register tokens, 1536-d), ``MahmoodLab/UNI2-h``, gated;
-* ``test-vit`` — a tiny randomly initialised ViT of the same family (64 px, 64-d) for tests: no download.
+* ``test-vit`` — a tiny randomly initialised ViT of the same family (64 px, 64-d) for tests: no download;
+  ``test_only`` — fit / cv / evaluate refuse it without ``--allow-test-encoder`` (:func:`check_encoder_allowed`);
+* the public models of :mod:`.zoo` (CONCH v1 / v1.5, Virchow2, H-optimus-0/1, Phikon-v2, Prov-GigaPath,
+  Hibou-B/L), each with its preprocessing, token geometry, pooling and licence;
+* generic forms (:mod:`.generic`): ``hf-hub:ORG/NAME`` (a timm model on the hub) and ``timm:FOLDER`` (a
+  local timm ``config.json`` + weights) or ``timm:ARCH`` with ``--weights FILE``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from types import MappingProxyType
 from typing import Any, Mapping
 
 from hishrst_runtime.core.errors import InputError
+from hishrst_train.encoders.spec import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
+from hishrst_train.encoders.zoo import ZOO
 
-__all__ = ["EncoderSpec", "ENCODERS", "ENCODER_NAMES", "UnknownEncoderError", "get_encoder_spec",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["EncoderSpec", "ENCODERS", "ENCODER_NAMES", "DEFAULT_ENCODER", "GENERIC_PREFIXES", "TEST_ENCODER_NAMES",
+           "UnknownEncoderError", "TestEncoderError", "get_encoder_spec", "check_encoder_allowed",
+           "is_encoder_name", "IMAGENET_MEAN", "IMAGENET_STD"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The encoder of ``hishrst fit`` / ``cv`` when ``--encoder`` is not given: real weights, never random.
+DEFAULT_ENCODER = "uni"
+#: Prefixes of the generic forms (:mod:`.generic`): ``hf-hub:ORG/NAME`` and ``timm:FOLDER`` / ``timm:ARCH``.
+GENERIC_PREFIXES = ("hf-hub:", "timm:")
 
 
 class UnknownEncoderError(InputError, KeyError):
@@ -27,47 +35,17 @@ class UnknownEncoderError(InputError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-@dataclass(frozen=True)
-class EncoderSpec:
-    """Static description of a frozen encoder.
-
-    ``timm_kwargs`` are passed to ``timm.create_model(arch, pretrained=False, **timm_kwargs)``; the values
-    ``mlp_layer`` / ``act_layer`` are class *names* resolved in ``timm.layers`` / ``torch.nn`` at build time,
-    so a spec is plain data (JSON-able). ``input_size`` is the tile side in pixels; ``mean`` / ``std`` are
-    RGB on the 0–1 scale. ``hf_repo`` is ``None`` for encoders with built-in seeded random weights
-    (``seed``), which are meant for tests only.
-    """
-
-    name: str
-    arch: str
-    timm_kwargs: Mapping[str, Any] = field(hash=False)
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    feature_dim: int
-    hf_repo: str | None
-    weights_filename: str
-    gated: bool
-    license: str
-    description: str
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "timm_kwargs", MappingProxyType(dict(self.timm_kwargs)))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of the spec (for manifests and run configs)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(timm_kwargs=dict(self.timm_kwargs), mean=list(self.mean), std=list(self.std))
-        return d
+class TestEncoderError(InputError):
+    """A random test encoder was asked for without ``--allow-test-encoder``."""
 
 
 def _gated_hub_vit(name: str, *, arch: str, timm_kwargs: Mapping[str, Any], feature_dim: int, hf_repo: str,
-                   description: str) -> EncoderSpec:
+                   description: str, source: str) -> EncoderSpec:
     """A gated Mahmood-lab ViT on the hub: 224 px ImageNet-normalised tiles, ``pytorch_model.bin``, CC-BY-NC-ND-4.0."""
     return EncoderSpec(name=name, arch=arch, timm_kwargs=timm_kwargs, input_size=224, mean=IMAGENET_MEAN,
                        std=IMAGENET_STD, feature_dim=feature_dim, hf_repo=hf_repo, weights_filename="pytorch_model.bin",
-                       gated=True, license="CC-BY-NC-ND-4.0", description=description)
+                       gated=True, license="CC-BY-NC-ND-4.0", description=description,
+                       source=source)
 
 
 ENCODERS: dict[str, EncoderSpec] = {
@@ -77,6 +55,7 @@ ENCODERS: dict[str, EncoderSpec] = {
         timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True},
         feature_dim=1024,
         hf_repo="MahmoodLab/UNI",
+        source="UNI model card + TRIDENT (UNIInferenceEncoder)",
         description="UNI (Chen et al., Nat. Med. 2024): ViT-L/16 DINOv2-pretrained on 100k H&E slides; 1024-d CLS token.",
     ),
     "uni2-h": _gated_hub_vit(
@@ -89,6 +68,7 @@ ENCODERS: dict[str, EncoderSpec] = {
         },
         feature_dim=1536,
         hf_repo="MahmoodLab/UNI2-h",
+        source="UNI2-h model card + TRIDENT (UNIv2InferenceEncoder)",
         description="UNI2-h: ViT-H/14 (SwiGLU, 8 register tokens), 681M parameters, pretrained on 200M+ tiles; 1536-d.",
     ),
     "test-vit": EncoderSpec(
@@ -108,17 +88,41 @@ ENCODERS: dict[str, EncoderSpec] = {
         license="MIT",
         description="Tiny random ViT (UNI family, 64 px, 64-d), seeded, for tests and smoke runs; no download.",
         seed=0,
+        test_only=True,
+        source="hishrst (random, seeded)",
     ),
+    **ZOO,
 }
-#: Registered encoder names (the choices of ``hishrst fit --encoder``).
+#: Registered encoder names (``hishrst fit --encoder`` also takes the generic forms of :data:`GENERIC_PREFIXES`).
 ENCODER_NAMES: tuple[str, ...] = tuple(ENCODERS)
+#: Encoders with built-in random weights: refused by fit / cv / evaluate without ``--allow-test-encoder``.
+TEST_ENCODER_NAMES: tuple[str, ...] = tuple(n for n, s in ENCODERS.items() if s.test_only)
+
+
+def is_encoder_name(name: str) -> bool:
+    """Whether ``name`` is a registered encoder or one of the generic forms (syntax only; nothing is read)."""
+    return name in ENCODERS or any(name.startswith(p) and len(name) > len(p) for p in GENERIC_PREFIXES)
 
 
 def get_encoder_spec(name: str) -> EncoderSpec:
-    """The :class:`EncoderSpec` registered under ``name``; :class:`UnknownEncoderError` (a ``KeyError``)
+    """The :class:`EncoderSpec` registered under ``name``, or built for a generic ``hf-hub:ORG/NAME`` /
+    ``timm:FOLDER`` / ``timm:ARCH`` (:mod:`.generic`); :class:`UnknownEncoderError` (a ``KeyError``)
     listing the known names otherwise."""
-    try:
+    if name in ENCODERS:
         return ENCODERS[name]
-    except KeyError as e:
-        raise UnknownEncoderError(f"unknown encoder {name!r}; known encoders: {', '.join(sorted(ENCODERS))} "
-                                  "(choose one with --encoder)") from e
+    if is_encoder_name(name):
+        from hishrst_train.encoders.generic import generic_spec
+
+        return generic_spec(name)
+    raise UnknownEncoderError(f"unknown encoder {name!r}; known encoders: {', '.join(sorted(ENCODERS))}, or "
+                              "hf-hub:ORG/NAME, timm:FOLDER, timm:ARCH (choose one with --encoder)")
+
+
+def check_encoder_allowed(name: str, *, allow_test_encoder: bool, where: str = "--encoder") -> None:
+    """Refuse a random test encoder (:data:`TEST_ENCODER_NAMES`) unless ``allow_test_encoder``: a model on
+    random features predicts nothing real, so it is only ever built on purpose."""
+    if name in TEST_ENCODER_NAMES and not allow_test_encoder:
+        raise TestEncoderError(f"{where} {name}: a randomly initialised test encoder — its features carry no "
+                               "information about the tissue, so the model would not be trustworthy; choose a "
+                               "real encoder (default uni, see `hishrst fit --help`), or pass --allow-test-encoder "
+                               "for tests and smoke runs")

@@ -22,6 +22,7 @@ import threading
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from hishrst_runtime.core.errors import EnvironmentProblem
 from hishrst_train.encoders.registry import EncoderSpec
@@ -124,11 +125,25 @@ def _hf_cached(spec: EncoderSpec) -> Path | None:
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    for filename in dict.fromkeys((spec.weights_filename, "model.safetensors")):
+    for filename in dict.fromkeys((spec.weights_filename, *_LOCAL_FILENAMES)):
         hit = try_to_load_from_cache(spec.hf_repo, filename)
         if isinstance(hit, str) and Path(hit).is_file():
             return Path(hit)
     return None
+
+
+def _download_first(spec: EncoderSpec, hf_hub_download: Any) -> Path:
+    """Download the first of the spec's file, ``model.safetensors`` and ``pytorch_model.bin`` the repository has."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    names = list(dict.fromkeys((spec.weights_filename, *_LOCAL_FILENAMES)))
+    for i, name in enumerate(names):
+        try:
+            return Path(hf_hub_download(spec.hf_repo, name, etag_timeout=HUB_ETAG_TIMEOUT_S))
+        except EntryNotFoundError:
+            if i == len(names) - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _download(spec: EncoderSpec, looked: str) -> Path:
@@ -145,7 +160,7 @@ def _download(spec: EncoderSpec, looked: str) -> Path:
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     try:
-        return Path(hf_hub_download(spec.hf_repo, spec.weights_filename, etag_timeout=HUB_ETAG_TIMEOUT_S))
+        return _download_first(spec, hf_hub_download)
     except GatedRepoError as e:
         raise WeightsError(_access_help(spec, "access denied — your account has no access to this gated "
                                               "repository yet, or you are not logged in")) from e
@@ -153,6 +168,16 @@ def _download(spec: EncoderSpec, looked: str) -> Path:
         raise WeightsError(_access_help(spec, "repository not found or not authorised (not logged in?)")) from e
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise WeightsError(_access_help(spec, f"download failed ({type(e).__name__}: {e})")) from e
+
+
+def _local_dir_weights(spec: EncoderSpec) -> Path:
+    """The weights file of a local timm folder (``timm:FOLDER``)."""
+    folder = Path(str(spec.local_dir))
+    hit = _find_local(folder, spec, flat=True)
+    if hit is None:
+        raise WeightsError(f"{folder}: holds none of {', '.join(_LOCAL_FILENAMES)} for encoder {spec.name!r}; put the "
+                           "weights beside config.json or pass --weights FILE")
+    return hit
 
 
 def resolve_weights(
@@ -164,8 +189,8 @@ def resolve_weights(
 ) -> Path | None:
     """Path of the weights file for ``spec`` (see the module docstring for the order), or ``None``.
 
-    ``None`` means "use the built-in seeded random weights" and is only returned for specs without
-    ``hf_repo``. Raises :class:`WeightsError` when an explicit ``weights`` path does not exist, or when a
+    ``None`` means "use the built-in seeded random weights" and is only returned for test encoders
+    (``spec.test_only``); any other encoder without weights is a :class:`WeightsError`. Raises :class:`WeightsError` when an explicit ``weights`` path does not exist, or when a
     hub encoder's weights are not local and cannot be downloaded (or ``download=False``).
     """
     if weights is not None:
@@ -179,6 +204,8 @@ def resolve_weights(
             raise WeightsError(f"{p}: folder holds none of {', '.join(_LOCAL_FILENAMES)} for encoder {spec.name!r} "
                                f"(also looked in {p / spec.name}); pass the weights file itself.")
         raise WeightsError(f"{p}: weights file not found (encoder {spec.name!r}); check the --weights path.")
+    if spec.local_dir is not None:
+        return _local_dir_weights(spec)
     folder = cache_dir if cache_dir is not None else os.environ.get(WEIGHTS_DIR_ENV) or None
     looked = ["searched the Hugging Face cache"]
     if folder is None:
@@ -193,7 +220,11 @@ def resolve_weights(
     if hit is not None:
         return hit
     if spec.hf_repo is None:
-        return None
+        if spec.test_only:
+            return None  # the built-in seeded random weights of a test encoder
+        where = "" if ":" in spec.name else f" (or place it at ${WEIGHTS_DIR_ENV}/{spec.name}/model.safetensors)"
+        raise WeightsError(f"encoder {spec.name!r} has no weights to download; pass the weights file with "
+                           f"--weights FILE{where}")
     if not download:
         raise WeightsError(_access_help(spec, f"no local copy was found ({'; '.join(looked)}) and downloading "
                                               "is disabled"))

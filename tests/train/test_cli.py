@@ -18,7 +18,7 @@ pytest.importorskip("torch")
 
 from hishrst_train import cli  # noqa: E402
 
-FAST = ["--epochs", "1", "--no-progress", "--device", "cpu"]
+FAST = ["--epochs", "1", "--no-progress", "--device", "cpu", "--encoder", "test-vit", "--allow-test-encoder"]
 
 
 def invoke(cmd, args) -> Result:
@@ -119,7 +119,7 @@ def test_corrupt_weights_of_a_run_is_one_line(run, tmp_path, small_section):
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)
     (broken / "model.safetensors").write_bytes(b"\x00" * 20)
-    r = invoke(cli.evaluate, [broken, "--on", small_section, "--no-progress", "--device", "cpu"])
+    r = invoke(cli.evaluate, [broken, "--on", small_section, "--no-progress", "--device", "cpu", "--allow-test-encoder"])
     assert_one_line_error(r, str(broken / "model.safetensors"))
 
 
@@ -129,7 +129,7 @@ def test_corrupt_predictions_is_one_line(run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)
     (broken / "predictions.h5ad").write_bytes(b"garbage")
-    r = invoke(cli.evaluate, [broken])
+    r = invoke(cli.evaluate, [broken, "--allow-test-encoder"])
     assert_one_line_error(r, str(broken / "predictions.h5ad"))
 
 
@@ -173,7 +173,8 @@ def test_fit_on_cuda(small_section, tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU visible to torch")
-    r = invoke(cli.fit, [small_section, "--out", tmp_path / "r", "--epochs", "2", "--no-progress", "--device", "cuda"])
+    r = invoke(cli.fit, [small_section, "--out", tmp_path / "r", "--epochs", "2", "--no-progress", "--device", "cuda",
+                         "--encoder", "test-vit", "--allow-test-encoder"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "r" / "config.json").read_text())["summary"]["device"] == "cuda"
 

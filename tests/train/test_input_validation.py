@@ -18,7 +18,8 @@ pytest.importorskip("torch")
 
 from hishrst_train import cli  # noqa: E402
 
-FAST = ["--epochs", "1", "--no-progress", "--device", "cpu", "--task", "full", "--val-frac", "0"]
+FAST = ["--epochs", "1", "--no-progress", "--device", "cpu", "--task", "full", "--val-frac", "0", "--encoder", "test-vit",
+        "--allow-test-encoder"]
 
 
 def invoke(cmd, args) -> Result:
@@ -119,10 +120,10 @@ def test_counts_log_trains_on_normalised_data_and_is_recorded(base, tmp_path, ca
     assert cfg["preprocessing"]["normalised_by"] == "input" and cfg["sections"][0]["counts"] == "log"
     assert np.isfinite(cfg["summary"]["final_train_mse"])
     # evaluate --on reads other sections as the run was trained (log) unless --counts says otherwise
-    r = invoke(cli.evaluate, [tmp_path / "run", "--on", b, "--no-progress", "--device", "cpu", "--no-ari",
+    r = invoke(cli.evaluate, [tmp_path / "run", "--on", b, "--no-progress", "--device", "cpu", "--no-ari", "--allow-test-encoder",
                               "--no-ssim", "--cache-dir", cache])
     assert r.exit_code == 0, r.output
-    r = invoke(cli.evaluate, [tmp_path / "run", "--on", b, "--counts", "raw", "--device", "cpu"])
+    r = invoke(cli.evaluate, [tmp_path / "run", "--on", b, "--counts", "raw", "--device", "cpu", "--allow-test-encoder"])
     one_line_error(r, str(tmp_path / "b.h5ad"), "non-integer")
 
 
@@ -208,7 +209,7 @@ def test_implausible_mpp_is_refused(small_section, small_run, tmp_path, monkeypa
         r = invoke(cli.fit, [small_section, "--out", tmp_path / "r", "--mpp", value, *FAST])
         one_line_error(r, "--mpp", "µm per pixel" if value == "0" else "implausible")
     assert not (tmp_path / "r").exists()
-    r = invoke(cli.evaluate, [small_run, "--on", small_section, "--mpp", "1e6", "--device", "cpu"])
+    r = invoke(cli.evaluate, [small_run, "--on", small_section, "--mpp", "1e6", "--device", "cpu", "--allow-test-encoder"])
     one_line_error(r, "--mpp", "implausible", "HISHRST_MPP_RANGE")
     monkeypatch.setenv("HISHRST_MPP_RANGE", "0.01,2000")
     assert load_section(small_section, mpp=1000).uns["hishrst"]["mpp"] == 1000

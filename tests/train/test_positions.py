@@ -212,7 +212,7 @@ def test_fit_and_export_a_bundle_in_mode(mode: str, small_section: Path, feature
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="only .* genes available")
-        fit_run(small_section, out=tmp_path / "run", encoder="test-vit", epochs=1, seed=0, progress=False,
+        fit_run(small_section, out=tmp_path / "run", encoder="test-vit", allow_test_encoder=True, epochs=1, seed=0, progress=False,
                 cache_dir=feature_cache, position_mode=mode)
     export_bundle(tmp_path / "run", out=tmp_path / "bundle", echo=lambda s: None)
     position = load_bundle(tmp_path / "bundle").manifest["position"]

@@ -22,7 +22,8 @@ pytest.importorskip("torch")
 from hishrst_runtime.core.owned import OWNER_FILE, owner_of  # noqa: E402
 from hishrst_train import cli  # noqa: E402
 
-FAST = ["--epochs", "1", "--no-progress", "--device", "cpu", "--task", "full", "--val-frac", "0"]
+FAST = ["--epochs", "1", "--no-progress", "--device", "cpu", "--task", "full", "--val-frac", "0", "--encoder", "test-vit",
+        "--allow-test-encoder"]
 
 
 def invoke(cmd, args) -> Result:
@@ -140,7 +141,7 @@ def test_disk_full_while_writing_a_run_is_one_line(small_section, tmp_path, cach
 
     monkeypatch.setattr(ad.AnnData, "write_h5ad", hdf5_full)
     out = tmp_path / "r"
-    r = invoke(cli.fit, [small_section, "--out", out, "--cache-dir", cache, *FAST[:-4]])  # recovery: writes h5ad
+    r = invoke(cli.fit, [small_section, "--out", out, "--cache-dir", cache, *FAST[:5], *FAST[-3:]])  # recovery: writes h5ad
     one_line_error(r, str(out), "disk is full")
     monkeypatch.undo()
 

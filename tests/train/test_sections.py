@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 from hishrst_train.evaluate import evaluate_on, evaluate_run  # noqa: E402
 from hishrst_train.tasks import fit_run  # noqa: E402
 
-FAST = dict(epochs=2, progress=False, position_mode="relative")
+FAST = dict(epochs=2, progress=False, position_mode="relative", encoder="test-vit", allow_test_encoder=True)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,8 @@ def test_cv_leave_one_section_out(sections, tmp_path):
 
     a, b, cache = sections
     out = tmp_path / "cv"
-    args = [a, b, "--out", out, "--epochs", "1", "--no-progress", "--device", "cpu", "--cache-dir", cache, "--no-ari"]
+    args = [a, b, "--out", out, "--epochs", "1", "--no-progress", "--device", "cpu", "--cache-dir", cache, "--no-ari",
+            "--encoder", "test-vit", "--allow-test-encoder"]
     r = CliRunner().invoke(cv, [str(x) for x in args])
     assert r.exit_code == 0, r.output
     lines = (out / "cv_metrics.csv").read_text().splitlines()
@@ -131,7 +132,8 @@ def test_interrupted_cv_can_be_redone_with_overwrite(sections, tmp_path, monkeyp
 
     a, b, cache = sections
     out = tmp_path / "cv"
-    args = [a, b, "--out", out, "--epochs", "1", "--no-progress", "--device", "cpu", "--cache-dir", cache, "--no-ari"]
+    args = [a, b, "--out", out, "--epochs", "1", "--no-progress", "--device", "cpu", "--cache-dir", cache, "--no-ari",
+            "--encoder", "test-vit", "--allow-test-encoder"]
 
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt

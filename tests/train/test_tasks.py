@@ -15,6 +15,9 @@ pytest.importorskip("torch")
 from hishrst_train.evaluate import evaluate_run  # noqa: E402
 from hishrst_train.tasks import fit_run, load_section  # noqa: E402
 
+#: The random test encoder, allowed on purpose (fit refuses it otherwise).
+TEST_ENCODER = {"encoder": "test-vit", "allow_test_encoder": True}
+
 @pytest.fixture(scope="module")
 def section(small_section):
     return small_section
@@ -27,7 +30,7 @@ def runs(small_run, small_section, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("runs")
     with torch_threads(1):
-        fit_run(small_section, out=root / "pos", epochs=SMALL_RUN_EPOCHS, progress=False,
+        fit_run(small_section, out=root / "pos", epochs=SMALL_RUN_EPOCHS, progress=False, **TEST_ENCODER,
                       cache_dir=root / "cache", image_features=False)
     summary = json.loads((small_run / "config.json").read_text())["summary"]
     return small_run, summary, root / "pos"
@@ -79,7 +82,8 @@ def test_generation_task_dense_grid(section, tmp_path):
     from tests.conftest import torch_threads
 
     with torch_threads(1):
-        s = fit_run(section, out=tmp_path / "gen", task="generation", epochs=3, progress=False, cache_dir=tmp_path / "c")
+        s = fit_run(section, out=tmp_path / "gen", task="generation", epochs=3, progress=False, cache_dir=tmp_path / "c",
+                    **TEST_ENCODER)
     dense = ad.read_h5ad(tmp_path / "gen" / "dense.h5ad")
     assert dense.n_obs == s["n_dense"] and 3.0 < dense.n_obs / s["n_spots"] < 4.0
     assert np.all(np.asarray(dense.X) >= 0)
