@@ -24,6 +24,8 @@ from benchmarks._common import base_parser, workdir_of
 
 #: Bundle training used by the pipeline / reference benchmarks: (epochs, genes). Throughput does not
 #: depend on the number of epochs; the gene count sets the head's output size (1000 = ``hishrst fit``'s default).
+#: fit_run options of every benchmark fit: the random test encoder, allowed explicitly (never a user's default).
+TEST_ENCODER: dict[str, Any] = {"encoder": "test-vit", "allow_test_encoder": True}
 BUNDLE_FULL = (3, 1000)
 BUNDLE_QUICK = (1, 50)
 
@@ -128,7 +130,8 @@ def ensure_bundle(workdir: Path, preset: str, *, epochs: int, n_genes: int) -> t
         from hishrst_train.tasks import fit_run
 
         t0 = time.perf_counter()
-        _build_dir(run_dir, lambda d: fit_run(section / "outs", out=d, epochs=epochs, n_genes=n_genes, progress=False))
+        _build_dir(run_dir, lambda d: fit_run(section / "outs", out=d, epochs=epochs, n_genes=n_genes, progress=False,
+                                                    **TEST_ENCODER))
         _say(f"fitted {run_dir.name} in {time.perf_counter() - t0:.1f} s")
     if not bundle_dir.exists():
         from hishrst_export.bundle import export_bundle

@@ -38,6 +38,7 @@ from hishrst_runtime.core.vocab import UM_POSITION_MODES
 import numpy as np
 
 from benchmarks._common import JsonlWriter, base_parser, print_table, str_list, workdir_of
+from benchmarks._data import TEST_ENCODER
 
 #: Mid-sized synthetic section: ~1,400 in-tissue spots, 600 genes.
 MEDIUM = dict(n_rows=40, n_cols=64, mpp=0.6, n_genes=600, margin_um=120.0,
@@ -186,7 +187,7 @@ def _fit_best(data: Any, out: Path, *, lrs: list[float], **kw: Any) -> float:
     best: tuple[float, float] | None = None
     for lr in lrs:
         tmp = out.with_name(f"{out.name}-lr{lr:g}")
-        val = float(fit_run(data, out=tmp, lr=lr, **kw)["best_val_mse"])
+        val = float(fit_run(data, out=tmp, lr=lr, **TEST_ENCODER, **kw)["best_val_mse"])
         if best is None or val < best[0]:
             best = (val, lr)
     best = best or (0.0, lrs[0])
