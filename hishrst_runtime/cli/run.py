@@ -22,9 +22,13 @@ from hishrst_runtime.cli.errors import one_line, option_errors, user_errors
 from hishrst_runtime.cli.logs import configure_logging, progress_enabled
 from hishrst_runtime.core.errors import OutputStateError
 from hishrst_runtime.core.urls import redact_text
+from hishrst_runtime.core.vocab import DEFAULT_GRID, DEFAULT_PROVIDER, GRID_KINDS, PROVIDERS
+from hishrst_runtime.inference.prepare import DEFAULT_MASK_MODE, DEFAULT_POINTS_OUTSIDE, MASK_MODES, POINTS_OUTSIDE
+from hishrst_runtime.jobs.formats import OUTPUT_FORMATS
+from hishrst_runtime.jobs.inputs import SlideInput
 from hishrst_runtime.jobs.interrupts import Interrupted, raising_on_signals
-from hishrst_runtime.jobs.options import DEFAULT_WORKERS, OUTPUT_FORMATS, PROVIDERS, RunOptions
-from hishrst_runtime.jobs.paths import SlideArg, output_collisions
+from hishrst_runtime.jobs.options import DEFAULT_WORKERS, RunOptions
+from hishrst_runtime.jobs.paths import output_collisions
 from hishrst_runtime.jobs.results import SlideResult
 from hishrst_runtime.jobs.runner import run_slides
 
@@ -39,19 +43,27 @@ _OPTIONS = [
                  help="Output directory; one <slide>.zarr AnnData store per slide, and the run report "
                       "(hishrst_run.json, summary.md)."),
     click.option("--points", "points_file", type=click.Path(exists=True, path_type=Path), default=None,
-                 help="Predict at these points instead of a grid (one slide only): a CSV with header x,y "
-                      "(level-0 pixels; optional id column, used as obs names), an .h5ad with "
-                      "obsm['spatial'], or a Space Ranger outs folder (in-tissue spots, named by barcode). "
-                      "Rows keep the file's order; --pitch-um, --grid and --min-tissue do not apply."),
+                 help="Predict at these points instead of a grid (one slide; a --slides-from sheet gives each "
+                      "slide its own in its points column): a CSV with header x,y (level-0 pixels; optional id "
+                      "column, used as obs names), an .h5ad with obsm['spatial'], or a Space Ranger outs folder "
+                      "(in-tissue spots, named by barcode). Rows keep the file's order; --pitch-um, --grid and "
+                      "--min-tissue do not apply."),
+    click.option("--points-outside", type=click.Choice(POINTS_OUTSIDE), default=DEFAULT_POINTS_OUTSIDE,
+                 show_default=True, help="Explicit points outside the slide: drop them with a warning giving the "
+                 "count (the report records it; kept rows keep their names), or error: the slide fails, naming "
+                 "the count and the first point."),
     click.option("--slides-from", "slides_from", multiple=True, type=click.Path(exists=True, dir_okay=False,
-                 path_type=Path), help="Read more slides from FILE: one path or URL a line, # comment lines "
-                 "and blank lines ignored, relative paths from the current directory (repeatable)."),
-    click.option("--recursive", is_flag=True, help="Also take the slides in sub-folders of a folder argument."),
+                 path_type=Path), help="Read more slides from FILE (repeatable): a CSV sheet with a header "
+                 "slide[,points][,mask][,name] (each slide with its own points file, tissue mask and output "
+                 "name; relative paths from the sheet's folder), or a plain list, one path or URL a line "
+                 "(relative paths from the current directory); # comment lines and blank lines ignored."),
+    click.option("--recursive", is_flag=True, help="Also take the slides in sub-folders of a folder argument; "
+                 "outputs mirror the sub-folders (DIR/p1/S.svs -> OUT/p1/S.zarr)."),
     click.option("--pitch-um", type=float, default=None,
                  help="Query-point spacing in µm [default: 50, 4× Visium density]."),
-    click.option("--grid", type=click.Choice(["hex", "square"]), default="hex", show_default=True,
+    click.option("--grid", type=click.Choice(GRID_KINDS), default=DEFAULT_GRID, show_default=True,
                  help="Query-grid layout: hexagonal (as Visium) or square rows of points --pitch-um apart."),
-    click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+    click.option("--provider", type=click.Choice(PROVIDERS), default=DEFAULT_PROVIDER, show_default=True,
                  help="Inference engine; `auto` picks the fastest available and says which."),
     click.option("--batch-size", type=int, default=64, show_default=True, help="Encoder batch size (tiles)."),
     click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True,
@@ -69,13 +81,23 @@ _OPTIONS = [
                  "new one is complete)."),
     click.option("--allow-missing-chunks", is_flag=True, help="Read chunk files missing inside tissue as "
                  "background fill instead of failing the slide."),
-    click.option("--h5ad", is_flag=True, help="Also write <slide>.h5ad next to each store."),
-    click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS), default="anndata", show_default=True,
-                 help="Output: the AnnData store <slide>.zarr, a SpatialData store <slide>.sdata.zarr (H&E, "
-                      "spots and table; built from the AnnData store, which is then removed), or both."),
+    click.option("--h5ad", is_flag=True, help="Deprecated: use --format anndata,h5ad. Adds h5ad to --format."),
+    click.option("--format", "output_format", default="anndata", show_default=True,
+                 help="Outputs, a comma-separated set of: " + "; ".join(f"{f.name}: {f.description}" for f in
+                                                                      OUTPUT_FORMATS.values())
+                 + " (both = anndata,spatialdata). Without anndata the AnnData store is removed once the others "
+                   "are written."),
     click.option("--tissue-mask", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-                 help="Tissue mask of the (one) slide, instead of detecting tissue: GeoJSON polygons in level-0 "
-                      "pixels (QuPath export) or a PNG / TIFF mask stretched over the slide."),
+                 help="Tissue mask of the (one) slide (a --slides-from sheet gives each slide its own in its mask "
+                      "column): GeoJSON polygons in level-0 pixels (QuPath export) or a PNG / TIFF mask "
+                      "stretched over the slide; combined with detected tissue as --mask-mode says."),
+    click.option("--mask-mode", type=click.Choice(MASK_MODES), default=DEFAULT_MASK_MODE, show_default=True,
+                 help="How a tissue mask meets tissue detection: intersect = tissue only where the mask and the "
+                      "detector agree (glass inside the mask is left out); replace = the mask alone, and points "
+                      "whose patch is mostly background by the detector get obs['background'] = True."),
+    click.option("--qc/--no-qc", default=True, show_default=True,
+                 help="Write a QC thumbnail <slide>.qc.png per slide (tissue outline, query points coloured by the "
+                      "gene with the highest variance across points, scale bar), linked from summary.md."),
     click.option("--tissue-geojson/--no-tissue-geojson", default=None,
                  help="Write the tissue mask used as <slide>.tissue.geojson (level-0 pixel polygons, for "
                       "QuPath) beside the output [default: only with --tissue-mask]."),
@@ -94,44 +116,36 @@ def _with_options(f: Any) -> Any:
     return f
 
 
-def _slides(slides: Sequence[str], slides_from: Sequence[Path], recursive: bool, out_dir: Path) -> list[SlideArg]:
-    """The slide list (folders expanded without hishrst's outputs, list files read, URLs kept as strings);
-    exit 2 when empty."""
-    from hishrst_runtime.jobs.slide_lists import expand_slides
+def _slides(slides: Sequence[str], slides_from: Sequence[Path], recursive: bool, out_dir: Path, *,
+            points: Path | None, mask: Path | None) -> list[SlideInput]:
+    """The slides (folders expanded without hishrst's outputs, lists and sheets read, URLs kept as strings),
+    ``--points`` / ``--tissue-mask`` the defaults of every slide without its own; exit 2 when empty."""
+    from hishrst_runtime.jobs.slide_lists import expand_inputs
 
     if not slides and not slides_from:
         raise click.UsageError("no slides: pass SLIDE... (stores, files, folders or URLs) or --slides-from FILE")
     with option_errors():
-        items = expand_slides(slides, slides_from=slides_from, recursive=recursive, out_dir=out_dir)
+        items = expand_inputs(slides, slides_from=slides_from, recursive=recursive, out_dir=out_dir)
     collisions = output_collisions(items, Path("."))  # on the full list, so every shard agrees
     if collisions:
-        lines = "; ".join(f"{o.name} <- {', '.join(map(str, s))}" for o, s in collisions.items())
+        lines = "; ".join(f"{o.as_posix()} <- {', '.join(map(str, s))}" for o, s in collisions.items())
         raise click.BadParameter(f"several slides would write the same output ({lines}); rename them",
                                  param_hint="SLIDES")
-    return items
+    _one_slide("--points", points, [i for i in items if i.points is None])
+    _one_slide("--tissue-mask", mask, [i for i in items if i.mask is None])
+    return [i.with_defaults(points=points, mask=mask) for i in items]
 
 
-def _one_slide(option: str, items: list[SlideArg]) -> None:
-    """Exit 2 unless exactly one slide was named (``option`` applies to one slide)."""
-    if len(items) != 1:
-        shown = ", ".join(map(str, items[:3])) + (", ..." if len(items) > 3 else "")
-        raise click.UsageError(f"{option} takes exactly one slide, got {len(items)} ({shown or 'none'}); run "
-                               f"each slide with its own {option} file")
+def _one_slide(option: str, value: Path | None, takers: list[SlideInput]) -> None:
+    """Exit 2 when ``option`` was given and more than one slide would take it (it applies to one slide)."""
+    if value is not None and len(takers) > 1:
+        shown = ", ".join(str(i.slide) for i in takers[:3]) + (", ..." if len(takers) > 3 else "")
+        raise click.UsageError(f"{option} takes exactly one slide, got {len(takers)} ({shown}); run each slide "
+                               f"with its own {option} file, or give each its own in a --slides-from sheet")
 
 
-def _points(points_file: Path | None, items: list[SlideArg]) -> dict[str, Any]:
-    """``{slide: QueryPoints}`` of ``--points`` (exactly one slide), or ``{}``."""
-    if points_file is None:
-        return {}
-    _one_slide("--points", items)
-    from hishrst_runtime.inference.points import read_points
-
-    with user_errors():
-        return {str(items[0]): read_points(points_file)}
-
-
-def _select_shard(items: list[SlideArg], shard: str | None, echo: Callable[[str], Any]
-                  ) -> tuple[list[SlideArg], tuple[int, int] | None]:
+def _select_shard(items: list[SlideInput], shard: str | None, echo: Callable[[str], Any]
+                  ) -> tuple[list[SlideInput], tuple[int, int] | None]:
     """(this job's slides, (I, N) or None) from ``--shard`` or a Slurm job array."""
     from hishrst_runtime.jobs.shards import parse_shard, shard_from_env, shard_items
 
@@ -199,8 +213,10 @@ def run(slides: tuple[str, ...], bundle_dir: Path, out_dir: Path, shard: str | N
         tissue_geojson: bool | None, **settings: Any) -> None:
     """Predict dense gene expression over whole-slide SLIDES with an exported bundle.
 
-    SLIDES are OME-Zarr stores, slide files, folders of slides (*.zarr, .svs, .tif, .tiff, .ndpi, .scn)
-    or URLs; --slides-from FILE adds more. Writes OUT/<slide>.zarr per slide and a run report.
+    SLIDES are OME-Zarr stores, slide files, folders of slides (every registered slide format: *.zarr,
+    .svs, .tif(f), .ndpi, .scn, .bif, .qptiff, .mrxs, DICOM folders, ...) or URLs; --slides-from FILE adds
+    more (a plain list, or a CSV sheet slide[,points][,mask][,name]). Writes OUT/<slide>.zarr per slide,
+    a QC thumbnail and a run report.
     """
     started = time.time()
     configure_logging(quiet=quiet, verbose=verbose)
@@ -208,19 +224,18 @@ def run(slides: tuple[str, ...], bundle_dir: Path, out_dir: Path, shard: str | N
     sh: tuple[int, int] | None = None
     with raising_on_signals():  # SIGTERM / SIGINT: report, then exit 128 + signum
         try:
-            items = _slides(slides, slides_from, recursive, out_dir)
-            points = _points(points_file, items)
-            if settings["tissue_mask"] is not None:
-                _one_slide("--tissue-mask", items)
-            geojson = settings["tissue_mask"] is not None if tissue_geojson is None else tissue_geojson
+            items = _slides(slides, slides_from, recursive, out_dir, points=points_file,
+                            mask=settings["tissue_mask"])
+            if settings["h5ad"]:
+                click.echo("warning: --h5ad is deprecated; use --format anndata,h5ad (h5ad added to --format)",
+                           err=True)
             with option_errors():
-                options = RunOptions(progress=progress_enabled(progress, quiet=quiet), tissue_geojson=geojson,
+                options = RunOptions(progress=progress_enabled(progress, quiet=quiet), tissue_geojson=tissue_geojson,
                                      **settings)
             items, sh = _select_shard(items, shard, echo)
             try:
                 with user_errors():
-                    results = run_slides(items, bundle_dir=bundle_dir, out_dir=out_dir, options=options, echo=echo,
-                                         points_px=points)
+                    results = run_slides(items, bundle_dir=bundle_dir, out_dir=out_dir, options=options, echo=echo)
             except click.ClickException as e:
                 _report(out_dir, [], started=started, shard=sh, error=e)
                 raise

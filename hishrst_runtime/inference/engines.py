@@ -40,22 +40,23 @@ def noop_engines(bundle: Any) -> Engines:
 
 
 def _load_one(bundle: Any, key: str, chosen: str, *, cache_dir: Path | None, threads: int | None) -> Any:
-    """The backend of ``key`` (``encoder`` / ``head``) for the resolved provider ``chosen``."""
+    """The backend of ``key`` (``encoder`` / ``head``) for the resolved provider ``chosen``, from the bundle's
+    typed file entries (:class:`~hishrst_runtime.bundle.spec.FileSpec`)."""
     from hishrst_runtime.backends import load_backend
 
+    spec = bundle.spec
     if chosen == "trt-native":
-        trt = bundle.file_entry(f"{key}_trt")
+        trt = spec.file(f"{key}_trt")
         if trt is None:
             raise BundleError(f"{bundle.root}: no TensorRT engine in the bundle; "
                               "export with `hishrst export --tensorrt` or use --provider tensorrt")
-        return load_backend(bundle.path(f"{key}_trt"), provider="trt-native",
-                            expected={"gpu": trt.get("gpu"), "tensorrt_version": trt.get("tensorrt_version")})
+        return load_backend(bundle.path(f"{key}_trt"), provider="trt-native", expected=trt.engine_target)
     if chosen == "tensorrt":
-        entry = bundle.file_entry(key) or {}
-        return load_backend(bundle.path(key), provider="tensorrt", cache_dir=cache_dir,
-                            max_batch=bundle.spec.max_batch,
-                            shapes=None if key == "encoder" else bundle.spec.head_profile(),
-                            model_sha256=entry.get("sha256"), fp16=entry.get("precision") == "fp16")
+        entry = spec.file(key)
+        return load_backend(bundle.path(key), provider="tensorrt", cache_dir=cache_dir, max_batch=spec.max_batch,
+                            shapes=None if key == "encoder" else spec.head_profile(),
+                            model_sha256=None if entry is None else entry.sha256,
+                            fp16=entry is not None and entry.fp16)
     return load_backend(bundle.path(key), provider=chosen, cache_dir=cache_dir, threads=threads)  # type: ignore[arg-type]
 
 
@@ -65,8 +66,7 @@ def load_engines(bundle: Any, provider: str, *, cache_dir: Path | None, threads:
     physical cores); ``cache_dir``: TensorRT engine cache."""
     from hishrst_runtime.backends import resolve_provider
 
-    has_engine = bundle.file_entry("encoder_trt") is not None and bundle.file_entry("head_trt") is not None
-    chosen = resolve_provider(provider, engine_available=has_engine)  # type: ignore[arg-type]
+    chosen = resolve_provider(provider, engine_available=bundle.spec.has_engines)  # type: ignore[arg-type]
     engines: list[Any] = []
     try:
         for key in ("encoder", "head"):

@@ -257,3 +257,26 @@ def check_points_inside(points: QueryPoints, *, shape0: tuple[int, int], slide: 
     raise InputError(f"{points.source}: {bad.size} of {len(points)} point(s) lie outside the slide {slide} "
                      f"({w} x {h} level-0 pixels), e.g. {shown}; check that the points belong to this slide "
                      "and are level-0 pixel (x, y)")
+
+
+def points_inside(points: QueryPoints, *, shape0: tuple[int, int], slide: str) -> tuple[QueryPoints, int]:
+    """(the points whose centre lies on the slide's level 0, how many were left out), for
+    ``--points-outside drop``: the kept points keep their names (numbered rows keep their numbers: row ``i``
+    of the file stays ``p<i>``) and order. A warning gives the count; :class:`InputError` when none is left."""
+    from hishrst_runtime.output.content import default_obs_names
+
+    h, w = shape0
+    x, y = points.xy_px[:, 0], points.xy_px[:, 1]
+    keep = np.flatnonzero((x >= 0) & (y >= 0) & (x < w) & (y < h))
+    dropped = len(points) - keep.size
+    if not dropped:
+        return points, 0
+    if not keep.size:
+        check_points_inside(points, shape0=shape0, slide=slide)  # raises, naming the first points
+    names = points.names if points.names is not None else default_obs_names(range(len(points)))
+    lines = None if points.lines is None else [points.lines[i] for i in keep]
+    first = int(np.setdiff1d(np.arange(len(points)), keep)[0])
+    log.warning("%s: dropped %d of %d point(s) outside the slide %s (%d x %d level-0 pixels), e.g. %s at "
+                "(%.1f, %.1f); pass --points-outside error to refuse them", points.source, dropped, len(points),
+                slide, w, h, points.label(first), x[first], y[first])
+    return QueryPoints(points.xy_px[keep], [names[i] for i in keep], points.source, lines), dropped

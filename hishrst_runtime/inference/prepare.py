@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -25,20 +25,34 @@ from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.geometry import query_grid
 from hishrst_runtime.core.grouping import group_points
 from hishrst_runtime.core.urls import redact_url
-from hishrst_runtime.inference.points import QueryPoints, check_points_inside
+from hishrst_runtime.core.vocab import DEFAULT_GRID, GRID_KINDS, GridKind
+from hishrst_runtime.inference.points import QueryPoints, check_points_inside, points_inside
+from hishrst_runtime.slides.sources import file_url_path, is_url
 
-__all__ = ["DEFAULT_PITCH_UM", "GridKind", "PreparedSlide", "check_layout_options", "prepare_slide", "slide_location"]
+__all__ = ["DEFAULT_PITCH_UM", "GridKind", "PreparedSlide", "check_layout_options", "prepare_slide", "slide_location",
+           "MaskMode", "MASK_MODES", "DEFAULT_MASK_MODE", "PointsOutside", "POINTS_OUTSIDE", "DEFAULT_POINTS_OUTSIDE",
+           "BACKGROUND_FRACTION"]
 
 #: 4× Visium density: a hexagonal grid at half of Visium's 100 µm pitch (µm).
 DEFAULT_PITCH_UM = 50.0
-GridKind = Literal["hex", "square"]
+#: How a tissue-mask file meets detected tissue: ``intersect`` (tissue where both say so) or ``replace``
+#: (the mask alone; points whose patch is mostly detected background get ``obs['background']``).
+MaskMode = Literal["intersect", "replace"]
+MASK_MODES: tuple[str, ...] = get_args(MaskMode)
+DEFAULT_MASK_MODE: MaskMode = "intersect"
+#: What happens to explicit points outside the slide: ``drop`` (with a warning giving the count) or ``error``.
+PointsOutside = Literal["drop", "error"]
+POINTS_OUTSIDE: tuple[str, ...] = get_args(PointsOutside)
+DEFAULT_POINTS_OUTSIDE: PointsOutside = "drop"
+#: With ``mask_mode="replace"``, a point whose patch holds less detected tissue than this is ``background``.
+BACKGROUND_FRACTION = 0.5
 
 
 def slide_location(path: str | Path) -> str | Path:
-    """A slide argument as it is kept: a URL stays a string (``Path("s3://b/x")`` would be ``s3:/b/x``),
-    anything else becomes a :class:`~pathlib.Path`."""
+    """A slide argument as it is kept: a URL (:func:`hishrst_runtime.slides.sources.is_url`, or a ``file://``
+    URL) stays a string (``Path("s3://b/x")`` would be ``s3:/b/x``), anything else becomes a :class:`~pathlib.Path`."""
     text = str(path)
-    return text if isinstance(path, str) and "://" in text else Path(path)
+    return text if isinstance(path, str) and (is_url(text) or file_url_path(text)) else Path(path)
 
 
 def check_layout_options(*, pitch_um: float, grid: str, min_tissue: float) -> None:
@@ -49,8 +63,8 @@ def check_layout_options(*, pitch_um: float, grid: str, min_tissue: float) -> No
     """
     if not (isinstance(pitch_um, (int, float)) and np.isfinite(pitch_um) and pitch_um > 0):
         raise InputError(f"--pitch-um must be a positive number of µm, got {pitch_um!r}; e.g. --pitch-um 50")
-    if grid not in ("hex", "square"):
-        raise InputError(f"--grid must be 'hex' or 'square', got {grid!r}")
+    if grid not in GRID_KINDS:
+        raise InputError(f"--grid must be one of {', '.join(GRID_KINDS)}, got {grid!r}")
     if not (isinstance(min_tissue, (int, float)) and 0.0 <= min_tissue <= 1.0):
         raise InputError(f"--min-tissue must be a fraction in [0, 1], got {min_tissue!r}; e.g. --min-tissue 0.25")
 
@@ -65,7 +79,10 @@ class PreparedSlide:
     overview and its boolean tissue mask, ``thumbnail_scale`` overview pixels per level-0 pixel;
     ``pitch_um``: grid pitch in µm (``None`` for explicit points); ``seconds``: preparation wall time;
     ``obs_names``: the explicit points' names (``None``: rows are numbered); ``path``: the slide (a URL
-    stays a string, see :func:`slide_location`).
+    stays a string, see :func:`slide_location`); ``background``: ``[N]`` bool, points whose patch is mostly
+    detected background (only with a tissue mask and ``mask_mode="replace"``, else None);
+    ``points_dropped``: explicit points left out because they lie outside the slide; ``mask_file``: the
+    tissue-mask file used (None: detected tissue only).
     """
 
     path: Path | str
@@ -84,6 +101,9 @@ class PreparedSlide:
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     obs_names: list[str] | None = None
+    background: np.ndarray | None = None
+    points_dropped: int = 0
+    mask_file: Path | None = None
 
     @property
     def name(self) -> str:
@@ -154,33 +174,47 @@ def _explicit_layout(path: Path | str, points_px: np.ndarray, fraction_at: Any, 
     return _Layout(pts, grid_index, fraction_at(pts), group_points(pts, max_size=max_group), None, None, None)
 
 
+def _explicit_points(points: Any, slide: Any, where: str | Path, policy: str) -> tuple[QueryPoints, int]:
+    """(the points of a file or :class:`QueryPoints` that lie on the slide, how many were dropped)."""
+    from hishrst_runtime.inference.points import read_points
+
+    qp = points if isinstance(points, QueryPoints) else read_points(points)
+    where = redact_url(str(where))
+    if policy == "error":
+        check_points_inside(qp, shape0=tuple(slide.shape0), slide=where)
+        return qp, 0
+    return points_inside(qp, shape0=tuple(slide.shape0), slide=where)
+
+
 def prepare_slide(
     path: str | Path,
     bundle: Bundle,
     *,
     mpp: float | None = None,
     pitch_um: float = DEFAULT_PITCH_UM,
-    grid: GridKind = "hex",
+    grid: GridKind = DEFAULT_GRID,
     min_tissue: float = 0.25,
     points_px: np.ndarray | None = None,
-    points: QueryPoints | None = None,
+    points: QueryPoints | str | Path | None = None,
     thumbnail_side: int = 1024,
     allow_missing_chunks: bool = False,
     tissue_mask: str | Path | None = None,
+    mask_mode: MaskMode = DEFAULT_MASK_MODE,
+    points_outside: PointsOutside = DEFAULT_POINTS_OUTSIDE,
 ) -> PreparedSlide:
     """Open a slide and lay out its query points and neighbour groups (no inference yet).
 
     ``mpp`` (µm per level-0 pixel) overrides or supplies the store's pixel size. Grid points lie
     ``pitch_um`` µm apart and are kept where the tissue fraction of their ``patch_um`` window is at
     least ``min_tissue``; they are numbered in group order. Explicit ``points_px`` (``[N, 2]``
-    level-0 pixel (x, y)) are all kept, in their order. ``points`` (read from a file by
-    :func:`~hishrst_runtime.inference.points.read_points`) are explicit points too, with their names;
-    any of them outside the slide is an :class:`InputError` naming the first few. ``thumbnail_side`` is
-    the overview's longer side in pixels. ``allow_missing_chunks`` accepts chunk files missing where the
-    overview shows tissue (read as fill). ``tissue_mask``: a mask file (GeoJSON in level-0 pixels, or
-    a raster stretched over the slide; :func:`~hishrst_runtime.slides.masks.read_tissue_mask`) used
-    instead of the tissue detected on the overview, for the query grid and every tissue fraction.
-    Raises :class:`hishrst_runtime.slides.reader.SlideError` for unusable stores.
+    level-0 pixel (x, y)) are all kept, in their order. ``points``: a points file (read here by
+    :func:`~hishrst_runtime.inference.points.read_points`) or points already read: explicit points with
+    their names; those outside the slide are dropped with a warning (``points_outside="drop"``, the kept
+    ones keep their names and order) or make an :class:`InputError` naming the first few (``"error"``).
+    ``thumbnail_side``: the overview's longer side (px). ``allow_missing_chunks``: read chunk files missing
+    under tissue as fill. ``tissue_mask``: a mask file (:func:`~hishrst_runtime.slides.masks.read_tissue_mask`)
+    intersected with detected tissue (``mask_mode="intersect"``) or instead of it (``"replace"``: points over
+    detected background marked in ``background``). Raises :class:`~hishrst_runtime.slides.reader.SlideError`.
     """
     from hishrst_runtime.slides.reader import open_slide
 
@@ -191,51 +225,78 @@ def prepare_slide(
     where = slide_location(path)
     slide = open_slide(path, mpp=mpp, allow_missing_chunks=allow_missing_chunks)
     try:
-        if points is not None:
-            check_points_inside(points, shape0=tuple(slide.shape0), slide=redact_url(str(where)))
-            points_px = points.xy_px
-        level_index, thumb, mask, fraction_at = _survey(slide, bundle, thumbnail_side, allow_missing_chunks,
-                                                        tissue_mask)
+        qp, dropped = (None, 0) if points is None else _explicit_points(points, slide, where, points_outside)
+        points_px = points_px if qp is None else qp.xy_px
+        sv = _survey(slide, bundle, thumbnail_side, allow_missing_chunks, tissue_mask, mask_mode)
         if points_px is None:
-            lay = _grid_layout(slide, fraction_at, max_group=bundle.max_group_size, pitch_um=pitch_um, grid=grid,
+            lay = _grid_layout(slide, sv.fraction_at, max_group=bundle.max_group_size, pitch_um=pitch_um, grid=grid,
                                min_tissue=min_tissue)
         else:
-            lay = _explicit_layout(where, points_px, fraction_at, max_group=bundle.max_group_size)
+            lay = _explicit_layout(where, points_px, sv.fraction_at, max_group=bundle.max_group_size)
+        background = None if sv.background_at is None else sv.background_at(lay.points_px)
     except BaseException:
         slide.close()
         raise
     return PreparedSlide(
-        path=where, slide=slide, level_index=level_index, points_px=lay.points_px, grid_index=lay.grid_index,
-        tissue_fraction=lay.tissue_fraction.astype(np.float32), groups=lay.groups, thumbnail=thumb,
-        thumbnail_scale=thumb.shape[1] / slide.shape0[1], tissue_mask=mask, pitch_um=lay.pitch_um, grid=lay.grid,
-        min_tissue=lay.min_tissue, seconds=time.perf_counter() - t0,
-        obs_names=None if points is None else points.names,
-        info={} if tissue_mask is None else {"tissue_mask_file": str(Path(tissue_mask).resolve())},
+        path=where, slide=slide, level_index=sv.level_index, points_px=lay.points_px, grid_index=lay.grid_index,
+        tissue_fraction=lay.tissue_fraction.astype(np.float32), groups=lay.groups, thumbnail=sv.thumbnail,
+        thumbnail_scale=sv.thumbnail.shape[1] / slide.shape0[1], tissue_mask=sv.mask, pitch_um=lay.pitch_um,
+        grid=lay.grid, min_tissue=lay.min_tissue, seconds=time.perf_counter() - t0,
+        obs_names=None if qp is None else qp.names, info=_info(tissue_mask, mask_mode, dropped), background=background,
+        points_dropped=int(dropped), mask_file=None if tissue_mask is None else Path(tissue_mask),
     )
 
 
+def _info(tissue_mask: str | Path | None, mask_mode: str, dropped: int) -> dict[str, Any]:
+    """What besides the layout determines the rows (recorded in the output, compared on ``--resume``)."""
+    info: dict[str, Any] = {}
+    if tissue_mask is not None:
+        info = {"tissue_mask_file": str(Path(tissue_mask).resolve()), "mask_mode": str(mask_mode)}
+    if dropped:
+        info["points_dropped"] = int(dropped)
+    return info
+
+
+@dataclass(frozen=True)
+class _Survey:
+    """An open slide's level index, overview, tissue mask used, ``fraction_at(points_px) -> [N]`` and, with
+    ``mask_mode="replace"``, ``background_at(points_px) -> [N] bool`` (else None)."""
+
+    level_index: int
+    thumbnail: np.ndarray
+    mask: np.ndarray
+    fraction_at: Any
+    background_at: Any = None
+
+
 def _survey(slide: Any, bundle: Bundle, thumbnail_side: int, allow_missing_chunks: bool,
-            mask_file: str | Path | None = None) -> tuple[int, np.ndarray, np.ndarray, Any]:
-    """(level index, thumbnail, tissue mask, ``fraction_at(points_px) -> [N]``) of an open slide; the mask
-    is read from ``mask_file`` at the thumbnail's resolution when given, else detected on the thumbnail."""
+            mask_file: str | Path | None = None, mask_mode: str = DEFAULT_MASK_MODE) -> _Survey:
+    """The tissue of an open slide: detected on the thumbnail, or from ``mask_file`` (read at the thumbnail's
+    resolution) intersected with it (``intersect``) or alone (``replace``)."""
     from hishrst_runtime.slides.tissue import detect_tissue, tissue_fraction_at
 
+    if mask_mode not in MASK_MODES:
+        raise InputError(f"--mask-mode must be one of {', '.join(MASK_MODES)}, got {mask_mode!r}")
     level_index = slide.level_for_mpp(bundle.train_mpp)
     thumb = slide.thumbnail(max_side=thumbnail_side)
     thumb_mpp = slide.thumbnail_mpp(thumb.shape)
-    if mask_file is None:
-        mask = detect_tissue(thumb)
-    else:
+    detected = mask = detect_tissue(thumb)
+    if mask_file is not None:
         from hishrst_runtime.slides.masks import read_tissue_mask
 
-        mask = read_tissue_mask(mask_file, level0_shape_yx=tuple(slide.shape0), out_shape_yx=thumb.shape[:2])
+        given = read_tissue_mask(mask_file, level0_shape_yx=tuple(slide.shape0), out_shape_yx=thumb.shape[:2])
+        mask = given & detected if mask_mode == "intersect" else given
     _check_chunks(slide, level_index, mask, allow_missing_chunks)
     radius = bundle.patch_um / 2.0
 
-    def fraction_at(pts: np.ndarray) -> np.ndarray:
-        return tissue_fraction_at(mask, thumb_mpp, pts * slide.mpp0, radius_um=radius)
+    def fraction_at(pts: np.ndarray, of: np.ndarray = mask) -> np.ndarray:
+        return tissue_fraction_at(of, thumb_mpp, pts * slide.mpp0, radius_um=radius)
 
-    return level_index, thumb, mask, fraction_at
+    def background_at(pts: np.ndarray) -> np.ndarray:
+        return np.asarray(fraction_at(pts, detected) < BACKGROUND_FRACTION, dtype=bool)
+
+    replace = mask_file is not None and mask_mode == "replace"
+    return _Survey(level_index, thumb, mask, fraction_at, background_at if replace else None)
 
 
 def _check_chunks(slide: Any, level_index: int, mask: np.ndarray, allow_missing: bool) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hishrst_runtime.core.errors import OutputStateError
+from hishrst_runtime.output.names import SlideOutputs
 
 __all__ = ["LockInfo", "SlideLockedError", "LockUnavailableError", "SlideLock", "lock_path"]
 
@@ -35,8 +36,7 @@ _BREAK_TIMEOUT_S = 60.0  # a breaker file older than this was left by a killed p
 
 def lock_path(out_path: str | os.PathLike[str]) -> Path:
     """The lock file guarding an output: ``OUT.zarr`` -> ``OUT.zarr.lock``."""
-    p = Path(out_path)
-    return p.with_name(p.name + ".lock")
+    return SlideOutputs.of(Path(out_path)).lock
 
 
 @dataclass(frozen=True)

@@ -5,22 +5,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 from hishrst_runtime.core.errors import InputError
-from hishrst_runtime.inference.prepare import DEFAULT_PITCH_UM, check_layout_options
+from hishrst_runtime.core.vocab import DEFAULT_GRID, DEFAULT_PROVIDER, PROVIDERS, GridKind, Provider
+from hishrst_runtime.inference.prepare import (DEFAULT_MASK_MODE, DEFAULT_PITCH_UM, DEFAULT_POINTS_OUTSIDE,
+                                               MASK_MODES, POINTS_OUTSIDE, MaskMode, PointsOutside,
+                                               check_layout_options)
+from hishrst_runtime.jobs.formats import parse_formats
 from hishrst_runtime.slides.cache import DEFAULT_CACHE_BYTES
 
-__all__ = ["DEFAULT_WORKERS", "Provider", "PROVIDERS", "OutputFormat", "OUTPUT_FORMATS", "RunOptions"]
+__all__ = ["DEFAULT_WORKERS", "Provider", "PROVIDERS", "RunOptions"]
 
 #: Reader threads (fetch, decode, cut) by default.
 DEFAULT_WORKERS = 2
-Provider = Literal["auto", "cpu", "cuda", "tensorrt", "trt-native"]
-#: The ``--provider`` choices (the no-op engine is for benchmarks: pass ``engines=`` to ``run_slides``).
-PROVIDERS: tuple[str, ...] = get_args(Provider)
-OutputFormat = Literal["anndata", "spatialdata", "both"]
-#: The ``--format`` choices: the AnnData store, a SpatialData store built from it (which then replaces it), both.
-OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 
 
 def _int_at_least(name: str, value: Any, low: int, fix: str = "") -> None:
@@ -39,17 +37,22 @@ class RunOptions:
     Runtime intra-op threads (``None``: the cores the readers leave free); ``mpp``: µm per level-0 pixel
     overriding or supplying the stores'; ``min_tissue``: least tissue fraction under a grid point's
     patch; ``resume`` / ``overwrite``: finish incomplete / recompute complete outputs; ``h5ad``: also
-    write ``<slide>.h5ad``; ``allow_missing_chunks``: read chunk files missing inside tissue as fill;
+    write ``<slide>.h5ad`` (deprecated: add ``h5ad`` to ``output_format``); ``allow_missing_chunks``: read chunk files missing inside tissue as fill;
     ``cache_dir``: TensorRT engine cache; ``cache_bytes``: decoded-chunk cache bound per slide (bytes);
-    ``progress``: progress bars; ``output_format``: ``anndata`` (``<slide>.zarr``), ``spatialdata``
-    (``<slide>.sdata.zarr``, built from the AnnData store, which is then removed) or ``both``;
-    ``tissue_mask``: a tissue-mask file used instead of detected tissue (one slide per run);
-    ``tissue_geojson``: write the tissue mask used as ``<slide>.tissue.geojson`` beside the output.
+    ``progress``: progress bars; ``output_format``: the output formats, comma-separated text or names of
+    :data:`~hishrst_runtime.jobs.formats.OUTPUT_FORMATS` (``anndata``, ``spatialdata``, ``h5ad``; ``both``:
+    ``anndata,spatialdata``), kept as a tuple in registry order (``h5ad=True`` adds ``h5ad``);
+    ``tissue_mask``: the default tissue-mask file of every slide without its own;
+    ``mask_mode``: ``intersect`` (a mask is combined with detected tissue) or ``replace`` (the mask alone;
+    points over detected background get ``obs['background']``); ``points_outside``: ``drop`` (points
+    outside the slide are dropped with a warning) or ``error`` (the slide fails); ``tissue_geojson``: write
+    the tissue mask used as ``<slide>.tissue.geojson`` beside the output (None: for slides with a mask);
+    ``qc``: write the QC thumbnail ``<slide>.qc.png``.
     """
 
     pitch_um: float | None = None
-    grid: Literal["hex", "square"] = "hex"
-    provider: Provider = "auto"
+    grid: GridKind = DEFAULT_GRID
+    provider: Provider = DEFAULT_PROVIDER
     batch_size: int = 64
     workers: int = DEFAULT_WORKERS
     engine_threads: int | None = None
@@ -62,9 +65,12 @@ class RunOptions:
     cache_dir: Path | None = None
     cache_bytes: int | None = None
     progress: bool = True
-    output_format: OutputFormat = "anndata"
+    output_format: str | tuple[str, ...] = "anndata"
     tissue_mask: Path | None = None
-    tissue_geojson: bool = False
+    tissue_geojson: bool | None = False
+    mask_mode: MaskMode = DEFAULT_MASK_MODE
+    points_outside: PointsOutside = DEFAULT_POINTS_OUTSIDE
+    qc: bool = True
 
     def __post_init__(self) -> None:
         if self.pitch_um is None:
@@ -80,14 +86,25 @@ class RunOptions:
         if self.engine_threads is not None:
             _int_at_least("--engine-threads", self.engine_threads, 1)
         _int_at_least("cache_bytes", self.cache_bytes, 1)
-        if self.output_format not in OUTPUT_FORMATS:
-            raise InputError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.output_format!r}")
+        formats = parse_formats(self.output_format, h5ad=bool(self.h5ad))
+        object.__setattr__(self, "output_format", formats)
+        object.__setattr__(self, "h5ad", "h5ad" in formats)
+        if self.mask_mode not in MASK_MODES:
+            raise InputError(f"--mask-mode must be one of {', '.join(MASK_MODES)}, got {self.mask_mode!r}")
+        if self.points_outside not in POINTS_OUTSIDE:
+            raise InputError(f"--points-outside must be one of {', '.join(POINTS_OUTSIDE)}, got "
+                             f"{self.points_outside!r}")
         if self.tissue_mask is not None and not Path(self.tissue_mask).is_file():
             raise InputError(f"--tissue-mask {self.tissue_mask}: no such file; pass a GeoJSON (QuPath export, "
                              "level-0 pixels) or a PNG / TIFF mask")
         if self.mpp is not None and not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp)
                                          and self.mpp > 0):
             raise InputError(f"--mpp must be a positive number of µm per pixel, e.g. 0.5; got {self.mpp!r}")
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The output formats (names of :data:`~hishrst_runtime.jobs.formats.OUTPUT_FORMATS`), in order."""
+        return tuple(self.output_format)
 
     @classmethod
     def from_settings(cls, options: RunOptions | None, settings: dict[str, Any]) -> RunOptions:

@@ -1,13 +1,16 @@
 """Where a job writes, and what it must never write over.
 
-Per slide ``S.ome.zarr`` (or ``S.zarr``) the output is ``OUT/S.zarr`` (built in ``OUT/S.zarr.partial``,
-guarded by ``OUT/S.zarr.lock``, optionally with ``OUT/S.h5ad``). :func:`check_output_location` refuses
-any of these that resolves to, inside or above an input slide or the bundle, before anything is
-touched (also ``OUT/S.sdata.zarr`` and ``OUT/S.tissue.geojson``), and the same for the ``--points`` and
-``--tissue-mask`` files. Slide arguments that are URLs
-(``http(s)://``, ``s3://``, ...) stay strings: they are never turned into local paths (``Path("s3://b/x")``
-is ``s3:/b/x``); they go to the slide reader, and their output is named after the URL's last path segment.
-A ``file://`` URL is a local path (:func:`as_slide_arg`).
+Per slide ``S.ome.zarr`` (or ``S.svs``, ``S.bif``, ... any registered slide format:
+:func:`hishrst_runtime.slides.formats.strip_slide_suffix`) the output is ``OUT/S.zarr`` and the files beside
+it named by :class:`~hishrst_runtime.output.names.SlideOutputs` (``.partial``, ``.lock``, ``.h5ad``,
+``.sdata.zarr``, ``.tissue.geojson``, ``.qc.png``). A slide found in a sub-folder of a folder argument keeps
+that sub-folder in its output name (``cohort/p1/S.svs`` -> ``OUT/p1/S.zarr``; see
+:mod:`hishrst_runtime.jobs.slide_lists`). :func:`check_output_location` refuses any of these that resolves
+to, inside or above an input slide, the bundle, a points file or a tissue-mask file, before anything is
+touched. Slide arguments that are URLs (``http(s)://``, ``s3://``, ...:
+:func:`hishrst_runtime.slides.sources.is_url`) stay strings: they are never turned into local paths
+(``Path("s3://b/x")`` is ``s3:/b/x``); they go to the slide reader, and their output is named after the URL's
+last path segment. A ``file://`` URL is a local path (:func:`as_slide_arg`).
 """
 
 from __future__ import annotations
@@ -16,33 +19,31 @@ import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from hishrst_runtime.core.errors import OutputStateError
-from hishrst_runtime.jobs.formats import tissue_geojson_path
-from hishrst_runtime.output.spatialdata_store import spatialdata_path
 from hishrst_runtime.output.layout import written_by_hishrst
-from hishrst_runtime.output.store import STATUS_ATTR, partial_path
-from hishrst_runtime.slides.sources import file_url_path
-from hishrst_runtime.slides.sources import is_url as slide_is_url
+from hishrst_runtime.output.names import SlideOutputs
+from hishrst_runtime.output.store import STATUS_ATTR
+from hishrst_runtime.slides.formats import strip_slide_suffix
+from hishrst_runtime.slides.sources import file_url_path, is_url
 
-__all__ = ["SlideArg", "SLIDE_SUFFIXES", "is_url", "as_slide_arg", "slide_name", "slide_output_path",
-           "resolved", "slide_problem", "OUTPUT_NAME_RESERVE", "output_collisions", "check_output_location",
-           "foreign_output"]
+if TYPE_CHECKING:
+    from hishrst_runtime.jobs.inputs import SlideInput
+
+__all__ = ["SlideArg", "SlideOutputs", "is_remote", "as_slide_arg", "slide_name", "default_output_name",
+           "slide_output_path", "resolved", "slide_problem", "OUTPUT_NAME_RESERVE", "output_collisions",
+           "check_output_location", "foreign_output", "local_part"]
 
 #: A slide as given: a local path, or a URL string (kept as it is).
 SlideArg = str | Path
 
 
-#: Slide name endings dropped from output names, longest first (``S.ome.tiff`` -> ``S.zarr``).
-SLIDE_SUFFIXES: tuple[str, ...] = (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif", ".svs", ".ndpi",
-                                   ".scn")
-
-
-def is_url(slide: SlideArg) -> bool:
-    """Whether a slide argument is a URL string (``scheme://...``) other than ``file://`` (a local path:
-    :func:`as_slide_arg`)."""
-    return isinstance(slide, str) and slide_is_url(slide)
+def is_remote(slide: SlideArg) -> bool:
+    """Whether a slide argument is a URL string: :func:`hishrst_runtime.slides.sources.is_url` for strings
+    (``file://`` is a local path), False for a :class:`~pathlib.Path`."""
+    return isinstance(slide, str) and is_url(slide)
 
 
 def as_slide_arg(slide: str | os.PathLike[str]) -> SlideArg:
@@ -55,22 +56,25 @@ def as_slide_arg(slide: str | os.PathLike[str]) -> SlideArg:
 
 def slide_name(slide: SlideArg) -> str:
     """The slide's file name: a path's last part, a URL's last path segment (query and fragment dropped)."""
-    text = urlsplit(slide).path if is_url(slide) else str(slide)
+    text = urlsplit(slide).path if is_remote(slide) else str(slide)
     return text.rstrip("/").rsplit("/", 1)[-1]
 
 
-def slide_output_path(slide: SlideArg, out_dir: Path) -> Path:
-    """``OUT_DIR/<slide name without .ome.zarr / .zarr / .svs / .tif(f) / .ndpi / .scn>.zarr``; the image
-    element ``E`` of a SpatialData store ``S.zarr::E`` gives ``OUT_DIR/S_E.zarr``."""
+def default_output_name(slide: SlideArg) -> str:
+    """The output name of a slide named on its own: its name without any registered slide ending
+    (``S.ome.zarr``, ``S.svs``, ``S.bif`` -> ``S``); the image element ``E`` of a SpatialData store
+    ``S.zarr::E`` gives ``S_E``."""
     name = slide_name(slide) or "slide"
     head, sep, element = name.rpartition("::")
     if sep and head:
-        name = head
-    for suffix in SLIDE_SUFFIXES:
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            name = name[: -len(suffix)]
-            break
-    return Path(out_dir) / (f"{name}_{element}.zarr" if sep and head else f"{name}.zarr")
+        return f"{strip_slide_suffix(head)}_{element}"
+    return strip_slide_suffix(name)
+
+
+def slide_output_path(slide: SlideArg, out_dir: Path, name: str | None = None) -> Path:
+    """``OUT_DIR/<name>.zarr``: ``name`` (e.g. ``p1/S`` for a slide found in sub-folder ``p1``), by default
+    :func:`default_output_name` of the slide."""
+    return SlideOutputs.named(out_dir, name or default_output_name(slide)).store
 
 
 def resolved(path: str | os.PathLike[str]) -> Path:
@@ -101,8 +105,8 @@ def slide_problem(slide: SlideArg, out: Path) -> str | None:
     """Why ``slide`` cannot run into ``out`` before anything is tried, as one line naming the fix, or None:
     a local slide path that is a symbolic-link loop, or an output name too long for the file system
     (with :data:`OUTPUT_NAME_RESERVE` characters to spare)."""
-    if not is_url(slide):
-        local = _local_part(slide)
+    if not is_remote(slide):
+        local = local_part(slide)
         try:
             os.stat(local)
         except OSError as e:
@@ -117,16 +121,15 @@ def slide_problem(slide: SlideArg, out: Path) -> str | None:
     return None
 
 
-def output_collisions(slides: Sequence[SlideArg], out_dir: Path) -> dict[Path, list[SlideArg]]:
-    """Outputs that more than one of ``slides`` would write (``{output: [slides]}``; empty when none)."""
-    by_out: dict[Path, list[SlideArg]] = {}
-    for s in slides:
-        by_out.setdefault(slide_output_path(s, out_dir), []).append(s)
-    same = lambda s: s if is_url(s) else str(resolved(s))  # noqa: E731
-    return {o: s for o, s in by_out.items() if len({same(p) for p in s}) > 1}
+def output_collisions(items: Sequence[SlideInput], out_dir: Path) -> dict[Path, list[SlideArg]]:
+    """Outputs that more than one slide of ``items`` would write (``{output: [slides]}``; empty when none)."""
+    by_out: dict[Path, list[SlideInput]] = {}
+    for item in items:
+        by_out.setdefault(item.outputs(out_dir).store, []).append(item)
+    return {o: [i.slide for i in s] for o, s in by_out.items() if len({i.key for i in s}) > 1}
 
 
-def _local_part(slide: SlideArg) -> str:
+def local_part(slide: SlideArg) -> str:
     """The file or store of a local slide argument (``STORE::ELEMENT`` names an element of ``STORE``)."""
     text = str(slide)
     head, sep, tail = text.rpartition("::")
@@ -144,41 +147,42 @@ def _related(a: Path, b: Path) -> str | None:
     return None
 
 
-def _output_files(out: Path) -> tuple[Path, ...]:
-    """Every file or store hishrst-run may write for the output ``out`` (``OUT/S.zarr``)."""
-    return (out, partial_path(out), out.with_name(out.name + ".lock"), out.with_suffix(".h5ad"),
-            spatialdata_path(out), tissue_geojson_path(out))
+def _inputs(items: Sequence[SlideInput], bundle_dir: Path) -> list[tuple[Path, str]]:
+    """(resolved path, what it is) of every input of a run: slides, the bundle, points and mask files."""
+    out = [(resolved(local_part(i.slide)), f"input slide {local_part(i.slide)}") for i in items
+           if not is_remote(i.slide)]
+    out.append((resolved(bundle_dir), f"bundle {bundle_dir}"))
+    files: dict[Path, str] = {}
+    for i in items:
+        if i.points_file is not None:
+            files.setdefault(resolved(i.points_file), f"points file {i.points_file}")
+        if i.mask is not None:
+            files.setdefault(resolved(i.mask), f"tissue-mask file {i.mask}")
+    return out + list(files.items())
 
 
-def check_output_location(slides: Sequence[SlideArg], out_dir: Path, bundle_dir: Path, *,
-                          points: Sequence[str | os.PathLike[str]] = (),
-                          tissue_mask: str | os.PathLike[str] | None = None) -> None:
+def check_output_location(items: Sequence[SlideInput], out_dir: Path, bundle_dir: Path) -> None:
     """Raise :class:`OutputStateError` when ``out_dir`` lies in an input, or any slide's output files
-    (store, ``.partial``, ``.lock``, ``.h5ad``, ``.sdata.zarr``, ``.tissue.geojson``) resolve to, inside or
-    above an input: a slide, the bundle, a ``points`` file (``--points``) or the ``tissue_mask`` file
-    (``--tissue-mask``; it may be ``S.tissue.geojson`` itself, which is then never written)."""
-    local = [Path(_local_part(s)) for s in slides if not is_url(s)]
-    inputs = [(resolved(p), f"input slide {p}") for p in local] + [(resolved(bundle_dir), f"bundle {bundle_dir}")]
-    inputs += [(resolved(p), f"points file {p}") for p in points]
-    mask = None if tissue_mask is None else resolved(tissue_mask)
-    if mask is not None:
-        inputs.append((mask, f"tissue-mask file {tissue_mask}"))
+    (:meth:`SlideOutputs.all`) resolve to, inside or above an input: a slide, the bundle, a points file or a
+    tissue-mask file (a slide's own mask may be its ``S.tissue.geojson``, which is then never written)."""
+    inputs = _inputs(items, bundle_dir)
     out_root = resolved(out_dir)
     for src, what in inputs:
         how = _related(out_root, src)
         if how in ("is", "is inside"):
             raise OutputStateError(f"{out_dir}: the output folder {how} the {what}; choose an --out outside "
                                    "the inputs (nothing was written)")
-    for slide in local:
-        out = slide_output_path(slide, Path(out_dir))
-        for target in _output_files(out):
+    for item in items:
+        outs = item.outputs(out_dir)
+        own_mask = None if item.mask is None else resolved(item.mask)
+        for target in outs.all():
             real = resolved(target)
-            if target == tissue_geojson_path(out) and real == mask:
+            if target == outs.tissue_geojson and real == own_mask:
                 continue  # the mask given is that file: write_tissue_geojson never writes over it
             for src, what in inputs:
                 how = _related(real, src)
                 if how is not None:
-                    raise OutputStateError(f"{target}: the output of {slide} {how} the {what}; hishrst-run "
+                    raise OutputStateError(f"{target}: the output of {item.slide} {how} the {what}; hishrst-run "
                                            "never writes over its inputs: choose another --out (nothing was written)")
 
 

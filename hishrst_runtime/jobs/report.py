@@ -15,14 +15,17 @@ anndata, per-slide results (:class:`~hishrst_runtime.jobs.results.SlideResult`: 
 engine, tiles/s, seconds, per-stage timings), the counts per status, and ``errors``: one line per failed
 and interrupted slide, plus the invocation's own error when it stopped (``error``), ``interrupted`` (the
 signal that stopped it, or null), and per slide ``chunks_recomputed`` (output chunks of a resumed partial that
-failed verification) and ``filled_chunks`` (``count`` and the ``first`` 10 names of slide chunks read as
-fill under ``--allow-missing-chunks``). Every string in it
+failed verification), ``filled_chunks`` (``count`` and the ``first`` 10 names of slide chunks read as
+fill under ``--allow-missing-chunks``), ``points_dropped`` (explicit points outside the slide, ``--points-outside
+drop``) and ``qc`` (the QC thumbnail's ``path``, the ``gene`` it shows and the ``rule`` that chose it; null when
+none was written). ``summary.md`` links every QC thumbnail. Every string in it
 (arguments, slides, reasons) has its URLs' credentials and query strings removed
 (:func:`hishrst_runtime.core.urls.redact_text`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -97,7 +100,8 @@ def _slide_entry(r: SlideResult) -> dict[str, Any]:
     return {"slide": r.slide, "output": None if r.output is None else str(r.output), "status": r.status,
             "reason": r.reason or None, "points": r.points, "computed": r.computed, "engine": r.engine,
             "tiles_per_s": r.tiles_per_s, "seconds": r.seconds, "resumed": r.resumed, "timings": dict(r.timings),
-            "chunks_recomputed": r.chunks_recomputed,
+            "chunks_recomputed": r.chunks_recomputed, "points_dropped": r.points_dropped,
+            "qc": None if r.qc is None else {"path": str(r.qc), "gene": r.qc_gene, "rule": r.qc_rule},
             "filled_chunks": {"count": len(r.filled_chunks), "first": list(r.filled_chunks[:FILLED_CHUNKS_SHOWN])}}
 
 
@@ -147,6 +151,8 @@ def _cell(v: Any) -> str:
 def _note(entry: Mapping[str, Any]) -> str:
     """A slide's reason, and the chunks a resume recomputed or the slide read as fill, if any."""
     parts = [entry["reason"]] if entry.get("reason") else []
+    if entry.get("points_dropped"):
+        parts.append(f"{entry['points_dropped']} point(s) outside the slide dropped")
     if entry.get("chunks_recomputed"):
         parts.append(f"{entry['chunks_recomputed']} output chunk(s) failed verification and were recomputed")
     filled = entry.get("filled_chunks") or {}
@@ -154,6 +160,22 @@ def _note(entry: Mapping[str, Any]) -> str:
         parts.append(f"{filled['count']} slide chunk(s) read as fill ({', '.join(filled['first'])}"
                      + (", ..." if filled["count"] > len(filled["first"]) else "") + ")")
     return "; ".join(parts)
+
+
+def _qc_lines(report: Mapping[str, Any]) -> list[str]:
+    """One QC thumbnail link per slide that has one (path relative to ``--out`` when inside it)."""
+    out_dir = report["args"].get("out_dir")
+    lines = []
+    for s in report["slides"]:
+        qc = s.get("qc")
+        if not qc:
+            continue
+        path = Path(qc["path"])
+        with contextlib.suppress(ValueError, TypeError):
+            path = path.relative_to(out_dir) if out_dir else path
+        lines.append(f"- {_cell(s['slide'])}: [{path.as_posix()}]({path.as_posix()}) — gene {qc['gene']} "
+                     f"({qc['rule']})")
+    return ["", "## QC thumbnails", "", *lines] if lines else []
 
 
 def summary_markdown(report: Mapping[str, Any]) -> str:
@@ -174,6 +196,7 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
         lines += ["| slide | status | points | tiles/s | seconds | note |", "|---|---|---:|---:|---:|---|"]
         lines += [f"| {_cell(s['slide'])} | {s['status']} | {_cell(s['points'])} | {_cell(s['tiles_per_s'])} | "
                   f"{_cell(s['seconds'])} | {_cell(_note(s))} |" for s in report["slides"]]
+    lines += _qc_lines(report)
     if report["error"]:
         lines += ["", f"**Stopped:** {_cell(report['error'])}"]
     return "\n".join(lines) + "\n"

@@ -26,7 +26,10 @@ class SlideResult:
     stage; ``stats``: the pipeline's counters
     (:class:`~hishrst_runtime.inference.pipeline.PredictStats`); ``chunks_recomputed``: X chunks of a
     resumed partial that failed verification (missing or changed) and were computed again;
-    ``filled_chunks``: names of slide chunks read as fill (``--allow-missing-chunks``).
+    ``filled_chunks``: names of slide chunks read as fill (``--allow-missing-chunks``);
+    ``points_dropped``: explicit points left out because they lie outside the slide (``--points-outside
+    drop``); ``qc``: the QC thumbnail written (``OUT/S.qc.png``), ``qc_gene`` the gene it shows and
+    ``qc_rule`` how that gene was chosen.
     """
 
     slide: str
@@ -43,6 +46,10 @@ class SlideResult:
     stats: Any = None
     chunks_recomputed: int = 0
     filled_chunks: tuple[str, ...] = ()
+    points_dropped: int = 0
+    qc: Path | None = None
+    qc_gene: str | None = None
+    qc_rule: str | None = None
 
     def with_(self, **changes: Any) -> SlideResult:
         """A copy with ``changes`` applied."""

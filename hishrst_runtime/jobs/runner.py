@@ -11,8 +11,10 @@ Outputs never resolve to, inside or above an input slide, the bundle, the points
 (refused before anything is written), and an ``S.h5ad`` / ``S.tissue.geojson`` hishrst did not write is never
 replaced. A complete slide is skipped; what it lacks (its ``.h5ad`` copy, its SpatialData store) is finished
 under its lock, and left alone while another job holds it. One slide's failure (including a lock file that
-cannot be created, or a URL the slide reader cannot open) is reported in its :class:`SlideResult` and the others go on. ``--format`` and the tissue
-GeoJSON: :mod:`hishrst_runtime.jobs.formats`; explicit points from files: :mod:`hishrst_runtime.inference.points`.
+cannot be created, or a URL the slide reader cannot open) is reported in its :class:`SlideResult` and the
+others go on. Each slide is a :class:`~hishrst_runtime.jobs.inputs.SlideInput` (its own points, mask and output
+name), handed to slide preparation as it is. ``--format`` and the tissue GeoJSON:
+:mod:`hishrst_runtime.jobs.formats`; explicit points from files: :mod:`hishrst_runtime.inference.points`.
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ from typing import Any
 
 import numpy as np
 
+from hishrst_runtime.backends.registry import ENGINES
 from hishrst_runtime.bundle.manifest import Bundle, BundleError, load_bundle
 from hishrst_runtime.core.errors import OutputStateError
+from hishrst_runtime.core.vocab import DEFAULT_POSITION_MODE, UM_POSITION_MODES
 from hishrst_runtime.inference.engines import Engines, default_engine_threads, load_engines
 from hishrst_runtime.inference.pipeline import PreparedSlide, prepare_slide
 from hishrst_runtime.inference.points import QueryPoints
-from hishrst_runtime.jobs.formats import finish_formats, foreign_tissue_geojson, formats_pending, is_done
+from hishrst_runtime.jobs.formats import (finish_formats, foreign_format_output, foreign_tissue_geojson,
+                                          formats_pending, is_done, require_formats)
+from hishrst_runtime.jobs.inputs import SlideInput
 from hishrst_runtime.jobs.interrupts import Interrupted
 from hishrst_runtime.jobs.locks import SlideLock
 from hishrst_runtime.jobs.options import DEFAULT_WORKERS, RunOptions
@@ -49,12 +55,9 @@ from hishrst_runtime.jobs.paths import (
 )
 from hishrst_runtime.jobs.results import SlideResult
 from hishrst_runtime.jobs.slide_run import SlideContext, run_prepared
-from hishrst_runtime.output.h5ad import foreign_h5ad
-from hishrst_runtime.output.spatialdata_store import require_spatialdata
-from hishrst_runtime.output.store import OutputStore, write_h5ad
 
 __all__ = ["run_slides", "slide_output_path", "output_collisions", "DEFAULT_WORKERS", "RunOptions", "SlideResult",
-           "RUNNABLE_POSITION_MODES", "Points"]
+           "RUNNABLE_POSITION_MODES", "Points", "SlideInput"]
 
 #: Explicit points of one slide: a ``[N, 2]`` level-0 pixel (x, y) array, or points read from a file.
 Points = np.ndarray | QueryPoints
@@ -62,17 +65,27 @@ Points = np.ndarray | QueryPoints
 
 #: Position modes whose positions exist on any slide (absolute µm at run time); ``grid`` (Visium array
 #: coordinates) does not.
-RUNNABLE_POSITION_MODES: tuple[str, ...] = ("continuous", "relative", "none")
+RUNNABLE_POSITION_MODES: tuple[str, ...] = UM_POSITION_MODES
 
 
 def _load_run_bundle(bundle_dir: Path) -> Bundle:
     """The bundle, refused when its position mode cannot run on whole slides (only ``grid``)."""
     bundle = load_bundle(bundle_dir)
     mode = bundle.spec.position.mode
-    if mode == "grid" or mode not in RUNNABLE_POSITION_MODES:
+    if mode not in RUNNABLE_POSITION_MODES:
         raise BundleError(f"{bundle_dir / 'manifest.json'}: the bundle encodes {mode} (array) positions, which only "
-                          "exist on Visium slides; re-train with --position continuous to run on whole slides")
+                          f"exist on Visium slides; re-train with --position {DEFAULT_POSITION_MODE} (the default, "
+                          "which transfers to other slides) to run on whole slides")
     return bundle
+
+
+def _inputs(slides: Sequence[SlideArg | SlideInput], points_px: dict[str, Points] | None,
+            mask: Path | None) -> list[SlideInput]:
+    """``slides`` as records: ``points_px`` (``{slide: points}``, the older form) fills in their points and
+    ``mask`` (``--tissue-mask``) is the default mask of every slide without its own."""
+    given = {str(as_slide_arg(k)): v for k, v in (points_px or {}).items()}
+    items = [s if isinstance(s, SlideInput) else SlideInput(s) for s in slides]
+    return [i.with_defaults(points=given.get(str(i.slide)), mask=mask) for i in items]
 
 
 def _make_out_dir(out_dir: Path) -> None:
@@ -92,14 +105,15 @@ def _context(bundle: Bundle, engines: Engines, options: RunOptions, echo: Callab
          + (f", {threads} intra-op thread(s)" if engines.provider == "cpu" else "")
          + f", {options.workers} reader thread(s)")
     batch_size, max_batch = options.batch_size, bundle.spec.max_batch
-    if engines.provider in ("tensorrt", "trt-native") and batch_size > max_batch:
+    entry = ENGINES.get(engines.provider)  # the no-op engine of benchmarks has none
+    if entry is not None and entry.batch_bounded and batch_size > max_batch:
         echo(f"batch size {batch_size} > the TensorRT profile's {max_batch}; using {max_batch}")
         batch_size = max_batch
     return SlideContext(bundle=bundle, engines=engines, options=options, batch_size=batch_size)
 
 
 def run_slides(
-    slides: Sequence[SlideArg],
+    slides: Sequence[SlideArg | SlideInput],
     *,
     bundle_dir: Path,
     out_dir: Path,
@@ -111,31 +125,31 @@ def run_slides(
 ) -> list[SlideResult]:
     """Run the pipeline over ``slides``; returns one :class:`SlideResult` per slide, in order.
 
-    ``options`` (or the same fields as keyword ``settings``, e.g. ``pitch_um=40, provider="cpu"``):
-    see :class:`RunOptions`. ``points_px``: ``{str(slide): [N, 2] level-0 pixel (x, y)}`` explicit
-    points instead of the grid (all kept, in order), or ``{str(slide): QueryPoints}`` (points read by
-    :func:`~hishrst_runtime.inference.points.read_points`: named, and refused when outside the slide). ``engines``: already loaded engines to use instead
-    of loading the bundle's for ``options.provider`` (e.g. :func:`~hishrst_runtime.inference.engines.noop_engines`).
-    Bad options, bundle and engine problems, a missing ``spatialdata`` package for ``--format spatialdata |
-    both``, and outputs that would touch an input (a slide, the bundle, the points or tissue-mask file)
-    raise before anything is written; ``file://`` slide URLs are local paths. A slide's own problem is
-    reported in its result (``status="failed"``, ``reason``) and the others go on.
+    ``slides``: paths, URLs or :class:`SlideInput` records (each with its own points, tissue mask and output
+    name). ``options`` (or the same fields as keyword ``settings``, e.g. ``pitch_um=40, provider="cpu"``):
+    see :class:`RunOptions`; ``options.tissue_mask`` is the mask of every slide without its own.
+    ``points_px``: ``{str(slide): [N, 2] level-0 pixel (x, y)}`` explicit points instead of the grid (all
+    kept, in order), or ``{str(slide): QueryPoints}`` (points read by
+    :func:`~hishrst_runtime.inference.points.read_points`: named, those outside the slide dropped or refused
+    by ``options.points_outside``) for slides without points of their own. ``engines``: already loaded
+    engines to use instead of loading the bundle's for ``options.provider`` (e.g.
+    :func:`~hishrst_runtime.inference.engines.noop_engines`). Bad options, bundle and engine problems, a
+    missing package a ``--format`` needs, and outputs that would touch an input (a slide, the bundle, a
+    points or tissue-mask file) raise before anything is written; ``file://`` slide URLs are local paths. A
+    slide's own problem is reported in its result (``status="failed"``, ``reason``) and the others go on.
     """
     opts = RunOptions.from_settings(options, settings)
-    if opts.output_format != "anndata":  # before any slide, not after the first one is predicted
-        require_spatialdata()
-    slides = [as_slide_arg(s) for s in slides]  # file:// URLs are local paths
-    points_px = {str(as_slide_arg(k)): v for k, v in (points_px or {}).items()}
+    require_formats(opts.formats)  # before any slide, not after the first one is predicted
+    items = _inputs(slides, points_px, opts.tissue_mask)
     bundle = _load_run_bundle(Path(bundle_dir))
-    check_output_location(slides, Path(out_dir), Path(bundle_dir), tissue_mask=opts.tissue_mask,
-                          points=[p.source for p in points_px.values() if isinstance(p, QueryPoints)])
+    check_output_location(items, Path(out_dir), Path(bundle_dir))
     if engines is None:
         threads = opts.engine_threads or default_engine_threads(opts.workers)
         engines = load_engines(bundle, opts.provider, cache_dir=opts.cache_dir, threads=threads)
     try:
         ctx = _context(bundle, engines, opts, echo)
         _make_out_dir(Path(out_dir))
-        with _Runner(slides, Path(out_dir), ctx, points_px) as runner:
+        with _Runner(items, Path(out_dir), ctx) as runner:
             return runner.run_all()
     finally:
         for eng in (engines.encoder, engines.head):
@@ -146,12 +160,13 @@ def run_slides(
 class _Runner:
     """The slide loop of one run: skip / lock / prepare (the next slide in the background) / predict."""
 
-    def __init__(self, slides: list[SlideArg], out_dir: Path, ctx: SlideContext,
-                 points_px: dict[str, Points]) -> None:
-        self.slides, self.ctx, self.points_px = slides, ctx, points_px
+    def __init__(self, items: list[SlideInput], out_dir: Path, ctx: SlideContext) -> None:
+        self.items, self.ctx = items, ctx
+        self.slides = [i.slide for i in items]
         self.opts = ctx.options
-        self.outs = [slide_output_path(s, out_dir) for s in slides]
-        self.collided = set(output_collisions(slides, out_dir))
+        self.outputs = [i.outputs(out_dir) for i in items]
+        self.outs = [o.store for o in self.outputs]
+        self.collided = set(output_collisions(items, out_dir))
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hishrst-prefetch")
         self.futures: dict[int, Future] = {}
 
@@ -191,13 +206,13 @@ class _Runner:
             raise stop from (None if stop is e else e)
         return results
 
-    def _prepare(self, path: SlideArg) -> PreparedSlide:
+    def _prepare(self, item: SlideInput) -> PreparedSlide:
         o = self.opts
-        given = self.points_px.get(str(path))
-        explicit = {"points": given} if isinstance(given, QueryPoints) else {"points_px": given}
-        return prepare_slide(path, self.ctx.bundle, mpp=o.mpp, pitch_um=float(o.pitch_um or 0), grid=o.grid,
+        explicit = {"points_px": item.points} if isinstance(item.points, np.ndarray) else {"points": item.points}
+        return prepare_slide(item.slide, self.ctx.bundle, mpp=o.mpp, pitch_um=float(o.pitch_um or 0), grid=o.grid,
                              min_tissue=o.min_tissue, allow_missing_chunks=o.allow_missing_chunks,
-                             tissue_mask=o.tissue_mask, **explicit)
+                             tissue_mask=item.mask, mask_mode=o.mask_mode, points_outside=o.points_outside,
+                             **explicit)
 
     def _drop(self, i: int) -> None:
         """Forget slide i's prefetch; close its slide once (and if) it is ready."""
@@ -208,20 +223,21 @@ class _Runner:
     def _needs_work(self, j: int) -> bool:
         out = self.outs[j]
         return out not in self.collided and slide_problem(self.slides[j], out) is None and (
-            self.opts.overwrite or not is_done(out, self.opts.output_format))
+            self.opts.overwrite or not is_done(out, self.opts.formats))
 
     def _prefetch_after(self, i: int) -> None:
         """Prepare (in the background) the next slide after i that will need work."""
         j = next((j for j in range(i + 1, len(self.slides)) if self._needs_work(j)), None)
         if j is not None and j not in self.futures:
-            self.futures[j] = self.prefetch.submit(self._prepare, self.slides[j])
+            self.futures[j] = self.prefetch.submit(self._prepare, self.items[j])
 
     def _take(self, i: int, res: SlideResult, lock: SlideLock) -> SlideResult | None:
         """Take slide i's lock without waiting: None when held now, else the slide's result (skipped:
         locked by another job; failed: the lock file cannot be created)."""
         try:
+            lock.path.parent.mkdir(parents=True, exist_ok=True)  # OUT/p1/ of a slide found in sub-folder p1
             held = lock.acquire()
-        except OutputStateError as e:  # the lock file cannot be created: this slide fails, the others go on
+        except (OutputStateError, OSError) as e:  # no lock file: this slide fails, the others go on
             self._drop(i)
             return res.with_(status="failed", reason=f"{type(e).__name__}: {e}")
         if held:
@@ -233,15 +249,12 @@ class _Runner:
                          "elsewhere (delete the lock file if that job is gone)")
 
     def _skip_complete(self, i: int, res: SlideResult, lock: SlideLock, *, held: bool = False) -> SlideResult:
-        """Skip the complete slide i, finishing what it lacks (the ``.h5ad`` copy, ``--format``) under its lock,
+        """Skip the complete slide i, finishing what it lacks (its other ``--format`` outputs) under its lock,
         taken without waiting unless ``held``; a slide locked by another job is left to it untouched."""
         self._drop(i)
         res = res.with_(status="skipped", reason="already complete (use --overwrite to recompute)")
-        out, fmt = self.outs[i], self.opts.output_format
-        assert out is not None
-        h5 = out.with_suffix(".h5ad")
-        wants_h5 = lambda: self.opts.h5ad and not h5.exists() and OutputStore.status(out) == "complete"  # noqa: E731
-        if not (wants_h5() or formats_pending(out, fmt)):
+        outs, formats = self.outputs[i], self.opts.formats
+        if not formats_pending(outs, formats):
             if held:
                 lock.release()
             return res
@@ -249,10 +262,8 @@ class _Runner:
             refused = self._take(i, res, lock)
             if refused is not None:
                 return refused
-        try:
-            if wants_h5():  # a run killed between the AnnData store and its copies
-                write_h5ad(out, h5)
-            notes = finish_formats(out, fmt)
+        try:  # a run killed between the AnnData store and its other outputs
+            notes = finish_formats(outs, formats)
             res = res.with_(reason="; ".join([res.reason, *notes]))
         except (OSError, ValueError, RuntimeError) as e:
             res = res.with_(reason=f"{res.reason}; finishing its outputs failed ({type(e).__name__}: {e})")
@@ -260,11 +271,11 @@ class _Runner:
             lock.release()
         return res
 
-    def _foreign(self, out: Path) -> str | None:
-        """Why an existing file at one of ``out``'s outputs must be left alone (hishrst did not write it)."""
-        return (foreign_output(out)
-                or (foreign_h5ad(out.with_suffix(".h5ad")) if self.opts.h5ad else None)
-                or (foreign_tissue_geojson(out, self.opts.tissue_mask) if self.opts.tissue_geojson else None))
+    def _foreign(self, i: int) -> str | None:
+        """Why an existing file at one of slide i's outputs must be left alone (hishrst did not write it)."""
+        outs, mask, geojson = self.outputs[i], self.items[i].mask, self.opts.tissue_geojson
+        return (foreign_output(outs.store) or foreign_format_output(outs, self.opts.formats)
+                or (foreign_tissue_geojson(outs, mask) if geojson or (geojson is None and mask is not None) else None))
 
     def _refused(self, i: int, res: SlideResult, lock: SlideLock) -> SlideResult | None:
         """The result of a slide that is not run (collision, complete, locked, lock impossible, a foreign file
@@ -275,7 +286,7 @@ class _Runner:
         if problem is not None:
             self._drop(i)
             return res.with_(status="failed", reason=problem)
-        foreign = self._foreign(out)
+        foreign = self._foreign(i)
         if foreign is not None:
             self._drop(i)
             return res.with_(status="failed", reason=foreign)
@@ -283,12 +294,12 @@ class _Runner:
             others = ", ".join(str(s) for s, o in zip(self.slides, self.outs) if o == out)
             return res.with_(status="failed", reason=f"{out}: several slides would write this output ({others}); "
                              "rename the slides or run them with different --out")
-        if not self.opts.overwrite and is_done(out, self.opts.output_format):
+        if not self.opts.overwrite and is_done(out, self.opts.formats):
             return self._skip_complete(i, res, lock)
         refused = self._take(i, res, lock)
         if refused is not None:
             return refused
-        if not self.opts.overwrite and is_done(out, self.opts.output_format):  # finished by another job meanwhile
+        if not self.opts.overwrite and is_done(out, self.opts.formats):  # finished by another job meanwhile
             return self._skip_complete(i, res, lock, held=True)
         return None
 
@@ -302,16 +313,14 @@ class _Runner:
     def _run_locked(self, i: int, res: SlideResult, out: Path, lock: SlideLock) -> SlideResult:
         t0, prep = time.perf_counter(), None
         try:
-            fut = self.futures.pop(i, None) or self.prefetch.submit(self._prepare, self.slides[i])
+            fut = self.futures.pop(i, None) or self.prefetch.submit(self._prepare, self.items[i])
             try:
                 prep = fut.result()
             finally:
                 self._prefetch_after(i)  # the next slide is prepared while this one runs
             res = run_prepared(prep, out, self.ctx, lock).with_(slide=res.slide)
-            if self.opts.h5ad:
-                write_h5ad(out, out.with_suffix(".h5ad"))
-            if self.opts.output_format != "anndata":
-                finish_formats(out, self.opts.output_format, levels=prep.slide.levels, replace=self.opts.overwrite)
+            levels = getattr(getattr(prep, "slide", None), "levels", None)
+            finish_formats(self.outputs[i], self.opts.formats, levels=levels, replace=True)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 - one slide's failure must not stop the others

@@ -21,9 +21,9 @@ from hishrst_runtime.inference.engines import Engines
 from hishrst_runtime.inference.pipeline import PredictStats, PreparedSlide, predict_slide
 from hishrst_runtime.jobs.formats import write_tissue_geojson
 from hishrst_runtime.jobs.options import RunOptions
-from hishrst_runtime.jobs.paths import slide_output_path
 from hishrst_runtime.jobs.results import SlideResult
-from hishrst_runtime.output.store import OutputStore, SpatialImages, partial_path
+from hishrst_runtime.output.names import SlideOutputs
+from hishrst_runtime.output.store import OutputStore, SpatialImages
 
 __all__ = ["SlideContext", "run_prepared", "MAX_CHUNK_ROWS", "OUTPUT_BUFFER_BYTES", "EXPLICIT_BUFFER_BYTES",
            "LOCK_REFRESH_S"]
@@ -88,26 +88,27 @@ def _buffer_bytes(prep: PreparedSlide, n_genes: int) -> int:
     return max(OUTPUT_BUFFER_BYTES, min(need, EXPLICIT_BUFFER_BYTES))
 
 
-def _open_store(prep: PreparedSlide, out: Path, ctx: SlideContext) -> tuple[OutputStore, bool]:
+def _open_store(prep: PreparedSlide, outs: SlideOutputs, ctx: SlideContext) -> tuple[OutputStore, bool]:
     """(store, resumed): the incomplete output reopened for ``--resume``, else a new one."""
-    bundle, n = ctx.bundle, len(prep.points_px)
+    bundle, n, out = ctx.bundle, len(prep.points_px), outs.store
     identity = _identity(prep, bundle)
     buffer_bytes = _buffer_bytes(prep, len(bundle.genes))
     opts, state = ctx.options, OutputStore.status(out)
     # --resume finishes a partial; with --overwrite that partial may be the replacement of a complete output.
-    replacing = opts.overwrite and state == "complete" and partial_path(out).is_dir()
+    replacing = opts.overwrite and state == "complete" and outs.partial.is_dir()
     if opts.resume and (state == "incomplete" or replacing):
         return OutputStore.open_incomplete(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
                                            genes=bundle.genes, expected_uns={"hishrst": identity},
                                            max_buffer_bytes=buffer_bytes, replace=replacing), True
-    library_id = slide_output_path(prep.path, Path(".")).name[: -len(".zarr")].replace("/", "_") or "slide"
+    library_id = outs.stem or "slide"
     spatial = SpatialImages(library_id=library_id, lowres=prep.thumbnail, lowres_scalef=prep.thumbnail_scale,
                             spot_diameter_fullres=(prep.pitch_um or bundle.patch_um) / float(prep.slide.mpp0))
     rows = max(1, min(MAX_CHUNK_ROWS, n, (4 << 20) // (4 * len(bundle.genes))))
     store = OutputStore.create(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
                                tissue_fraction=prep.tissue_fraction, genes=bundle.genes, uns={"hishrst": identity},
                                spatial=spatial, chunk_rows=rows, max_buffer_bytes=buffer_bytes,
-                               replace=opts.overwrite, obs_names=prep.obs_names)
+                               replace=opts.overwrite, obs_names=prep.obs_names,
+                               extra_obs=None if prep.background is None else {"background": prep.background})
     return store, False
 
 
@@ -147,19 +148,41 @@ def _predict_into(store: OutputStore, prep: PreparedSlide, ctx: SlideContext, lo
     return stats, timer
 
 
-def run_prepared(prep: PreparedSlide, out: Path, ctx: SlideContext, lock: Any) -> SlideResult:
-    """Predict one prepared slide into ``out`` (holding ``lock``) and finalize it; status ``ok``."""
+def _qc(prep: PreparedSlide, outs: SlideOutputs, ctx: SlideContext) -> dict[str, Any]:
+    """Write the QC thumbnail ``OUT/S.qc.png`` from the complete store; its :class:`SlideResult` fields
+    (empty when it cannot be written: a warning, never the slide's failure)."""
+    from hishrst_runtime.output.qc import choose_gene, render_qc, write_qc_png
+
+    try:
+        gene = choose_gene(outs.store, ctx.bundle.genes)
+        radius = 0.35 * (prep.pitch_um or ctx.bundle.patch_um) / float(prep.slide.mpp0)  # dots apart
+        image = render_qc(prep.thumbnail, prep.tissue_mask, prep.points_px, gene.values,
+                          thumbnail_scale=prep.thumbnail_scale, mpp0=float(prep.slide.mpp0), radius_px=radius,
+                          title=prep.name, gene=gene.name, rule=gene.rule)
+        path = write_qc_png(outs.qc, image, gene=gene.name, rule=gene.rule)
+    except (OSError, ValueError) as e:
+        log.warning("%s: the QC thumbnail %s could not be written (%s)", prep.name, outs.qc, e)
+        return {}
+    return {"qc": path, "qc_gene": gene.name, "qc_rule": gene.rule}
+
+
+def run_prepared(prep: PreparedSlide, out: Path | SlideOutputs, ctx: SlideContext, lock: Any) -> SlideResult:
+    """Predict one prepared slide into ``out`` (``OUT/S.zarr``, holding ``lock``) and finalize it, then write its
+    QC thumbnail (``options.qc``). Its tissue GeoJSON is written when ``options.tissue_geojson``, or when that
+    is None and the slide has a tissue-mask file (``prep.mask_file``). Status ``ok``."""
     from hishrst_runtime.core.version import __version__
 
+    outs, mask = SlideOutputs.of(out), prep.mask_file
     n = len(prep.points_px)
     if n == 0:
         raise InputError(f"{prep.path}: no tissue found under the query grid (tissue detected on "
                          f"{float(prep.tissue_mask.mean()):.1%} of the overview); lower --min-tissue, "
                          "check the slide, or pass explicit points")
     log.info("%s: %d query points at level %d, prepared in %.1f s", prep.name, n, prep.level_index, prep.seconds)
-    store, resumed = _open_store(prep, out, ctx)
-    if ctx.options.tissue_geojson:  # before any row: a complete output always has it beside it
-        write_tissue_geojson(out, prep.tissue_mask, shape0=tuple(prep.slide.shape0), given=ctx.options.tissue_mask)
+    store, resumed = _open_store(prep, outs, ctx)
+    geojson = ctx.options.tissue_geojson
+    if geojson or (geojson is None and mask is not None):  # before any row: a complete output always has it
+        write_tissue_geojson(outs, prep.tissue_mask, shape0=tuple(prep.slide.shape0), given=mask)
     stats, timer = _predict_into(store, prep, ctx, lock, resumed)
     tiles_per_s = round(stats.points_computed / max(stats.seconds, 1e-9), 1)
     timings = {k: round(v, 3) for k, v in timer.seconds.items()} | {"prepare": round(prep.seconds, 3),
@@ -168,9 +191,11 @@ def run_prepared(prep: PreparedSlide, out: Path, ctx: SlideContext, lock: Any) -
         "slide": prep.location, "bundle": str(Path(ctx.bundle.root).resolve()),
         "engine": ctx.engines.provider, "hishrst_version": __version__, "resumed": resumed,
         "chunks_recomputed": len(store.chunks_recomputed), "points_computed": stats.points_computed,
-        "patch_side_px": int(stats.patch_side_px),
+        "points_dropped": prep.points_dropped, "patch_side_px": int(stats.patch_side_px),
         "tiles_per_s": tiles_per_s, "timings": timings,
     }})
-    return SlideResult(slide=str(prep.path), output=out, status="ok", points=n, computed=stats.points_computed,
+    qc = _qc(prep, outs, ctx) if ctx.options.qc else {}
+    return SlideResult(slide=str(prep.path), output=outs.store, status="ok", points=n, computed=stats.points_computed,
                        engine=ctx.engines.provider, tiles_per_s=tiles_per_s, resumed=resumed, timings=timings,
-                       stats=stats, chunks_recomputed=len(store.chunks_recomputed))
+                       stats=stats, chunks_recomputed=len(store.chunks_recomputed),
+                       points_dropped=prep.points_dropped, **qc)

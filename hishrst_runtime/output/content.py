@@ -17,12 +17,17 @@ from hishrst_runtime.output import encoding
 from hishrst_runtime.output.encoding import to_uns
 from hishrst_runtime.output.layout import FORMAT_VERSION, PROGRESS_DIR, STATUS_ATTR
 
-__all__ = ["SpatialImages", "StoreContent", "build_content", "write_skeleton", "DEFAULT_CHUNK_BYTES",
-           "HIRES_MAX_SIDE"]
+__all__ = ["SpatialImages", "StoreContent", "build_content", "write_skeleton", "default_obs_names",
+           "DEFAULT_CHUNK_BYTES", "HIRES_MAX_SIDE"]
 
 DEFAULT_CHUNK_BYTES = 4 << 20
 #: Longest side (pixels) of the ``'hires'`` image derived from the lowres one (Space Ranger's hires size).
 HIRES_MAX_SIDE = 2000
+
+
+def default_obs_names(rows: Sequence[int] | np.ndarray) -> list[str]:
+    """The names of numbered rows (``p0, p1, ...``), for the given 0-based row numbers."""
+    return [f"p{int(i)}" for i in rows]
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class SpatialImages:
 class StoreContent:
     """The validated skeleton of a store: ``xy`` float64 [N, 2] level-0 px, ``grid`` int64 [N, 2],
     ``tissue_fraction`` float32 [N], ``genes`` (G names), ``uns`` (as stored), ``chunk_rows`` (X rows per chunk),
-    ``obs_names`` (N unique row names; ``None``: ``p0, p1, ...``)."""
+    ``obs_names`` (N unique row names; ``None``: ``p0, p1, ...``), ``extra_obs`` (more obs columns, N each)."""
 
     xy: np.ndarray
     grid: np.ndarray
@@ -98,6 +103,7 @@ class StoreContent:
     uns: dict[str, Any]
     chunk_rows: int
     obs_names: list[str] | None = None
+    extra_obs: dict[str, np.ndarray] | None = None
 
     @property
     def n_obs(self) -> int:
@@ -126,6 +132,7 @@ def _auto_chunk_rows(n_obs: int, n_vars: int) -> int:
 def build_content(
     *, obs_xy_px: Any, grid_index: Any, tissue_fraction: Any, genes: Sequence[str], uns: Mapping[str, Any],
     spatial: SpatialImages | None, chunk_rows: int | None, obs_names: Sequence[str] | None = None,
+    extra_obs: Mapping[str, Any] | None = None,
 ) -> StoreContent:
     """Validate a new store's content (see :meth:`OutputStore.create`); raises ValueError naming the argument."""
     xy, grid, tf = _check_points(obs_xy_px, grid_index, tissue_fraction)
@@ -145,7 +152,12 @@ def build_content(
     if names is not None and (len(names) != xy.shape[0] or len(set(names)) != len(names)):
         raise ValueError(f"obs_names must be {xy.shape[0]} unique names, one per point (got {len(names)}, "
                          f"{len(names) - len(set(names))} duplicates)")
-    return StoreContent(xy, grid, tf, gene_list, uns_dict, rows, names)
+    extra = {str(k): np.asarray(v) for k, v in (extra_obs or {}).items()}
+    bad = [k for k, v in extra.items() if v.shape != (xy.shape[0],) or v.dtype.kind not in "biuf"
+           or k in ("grid_row", "grid_col", "tissue_fraction")]
+    if bad:
+        raise ValueError(f"extra_obs columns {bad} must be new numeric or boolean columns of {xy.shape[0]} values")
+    return StoreContent(xy, grid, tf, gene_list, uns_dict, rows, names, extra or None)
 
 
 def write_skeleton(work: Path, content: StoreContent, *, fsync: bool) -> None:
@@ -155,10 +167,11 @@ def write_skeleton(work: Path, content: StoreContent, *, fsync: bool) -> None:
     try:
         encoding.write_group(tmp, {"encoding-type": "anndata", "encoding-version": "0.1.0",
                                    STATUS_ATTR: "incomplete", "hishrst_format_version": FORMAT_VERSION})
-        names = content.obs_names or [f"p{i}" for i in range(content.n_obs)]
+        names = content.obs_names or default_obs_names(range(content.n_obs))
         index = np.array(names, dtype=object)
         encoding.write_dataframe(tmp / "obs", index, {"grid_row": content.grid[:, 0], "grid_col": content.grid[:, 1],
-                                                      "tissue_fraction": content.tissue_fraction})
+                                                      "tissue_fraction": content.tissue_fraction,
+                                                      **(content.extra_obs or {})})
         encoding.write_dataframe(tmp / "var", np.array(content.genes, dtype=object), {})
         for name in ("layers", "obsm", "obsp", "uns", "varm", "varp"):
             encoding.write_group(tmp / name, encoding.DICT_ATTRS)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from hishrst_runtime.core.files import atomic_write, fsync_path, read_json, remove_tree, swap_in
 from hishrst_runtime.output.errors import IncompleteOutputError, OutputExistsError
+from hishrst_runtime.output.names import PARTIAL_SUFFIX, SlideOutputs
 
 __all__ = ["FORMAT_VERSION", "STATUS_ATTR", "PARTIAL_SUFFIX", "PROGRESS_DIR", "OutputStatus", "partial_path",
            "read_root_attrs", "update_root_attrs", "output_status", "written_by_hishrst", "prepare_location", "publish"]
@@ -32,7 +33,6 @@ OutputStatus = Literal["missing", "incomplete", "complete"]
 #: but the images differs), and ``--resume`` finishes a version-1 partial as version 1.
 FORMAT_VERSION = 2
 STATUS_ATTR = "hishrst_status"
-PARTIAL_SUFFIX = ".partial"
 PROGRESS_DIR = ".hishrst_progress"
 #: debris a killed create / replace / finalize may leave beside ``OUT.zarr`` ("{}" is its escaped name):
 #: the skeleton being assembled, directories being deleted, an old output being swapped out
@@ -42,8 +42,7 @@ DEBRIS_PATTERNS = ("{}.partial.tmp-*", "{}.trash-*", "{}.partial.trash-*",
 
 def partial_path(path: str | os.PathLike[str]) -> Path:
     """Where the output for ``path`` is built until it is finalized (``OUT.zarr.partial``)."""
-    p = Path(path)
-    return p.with_name(p.name + PARTIAL_SUFFIX)
+    return SlideOutputs.of(path).partial
 
 
 def read_root_attrs(store: Path) -> dict[str, Any] | None:

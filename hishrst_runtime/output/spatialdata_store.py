@@ -34,14 +34,14 @@ import numpy as np
 
 from hishrst_runtime.core.files import atomic_write, fsync_path, read_json, remove_tree, swap_in
 from hishrst_runtime.output.errors import IncompleteOutputError, MissingExtraError, OutputExistsError, writing
-from hishrst_runtime.output.layout import PARTIAL_SUFFIX, STATUS_ATTR, output_status, read_root_attrs
+from hishrst_runtime.output.layout import STATUS_ATTR, output_status, read_root_attrs
+from hishrst_runtime.output.names import PARTIAL_SUFFIX, SDATA_SUFFIX, SlideOutputs
 from hishrst_runtime.output.overview import (DEFAULT_MAX_IMAGE_SIDE, ImageScale, as_level_sources,
                                              read_pyramid, with_coarser_scale)
 
 __all__ = ["write_spatialdata", "spatialdata_path", "spatialdata_status", "require_spatialdata", "SpatialDataStatus",
            "SDATA_SUFFIX", "SDATA_FORMAT_VERSION", "COORDINATE_SYSTEM", "DEFAULT_MAX_IMAGE_SIDE"]
 
-SDATA_SUFFIX = ".sdata.zarr"
 #: Root attribute ``hishrst_sdata_format_version`` of the SpatialData stores written here.
 SDATA_FORMAT_VERSION = 1
 #: The one coordinate system of the store; its unit is the level-0 pixel.
@@ -54,9 +54,7 @@ SpatialDataStatus = Literal["missing", "incomplete", "stale", "complete"]
 
 def spatialdata_path(adata_store: str | os.PathLike[str]) -> Path:
     """Where the SpatialData store of the AnnData output ``OUT/<slide>.zarr`` goes: ``OUT/<slide>.sdata.zarr``."""
-    p = Path(adata_store)
-    stem = p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.name
-    return p.with_name(stem + SDATA_SUFFIX)
+    return SlideOutputs.of(Path(adata_store)).spatialdata
 
 
 def _root_attrs(store: Path) -> dict[str, Any] | None:
@@ -198,6 +196,60 @@ def _build(sd: Any, adata: Any, scales: list[ImageScale], prefix: str, radius: f
                           tables={"table": table})
 
 
+def _mark_pixel_size(work: Path, element: str, mpp0: float | None) -> None:
+    """Give the image element its physical pixel size, the way NGFF readers (hishrst's own included) take it:
+    ``micrometer`` units on its y / x axes and each scale's dataset transformations in µm (the level-0 pixels
+    of the coordinate system times ``mpp0``, µm per level-0 pixel). The element's transformation to the
+    ``global`` coordinate system (level-0 pixels) is left as it is; nothing is changed without ``mpp0``."""
+    if not (isinstance(mpp0, (int, float)) and np.isfinite(mpp0) and mpp0 > 0):
+        return
+    meta_path, root_path = work / "images" / element / "zarr.json", work / "zarr.json"
+    meta, root = read_json(meta_path), read_json(root_path)
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    ms = _first_multiscale(attrs)
+    if ms is None:
+        raise IncompleteOutputError(f"{meta_path}: no multiscales metadata to record the pixel size in")
+    _to_um(ms, float(mpp0))
+    atomic_write(meta_path, json.dumps(meta, indent=2).encode(), fsync=False)
+    consolidated = ((root or {}).get("consolidated_metadata") or {}).get("metadata") or {}
+    entry = consolidated.get(f"images/{element}")
+    if isinstance(entry, dict):  # zarr readers open the store through its consolidated copy
+        entry["attributes"] = attrs
+        atomic_write(root_path, json.dumps(root, indent=2).encode(), fsync=False)
+
+
+def _first_multiscale(attrs: Any) -> dict[str, Any] | None:
+    holder = attrs.get("ome", attrs) if isinstance(attrs, dict) else None
+    multiscales = holder.get("multiscales") if isinstance(holder, dict) else None
+    return multiscales[0] if multiscales and isinstance(multiscales[0], dict) else None
+
+
+def _to_um(ms: dict[str, Any], mpp0: float) -> None:
+    """``ms``'s space axes in micrometres: their unit, and every dataset scale and translation times
+    ``mpp0`` (µm per level-0 pixel) times the element's scale to level-0 pixels."""
+    names = [a.get("name") if isinstance(a, dict) else a for a in ms.get("axes", [])]
+    to_um = [1.0 if n == "c" else mpp0 * (ms_scale or 1.0)
+             for n, ms_scale in zip(names, _multiscale_scale(ms, len(names)))]
+    ms["axes"] = [{**a, "unit": "micrometer"} if isinstance(a, dict) and a.get("type") == "space" else a
+                  for a in ms.get("axes", [])]
+    for ds in ms.get("datasets", []):
+        for t in ds.get("coordinateTransformations", []):
+            key = t.get("type")
+            if key in ("scale", "translation") and isinstance(t.get(key), list):
+                t[key] = [float(v) * f for v, f in zip(t[key], to_um)]
+
+
+def _multiscale_scale(ms: dict[str, Any], ndim: int) -> list[float]:
+    """The element's scale to its coordinate system (level-0 pixels per image pixel, per axis)."""
+    for t in ms.get("coordinateTransformations") or []:
+        if isinstance(t, dict) and t.get("type") == "scale" and len(t.get("scale", [])) == ndim:
+            return [float(v) for v in t["scale"]]
+        for inner in (t.get("transformations") or []) if isinstance(t, dict) else []:
+            if isinstance(inner, dict) and inner.get("type") == "scale" and len(inner.get("scale", [])) == ndim:
+                return [float(v) for v in inner["scale"]]
+    return [1.0] * ndim
+
+
 def _finish(work: Path, out: Path, marks: dict[str, Any], *, fsync: bool) -> None:
     """Mark ``work`` complete (root attributes), make it durable and swap it in as ``out``."""
     meta_path = work / "zarr.json"
@@ -249,11 +301,13 @@ def write_spatialdata(
     else:
         scales = [_thumbnail_scale(adata, library_id, src)]
     scales = with_coarser_scale(scales)
-    sdata = _build(sd, adata, scales, _element_prefix(name or library_id or src.name.split(".")[0]), radius)
+    prefix = _element_prefix(name or library_id or src.name.split(".")[0])
+    sdata = _build(sd, adata, scales, prefix, radius)
+    mpp0 = (adata.uns.get("hishrst") or {}).get("mpp")
     src_attrs = read_root_attrs(src) or {}
     marks = {STATUS_ATTR: "complete", "hishrst_sdata_format_version": SDATA_FORMAT_VERSION,
              "hishrst": {"source": src.name, "source_completed_at": src_attrs.get("hishrst_completed_at"),
-                         "coordinate_system": COORDINATE_SYSTEM, "unit": "level-0 pixel",
+                         "coordinate_system": COORDINATE_SYSTEM, "unit": "level-0 pixel", "mpp": mpp0,
                          "completed_at": time.time()}}
     work = Path(str(dst) + PARTIAL_SUFFIX)
     with writing(dst, "write the SpatialData store"):
@@ -263,6 +317,7 @@ def write_spatialdata(
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
                 sdata.write(work)
+            _mark_pixel_size(work, f"{prefix}_he", mpp0)
             _finish(work, dst, marks, fsync=fsync)
         except BaseException:
             remove_tree(work)

@@ -108,7 +108,7 @@ class OutputStore:
         genes: Sequence[str], uns: Mapping[str, Any], spatial: SpatialImages | None = None,
         chunk_rows: int | None = None, overwrite: bool = False, replace: bool = False, fsync: bool = True,
         max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES, flush_interval_s: float = 60.0,
-        obs_names: Sequence[str] | None = None,
+        obs_names: Sequence[str] | None = None, extra_obs: Mapping[str, np.ndarray] | None = None,
     ) -> OutputStore:
         """Create a new, empty (incomplete) output for ``path`` (``OUT.zarr``) in ``OUT.zarr.partial``.
 
@@ -128,7 +128,7 @@ class OutputStore:
         final = Path(path)
         content = build_content(obs_xy_px=obs_xy_px, grid_index=grid_index, tissue_fraction=tissue_fraction,
                                 genes=genes, uns=uns, spatial=spatial, chunk_rows=chunk_rows,
-                                obs_names=obs_names)
+                                obs_names=obs_names, extra_obs=extra_obs)
         with writing(final, "create the output"):
             prepare_location(final, overwrite=overwrite, replace=replace)
             write_skeleton(partial_path(final), content, fsync=fsync)

@@ -219,7 +219,7 @@ def test_url_slides_are_not_mangled_into_paths(url: str, crop: Path, small_bundl
     assert url in r.output and ("remote" in r.output or "not supported yet" in r.output), r.output
     assert url.replace("://", ":/") not in r.output.replace(url, "")  # never mangled into s3:/bucket/...
     assert "1 ok, 0 skipped, 1 failed" in r.output
-    assert sorted(p.name for p in out.iterdir()) == ["crop.zarr", "hishrst_run.json", "hishrst_runs", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["crop.qc.png", "crop.zarr", "hishrst_run.json", "hishrst_runs", "summary.md"]
 
 
 @pytest.mark.parametrize("extra, needle, code", [

@@ -74,7 +74,7 @@ def test_points_refusals(slides: Path, tiny_bundle: Path, tmp_path: Path) -> Non
     slide = slides / "disc.ome.zarr"
     f = tmp_path / "points.csv"
     f.write_text("id,x,y\nin,100,100\nfar,700,20\nneg,-1,5\n")
-    base = ["--bundle", tiny_bundle, "--out", tmp_path / "out", "--points", f]
+    base = ["--bundle", tiny_bundle, "--out", tmp_path / "out", "--points", f, "--points-outside", "error"]
     r = invoke([slide, slide.parent, *base])  # two names, one slide after removing the repeat: fine
     assert r.exit_code == 1 and "2 of 3 point(s) lie outside the slide" in r.output, r.output
     assert "'far' at (700.0, 20.0)" in r.output and "'neg'" in r.output and "disc.ome.zarr" in r.output
@@ -84,7 +84,7 @@ def test_points_refusals(slides: Path, tiny_bundle: Path, tmp_path: Path) -> Non
     assert r.exit_code == 2 and "--points takes exactly one slide, got 2" in r.output
     f.write_text("a,b\n1,2\n")
     r = invoke([slide, *base])
-    assert r.exit_code == 1 and f"Error: {f}: missing column(s) x, y" in r.output
+    assert r.exit_code == 1 and f"{f}: missing column(s) x, y" in r.output  # the slide fails, naming the file
 
 
 def test_folders_lists_and_report(slides: Path, tiny_bundle: Path, tmp_path: Path,
@@ -99,7 +99,8 @@ def test_folders_lists_and_report(slides: Path, tiny_bundle: Path, tmp_path: Pat
     r = invoke([slides, "--slides-from", lst, "--bundle", tiny_bundle, "--out", out, "--shard", "0/1"])
     assert r.exit_code == 0 and "1 ok, 0 skipped, 0 failed (of 1 slides)" in r.output, r.output
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["disc.zarr", "hishrst_run.shard-0-of-1.json", "hishrst_runs", "summary.shard-0-of-1.md"]
+    assert names == ["disc.qc.png", "disc.zarr", "hishrst_run.shard-0-of-1.json", "hishrst_runs",
+                     "summary.shard-0-of-1.md"]
     report = json.loads((out / "hishrst_run.shard-0-of-1.json").read_text())
     assert report["shard"] == {"index": 0, "count": 1} and report["slides"][0]["status"] == "ok"
     (tmp_path / "nothing").mkdir()

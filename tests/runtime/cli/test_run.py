@@ -148,7 +148,8 @@ def test_one_broken_slide_does_not_stop_the_others(slide_dir: Path, small_bundle
     assert "not an OME-Zarr image" in r.output and "1 ok, 0 skipped, 1 failed" in r.output
     assert status_of(out / "good.zarr") == "complete"
     assert status_of(out / "broken.zarr") == "missing" and not partial_path(out / "broken.zarr").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["good.zarr", "hishrst_run.json", "hishrst_runs", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["good.qc.png", "good.zarr", "hishrst_run.json", "hishrst_runs",
+                                                     "summary.md"]
     # Re-running skips the finished slide unless --overwrite.
     before = json.loads((out / "good.zarr" / ".zattrs").read_text())["hishrst_completed_at"]
     r = invoke([good, "--bundle", small_bundle, "--out", out])

@@ -102,7 +102,7 @@ def test_runnable_position_modes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     if ok:
         assert runner._load_run_bundle(tmp_path) is fake
     else:
-        with pytest.raises(BundleError, match="grid .*positions.*--position continuous"):
+        with pytest.raises(BundleError, match="grid .*positions.*--position relative"):
             runner._load_run_bundle(tmp_path)
 
 
