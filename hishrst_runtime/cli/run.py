@@ -23,7 +23,7 @@ from hishrst_runtime.cli.logs import configure_logging, progress_enabled
 from hishrst_runtime.core.errors import OutputStateError
 from hishrst_runtime.core.urls import redact_text
 from hishrst_runtime.core.vocab import DEFAULT_GRID, DEFAULT_PROVIDER, GRID_KINDS, PROVIDERS
-from hishrst_runtime.inference.prepare import DEFAULT_MASK_MODE, DEFAULT_POINTS_OUTSIDE, MASK_MODES, POINTS_OUTSIDE
+from hishrst_runtime.core.vocab import DEFAULT_MASK_MODE, DEFAULT_POINTS_OUTSIDE, MASK_MODES, POINTS_OUTSIDE
 from hishrst_runtime.jobs.formats import OUTPUT_FORMATS
 from hishrst_runtime.jobs.inputs import SlideInput
 from hishrst_runtime.jobs.interrupts import Interrupted, raising_on_signals

@@ -15,6 +15,8 @@ __all__ = [
     "GridKind", "GRID_KINDS", "DEFAULT_GRID",
     "Task", "TASKS", "DEFAULT_TASK",
     "Provider", "PROVIDERS", "DEFAULT_PROVIDER",
+    "MaskMode", "MASK_MODES", "DEFAULT_MASK_MODE",
+    "PointsOutside", "POINTS_OUTSIDE", "DEFAULT_POINTS_OUTSIDE",
 ]
 
 #: How the head sees where spots are. ``relative`` (default): distances within a neighbour group only,
@@ -49,3 +51,14 @@ DEFAULT_TASK: Task = "recovery"
 Provider = Literal["auto", "cpu", "cuda", "tensorrt", "trt-native"]
 PROVIDERS: tuple[str, ...] = get_args(Provider)
 DEFAULT_PROVIDER: Provider = "auto"
+
+#: How a tissue-mask file meets detected tissue: ``intersect`` (tissue where both say so) or ``replace``
+#: (the mask alone; points whose patch is mostly detected background get ``obs['background']``).
+MaskMode = Literal["intersect", "replace"]
+MASK_MODES: tuple[str, ...] = get_args(MaskMode)
+DEFAULT_MASK_MODE: MaskMode = "intersect"
+
+#: What happens to explicit points outside the slide: ``drop`` (with a warning giving the count) or ``error``.
+PointsOutside = Literal["drop", "error"]
+POINTS_OUTSIDE: tuple[str, ...] = get_args(PointsOutside)
+DEFAULT_POINTS_OUTSIDE: PointsOutside = "drop"

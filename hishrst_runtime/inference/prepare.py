@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 
@@ -25,25 +25,16 @@ from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.geometry import query_grid
 from hishrst_runtime.core.grouping import group_points
 from hishrst_runtime.core.urls import redact_url
-from hishrst_runtime.core.vocab import DEFAULT_GRID, GRID_KINDS, GridKind
+from hishrst_runtime.core.vocab import (DEFAULT_GRID, DEFAULT_MASK_MODE, DEFAULT_POINTS_OUTSIDE, GRID_KINDS, MASK_MODES,
+                                        GridKind, MaskMode, PointsOutside)
 from hishrst_runtime.inference.points import QueryPoints, check_points_inside, points_inside
 from hishrst_runtime.slides.sources import file_url_path, is_url
 
 __all__ = ["DEFAULT_PITCH_UM", "GridKind", "PreparedSlide", "check_layout_options", "prepare_slide", "slide_location",
-           "MaskMode", "MASK_MODES", "DEFAULT_MASK_MODE", "PointsOutside", "POINTS_OUTSIDE", "DEFAULT_POINTS_OUTSIDE",
            "BACKGROUND_FRACTION"]
 
 #: 4× Visium density: a hexagonal grid at half of Visium's 100 µm pitch (µm).
 DEFAULT_PITCH_UM = 50.0
-#: How a tissue-mask file meets detected tissue: ``intersect`` (tissue where both say so) or ``replace``
-#: (the mask alone; points whose patch is mostly detected background get ``obs['background']``).
-MaskMode = Literal["intersect", "replace"]
-MASK_MODES: tuple[str, ...] = get_args(MaskMode)
-DEFAULT_MASK_MODE: MaskMode = "intersect"
-#: What happens to explicit points outside the slide: ``drop`` (with a warning giving the count) or ``error``.
-PointsOutside = Literal["drop", "error"]
-POINTS_OUTSIDE: tuple[str, ...] = get_args(PointsOutside)
-DEFAULT_POINTS_OUTSIDE: PointsOutside = "drop"
 #: With ``mask_mode="replace"``, a point whose patch holds less detected tissue than this is ``background``.
 BACKGROUND_FRACTION = 0.5
 

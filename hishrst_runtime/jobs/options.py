@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from hishrst_runtime.core.errors import InputError
-from hishrst_runtime.core.vocab import DEFAULT_GRID, DEFAULT_PROVIDER, PROVIDERS, GridKind, Provider
-from hishrst_runtime.inference.prepare import (DEFAULT_MASK_MODE, DEFAULT_PITCH_UM, DEFAULT_POINTS_OUTSIDE,
-                                               MASK_MODES, POINTS_OUTSIDE, MaskMode, PointsOutside,
-                                               check_layout_options)
+from hishrst_runtime.core.units import check_mpp_option
+from hishrst_runtime.core.vocab import (DEFAULT_GRID, DEFAULT_MASK_MODE, DEFAULT_POINTS_OUTSIDE, DEFAULT_PROVIDER,
+                                        MASK_MODES, POINTS_OUTSIDE, PROVIDERS, GridKind, MaskMode, PointsOutside,
+                                        Provider)
+from hishrst_runtime.inference.prepare import DEFAULT_PITCH_UM, check_layout_options
 from hishrst_runtime.jobs.formats import parse_formats
 from hishrst_runtime.slides.cache import DEFAULT_CACHE_BYTES
 
@@ -97,9 +97,7 @@ class RunOptions:
         if self.tissue_mask is not None and not Path(self.tissue_mask).is_file():
             raise InputError(f"--tissue-mask {self.tissue_mask}: no such file; pass a GeoJSON (QuPath export, "
                              "level-0 pixels) or a PNG / TIFF mask")
-        if self.mpp is not None and not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp)
-                                         and self.mpp > 0):
-            raise InputError(f"--mpp must be a positive number of µm per pixel, e.g. 0.5; got {self.mpp!r}")
+        check_mpp_option(self.mpp)  # the one per-run check (the same rule and bounds as the slide readers)
 
     @property
     def formats(self) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ from hishrst_runtime.core.errors import HishrstError
 from hishrst_runtime.core.files import atomic_write
 from hishrst_runtime.core.limits import RasterTooLargeError, check_raster_size
 from hishrst_runtime.slides.errors import MaskError
+from hishrst_runtime.slides.tiffslide import is_tiff_file
 
 __all__ = ["MaskError", "MaskTooLargeError", "GEOJSON_SUFFIXES", "GENERATOR", "read_tissue_mask", "mask_to_geojson",
            "write_mask_geojson", "written_by_hishrst"]
@@ -184,7 +185,7 @@ def _load_raster(p: Path) -> np.ndarray:
     """The mask image as a boolean 2-D array (nonzero colour = tissue); its declared size is checked against
     the one mask limit (:func:`~hishrst_runtime.core.limits.check_raster_size`) before anything is decoded."""
     try:
-        arr = _read_tiff(p) if p.suffix.lower() in (".tif", ".tiff") else _read_pillow(p)
+        arr = _read_tiff(p) if is_tiff_file(p) else _read_pillow(p)  # by content, whatever the name
     except HishrstError:  # the size limit, or a bad $HISHRST_MAX_MASK_PIXELS: already one clear line
         raise
     except Exception as e:  # noqa: BLE001 - Pillow / tifffile raise many types for unreadable images

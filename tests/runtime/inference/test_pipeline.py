@@ -162,6 +162,9 @@ class _Spy:
         self.reads.append((cy, cx))
         return self.level.read_chunk(cy, cx)
 
+    def close(self) -> None:
+        self.level.close()
+
 
 def test_level_choice_patch_size_and_chunk_aligned_reads(slide: Path, small_bundle: Path, heldout: Any) -> None:
     """Claiming 0.3 µm/px makes level 1 (0.6 µm/px) the training resolution: read it, 64 µm = 107 px."""
