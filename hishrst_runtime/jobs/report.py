@@ -94,6 +94,9 @@ def _iso(t: float) -> str:
 
 #: Names of filled slide chunks listed per slide in the report (the count is always complete).
 FILLED_CHUNKS_SHOWN = 10
+#: Said wherever a bundle made from a random test encoder is used (report, summary, console, ``uns``).
+TEST_ENCODER_WARNING = ("TEST ENCODER: this bundle was made from a randomly initialised test encoder; its "
+                        "predictions carry no biological meaning")
 
 
 def _slide_entry(r: SlideResult) -> dict[str, Any]:
@@ -101,6 +104,7 @@ def _slide_entry(r: SlideResult) -> dict[str, Any]:
             "reason": r.reason or None, "points": r.points, "computed": r.computed, "engine": r.engine,
             "tiles_per_s": r.tiles_per_s, "seconds": r.seconds, "resumed": r.resumed, "timings": dict(r.timings),
             "chunks_recomputed": r.chunks_recomputed, "points_dropped": r.points_dropped,
+            "test_encoder": r.test_encoder,
             "qc": None if r.qc is None else {"path": str(r.qc), "gene": r.qc_gene, "rule": r.qc_rule},
             "filled_chunks": {"count": len(r.filled_chunks), "first": list(r.filled_chunks[:FILLED_CHUNKS_SHOWN])}}
 
@@ -123,6 +127,7 @@ def build_report(*, results: Sequence[SlideResult], args: Mapping[str, Any], sta
         "counts": {"ok": counts["ok"], "skipped": counts["skipped"], "failed": counts["failed"],
                    "interrupted": counts["interrupted"], "slides": len(results)},
         "slides": [_slide_entry(r) for r in results], "error": error, "errors": errors, "interrupted": interrupted,
+        "test_encoder": any(r.test_encoder for r in results),
     })
 
 
@@ -192,6 +197,8 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
         f"- **{c['ok']} ok, {c['skipped']} skipped, {c['failed']} failed"
         + (f", {c['interrupted']} interrupted" if c.get("interrupted") else "") + f"** (of {c['slides']} slides)", "",
     ]
+    if report.get("test_encoder"):
+        lines += [f"**{TEST_ENCODER_WARNING}**", ""]
     if report["slides"]:
         lines += ["| slide | status | points | tiles/s | seconds | note |", "|---|---|---:|---:|---:|---|"]
         lines += [f"| {_cell(s['slide'])} | {s['status']} | {_cell(s['points'])} | {_cell(s['tiles_per_s'])} | "

@@ -26,7 +26,8 @@ class SlideResult:
     stage; ``stats``: the pipeline's counters
     (:class:`~hishrst_runtime.inference.pipeline.PredictStats`); ``chunks_recomputed``: X chunks of a
     resumed partial that failed verification (missing or changed) and were computed again;
-    ``filled_chunks``: names of slide chunks read as fill (``--allow-missing-chunks``);
+    ``filled_chunks``: names of slide chunks read as fill (``--allow-missing-chunks``); ``test_encoder``: the
+    bundle's encoder is a random test encoder (its predictions mean nothing biologically);
     ``points_dropped``: explicit points left out because they lie outside the slide (``--points-outside
     drop``); ``qc``: the QC thumbnail written (``OUT/S.qc.png``), ``qc_gene`` the gene it shows and
     ``qc_rule`` how that gene was chosen.
@@ -50,6 +51,7 @@ class SlideResult:
     qc: Path | None = None
     qc_gene: str | None = None
     qc_rule: str | None = None
+    test_encoder: bool = False
 
     def with_(self, **changes: Any) -> SlideResult:
         """A copy with ``changes`` applied."""

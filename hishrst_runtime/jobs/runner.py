@@ -142,6 +142,10 @@ def run_slides(
     require_formats(opts.formats)  # before any slide, not after the first one is predicted
     items = _inputs(slides, points_px, opts.tissue_mask)
     bundle = _load_run_bundle(Path(bundle_dir))
+    if bundle.spec.test_encoder:
+        from hishrst_runtime.jobs.report import TEST_ENCODER_WARNING
+
+        echo(f"warning: {TEST_ENCODER_WARNING}")
     check_output_location(items, Path(out_dir), Path(bundle_dir))
     if engines is None:
         threads = opts.engine_threads or default_engine_threads(opts.workers)

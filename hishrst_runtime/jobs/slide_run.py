@@ -192,10 +192,10 @@ def run_prepared(prep: PreparedSlide, out: Path | SlideOutputs, ctx: SlideContex
         "engine": ctx.engines.provider, "hishrst_version": __version__, "resumed": resumed,
         "chunks_recomputed": len(store.chunks_recomputed), "points_computed": stats.points_computed,
         "points_dropped": prep.points_dropped, "patch_side_px": int(stats.patch_side_px),
-        "tiles_per_s": tiles_per_s, "timings": timings,
+        "tiles_per_s": tiles_per_s, "timings": timings, "test_encoder": ctx.bundle.spec.test_encoder,
     }})
     qc = _qc(prep, outs, ctx) if ctx.options.qc else {}
     return SlideResult(slide=str(prep.path), output=outs.store, status="ok", points=n, computed=stats.points_computed,
                        engine=ctx.engines.provider, tiles_per_s=tiles_per_s, resumed=resumed, timings=timings,
                        stats=stats, chunks_recomputed=len(store.chunks_recomputed),
-                       points_dropped=prep.points_dropped, **qc)
+                       points_dropped=prep.points_dropped, test_encoder=ctx.bundle.spec.test_encoder, **qc)

@@ -222,3 +222,21 @@ def test_format_spatialdata_and_both(slides: Path, tiny_bundle: Path, tmp_path: 
     assert (out / "disc.sdata.zarr").is_dir() and not (out / "disc.zarr").exists()
     r = invoke([*base, "--out", out, "--format", "spatialdata"])
     assert r.exit_code == 0 and "already complete" in r.output  # the SpatialData store counts as done
+
+
+@pytest.mark.parametrize("test_encoder", [True, False])
+def test_a_test_encoder_bundle_is_marked_everywhere(slides: Path, make_tiny_bundle: Any, tmp_path: Path,
+                                                    test_encoder: bool) -> None:
+    """A bundle made from a random test encoder says so on the console, in the report, the summary and ``uns``."""
+    def mark(m: dict[str, Any]) -> None:
+        m["encoder"]["test_encoder"] = test_encoder
+
+    bundle = make_tiny_bundle(tmp_path / "bundle", edit=mark)
+    out = tmp_path / "out"
+    r = invoke([slides / "disc.ome.zarr", "--bundle", bundle, "--out", out, "--provider", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert ("TEST ENCODER" in r.output) is test_encoder
+    report = json.loads((out / "hishrst_run.json").read_text())
+    assert report["test_encoder"] is test_encoder and report["slides"][0]["test_encoder"] is test_encoder
+    assert ("TEST ENCODER" in (out / "summary.md").read_text()) is test_encoder
+    assert bool(ad.read_zarr(out / "disc.zarr").uns["hishrst_run"]["test_encoder"]) is test_encoder
