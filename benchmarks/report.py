@@ -151,22 +151,64 @@ def _direct_wsi(ok: list[dict[str, Any]]) -> list[str]:
                                         ("median", "direct / OME-Zarr, median")])]
 
 
+def _pct(v: Any) -> float | None:
+    return None if v is None else 100.0 * v
+
+
+def _feed(ok: list[dict[str, Any]]) -> list[str]:
+    feed = [r for r in ok if r.get("kind") == "feed"]
+    out = [md_table(feed, [("slide_kind", "slide"), ("workers", "reader threads"), ("tiles_per_s", "tiles/s (best)"),
+                           ("median_tiles_per_s", "median"), ("tiles", "tiles"), ("level_mpp", "level read µm/px"),
+                           ("patch_side_px", "patch px"), ("load_avg_before", "load before"),
+                           ("load_avg_after", "load after")])]
+    scaling = [{**r, **{f"tps_{k}": v for k, v in r["tiles_per_s_by_threads"].items()},
+                **{f"x_{k}": v for k, v in r["scaling"].items()}} for r in ok if r.get("kind") == "scaling"]
+    if scaling:
+        keys = sorted({k for r in scaling for k in r["scaling"]}, key=int)
+        out += ["", md_table(scaling, [("slide_kind", "slide"), *[(f"tps_{k}", f"{k} thr tiles/s") for k in keys],
+                                       *[(f"x_{k}", f"{k} thr / 1 thr") for k in keys if k != "1"]])]
+    busy = [{**r, "busy_pct": _pct(r.get("busy_fraction_of_wall")), "span_pct": _pct(r.get("busy_fraction"))}
+            for r in ok if r.get("kind") == "engine_busy"]
+    if busy:
+        out += ["", md_table(busy, [("slides", "slides"), ("tiles", "tiles"), ("tiles_per_s_set", "engine set to tiles/s"),
+                                    ("workers", "reader threads"), ("tiles_per_s", "run tiles/s"),
+                                    ("busy_pct", "engine busy % of wall"), ("span_pct", "busy % of engine span"),
+                                    ("wall_s", "wall s"), ("busy_s", "busy s"), ("load_avg_before", "load before")])]
+    th = next((r.get("threads") for r in ok if r.get("threads")), None)
+    if th:
+        env = ", ".join(f"{k}={v}" for k, v in th["env"].items() if v is not None) or "none set"
+        out += ["", f"Threads: {th['cores_usable']} usable cores, {th['physical_cores']} physical; thread variables: {env}."]
+    return out
+
+
+def _gpu(ok: list[dict[str, Any]]) -> list[str]:
+    rows = [{**r, "ratio_pct": _pct(r.get("e2e_over_engine"))} for r in ok if r.get("kind") == "step"]
+    gpus = sorted({r["gpu_name"] for r in rows if r.get("gpu_name")})
+    return [f"GPU: {', '.join(gpus) or 'unknown'}", "",
+            md_table(rows, [("step", "step"), ("label", "engine"), ("batch_size", "batch"), ("tiles_per_s", "tiles/s"),
+                            ("ms_per_batch_median", "ms/batch"), ("iters", "calls"),
+                            ("stream_tiles_per_s", "hishrst-run stream tiles/s"), ("points", "slide tiles"),
+                            ("ratio_pct", "e2e % of ORT-CUDA engine")])]
+
+
 #: The tables of each benchmark's section, from its successful records.
 _TABLES: dict[str, Callable[[list[dict[str, Any]]], list[str]]] = {
     "encoder": _encoder, "pipeline": _pipeline, "reference": _reference, "training": _training,
-    "transfer": _transfer, "direct_wsi": _direct_wsi,
+    "transfer": _transfer, "direct_wsi": _direct_wsi, "feed": _feed, "gpu": _gpu,
 }
+#: The benchmarks ``main`` renders, in order.
+SECTIONS = ("encoder", "gpu", "pipeline", "feed", "reference", "training", "direct_wsi", "transfer")
 
 
 def section(name: str, recs: list[dict[str, Any]], *, title: str | None = None) -> str:
     ok = [r for r in recs if r.get("status", "ok") == "ok"]
-    skipped = [r for r in recs if r.get("status") == "skipped"]
+    skipped = [r for r in recs if r.get("status") in ("skipped", "failed")]
     out = [f"### {title or name}", "", _machine(recs), ""]
     if name in _TABLES:
         out += _TABLES[name](ok)
     if skipped:
-        out += ["", "Not measured:", *[f"- {' '.join(str(r.get(k)) for k in ('encoder', 'backend', 'batch_size') if r.get(k) is not None)}: "
-                                       f"{_short(r['reason'])}" for r in skipped]]
+        out += ["", "Not measured:", *[f"- {' '.join(str(r.get(k)) for k in ('encoder', 'backend', 'step', 'batch_size') if r.get(k) is not None)}"
+                                       f"{' (failed)' if r['status'] == 'failed' else ''}: {_short(r['reason'])}" for r in skipped]]
     return "\n".join(out) + "\n"
 
 
@@ -176,7 +218,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--md", type=Path, default=None, help="write the Markdown here (default: stdout only)")
     args = p.parse_args(argv)
     parts = []
-    for name in ("encoder", "pipeline", "reference", "training", "direct_wsi", "transfer"):
+    for name in SECTIONS:
         files = sorted(args.dir.glob(f"{name}*.jsonl"), key=lambda f: (f.stem != name, f.stem))
         for f in files:  # <name>.jsonl first, then variants such as pipeline-whatif-ort-nospin.jsonl
             if f.stat().st_size:

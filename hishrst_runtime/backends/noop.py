@@ -1,4 +1,7 @@
-"""A stand-in engine that returns zeros (benchmarks: the pipeline's ceiling). Not a user choice."""
+"""A stand-in engine that returns zeros (benchmarks: the pipeline's ceiling). Not a user choice.
+
+:mod:`.latency` is its sibling that takes a set time per batch (an engine of a given speed).
+"""
 
 from __future__ import annotations
 

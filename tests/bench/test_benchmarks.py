@@ -252,3 +252,65 @@ def test_direct_wsi_quick(bench_work: Path, tmp_path: Path) -> None:
         _positive(r["tiles_per_s"], r["median_tiles_per_s"], r["decode_mpix_per_s"])
     (e2e,) = [r for r in records if r.get("kind") == "end_to_end"]
     _positive(e2e["direct"]["tiles_per_s"], e2e["ome_zarr"]["tiles_per_s"], e2e["direct_over_omezarr"])
+
+
+def test_feed_quick(tmp_path: Path) -> None:
+    """Feed rate at UNI geometry on the three synthetic slide kinds × 1, 2 reader threads, then the
+    latency engine's busy share over a 5-slide run (injected through ``run_slides(engines=...)``)."""
+    records = _script("feed", tmp_path / "feed.jsonl", tmp_path / "work")
+    feed = [r for r in records if r.get("kind") == "feed"]
+    kinds = {"ome-zarr 0.5 µm/px", "ome-zarr 0.25 µm/px", "tiff-jpeg 40× single level"}
+    assert {(r["slide_kind"], r["workers"]) for r in feed} == {(k, n) for k in kinds for n in (1, 2)}
+    tiles = {r["tiles"] for r in feed}
+    assert len(tiles) == 1 and tiles.pop() > 0  # the same tissue at every pixel size: the same tiles
+    for r in feed:
+        _positive(r["tiles_per_s"], r["median_tiles_per_s"], r["seconds"])
+        assert r["batch_size"] == 256 and r["input_size"] == 224 and r["level_mpp"] == 0.5
+        assert r["patch_side_px"] == 224 and r["threads"]["cores_usable"] >= 1
+        assert "OMP_NUM_THREADS" in r["threads"]["env"] and "load_avg_before" in r
+    scaling = {r["slide_kind"]: r for r in records if r.get("kind") == "scaling"}
+    assert set(scaling) == kinds
+    for s in scaling.values():
+        assert s["scaling"]["1"] == 1.0 and s["scaling"]["2"] > 0
+    (busy,) = [r for r in records if r.get("kind") == "engine_busy"]
+    assert busy["slides"] == 5 and len(busy["per_slide"]) == 5 and busy["tiles_per_s_set"] == 4000.0
+    assert busy["items"] == busy["tiles"] > 0 and busy["requested_s"] == pytest.approx(busy["tiles"] / 4000.0)
+    assert 0 < busy["busy_fraction_of_wall"] <= busy["busy_fraction"] <= 1.05
+    assert busy["busy_s"] >= busy["requested_s"] * 0.999 and busy["wall_s"] >= busy["span_s"]
+    assert busy["hook"].startswith("hishrst_runtime.jobs.runner.run_slides(engines=")
+
+
+def test_report_renders_feed_and_gpu_sections(tmp_path: Path) -> None:
+    """``benchmarks.report`` has tables for ``feed`` and ``gpu`` records (feed: from a hand-made record)."""
+    from benchmarks.report import SECTIONS, section
+
+    assert {"feed", "gpu"} <= set(SECTIONS)
+    machine = {"cpu_model": "cpu", "cores_usable": 2, "cores_logical": 2, "memory_gb": 8, "gpu": None, "versions": {}}
+    stamp = {"timestamp": "t", "command": "python -m benchmarks.feed", "machine": machine, "load_avg_1m": 1.0}
+    threads = {"env": {"OMP_NUM_THREADS": "1"}, "cores_usable": 2, "physical_cores": 2, "runtime_default_workers": 2}
+    recs = [{**stamp, "kind": "feed", "status": "ok", "slide_kind": "ome-zarr 0.5 µm/px", "workers": 1,
+             "tiles_per_s": 500.0, "threads": threads},
+            {**stamp, "kind": "scaling", "status": "ok", "slide_kind": "ome-zarr 0.5 µm/px",
+             "tiles_per_s_by_threads": {"1": 500.0, "2": 900.0}, "scaling": {"1": 1.0, "2": 1.8}},
+            {**stamp, "kind": "engine_busy", "status": "ok", "slides": 5, "tiles": 100, "busy_fraction_of_wall": 0.25,
+             "busy_fraction": 0.5}]
+    text = section("feed", recs)
+    assert "| ome-zarr 0.5 µm/px | 1 | 500 |" in text and "| ome-zarr 0.5 µm/px | 500 | 900 | 1.80 |" in text
+    assert "| 5 | 100 |" in text and "| 25.0 | 50.0 |" in text and "OMP_NUM_THREADS=1" in text
+
+
+def test_claim_quick(tmp_path: Path) -> None:
+    """4 concurrent ``hishrst-run`` workers on 12 mixed slides, ``--claim`` and ``--shard I/4``: every slide run
+    exactly once per mode, makespans and the load average recorded."""
+    records = _script("claim", tmp_path / "claim.jsonl", tmp_path / "work")
+    runs = [r for r in records if r.get("kind") == "makespan"]
+    assert {r["mode"] for r in runs} == {"claim", "shard"}
+    for r in runs:
+        assert r["workers"] == 4 and r["slides"] == 12 and r["slides_run"] == 12
+        assert sum(w["slides"] for w in r["per_worker"]) == 12 and len(r["exit_after_s"]) == 4
+        _positive(r["makespan_s"], r["lower_bound_s"], r["work_s"])
+        assert r["makespan_s"] >= max(r["exit_after_s"]) - 0.1 and "load_avg_before" in r
+        if r["mode"] == "shard":
+            assert [w["slides"] for w in r["per_worker"]] == [3, 3, 3, 3]
+    (summary,) = [r for r in records if r.get("kind") == "summary"]
+    _positive(summary["shard_over_claim"], *summary["median_makespan_s"].values())

@@ -1,0 +1,227 @@
+"""Feed rate: how many tiles per second the runtime's reader side delivers to an engine, at UNI geometry
+(224-px uint8 tiles of ``--patch-um`` µm, trained at 0.5 µm/px; encoder batch 256), and how busy that keeps
+an engine of a given speed over a multi-slide run.
+
+Part 1, feed rate: on three synthetic slides of the same tissue (built once, cached) — a pyramidal OME-Zarr
+at 0.5 µm/px, the same at 0.25 µm/px, and a single-level 40× (0.25 µm/px) TIFF with JPEG tiles, whose
+0.5 µm/px level the runtime computes on the fly — ``predict_slide`` (the stage functions ``hishrst-run``
+composes: reader threads run ``read_tiles``, the calling thread the encoder, one thread head + write) runs
+with the no-op engine and a discarding writer, for each reader thread count (``--threads``, default 1,2).
+Reported: tiles/s (best of ``--repeats`` passes after one untimed warm-up, median too), the scaling from
+1 to 2 threads, the 1-minute load average around each measurement and the thread settings.
+
+Part 2, engine busy: ``run_slides`` (what ``hishrst-run`` runs, writing its outputs) over 5 OME-Zarr slides
+of mixed sizes with the latency engine (:class:`hishrst_runtime.backends.latency.LatencyBackend`:
+sleeps batch / ``--engine-rate`` s per call, GIL released, like a GPU engine) injected through
+``run_slides(engines=...)``; reported: the engine's busy time as a share of the run's wall time and of
+the engine's own span (first call → last call).
+
+    python -m benchmarks.feed            # 6 mm slides, 3 repeats
+    python -m benchmarks.feed --quick    # 1.5 mm slides, 1 repeat (smoke test)
+    python -m benchmarks.feed --threads 1,2,4 --engine-rate 2000
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import JsonlWriter, base_parser, int_list, load_average, print_table, workdir_of
+
+#: UNI's field: 224 px at 0.5 µm/px.
+UNI_PATCH_UM = 112.0
+UNI_INPUT = 224
+UNI_FEATURES = 1024
+BATCH = 256
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+              "ZARR_THREADING_MAX_WORKERS", "RAYON_NUM_THREADS")
+
+
+def _sizes(quick: bool, side_mm: float | None) -> tuple[float, list[float]]:
+    """(side of the feed-rate slides, sides of the 5 engine-busy slides), mm."""
+    if quick:
+        return side_mm or 1.5, [1.0, 1.5, 0.8, 1.2, 0.6]
+    return side_mm or 6.0, [3.0, 8.0, 4.0, 6.0, 2.0]
+
+
+def thread_settings() -> dict[str, Any]:
+    """The thread-related environment, usable cores and the runtime's default reader / engine threads."""
+    from hishrst_runtime.backends.base import default_threads
+    from hishrst_runtime.jobs.runner import DEFAULT_WORKERS
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"env": {k: os.environ.get(k) for k in THREAD_ENV}, "cores_usable": usable,
+            "physical_cores": default_threads(), "runtime_default_workers": DEFAULT_WORKERS}
+
+
+def feed_slides(work: Path, side_mm: float) -> dict[str, Path]:
+    """The three slide kinds of the feed-rate part (same tissue, same physical size)."""
+    from benchmarks._synth_wsi import ensure_jpeg_tiff, ensure_zarr
+
+    um = 1000.0 * side_mm
+    return {"ome-zarr 0.5 µm/px": ensure_zarr(work, side_um=um, mpp=0.5),
+            "ome-zarr 0.25 µm/px": ensure_zarr(work, side_um=um, mpp=0.25),
+            "tiff-jpeg 40× single level": ensure_jpeg_tiff(work, side_um=um, mpp=0.25)}
+
+
+def feed_pass(slide: Path, bundle: Any, *, workers: int, batch_size: int = BATCH,
+              patch_um: float = UNI_PATCH_UM) -> dict[str, Any]:
+    """One ``predict_slide`` pass with the no-op engine and a discarding writer: tiles/s of the feed."""
+    from hishrst_runtime.inference.engines import noop_engines
+    from hishrst_runtime.inference.pipeline import predict_slide, prepare_slide
+
+    engines = noop_engines(bundle)
+    t0 = time.perf_counter()
+    prep = prepare_slide(slide, bundle, pitch_um=patch_um, grid="square")
+    t_prep = time.perf_counter() - t0
+    try:
+        stats = predict_slide(prep, bundle, encoder=engines.encoder, head=engines.head, write=lambda rows, values: None,
+                              batch_size=batch_size, workers=workers)
+    finally:
+        prep.close()
+    return {"tiles": stats.points_computed, "seconds": stats.seconds, "tiles_per_s": stats.points_computed / stats.seconds,
+            "prepare_seconds": t_prep, "level": stats.level, "level_mpp": stats.level_mpp,
+            "patch_side_px": stats.patch_side_px, "stages": dict(stats.stages), "chunk_cache": dict(stats.chunk_cache)}
+
+
+def measure_feed(slide: Path, bundle: Any, *, workers: int, repeats: int) -> dict[str, Any]:
+    """Best and median of ``repeats`` passes after one untimed warm-up, with the load average before and after."""
+    load_before = load_average()
+    feed_pass(slide, bundle, workers=workers)  # warm-up: imports, page cache
+    passes = [feed_pass(slide, bundle, workers=workers) for _ in range(max(1, repeats))]
+    best = max(passes, key=lambda r: r["tiles_per_s"])
+    return {**best, "median_tiles_per_s": statistics.median(r["tiles_per_s"] for r in passes), "passes": len(passes),
+            "load_avg_before": load_before, "load_avg_after": load_average()}
+
+
+# ------------------------------------------------------------------------------------------ engine busy
+
+
+def busy_slides(work: Path, sides_mm: list[float]) -> list[Path]:
+    """The engine-busy part's OME-Zarr slides at 0.5 µm/px (one texture seed each)."""
+    from benchmarks._synth_wsi import ensure_zarr
+
+    return [ensure_zarr(work, side_um=1000.0 * s, mpp=0.5, seed=i) for i, s in enumerate(sides_mm)]
+
+
+def latency_engines(bundle: Any, tiles_per_s: float) -> Any:
+    """(latency encoder at ``tiles_per_s``, no-op head) as the runtime's ``Engines``."""
+    from hishrst_runtime.backends.latency import LatencyBackend
+    from hishrst_runtime.backends.noop import NoopBackend
+    from hishrst_runtime.inference.engines import Engines
+
+    d, g = bundle.spec.encoder.feature_dim, len(bundle.spec.genes)
+    enc = LatencyBackend(lambda f: (len(f["tiles"]), d), tiles_per_s=tiles_per_s)
+    return Engines(enc, NoopBackend(lambda f: (*f["features"].shape[:2], g)), "latency")
+
+
+def engine_busy(slides: list[Path], bundle_dir: Path, out_dir: Path, *, tiles_per_s: float,
+                workers: int) -> dict[str, Any]:
+    """``run_slides`` over ``slides`` with the latency engine injected: the engine's busy share of the run."""
+    from hishrst_runtime.bundle.manifest import load_bundle
+    from hishrst_runtime.jobs.runner import run_slides
+
+    engines = latency_engines(load_bundle(bundle_dir), tiles_per_s)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    said: list[str] = []
+    load_before = load_average()
+    t0 = time.perf_counter()
+    results = run_slides(slides, bundle_dir=bundle_dir, out_dir=out_dir, engines=engines, pitch_um=UNI_PATCH_UM,
+                         grid="square", batch_size=BATCH, workers=workers, overwrite=True, progress=False,
+                         echo=said.append)
+    wall = time.perf_counter() - t0
+    shutil.rmtree(out_dir, ignore_errors=True)
+    failed = [f"{r.slide}: {r.reason}" for r in results if r.status != "ok"]
+    if failed:
+        raise RuntimeError("hishrst-run failed: " + "; ".join(failed))
+    st = engines.encoder.stats(wall_s=wall)
+    tiles = sum(int(r.computed or 0) for r in results)
+    return {**st, "tiles": tiles, "tiles_per_s": tiles / wall, "workers": workers, "slides": len(slides),
+            "per_slide": [{"slide": Path(r.slide).name, "points": r.points, "seconds": r.seconds,
+                           "tiles_per_s": r.tiles_per_s, "wait_for_tiles_s": (r.stats.stages or {}).get("wait_for_tiles")}
+                          for r in results],
+            "load_avg_before": load_before, "load_avg_after": load_average(),
+            "hook": "hishrst_runtime.jobs.runner.run_slides(engines=Engines(encoder, head, provider))",
+            "engine_line": next((s for s in said if s.startswith("engine:")), None)}
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def _parse_args(argv: list[str] | None) -> Any:
+    p = base_parser("feed", __doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int_list, default=[1, 2], help="reader thread counts (default 1,2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed passes per point (default 3; --quick 1)")
+    p.add_argument("--side-mm", type=float, default=None, help="side of the feed-rate slides, mm (default 6; --quick 1.5)")
+    p.add_argument("--patch-um", type=float, default=UNI_PATCH_UM, help="tile side, µm (default 112: UNI's 224 px at 0.5 µm/px)")
+    p.add_argument("--engine-rate", type=float, default=4000.0, help="latency engine speed, tiles/s (default 4000)")
+    p.add_argument("--busy-workers", type=int, default=None, help="reader threads of the engine-busy run (default: hishrst-run's)")
+    p.add_argument("--skip-busy", action="store_true", help="measure the feed rate only")
+    return p.parse_args(argv)
+
+
+def _feed_records(out: JsonlWriter, work: Path, args: Any, common: dict[str, Any]) -> list[dict[str, Any]]:
+    from benchmarks._synth_wsi import ensure_placeholder_bundle
+    from hishrst_runtime.bundle.manifest import load_bundle
+
+    side, _ = _sizes(args.quick, args.side_mm)
+    bundle = load_bundle(ensure_placeholder_bundle(work, args.patch_um))
+    repeats = args.repeats or (1 if args.quick else 3)
+    rows = []
+    for kind, path in feed_slides(work, side).items():
+        by: dict[int, float] = {}
+        for n in args.threads:
+            r = measure_feed(path, bundle, workers=n, repeats=repeats)
+            by[n] = r["tiles_per_s"]
+            rows.append(out.write({**common, "kind": "feed", "status": "ok", "slide_kind": kind, "slide": str(path),
+                                   "side_mm": side, "workers": n, **r}))
+            print(f"  {kind:28s} {n} reader thread(s): {r['tiles_per_s']:8.0f} tiles/s ({r['tiles']} tiles, "
+                  f"load {r['load_avg_before']} → {r['load_avg_after']})", flush=True)
+        if 1 in by and len(by) > 1:
+            rows.append(out.write({**common, "kind": "scaling", "status": "ok", "slide_kind": kind,
+                                   "tiles_per_s_by_threads": {str(k): v for k, v in by.items()},
+                                   "scaling": {str(k): v / by[1] for k, v in by.items()}}))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = _parse_args(argv)
+    work = workdir_of(args)
+    common = {"batch_size": BATCH, "patch_um": args.patch_um, "input_size": UNI_INPUT, "train_mpp": 0.5,
+              "threads": thread_settings()}
+    with JsonlWriter(args.out, benchmark="feed", quick=args.quick, append=args.append) as out:
+        print(f"feed rate at UNI geometry ({args.patch_um:g} µm → {UNI_INPUT} px, batch {BATCH}), no-op engine; "
+              f"reader threads {args.threads}; load {load_average()}", flush=True)
+        rows = _feed_records(out, work, args, common)
+        print_table([r for r in rows if r["kind"] == "feed"],
+                    [("slide_kind", "slide"), ("workers", "reader threads"), ("tiles_per_s", "tiles/s"),
+                     ("median_tiles_per_s", "median"), ("tiles", "tiles"), ("level_mpp", "level µm/px"),
+                     ("load_avg_before", "load before"), ("load_avg_after", "load after")], title="feed rate")
+        for r in (r for r in rows if r["kind"] == "scaling"):
+            print(f"  scaling {r['slide_kind']}: " + ", ".join(f"{k} → {v:.2f}×" for k, v in r["scaling"].items()))
+        if not args.skip_busy:
+            from benchmarks._synth_wsi import ensure_placeholder_bundle
+            from hishrst_runtime.jobs.runner import DEFAULT_WORKERS
+
+            _, sides = _sizes(args.quick, None)
+            workers = args.busy_workers if args.busy_workers is not None else DEFAULT_WORKERS
+            b = engine_busy(busy_slides(work, sides), ensure_placeholder_bundle(work, args.patch_um),
+                            work / "feed" / "out-busy", tiles_per_s=args.engine_rate, workers=workers)
+            out.write({**common, "kind": "engine_busy", "status": "ok", "sides_mm": sides, **b})
+            print(f"engine busy: {100 * b['busy_fraction_of_wall']:.0f} % of the run's wall time "
+                  f"({100 * b['busy_fraction']:.0f} % of the engine's span), {b['tiles']} tiles over {b['slides']} "
+                  f"slides at {b['tiles_per_s']:.0f} tiles/s end to end; engine set to {args.engine_rate:g} tiles/s, "
+                  f"{workers} reader thread(s); load {b['load_avg_before']} → {b['load_avg_after']}")
+        print(f"-> {args.out}")
+        return out.records
+
+
+if __name__ == "__main__":
+    main()
