@@ -20,6 +20,7 @@ __all__ = [
     "open_slide",
     "convert_slide",
     "run_slides",
+    "run_slide",
     "read_points",
     "load_backend",
 ]
@@ -32,6 +33,7 @@ _WHERE = {
     "open_slide": "slides.reader",
     "convert_slide": "slides.convert",
     "run_slides": "jobs.runner",
+    "run_slide": "jobs.runner",
     "read_points": "inference.points",
     "load_backend": "backends",
 }

@@ -26,11 +26,13 @@ from hishrst_runtime.core.vocab import DEFAULT_GRID, DEFAULT_PROVIDER, GRID_KIND
 from hishrst_runtime.core.vocab import DEFAULT_MASK_MODE, DEFAULT_POINTS_OUTSIDE, MASK_MODES, POINTS_OUTSIDE
 from hishrst_runtime.jobs.formats import OUTPUT_FORMATS
 from hishrst_runtime.jobs.inputs import SlideInput
+from hishrst_runtime.jobs.locks import DEFAULT_LEASE_S
 from hishrst_runtime.jobs.interrupts import Interrupted, raising_on_signals
 from hishrst_runtime.jobs.options import DEFAULT_WORKERS, RunOptions
 from hishrst_runtime.jobs.paths import output_collisions
 from hishrst_runtime.jobs.results import SlideResult
 from hishrst_runtime.jobs.runner import run_slides
+from hishrst_runtime.jobs.shards import ShardChoice
 
 __all__ = ["run", "print_results"]
 
@@ -75,7 +77,18 @@ _OPTIONS = [
     click.option("--min-tissue", type=float, default=0.25, show_default=True,
                  help="Minimum tissue fraction under a patch."),
     click.option("--shard", default=None, help="I/N: process the I-th (0-based) of N shards of the slide list "
-                 "[default: from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT]."),
+                 "(sorted, dealt round-robin) [default: from the array job: Slurm SLURM_ARRAY_TASK_ID / "
+                 "SLURM_ARRAY_TASK_COUNT, Kubernetes Indexed Job JOB_COMPLETION_INDEX / HISHRST_SHARD_COUNT (set "
+                 "it to spec.completions), AWS Batch AWS_BATCH_JOB_ARRAY_INDEX / AWS_BATCH_JOB_ARRAY_SIZE]."),
+    click.option("--claim", is_flag=True, help="Work stealing instead of shards: walk the slides sorted by path "
+                 "and take each one whose lock is free and whose output is not complete, so any number of "
+                 "workers (array tasks, nodes, hosts) sharing --out balance uneven slides; a killed worker's "
+                 "slide is finished by the next to claim it. Implies --resume; not with --shard (array "
+                 "variables are ignored)."),
+    click.option("--stale-after", "stale_after", type=float, default=DEFAULT_LEASE_S, show_default=True,
+                 help="Seconds a slide lock may go unrefreshed before other workers, on any host, take the slide "
+                 "over (its holder refreshes it every min(60, SECONDS/4) s); keep it well above the clock skew "
+                 "between hosts."),
     click.option("--resume", is_flag=True, help="Finish incomplete outputs instead of refusing them."),
     click.option("--overwrite", is_flag=True, help="Recompute outputs that exist (the old one stays until the "
                  "new one is complete)."),
@@ -144,19 +157,25 @@ def _one_slide(option: str, value: Path | None, takers: list[SlideInput]) -> Non
                                f"with its own {option} file, or give each its own in a --slides-from sheet")
 
 
-def _select_shard(items: list[SlideInput], shard: str | None, echo: Callable[[str], Any]
-                  ) -> tuple[list[SlideInput], tuple[int, int] | None]:
-    """(this job's slides, (I, N) or None) from ``--shard`` or a Slurm job array."""
-    from hishrst_runtime.jobs.shards import parse_shard, shard_from_env, shard_items
+def _select_shard(items: list[SlideInput], shard: str | None, claim: bool, echo: Callable[[str], Any]
+                  ) -> tuple[list[SlideInput], ShardChoice | None]:
+    """(this job's slides, its shard or None) from ``--shard`` or an array job's variables; ``--claim`` takes
+    the whole list (workers claim slides one by one) and refuses ``--shard``."""
+    from hishrst_runtime.jobs.shards import parse_shard, shard_choice_from_env, shard_items
 
+    if claim:
+        if shard:
+            raise click.UsageError("--claim and --shard are exclusive: claiming workers share the whole slide list")
+        echo(f"claim: {len(items)} slides, each taken by the first free worker")
+        return items, None
     try:
-        sh = parse_shard(shard) if shard else shard_from_env()
+        sh = ShardChoice(*parse_shard(shard)) if shard else shard_choice_from_env()
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--shard") from e
     if sh is None:
         return items, None
-    chosen = shard_items(items, index=sh[0], count=sh[1])
-    echo(f"shard {sh[0]}/{sh[1]}: {len(chosen)} of {len(items)} slides")
+    chosen = shard_items(items, index=sh.index, count=sh.count)
+    echo(f"shard {sh.index}/{sh.count}: {len(chosen)} of {len(items)} slides (from {sh.describe()})")
     return chosen, sh
 
 
@@ -175,7 +194,7 @@ def print_results(results: Sequence[SlideResult], *, echo: Callable[[str], Any] 
     return counts
 
 
-def _report(out_dir: Path, results: Sequence[SlideResult], *, started: float, shard: tuple[int, int] | None,
+def _report(out_dir: Path, results: Sequence[SlideResult], *, started: float, shard: ShardChoice | None,
             error: BaseException | None = None) -> None:
     """Leave the run report in ``out_dir``; never for an invocation that stopped before ``out_dir`` existed
     or because of the output location itself (it may be an input)."""
@@ -186,16 +205,18 @@ def _report(out_dir: Path, results: Sequence[SlideResult], *, started: float, sh
         return
     params = dict(click.get_current_context().params)
     stop = error if isinstance(error, Interrupted) else None
-    report = build_report(results=results, args=params, started=started, finished=time.time(), shard=shard,
-                          error=None if error is None else one_line(error),
+    report = build_report(results=results, args=params, started=started, finished=time.time(),
+                          shard=None if shard is None else shard.pair, error=None if error is None else one_line(error),
                           interrupted=None if stop is None else stop.name)
+    if shard is not None:
+        report["shard"] = shard.record()  # with its source: --shard, slurm, kubernetes or aws-batch
     try:
         write_run_report(out_dir, report)
     except OSError as e:  # the predictions are written: a report that cannot be is a warning, not a failure
         click.echo(f"warning: could not write the run report in {out_dir} ({e.strerror or e})", err=True)
 
 
-def _interrupted(out_dir: Path, e: Interrupted, *, started: float, shard: tuple[int, int] | None,
+def _interrupted(out_dir: Path, e: Interrupted, *, started: float, shard: ShardChoice | None,
                  echo: Callable[[str], Any]) -> None:
     """SIGTERM / SIGINT: the report (the slide in flight ``interrupted``), the table, exit ``128 + signum``."""
     _report(out_dir, e.results, started=started, shard=shard, error=e)
@@ -221,7 +242,7 @@ def run(slides: tuple[str, ...], bundle_dir: Path, out_dir: Path, shard: str | N
     started = time.time()
     configure_logging(quiet=quiet, verbose=verbose)
     echo: Callable[[str], Any] = (lambda s: None) if quiet else click.echo
-    sh: tuple[int, int] | None = None
+    sh: ShardChoice | None = None
     with raising_on_signals():  # SIGTERM / SIGINT: report, then exit 128 + signum
         try:
             items = _slides(slides, slides_from, recursive, out_dir, points=points_file,
@@ -232,7 +253,7 @@ def run(slides: tuple[str, ...], bundle_dir: Path, out_dir: Path, shard: str | N
             with option_errors():
                 options = RunOptions(progress=progress_enabled(progress, quiet=quiet), tissue_geojson=tissue_geojson,
                                      **settings)
-            items, sh = _select_shard(items, shard, echo)
+            items, sh = _select_shard(items, shard, settings["claim"], echo)
             try:
                 with user_errors():
                     results = run_slides(items, bundle_dir=bundle_dir, out_dir=out_dir, options=options, echo=echo)

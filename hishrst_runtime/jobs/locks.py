@@ -2,10 +2,19 @@
 
 :class:`SlideLock` guards one output ``OUT.zarr`` with the lock file ``OUT.zarr.lock``, created
 atomically with ``os.open(O_CREAT | O_EXCL)`` (atomic on local filesystems and NFSv3+) and holding
-JSON ``{hostname, pid, started, token}``. A job that cannot take a slide's lock skips the slide. A
-lock is *stale*, and is broken, when its process is gone: on the same host, when its pid is dead
-(or was reused by a process started after the lock); from another host, when the lock file was
-not refreshed (:meth:`SlideLock.refresh` touches it) for ``stale_after_s`` (default 24 h). Breaking
+JSON ``{hostname, pid, started, token, stale_after}``. A job that cannot take a slide's lock skips the slide.
+A lock is *stale*, and is broken, when its process is gone:
+
+- a lock with a lease (``stale_after``: the holder's ``--stale-after``, written by ``SlideLock(lease_s=...)``):
+  when the lock file was not refreshed for that many seconds, on any host — its holder promises to refresh
+  it (:class:`LockHeartbeat`, a thread touching it every ``min(60 s, lease / 4)``), so a lock that stays
+  unrefreshed belongs to a dead (or frozen) job, also on another host where its pid cannot be checked;
+- any lock on the same host, when its pid is dead (or was reused by a process started after the lock);
+- a lock without a lease (older hishrst) from another host, when the lock file was not refreshed
+  (:meth:`SlideLock.refresh` touches it) for the reader's ``stale_after_s`` (default 24 h).
+
+The holder's own lease decides, not the reader's setting, so no reader can break a lock that is being
+refreshed; keep the lease well above the clock skew between the hosts and the file server. Breaking
 is serialised by a second ``O_EXCL`` file (``OUT.zarr.lock.break``) and re-checks that the lock
 is still the same stale one, so two jobs never break each other's fresh locks. A lock file that
 cannot be created at all (read-only folder, permissions) raises :class:`LockUnavailableError`
@@ -19,6 +28,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,11 +37,21 @@ from pathlib import Path
 from hishrst_runtime.core.errors import OutputStateError
 from hishrst_runtime.output.names import SlideOutputs
 
-__all__ = ["LockInfo", "SlideLockedError", "LockUnavailableError", "SlideLock", "lock_path"]
+__all__ = ["LockInfo", "SlideLockedError", "LockUnavailableError", "LockLostError", "SlideLock", "LockHeartbeat",
+           "lock_path", "refresh_interval", "DEFAULT_LEASE_S"]
 
 DEFAULT_STALE_AFTER_S = 24 * 3600.0
 _UNREADABLE_GRACE_S = 60.0  # a lock file still being written (empty/partial JSON) counts as held this long
 _BREAK_TIMEOUT_S = 60.0  # a breaker file older than this was left by a killed process
+#: Default lease of ``hishrst-run``'s locks (``--stale-after``, seconds).
+DEFAULT_LEASE_S = 600.0
+#: A leased lock is refreshed at least this often (seconds), and at least 4 times per lease.
+MAX_REFRESH_S = 60.0
+
+
+def refresh_interval(lease_s: float) -> float:
+    """Seconds between the heartbeats of a lock with lease ``lease_s``: ``min(60, lease / 4)``."""
+    return min(MAX_REFRESH_S, float(lease_s) / 4.0)
 
 
 def lock_path(out_path: str | os.PathLike[str]) -> Path:
@@ -41,13 +61,15 @@ def lock_path(out_path: str | os.PathLike[str]) -> Path:
 
 @dataclass(frozen=True)
 class LockInfo:
-    """Who holds a lock: host, pid, start time (epoch s), a unique token, and the file's mtime."""
+    """Who holds a lock: host, pid, start time (epoch s), a unique token, the file's mtime, and the holder's
+    lease (seconds it may go unrefreshed; None for a lock without one)."""
 
     hostname: str
     pid: int
     started: float
     token: str
     mtime: float
+    lease_s: float | None = None
 
     def describe(self) -> str:
         """Human-readable holder, for logs and error messages."""
@@ -61,6 +83,10 @@ class SlideLockedError(OutputStateError):
 
 class LockUnavailableError(OutputStateError, PermissionError):
     """The lock file cannot be created (read-only or not-writable folder, permissions, disk full)."""
+
+
+class LockLostError(OutputStateError):
+    """This job's lock was broken as stale and taken by another job (this job was frozen past its lease)."""
 
 
 def _pid_alive(pid: int, started: float) -> bool:
@@ -98,9 +124,10 @@ class SlideLock:
     """
 
     def __init__(self, out_path: str | os.PathLike[str], *, stale_after_s: float = DEFAULT_STALE_AFTER_S,
-                 timeout: float = 0.0, poll_interval_s: float = 1.0) -> None:
+                 timeout: float = 0.0, poll_interval_s: float = 1.0, lease_s: float | None = None) -> None:
         self.path = lock_path(out_path)
         self.stale_after_s = float(stale_after_s)
+        self.lease_s = None if lease_s is None else float(lease_s)  # written into the lock: keep it refreshed
         self.timeout = float(timeout)
         self.poll_interval_s = float(poll_interval_s)
         self.hostname = socket.gethostname()
@@ -129,7 +156,9 @@ class SlideLock:
                                        "running this slide, or choose another --out") from e
         try:
             d = json.loads(raw.decode("utf-8"))
-            info = LockInfo(str(d["hostname"]), int(d["pid"]), float(d["started"]), str(d["token"]), mtime)
+            lease = d.get("stale_after")
+            info = LockInfo(str(d["hostname"]), int(d["pid"]), float(d["started"]), str(d["token"]), mtime,
+                            None if lease is None else float(lease))
         except (ValueError, KeyError, TypeError):
             return None, raw, mtime
         return info, raw, mtime
@@ -139,9 +168,12 @@ class SlideLock:
         now = time.time() if now is None else now
         if info is None:
             return mtime is not None and now - mtime > _UNREADABLE_GRACE_S
+        age = now - max(info.started, info.mtime)
+        if info.lease_s is not None and age > info.lease_s:  # its holder stopped refreshing it
+            return True
         if info.hostname == self.hostname:
             return not _pid_alive(info.pid, info.started)
-        return now - max(info.started, info.mtime) > self.stale_after_s
+        return info.lease_s is None and age > self.stale_after_s
 
     def acquire(self, timeout: float | None = None) -> bool:
         """Take the lock, waiting up to ``timeout`` s (default: the constructor's, 0 = one try).
@@ -163,7 +195,10 @@ class SlideLock:
                     return False
                 time.sleep(max(0.0, min(self.poll_interval_s, deadline - time.monotonic())))
                 continue
-            body = {"hostname": self.hostname, "pid": os.getpid(), "started": time.time(), "token": token}
+            body: dict[str, object] = {"hostname": self.hostname, "pid": os.getpid(), "started": time.time(),
+                                       "token": token}
+            if self.lease_s is not None:
+                body["stale_after"] = self.lease_s
             try:
                 os.write(fd, json.dumps(body).encode("utf-8"))
                 os.fsync(fd)
@@ -211,11 +246,17 @@ class SlideLock:
                 breaker.unlink()
         return True
 
-    def refresh(self) -> None:
-        """Touch the lock file (a heartbeat for jobs that may run longer than ``stale_after_s``)."""
-        if self.held:
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(self.path)
+    def refresh(self) -> bool:
+        """Touch the lock file (a heartbeat for jobs that may run longer than ``stale_after_s``); False when
+        the file is no longer this lock's (broken as stale and perhaps taken by another job) or not held."""
+        if not self.held:
+            return False
+        info = self._read()[0]
+        if info is None or info.token != self._token:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path)
+        return True
 
     def release(self) -> None:
         """Remove the lock file if it is still ours; no-op when not held."""
@@ -240,3 +281,47 @@ class SlideLock:
 
     def __repr__(self) -> str:
         return f"SlideLock({str(self.path)!r}, held={self.held})"
+
+
+class LockHeartbeat:
+    """Refresh a held lock on a daemon thread every ``interval_s`` (default :func:`refresh_interval` of its
+    lease), while in the ``with`` block, so other jobs (on any host) see its holder alive.
+
+    :meth:`refresh` (called by the slide loop as it makes progress) raises :class:`LockLostError` once the lock
+    was found broken and taken over, so the job stops writing a slide that is no longer its own.
+    """
+
+    def __init__(self, lock: SlideLock, interval_s: float | None = None) -> None:
+        self.lock = lock
+        lease = lock.lease_s if lock.lease_s is not None else lock.stale_after_s
+        self.interval_s = float(interval_s) if interval_s is not None else refresh_interval(lease)
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if not self.lock.refresh():
+                    self.lost = self.lock.held
+                    return
+            except OSError:  # a file-server hiccup: try again at the next beat
+                continue
+
+    def refresh(self) -> None:
+        """Raise :class:`LockLostError` when the lock was taken over; the thread does the refreshing."""
+        if self.lost:
+            info = self.lock.holder()
+            who = info.describe() if info is not None else "nobody now"
+            raise LockLostError(f"{self.lock.path}: this job's lock went stale (not refreshed for its lease) and was "
+                                f"broken (holder: {who}); the slide is left to the job that holds it now")
+
+    def __enter__(self) -> LockHeartbeat:
+        self._thread = threading.Thread(target=self._beat, name="hishrst-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

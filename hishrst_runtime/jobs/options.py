@@ -13,6 +13,7 @@ from hishrst_runtime.core.vocab import (DEFAULT_GRID, DEFAULT_MASK_MODE, DEFAULT
                                         Provider)
 from hishrst_runtime.inference.prepare import DEFAULT_PITCH_UM, check_layout_options
 from hishrst_runtime.jobs.formats import parse_formats
+from hishrst_runtime.jobs.locks import DEFAULT_LEASE_S
 from hishrst_runtime.slides.cache import DEFAULT_CACHE_BYTES
 
 __all__ = ["DEFAULT_WORKERS", "Provider", "PROVIDERS", "RunOptions"]
@@ -47,7 +48,11 @@ class RunOptions:
     points over detected background get ``obs['background']``); ``points_outside``: ``drop`` (points
     outside the slide are dropped with a warning) or ``error`` (the slide fails); ``tissue_geojson``: write
     the tissue mask used as ``<slide>.tissue.geojson`` beside the output (None: for slides with a mask);
-    ``qc``: write the QC thumbnail ``<slide>.qc.png``.
+    ``qc``: write the QC thumbnail ``<slide>.qc.png``; ``claim``: work stealing — walk the slides sorted by
+    path and take each one whose lock is free and whose output is not complete, sweeping again while a sweep
+    took any (implies ``resume``, so a dead job's partial output is finished exactly); ``stale_after``: the
+    lease of this job's slide locks (seconds): they are refreshed every ``min(60, stale_after / 4)`` s, and
+    one left unrefreshed that long (a killed job, on any host) is taken over.
     """
 
     pitch_um: float | None = None
@@ -71,6 +76,8 @@ class RunOptions:
     mask_mode: MaskMode = DEFAULT_MASK_MODE
     points_outside: PointsOutside = DEFAULT_POINTS_OUTSIDE
     qc: bool = True
+    claim: bool = False
+    stale_after: float = DEFAULT_LEASE_S
 
     def __post_init__(self) -> None:
         if self.pitch_um is None:
@@ -97,6 +104,15 @@ class RunOptions:
         if self.tissue_mask is not None and not Path(self.tissue_mask).is_file():
             raise InputError(f"--tissue-mask {self.tissue_mask}: no such file; pass a GeoJSON (QuPath export, "
                              "level-0 pixels) or a PNG / TIFF mask")
+        if isinstance(self.stale_after, bool) or not isinstance(self.stale_after, (int, float)) or not (
+                0 < self.stale_after < float("inf")):
+            raise InputError(f"--stale-after must be a number of seconds > 0, got {self.stale_after!r}")
+        object.__setattr__(self, "stale_after", float(self.stale_after))
+        if self.claim and self.overwrite:
+            raise InputError("--claim cannot be combined with --overwrite: a worker could not tell a slide another "
+                             "worker just recomputed from an old one; remove the old outputs or use --shard I/N")
+        if self.claim:
+            object.__setattr__(self, "resume", True)  # a dead worker's partial is finished, not refused
         check_mpp_option(self.mpp)  # the one per-run check (the same rule and bounds as the slide readers)
 
     @property

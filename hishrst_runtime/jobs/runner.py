@@ -15,11 +15,16 @@ cannot be created, or a URL the slide reader cannot open) is reported in its :cl
 others go on. Each slide is a :class:`~hishrst_runtime.jobs.inputs.SlideInput` (its own points, mask and output
 name), handed to slide preparation as it is. ``--format`` and the tissue GeoJSON:
 :mod:`hishrst_runtime.jobs.formats`; explicit points from files: :mod:`hishrst_runtime.inference.points`.
+A held lock is refreshed by a heartbeat thread (its lease: ``--stale-after``). ``--claim`` (work stealing):
+the slides are walked sorted by path, each free and incomplete one taken, and the walk repeated over the
+slides locked by others while a walk took any, so a killed worker's slide (its lock stale) is finished
+(``--claim`` implies ``--resume``). :func:`run_slide` runs one slide (for Ray, Dask and other task mappers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -42,7 +47,7 @@ from hishrst_runtime.jobs.formats import (finish_formats, foreign_format_output,
                                           formats_pending, is_done, require_formats)
 from hishrst_runtime.jobs.inputs import SlideInput
 from hishrst_runtime.jobs.interrupts import Interrupted
-from hishrst_runtime.jobs.locks import SlideLock
+from hishrst_runtime.jobs.locks import LockHeartbeat, SlideLock, lock_path
 from hishrst_runtime.jobs.options import DEFAULT_WORKERS, RunOptions
 from hishrst_runtime.jobs.paths import (
     SlideArg,
@@ -56,8 +61,8 @@ from hishrst_runtime.jobs.paths import (
 from hishrst_runtime.jobs.results import SlideResult
 from hishrst_runtime.jobs.slide_run import SlideContext, run_prepared
 
-__all__ = ["run_slides", "slide_output_path", "output_collisions", "DEFAULT_WORKERS", "RunOptions", "SlideResult",
-           "RUNNABLE_POSITION_MODES", "Points", "SlideInput"]
+__all__ = ["run_slides", "run_slide", "slide_output_path", "output_collisions", "DEFAULT_WORKERS", "RunOptions",
+           "SlideResult", "RUNNABLE_POSITION_MODES", "Points", "SlideInput"]
 
 #: Explicit points of one slide: a ``[N, 2]`` level-0 pixel (x, y) array, or points read from a file.
 Points = np.ndarray | QueryPoints
@@ -141,6 +146,8 @@ def run_slides(
     opts = RunOptions.from_settings(options, settings)
     require_formats(opts.formats)  # before any slide, not after the first one is predicted
     items = _inputs(slides, points_px, opts.tissue_mask)
+    if opts.claim:  # every worker walks the same order, so they meet only where one is still working
+        items = sorted(items, key=lambda i: str(i.slide))
     bundle = _load_run_bundle(Path(bundle_dir))
     if bundle.spec.test_encoder:
         from hishrst_runtime.jobs.report import TEST_ENCODER_WARNING
@@ -161,6 +168,24 @@ def run_slides(
                 eng.close()
 
 
+def run_slide(slide: SlideArg | SlideInput, *, bundle: str | os.PathLike[str], out: str | os.PathLike[str],
+              **options: Any) -> SlideResult:
+    """Run one slide into the folder ``out`` (``out/<slide>.zarr``, with its lock, QC thumbnail and formats) with
+    the bundle ``bundle``; returns its :class:`SlideResult` (``status`` ``ok``, ``skipped`` or ``failed`` with a
+    one-line ``reason``: a slide's own problem is returned, not raised).
+
+    The public entry point for task mappers (Ray, Dask, concurrent.futures; see ``docs/COHORTS.md``): every call
+    loads the engines, takes the slide's lock (a slide another task holds is ``skipped``), and finishes a
+    partial output left by a killed task exactly (``resume=True`` is the default here). ``options``: the fields
+    of :class:`RunOptions` (``provider="cuda"``, ``pitch_um=50``, ``batch_size=256``, ...; ``progress``
+    defaults to False), and ``echo`` (default: the log at INFO). Bad options and bundle problems raise.
+    """
+    echo = options.pop("echo", None) or (lambda line: logging.getLogger(__name__).info("%s", line))
+    options = {"progress": False, "resume": not options.get("overwrite", False), **options}
+    results = run_slides([slide], bundle_dir=Path(bundle), out_dir=Path(out), echo=echo, **options)
+    return results[0]
+
+
 class _Runner:
     """The slide loop of one run: skip / lock / prepare (the next slide in the background) / predict."""
 
@@ -173,6 +198,8 @@ class _Runner:
         self.collided = set(output_collisions(items, out_dir))
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hishrst-prefetch")
         self.futures: dict[int, Future] = {}
+        self.locked: set[int] = set()  # slides skipped because another live job holds their lock
+        self.ran = 0  # slides this run took the lock of and predicted
 
     def __enter__(self) -> _Runner:
         return self
@@ -188,27 +215,39 @@ class _Runner:
         ``interrupted``."""
         from tqdm.auto import tqdm
 
-        results: list[SlideResult] = []
+        results: dict[int, SlideResult] = {}
         current: list[int] = []  # the slide in flight, if any
         try:
             with tqdm(total=len(self.slides), desc="slides", unit="slide", disable=not self.opts.progress,
                       position=0) as overall:
-                for i in range(len(self.slides)):
+                for i in self._order():
                     current[:] = [i]
-                    results.append(self._one(i))
+                    known = i in results
+                    results[i] = self._one(i)
                     current.clear()
-                    overall.update(1)
+                    overall.update(0 if known else 1)
         except KeyboardInterrupt as e:
             stop = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
             if current:
                 i = current[0]
-                results.append(SlideResult(
+                results[i] = SlideResult(
                     slide=str(self.slides[i]), output=self.outs[i], status="interrupted",
                     reason=f"interrupted by {stop.name}; rerun with --resume to finish it (the rows already "
-                           "written are kept)"))
-            stop.results = results
+                           "written are kept)")
+            stop.results = [results[i] for i in sorted(results)]
             raise stop from (None if stop is e else e)
-        return results
+        return [results[i] for i in sorted(results)]
+
+    def _order(self) -> Any:
+        """The slides to visit: each once; with ``--claim`` the walk is repeated over the slides locked by other
+        jobs as long as the previous walk ran any (a job that died meanwhile left its lock stale)."""
+        pending = list(range(len(self.slides)))
+        while pending:
+            ran, self.locked = self.ran, set()
+            yield from pending
+            if not self.opts.claim or self.ran == ran:
+                return
+            pending = sorted(self.locked)
 
     def _prepare(self, item: SlideInput) -> PreparedSlide:
         o = self.opts
@@ -226,6 +265,8 @@ class _Runner:
 
     def _needs_work(self, j: int) -> bool:
         out = self.outs[j]
+        if self.opts.claim and lock_path(out).exists():  # most likely another worker's: do not prepare it
+            return False
         return out not in self.collided and slide_problem(self.slides[j], out) is None and (
             self.opts.overwrite or not is_done(out, self.opts.formats))
 
@@ -247,6 +288,7 @@ class _Runner:
         if held:
             return None
         self._drop(i)
+        self.locked.add(i)
         info = lock.holder()
         who = info.describe() if info is not None else "another job"
         return res.with_(status="skipped", reason=f"locked by {who} ({lock.path}); it is being processed "
@@ -310,19 +352,26 @@ class _Runner:
     def _one(self, i: int) -> SlideResult:
         out = self.outs[i]
         res = SlideResult(slide=str(self.slides[i]), output=out, status="failed")
-        lock = SlideLock(out)
+        lock = SlideLock(out, lease_s=self.opts.stale_after)
         refused = self._refused(i, res, lock)
-        return refused if refused is not None else self._run_locked(i, res, out, lock)
+        if refused is not None:
+            return refused
+        try:
+            with LockHeartbeat(lock) as beat:  # other jobs, on any host, see this lock refreshed
+                return self._run_locked(i, res, out, beat)
+        finally:
+            lock.release()
 
-    def _run_locked(self, i: int, res: SlideResult, out: Path, lock: SlideLock) -> SlideResult:
+    def _run_locked(self, i: int, res: SlideResult, out: Path, beat: LockHeartbeat) -> SlideResult:
         t0, prep = time.perf_counter(), None
+        self.ran += 1
         try:
             fut = self.futures.pop(i, None) or self.prefetch.submit(self._prepare, self.items[i])
             try:
                 prep = fut.result()
             finally:
                 self._prefetch_after(i)  # the next slide is prepared while this one runs
-            res = run_prepared(prep, out, self.ctx, lock).with_(slide=res.slide)
+            res = run_prepared(prep, out, self.ctx, beat).with_(slide=res.slide)
             levels = getattr(getattr(prep, "slide", None), "levels", None)
             finish_formats(self.outputs[i], self.opts.formats, levels=levels, replace=True)
         except (KeyboardInterrupt, SystemExit):
@@ -336,5 +385,4 @@ class _Runner:
                 filled = getattr(getattr(prep, "slide", None), "filled_chunks", None) or ()
                 res = res.with_(filled_chunks=tuple(str(c) for c in filled))
                 prep.close()
-            lock.release()
         return res.with_(seconds=round(time.perf_counter() - t0, 2))
