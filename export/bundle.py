@@ -1,20 +1,20 @@
 """``hishrst export``: a fitted run + its encoder → a versioned, parity-checked model bundle.
 
-The chain is ``export_encoder_onnx`` → ``export_head_onnx`` → parity checks (ONNX Runtime CPU vs
-PyTorch fp32, on random tiles and on real tiles cut from the run's training section) → optional
-TensorRT engines → ``manifest.json`` → validation with the runtime's own :func:`load_bundle`. The
-bundle is written into a temporary sibling directory and renamed into place only when every step
-has passed, so a failed export never leaves a bundle (nor a half-written one) behind, and
-``--overwrite`` replaces an existing bundle only after the new one is complete. Which directories may be
-replaced is the one ownership rule of :mod:`hishrst_runtime.core.owned`: every bundle is marked as written
-by hishrst; ``--overwrite`` replaces only such a bundle (or one written before the marker existed: a hishrst
-``manifest.json`` and nothing but the files it lists), never a folder of other files, and ``--out`` may not
-overlap the run directory or another input. Debris of killed exports (hidden ``.<out>.partial-PID-…``
-siblings) is removed by the next export; a full disk is a one-line :class:`ExportError`.
+The chain is ``export_encoder_onnx`` → ``export_head_onnx`` → parity checks (ONNX Runtime CPU vs PyTorch fp32, on
+random tiles and on real tiles cut from the run's training section) → (``--precision int8``: the parity-checked
+fp32 encoder quantised and gated, :mod:`hishrst_export.quantize`) → optional TensorRT engines → ``manifest.json``
+→ validation with the runtime's own :func:`load_bundle`. The bundle is written into a temporary sibling directory
+and renamed into place only when every step has passed, so a failed export never leaves a bundle (nor a
+half-written one) behind, and ``--overwrite`` replaces an existing bundle only after the new one is complete.
+Which directories may be replaced is the one ownership rule of :mod:`hishrst_runtime.core.owned`: every bundle is
+marked as written by hishrst; ``--overwrite`` replaces only such a bundle (or one written before the marker
+existed: a hishrst ``manifest.json`` and nothing but the files it lists), never a folder of other files, and
+``--out`` may not overlap the run directory or another input. Debris of killed exports (hidden
+``.<out>.partial-PID-…`` siblings) is removed by the next export; a full disk is a one-line :class:`ExportError`.
 
 Integrity: ``head.onnx`` records its gene names, their count and the manifest content hash in its
-``metadata_props`` (:mod:`hishrst_runtime.bundle.integrity`); a run whose weights hold NaN/inf is refused,
-and parity fails on any non-finite output (:mod:`hishrst_export.parity`).
+``metadata_props`` (:mod:`hishrst_runtime.bundle.integrity`); a run whose weights hold NaN/inf is refused, and
+parity fails on any non-finite output (:mod:`hishrst_export.parity`).
 
 Bundle layout (schema :data:`hishrst_runtime.bundle.manifest.SCHEMA_VERSION`)::
 
@@ -49,8 +49,9 @@ from hishrst_runtime.core.files import clean_stale_siblings, read_json, remove_t
 from hishrst_runtime.core.grouping import group_points, pad_groups
 from hishrst_runtime.core.owned import check_replaceable, mark_owned
 from hishrst_runtime.core.patches import cut_patches, patch_side_px
-from hishrst_runtime.core.vocab import DEFAULT_PRECISION, PRECISIONS, Precision
-from hishrst_export.manifest import build_manifest, contract_sections, file_entry, head_metadata_for, listed_files
+from hishrst_runtime.core.vocab import DEFAULT_PRECISION, PRECISIONS, TENSORRT_PRECISIONS, Precision
+from hishrst_export.manifest import build_manifest, contract_sections, file_entry, file_precisions, head_metadata_for
+from hishrst_export.manifest import listed_files
 from hishrst_train.runconfig import RunConfig, RunConfigError
 
 __all__ = ["LICENSE_NOTICES", "N_RANDOM", "N_REAL", "ExportError", "export_bundle"]
@@ -77,11 +78,9 @@ def _stderr(msg: str) -> None:
 
 def _real_inputs(config: RunConfig, encoder: Any, *, data: str | Path | None, n: int = N_REAL
                  ) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
-    """Up to ``n`` real tiles and their level-0 pixel centres from the run's training section.
-
-    Returns ``((tiles uint8 [n, S, S, 3], centres_px [n, 2]) | None, status)``; ``status`` says where the
-    tiles came from or why none could be read (the section moved: pass ``data``).
-    """
+    """Up to ``n`` real tiles and their level-0 pixel centres from the run's training section. Returns
+    ``((tiles uint8 [n, S, S, 3], centres_px [n, 2]) | None, status)``; ``status`` says where the tiles came from
+    or why none could be read (the section moved: pass ``data``)."""
     from hishrst_train.data import open_fullres_image
     from hishrst_train.tasks import load_section
 
@@ -147,32 +146,32 @@ def export_bundle(run_dir: str | Path, *, out: str | Path, precision: Precision 
 
     Args:
         run_dir: the fitted run (``config.json`` + ``model.safetensors``).
-        out: bundle directory to create (must not exist unless ``overwrite``; only a bundle hishrst
-            wrote or an empty directory is ever replaced; it may not overlap ``run_dir``, ``weights``
-            or ``data``).
-        precision: ``"fp32"`` or ``"fp16"`` (mixed precision; see ``hishrst_export.onnx_export``).
+        out: bundle directory to create (must not exist unless ``overwrite``; only a bundle hishrst wrote or an empty
+            directory is ever replaced; it may not overlap ``run_dir``, ``weights`` or ``data``).
+        precision: ``"fp32"``, ``"fp16"`` (mixed precision; see ``hishrst_export.onnx_export``) or ``"int8"``
+            (static int8 encoder for CPUs, fp32 head, gated: ``hishrst_export.quantize``; no TensorRT).
         max_batch: largest batch (tiles, or head groups) for TensorRT profiles; also a parity chunk size.
         tensorrt: also build TensorRT engines (needs TensorRT >= 10 and an NVIDIA GPU; checked first).
         opset: ONNX opset.
         weights: encoder weights file, if the run's has moved.
-        data: the training section (Space Ranger ``outs``), if it moved since ``hishrst fit``; its
-            tiles feed the real-tile parity check.
+        data: the training section (Space Ranger ``outs``), if it moved since ``hishrst fit``; its tiles feed the
+            real-tile parity check (and int8's calibration and gate).
         overwrite: replace an existing bundle.
-        seed: seed of the random parity inputs.
+        seed: seed of the random parity inputs (and of int8's choice of spots).
         echo: where notices (licence, missing real tiles) go; stderr by default.
 
-    Returns the manifest. Raises :class:`ExportError` for unusable input (weights with NaN/inf included)
-    or a full disk, :class:`hishrst_runtime.core.owned.ForeignOutputError` /
+    Returns the manifest. Raises :class:`ExportError` for unusable input (weights with NaN/inf included), a full disk
+    or an int8 encoder that fails its gate, :class:`hishrst_runtime.core.owned.ForeignOutputError` /
     :class:`~hishrst_runtime.core.errors.OutputStateError` for an ``out`` that may not be written, and
-    :class:`hishrst_export.onnx_export.ParityError` when a parity check fails; in every case nothing
-    is written (an existing bundle at ``out`` is left as it was).
+    :class:`hishrst_export.onnx_export.ParityError` when a parity check fails; in every case nothing is written (an
+    existing bundle at ``out`` is left as it was).
     """
     run_dir, out = Path(run_dir), Path(out).absolute()
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision!r}: must be one of {', '.join(PRECISIONS)}")
     if max_batch < 1:
         raise ExportError(f"--max-batch must be ≥ 1, got {max_batch}")
-    trt_info = _tensorrt_preflight() if tensorrt else None  # fail before reading or writing anything
+    trt_info = _tensorrt_preflight(precision) if tensorrt else None  # fail before reading or writing anything
     check_replaceable(out, kind="bundle", overwrite=overwrite, what="a hishrst model bundle",
                       inputs=(run_dir, weights, data), legacy=_legacy_bundle)
     model, config, encoder = _load_run(run_dir, weights=weights)
@@ -187,7 +186,7 @@ def export_bundle(run_dir: str | Path, *, out: str | Path, precision: Precision 
     try:
         files, parity = _export_models(tmp, model, config, encoder, precision=precision, max_batch=max_batch,
                                        opset=opset, data=data, seed=seed, trt_info=trt_info, echo=echo,
-                                       head_meta=head_meta)
+                                       head_meta=head_meta, contract=contract)
         manifest = build_manifest(model, config, encoder, files=files, parity=parity, opset=opset,
                                   max_batch=max_batch, notice=notice, contract=contract)
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
@@ -242,10 +241,14 @@ def _raise_if_disk_full(e: BaseException, out: Path) -> None:
         seen = seen.__cause__ or seen.__context__
 
 
-def _tensorrt_preflight() -> dict[str, Any]:
+def _tensorrt_preflight(precision: str) -> dict[str, Any]:
     """TensorRT version and GPU of this machine, or :class:`ExportError` saying nothing was written."""
     from hishrst_export.tensorrt import TensorRTUnavailable, tensorrt_info
 
+    if precision not in TENSORRT_PRECISIONS:
+        raise ExportError(f"--precision {precision} --tensorrt: TensorRT engines are built in "
+                          f"{', '.join(TENSORRT_PRECISIONS)} only, nothing was written; export {precision} (CPU "
+                          "runtime) without --tensorrt, or export --precision fp16 --tensorrt for GPUs")
     try:
         return tensorrt_info()
     except TensorRTUnavailable as e:
@@ -326,21 +329,27 @@ def _make_tmp(out: Path) -> Path:
 
 def _export_models(tmp: Path, model: Any, config: RunConfig, encoder: Any, *, precision: str, max_batch: int,
                    opset: int, data: str | Path | None, seed: int, trt_info: dict[str, Any] | None,
-                   echo: Callable[[str], None], head_meta: dict[str, str] | None = None
+                   echo: Callable[[str], None], head_meta: dict[str, str], contract: dict[str, Any]
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Both ONNX models (and engines) in ``tmp``, parity-checked: the manifest's ``files`` and ``parity``;
-    ``head_meta`` goes into the head's ``metadata_props``."""
+    ``head_meta`` goes into the head's ``metadata_props``. int8: float graphs, then the encoder is quantised."""
     from hishrst_export.onnx_export import encoder_parity, export_encoder_onnx, export_head_onnx, head_parity
 
-    enc_path = export_encoder_onnx(encoder, tmp / "encoder.onnx", opset=opset, precision=precision)
+    enc_prec, float_prec = file_precisions(precision).values()
+    enc_path = export_encoder_onnx(encoder, tmp / "encoder.onnx", opset=opset, precision=float_prec)
     tiles, feeds, real_status = _parity_inputs(config, encoder, rng=np.random.default_rng(seed), data=data)
     if "real" not in tiles:
         echo(f"WARNING: real-tile parity check skipped — {real_status}; pass --data OUTS_DIR to include it")
     batch_sizes = tuple(dict.fromkeys((1, 7, max_batch)))
-    enc_report = encoder_parity(encoder, enc_path, tiles=tiles, precision=precision, batch_sizes=batch_sizes)
-    head_path = export_head_onnx(model, tmp / "head.onnx", opset=opset, precision=precision, metadata=head_meta)
-    head_report = head_parity(model, head_path, feeds=feeds, precision=precision)
-    files = {"encoder": file_entry(enc_path, precision), "head": file_entry(head_path, precision)}
+    enc_report = encoder_parity(encoder, enc_path, tiles=tiles, precision=float_prec, batch_sizes=batch_sizes)
+    if enc_prec != float_prec:  # int8: quantise, gate; the figures go into contract["encoder"] (content hash)
+        from hishrst_export.quantize import quantize_bundle_encoder
+
+        head_meta = quantize_bundle_encoder(enc_path, model, config, encoder, contract=contract, precision=precision,
+                                            data=data, seed=seed, echo=echo)
+    head_path = export_head_onnx(model, tmp / "head.onnx", opset=opset, precision=float_prec, metadata=head_meta)
+    head_report = head_parity(model, head_path, feeds=feeds, precision=float_prec)
+    files = {"encoder": file_entry(enc_path, enc_prec), "head": file_entry(head_path, float_prec)}
     if trt_info is not None:
         files.update(_engines(tmp, enc_path, head_path, feeds=feeds, tiles=tiles, precision=precision,
                               max_batch=max_batch, d=int(model.config.feature_dim),
@@ -359,19 +368,12 @@ def _export_models(tmp: Path, model: Any, config: RunConfig, encoder: Any, *, pr
 def _engines(tmp: Path, enc_path: Path, head_path: Path, *, feeds: dict[str, dict[str, np.ndarray]],
              tiles: dict[str, np.ndarray], precision: str, max_batch: int, d: int, n: int, trt_info: dict[str, Any]
              ) -> dict[str, Any]:
-    """Build and parity-check TensorRT engines for both models; manifest entries keyed ``<model>_trt``.
-
-    The head's profile covers 1…``max_batch`` groups of 1…max(``n``, 64) points (``n`` = max group size).
-    """
+    """Build and parity-check TensorRT engines for both models; manifest entries keyed ``<model>_trt``. The head's
+    profile covers 1…``max_batch`` groups of 1…max(``n``, 64) points (``n`` = max group size)."""
     n_max = max(int(n), 64)
     opt = min(8, max_batch)
-    from hishrst_export.tensorrt import (
-        EngineParityError,
-        TensorRTBuildError,
-        TensorRTUnavailable,
-        build_engine,
-        engine_parity,
-    )
+    from hishrst_export.tensorrt import (EngineParityError, TensorRTBuildError, TensorRTUnavailable, build_engine,
+                                         engine_parity)
 
     entries: dict[str, Any] = {}
     try:

@@ -34,7 +34,9 @@ def format_summary(m: dict[str, Any], out: Path) -> list[str]:
         lines.append(f"  {key:<12} {f['path']:<14} {f['precision']}  {_mb(f.get('bytes'))}  sha256 {f['sha256'][:12]}…")
         for x in f.get("external_data", []):
             lines.append(f"  {'':<12} {x['path']:<14} external data  {_mb(x.get('bytes'))}  sha256 {x['sha256'][:12]}…")
-    lines.append(f"  parity ({par['precision']}, ONNX Runtime CPU vs PyTorch fp32 on the CPU):")
+    q = enc.get("quantization")
+    lines.append(f"  parity ({'fp32 graphs, before int8 quantisation' if q else par['precision']}, "
+                 "ONNX Runtime CPU vs PyTorch fp32 on the CPU):")
     for part in ("encoder", "head"):
         for label, r in par[part].items():
             tol = r["tolerance"]
@@ -48,6 +50,12 @@ def format_summary(m: dict[str, Any], out: Path) -> list[str]:
         worst = max(r["scaled_max_abs"] for part in ("encoder", "head") for r in par[part].values())
         pcc = min(r["min_gene_pcc"] for part in ("encoder", "head") for r in par[part].values())
         lines.append(f"  fp16 accuracy cost vs PyTorch fp32: worst scaled error {worst:.2e}, worst per-gene PCC {pcc:.6f}")
+    if q:
+        g, tol = q["gate"], q["gate"]["thresholds"]
+        lines.append(f"  int8 encoder ({q['format']}, {q['calibration']['tiles']} calibration tiles) vs fp32 on "
+                     f"{g['n_tiles']} held-out training tiles: cosine mean {g['cosine_mean']:.4f} (≥ {tol['cosine_mean']:g})"
+                     f" min {g['cosine_min']:.4f} (≥ {tol['cosine_min']:g}); per-gene PCC mean {g['gene_pcc_mean']:.4f} "
+                     f"(≥ {tol['gene_pcc_mean']:g}) min {g['gene_pcc_min']:.4f} (≥ {tol['gene_pcc_min']:g})")
     for key, f in m["files"].items():
         if f.get("format") == "tensorrt":
             lines.append(f"  {key}: TensorRT {f.get('tensorrt_version')} on {f.get('gpu')} (runs only there)")
@@ -62,7 +70,9 @@ def format_summary(m: dict[str, Any], out: Path) -> list[str]:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle directory to write.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULT_PRECISION, show_default=True,
-              help="fp16: half-precision weights/activations (LayerNorm, softmax, positions kept fp32).")
+              help="fp16: half-precision weights/activations (LayerNorm, softmax, positions kept fp32), for GPUs. "
+                   "int8: static int8 encoder (calibrated on training tiles, accuracy-gated; head fp32) for CPUs; "
+                   "not with --tensorrt.")
 @click.option("--max-batch", type=int, default=64, show_default=True, help="Largest batch for TensorRT profiles.")
 @click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines (needs TensorRT and a GPU).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")

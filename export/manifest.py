@@ -17,8 +17,8 @@ from hishrst_runtime.bundle.manifest import sha256_file
 from hishrst_runtime.core.version import __version__
 from hishrst_train.runconfig import RunConfig
 
-__all__ = ["POSITION_PARAMS", "build_manifest", "contract_sections", "file_entry", "head_metadata_for",
-           "listed_files"]
+__all__ = ["POSITION_PARAMS", "build_manifest", "contract_sections", "file_entry", "file_precisions",
+           "head_metadata_for", "listed_files"]
 
 
 def file_entry(path: Path, precision: str) -> dict[str, Any]:
@@ -84,11 +84,21 @@ def contract_sections(model: Any, config: RunConfig, encoder: Any) -> dict[str, 
     }
 
 
+#: Bundle precisions whose head is exported at another precision: int8 quantises the encoder only (the
+#: head is small, and its position encoding needs fp32).
+HEAD_PRECISION: dict[str, str] = {"int8": "fp32"}
+
+
+def file_precisions(precision: str) -> dict[str, str]:
+    """``{"encoder": …, "head": …}``: the precision of each model in a bundle exported at ``precision``."""
+    return {"encoder": precision, "head": HEAD_PRECISION.get(precision, precision)}
+
+
 def head_metadata_for(contract: dict[str, Any], precision: str) -> dict[str, str]:
-    """``head.onnx``'s ``metadata_props`` for a bundle of ``contract`` whose models are in ``precision``:
-    genes, their count and the content hash the finished manifest will carry. Raises ``ValueError`` for a
-    NaN or infinite number in the contract."""
-    return head_metadata({**contract, "files": {k: {"precision": precision} for k in ("encoder", "head")}})
+    """``head.onnx``'s ``metadata_props`` for a bundle of ``contract`` exported at ``precision``
+    (:func:`file_precisions`): genes, their count and the content hash the finished manifest will carry.
+    Raises ``ValueError`` for a NaN or infinite number in the contract."""
+    return head_metadata({**contract, "files": {k: {"precision": p} for k, p in file_precisions(precision).items()}})
 
 
 def build_manifest(model: Any, config: RunConfig, encoder: Any, *, files: dict[str, Any], parity: dict[str, Any],

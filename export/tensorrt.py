@@ -37,7 +37,7 @@ from hishrst_export.parity import PARITY_TOLERANCE as _PARITY
 from hishrst_export.parity import compare, passes
 from hishrst_runtime.core.errors import EnvironmentProblem, HishrstError
 from hishrst_runtime.core.files import atomic_write
-from hishrst_runtime.core.vocab import PRECISIONS, Precision
+from hishrst_runtime.core.vocab import TENSORRT_PRECISIONS, Precision
 
 __all__ = [
     "PARITY_TOLERANCE",
@@ -210,8 +210,8 @@ def _check_build_args(onnx_path: Path, *, precision: str, workspace_gb: float, m
     """Validate the arguments of :func:`build_engine` and return the optimisation profile (before TensorRT)."""
     from hishrst_runtime.backends.ort_trt import onnx_input_shapes, profile_shapes
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in TENSORRT_PRECISIONS:  # int8 bundles are QDQ graphs for ONNX Runtime CPU
+        raise ValueError(f"precision must be one of {', '.join(TENSORRT_PRECISIONS)} for TensorRT, got {precision!r}")
     if workspace_gb <= 0:
         raise ValueError(f"workspace_gb must be > 0, got {workspace_gb}")
     if not onnx_path.is_file():

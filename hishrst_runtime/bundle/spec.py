@@ -18,7 +18,7 @@ from typing import Any, cast
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.grouping import GROUPING_METHOD
 from hishrst_runtime.core.patches import PAD_VALUE, RESIZE_FILTER
-from hishrst_runtime.core.vocab import POSITION_MODES, UM_POSITION_MODES, PositionMode
+from hishrst_runtime.core.vocab import DEFAULT_PRECISION, POSITION_MODES, PRECISIONS, UM_POSITION_MODES, PositionMode
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
@@ -157,6 +157,11 @@ class FileSpec:
         return self.precision == "fp16"
 
     @property
+    def int8(self) -> bool:
+        """Whether the file is a statically quantised int8 (QDQ) graph: ONNX Runtime CPU, no TensorRT."""
+        return self.precision == "int8"
+
+    @property
     def engine_target(self) -> dict[str, Any]:
         """``{"gpu", "tensorrt_version"}`` a TensorRT engine was built for (``expected=`` of the native backend)."""
         return {"gpu": self.gpu, "tensorrt_version": self.tensorrt_version}
@@ -191,6 +196,13 @@ class BundleSpec:
     def test_encoder(self) -> bool:
         """Whether the bundle's encoder is a randomly initialised test encoder (``encoder.test_encoder``)."""
         return self.encoder.test_encoder
+
+    @property
+    def precision(self) -> str:
+        """The precision the bundle was exported at (``hishrst export --precision``): its encoder's; an ``int8``
+        bundle's head is fp32. Bundles that record none are fp32."""
+        enc = self.files.get("encoder")
+        return enc.precision if enc is not None and enc.precision else DEFAULT_PRECISION
 
     @property
     def has_engines(self) -> bool:
@@ -347,6 +359,9 @@ def _output(r: _Reader) -> OutputSpec:
 def _files(r: _Reader) -> dict[str, FileSpec]:
     out = {}
     for key, e in r.get("files", {}).items():
+        if e.get("precision") is not None and e["precision"] not in PRECISIONS:
+            raise BundleError(f"{r.path}: files.{key}.precision must be one of {', '.join(PRECISIONS)}, got "
+                              f"{e['precision']!r}; re-export the bundle (or upgrade hishrst if a newer release wrote it)")
         ext = tuple(ExternalDataSpec(path=x["path"], sha256=x["sha256"]) for x in e.get("external_data", []))
         out[key] = FileSpec(key=key, path=e["path"], sha256=e["sha256"], precision=e.get("precision"),
                             format=e.get("format"), external_data=ext, gpu=e.get("gpu"),

@@ -11,7 +11,7 @@ from typing import Literal, get_args
 
 __all__ = [
     "PositionMode", "POSITION_MODES", "DEFAULT_POSITION_MODE", "UM_POSITION_MODES", "TRANSFERABLE_POSITION_MODES",
-    "Precision", "PRECISIONS", "DEFAULT_PRECISION",
+    "Precision", "PRECISIONS", "DEFAULT_PRECISION", "TENSORRT_PRECISIONS",
     "GridKind", "GRID_KINDS", "DEFAULT_GRID",
     "Task", "TASKS", "DEFAULT_TASK",
     "Provider", "PROVIDERS", "DEFAULT_PROVIDER",
@@ -31,10 +31,13 @@ UM_POSITION_MODES: tuple[str, ...] = ("relative", "none", "continuous")
 #: Modes that carry over to sections and slides the model never saw.
 TRANSFERABLE_POSITION_MODES: tuple[str, ...] = ("relative", "none")
 
-#: Numeric precision of exported ONNX graphs / TensorRT engines.
-Precision = Literal["fp32", "fp16"]
+#: Numeric precision of exported bundles (``hishrst export --precision``): ``fp32``; ``fp16`` (mixed half
+#: precision, for GPUs); ``int8`` (static int8 QDQ encoder for CPUs, fp32 head; no TensorRT engines).
+Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 DEFAULT_PRECISION: Precision = "fp32"
+#: Precisions TensorRT engines are built in (``--tensorrt``, ``build_engine``); int8 bundles are refused.
+TENSORRT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 
 #: Query-point lattice of ``hishrst-run`` over tissue.
 GridKind = Literal["hex", "square"]

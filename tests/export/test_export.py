@@ -306,7 +306,7 @@ def test_external_data_is_listed_hashed_and_verified(small_run: Path, tmp_path: 
 
 def test_export_rejects_bad_arguments(small_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="precision"):
-        export_bundle(small_run, out=tmp_path / "x", precision="int8", **QUIET)  # type: ignore[arg-type]
+        export_bundle(small_run, out=tmp_path / "x", precision="int4", **QUIET)  # type: ignore[arg-type]
     with pytest.raises(ExportError, match="max-batch"):
         export_bundle(small_run, out=tmp_path / "x", max_batch=0, **QUIET)
     with pytest.raises(ExportError, match="not a finished `hishrst fit` run"):
