@@ -60,7 +60,7 @@ def test_fit_hest_sample_and_paired_h5ad(hest_root, small_section, tmp_path):
     shutil.copy(h5, tmp_path / "plain.h5ad")  # outside a HEST layout: needs its image after ':'
     paired = f"{tmp_path / 'plain.h5ad'}:{small_section.parent / 'image.tif'}"
     args = [str(h5), paired, "--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress", "--device", "cpu",
-            "--mpp", "0.6", "--task", "full"]
+            "--mpp", "0.6", "--task", "full", "--encoder", "test-vit", "--allow-test-encoder"]
     with torch_threads(1), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = CliRunner().invoke(fit, args)

@@ -24,6 +24,24 @@ from hishrst_runtime.slides.tissue import detect_tissue
 TILE = 64
 
 
+def _sparse_store(img: np.ndarray, path: Path, *, n_levels: int) -> Path:
+    """An OME-Zarr store as other tools write it with zarr's default ``write_empty_chunks=False``: chunks that
+    are all fill value (glass) are absent. (hishrst's own stores write every chunk.)"""
+    import zarr
+
+    out = write_ome_zarr(img, path, mpp=0.5, chunk=TILE, n_levels=n_levels)
+    for level in range(n_levels):
+        arr = zarr.open_array(str(out / str(level)), mode="r")
+        for f in sorted((out / str(level) / "c").rglob("*")):
+            if not f.is_file():
+                continue
+            idx = [int(part) for part in f.relative_to(out / str(level) / "c").parts]
+            box = tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks))
+            if np.all(arr[box] == arr.fill_value):
+                f.unlink()
+    return out
+
+
 def _tissue(h: int = 256, w: int = 256, glass: int = 255) -> np.ndarray:
     """Glass (``glass``) with a pink-purple textured 'tissue' block over tiles (1..2, 1..2) of 64 px."""
     img = np.full((h, w, 3), glass, np.uint8)
@@ -129,8 +147,8 @@ def test_remote_chunk_404_in_tissue_is_an_error(www: tuple[str, Path], n_levels:
 def test_remote_sparse_store_reads_like_local(www: tuple[str, Path]) -> None:
     """A valid sparse store (background chunks left out, 404 over HTTP) is read without error or count."""
     base, root = www
-    local = write_ome_zarr(_tissue(), root / "sp.zarr", mpp=0.5, chunk=TILE, n_levels=2)
-    assert not (local / "0" / "c" / "0" / "0" / "0").exists()  # zarr left the glass chunk out
+    local = _sparse_store(_tissue(), root / "sp.zarr", n_levels=2)
+    assert not (local / "0" / "c" / "0" / "0" / "0").exists()  # the glass chunk is left out
     with open_slide(f"{base}/sp.zarr") as remote, open_slide(local) as ref:
         for a, b in zip(remote.levels, ref.levels):
             np.testing.assert_array_equal(a.read_region(0, 0, a.shape[1], a.shape[0]),
@@ -144,7 +162,7 @@ def test_remote_sparse_store_reads_like_local(www: tuple[str, Path]) -> None:
 @pytest.mark.parametrize("n_levels", [1, 2])
 def test_valid_sparse_local_store_is_accepted(tmp_path: Path, n_levels: int) -> None:
     img = _tissue(256, 384)
-    p = write_ome_zarr(img, tmp_path / "sparse.zarr", mpp=0.5, chunk=TILE, n_levels=n_levels)
+    p = _sparse_store(img, tmp_path / "sparse.zarr", n_levels=n_levels)
     with open_slide(p) as s:
         found = missing_chunks(s, 0)
         assert found is not None and (0, 0) in found[0] and (1, 3) in found[0]  # (1, 3) touches the tissue
@@ -153,6 +171,12 @@ def test_valid_sparse_local_store_is_accepted(tmp_path: Path, n_levels: int) -> 
         assert check_missing_chunks(s, 0, tissue=mask) == []  # was refused: chunks next to tissue
         np.testing.assert_array_equal(s.levels[0].read_region(0, 0, 384, 256), img)
         assert s.filled_chunks == []
+
+
+def test_hishrst_stores_write_every_chunk(tmp_path: Path) -> None:
+    """In a store hishrst wrote, glass chunks exist too: an absent chunk there is lost data, never background."""
+    p = write_ome_zarr(_tissue(), tmp_path / "full.zarr", mpp=0.5, chunk=TILE, n_levels=1)
+    assert (p / "0" / "c" / "0" / "0" / "0").is_file()  # all glass, written anyway
 
 
 def test_lost_chunk_of_multilevel_store_is_an_error_at_read(tmp_path: Path) -> None:
