@@ -15,6 +15,7 @@ the run has them — ``baseline_ridge`` (PCA-256 + ridge on the same embeddings,
 :mod:`hishrst_train.baselines`) and, within a section, ``baseline_knn`` (position-only nearest training
 spots). The per-gene table carries ``pcc_<baseline>`` / ``mse_<baseline>`` columns; ``warnings`` lists
 where the model is worse than the training mean (MSE) or the ridge (PCC), and by how much.
+:func:`format_scores` turns a summary into console lines (model and baselines side by side, then the warnings).
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from hishrst_runtime.core.errors import InputError, OutputStateError
 from hishrst_runtime.core.files import atomic_write
 from hishrst_train.baselines import RIDGE_FILE, RidgeBaseline, baseline_warnings
 from hishrst_train.metrics import gene_map_ssim, kmeans_ari, per_gene_metrics, summarise
+from hishrst_runtime.core.vocab import TRANSFERABLE_POSITION_MODES
 from hishrst_train.runconfig import RunConfig
+from hishrst_train.rundir import RunLayout
 
-__all__ = ["evaluate_run", "evaluate_on", "EvaluateError", "BASELINE_LAYERS"]
+__all__ = ["evaluate_run", "evaluate_on", "EvaluateError", "BASELINE_LAYERS", "format_scores", "score_rows"]
 
 #: Layers of a predictions AnnData holding baseline predictions, by the baseline's name in the summary.
 BASELINE_LAYERS = {"ridge": "baseline_ridge", "knn": "baseline_knn"}
@@ -58,7 +61,7 @@ def _read_h5ad(path: Path) -> ad.AnnData:
 
 def _train_mean(run_dir: Path, genes: Sequence[str]) -> np.ndarray | None:
     """Each gene's training-spot mean from ``baseline.json`` (None for runs written before it existed)."""
-    path = run_dir / "baseline.json"
+    path = RunLayout(run_dir).baseline
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
         means = dict(zip(d["genes"], d["train_mean"]))
@@ -125,6 +128,42 @@ def _score(res: ad.AnnData, *, train_mean: np.ndarray | None, ssim: bool, ari: b
     return summary, per_gene
 
 
+#: Rows of :func:`format_scores`: summary section → label (in this order; missing sections are skipped).
+SCORE_ROWS = (("model", "model"), ("baseline_train_mean", "training mean"), ("baseline_ridge", "ridge (embeddings)"),
+              ("baseline_knn", "kNN (positions)"), ("baseline_mean", "measured mean*"))
+
+
+def score_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(label, metrics)`` of the model and each baseline present in ``summary``, in :data:`SCORE_ROWS` order."""
+    return [(label, summary[key]) for key, label in SCORE_ROWS if isinstance(summary.get(key), dict)]
+
+
+def format_scores(summary: dict[str, Any]) -> list[str]:
+    """Console lines for a summary of :func:`evaluate_run` / :func:`evaluate_on`: the model beside the training
+    mean, the ridge and (within a section) the kNN baseline — mean PCC (constant genes left out, and counted
+    as 0: ``c=0``), MSE, MAE — then SSIM / ARI when computed, then one ``warning:`` line per warning."""
+    def num(m: dict[str, Any], k: str) -> str:
+        v = m.get(k)
+        return f"{v:>12.4f}" if isinstance(v, (int, float)) and np.isfinite(v) else f"{'n/a':>12}"
+
+    m = summary["model"]
+    lines = [f"scored spots: {summary.get('n_heldout_spots', '?')}, genes: {m.get('n_genes', '?')} "
+             f"(constant predictions: {m.get('n_constant', '?')})",
+             f"{'':<22}{'PCC':>12}{'PCC (c=0)':>12}{'MSE':>12}{'MAE':>12}"]
+    for label, r in score_rows(summary):
+        lines.append(f"{label:<22}{num(r, 'pcc_mean')}{num(r, 'pcc_mean_constant_as_zero')}{num(r, 'mse_mean')}"
+                     f"{num(r, 'mae_mean')}")
+    lines.append("(* the measured mean of the scored spots: sees the truth, not a fair competitor)")
+    if "ssim_mean" in m:
+        lines.append(f"{'SSIM (mean)':<22}{m['ssim_mean']:>12.4f}")
+    if "ari_prediction" in summary:
+        lines.append(f"{'ARI k-means vs layers':<22}{summary['ari_prediction']:>12.4f}   (measured expression: "
+                     f"{summary.get('ari_measured', float('nan')):.4f})")
+    extra = [summary[k] for k in ("warning", "warning_genes") if summary.get(k)]
+    lines += [f"warning: {w}" for w in list(summary.get("warnings", [])) + extra]
+    return lines
+
+
 def _ridge(run_dir: Path) -> RidgeBaseline | None:
     """The run's ridge baseline (None for runs written before it existed)."""
     path = run_dir / RIDGE_FILE
@@ -151,10 +190,10 @@ def _write(folder: Path, summary: dict[str, Any], per_gene: pd.DataFrame) -> Non
 def evaluate_run(run_dir: str | Path, *, ssim: bool = True, ari: bool = True) -> dict[str, Any]:
     """Score a recovery run on its held-out spots (per-gene PCC/MSE/MAE, SSIM, ARI); write and return the summary."""
     run_dir = Path(run_dir)
-    pred_path = run_dir / "predictions.h5ad"
-    cfg_path = run_dir / "config.json"
+    layout = RunLayout(run_dir)
+    pred_path, cfg_path = layout.predictions, layout.config
     task = RunConfig.from_json(cfg_path).task if cfg_path.is_file() else None
-    if task == "generation" or (not pred_path.is_file() and (run_dir / "dense.h5ad").is_file()):
+    if task == "generation" or (not pred_path.is_file() and layout.dense.is_file()):
         raise EvaluateError(f"{run_dir}: a generation run has no held-out spots to score; evaluate a "
                             "`--task recovery` run, or score other sections with --on DATA")
     if task == "full":
@@ -249,14 +288,14 @@ def evaluate_on(run_dir: str | Path, data: Any, *, image: str | Path | None = No
     res = ad.concat(parts, merge="same") if len(parts) > 1 else parts[0]
     summary, per_gene = _score(res, train_mean=_train_mean(run_dir, genes), ssim=ssim, ari=ari)
     label = re.sub(r"[^A-Za-z0-9._+-]+", "_", name or "+".join(s.name for s in secs))[:120]
-    folder = run_dir / "eval" / label
+    folder = RunLayout(run_dir).eval_dir(label)
     summary.update(sections=[s.record() for s in secs], n_genes_missing=len(config.genes) - len(genes),
                    position_mode=config.position["mode"], folder=str(folder))
     if len(genes) < len(config.genes):
         summary["warning_genes"] = (f"{len(config.genes) - len(genes)} of the run's genes were not measured here: "
                                     "the measured truth is normalised over the remaining genes only, so absolute "
                                     "errors (MSE, MAE) are shifted; PCC is less affected")
-    if config.position["mode"] in ("continuous", "grid"):
+    if config.position["mode"] not in TRANSFERABLE_POSITION_MODES:
         summary["warning"] = (f"position mode {config.position['mode']!r} encodes absolute placement on the training "
                               "slide; it does not transfer to other sections (train with --position relative)")
     _write(folder, summary, per_gene)

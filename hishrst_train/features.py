@@ -210,28 +210,14 @@ def extract_features(
     centers = _as_centers(centers_xy_px)
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    input_size = int(encoder.input_size)
-    dim = int(encoder.feature_dim)
-    side = patch_side_px(patch_um, mpp)
-    n = len(centers)
-
-    npy = sidecar = None
-    key = ""
-    desc: dict[str, Any] = {}
+    n, dim = len(centers), int(encoder.feature_dim)
+    cache = None
     if cache_dir is not None:
-        key, desc = feature_cache_key(
-            image_id=image_fingerprint(image, image_key=image_key),
-            centers_xy=centers,
-            mpp=mpp,
-            patch_um=patch_um,
-            encoder_id=encoder_fingerprint(encoder),
-            input_size=input_size,
-        )
-        folder = Path(cache_dir) / str(getattr(getattr(encoder, "spec", None), "name", "encoder"))
-        npy, sidecar = folder / f"{key}.npy", folder / f"{key}.json"
-        cached = _read_cache(npy, sidecar, key, n, dim)
+        cache = _cache_entry(image, centers, encoder=encoder, mpp=mpp, patch_um=patch_um, cache_dir=cache_dir,
+                             image_key=image_key)
+        cached = _read_cache(cache[0], cache[1], cache[2], n, dim)
         if cached is not None:
-            log.info("features: cache hit %s (%d × %d)", npy, n, dim)
+            log.info("features: cache hit %s (%d × %d)", cache[0], n, dim)
             return cached
 
     out = np.empty((n, dim), dtype=np.float32)
@@ -240,16 +226,31 @@ def extract_features(
             encoder.to(device)
         dev = next(iter(encoder.parameters()), torch.empty(0)).device
         t0 = time.perf_counter()
-        _run_batches(image, centers, encoder, out, side=side, size=input_size, batch_size=batch_size,
-                     device=dev, progress=progress, num_workers=num_workers)
+        _run_batches(image, centers, encoder, out, side=patch_side_px(patch_um, mpp), size=int(encoder.input_size),
+                     batch_size=batch_size, device=dev, progress=progress, num_workers=num_workers)
         log.info("features: %d tiles in %.1f s", n, time.perf_counter() - t0)
 
-    if npy is not None and sidecar is not None:
+    if cache is not None:
         spec = getattr(encoder, "spec", None)
         extra = {"encoder_name": getattr(spec, "name", None), "image_key": image_key, "mpp": float(mpp),
                  "patch_um": float(patch_um), "n": n}
-        _write_cache(npy, sidecar, key, desc, out, extra)
+        _write_cache(*cache, out, extra)
     return out
+
+
+def _cache_entry(image: Any, centers: np.ndarray, *, encoder: nn.Module, mpp: float, patch_um: float,
+                 cache_dir: str | os.PathLike[str], image_key: str | None) -> tuple[Path, Path, str, dict[str, Any]]:
+    """``(<key>.npy, <key>.json, key, description)`` of these features in ``cache_dir`` (module docstring)."""
+    key, desc = feature_cache_key(
+        image_id=image_fingerprint(image, image_key=image_key),
+        centers_xy=centers,
+        mpp=mpp,
+        patch_um=patch_um,
+        encoder_id=encoder_fingerprint(encoder),
+        input_size=int(encoder.input_size),
+    )
+    folder = Path(cache_dir) / str(getattr(getattr(encoder, "spec", None), "name", "encoder"))
+    return folder / f"{key}.npy", folder / f"{key}.json", key, desc
 
 
 def _run_batches(

@@ -8,11 +8,11 @@
   bundle manifest):
   - ``grid``: the reference implementation's learned x/y embeddings (512 each) of integer array
     coordinates — positions are truncated with ``.long()`` exactly as the reference does;
-  - ``continuous`` (default): multi-scale sinusoidal features of absolute physical coordinates in µm
+  - ``continuous``: multi-scale sinusoidal features of absolute physical coordinates in µm
     (wavelengths log-spaced between ``min_wavelength_um`` and ``max_wavelength_um``) followed by a
     learned linear map. It is defined at any density: fractional positions never collapse. Being
     absolute, it ties a model to the training section's placement on its slide;
-  - ``relative``: positions are still fed as absolute µm, but the model only computes quantities that
+  - ``relative`` (default, :data:`~hishrst_runtime.core.vocab.DEFAULT_POSITION_MODE`): positions are still fed as absolute µm, but the model only computes quantities that
     are invariant to translation, rotation and reflection of the neighbour group (see
     :class:`RelativePosition`): each spot's distance to the group's (masked) centroid, encoded with
     sinusoids (wavelengths ``rel_min_wavelength_um`` … ``rel_max_wavelength_um``) and added to the
@@ -24,7 +24,14 @@
 * ``depth`` pre-norm transformer blocks (multi-head attention, 4 heads × 64 by default, then a GELU
   MLP of width ``mlp_dim`` = D by default), each with residual connections, mixing the spots of a
   neighbour group. ``mask`` (1 = real spot, 0 = padding) keeps padded spots out of the attention.
-* gene head: Linear(D → 2048), ReLU, LayerNorm, Linear(2048 → G), and a final ReLU.
+* gene head: Linear(D → ``head_hidden``), ReLU, LayerNorm, Linear(→ G), and a final ReLU. ``head_hidden``
+  is 2048 in the reference (and for imported reference weights); the default here is smaller (see
+  :class:`HisHRSTConfig`), because a frozen encoder's features of a few thousand spots cannot support a
+  2048-wide head without overfitting the training sections (``benchmarks/BASELINES.md``).
+* while training only, :attr:`HisHRST.output_affine` ``(scale, shift)`` maps the last linear layer's output
+  to ``out * scale + shift`` before the ReLU (targets standardised per gene, :mod:`hishrst_train.train`);
+  :meth:`HisHRST.fold_output_affine` folds it into that layer when training ends, so a saved model has
+  exactly the reference architecture and state-dict layout.
 
 Parameter names mirror the reference (``trans.layers.{i}.{0|1}...``, ``gene_head.*``) so that
 :func:`import_reference_state_dict` is a direct mapping. All position computation lives in the ``pos``
@@ -35,11 +42,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hishrst_runtime.core.vocab import DEFAULT_POSITION_MODE, POSITION_MODES, PositionMode  # the modes :class:`HisHRST` accepts
 
 __all__ = ["HisHRSTConfig", "HisHRST", "import_reference_state_dict", "MASK_NEG", "POSITION_MODES", "PositionMode",
            "RelativePosition"]
@@ -47,9 +56,6 @@ __all__ = ["HisHRSTConfig", "HisHRST", "import_reference_state_dict", "MASK_NEG"
 #: Additive attention bias for padded keys. Finite and fp16-safe; exp(-1e4) underflows to 0.
 MASK_NEG = 1.0e4
 
-PositionMode = Literal["continuous", "grid", "relative", "none"]
-#: The position modes :class:`HisHRST` accepts (see the module docstring).
-POSITION_MODES: tuple[str, ...] = ("continuous", "grid", "relative", "none")
 
 
 @dataclass
@@ -62,9 +68,12 @@ class HisHRSTConfig:
     heads: int = 4
     dim_head: int = 64
     mlp_dim: int | None = None  # defaults to feature_dim, as in the reference
-    head_hidden: int = 2048
+    #: Width of the gene head's hidden layer: 2048 in the reference (kept by
+    #: :func:`import_reference_state_dict`); 256 here — on unseen sections a 2048-wide head over a few
+    #: thousand training spots overfits (benchmarks/BASELINES.md: MSE 1.02 → 0.97, PCC 0.30 → 0.33).
+    head_hidden: int = 256
     dropout: float = 0.1
-    position_mode: PositionMode = "continuous"
+    position_mode: PositionMode = DEFAULT_POSITION_MODE
     grid_size: int = 512
     # continuous mode: wavelengths (µm) of the absolute-position sinusoids
     pos_n_freqs: int = 16
@@ -251,12 +260,30 @@ class HisHRST(nn.Module):
         # (identity until set_feature_stats; identity for imported reference weights).
         self.register_buffer("feat_mean", torch.zeros(d))
         self.register_buffer("feat_std", torch.ones(d))
+        #: ``(scale [G], shift [G])`` applied to the head's last linear output while training (None otherwise).
+        self.output_affine: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
-    def set_feature_stats(self, features: torch.Tensor) -> None:
-        """Standardise inputs with the mean/std of ``features [N, D]`` (the training spots' features)."""
+    def set_feature_stats(self, features: torch.Tensor, *, per_dimension: bool = True) -> None:
+        """Centre inputs on the mean of ``features [N, D]`` (the training spots' features) and divide by their
+        std: per dimension, or (``per_dimension=False``) by one scale for all dimensions, the root mean
+        variance, which keeps the dimensions' relative scales (low-variance dimensions stay small)."""
+        std = features.std(0)
+        if not per_dimension:
+            std = torch.full_like(std, float(std.pow(2).mean().sqrt()))
         self.feat_mean.copy_(features.mean(0))
-        self.feat_std.copy_(features.std(0).clamp_min(1e-6))
+        self.feat_std.copy_(std.clamp_min(1e-6))
+
+    @torch.no_grad()
+    def fold_output_affine(self) -> None:
+        """Fold :attr:`output_affine` into the head's last linear layer (exactly the same predictions) and clear it."""
+        if self.output_affine is None:
+            return
+        scale, shift = self.output_affine
+        last = self.gene_head[-1]
+        last.weight.mul_(scale.to(last.weight)[:, None])
+        last.bias.mul_(scale.to(last.bias)).add_(shift.to(last.bias))
+        self.output_affine = None
 
     def forward(
         self, features: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None
@@ -281,8 +308,11 @@ class HisHRST(nn.Module):
         if pair_bias is not None:
             pair_bias = pair_bias.to(x.dtype)
             bias = pair_bias if bias is None else bias + pair_bias
-        h = self.trans(x, bias=bias)
-        return F.relu(self.gene_head(h))
+        out = self.gene_head(self.trans(x, bias=bias))
+        if self.output_affine is not None:
+            scale, shift = self.output_affine
+            out = out * scale + shift
+        return F.relu(out)
 
 
 def _position_module(cfg: HisHRSTConfig) -> nn.Module | None:

@@ -45,20 +45,20 @@ from hishrst_train.data.counts import CountsMode, check_counts_mode
 from hishrst_train.data.errors import check_section_mpp
 from hishrst_train.data.sections import Section, SectionSpec, check_distinct, load_adata, open_section, \
     parse_section, resolve_sections, section_names
+from hishrst_runtime.core.vocab import DEFAULT_POSITION_MODE, DEFAULT_TASK, POSITION_MODES, TASKS
+from hishrst_train.encoders.registry import DEFAULT_ENCODER, check_encoder_allowed
 from hishrst_train.runconfig import POSITION_UNITS, PositionMode, RunConfig, Task
-from hishrst_train.rundir import building_run, check_run_out, claim_output
+from hishrst_train.rundir import RunLayout, building_run, check_run_out, claim_output
 from hishrst_train.outputs import gene_var as _gene_var, write_baseline as _write_baseline, \
     write_recovery as _write_recovery, write_split as _write_split
 from hishrst_train.outputs import section_obs as _section_obs  # noqa: F401  (evaluate imports it from here)
 from hishrst_train.targets import TARGET_SUM, FitError, Targets, build_targets, training_groups
 from hishrst_train.train import resolve_device, save_checkpoint  # torch: a missing [train] extra fails here
 
-__all__ = ["load_section", "open_sections", "fit_run", "spot_positions", "section_features", "load_run_encoder", "TARGET_SUM", "FitError",
-           "TASKS", "POSITION_MODES", "DataArg"]
+__all__ = ["load_section", "open_sections", "fit_run", "spot_positions", "section_features", "load_run_encoder",
+           "TARGET_SUM", "FitError", "TASKS", "POSITION_MODES", "DataArg"]
 
 log = logging.getLogger("hishrst")
-TASKS: tuple[str, ...] = ("recovery", "generation", "full")
-POSITION_MODES: tuple[str, ...] = ("continuous", "grid", "relative", "none")
 #: One ``DATA`` argument (see :mod:`hishrst_train.data.sections`) or a parsed spec.
 DataArg = str | Path | SectionSpec
 
@@ -142,8 +142,8 @@ def fit_run(
     data: DataArg | Sequence[DataArg],
     *,
     out: str | Path,
-    task: Task = "recovery",
-    encoder: str = "test-vit",
+    task: Task = DEFAULT_TASK,
+    encoder: str = DEFAULT_ENCODER,
     weights: str | Path | None = None,
     image: str | Path | None = None,
     mpp: float | None = None,
@@ -151,7 +151,7 @@ def fit_run(
     seed: int = 0,
     n_genes: int = 1000,
     patch_um: float = DEFAULT_PATCH_UM,
-    position_mode: PositionMode = "relative",
+    position_mode: PositionMode = DEFAULT_POSITION_MODE,
     densify: float = 4.0,
     max_group: int = 50,
     batch_size: int = 64,
@@ -163,6 +163,7 @@ def fit_run(
     device: str = "cpu",
     lr: float = 1e-3,
     counts: CountsMode = "raw",
+    allow_test_encoder: bool = False,
 ) -> dict[str, Any]:
     """Train HisHRST on one or several sections and write a run directory (see the module docstring).
 
@@ -177,9 +178,16 @@ def fit_run(
     ``auto`` | ``cpu`` | ``cuda`` for feature extraction and training. An existing run at ``out`` is
     replaced only with ``overwrite`` (and only once the new fit is complete; only a directory hishrst wrote
     as a run, :mod:`hishrst_train.rundir`); a failed fit leaves nothing behind, and a second fit into the
-    same ``out`` while this one runs fails at once. Returns a summary dict (also in ``config.json``).
+    same ``out`` while this one runs fails at once. ``encoder``: a registered name (default ``uni``: real
+    weights, resolved as in :func:`~hishrst_train.encoders.weights.resolve_weights`) or a generic form
+    (:mod:`hishrst_train.encoders.generic`); a random test encoder (``test-vit``) is refused unless
+    ``allow_test_encoder``. Returns a summary dict (also in ``config.json``).
     """
+    from hishrst_train.encoders.generic import canonical_encoder_name
+
     t0 = time.perf_counter()
+    check_encoder_allowed(encoder, allow_test_encoder=allow_test_encoder)
+    encoder = canonical_encoder_name(encoder)
     o = _Options(task=task, encoder=encoder, weights=weights, epochs=epochs, seed=seed, n_genes=n_genes,
                  patch_um=patch_um, position_mode=position_mode, densify=densify, max_group=max_group,
                  batch_size=batch_size, image_features=image_features, val_frac=val_frac, cache_dir=cache_dir,
@@ -279,7 +287,7 @@ def _write_generation(work: Path, model: Any, secs: list[Section], genes: list[s
     else:
         res = ad.concat(parts)
         res.uns["array_to_pixel_affine"] = affines
-    res.write_h5ad(work / "dense.h5ad")
+    res.write_h5ad(RunLayout(work).dense)
     return {"n_dense": int(res.n_obs), "densify": float(o.densify)}
 
 
@@ -288,16 +296,20 @@ def _encoder_record(name: str, enc: Any, weights: str | Path | None) -> dict[str
 
     return {"name": name, "fingerprint": encoder_fingerprint(enc), "input_size": enc.input_size,
             "feature_dim": enc.feature_dim, "mean": list(enc.spec.mean), "std": list(enc.spec.std),
-            "gated": bool(enc.spec.gated), "license": enc.spec.license, "weights": str(weights) if weights else None}
+            "gated": bool(enc.spec.gated), "license": enc.spec.license, "weights": str(weights) if weights else None,
+            "test_encoder": bool(enc.spec.test_only), "pooling": enc.spec.pooling}
 
 
 # ------------------------------------------------------------------------------------------ fitting
 
 
 def _fit(work: Path, secs: list[Section], o: _Options) -> tuple[dict[str, Any], dict[str, Any], Any]:
-    """Features, training, predictions, ``split.json``, ``baseline.json`` and ``history.json`` into ``work``;
-    returns the summary, the :class:`RunConfig` fields known after training, and the trained model."""
+    """Features, training, predictions, ``split.json``, ``baseline.json``, ``baseline_ridge.npz`` (the PCA + ridge
+    baseline, fitted on the training spots only; recovery predictions carry its and the position-kNN baseline's
+    predictions as layers) and ``history.json`` into ``work``; returns the summary, the :class:`RunConfig`
+    fields known after training, and the trained model."""
     from hishrst_train.model import HisHRSTConfig
+    from hishrst_train.outputs import write_ridge
     from hishrst_train.train import TrainConfig, train_model
 
     t = build_targets(secs, task=o.task, seed=o.seed, n_genes=o.n_genes, counts=o.counts)
@@ -314,11 +326,13 @@ def _fit(work: Path, secs: list[Section], o: _Options) -> tuple[dict[str, Any], 
     model, history = train_model(feats, pos, t.expr, groups=groups, val_groups=val_groups, model_config=mcfg,
                                  train_config=tcfg, history_out=hist, progress=o.progress, device=o.device)
     t_train = time.perf_counter() - t_train
+    ridge = write_ridge(work, feats, t, seed=o.seed)  # baseline_ridge.npz: PCA + ridge on training spots only
 
     summary: dict[str, Any] = {"task": o.task, "n_sections": len(secs), "n_spots": int(len(t.train_mask)),
-                               "n_train": int(len(train_idx)), "n_val": int(t.train_mask.sum()) - int(len(train_idx))}
+                               "n_train": int(len(train_idx)), "n_val": int(t.train_mask.sum()) - int(len(train_idx)),
+                               "ridge_alpha": ridge.alpha}
     if o.task == "recovery":
-        summary.update(_write_recovery(work, model, secs, t, feats, pos, max_group=o.max_group))
+        summary.update(_write_recovery(work, model, secs, t, feats, pos, max_group=o.max_group, ridge=ridge))
     elif o.task == "generation":
         summary.update(_write_generation(work, model, secs, t.genes, enc, o))
     _write_split(work, secs, t, train_idx, o.seed)

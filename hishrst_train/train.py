@@ -1,7 +1,10 @@
 """Training and batched prediction of the HisHRST head over precomputed encoder features.
 
 The recipe follows the paper: Adam (lr 1e-3), a linear warm-up then cosine decay of the learning rate,
-mean-squared error on log-normalised expression, seeded for reproducibility. A training step sees a
+mean-squared error on log-normalised expression, seeded for reproducibility — with the changes that make
+the model beat the baselines on sections it never saw (``benchmarks/BASELINES.md``): targets standardised
+per gene while training (the head starts at, and is shrunk towards, each gene's training mean) and
+decoupled weight decay (:class:`TrainConfig`). A training step sees a
 batch of neighbour groups (from :func:`hishrst_runtime.core.grouping.group_points`), padded and masked.
 
 Checkpoints are ``model.safetensors`` (weights only) + ``config.json``; nothing is pickled.
@@ -55,11 +58,29 @@ class TrainConfig:
     lr: float = 1e-3
     warmup_frac: float = 0.1
     batch_groups: int = 1
+    #: Decoupled weight decay (AdamW; 0 is plain Adam). With standardised targets it shrinks the head
+    #: towards predicting each gene's training mean.
     weight_decay: float = 0.0
     seed: int = 0
     #: Early stopping: stop when the validation MSE has not improved for this many epochs (and keep
     #: the best epoch's weights). Only used when validation groups are given.
     patience: int = 10
+    #: ``standardise``: the head predicts each gene's z-score over the training spots (output × std + mean,
+    #: folded into the last layer after training, so the loss — MSE on log-expression — and the saved
+    #: architecture are unchanged); ``centre``: the residual from the training mean; ``none``: raw targets.
+    target_scaling: str = "standardise"
+    #: ``mean``: the head's last linear layer starts at zero weights, and its output at each gene's training
+    #: mean (so training starts from the training-mean baseline, not from random per-gene offsets);
+    #: ``default``: PyTorch's initialisation.
+    init_output: str = "mean"
+    #: ``dimension``: standardise every feature dimension; ``global``: centre, then one scale for all
+    #: dimensions (:meth:`HisHRST.set_feature_stats`).
+    feature_norm: str = "dimension"
+
+
+TARGET_SCALINGS = ("standardise", "centre", "none")
+INIT_OUTPUTS = ("mean", "default")
+FEATURE_NORMS = ("dimension", "global")
 
 
 def seed_everything(seed: int) -> None:
@@ -76,6 +97,73 @@ def _batches(groups: list[np.ndarray], batch_groups: int, rng: np.random.Generat
 
 def _gather(arr: torch.Tensor, index: np.ndarray) -> torch.Tensor:
     return arr[torch.from_numpy(safe_index(index))]
+
+
+def _check_inputs(features: np.ndarray, positions: np.ndarray, targets: np.ndarray, tc: TrainConfig) -> None:
+    if len(features) != len(positions) or len(features) != len(targets):
+        raise ValueError(
+            f"features, positions and targets must have one row per spot; got {len(features)}, {len(positions)}, {len(targets)}"
+        )
+    if tc.epochs < 1:
+        raise ValueError(f"epochs must be ≥ 1, got {tc.epochs}")
+    if tc.target_scaling not in TARGET_SCALINGS:
+        raise ValueError(f"target_scaling must be one of {', '.join(TARGET_SCALINGS)}, got {tc.target_scaling!r}")
+    if tc.init_output not in INIT_OUTPUTS:
+        raise ValueError(f"init_output must be one of {', '.join(INIT_OUTPUTS)}, got {tc.init_output!r}")
+    if tc.feature_norm not in FEATURE_NORMS:
+        raise ValueError(f"feature_norm must be one of {', '.join(FEATURE_NORMS)}, got {tc.feature_norm!r}")
+
+
+def _new_model(config: HisHRSTConfig, features: np.ndarray, targets: np.ndarray, rows: np.ndarray,
+               tc: TrainConfig, device: str) -> HisHRST:
+    """A fresh model on ``device`` with input statistics and the training-time output scaling of ``rows``."""
+    model = HisHRST(config)
+    model.set_feature_stats(torch.from_numpy(np.asarray(features[rows], dtype=np.float32)),
+                            per_dimension=tc.feature_norm == "dimension")
+    y = np.asarray(targets[rows], dtype=np.float64)
+    if tc.init_output == "mean":
+        last = model.gene_head[-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(torch.from_numpy(y.mean(0) if tc.target_scaling == "none" else np.zeros(y.shape[1])))
+    model = model.to(device)
+    if tc.target_scaling != "none":
+        scale = y.std(0).clip(1e-3) if tc.target_scaling == "standardise" else np.ones(y.shape[1])
+        model.output_affine = (torch.tensor(scale, dtype=torch.float32, device=device),
+                               torch.tensor(y.mean(0), dtype=torch.float32, device=device))
+    return model
+
+
+def _optimiser(model: HisHRST, tc: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (Adam when ``weight_decay`` is 0) with a linear warm-up, then cosine decay over all epochs."""
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    total = max(1, steps_per_epoch * tc.epochs)
+    warmup = max(1, int(total * tc.warmup_frac))
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def _epoch(model: HisHRST, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], groups: list[np.ndarray],
+           opt: torch.optim.Optimizer, sched: Any, tc: TrainConfig, rng: np.random.Generator, device: str) -> float:
+    """One pass over the training groups; the mean loss (masked MSE) of its steps."""
+    f, p, y = data
+    losses = []
+    for index, mask in _batches(groups, tc.batch_groups, rng):
+        m = torch.from_numpy(mask).to(device)
+        out = model(_gather(f, index).to(device), _gather(p, index).to(device), m)
+        err = ((out - _gather(y, index).to(device)) ** 2).mean(-1)  # [B, N]
+        loss = (err * m).sum() / m.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return float(np.mean(losses))
 
 
 def train_model(
@@ -100,62 +188,32 @@ def train_model(
     each epoch run; ``history_out`` (if given) also receives ``val_mse`` and ``best_epoch``.
     """
     tc = train_config or TrainConfig()
-    if len(features) != len(positions) or len(features) != len(targets):
-        raise ValueError(
-            f"features, positions and targets must have one row per spot; got {len(features)}, {len(positions)}, {len(targets)}"
-        )
-    if tc.epochs < 1:
-        raise ValueError(f"epochs must be ≥ 1, got {tc.epochs}")
+    _check_inputs(features, positions, targets, tc)
     seed_everything(tc.seed)
     rng = np.random.default_rng(tc.seed)
-    model = HisHRST(model_config)
     train_rows = np.unique(np.concatenate(groups)) if groups else np.arange(len(features))
-    model.set_feature_stats(torch.from_numpy(np.asarray(features[train_rows], dtype=np.float32)))
-    model = model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    steps_per_epoch = math.ceil(len(groups) / tc.batch_groups)
-    total = max(1, steps_per_epoch * tc.epochs)
-    warmup = max(1, int(total * tc.warmup_frac))
-
-    def lr_lambda(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    p = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.float32))
-    y = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+    model = _new_model(model_config, features, targets, train_rows, tc, device)
+    opt, sched = _optimiser(model, tc, math.ceil(len(groups) / tc.batch_groups))
+    data = tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (features, positions, targets))
     history: list[float] = []
     val_hist: list[float] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     model.train()
     bar = tqdm(range(tc.epochs), desc="training", unit="epoch", disable=not progress)
     for epoch in bar:
-        losses = []
-        for index, mask in _batches(groups, tc.batch_groups, rng):
-            m = torch.from_numpy(mask).to(device)
-            out = model(_gather(f, index).to(device), _gather(p, index).to(device), m)
-            err = ((out - _gather(y, index).to(device)) ** 2).mean(-1)  # [B, N]
-            loss = (err * m).sum() / m.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        history.append(float(np.mean(losses)))
-        if val_groups:
-            val = _val_mse(model, f, p, y, val_groups, device)
-            val_hist.append(val)
-            if best is None or val < best[0]:
-                best = (val, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
-            bar.set_postfix(mse=f"{history[-1]:.4f}", val=f"{val:.4f}")
-            if epoch - best[1] >= tc.patience:
-                break
-        else:
+        history.append(_epoch(model, data, groups, opt, sched, tc, rng, device))  # type: ignore[arg-type]
+        if not val_groups:
             bar.set_postfix(mse=f"{history[-1]:.4f}")
+            continue
+        val_hist.append(_val_mse(model, *data, val_groups, device))
+        if best is None or val_hist[-1] < best[0]:
+            best = (val_hist[-1], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        bar.set_postfix(mse=f"{history[-1]:.4f}", val=f"{val_hist[-1]:.4f}")
+        if epoch - best[1] >= tc.patience:
+            break
     if best is not None:
         model.load_state_dict(best[2])
+    model.fold_output_affine()
     if history_out is not None:
         history_out.update(train_mse=history, val_mse=val_hist, best_epoch=[best[1] + 1] if best else [len(history)])
     return model.eval().cpu(), history

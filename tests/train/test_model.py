@@ -1,4 +1,4 @@
-"""HisHRST module: shapes, masking, continuous positions, and reference-import parity."""
+"""HisHRST module: shapes, masking, continuous positions, reference-import parity, defaults, output folding."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def test_mask_isolates_padding():
 
 def test_continuous_positions_do_not_collapse_fractions():
     torch.manual_seed(2)
-    cont = HisHRST(feature_dim=16, n_genes=3).eval()
+    cont = HisHRST(feature_dim=16, n_genes=3, position_mode="continuous").eval()
     grid = HisHRST(feature_dim=16, n_genes=3, position_mode="grid").eval()
     p = torch.tensor([[[10.0, 20.0]]])
     q = torch.tensor([[[10.5, 20.5]]])  # a denser grid's half-step
@@ -116,3 +116,43 @@ def test_config_round_trip():
     assert HisHRSTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="position_mode"):
         HisHRST(feature_dim=8, n_genes=3, position_mode="polar")
+
+
+def test_default_position_mode_is_the_shared_default():
+    from hishrst_runtime.core.vocab import DEFAULT_POSITION_MODE
+
+    assert HisHRSTConfig().position_mode == DEFAULT_POSITION_MODE == "relative"
+    assert HisHRST(feature_dim=8, n_genes=3).pos.__class__.__name__ == "RelativePosition"
+
+
+def test_reference_import_keeps_the_reference_head_width():
+    torch.manual_seed(3)
+    ref = _RefHistoSGE(dim=32, depth=1, heads=4, dim_head=8, n_genes=5)
+    model = import_reference_state_dict(ref.state_dict())
+    assert model.config.head_hidden == 2048 and model.output_affine is None
+    assert set(model.state_dict()) == {"pos." + k if k.startswith(("x_", "y_")) else k
+                                       for k in ref.state_dict() if not k.startswith("layer_norm.")} | {"feat_mean", "feat_std"}
+
+
+def test_fold_output_affine_keeps_predictions_and_state_dict_layout():
+    torch.manual_seed(4)
+    model = HisHRST(feature_dim=16, n_genes=6, head_hidden=32).eval()
+    keys = set(model.state_dict())
+    feats, pos = torch.randn(2, 9, 16), torch.rand(2, 9, 2) * 500
+    model.output_affine = (torch.rand(6) + 0.5, torch.randn(6) + 2.0)
+    with torch.no_grad():
+        want = model(feats, pos)
+        model.fold_output_affine()
+        got = model(feats, pos)
+    assert model.output_affine is None and set(model.state_dict()) == keys
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want > 0).any() and not torch.equal(want, torch.relu(want - 1))  # the affine was not a no-op
+
+
+def test_global_feature_norm_keeps_relative_scales():
+    model = HisHRST(feature_dim=3, n_genes=2)
+    f = torch.randn(500, 3) * torch.tensor([1.0, 10.0, 0.01])
+    model.set_feature_stats(f, per_dimension=False)
+    assert torch.allclose(model.feat_std, model.feat_std[0].expand(3))
+    model.set_feature_stats(f)
+    torch.testing.assert_close(model.feat_std, f.std(0))
