@@ -192,21 +192,11 @@ def fit(data: tuple[str, ...], out: Path, task: str, image: Path | None, densify
 
 
 def _echo_metrics(s: dict[str, Any], where: Path) -> None:
-    m, b, t = s["model"], s["baseline_mean"], s.get("baseline_train_mean")
-    click.echo(f"scored spots: {s['n_heldout_spots']}, genes: {m['n_genes']} (constant predictions: {m['n_constant']})")
-    click.echo(f"{'':<22}{'model':>10}{'train mean':>12}{'measured mean':>15}")
-    tv = (lambda k: f"{t[k]:>12.4f}") if t else (lambda k: f"{'n/a':>12}")
-    click.echo(f"{'PCC (mean)':<22}{m['pcc_mean']:>10.4f}{'undefined':>12}{'undefined':>15}")
-    click.echo(f"{'PCC (const as 0)':<22}{m['pcc_mean_constant_as_zero']:>10.4f}{tv('pcc_mean_constant_as_zero')}"
-               f"{b['pcc_mean_constant_as_zero']:>15.4f}")
-    click.echo(f"{'MSE':<22}{m['mse_mean']:>10.4f}{tv('mse_mean')}{b['mse_mean']:>15.4f}")
-    click.echo(f"{'MAE':<22}{m['mae_mean']:>10.4f}{tv('mae_mean')}{b['mae_mean']:>15.4f}")
-    if "ssim_mean" in m:
-        click.echo(f"{'SSIM (mean)':<22}{m['ssim_mean']:>10.4f}")
-    if "ari_prediction" in s:
-        click.echo(f"{'ARI k-means vs layers':<22}{s['ari_prediction']:>10.4f}   (measured expression: {s['ari_measured']:.4f})")
-    if s.get("warning"):
-        click.echo(f"warning: {s['warning']}")
+    """The model beside its baselines (training mean, ridge on the same embeddings, kNN), then warnings."""
+    from hishrst_train.evaluate import format_scores  # imported by the command already (training stack)
+
+    for line in format_scores(s):
+        click.echo(line)
     click.echo(f"wrote {where / 'metrics.json'} and {where / 'per_gene_metrics.csv'}")
 
 
@@ -280,4 +270,6 @@ def cv(data: tuple[str, ...], out: Path, no_ssim: bool, no_ari: bool, **opts: An
         use_threads(threads)
         table = mod.cv_run(list(data), out=out, ssim=not no_ssim, ari=not no_ari, **opts)
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    for warning in table.attrs.get("warnings", []):
+        click.echo(f"warning: {warning}")
     click.echo(f"wrote {out / 'cv_metrics.csv'} and one run per fold under {out}")

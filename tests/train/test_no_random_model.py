@@ -82,6 +82,8 @@ def test_evaluate_refuses_a_test_encoder_run_without_flag(small_run):
     r = invoke(cli.evaluate, [small_run, "--no-ssim", "--no-ari", "--allow-test-encoder", "--threads", "1"])
     assert r.exit_code == 0, r.output
     assert "threads: 1" in r.output
+    for row in ("model", "training mean", "ridge (embeddings)", "kNN (positions)"):  # baselines on the console
+        assert f"\n{row} " in r.output, r.output
 
 
 def test_bundle_of_a_test_encoder_says_so(small_run, small_bundle, tmp_path):
