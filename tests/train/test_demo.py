@@ -24,6 +24,7 @@ def test_demo_small_end_to_end(tmp_path):
     assert "unseen section" in r.output and s["unseen_spots"] > 0
     assert (tmp_path / "d" / "at_spots" / "slide.zarr").is_dir()
     assert 0 < s["unseen_section_mse"] and -1 <= s["unseen_section_pcc_mean"] <= 1
+    assert 0 < s["baseline_ridge_mse"] and "ridge on the same embeddings" in r.output
     assert all(v <= 1e-4 for part in s["export_parity"].values() for v in part.values())
     png = tmp_path / "d" / s["png"].split("/")[-1]
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
