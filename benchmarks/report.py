@@ -191,13 +191,40 @@ def _gpu(ok: list[dict[str, Any]]) -> list[str]:
                             ("ratio_pct", "e2e % of ORT-CUDA engine")])]
 
 
+def _baselines(ok: list[dict[str, Any]]) -> list[str]:
+    rows = [{**r, "yes_mean": "yes" if r.get("beats_mean_mse") else "NO",
+             "yes_ridge": "yes" if r.get("beats_ridge_pcc") else "NO"} for r in ok if not r.get("note")]
+    return [md_table(rows, [("config", "config"), ("preset", "preset"), ("seed", "seed"), ("heldout", "unseen"),
+                            ("pcc", "model PCC"), ("ridge_pcc", "ridge PCC"), ("mse", "model MSE"),
+                            ("mean_mse", "training-mean MSE"), ("ridge_mse", "ridge MSE"), ("yes_ridge", "PCC ≥ ridge"),
+                            ("yes_mean", "MSE < mean"), ("load_avg_1m", "load")]),
+            "", "Records relabelled after the fact (their `note` says why) are left out of this table."]
+
+
+def _claim(ok: list[dict[str, Any]]) -> list[str]:
+    return [md_table([r for r in ok if r.get("kind") == "makespan"],
+                     [("mode", "mode"), ("repeat", "repeat"), ("workers", "workers"), ("slides", "slides"),
+                      ("makespan_s", "makespan s"), ("busiest_worker_s", "busiest worker s"),
+                      ("lower_bound_s", "lower bound s"), ("load_avg_before", "load before")])]
+
+
+def _int8(ok: list[dict[str, Any]]) -> list[str]:
+    return [md_table(ok, [("encoder", "encoder"), ("weights", "weights"), ("threads", "threads"), ("batch", "batch"),
+                          ("fp32.tiles_per_s_best", "fp32 tiles/s"), ("int8.tiles_per_s_best", "int8 tiles/s"),
+                          ("speedup_best", "speed-up (best)"), ("speedup_median", "speed-up (median)"),
+                          ("parity.cosine_mean", "cosine"), ("parity.centred_cosine_mean", "centred cosine"),
+                          ("parity.feature_pcc_mean", "feature PCC"), ("load_avg_1m_before_timing", "load")])]
+
+
 #: The tables of each benchmark's section, from its successful records.
 _TABLES: dict[str, Callable[[list[dict[str, Any]]], list[str]]] = {
     "encoder": _encoder, "pipeline": _pipeline, "reference": _reference, "training": _training,
-    "transfer": _transfer, "direct_wsi": _direct_wsi, "feed": _feed, "gpu": _gpu,
+    "transfer": _transfer, "direct_wsi": _direct_wsi, "feed": _feed, "gpu": _gpu, "baselines": _baselines,
+    "claim": _claim, "int8": _int8,
 }
 #: The benchmarks ``main`` renders, in order.
-SECTIONS = ("encoder", "gpu", "pipeline", "feed", "reference", "training", "direct_wsi", "transfer")
+SECTIONS = ("encoder", "gpu", "pipeline", "feed", "reference", "training", "direct_wsi", "transfer", "baselines",
+            "claim", "int8")
 
 
 def section(name: str, recs: list[dict[str, Any]], *, title: str | None = None) -> str:
