@@ -9,7 +9,6 @@ functions), so a lazily imported upward dependency fails too.
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -27,11 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "jobs": {"core", "bundle", "slides", "output", "backends", "inference"},
     "cli": {"core", "bundle", "slides", "output", "backends", "inference", "jobs"},
 }
-#: Size limits of issue 9 (modules and functions of hishrst_runtime); exceptions are listed in
-#: docs/ARCHITECTURE.md with their reason.
-MAX_MODULE_LINES = 400
-MAX_FUNCTION_LINES = 60
-EXCEPTIONS: dict[str, int] = {}
+#: Size limits and packaging are checked for every package by tests/test_layers.py.
 
 
 def _modules() -> list[Path]:
@@ -91,28 +86,3 @@ def test_click_only_in_cli() -> None:
             if name.split(".")[0] == "click":
                 bad.append(f"{path.relative_to(REPO)}:{line}")
     assert not bad, bad
-
-
-def test_sizes() -> None:
-    bad = []
-    for path in _modules():
-        rel = str(path.relative_to(REPO))
-        text = path.read_text(encoding="utf-8")
-        n = len(text.splitlines())
-        if n > EXCEPTIONS.get(rel, MAX_MODULE_LINES):
-            bad.append(f"{rel}: {n} lines > {MAX_MODULE_LINES}")
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-                length = node.end_lineno - first + 1
-                key = f"{rel}::{node.name}"
-                if length > EXCEPTIONS.get(key, MAX_FUNCTION_LINES):
-                    bad.append(f"{key}: {length} lines > {MAX_FUNCTION_LINES}")
-    assert not bad, "\n".join(bad)
-
-
-def test_packaging_lists_every_package() -> None:
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    pkgs = {".".join(p.parent.relative_to(REPO).parts) for p in RUNTIME.rglob("__init__.py")
-            if "__pycache__" not in p.parts}
-    assert pkgs <= listed, pkgs - listed

@@ -7,36 +7,20 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 
 pytest.importorskip("torch")
 
 from hishrst_train import cli  # noqa: E402
-
-FAST = ["--epochs", "1", "--no-progress", "--device", "cpu", "--task", "full", "--val-frac", "0", "--encoder", "test-vit",
-        "--allow-test-encoder"]
+from tests.train.cli_helpers import FAST, invoke, one_line_error  # noqa: E402
 
 
-def invoke(cmd, args) -> Result:
-    from tests.conftest import torch_threads
-
-    with torch_threads(1), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return CliRunner().invoke(cmd, [str(a) for a in args])
 
 
-def one_line_error(r: Result, *needles: str) -> str:
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+
 
 
 @pytest.fixture(scope="module")

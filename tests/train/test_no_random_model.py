@@ -5,15 +5,13 @@ Also ``--threads``. No network: ``HF_HUB_OFFLINE=1`` and an empty Hugging Face c
 from __future__ import annotations
 
 import json
-import warnings
-from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 torch = pytest.importorskip("torch")
 
 from hishrst_train import cli  # noqa: E402
+from tests.train.cli_helpers import invoke, one_line_error  # noqa: E402
 from hishrst_train.encoders.registry import (  # noqa: E402
     DEFAULT_ENCODER,
     ENCODERS,
@@ -33,19 +31,8 @@ def no_weights(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("HISHRST_WEIGHTS_DIR", raising=False)
 
 
-def invoke(cmd, args) -> Result:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return CliRunner().invoke(cmd, [str(a) for a in args])
 
 
-def one_line_error(r: Result, *needles: str) -> str:
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in r.output, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def test_registry_marks_test_encoders_and_defaults_to_uni():

@@ -11,36 +11,21 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
 pytest.importorskip("torch")
 
 from hishrst_runtime.core.owned import OWNER_FILE, owner_of  # noqa: E402
 from hishrst_train import cli  # noqa: E402
-
-FAST = ["--epochs", "1", "--no-progress", "--device", "cpu", "--task", "full", "--val-frac", "0", "--encoder", "test-vit",
-        "--allow-test-encoder"]
+from tests.train.cli_helpers import FAST, invoke, one_line_error  # noqa: E402
 
 
-def invoke(cmd, args) -> Result:
-    from tests.conftest import torch_threads
-
-    with torch_threads(1), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return CliRunner().invoke(cmd, [str(a) for a in args])
 
 
-def one_line_error(r: Result, *needles: str) -> str:
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+
 
 
 def user_folder(path: Path) -> dict[str, str]:
