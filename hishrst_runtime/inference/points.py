@@ -32,13 +32,10 @@ from typing import Any
 import numpy as np
 
 from hishrst_runtime.core.errors import InputError
+from hishrst_runtime.core.spaceranger import POSITION_FILES, find_spot_table, read_spot_table
 
-__all__ = ["QueryPoints", "read_points", "check_points_inside", "POSITION_FILES", "SPOT_TABLE_COLUMNS", "MANY_POINTS"]
+__all__ = ["QueryPoints", "read_points", "check_points_inside", "MANY_POINTS"]
 
-#: Space Ranger's spot tables, newest first: (file name inside ``spatial/``, has a header row).
-POSITION_FILES: tuple[tuple[str, bool], ...] = (("tissue_positions.csv", True), ("tissue_positions_list.csv", False))
-#: Columns of a Space Ranger spot table, in file order.
-SPOT_TABLE_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
 _FIX_CSV = "write a header row `x,y` (level-0 pixels; optional `id`), one point a row"
 _SHOWN = 3  # offending rows named in a message
 #: More points than this in one file are warned about (memory and time); the one definition of the limit.
@@ -207,42 +204,17 @@ def _read_h5ad(path: Path) -> tuple[np.ndarray, list[str] | None]:
 
 
 def _read_spaceranger(folder: Path) -> QueryPoints:
-    """In-tissue spots of a Space Ranger ``outs`` (or ``outs/spatial``) folder, in the file's order."""
-    for base in (folder / "spatial", folder):
-        for name, has_header in POSITION_FILES:
-            if (base / name).is_file():
-                return _spaceranger_table(base / name, has_header)
-    looked = ", ".join(f"spatial/{n}" for n, _ in POSITION_FILES)
-    raise InputError(f"{folder}: a folder, but not a Space Ranger outs folder (looked for {looked}); pass the "
-                     "outs folder, a CSV with header `x,y` or an .h5ad with obsm['spatial']")
-
-
-def _spaceranger_table(path: Path, has_header: bool) -> QueryPoints:
-    try:
-        rows = _csv_rows(path)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"{path}: cannot read the spot table ({e}); re-export it from Space Ranger") from e
-    if has_header and rows:
-        header = [c.strip().lower() for c in rows[0][1]]
-        missing = [c for c in SPOT_TABLE_COLUMNS if c not in header]
-        if missing:
-            raise InputError(f"{path}: missing column(s) {', '.join(missing)}; a Space Ranger spot table has "
-                             f"{', '.join(SPOT_TABLE_COLUMNS)}")
-        cols, rows = [header.index(c) for c in SPOT_TABLE_COLUMNS], rows[1:]
-    else:
-        cols = list(range(len(SPOT_TABLE_COLUMNS)))
-    xy, names, lines = [], [], []
-    for line, r in rows:
-        if len(r) < len(SPOT_TABLE_COLUMNS):
-            raise InputError(f"{path}: line {line} has {len(r)} field(s), expected {len(SPOT_TABLE_COLUMNS)} "
-                             f"({', '.join(SPOT_TABLE_COLUMNS)})")
-        if r[cols[1]].strip() not in ("1", "1.0", "True", "true"):
-            continue
-        xy.append((_number(r[cols[5]].strip(), path, line, "pxl_col_in_fullres"),
-                   _number(r[cols[4]].strip(), path, line, "pxl_row_in_fullres")))
-        names.append(r[cols[0]].strip())
-        lines.append(line)
-    return _finish(path, np.asarray(xy, dtype=np.float64), names, what="in-tissue spot", lines=lines)
+    """In-tissue spots of a Space Ranger ``outs`` (or ``outs/spatial``) folder, in the file's order
+    (the one spot-table parser: :mod:`hishrst_runtime.core.spaceranger`)."""
+    path = find_spot_table(folder)
+    if path is None:
+        looked = ", ".join(f"spatial/{n}" for n in POSITION_FILES)
+        raise InputError(f"{folder}: a folder, but not a Space Ranger outs folder (looked for {looked}); pass the "
+                         "outs folder, a CSV with header `x,y` or an .h5ad with obsm['spatial']")
+    table = read_spot_table(path)
+    keep = table.in_tissue
+    return _finish(path, table.xy_px[keep], [str(b) for b in table.barcodes[keep]], what="in-tissue spot",
+                   lines=table.lines[keep].tolist())
 
 
 def check_points_inside(points: QueryPoints, *, shape0: tuple[int, int], slide: str) -> None:

@@ -13,7 +13,7 @@ import pandas as pd
 from hishrst_runtime.core.geometry import mpp_from_spot_diameter
 
 
-from hishrst_runtime.inference.points import POSITION_FILES, SPOT_TABLE_COLUMNS
+from hishrst_runtime.core.spaceranger import find_spot_table, read_spot_table
 from hishrst_train.data.errors import _error, check_section_mpp
 
 __all__ = ['read_visium', 'read_h5ad_with_image']
@@ -23,8 +23,6 @@ log = logging.getLogger("hishrst")
 from hishrst_train.data.image import _IMAGE_SUFFIXES, _check_bounds, _image_hw, image_mpp, open_fullres_image
 from hishrst_train.data.tenx import _read_10x_h5
 
-#: Space Ranger's spot-table files and columns: one definition, shared with ``hishrst-run --points``.
-_POS_COLUMNS = list(SPOT_TABLE_COLUMNS)
 
 # ---------------------------------------------------------------------------------------------------
 # Space Ranger outs
@@ -32,25 +30,16 @@ _POS_COLUMNS = list(SPOT_TABLE_COLUMNS)
 
 
 def _read_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
-    for name, _ in POSITION_FILES:
-        p = spatial / name
-        if p.is_file():
-            break
-    else:
+    """The spot table as a frame indexed by barcode (the one parser: :mod:`hishrst_runtime.core.spaceranger`)."""
+    p = find_spot_table(spatial)
+    if p is None:
         raise _error(spatial, "no tissue_positions.csv (Space Ranger ≥ 2.0) or tissue_positions_list.csv found",
                      "copy the whole spatial/ folder of Space Ranger's outs/")
-    with open(p, encoding="utf-8") as fh:
-        first = fh.readline()
-    header = 0 if first.split(",")[0].strip().strip('"') == "barcode" else None
-    try:
-        df = pd.read_csv(p, header=header)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise _error(p, f"cannot parse the positions file ({e})", "restore the file from Space Ranger's outs/spatial/") from e
-    if df.shape[1] != 6:
-        raise _error(p, f"expected 6 columns {_POS_COLUMNS}, found {df.shape[1]}", "restore the file from Space Ranger's outs/spatial/")
-    df.columns = _POS_COLUMNS
-    df["barcode"] = df["barcode"].astype(str)
-    return df.set_index("barcode"), p
+    t = read_spot_table(p)
+    df = pd.DataFrame({"in_tissue": t.in_tissue.astype(np.int64), "array_row": t.array_rc[:, 0].astype(np.int64),
+                       "array_col": t.array_rc[:, 1].astype(np.int64), "pxl_row_in_fullres": t.xy_px[:, 1],
+                       "pxl_col_in_fullres": t.xy_px[:, 0]}, index=pd.Index(t.barcodes.astype(str), name="barcode"))
+    return df, p
 
 
 def _find_fullres(outs: Path) -> Path | None:
