@@ -3,7 +3,7 @@ one parser, used by training's Visium reader and by ``hishrst-run --points OUTS`
 
 The table has six columns — barcode, in_tissue, array_row, array_col, pxl_row_in_fullres,
 pxl_col_in_fullres — with a header row (Space Ranger ≥ 2.0) or without one (older versions); the header is
-recognised by its first field ``barcode``, whatever the file is called. Pixel coordinates are full-resolution
+recognised by a field named ``barcode``, whatever the file is called, and its columns are taken by name. Pixel coordinates are full-resolution
 (level-0) pixels; rows keep the file's order.
 """
 
@@ -60,9 +60,9 @@ def _rows(path: Path) -> list[tuple[int, list[str]]]:
 
 
 def _columns(path: Path, rows: list[tuple[int, list[str]]]) -> tuple[list[int], list[tuple[int, list[str]]]]:
-    """Column indices of :data:`SPOT_TABLE_COLUMNS` and the data rows (header recognised by ``barcode``)."""
-    if rows and rows[0][1] and rows[0][1][0].strip().strip('"').lower() == "barcode":
-        header = [c.strip().strip('"').lower() for c in rows[0][1]]
+    """Column indices of :data:`SPOT_TABLE_COLUMNS` and the data rows (a header is recognised by ``barcode``)."""
+    header = [c.strip().strip('"').lower() for c in rows[0][1]] if rows else []
+    if "barcode" in header:
         missing = [c for c in SPOT_TABLE_COLUMNS if c not in header]
         if missing:
             raise InputError(f"{path}: missing column(s) {', '.join(missing)}; a Space Ranger spot table has "

@@ -50,6 +50,7 @@ __all__ = [
     "prepare_slide",
     "work_units",
     "predict_slide",
+    "encode_slide",
 ]
 
 
@@ -70,7 +71,8 @@ class PredictStats:
 
 
 class _Finisher:
-    """Head + write + progress for one unit at a time, in unit order; after the first failure it does nothing."""
+    """Head + write + progress for one unit at a time, in unit order; after the first failure it does nothing.
+    Without a head (``head=None``, :func:`encode_slide`) the unit's encoder features are written as they are."""
 
     def __init__(self, plan: UnitPlan, head: Any, write: Callable[[np.ndarray, np.ndarray], None],
                  done: np.ndarray | None, progress: Callable[[int], None] | None) -> None:
@@ -82,7 +84,10 @@ class _Finisher:
         if self.failed.is_set():
             return
         try:
-            rows, values = head_rows(self.plan, self.head, unit, feats)
+            if self.head is None:  # features mode: the rows of the unit, in the order its tiles were cut
+                rows, values = unit_rows(self.plan.prep, unit), feats
+            else:
+                rows, values = head_rows(self.plan, self.head, unit, feats)
             t0 = time.perf_counter()
             self.write(rows, values)
             self.plan.timer.add("write", time.perf_counter() - t0)
@@ -155,6 +160,7 @@ def predict_slide(
     A unit whose rows are all ``done`` is skipped; any other unit is recomputed whole (rows already
     on disk are rewritten with identical values), so a resumed run computes exactly the batches an
     uninterrupted run does and writes exactly its values. Returns counters and stage timings.
+    ``head=None`` writes the encoder features instead (:func:`encode_slide`).
     """
     plan = plan_units(prep, bundle, batch_size=batch_size, head_batch=head_batch, cache_bytes=cache_bytes, timer=timer)
     all_units = work_units(prep.groups, batch_size)
@@ -174,3 +180,24 @@ def predict_slide(
         level=prep.level_index, level_mpp=float(plan.level.mpp), patch_side_px=plan.side,
         stages=dict(plan.timer.seconds),
     )
+
+
+def encode_slide(
+    prep: PreparedSlide,
+    bundle: Bundle,
+    *,
+    encoder: Any,
+    write: Callable[[np.ndarray, np.ndarray], None],
+    batch_size: int = 64,
+    workers: int = 2,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    progress: Callable[[int], None] | None = None,
+    timer: StageTimer | None = None,
+) -> PredictStats:
+    """The encoder alone over every work unit of ``prep`` (no head): ``write(rows, features)`` per unit.
+
+    ``rows`` are int64 point indices, ``features`` float32 ``[len(rows), feature_dim]``: the same tiles,
+    batches and encoder calls as :func:`predict_slide` (the same reader and stage functions), in unit order.
+    """
+    return predict_slide(prep, bundle, encoder=encoder, head=None, write=write, batch_size=batch_size,
+                         workers=workers, cache_bytes=cache_bytes, progress=progress, timer=timer)
