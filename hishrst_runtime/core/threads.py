@@ -5,8 +5,8 @@ oversubscribes: a Slurm job or container limited to 2 of 64 cores, or a laptop w
 runs 15–30× slower than with the right count. :func:`usable_cores` is what this process may run on —
 the smallest of the CPU affinity mask (``taskset``, Slurm's ``--cpus-per-task``), the cgroup CPU quota
 (Docker ``--cpus``, Kubernetes limits: ``cpu.max`` v2 or ``cpu.cfs_quota_us`` v1) and the machine.
-:func:`default_threads` then leaves out the cores other processes are keeping busy (the 1-minute load
-average minus this process's own share), never going below one. ``--threads N`` (or
+:func:`default_threads` then leaves out the cores other processes are keeping busy (measured over a quarter of a
+second, or the 1-minute load average without psutil), never going below one. ``--threads N`` (or
 ``$HISHRST_THREADS``) always wins.
 """
 
@@ -64,21 +64,29 @@ def usable_cores() -> int:
     return max(1, n)
 
 
-def busy_cores(cores: int) -> int:
-    """Cores other processes keep busy now: the 1-minute load average minus this process's share, rounded
-    down, clipped to ``[0, cores - 1]`` (0 where the load average is unknown)."""
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return 0
-    own = 0.0
+def _sampled_busy(cores: int, interval: float) -> float | None:
+    """CPUs other processes used over the last ``interval`` seconds (psutil), None when psutil is missing."""
     try:
         import psutil
+    except ImportError:
+        return None
+    me = psutil.Process()
+    me.cpu_percent(interval=None)
+    total = psutil.cpu_percent(interval=interval) / 100.0 * (psutil.cpu_count() or cores)
+    return max(0.0, total - me.cpu_percent(interval=None) / 100.0)
 
-        own = psutil.Process().cpu_percent(interval=None) / 100.0
-    except (ImportError, OSError):
-        pass
-    return int(max(0, min(cores - 1, math.floor(load - own))))
+
+def busy_cores(cores: int, *, interval: float = 0.25) -> int:
+    """Cores other processes keep busy now, rounded to the nearest core and clipped to ``[0, cores - 1]``:
+    measured over ``interval`` seconds (psutil; a fresh burst of work shows at once), else the 1-minute load
+    average (which lags by a minute), else 0."""
+    busy = _sampled_busy(cores, interval)
+    if busy is None:
+        try:
+            busy = float(os.getloadavg()[0])
+        except (AttributeError, OSError):
+            return 0
+    return int(max(0, min(cores - 1, round(busy))))
 
 
 def default_threads(*, reserve: int = 0) -> int:

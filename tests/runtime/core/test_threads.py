@@ -36,16 +36,37 @@ def test_usable_cores_takes_the_smallest_limit(monkeypatch):
 
 def test_default_leaves_out_busy_cores(monkeypatch):
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.2, 0, 0))
-    assert threads.busy_cores(4) in (1, 2)  # minus this process's own share
+    monkeypatch.setattr(threads, "_sampled_busy", lambda cores, interval: 2.2)
+    assert threads.busy_cores(4) == 2
+    monkeypatch.setattr(threads, "_sampled_busy", lambda cores, interval: None)  # no psutil: the load average
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.4, 0, 0))
+    assert threads.busy_cores(4) == 1
     monkeypatch.setattr(threads, "busy_cores", lambda cores: 2)
     assert threads.default_threads() == 2
     assert threads.default_threads(reserve=5) == 1  # never below one
 
 
 def test_busy_cores_never_takes_every_core(monkeypatch):
-    monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 0, 0))
+    monkeypatch.setattr(threads, "_sampled_busy", lambda cores, interval: 50.0)
     assert threads.busy_cores(4) == 3
+
+
+def test_a_busy_process_is_seen_at_once():
+    """Two cores kept busy by another process are measured within the sampling interval (no 1-minute lag)."""
+    import subprocess
+    import sys
+
+    if threads.usable_cores() < 2:
+        pytest.skip("needs two cores")
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert threads._sampled_busy(threads.usable_cores(), 0.5) >= 1.2
+    finally:
+        for p in spin:
+            p.kill()
 
 
 def test_explicit_and_environment(monkeypatch):
