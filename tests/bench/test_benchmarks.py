@@ -314,3 +314,15 @@ def test_claim_quick(tmp_path: Path) -> None:
             assert [w["slides"] for w in r["per_worker"]] == [3, 3, 3, 3]
     (summary,) = [r for r in records if r.get("kind") == "summary"]
     _positive(summary["shard_over_claim"], *summary["median_makespan_s"].values())
+
+
+def test_threads_quick(tmp_path: Path) -> None:
+    """``hishrst fit`` idle, with every core busy at the default thread count, and with --threads = all cores:
+    three timed fits, the chosen thread count and the load recorded."""
+    records = _script("threads", tmp_path / "threads.jsonl", tmp_path / "work")
+    assert [(r["busy_cores"], r["threads_option"]) for r in records] == [
+        (0, "default"), (records[0]["cores"], "default"), (records[0]["cores"], records[0]["cores"])]
+    for r in records:
+        _positive(r["wall_s"])
+        assert r["chosen"].startswith("threads: ") and "load_avg_1m" in r
+    assert records[2]["chosen"].startswith(f"threads: {records[0]['cores']} ")
