@@ -28,6 +28,8 @@ _SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("hishrst_export.cli", "export", "Export a fitted run to an ONNX/TensorRT model bundle."),
     "run": ("hishrst_runtime.cli.run", "run", "Predict expression over whole slides (OME-Zarr, SVS / TIFF, URLs) "
             "on a grid or at given points."),
+    "features": ("hishrst_runtime.cli.features", "features", "Write the bundle encoder's patch embeddings per slide "
+                 "(TRIDENT-style <slide>.h5: features, coords), on a grid or at given points."),
     "convert": ("hishrst_runtime.cli.convert", "convert_cmd", "Convert SVS / (OME-)TIFF slides to OME-Zarr 0.5."),
     "demo": ("hishrst.demo", "demo", "Synthesize, train, export and run end to end on a demo slide."),
 }

@@ -30,7 +30,7 @@ OWNER_FILE = ".hishrst-output.json"
 #: The root attribute that marks a zarr store hishrst wrote (a file in a store would upset zarr's listing).
 OWNER_ATTR = "hishrst_output"
 
-OutputKind = Literal["fit-run", "cv", "synth", "demo", "bundle", "ome-zarr", "run-output"]
+OutputKind = Literal["fit-run", "cv", "synth", "demo", "bundle", "ome-zarr", "run-output", "features"]
 
 
 class ForeignOutputError(OutputStateError, FileExistsError):
