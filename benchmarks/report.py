@@ -216,15 +216,21 @@ def _int8(ok: list[dict[str, Any]]) -> list[str]:
                           ("parity.feature_pcc_mean", "feature PCC"), ("load_avg_1m_before_timing", "load")])]
 
 
+def _threads(ok: list[dict[str, Any]]) -> list[str]:
+    return [md_table(ok, [("busy_cores", "cores kept busy by others"), ("threads_option", "--threads"),
+                          ("chosen", "chosen"), ("epochs", "epochs"), ("wall_s", "fit wall s"),
+                          ("load_avg_1m", "load")])]
+
+
 #: The tables of each benchmark's section, from its successful records.
 _TABLES: dict[str, Callable[[list[dict[str, Any]]], list[str]]] = {
     "encoder": _encoder, "pipeline": _pipeline, "reference": _reference, "training": _training,
     "transfer": _transfer, "direct_wsi": _direct_wsi, "feed": _feed, "gpu": _gpu, "baselines": _baselines,
-    "claim": _claim, "int8": _int8,
+    "claim": _claim, "int8": _int8, "threads": _threads,
 }
 #: The benchmarks ``main`` renders, in order.
 SECTIONS = ("encoder", "gpu", "pipeline", "feed", "reference", "training", "direct_wsi", "transfer", "baselines",
-            "claim", "int8")
+            "claim", "int8", "threads")
 
 
 def section(name: str, recs: list[dict[str, Any]], *, title: str | None = None) -> str:
