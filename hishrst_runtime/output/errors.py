@@ -15,7 +15,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from hishrst_runtime.core.errors import EnvironmentProblem, HishrstError, OutputStateError
+from hishrst_runtime.core.errors import HishrstError, OutputStateError
+from hishrst_runtime.core.extras import MissingExtraError  # re-exported: an output format's missing extra
 
 __all__ = ["OutputExistsError", "OutputMismatchError", "IncompleteOutputError", "OutputNotWritableError",
            "MissingExtraError", "not_writable", "writing"]
@@ -42,8 +43,6 @@ class OutputNotWritableError(OutputStateError, OSError):
     file-system error. ``errno`` is the original error's; the rows already on disk are kept."""
 
 
-class MissingExtraError(EnvironmentProblem, ImportError):
-    """An optional output format needs a package that is not installed; the message names the extra."""
 
 
 def not_writable(e: OSError, path: Path, action: str) -> OutputNotWritableError:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from hishrst_runtime.core.errors import EnvironmentProblem, InputError
+from hishrst_runtime.core.errors import InputError
+from hishrst_runtime.core.extras import MissingExtraError
 from hishrst_runtime.core.limits import RasterTooLargeError, check_raster_size
 from hishrst_runtime.core.units import PixelSizeError
 
@@ -35,7 +36,7 @@ class ConvertError(InputError):
     """A source or output that cannot be converted; the message names the file, the problem and the fix."""
 
 
-class SlideExtraMissing(EnvironmentProblem, ImportError):
+class SlideExtraMissing(MissingExtraError):
     """A slide needs an optional package (fsspec for URLs, OpenSlide for vendor formats); the message names
     the slide and the extra to install (``pip install "hishrst[remote]"`` / ``"hishrst[openslide]"``)."""
 
