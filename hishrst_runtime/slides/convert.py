@@ -35,6 +35,7 @@ import errno
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 from hishrst_runtime.core.errors import OutputStateError
@@ -216,6 +217,18 @@ def _tile_error(e: SlideError) -> ConvertError:
     return ConvertError(str(e))
 
 
+def _discard(tmp: Path, *, settle_s: float = 2.0) -> None:
+    """Remove a failed store. zarr writes chunks concurrently and, when one write fails, the others may still
+    land (re-creating folders) after the error reached us: remove again until the path stays gone."""
+    deadline = time.monotonic() + settle_s
+    remove_tree(tmp)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if os.path.lexists(tmp):
+            remove_tree(tmp)
+            deadline = max(deadline, time.monotonic() + 0.2)
+
+
 def _write_store(source: TiffLevel, src: Path, out: Path, *, mpp: float, origin: str, chunk: int,
                  progress: bool, bounds: tuple[float, float] | None) -> Path:
     """Write the store to a hidden ``.<name>.partial-…`` beside ``out`` and mark it; removed on any failure.
@@ -231,19 +244,19 @@ def _write_store(source: TiffLevel, src: Path, out: Path, *, mpp: float, origin:
                            extra_attrs={"hishrst": {"source": src.name, "mpp_source": origin}})
         mark_owned(tmp, "ome-zarr", source=src.name)
     except TiffError as e:
-        remove_tree(tmp)
+        _discard(tmp)
         raise ConvertError(f"{src}: {e.reason}; copy the complete file again or re-export it") from e
     except SlideError as e:  # a tile with no data inside tissue, or one that does not decode
-        remove_tree(tmp)
+        _discard(tmp)
         raise _tile_error(e) from e
     except OSError as e:
-        remove_tree(tmp)
+        _discard(tmp)
         error = _os_error(e, src, out)
         if error is None:
             raise
         raise error from e
     except BaseException:
-        remove_tree(tmp)
+        _discard(tmp)
         raise
     return tmp
 
