@@ -37,6 +37,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from hishrst_runtime.core.errors import OutputStateError
 from hishrst_runtime.core.files import (clean_stale_siblings, read_json, remove_tree, restore_stale_old, swap_in,
@@ -208,6 +209,14 @@ def _os_error(e: OSError, src: Path, out: Path) -> ConvertOutputError | None:
     return None
 
 
+def _raise_os_error(e: OSError, src: Path, out: Path) -> NoReturn:
+    """Raise the one-line error of :func:`_os_error` (chained to ``e``), or ``e`` itself for other OS errors."""
+    error = _os_error(e, src, out)
+    if error is None:
+        raise e
+    raise error from e
+
+
 def _tile_error(e: SlideError) -> ConvertError:
     """A missing or corrupt tile met while converting, as a one-line :class:`ConvertError` naming the tile."""
     if isinstance(e, MissingChunkError):  # its fix names hishrst-run's --allow-missing-chunks, which convert lacks
@@ -251,10 +260,7 @@ def _write_store(source: TiffLevel, src: Path, out: Path, *, mpp: float, origin:
         raise _tile_error(e) from e
     except OSError as e:
         _discard(tmp)
-        error = _os_error(e, src, out)
-        if error is None:
-            raise
-        raise error from e
+        _raise_os_error(e, src, out)
     except BaseException:
         _discard(tmp)
         raise
@@ -299,7 +305,4 @@ def convert_slide(
         return swap_in(tmp, out)
     except OSError as e:
         remove_tree(tmp)
-        error = _os_error(e, src, out)
-        if error is None:
-            raise
-        raise error from e
+        _raise_os_error(e, src, out)
