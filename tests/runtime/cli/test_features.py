@@ -26,18 +26,12 @@ from hishrst_runtime.cli.features import features  # noqa: E402
 from hishrst_runtime.core.owned import OWNER_ATTR  # noqa: E402
 from hishrst_runtime.core.patches import cut_patch, patch_origins, patch_side_px, resize_image  # noqa: E402
 from hishrst_runtime.slides.convert import write_ome_zarr  # noqa: E402
+from tests.runtime.images import disc_image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 SIDE = 640
 
 
-def disc_image(side: int = SIDE) -> np.ndarray:
-    yy, xx = np.mgrid[:side, :side]
-    img = np.full((side, side, 3), 245, np.uint8)
-    inside = (xx - side / 2) ** 2 + (yy - side / 2) ** 2 < (side / 3) ** 2
-    rng = np.random.default_rng(0)
-    img[inside] = np.clip(rng.normal((200, 110, 170), 20, (int(inside.sum()), 3)), 0, 255).astype(np.uint8)
-    return img
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ad = pytest.importorskip("anndata")
 
 from hishrst_runtime.output.store import OutputStore, partial_path  # noqa: E402
 from hishrst_runtime.slides.convert import write_ome_zarr  # noqa: E402
+from tests.runtime.images import textured_disc  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 CHUNK_ROWS = 16
@@ -49,15 +49,6 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def textured_disc(side: int = 480, seed: int = 0) -> np.ndarray:
-    """A pink, noisy disc on white glass: every query point gets its own values."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:side, :side]
-    img = np.full((side, side, 3), 245, np.uint8)
-    inside = (xx - side / 2) ** 2 + (yy - side / 2) ** 2 < (side / 3) ** 2
-    noise = rng.normal((200, 110, 170), 25, size=(side, side, 3))
-    img[inside] = np.clip(noise[inside], 0, 255).astype(np.uint8)
-    return img
 
 
 @pytest.fixture(scope="module")

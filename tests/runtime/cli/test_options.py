@@ -24,18 +24,12 @@ from hishrst.cli import main  # noqa: E402
 from hishrst_runtime.cli.run import run  # noqa: E402
 from hishrst_runtime.jobs.runner import run_slides  # noqa: E402
 from hishrst_runtime.slides.convert import write_ome_zarr  # noqa: E402
+from tests.runtime.images import disc_image  # noqa: E402
 
 SIDE = 640
 #: Commands of the runtime (this package); the others belong to hishrst_train / hishrst_export.
 
 
-def disc_image(side: int = SIDE) -> np.ndarray:
-    yy, xx = np.mgrid[:side, :side]
-    img = np.full((side, side, 3), 245, np.uint8)
-    inside = (xx - side / 2) ** 2 + (yy - side / 2) ** 2 < (side / 3) ** 2
-    rng = np.random.default_rng(0)
-    img[inside] = np.clip(rng.normal((200, 110, 170), 20, (int(inside.sum()), 3)), 0, 255).astype(np.uint8)
-    return img
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from hishrst_runtime.cli.run import run  # noqa: E402
 from hishrst_runtime.inference import points as points_mod  # noqa: E402
 from hishrst_runtime.output import encoding  # noqa: E402
 from hishrst_runtime.slides.convert import write_ome_zarr  # noqa: E402
+from tests.runtime.images import textured_disc  # noqa: E402
 
 
 
@@ -32,13 +33,6 @@ def _logs_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logging.getLogger("hishrst_runtime"), "propagate", True)
 
 
-def textured_disc(side: int = 480, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:side, :side]
-    img = np.full((side, side, 3), 245, np.uint8)
-    inside = (xx - side / 2) ** 2 + (yy - side / 2) ** 2 < (side / 3) ** 2
-    img[inside] = np.clip(rng.normal((200, 110, 170), 25, size=(side, side, 3))[inside], 0, 255).astype(np.uint8)
-    return img
 
 
 @pytest.fixture(scope="module")

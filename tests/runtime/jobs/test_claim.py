@@ -179,7 +179,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str]
 
 def make_slides(folder: Path, n: int, side: int = SIDE) -> list[Path]:
     from hishrst_runtime.slides.pyramid import write_ome_zarr
-    from tests.runtime.cli.test_options import disc_image
+    from tests.runtime.images import disc_image
 
     folder.mkdir(parents=True, exist_ok=True)
     return [write_ome_zarr(disc_image(side), folder / f"s{i}.ome.zarr", mpp=0.5, chunk=256) for i in range(n)]

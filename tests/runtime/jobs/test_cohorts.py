@@ -125,7 +125,7 @@ SIDE = 320
 
 def _disc(path: Path, side: int = SIDE) -> Path:
     from hishrst_runtime.slides.convert import write_ome_zarr
-    from tests.runtime.cli.test_options import disc_image
+    from tests.runtime.images import disc_image
 
     return write_ome_zarr(disc_image(side), path, mpp=0.5, chunk=256)
 

@@ -23,6 +23,7 @@ ad = pytest.importorskip("anndata")
 from hishrst_runtime.output import layout as out_layout  # noqa: E402
 from hishrst_runtime.output.progress import DIGEST_BYTES  # noqa: E402
 from hishrst_runtime.output.store import OutputStore, SpatialImages, partial_path  # noqa: E402
+from tests.runtime.images import textured_disc  # noqa: E402
 
 GENES = [f"GENE{i}" for i in range(6)]
 N, CHUNK = 100, 32  # chunks 0..2 full, chunk 3 holds 4 rows
@@ -140,13 +141,6 @@ def test_records_without_checksum_are_trusted_if_they_decode(tmp_path: Path, cap
 # ------------------------------------------------------------------ end to end: hishrst-run --resume
 
 
-def textured_disc(side: int = 480, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:side, :side]
-    img = np.full((side, side, 3), 245, np.uint8)
-    inside = (xx - side / 2) ** 2 + (yy - side / 2) ** 2 < (side / 3) ** 2
-    img[inside] = np.clip(rng.normal((200, 110, 170), 25, size=(side, side, 3))[inside], 0, 255).astype(np.uint8)
-    return img
 
 
 @pytest.mark.parametrize("damage", ["delete", "flip_byte"])
