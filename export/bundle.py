@@ -172,6 +172,8 @@ def export_bundle(run_dir: str | Path, *, out: str | Path, precision: Precision 
     if max_batch < 1:
         raise ExportError(f"--max-batch must be ≥ 1, got {max_batch}")
     trt_info = _tensorrt_preflight(precision) if tensorrt else None  # fail before reading or writing anything
+    # killed exports' debris; a bundle a killed swap left aside is put back first, so the check below sees it
+    clean_stale_siblings(out)
     check_replaceable(out, kind="bundle", overwrite=overwrite, what="a hishrst model bundle",
                       inputs=(run_dir, weights, data), legacy=_legacy_bundle)
     model, config, encoder = _load_run(run_dir, weights=weights)
@@ -181,7 +183,6 @@ def export_bundle(run_dir: str | Path, *, out: str | Path, precision: Precision 
              "nothing real and is marked encoder.test_encoder in its manifest; use it for tests and smoke runs only")
     contract, head_meta = _contract(run_dir, model, config, encoder, precision=precision)
     t0 = time.perf_counter()
-    clean_stale_siblings(out, "partial", "tmp", "trash", *(("old",) if out.exists() else ()))  # killed exports
     tmp = _make_tmp(out)
     try:
         files, parity = _export_models(tmp, model, config, encoder, precision=precision, max_batch=max_batch,
