@@ -17,6 +17,9 @@ __all__ = [
     "Provider", "PROVIDERS", "DEFAULT_PROVIDER",
     "MaskMode", "MASK_MODES", "DEFAULT_MASK_MODE",
     "PointsOutside", "POINTS_OUTSIDE", "DEFAULT_POINTS_OUTSIDE",
+    "HeadKind", "HEAD_KINDS", "DEFAULT_HEAD_KIND",
+    "Resolution", "RESOLUTIONS", "RESOLUTION_BINS",
+    "Platform", "PLATFORMS", "DEFAULT_PLATFORM",
 ]
 
 #: How the head sees where spots are. ``relative`` (default): distances within a neighbour group only,
@@ -65,3 +68,24 @@ DEFAULT_MASK_MODE: MaskMode = "intersect"
 PointsOutside = Literal["drop", "error"]
 POINTS_OUTSIDE: tuple[str, ...] = get_args(PointsOutside)
 DEFAULT_POINTS_OUTSIDE: PointsOutside = "drop"
+
+#: What the gene head predicts (``hishrst fit --head``, recorded in the run config and the bundle manifest):
+#: ``spot`` — one prediction per query point from its patch's CLS feature (HisHRST as published);
+#: ``subspot`` — one prediction per encoder patch token (8 µm at UNI's geometry), trained from spot-level
+#: measurements through the overlap-weighted aggregate of the tokens inside each spot's disk.
+HeadKind = Literal["spot", "subspot"]
+HEAD_KINDS: tuple[str, ...] = get_args(HeadKind)
+DEFAULT_HEAD_KIND: HeadKind = "spot"
+
+#: Bin sizes ``hishrst-run --resolution`` writes with a sub-spot bundle (Visium HD's square bins).
+Resolution = Literal["8um", "16um"]
+RESOLUTIONS: tuple[str, ...] = get_args(Resolution)
+#: Side of one output bin in tokens of the 8 µm lattice, per resolution (16 µm = 2 × 2 tokens pooled).
+RESOLUTION_BINS: dict[str, int] = {"8um": 1, "16um": 2}
+
+#: Spatial platforms ``hishrst synth --platform`` writes and the training readers accept: ``visium``
+#: (55 µm spots, Space Ranger ``outs``) and ``visium-hd`` (Space Ranger 3 ``binned_outputs/square_008um`` /
+#: ``square_016um``).
+Platform = Literal["visium", "visium-hd"]
+PLATFORMS: tuple[str, ...] = get_args(Platform)
+DEFAULT_PLATFORM: Platform = "visium"
