@@ -2,7 +2,7 @@
 
 * :mod:`.spec` — :class:`EncoderSpec` (timm architecture, input size in px, RGB mean/std, token geometry,
   pooling, feature dimension, where the weights live, licence); torch-free;
-* :mod:`.registry` — name → spec (UNI, UNI2-h, the random ``test-vit``, the public models of :mod:`.zoo`),
+* :mod:`.registry` — name → spec (UNI, UNI2-h, the random ``test-vit`` / ``test-vit-uni``, the public models of :mod:`.zoo`),
   the default encoder and the test-encoder check; torch-free;
 * :mod:`.generic` — ``hf-hub:ORG/NAME``, ``timm:FOLDER`` and ``timm:ARCH`` (bring your own timm model);
 * :mod:`.convert` — fitting a weights file onto the timm model (trunk prefix, transformers DINOv2 names,
@@ -10,7 +10,8 @@
 * :mod:`.weights` — where the weights come from (explicit file → local folder / Hugging Face cache →
   hub download) and the offline / gated-access errors; torch-free;
 * :mod:`.state_dict` — reading safetensors / torch state-dict files and checking they fit;
-* :mod:`.module` — :class:`EncoderModule` (uint8 NHWC tiles → float32 features), :func:`load_encoder`
+* :mod:`.module` — :class:`EncoderModule` (uint8 NHWC tiles → float32 features, and with
+  ``forward_tokens`` the patch tokens), :func:`load_encoder`
   and :func:`encoder_fingerprint`.
 
 Names are imported on first use, so ``import hishrst_train.encoders`` (and the registry) needs no torch.
@@ -33,6 +34,7 @@ __all__ = [
     "WEIGHTS_DIR_ENV",
     "WeightsError",
     "EncoderModule",
+    "EncoderTokens",
     "get_encoder_spec",
     "build_backbone",
     "resolve_weights",
@@ -62,6 +64,7 @@ _WHERE = {
     "resolve_weights": "weights",
     "load_state_dict_file": "state_dict",
     "EncoderModule": "module",
+    "EncoderTokens": "module",
     "build_backbone": "module",
     "load_encoder": "module",
     "encoder_fingerprint": "module",

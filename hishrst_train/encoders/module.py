@@ -2,7 +2,8 @@
 
 :class:`EncoderModule` takes uint8 NHWC RGB tiles ``[B, S, S, 3]`` and returns float32 features ``[B, D]``;
 scaling by 1/255 and mean/std normalisation are plain tensor ops inside ``forward`` so the same module
-exports to ONNX with a uint8 input. Before an ONNX export call :func:`set_fused_attn` ``(encoder, False)``
+exports to ONNX with a uint8 input. :meth:`EncoderModule.forward_tokens` also returns the last-layer patch
+tokens ``[B, rows, cols, width]`` (sub-spot models; :class:`EncoderTokens` wraps it for export). Before an ONNX export call :func:`set_fused_attn` ``(encoder, False)``
 so timm's attention runs as explicit matmul/softmax instead of ``scaled_dot_product_attention``.
 """
 
@@ -23,7 +24,7 @@ from hishrst_train.encoders.registry import EncoderSpec, get_encoder_spec
 from hishrst_train.encoders.state_dict import check_state_dict, load_state_dict_file
 from hishrst_train.encoders.weights import WeightsError, resolve_weights
 
-__all__ = ["EncoderModule", "EncoderBuildError", "build_backbone", "load_encoder", "encoder_fingerprint",
+__all__ = ["EncoderModule", "EncoderTokens", "EncoderBuildError", "build_backbone", "load_encoder", "encoder_fingerprint",
            "set_fused_attn", "pool_tokens"]
 
 
@@ -149,20 +150,71 @@ class EncoderModule(nn.Module):
         """See :func:`set_fused_attn`; ``False`` before ONNX export."""
         return set_fused_attn(self.backbone, enabled)
 
-    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        """``tiles``: uint8 ``[B, S, S, 3]`` RGB (S = ``input_size``) → float32 ``[B, feature_dim]``."""
+    def _normalised(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC tiles → the backbone's float32 NCHW input (scaled to 0–1, mean/std normalised)."""
         if tiles.dtype != torch.uint8 or tiles.dim() != 4 or tiles.shape[-1] != 3:
             raise TypeError(f"expected uint8 tiles [B, S, S, 3] (NHWC, RGB), got {tiles.dtype} {list(tiles.shape)}")
         x = tiles.to(torch.float32) / 255.0
         x = (x - self.mean) / self.std
-        x = x.permute(0, 3, 1, 2)
+        return x.permute(0, 3, 1, 2)
+
+    def _pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The output feature from the last-layer tokens ``[B, T, width]`` (``forward_features``)."""
         if self.spec.pooling == "cls+mean":
-            tokens = self.backbone.forward_features(x)
             return pool_tokens(tokens, prefix_tokens=int(self.backbone.num_prefix_tokens)).to(torch.float32)
+        return self.backbone.forward_head(tokens).to(torch.float32)
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        """``tiles``: uint8 ``[B, S, S, 3]`` RGB (S = ``input_size``) → float32 ``[B, feature_dim]``."""
+        x = self._normalised(tiles)
+        if self.spec.pooling == "cls+mean":
+            return self._pooled(self.backbone.forward_features(x))
         return self.backbone(x).to(torch.float32)
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """Patch tokens per side (rows, cols) of an ``input_size`` tile (:attr:`EncoderSpec.token_grid`)."""
+        return self.spec.token_grid
+
+    def forward_tokens(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tiles`` uint8 ``[B, S, S, 3]`` → (features float32 ``[B, feature_dim]``, equal to :meth:`forward`;
+        tokens float32 ``[B, rows, cols, width]``): the last-layer patch tokens after the final norm, class
+        token and registers removed, in row-major grid order — both from one ``forward_features`` pass."""
+        x = self._normalised(tiles)
+        if not hasattr(self.backbone, "forward_features") or not hasattr(self.backbone, "forward_head"):
+            raise EncoderBuildError(f"encoder {self.spec.name!r}: {type(self.backbone).__name__} has no "
+                                    "forward_features/forward_head, so its patch tokens cannot be read; use a timm ViT")
+        tokens = self.backbone.forward_features(x)
+        rows, cols = self.token_grid
+        prefix = int(getattr(self.backbone, "num_prefix_tokens", self.spec.prefix_tokens))
+        if tokens.dim() != 3 or tokens.shape[1] != prefix + rows * cols:
+            raise EncoderBuildError(f"encoder {self.spec.name!r}: {list(tokens.shape)} tokens from forward_features, "
+                                    f"expected [B, {prefix} + {rows}×{cols}, width]; fix the encoder's spec")
+        grid = tokens[:, prefix:].reshape(-1, rows, cols, tokens.shape[-1]).to(torch.float32)
+        return self._pooled(tokens), grid
 
     def extra_repr(self) -> str:
         return f"name={self.spec.name!r}, input_size={self.input_size}, feature_dim={self.feature_dim}"
+
+
+class EncoderTokens(nn.Module):
+    """``encoder.forward_tokens`` as a module's ``forward`` (tiles → (features, tokens)): what the token
+    encoder's ONNX export traces. Shares the encoder's parameters; frozen and in eval mode like it."""
+
+    def __init__(self, encoder: EncoderModule) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.input_size = encoder.input_size
+        self.feature_dim = encoder.feature_dim
+        super().train(False)
+
+    def train(self, mode: bool = True) -> EncoderTokens:  # noqa: ARG002 - frozen: always eval
+        """No-op: the encoder is frozen and always in eval mode."""
+        return super().train(False)
+
+    def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """See :meth:`EncoderModule.forward_tokens`."""
+        return self.encoder.forward_tokens(tiles)
 
 
 def load_encoder(

@@ -1,9 +1,14 @@
 """The encoder registry: name → :class:`EncoderSpec` (plain data; importing this module needs no torch).
 
-* ``uni``     — UNI (ViT-L/16, 1024-d), ``MahmoodLab/UNI``, gated, CC-BY-NC-ND-4.0;
+* ``uni``     — UNI (ViT-L/16, 1024-d), ``MahmoodLab/UNI``, gated, CC-BY-NC-ND-4.0; 14 × 14 tokens of 16 px
+  (8 µm at 0.5 µm/px);
 * ``uni2-h``  — UNI2-h (ViT-H/14 with SwiGLU and 8 register tokens, 1536-d), ``MahmoodLab/UNI2-h``, gated;
+  16 × 16 tokens of 14 px (7 µm at 0.5 µm/px), registers removed from the token grid;
 * ``test-vit`` — a tiny randomly initialised ViT of the same family (64 px, 64-d) for tests: no download;
-  ``test_only`` — fit / cv / evaluate refuse it without ``--allow-test-encoder`` (:func:`check_encoder_allowed`);
+* ``test-vit-uni`` — the same tiny random ViT with UNI's token geometry (224 px, 14 × 14 tokens of 16 px) and
+  normalisation, for sub-spot tests;
+  both ``test_only`` — fit / cv / evaluate refuse them without ``--allow-test-encoder``
+  (:func:`check_encoder_allowed`, on ``spec.test_only``, never on a name);
 * the public models of :mod:`.zoo` (CONCH v1 / v1.5, Virchow2, H-optimus-0/1, Phikon-v2, Prov-GigaPath,
   Hibou-B/L), each with its preprocessing, token geometry, pooling and licence;
 * generic forms (:mod:`.generic`): ``hf-hub:ORG/NAME`` (a timm model on the hub) and ``timm:FOLDER`` (a
@@ -48,6 +53,17 @@ def _gated_hub_vit(name: str, *, arch: str, timm_kwargs: Mapping[str, Any], feat
                        source=source)
 
 
+def _test_vit(name: str, *, input_size: int, description: str) -> EncoderSpec:
+    """A tiny seeded random ViT (16-px patches, 64-d, 2 blocks, 2 heads, CLS; UNI's ImageNet mean/std) of
+    ``input_size`` px: ``test_only``, MIT, nothing to download."""
+    return EncoderSpec(name=name, arch="vit_tiny_patch16_224",
+                       timm_kwargs={"img_size": input_size, "patch_size": 16, "embed_dim": 64, "depth": 2,
+                                    "num_heads": 2, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True},
+                       input_size=input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, feature_dim=64, hf_repo=None,
+                       weights_filename="model.safetensors", gated=False, license="MIT", description=description,
+                       seed=0, test_only=True, source="hishrst (random, seeded)")
+
+
 ENCODERS: dict[str, EncoderSpec] = {
     "uni": _gated_hub_vit(
         "uni",
@@ -71,25 +87,14 @@ ENCODERS: dict[str, EncoderSpec] = {
         source="UNI2-h model card + TRIDENT (UNIv2InferenceEncoder)",
         description="UNI2-h: ViT-H/14 (SwiGLU, 8 register tokens), 681M parameters, pretrained on 200M+ tiles; 1536-d.",
     ),
-    "test-vit": EncoderSpec(
-        name="test-vit",
-        arch="vit_tiny_patch16_224",
-        timm_kwargs={
-            "img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2, "init_values": 1e-5,
-            "num_classes": 0, "dynamic_img_size": True,
-        },
-        input_size=64,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        feature_dim=64,
-        hf_repo=None,
-        weights_filename="model.safetensors",
-        gated=False,
-        license="MIT",
+    "test-vit": _test_vit(
+        "test-vit", input_size=64,
         description="Tiny random ViT (UNI family, 64 px, 64-d), seeded, for tests and smoke runs; no download.",
-        seed=0,
-        test_only=True,
-        source="hishrst (random, seeded)",
+    ),
+    "test-vit-uni": _test_vit(
+        "test-vit-uni", input_size=224,
+        description="Tiny random ViT with UNI's token geometry (224 px, 14 × 14 tokens of 16 px, UNI's mean/std; "
+                    "64-d, 2 blocks), seeded, for sub-spot tests and smoke runs; no download.",
     ),
     **ZOO,
 }

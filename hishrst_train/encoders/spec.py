@@ -5,6 +5,13 @@ preprocessing (tile side in px, RGB mean/std on the 0–1 scale), the token geom
 tokens, hence the token grid and the number of prefix tokens), the output feature (``pooling``) and its
 dimension, where the weights live and under which licence, and how a weights file maps onto the timm
 model (``state_dict_prefix``, ``state_dict_format``, ``resample_pos_embed``).
+
+Tokens: an ``input_size``-px tile gives ``token_grid`` = ``input_size // patch_size`` tokens per side, after
+``prefix_tokens`` (class token + registers). Cut at an encoder's native 0.5 µm/px (20×) a token spans
+``patch_size × 0.5`` µm: 8 µm for 16-px tokens (UNI, CONCH, Phikon-v2, Prov-GigaPath, 14 × 14 at 224 px,
+28 × 28 for CONCH's 448 px), 7 µm for 14-px tokens (UNI2-h, Virchow2, H-optimus, Hibou; 16 × 16 at 224 px).
+Sub-spot models instead fix the token pitch (8 µm by default) and cut tiles to match:
+:meth:`EncoderSpec.token_geometry`.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Literal, Mapping
+
+from hishrst_runtime.core.tokens import DEFAULT_MARGIN_TOKENS, DEFAULT_TOKEN_PITCH_UM, TokenGeometry
 
 __all__ = ["EncoderSpec", "Pooling", "StateDictFormat", "IMAGENET_MEAN", "IMAGENET_STD", "OPENAI_CLIP_MEAN",
            "OPENAI_CLIP_STD"]
@@ -103,6 +112,15 @@ class EncoderSpec:
         """Patch tokens per side, (rows, columns), for an ``input_size`` tile."""
         n = self.input_size // self.patch_size
         return n, n
+
+    def token_geometry(self, *, pitch_um: float = DEFAULT_TOKEN_PITCH_UM,
+                       margin: int = DEFAULT_MARGIN_TOKENS) -> TokenGeometry:
+        """The :class:`~hishrst_runtime.core.tokens.TokenGeometry` of this encoder's patch tokens when one token
+        spans ``pitch_um`` µm (tile side ``token_grid × pitch_um`` µm, cut at ``pitch_um / patch_size`` µm per
+        encoder pixel: 0.5 µm/px for UNI's 16-px tokens at 8 µm) with ``margin`` tokens dropped at each side
+        at run time. An :class:`~hishrst_runtime.core.errors.InputError` if the grid leaves no token."""
+        return TokenGeometry(grid=self.token_grid, input_size=int(self.input_size), pitch_um=float(pitch_um),
+                             margin=int(margin))
 
     @property
     def width(self) -> int:
