@@ -23,7 +23,9 @@ from hishrst_runtime.cli.errors import command_errors
 from hishrst_runtime.core.extras import import_extra
 from hishrst_runtime.core.patches import DEFAULT_PATCH_UM
 from hishrst_runtime.core.threads import THREADS_ENV, resolve_threads
-from hishrst_runtime.core.vocab import DEFAULT_POSITION_MODE, DEFAULT_TASK, POSITION_MODES, TASKS
+from hishrst_runtime.core.tokens import DEFAULT_TOKEN_PITCH_UM
+from hishrst_runtime.core.vocab import DEFAULT_HEAD_KIND, DEFAULT_POSITION_MODE, DEFAULT_TASK, HEAD_KINDS, POSITION_MODES, \
+    TASKS
 from hishrst_train.encoders.registry import DEFAULT_ENCODER, ENCODER_NAMES, is_encoder_name
 
 __all__ = ["synth", "fit", "evaluate", "cv", "training_module", "use_threads", "threads_option",
@@ -130,7 +132,13 @@ def _fit_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="relative: distances within neighbour groups (transfers to other sections); continuous: "
                           "absolute µm; grid: Visium array embeddings (the reference); none: image only."),
         click.option("--patch-um", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_PATCH_UM,
-                     show_default=True, help="Patch side in µm."),
+                     show_default=True, help="Patch side in µm (spot head; a sub-spot head's tile is its token grid "
+                                             "× --token-pitch-um)."),
+        click.option("--token-pitch-um", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TOKEN_PITCH_UM,
+                     show_default=True, help="Sub-spot head: µm per encoder token (8 = Visium HD's smallest bin)."),
+        click.option("--head", type=click.Choice(HEAD_KINDS), default=DEFAULT_HEAD_KIND, show_default=True,
+                     help="spot: one prediction per spot from its patch (HisHRST); subspot: one per encoder token "
+                          "(8 µm), trained from spots through the disk aggregate (then `hishrst-run --resolution`)."),
         click.option("--n-genes", type=click.IntRange(min=1), default=1000, show_default=True,
                      help="Highly variable genes to predict (chosen on training spots, from genes all sections share)."),
         click.option("--seed", type=int, default=0, show_default=True,

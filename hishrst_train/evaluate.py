@@ -231,19 +231,37 @@ def _load_encoder(config: RunConfig, device: str) -> Any:
     return enc
 
 
-def _predict_section(model: Any, config: RunConfig, sec: Any, genes: list[str], enc: Any, *, batch_size: int,
-                     cache_dir: str | Path | None, progress: bool, ridge: RidgeBaseline | None = None) -> ad.AnnData:
+def _spot_predictions(model: Any, config: RunConfig, sec: Any, enc: Any, *, batch_size: int,
+                      cache_dir: str | Path | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(CLS features, predictions) of every spot of ``sec``: the spot head in neighbour groups, or a sub-spot
+    head's disk aggregate of the tokens of a tile around each spot."""
     from hishrst_runtime.core.grouping import group_points
-    from hishrst_train.preprocess import log_expression
-    from hishrst_train.tasks import TARGET_SUM, _section_obs, section_features, spot_positions
+    from hishrst_train.tasks import section_features, spot_positions
     from hishrst_train.train import predict
 
+    if config.head_kind == "subspot":
+        from hishrst_runtime.core.tokens import TokenGeometry
+        from hishrst_train.subspot_fit import section_tokens
+        from hishrst_train.subspot_train import TokenRows, predict_spots
+
+        tok = section_tokens(sec, sec.xy, encoder=enc, geometry=TokenGeometry.from_dict(config.tokens or {}),
+                             batch_size=batch_size, cache_dir=cache_dir)
+        return np.asarray(tok.cls, np.float32), predict_spots(model, TokenRows([tok.tokens]))
     feats = section_features(sec, sec.xy, encoder=enc, patch_um=config.patch["size_um"], batch_size=batch_size,
                              cache_dir=cache_dir, progress=progress)
     if not config.image_features:
         feats = np.zeros_like(feats)
     pos = spot_positions(sec.xy, mpp=sec.mpp, mode=config.position["mode"], array_rc=sec.array_rc)
-    pred = predict(model, feats, pos, groups=group_points(sec.xy, max_size=config.grouping["max_size"]))
+    return feats, predict(model, feats, pos, groups=group_points(sec.xy, max_size=config.grouping["max_size"]))
+
+
+def _predict_section(model: Any, config: RunConfig, sec: Any, genes: list[str], enc: Any, *, batch_size: int,
+                     cache_dir: str | Path | None, progress: bool, ridge: RidgeBaseline | None = None) -> ad.AnnData:
+    from hishrst_train.preprocess import log_expression
+    from hishrst_train.tasks import TARGET_SUM, _section_obs
+
+    feats, pred = _spot_predictions(model, config, sec, enc, batch_size=batch_size, cache_dir=cache_dir,
+                                    progress=progress)
     col = [config.genes.index(g) for g in genes]
     truth = log_expression(sec.adata, genes, target_sum=TARGET_SUM)
     keys = np.array([f"{sec.name}:{b}" for b in sec.adata.obs_names])

@@ -42,11 +42,13 @@ def section_obs(sec: Section, rows: np.ndarray, keys: np.ndarray) -> pd.DataFram
     return obs
 
 
-def write_recovery(work: Path, model: Any, secs: list[Section], t: Targets, feats: np.ndarray, pos: np.ndarray,
-                   *, max_group: int, ridge: RidgeBaseline | None = None) -> dict[str, Any]:
+def write_recovery(work: Path, model: Any, secs: list[Section], t: Targets, feats: np.ndarray, pos: np.ndarray | None,
+                   *, max_group: int, ridge: RidgeBaseline | None = None,
+                   predictions: np.ndarray | None = None) -> dict[str, Any]:
     """Predict each section's held-out spots (grouped among themselves) → ``predictions.h5ad``, with the
     baselines beside the model: ``layers['baseline_ridge']`` (``ridge`` on the held-out spots' features) and
-    ``layers['baseline_knn']`` (mean of the 6 nearest training spots of the same section, distances in µm)."""
+    ``layers['baseline_knn']`` (mean of the 6 nearest training spots of the same section, distances in µm).
+    ``predictions`` (``[N, genes]`` for every spot; a sub-spot head's disk aggregates) replace the spot head's."""
     from hishrst_train.train import predict
 
     keys, parts = obs_keys(secs), []
@@ -55,7 +57,10 @@ def write_recovery(work: Path, model: Any, secs: list[Section], t: Targets, feat
         train = t.train_mask[lo : t.offsets[i + 1]]
         rows = np.flatnonzero(~train)
         idx = rows + lo
-        pred = predict(model, feats, pos, groups=[idx[g] for g in group_points(s.xy[rows], max_size=max_group)])[idx]
+        if predictions is not None:
+            pred = np.asarray(predictions[idx], np.float32)
+        else:
+            pred = predict(model, feats, pos, groups=[idx[g] for g in group_points(s.xy[rows], max_size=max_group)])[idx]
         res = ad.AnnData(X=pred, obs=section_obs(s, rows, keys[idx]), var=gene_var(t.genes))
         res.layers["truth"] = t.expr[idx]
         if ridge is not None:

@@ -15,10 +15,13 @@ Versions:
 3. ``sections`` lists every training section (name, kind, data, image, fullres_image,
    mpp, n_spots); ``data`` / ``image`` keep the first section's paths; task ``full`` and position modes
    ``relative`` / ``none`` are possible.
-4. the current layout: ``preprocessing`` records ``counts`` (``raw``: UMI counts normalised by hishrst;
+4. ``preprocessing`` records ``counts`` (``raw``: UMI counts normalised by hishrst;
    ``log``: pre-normalised log1p values used as given, ``--counts log``) and ``genes_dropped`` (how many
    genes the intersection over sections left out, and a few of their names); each section records its
    ``counts`` mode and content ``fingerprint``. Older configs read as ``counts: raw`` (all they could be).
+5. the current layout: ``head`` (``{"kind": "spot" | "subspot"}``, :data:`~hishrst_runtime.core.vocab.HEAD_KINDS`)
+   and, for sub-spot runs, ``tokens`` (the token geometry, ``TokenGeometry.to_dict()``: grid, input_size,
+   pitch_um, margin). Older configs read as ``head: spot`` (all they could be).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ __all__ = ["RUN_SCHEMA", "RUN_SCHEMA_VERSION", "RunConfig", "RunConfigError", "T
 
 RUN_SCHEMA = "hishrst.run"
 #: Current version of the ``config.json`` layout (see the module docstring for the history).
-RUN_SCHEMA_VERSION = 4
+RUN_SCHEMA_VERSION = 5
 
 #: Units of the positions each mode feeds the model.
 POSITION_UNITS: dict[str, str] = {"continuous": "um", "relative": "um", "none": "um", "grid": "array"}
@@ -90,9 +93,17 @@ def _upgrade_3_to_4(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def _upgrade_4_to_5(d: dict[str, Any]) -> dict[str, Any]:
+    """Runs before ``--head`` were spot models."""
+    d = dict(d)
+    d.setdefault("head", {"kind": "spot"})
+    d.setdefault("tokens", None)
+    return d
+
+
 #: ``version -> function`` turning a version-``version`` dict into a version ``version + 1`` one.
 _UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3,
-                                                                      3: _upgrade_3_to_4}
+                                                                      3: _upgrade_3_to_4, 4: _upgrade_4_to_5}
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,8 @@ class RunConfig:
     torch_version: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
     sections: list[dict[str, Any]] = field(default_factory=list)
+    head: dict[str, Any] = field(default_factory=lambda: {"kind": "spot"})
+    tokens: dict[str, Any] | None = None
     schema_version: int = RUN_SCHEMA_VERSION
 
     # ------------------------------------------------------------------------------------ reading
@@ -172,7 +185,8 @@ class RunConfig:
         """The JSON layout of the current version (``schema`` and ``schema_version`` first)."""
         out: dict[str, Any] = {"schema": RUN_SCHEMA, "schema_version": RUN_SCHEMA_VERSION}
         order = ("hishrst_version", "task", "data", "image", "mpp_override", "sections", "genes", "encoder", "patch", "position",
-                 "grouping", "preprocessing", "image_features", "train", "torch_version", "summary", "model")
+                 "grouping", "preprocessing", "image_features", "train", "torch_version", "summary", "head", "tokens",
+                 "model")
         out.update((k, getattr(self, k)) for k in order)
         return out
 
@@ -189,6 +203,11 @@ class RunConfig:
     def counts(self) -> str:
         """What the training sections' matrices held: ``raw`` counts or ``log``-normalised values."""
         return str(self.preprocessing.get("counts", "raw"))
+
+    @property
+    def head_kind(self) -> str:
+        """What the head predicts: ``spot`` or ``subspot`` (:data:`~hishrst_runtime.core.vocab.HEAD_KINDS`)."""
+        return str((self.head or {}).get("kind", "spot"))
 
     @property
     def weights(self) -> str | None:

@@ -45,7 +45,9 @@ from hishrst_train.data.counts import CountsMode, check_counts_mode
 from hishrst_train.data.errors import check_section_mpp
 from hishrst_train.data.sections import Section, SectionSpec, check_distinct, load_adata, open_section, \
     parse_section, resolve_sections, section_names
-from hishrst_runtime.core.vocab import DEFAULT_POSITION_MODE, DEFAULT_TASK, POSITION_MODES, TASKS
+from hishrst_runtime.core.tokens import DEFAULT_TOKEN_PITCH_UM
+from hishrst_runtime.core.vocab import DEFAULT_HEAD_KIND, DEFAULT_POSITION_MODE, DEFAULT_TASK, HEAD_KINDS, \
+    POSITION_MODES, TASKS, HeadKind
 from hishrst_train.encoders.registry import DEFAULT_ENCODER, check_encoder_allowed
 from hishrst_train.runconfig import POSITION_UNITS, PositionMode, RunConfig, Task
 from hishrst_train.rundir import RunLayout, building_run, check_run_out, claim_output
@@ -53,6 +55,8 @@ from hishrst_train.outputs import gene_var as _gene_var, write_baseline as _writ
     write_recovery as _write_recovery, write_split as _write_split
 from hishrst_train.outputs import section_obs as _section_obs  # noqa: F401  (evaluate imports it from here)
 from hishrst_train.targets import TARGET_SUM, FitError, Targets, build_targets, training_groups
+from hishrst_train.fitting import AGGREGATION, section_features, spot_positions, train_spot_head, train_subspot_head
+from hishrst_train.fitting import spot_features as _features
 from hishrst_train.train import resolve_device, save_checkpoint  # torch: a missing [train] extra fails here
 
 __all__ = ["load_section", "open_sections", "fit_run", "spot_positions", "section_features", "load_run_encoder",
@@ -82,16 +86,6 @@ def open_sections(data: DataArg | Sequence[DataArg], *, image: str | Path | None
     return [open_section(s, name=n, mpp=mpp, counts=counts) for s, n in zip(specs, section_names(specs))]
 
 
-def spot_positions(xy_px: np.ndarray, *, mpp: float, mode: str, array_rc: np.ndarray | None = None) -> np.ndarray:
-    """Model positions: µm (``continuous``, ``relative``, ``none``) or (array_col, array_row) (``grid``)."""
-    if mode != "grid":
-        return np.asarray(xy_px, dtype=np.float64) * mpp
-    if array_rc is None:
-        raise FitError("--position grid needs Visium array coordinates (obs array_row / array_col), which this "
-                       "section lacks; use --position relative")
-    return np.stack([array_rc[:, 1], array_rc[:, 0]], axis=1).astype(np.float64)
-
-
 @dataclass(frozen=True)
 class _Options:
     """Everything :func:`fit_run` needs besides the sections (see its docstring for units)."""
@@ -114,6 +108,8 @@ class _Options:
     device: str
     lr: float = 1e-3
     counts: CountsMode = "raw"
+    head: HeadKind = DEFAULT_HEAD_KIND
+    token_pitch_um: float = DEFAULT_TOKEN_PITCH_UM
 
 
 def _check_options(o: _Options) -> None:
@@ -123,11 +119,16 @@ def _check_options(o: _Options) -> None:
               (o.epochs >= 1, "epochs", "≥ 1"), (o.n_genes >= 1, "n-genes", "≥ 1"),
               (0 <= o.val_frac < 1, "val-frac", "in [0, 1)"), (o.patch_um > 0, "patch-um", "> 0 µm"),
               (o.densify > 1, "densify", "> 1"), (o.batch_size >= 1, "batch-size", "≥ 1"),
-              (o.max_group >= 1, "max-group", "≥ 1"), (0 < o.lr < 1, "lr", "in (0, 1)")]
+              (o.max_group >= 1, "max-group", "≥ 1"), (0 < o.lr < 1, "lr", "in (0, 1)"),
+              (o.head in HEAD_KINDS, "head", f"one of {', '.join(HEAD_KINDS)}"),
+              (o.token_pitch_um > 0, "token-pitch-um", "> 0 µm")]
     for ok, name, want in checks:
         if not ok:
             value = getattr(o, name.replace("-", "_").replace("position", "position_mode"), None)
             raise FitError(f"--{name} {value!r}: must be {want}")
+    if o.head == "subspot" and o.task == "generation":
+        raise FitError("--head subspot --task generation: a sub-spot model makes dense maps at run time; fit with "
+                       "--task recovery or full, export it, then `hishrst-run SLIDE --bundle B --resolution 8um`")
 
 
 def _check_sections(secs: list[Section], o: _Options) -> None:
@@ -164,6 +165,8 @@ def fit_run(
     lr: float = 1e-3,
     counts: CountsMode = "raw",
     allow_test_encoder: bool = False,
+    head: HeadKind = DEFAULT_HEAD_KIND,
+    token_pitch_um: float = DEFAULT_TOKEN_PITCH_UM,
 ) -> dict[str, Any]:
     """Train HisHRST on one or several sections and write a run directory (see the module docstring).
 
@@ -181,7 +184,8 @@ def fit_run(
     same ``out`` while this one runs fails at once. ``encoder``: a registered name (default ``uni``: real
     weights, resolved as in :func:`~hishrst_train.encoders.weights.resolve_weights`) or a generic form
     (:mod:`hishrst_train.encoders.generic`); a random test encoder (``test-vit``) is refused unless
-    ``allow_test_encoder``. Returns a summary dict (also in ``config.json``).
+    ``allow_test_encoder``. ``head``: ``spot`` (HisHRST) or ``subspot`` (one prediction per encoder token of
+    ``token_pitch_um`` µm, :mod:`hishrst_train.subspot_fit`). Returns a summary dict (also in ``config.json``).
     """
     from hishrst_train.encoders.generic import canonical_encoder_name
 
@@ -191,7 +195,7 @@ def fit_run(
     o = _Options(task=task, encoder=encoder, weights=weights, epochs=epochs, seed=seed, n_genes=n_genes,
                  patch_um=patch_um, position_mode=position_mode, densify=densify, max_group=max_group,
                  batch_size=batch_size, image_features=image_features, val_frac=val_frac, cache_dir=cache_dir,
-                 progress=progress, device=device, lr=lr, counts=counts)
+                 progress=progress, device=device, lr=lr, counts=counts, head=head, token_pitch_um=token_pitch_um)
     _check_options(o)
     specs = resolve_sections(data, image=image)
     if mpp is not None:
@@ -234,22 +238,6 @@ def load_run_encoder(name: str, *, weights: str | Path | None, device: str) -> A
     except SafetensorError as e:
         raise WeightsError(f"{weights or name}: not a readable weights file ({e}); pass a complete .safetensors or "
                            "state-dict .bin file") from e
-
-
-def section_features(sec: Section, centres: np.ndarray, *, encoder: Any, patch_um: float, batch_size: int,
-                     cache_dir: str | Path | None, progress: bool) -> np.ndarray:
-    """Encoder features ``[N, D]`` of ``patch_um``-µm patches at ``centres`` (full-resolution px) of ``sec``;
-    cached per section image under ``cache_dir``."""
-    from hishrst_train.features import extract_features
-
-    return extract_features(sec.img, centres, encoder=encoder, mpp=sec.mpp, patch_um=patch_um, batch_size=batch_size,
-                            cache_dir=cache_dir, progress=progress, image_key=sec.img_path)
-
-
-def _features(sec: Section, centres: np.ndarray, enc: Any, o: _Options) -> np.ndarray:
-    f = section_features(sec, centres, encoder=enc, patch_um=o.patch_um, batch_size=o.batch_size,
-                         cache_dir=o.cache_dir, progress=o.progress)
-    return f if o.image_features else np.zeros_like(f)
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -307,44 +295,39 @@ def _fit(work: Path, secs: list[Section], o: _Options) -> tuple[dict[str, Any], 
     """Features, training, predictions, ``split.json``, ``baseline.json``, ``baseline_ridge.npz`` (the PCA + ridge
     baseline, fitted on the training spots only; recovery predictions carry its and the position-kNN baseline's
     predictions as layers) and ``history.json`` into ``work``; returns the summary, the :class:`RunConfig`
-    fields known after training, and the trained model."""
-    from hishrst_train.model import HisHRSTConfig
+    fields known after training, and the trained model (spot or sub-spot head, ``o.head``)."""
     from hishrst_train.outputs import write_ridge
-    from hishrst_train.train import TrainConfig, train_model
 
     t = build_targets(secs, task=o.task, seed=o.seed, n_genes=o.n_genes, counts=o.counts)
     enc = load_run_encoder(o.encoder, weights=o.weights, device=o.device)
-    t_feat = time.perf_counter()
-    feats = np.concatenate([_features(s, s.xy, enc, o) for s in secs])
-    t_feat = time.perf_counter() - t_feat
-    pos = np.concatenate([spot_positions(s.xy, mpp=s.mpp, mode=o.position_mode, array_rc=s.array_rc) for s in secs])
     train_idx, groups, val_groups = training_groups(secs, t, seed=o.seed, val_frac=o.val_frac, max_group=o.max_group)
-    mcfg = HisHRSTConfig(feature_dim=enc.feature_dim, n_genes=len(t.genes), position_mode=o.position_mode)
-    tcfg = TrainConfig(epochs=o.epochs, seed=o.seed, lr=o.lr)
-    t_train = time.perf_counter()
-    hist: dict[str, list[float]] = {}
-    model, history = train_model(feats, pos, t.expr, groups=groups, val_groups=val_groups, model_config=mcfg,
-                                 train_config=tcfg, history_out=hist, progress=o.progress, device=o.device)
-    t_train = time.perf_counter() - t_train
-    ridge = write_ridge(work, feats, t, seed=o.seed)  # baseline_ridge.npz: PCA + ridge on training spots only
-
-    summary: dict[str, Any] = {"task": o.task, "n_sections": len(secs), "n_spots": int(len(t.train_mask)),
+    if o.head == "subspot":
+        fit, pos = train_subspot_head(secs, t, enc, o, train_idx, val_groups), None
+    else:
+        fit, pos = train_spot_head(secs, t, enc, o, groups, val_groups)
+    ridge = write_ridge(work, fit.features, t, seed=o.seed)  # baseline_ridge.npz: PCA + ridge on training spots only
+    summary: dict[str, Any] = {"task": o.task, "head": o.head, "n_sections": len(secs), "n_spots": int(len(t.train_mask)),
                                "n_train": int(len(train_idx)), "n_val": int(t.train_mask.sum()) - int(len(train_idx)),
                                "ridge_alpha": ridge.alpha}
     if o.task == "recovery":
-        summary.update(_write_recovery(work, model, secs, t, feats, pos, max_group=o.max_group, ridge=ridge))
+        summary.update(_write_recovery(work, fit.model, secs, t, fit.features, pos, max_group=o.max_group, ridge=ridge,
+                                       predictions=fit.predictions))
     elif o.task == "generation":
-        summary.update(_write_generation(work, model, secs, t.genes, enc, o))
+        summary.update(_write_generation(work, fit.model, secs, t.genes, enc, o))
     _write_split(work, secs, t, train_idx, o.seed)
     _write_baseline(work, t)
-    atomic_write(work / "history.json", json.dumps(hist).encode())
+    atomic_write(work / "history.json", json.dumps(fit.hist).encode())
     summary.update(
-        final_train_mse=history[-1], epochs_run=len(history), best_epoch=int(hist["best_epoch"][0]),
-        best_val_mse=min(hist["val_mse"]) if hist.get("val_mse") else None, seconds_features=round(t_feat, 2),
-        seconds_train=round(t_train, 2), seconds_per_epoch=round(t_train / max(1, len(history)), 4),
-        device=o.device,
+        final_train_mse=fit.history[-1], epochs_run=len(fit.history), best_epoch=int(fit.hist["best_epoch"][0]),
+        best_val_mse=min(fit.hist["val_mse"]) if fit.hist.get("val_mse") else None,
+        seconds_features=round(fit.seconds_features, 2), seconds_train=round(fit.seconds_train, 2),
+        seconds_per_epoch=round(fit.seconds_train / max(1, len(fit.history)), 4), device=o.device,
     )
-    return summary, _config_fields(secs, t, enc, mcfg, tcfg, o), model
+    fields = _config_fields(secs, t, enc, fit.model.config, fit.train_config, o)
+    if fit.geometry is not None:  # a sub-spot run: its head, token geometry, and the tile as the patch
+        fields.update(head={"kind": "subspot", "aggregation": AGGREGATION}, tokens=fit.geometry.to_dict())
+        fields["patch"]["size_um"] = fit.geometry.tile_um
+    return summary, fields, fit.model
 
 
 def _config_fields(secs: list[Section], t: Targets, enc: Any, mcfg: Any, tcfg: Any, o: _Options) -> dict[str, Any]:

@@ -276,7 +276,7 @@ def load_run(run_dir: str | Path) -> tuple[HisHRST, RunConfig]:
         if not path.is_file():
             raise RunConfigError(f"{path}: missing; {run_dir} is not a finished `hishrst fit` run directory")
     config = RunConfig.from_json(cfg_path)
-    model = HisHRST(HisHRSTConfig.from_dict(config.model))
+    model = _model_for(config)
     try:
         state = load_file(str(w_path))
     except (SafetensorError, OSError) as e:
@@ -286,6 +286,15 @@ def load_run(run_dir: str | Path) -> tuple[HisHRST, RunConfig]:
     except RuntimeError as e:
         raise RunConfigError(f"{w_path}: weights do not match {cfg_path} ({' '.join(str(e).split())}); re-run `hishrst fit`") from e
     return model.eval(), config
+
+
+def _model_for(config: RunConfig) -> Any:
+    """An untrained model of the run's head kind (``spot``: :class:`HisHRST`; ``subspot``: the sub-spot head)."""
+    if config.head_kind == "subspot":
+        from hishrst_train.subspot import SubspotConfig, SubspotHead
+
+        return SubspotHead(SubspotConfig.from_dict(config.model))
+    return HisHRST(HisHRSTConfig.from_dict(config.model))
 
 
 def load_checkpoint(run_dir: str | Path) -> tuple[HisHRST, dict[str, Any]]:

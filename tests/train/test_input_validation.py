@@ -100,7 +100,7 @@ def test_counts_log_trains_on_normalised_data_and_is_recorded(base, tmp_path, ca
     r = invoke(cli.fit, [a, "--out", tmp_path / "run", "--counts", "log", "--cache-dir", cache, *FAST])
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert cfg["schema_version"] == 4 and cfg["preprocessing"]["counts"] == "log"
+    assert cfg["schema_version"] == 5 and cfg["preprocessing"]["counts"] == "log"
     assert cfg["preprocessing"]["normalised_by"] == "input" and cfg["sections"][0]["counts"] == "log"
     assert np.isfinite(cfg["summary"]["final_train_mse"])
     # evaluate --on reads other sections as the run was trained (log) unless --counts says otherwise
@@ -126,12 +126,12 @@ def test_runconfig_version_3_reads_as_raw_counts(small_run):
     from hishrst_train.runconfig import RUN_SCHEMA_VERSION, RunConfig
 
     d = json.loads((small_run / "config.json").read_text())
-    assert d["schema_version"] == RUN_SCHEMA_VERSION == 4 and d["preprocessing"]["counts"] == "raw"
+    assert d["schema_version"] == RUN_SCHEMA_VERSION == 5 and d["preprocessing"]["counts"] == "raw"
     d["schema_version"] = 3
     for k in ("counts", "genes_dropped"):
         d["preprocessing"].pop(k)
     cfg = RunConfig.from_dict(d)
-    assert cfg.schema_version == 4 and cfg.counts == "raw" and cfg.preprocessing["genes_dropped"] is None
+    assert cfg.schema_version == 5 and cfg.counts == "raw" and cfg.preprocessing["genes_dropped"] is None
     assert RunConfig.from_dict({**d, "preprocessing": {}}).counts == "raw"
 
 

@@ -56,7 +56,7 @@ def test_two_sections_recovery(sections, tmp_path):
     a, b, cache = sections
     s = fit_run([a, b], out=tmp_path / "r", n_genes=60, cache_dir=cache, **FAST)
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert cfg["schema_version"] == 4 and [x["name"] for x in cfg["sections"]] == [a.parent.name, b.parent.name]
+    assert cfg["schema_version"] == 5 and [x["name"] for x in cfg["sections"]] == [a.parent.name, b.parent.name]
     assert cfg["position"]["mode"] == "relative" and len(cfg["genes"]) == 60 and s["n_sections"] == 2
     assert cfg["preprocessing"]["hvg_batch"] == "section"
     split = json.loads((tmp_path / "r" / "split.json").read_text())
@@ -156,4 +156,4 @@ def test_runconfig_reads_version_2(small_run):
     d["schema_version"] = 2
     d.pop("sections")
     cfg = RunConfig.from_dict(d)
-    assert cfg.schema_version == 4 and cfg.sections[0]["data"] == d["data"]
+    assert cfg.schema_version == 5 and cfg.sections[0]["data"] == d["data"]
