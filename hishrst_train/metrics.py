@@ -57,17 +57,19 @@ def _raster(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, fill: float)
     return img
 
 
-def gene_map_ssim(pred: np.ndarray, truth: np.ndarray, array_row: np.ndarray, array_col: np.ndarray) -> np.ndarray:
+def gene_map_ssim(pred: np.ndarray, truth: np.ndarray, array_row: np.ndarray, array_col: np.ndarray, *,
+                  lattice: str = "visium") -> np.ndarray:
     """SSIM per gene between predicted and measured maps on the Visium array grid.
 
     Each gene's values are min–max scaled to [0, 1] (by the truth's range, prediction clipped) and
-    rasterised at ``(array_row, array_col // 2)`` (the hexagonal lattice folded onto a rectangle);
-    cells without a spot are 0 in both maps.
+    rasterised at ``(array_row, array_col // 2)`` (the hexagonal lattice folded onto a rectangle;
+    ``lattice="square"``: at ``(array_row, array_col)``, for square bins); cells without a spot are 0 in
+    both maps.
     """
     from skimage.metrics import structural_similarity
 
     rows = np.asarray(array_row, dtype=np.int64)
-    cols = np.asarray(array_col, dtype=np.int64) // 2
+    cols = np.asarray(array_col, dtype=np.int64) // (2 if lattice == "visium" else 1)
     rows, cols = rows - rows.min(), cols - cols.min()
     out = np.empty(pred.shape[1])
     for g in range(pred.shape[1]):
