@@ -1,6 +1,7 @@
 """PyTorch → ONNX export of the encoder and the HisHRST head, each followed by a parity check.
 
-* ``encoder.onnx``: ``tiles`` uint8 ``[B, S, S, 3]`` (RGB, NHWC) → ``features`` float32 ``[B, D]``.
+* ``encoder.onnx``: ``tiles`` uint8 ``[B, S, S, 3]`` (RGB, NHWC) → ``features`` float32 ``[B, D]`` (and with
+  ``tokens=True`` the patch tokens ``tokens`` float32 ``[B, rows, cols, width]``, sub-spot bundles).
   Scaling to [0, 1] and mean/std normalisation are inside the graph, so the runtime ships bytes.
   Dynamic batch, fixed spatial size ``S`` (the encoder's input size in pixels). Attention is exported
   as plain MatMul/Softmax (timm's fused ``scaled_dot_product_attention`` is switched off during
@@ -28,7 +29,6 @@ file when the tensors total more than :data:`EXTERNAL_DATA_THRESHOLD` bytes (e.g
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
-from hishrst_runtime.bundle.io_names import ENCODER_IO, HEAD_IO
+from hishrst_runtime.bundle.io_names import ENCODER_IO, ENCODER_TOKENS_IO, HEAD_IO
 from hishrst_runtime.core.errors import HishrstError
 from hishrst_runtime.core.vocab import Precision
 from hishrst_export.parity import PARITY_TOLERANCE as _PARITY
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENCODER_IO",
+    "ENCODER_TOKENS_IO",
     "EXTERNAL_DATA_THRESHOLD",
     "HEAD_IO",
     "PARITY_TOLERANCE",
@@ -78,19 +79,6 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
 
 class ParityError(HishrstError, RuntimeError):
     """An exported model disagrees with PyTorch beyond the stated tolerance."""
-
-
-@contextlib.contextmanager
-def _plain_attention(module: nn.Module) -> Iterator[None]:
-    """Temporarily disable timm's fused attention (exported as plain MatMul/Softmax instead)."""
-    saved = [(m, m.fused_attn) for m in module.modules() if hasattr(m, "fused_attn")]
-    for m, _ in saved:
-        setattr(m, "fused_attn", False)  # noqa: B010 - attribute of timm's Attention, unknown to nn.Module
-    try:
-        yield
-    finally:
-        for m, v in saved:
-            setattr(m, "fused_attn", v)  # noqa: B010
 
 
 def _iter_tensors(graph: Any) -> Iterator[Any]:
@@ -265,18 +253,35 @@ def _check(path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=False)
 
 
-def export_encoder_onnx(encoder: EncoderModule, out_path: str | Path, *, opset: int = 17, precision: Precision = "fp32") -> Path:
+def _declare_dims(path: Path, output: str, dims: tuple[int, ...]) -> None:
+    """Declare the non-batch sizes of ``output`` in the ONNX file ``path`` (the exporter leaves a reshape's
+    sizes symbolic, though shape inference knows them; static sizes are what engines and contracts read)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    shape = next(o for o in model.graph.output if o.name == output).type.tensor_type.shape
+    for dim, size in zip(shape.dim[1:], dims):
+        dim.dim_value = int(size)
+    onnx.save_model(model, str(path))
+
+
+def export_encoder_onnx(encoder: EncoderModule, out_path: str | Path, *, opset: int = 17, precision: Precision = "fp32",
+                        tokens: bool = False) -> Path:
     """Export an encoder taking uint8 NHWC tiles (``hishrst_train.encoders.EncoderModule``) to ONNX.
 
-    ``encoder.input_size`` (pixels) fixes the spatial size; the batch is dynamic. Returns ``out_path``.
-    """
-    out_path = Path(out_path)
-    size = int(encoder.input_size)
-    dummy = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
+    ``encoder.input_size`` (pixels) fixes the spatial size; the batch is dynamic. ``tokens=True`` adds the patch
+    tokens of ``encoder.forward_tokens`` (:data:`ENCODER_TOKENS_IO`; float32 in fp16 too). Returns ``out_path``."""
+    from hishrst_train.encoders.module import EncoderTokens, plain_attention
+
+    out_path, io = Path(out_path), ENCODER_TOKENS_IO if tokens else ENCODER_IO
+    dummy = torch.randint(0, 256, (2, int(encoder.input_size), int(encoder.input_size), 3), dtype=torch.uint8)
     encoder = encoder.eval().cpu()
-    with _plain_attention(encoder), torch.inference_mode(False), torch.no_grad():
-        _torch_export(encoder, (dummy,), out_path, input_names=ENCODER_IO["inputs"], output_names=ENCODER_IO["outputs"],
-                      dynamic_axes={"tiles": {0: "batch"}, "features": {0: "batch"}}, opset=opset)
+    traced = EncoderTokens(encoder) if tokens else encoder
+    with plain_attention(encoder), torch.inference_mode(False), torch.no_grad():
+        _torch_export(traced, (dummy,), out_path, input_names=io["inputs"], output_names=io["outputs"],
+                      dynamic_axes={k: {0: "batch"} for k in io["inputs"] + io["outputs"]}, opset=opset)
+    if tokens:
+        _declare_dims(out_path, "tokens", (*encoder.token_grid, encoder.spec.width))
     if precision == "fp16":
         _to_fp16(out_path)
     _check(out_path)
@@ -354,22 +359,27 @@ def encoder_parity(encoder: EncoderModule, onnx_path: str | Path, *, tiles: dict
 
     ``tiles`` maps a label (e.g. ``"random"``, ``"real"``) to ``[B, S, S, 3]`` uint8 arrays; each set is
     run through ONNX Runtime in chunks of every size in ``batch_sizes`` (exercising the dynamic batch)
-    and the worst chunking is reported.
+    and the worst chunking is reported. A token encoder's ``tokens`` output (compared with
+    ``encoder.forward_tokens``, per channel) is reported under ``report[label]["tokens"]``.
     """
     sess = _session(Path(onnx_path))
+    outputs = [o.name for o in sess.get_outputs()]
     report: dict[str, Any] = {}
     encoder = encoder.eval().cpu()
     for label, t in tiles.items():
         with torch.no_grad():
-            want = encoder(torch.from_numpy(t)).numpy()
-        name = f"{onnx_path} ({label} tiles)"
-        reports = []
-        for bs in batch_sizes:
-            got = np.concatenate([sess.run(None, {"tiles": t[i : i + bs]})[0] for i in range(0, len(t), bs)])
-            reports.append(_verdict(name, got, want, precision))
-        worst = max(reports, key=lambda s: s["scaled_max_abs"])
-        worst["min_gene_pcc"] = min(s["min_gene_pcc"] for s in reports)
-        report[label] = {**worst, "n_tiles": len(t), "batch_sizes": [int(b) for b in batch_sizes]}
+            want = encoder.forward_tokens(torch.from_numpy(t)) if len(outputs) > 1 else (encoder(torch.from_numpy(t)),)
+        chunked = [[np.concatenate(o) for o in zip(*(sess.run(None, {"tiles": t[i : i + bs]})
+                                                     for i in range(0, len(t), bs)))] for bs in batch_sizes]
+        for k, out in enumerate(outputs):
+            name = f"{onnx_path} ({label} tiles{', ' + out if k else ''})"
+            reports = [_verdict(name, got[k], want[k].numpy(), precision) for got in chunked]
+            worst = max(reports, key=lambda s: s["scaled_max_abs"])
+            worst["min_gene_pcc"] = min(s["min_gene_pcc"] for s in reports)
+            if k:
+                report[label][out] = worst
+            else:
+                report[label] = {**worst, "n_tiles": len(t), "batch_sizes": [int(b) for b in batch_sizes]}
     return report
 
 

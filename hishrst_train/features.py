@@ -27,6 +27,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ __all__ = [
     "cut_patches_for",
     "image_fingerprint",
     "feature_cache_key",
+    "run_tile_batches",
+    "encoder_device",
 ]
 
 log = logging.getLogger(__name__)
@@ -224,10 +227,10 @@ def extract_features(
     if n:
         if device is not None:
             encoder.to(device)
-        dev = next(iter(encoder.parameters()), torch.empty(0)).device
         t0 = time.perf_counter()
-        _run_batches(image, centers, encoder, out, side=patch_side_px(patch_um, mpp), size=int(encoder.input_size),
-                     batch_size=batch_size, device=dev, progress=progress, num_workers=num_workers)
+        run_tile_batches(image, centers, _features_into(out, encoder), side=patch_side_px(patch_um, mpp),
+                         size=int(encoder.input_size), batch_size=batch_size, device=encoder_device(encoder),
+                         progress=progress, num_workers=num_workers)
         log.info("features: %d tiles in %.1f s", n, time.perf_counter() - t0)
 
     if cache is not None:
@@ -236,6 +239,21 @@ def extract_features(
                  "patch_um": float(patch_um), "n": n}
         _write_cache(*cache, out, extra)
     return out
+
+
+def encoder_device(encoder: nn.Module) -> torch.device:
+    """Where ``encoder``'s parameters are (the CPU for a module without any): where its tiles must go."""
+    return next(iter(encoder.parameters()), torch.empty(0)).device
+
+
+def _features_into(out: np.ndarray, encoder: nn.Module) -> Callable[[int, torch.Tensor], None]:
+    """A :func:`run_tile_batches` consumer writing ``encoder(tiles)`` (float32) into rows of ``out``."""
+
+    def consume(start: int, tiles: torch.Tensor) -> None:
+        with torch.inference_mode():
+            out[start : start + len(tiles)] = encoder(tiles).detach().to("cpu", torch.float32).numpy()
+
+    return consume
 
 
 def _cache_entry(image: Any, centers: np.ndarray, *, encoder: nn.Module, mpp: float, patch_um: float,
@@ -253,11 +271,10 @@ def _cache_entry(image: Any, centers: np.ndarray, *, encoder: nn.Module, mpp: fl
     return folder / f"{key}.npy", folder / f"{key}.json", key, desc
 
 
-def _run_batches(
+def run_tile_batches(
     image: Any,
     centers: np.ndarray,
-    encoder: nn.Module,
-    out: np.ndarray,
+    consume: Callable[[int, torch.Tensor], None],
     *,
     side: int,
     size: int,
@@ -265,8 +282,10 @@ def _run_batches(
     device: torch.device,
     progress: bool,
     num_workers: int,
+    desc: str = "features",
 ) -> None:
-    """Cut batches in a thread pool (up to ``num_workers + 1`` ahead) and encode them in order into ``out``."""
+    """Cut ``side``-px tiles around ``centers`` resized to ``size`` px in a thread pool (up to ``num_workers + 1``
+    batches ahead) and hand each batch, in order, to ``consume(start, uint8 tiles [B, size, size, 3] on device)``."""
     n = len(centers)
     starts = list(range(0, n, batch_size))
 
@@ -276,7 +295,7 @@ def _run_batches(
     pending: deque[tuple[int, Future[np.ndarray]]] = deque()
     ahead = max(1, num_workers) + 1
     with ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="hishrst-patches") as pool, \
-            tqdm(total=n, unit="tile", desc="features", disable=not progress, dynamic_ncols=True) as bar:
+            tqdm(total=n, unit="tile", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
         it = iter(starts)
         try:
             for s in it:
@@ -289,9 +308,7 @@ def _run_batches(
                 if nxt is not None:
                     pending.append((nxt, pool.submit(cut, nxt)))
                 tiles = torch.from_numpy(fut.result()).to(device, non_blocking=True)
-                with torch.inference_mode():
-                    feats = encoder(tiles)
-                out[s : s + len(tiles)] = feats.detach().to("cpu", torch.float32).numpy()
+                consume(s, tiles)
                 bar.update(len(tiles))
         finally:
             for _, fut in pending:

@@ -183,17 +183,15 @@ def fit_run(
     as a run, :mod:`hishrst_train.rundir`); a failed fit leaves nothing behind, and a second fit into the
     same ``out`` while this one runs fails at once. ``encoder``: a registered name (default ``uni``: real
     weights, resolved as in :func:`~hishrst_train.encoders.weights.resolve_weights`) or a generic form
-    (:mod:`hishrst_train.encoders.generic`); a random test encoder (``test-vit``) is refused unless
-    ``allow_test_encoder``. ``head``: ``spot`` (HisHRST) or ``subspot`` (one prediction per encoder token of
-    ``token_pitch_um`` µm, :mod:`hishrst_train.subspot_fit`). Returns a summary dict (also in ``config.json``).
-    """
+    (:mod:`hishrst_train.encoders.generic`); a random test encoder is refused unless ``allow_test_encoder``.
+    ``head``: ``spot`` or ``subspot`` (a prediction per ``token_pitch_um`` token, :mod:`hishrst_train.subspot_fit`).
+    Returns a summary dict (also in ``config.json``)."""
     from hishrst_train.encoders.generic import canonical_encoder_name
 
     t0 = time.perf_counter()
     check_encoder_allowed(encoder, allow_test_encoder=allow_test_encoder)
-    encoder = canonical_encoder_name(encoder)
-    o = _Options(task=task, encoder=encoder, weights=weights, epochs=epochs, seed=seed, n_genes=n_genes,
-                 patch_um=patch_um, position_mode=position_mode, densify=densify, max_group=max_group,
+    o = _Options(task=task, encoder=canonical_encoder_name(encoder), weights=weights, epochs=epochs, seed=seed,
+                 n_genes=n_genes, patch_um=patch_um, position_mode=position_mode, densify=densify, max_group=max_group,
                  batch_size=batch_size, image_features=image_features, val_frac=val_frac, cache_dir=cache_dir,
                  progress=progress, device=device, lr=lr, counts=counts, head=head, token_pitch_um=token_pitch_um)
     _check_options(o)

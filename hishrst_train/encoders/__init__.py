@@ -2,8 +2,8 @@
 
 * :mod:`.spec` — :class:`EncoderSpec` (timm architecture, input size in px, RGB mean/std, token geometry,
   pooling, feature dimension, where the weights live, licence); torch-free;
-* :mod:`.registry` — name → spec (UNI, UNI2-h, the random ``test-vit`` / ``test-vit-uni``, the public models of :mod:`.zoo`),
-  the default encoder and the test-encoder check; torch-free;
+* :mod:`.registry` — name → spec (UNI, UNI2-h, the random ``test-vit`` / ``test-vit-uni``, the public models
+  of :mod:`.zoo`), the default encoder and the test-encoder check; torch-free;
 * :mod:`.generic` — ``hf-hub:ORG/NAME``, ``timm:FOLDER`` and ``timm:ARCH`` (bring your own timm model);
 * :mod:`.convert` — fitting a weights file onto the timm model (trunk prefix, transformers DINOv2 names,
   position-embedding resampling);

@@ -3,8 +3,9 @@
 :class:`EncoderModule` takes uint8 NHWC RGB tiles ``[B, S, S, 3]`` and returns float32 features ``[B, D]``;
 scaling by 1/255 and mean/std normalisation are plain tensor ops inside ``forward`` so the same module
 exports to ONNX with a uint8 input. :meth:`EncoderModule.forward_tokens` also returns the last-layer patch
-tokens ``[B, rows, cols, width]`` (sub-spot models; :class:`EncoderTokens` wraps it for export). Before an ONNX export call :func:`set_fused_attn` ``(encoder, False)``
-so timm's attention runs as explicit matmul/softmax instead of ``scaled_dot_product_attention``.
+tokens ``[B, rows, cols, width]`` (sub-spot models; :class:`EncoderTokens` wraps it for export). For an ONNX
+export, timm's attention runs as explicit matmul/softmax instead of ``scaled_dot_product_attention``
+(:func:`plain_attention`, or :func:`set_fused_attn` ``(encoder, False)``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,8 @@ from hishrst_train.encoders.registry import EncoderSpec, get_encoder_spec
 from hishrst_train.encoders.state_dict import check_state_dict, load_state_dict_file
 from hishrst_train.encoders.weights import WeightsError, resolve_weights
 
-__all__ = ["EncoderModule", "EncoderTokens", "EncoderBuildError", "build_backbone", "load_encoder", "encoder_fingerprint",
-           "set_fused_attn", "pool_tokens"]
+__all__ = ["EncoderModule", "EncoderTokens", "EncoderBuildError", "build_backbone", "load_encoder",
+           "encoder_fingerprint", "set_fused_attn", "plain_attention", "pool_tokens"]
 
 
 class EncoderBuildError(InputError, ValueError):
@@ -122,6 +124,20 @@ def set_fused_attn(module: nn.Module, enabled: bool) -> int:
     return n
 
 
+@contextlib.contextmanager
+def plain_attention(module: nn.Module) -> Iterator[None]:
+    """Inside the block, timm attention in ``module`` runs as plain MatMul/Softmax (what ONNX export traces);
+    each attention module's own ``fused_attn`` setting is restored afterwards."""
+    saved = [(m, m.fused_attn) for m in module.modules() if hasattr(m, "fused_attn")]
+    for m, _ in saved:
+        setattr(m, "fused_attn", False)  # noqa: B010 - attribute of timm's Attention, unknown to nn.Module
+    try:
+        yield
+    finally:
+        for m, v in saved:
+            setattr(m, "fused_attn", v)  # noqa: B010
+
+
 class EncoderModule(nn.Module):
     """Frozen encoder: uint8 NHWC RGB tiles ``[B, S, S, 3]`` → float32 features ``[B, feature_dim]``.
 
@@ -190,8 +206,8 @@ class EncoderModule(nn.Module):
         if tokens.dim() != 3 or tokens.shape[1] != prefix + rows * cols:
             raise EncoderBuildError(f"encoder {self.spec.name!r}: {list(tokens.shape)} tokens from forward_features, "
                                     f"expected [B, {prefix} + {rows}×{cols}, width]; fix the encoder's spec")
-        grid = tokens[:, prefix:].reshape(-1, rows, cols, tokens.shape[-1]).to(torch.float32)
-        return self._pooled(tokens), grid
+        grid = tokens[:, prefix:].reshape(-1, rows, cols, int(self.spec.width))  # constants: a static ONNX shape
+        return self._pooled(tokens), grid if grid.dtype == torch.float32 else grid.to(torch.float32)
 
     def extra_repr(self) -> str:
         return f"name={self.spec.name!r}, input_size={self.input_size}, feature_dim={self.feature_dim}"

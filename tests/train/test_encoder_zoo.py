@@ -88,6 +88,26 @@ def test_token_geometry_and_output(name):
         assert torch.allclose(out[:, s.width:], tokens[:, prefix:].mean(1), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", REAL)
+def test_forward_tokens_grid(name):
+    """Patch tokens of every entry: [B, grid, grid, width], class token and registers removed, row-major;
+    the features are bit-identical to ``forward``."""
+    patch, grid, prefix, _, dim = GEOMETRY[name]
+    s, enc = ENCODERS[name], small(name)
+    t = tiles(s)
+    with torch.no_grad():
+        feats, tok = enc.forward_tokens(torch.from_numpy(t))
+        want = enc.backbone.forward_features(enc_input(enc, t))
+        out = enc(torch.from_numpy(t))
+    assert feats.shape == (2, dim) and tok.shape == (2, grid, grid, s.width) and tok.dtype == torch.float32
+    assert torch.equal(feats, out)
+    assert torch.equal(tok[:, 1, 2], want[:, prefix + grid + 2]) and torch.equal(tok.reshape(2, -1, s.width),
+                                                                                   want[:, prefix:])
+    geom = s.token_geometry()
+    assert geom.grid == (grid, grid) and geom.input_size == s.input_size and geom.patch_px == patch
+    assert geom.tile_um == grid * 8.0
+
+
 def enc_input(enc: EncoderModule, t: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(t).float() / 255.0
     return ((x - enc.mean) / enc.std).permute(0, 3, 1, 2)

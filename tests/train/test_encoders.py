@@ -109,6 +109,44 @@ def test_test_encoder_contract_deterministic_and_input_dependent():
         e1(noise.float())
 
 
+def test_test_vit_uni_has_unis_token_geometry_and_is_a_test_encoder():
+    from hishrst_runtime.core.errors import InputError
+    from hishrst_train.encoders.registry import TEST_ENCODER_NAMES, TestEncoderError, check_encoder_allowed
+
+    s, uni = get_encoder_spec("test-vit-uni"), get_encoder_spec("uni")
+    assert s.test_only and s.hf_repo is None and "test-vit-uni" in TEST_ENCODER_NAMES
+    assert (s.input_size, s.patch_size, s.token_grid, s.prefix_tokens, s.mean, s.std, s.pooling) == (
+        uni.input_size, uni.patch_size, uni.token_grid, uni.prefix_tokens, uni.mean, uni.std, uni.pooling)
+    assert s.token_geometry() == uni.token_geometry() and s.token_geometry().encoder_mpp == 0.5
+    assert s.token_geometry(pitch_um=16.0, margin=1).tile_um == 224.0
+    with pytest.raises(TestEncoderError, match="--allow-test-encoder"):
+        check_encoder_allowed("test-vit-uni", allow_test_encoder=False)
+    check_encoder_allowed("test-vit-uni", allow_test_encoder=True)
+    with pytest.raises(InputError, match="margin"):  # test-vit's 4 × 4 tokens leave none inside a 2-token margin
+        get_encoder_spec("test-vit").token_geometry()
+    e1, e2 = load_encoder("test-vit-uni"), load_encoder("test-vit-uni")
+    assert encoder_fingerprint(e1) == encoder_fingerprint(e2) != encoder_fingerprint(load_encoder("test-vit"))
+
+
+@pytest.mark.parametrize("name", ["test-vit", "test-vit-uni"])
+def test_forward_tokens_matches_forward_bit_for_bit(name):
+    """One forward_features pass gives both outputs: the features are exactly ``forward``'s (cls pooling goes
+    through forward_head, as ``backbone(x)`` does), the tokens are the normed patch tokens in grid order."""
+    e = load_encoder(name)
+    rows, cols = e.spec.token_grid
+    t = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (3, e.input_size, e.input_size, 3), dtype=np.uint8))
+    with torch.no_grad():
+        feats, tokens = e.forward_tokens(t)
+        x = ((t.float() / 255 - e.mean) / e.std).permute(0, 3, 1, 2)
+        normed = e.backbone.forward_features(x)
+        assert torch.equal(feats, e(t)) and torch.equal(feats, e.backbone(x))
+    assert tokens.shape == (3, rows, cols, 64) and tokens.dtype == torch.float32
+    assert torch.equal(tokens.reshape(3, rows * cols, 64), normed[:, 1:])
+    assert torch.equal(tokens[:, rows - 1, 0], normed[:, 1 + (rows - 1) * cols])
+    with pytest.raises(TypeError, match="uint8"):
+        e.forward_tokens(t.float())
+
+
 def test_forward_normalises_inside_module():
     """forward == backbone((x/255 - mean)/std in NCHW): the preprocessing lives in the module (ONNX-able)."""
     e = load_encoder("test-vit")

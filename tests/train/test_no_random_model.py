@@ -37,7 +37,8 @@ def no_weights(tmp_path_factory, monkeypatch):
 
 def test_registry_marks_test_encoders_and_defaults_to_uni():
     assert DEFAULT_ENCODER == "uni" and not ENCODERS["uni"].test_only
-    assert TEST_ENCODER_NAMES == ("test-vit",) and ENCODERS["test-vit"].test_only
+    assert set(TEST_ENCODER_NAMES) == {"test-vit", "test-vit-uni"}
+    assert all(ENCODERS[n].test_only for n in TEST_ENCODER_NAMES)
 
 
 def test_fit_without_encoder_uses_uni_and_fails_in_one_line_without_weights(small_section, tmp_path):
