@@ -16,13 +16,11 @@ Integrity: ``head.onnx`` records its gene names, their count and the manifest co
 ``metadata_props`` (:mod:`hishrst_runtime.bundle.integrity`); a run whose weights hold NaN/inf is refused, and
 parity fails on any non-finite output (:mod:`hishrst_export.parity`).
 
-Bundle layout (schema :data:`hishrst_runtime.bundle.manifest.SCHEMA_VERSION`)::
-
-    <out>/manifest.json       the contract (see hishrst_runtime.bundle.manifest)
-    <out>/encoder.onnx        uint8 tiles [B, S, S, 3] → features [B, D]
-    <out>/encoder.onnx.data   only for models > ~1.9 GB (ONNX external data; listed with its SHA-256)
-    <out>/head.onnx           features [G, N, D], positions [G, N, 2] (µm), mask [G, N] → expression
-    <out>/encoder.plan, head.plan   only with --tensorrt
+Bundle layout (schema :data:`hishrst_runtime.bundle.manifest.SCHEMA_VERSION`): ``manifest.json`` (the contract,
+see hishrst_runtime.bundle.manifest); ``encoder.onnx`` (uint8 tiles [B, S, S, 3] → features [B, D], and tokens [B,
+rows, cols, width] for sub-spot runs, :mod:`hishrst_export.subspot_export`); ``encoder.onnx.data`` (only for models
+> ~1.9 GB, listed with its SHA-256); ``head.onnx`` (features [G, N, D], positions [G, N, 2] µm, mask [G, N] →
+expression; a sub-spot head: tokens → expression per token); ``encoder.plan``, ``head.plan`` (only with --tensorrt).
 """
 
 from __future__ import annotations
@@ -75,7 +73,6 @@ class ExportError(HishrstError, RuntimeError):
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
-
 def _real_inputs(config: RunConfig, encoder: Any, *, data: str | Path | None, n: int = N_REAL
                  ) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
     """Up to ``n`` real tiles and their level-0 pixel centres from the run's training section. Returns
@@ -125,8 +122,7 @@ def _parity_inputs(config: RunConfig, encoder: Any, *, rng: np.random.Generator,
 
 
 def _legacy_bundle(path: Path) -> bool:
-    """A bundle written before the ownership marker: a hishrst ``manifest.json`` and nothing but the files it
-    lists (a user's file beside them makes it a folder hishrst never deletes)."""
+    """A bundle from before the ownership marker: a hishrst ``manifest.json`` and only the files it lists."""
     m = read_json(path / "manifest.json")
     if not isinstance(m, dict) or m.get("schema") != SCHEMA_NAME or not isinstance(m.get("files"), dict):
         return False
@@ -337,11 +333,17 @@ def _export_models(tmp: Path, model: Any, config: RunConfig, encoder: Any, *, pr
     from hishrst_export.onnx_export import encoder_parity, export_encoder_onnx, export_head_onnx, head_parity
 
     enc_prec, float_prec = file_precisions(precision).values()
-    enc_path = export_encoder_onnx(encoder, tmp / "encoder.onnx", opset=opset, precision=float_prec)
     tiles, feeds, real_status = _parity_inputs(config, encoder, rng=np.random.default_rng(seed), data=data)
     if "real" not in tiles:
         echo(f"WARNING: real-tile parity check skipped — {real_status}; pass --data OUTS_DIR to include it")
     batch_sizes = tuple(dict.fromkeys((1, 7, max_batch)))
+    if config.head_kind == "subspot":
+        from hishrst_export.subspot_export import export_subspot_bundle_models
+
+        return export_subspot_bundle_models(tmp, model, encoder, precision=precision, opset=opset, tiles=tiles,
+                                            head_meta=head_meta, seed=seed, batch_sizes=batch_sizes,
+                                            real_status=real_status, trt_info=trt_info, max_batch=max_batch)
+    enc_path = export_encoder_onnx(encoder, tmp / "encoder.onnx", opset=opset, precision=float_prec)
     enc_report = encoder_parity(encoder, enc_path, tiles=tiles, precision=float_prec, batch_sizes=batch_sizes)
     if enc_prec != float_prec:  # int8: quantise, gate; the figures go into contract["encoder"] (content hash)
         from hishrst_export.quantize import quantize_bundle_encoder

@@ -61,7 +61,8 @@ def contract_sections(model: Any, config: RunConfig, encoder: Any) -> dict[str, 
     from hishrst_train.encoders.module import encoder_fingerprint
 
     mcfg = model.config.to_dict()
-    return {
+    spot = config.head_kind != "subspot"
+    out = {
         "encoder": {
             "name": config.encoder["name"], "architecture": encoder.spec.arch,
             "fingerprint": encoder_fingerprint(encoder),
@@ -73,7 +74,7 @@ def contract_sections(model: Any, config: RunConfig, encoder: Any) -> dict[str, 
             "pooling": encoder.spec.pooling, "test_encoder": bool(encoder.spec.test_only),
         },
         "patch": config.patch,
-        "position": _position_manifest(mcfg, config.position),
+        "position": _position_manifest(mcfg, config.position) if spot else {},
         "grouping": config.grouping,
         "genes": list(config.genes),
         "output": {"name": "expression", "meaning": "log1p of counts per 10k (normalize_total to 1e4, then log1p)",
@@ -82,6 +83,12 @@ def contract_sections(model: Any, config: RunConfig, encoder: Any) -> dict[str, 
         "head": {"inputs": ["features", "positions", "mask"], "max_group_size": config.grouping["max_size"]},
         "preprocessing": config.preprocessing,
     }
+    if config.head_kind == "subspot":  # per-token head: its head, tokens, position and output sections
+        from hishrst_export.subspot_export import subspot_contract
+
+        out.update(subspot_contract(model, config))
+        out["output"]["shape"] = "[tiles, rows, cols, genes]"
+    return out
 
 
 #: Bundle precisions whose head is exported at another precision: int8 quantises the encoder only (the

@@ -81,3 +81,88 @@ def subspot_head_parity(model: Any, onnx_path: str | Path, *, feeds: dict[str, n
         report[label] = _verdict(f"{onnx_path} ({label} tokens)", got.reshape(-1, g), want.reshape(-1, g), precision)
         report[label].update(n_tokens=int(np.prod(tokens.shape[:3])), shape=[int(s) for s in tokens.shape])
     return report
+
+
+def export_subspot_models(tmp: Path, model: Any, encoder: Any, *, precision: Precision, opset: int,
+                          tiles: dict[str, np.ndarray], head_meta: Mapping[str, str], seed: int,
+                          batch_sizes: tuple[int, ...]) -> tuple[Path, Path, dict[str, Any], dict[str, Any]]:
+    """A sub-spot bundle's two graphs in ``tmp``: the encoder with its ``tokens`` output and the sub-spot head,
+    each parity-checked against PyTorch (encoder: ``tiles``; head: random tokens and the real tiles' tokens).
+    Returns both paths and both parity reports."""
+    from hishrst_export.onnx_export import encoder_parity, export_encoder_onnx
+
+    if tuple(model.grid) != tuple(encoder.spec.token_grid):
+        raise ValueError(f"the head's token grid {tuple(model.grid)} is not the encoder's {encoder.spec.token_grid}")
+    enc_path = export_encoder_onnx(encoder, tmp / "encoder.onnx", opset=opset, precision=precision, tokens=True)
+    enc_report = encoder_parity(encoder, enc_path, tiles=tiles, precision=precision, batch_sizes=batch_sizes)
+    head_path = export_subspot_head_onnx(model, tmp / "head.onnx", opset=opset, precision=precision, metadata=head_meta)
+    feeds = subspot_head_feeds(model, encoder, rng=np.random.default_rng(seed), real_tiles=tiles.get("real"))
+    return enc_path, head_path, enc_report, subspot_head_parity(model, head_path, feeds=feeds, precision=precision)
+
+
+def subspot_contract(model: Any, config: Any) -> dict[str, Any]:
+    """The manifest sections a sub-spot bundle adds or replaces: ``head`` (kind, inputs, aggregation),
+    ``tokens`` (geometry and width), ``position`` (relative distances between a tile's tokens) and ``output``."""
+    c = model.config
+    return {
+        "head": {"kind": "subspot", "inputs": list(SUBSPOT_HEAD_IO["inputs"]),
+                 "aggregation": (config.head or {}).get("aggregation")},
+        "tokens": {**dict(config.tokens or {}), "width": int(c.width)},
+        "position": {"mode": "relative", "units": "um", "frame": "pairwise distances between a tile's tokens",
+                     "invariant_to": ["translation", "rotation", "reflection"], "rel_n_freqs": c.rel_n_freqs,
+                     "rel_min_wavelength_um": c.rel_min_wavelength_um, "rel_max_wavelength_um": c.rel_max_wavelength_um},
+    }
+
+
+def export_subspot_bundle_models(tmp: Path, model: Any, encoder: Any, *, precision: str, opset: int,
+                                 tiles: dict[str, np.ndarray], head_meta: Mapping[str, str], seed: int,
+                                 batch_sizes: tuple[int, ...], real_status: str, trt_info: dict[str, Any] | None,
+                                 max_batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``hishrst export`` of a sub-spot run: both graphs, parity, TensorRT engines when asked (the head's profile
+    covers batches of 1…``max_batch`` token tiles); the manifest's ``files`` and ``parity``."""
+    from hishrst_export.bundle import ExportError
+    from hishrst_export.manifest import file_entry
+
+    if precision == "int8":
+        raise ExportError("--precision int8: sub-spot bundles are exported in fp32 or fp16 (the int8 gate scores "
+                          "spot predictions); nothing was written")
+    enc_path, head_path, enc_report, head_report = export_subspot_models(
+        tmp, model, encoder, precision=precision, opset=opset, tiles=tiles, head_meta=head_meta, seed=seed,  # type: ignore[arg-type]
+        batch_sizes=batch_sizes)
+    files = {"encoder": file_entry(enc_path, precision), "head": file_entry(head_path, precision)}
+    if trt_info is not None:
+        files.update(_subspot_engines(tmp, enc_path, head_path, model=model, tiles=tiles, precision=precision,
+                                      max_batch=max_batch, trt_info=trt_info))
+    parity = {"reference": "PyTorch fp32 (CPU) vs ONNX Runtime CPU; for fp16 the figures are the accuracy cost of "
+                           "half precision", "precision": precision, "seed": seed, "real_tiles": real_status,
+              "encoder": enc_report, "head": head_report}
+    return files, parity
+
+
+def _subspot_engines(tmp: Path, enc_path: Path, head_path: Path, *, model: Any, tiles: dict[str, np.ndarray],
+                     precision: str, max_batch: int, trt_info: dict[str, Any]) -> dict[str, Any]:
+    """TensorRT engines of both graphs (the vendors' documented builder, :mod:`hishrst_export.tensorrt`)."""
+    from hishrst_export.bundle import ExportError
+    from hishrst_export.tensorrt import (EngineParityError, TensorRTBuildError, TensorRTUnavailable, build_engine,
+                                         engine_parity)
+    from hishrst_runtime.bundle.manifest import sha256_file
+
+    rows, cols = model.grid
+    tail = (rows, cols, int(model.config.width))
+    shapes = {"tokens": ((1, *tail), (min(8, max_batch), *tail), (max_batch, *tail))}
+    sample_tokens = np.random.default_rng(0).standard_normal((2, *tail)).astype(np.float32)
+    entries: dict[str, Any] = {}
+    try:
+        for key, path, shp, sample in (("encoder", enc_path, None, {"tiles": tiles["random"][:4]}),
+                                       ("head", head_path, shapes, {"tokens": sample_tokens})):
+            eng = build_engine(path, out_path=tmp / f"{key}.plan", precision=precision,  # type: ignore[arg-type]
+                               max_batch=max_batch, shapes=shp, timing_cache=tmp / "timing.cache")
+            entries[f"{key}_trt"] = {"path": eng.name, "sha256": sha256_file(eng), "bytes": eng.stat().st_size,
+                                     "format": "tensorrt", "precision": precision, "gpu": trt_info.get("gpu"),
+                                     "tensorrt_version": trt_info.get("version"),
+                                     "parity_vs_onnxruntime": engine_parity(eng, path, sample)}
+    except (TensorRTUnavailable, TensorRTBuildError, EngineParityError) as e:
+        raise ExportError(f"--tensorrt: {e}") from e
+    finally:
+        (tmp / "timing.cache").unlink(missing_ok=True)
+    return entries

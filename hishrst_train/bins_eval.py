@@ -200,10 +200,12 @@ def _grid_predictor(model: Any, config: Any, sec: Any, enc: Any, *, batch_size: 
 
 
 def score_bins(subspot_run: str | Path, section: str | Path, *, spot_run: str | Path, window_um: float = 2000.0,
-               out: str | Path | None = None, device: str = "cpu", batch_size: int = 64) -> dict[str, Any]:
+               out: str | Path | None = None, device: str = "cpu", batch_size: int = 64,
+               figure: bool = True) -> dict[str, Any]:
     """Score a sub-spot run on a synthetic section's 8 µm truth beside a spot run's two alternatives (module
     docstring). ``section``: a ``hishrst synth`` section folder (or its ``outs``). Writes ``metrics.json`` and
-    ``per_gene.csv`` into ``out`` (default ``SUBSPOT_RUN/eval_bins/<section>``) and returns the scores."""
+    ``per_gene.csv`` (and, with ``figure``, ``figure.png``: :mod:`hishrst_train.bins_figure`) into ``out``
+    (default ``SUBSPOT_RUN/eval_bins/<section>``) and returns the scores."""
     from hishrst_train.evaluate import _spot_predictions
     from hishrst_train.synth import bin_truth
     from hishrst_train.tasks import open_sections
@@ -233,6 +235,11 @@ def score_bins(subspot_run: str | Path, section: str | Path, *, spot_run: str | 
                       "passes_per_mm2": {"subspot": tiles / mm2, "spot_grid_16um": points / mm2}}
     scores["window"] = {"um": window_um, "r0": window.r0, "c0": window.c0, "shape": list(window.shape)}
     folder = Path(out) if out is not None else Path(subspot_run) / "eval_bins" / Path(sec.name).name
+    if figure:
+        from hishrst_train.bins_figure import subspot_figure
+
+        scores["figure"] = subspot_figure(folder / "figure.png", sec=sec, window=window, truth=truth, maps=maps,
+                                          genes=genes, title=f"{sec.name}: ")
     write_scores(folder, scores, genes)
     return scores
 
@@ -244,7 +251,7 @@ def _window_truth(section: str | Path, genes: list[str], table: Any, window: Bin
     rc = table[["array_row", "array_col"]].to_numpy() - np.array([window.r0, window.c0])
     rows, cols = window.shape
     inside = np.flatnonzero((rc[:, 0] >= 0) & (rc[:, 0] < rows) & (rc[:, 1] >= 0) & (rc[:, 1] < cols))
-    _, values = bin_truth(section, genes, rows=inside)
+    _, values = bin_truth(section, genes, rows=inside, renormalise=True)  # the targets' scale: over the run's genes
     out = np.full((rows, cols, len(genes)), np.nan, np.float32)
     out[rc[inside, 0], rc[inside, 1]] = values
     return out

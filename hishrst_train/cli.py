@@ -26,7 +26,8 @@ from hishrst_runtime.core.threads import THREADS_ENV, resolve_threads
 from hishrst_runtime.core.tokens import DEFAULT_TOKEN_PITCH_UM
 from hishrst_runtime.core.vocab import DEFAULT_HEAD_KIND, DEFAULT_POSITION_MODE, DEFAULT_TASK, HEAD_KINDS, POSITION_MODES, \
     TASKS
-from hishrst_train.encoders.registry import DEFAULT_ENCODER, ENCODER_NAMES, is_encoder_name
+from hishrst_runtime.core.vocab import DEFAULT_PLATFORM, PLATFORMS
+from hishrst_train.encoders.registry import DEFAULT_ENCODER, ENCODER_NAMES, TEST_ENCODER_NAMES, is_encoder_name
 
 __all__ = ["synth", "fit", "evaluate", "cv", "training_module", "use_threads", "threads_option",
            "allow_test_encoder_option"]
@@ -72,8 +73,8 @@ def threads_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def allow_test_encoder_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--allow-test-encoder``: accept a random test encoder (tests and smoke runs only)."""
     return click.option("--allow-test-encoder", is_flag=True,
-                        help="Accept a randomly initialised test encoder (test-vit): for tests and smoke runs "
-                             "only — its model predicts nothing real.")(f)
+                        help=f"Accept a randomly initialised test encoder ({', '.join(TEST_ENCODER_NAMES)}): for "
+                             "tests and smoke runs only — its model predicts nothing real.")(f)
 
 
 def _encoder_name(ctx: click.Context, param: click.Parameter, value: str) -> str:  # noqa: ARG001 - click callback
@@ -86,7 +87,7 @@ def _encoder_name(ctx: click.Context, param: click.Parameter, value: str) -> str
 ENCODER_HELP = (f"Frozen encoder: {', '.join(ENCODER_NAMES)}; or hf-hub:ORG/NAME (a timm model on the Hugging Face "
                 "hub), timm:FOLDER (local timm config.json + weights) or timm:ARCH with --weights FILE. Weights: "
                 "--weights, $HISHRST_WEIGHTS_DIR/<name>/, the Hugging Face cache, then the hub with your token. "
-                "test-vit (random) needs --allow-test-encoder.")
+                f"{', '.join(TEST_ENCODER_NAMES)} (random) need --allow-test-encoder.")
 
 
 @click.command()
@@ -97,17 +98,21 @@ ENCODER_HELP = (f"Frozen encoder: {', '.join(ENCODER_NAMES)}; or hf-hub:ORG/NAME
 @click.option("--sections", type=click.IntRange(min=1), default=1, show_default=True,
               help="Number of sections (more than one: OUT_DIR/section_<k>/, one shared expression model, each section "
                    "placed and rotated differently on its slide).")
+@click.option("--platform", type=click.Choice(PLATFORMS), default=DEFAULT_PLATFORM, show_default=True,
+              help="visium: Space Ranger outs of 55 µm spots; visium-hd: Space Ranger 3 outs/binned_outputs/ with "
+                   "square_008um and square_016um bins. Every section also gets truth_bins.npz (8 µm truth).")
 @click.option("--overwrite", is_flag=True,
               help="Replace a data set `hishrst synth` wrote in OUT_DIR (kept until the new one is complete); other "
                    "folders are never replaced.")
-def synth(out_dir: Path, preset: str, seed: int, sections: int, overwrite: bool) -> None:
-    """Generate synthetic Visium sections (Space Ranger outs + pyramidal TIFF) in OUT_DIR."""
+def synth(out_dir: Path, preset: str, seed: int, sections: int, platform: str, overwrite: bool) -> None:
+    """Generate synthetic Visium or Visium HD sections (Space Ranger outs + pyramidal TIFF) in OUT_DIR."""
     t0 = time.perf_counter()
     with command_errors(out_dir):
         mod = training_module("hishrst_train.synth.output", command="synth")
-        outs = mod.write_synth(out_dir, sections=sections, preset=preset, seed=seed, overwrite=overwrite)
+        outs = mod.write_synth(out_dir, sections=sections, preset=preset, seed=seed, overwrite=overwrite,
+                               platform=platform)
     for o in outs:
-        click.echo(f"wrote synthetic Visium ({preset}) to {o}")
+        click.echo(f"wrote synthetic {platform} ({preset}) to {o}")
     click.echo(f"{len(outs)} section(s) in {time.perf_counter() - t0:.1f} s")
 
 

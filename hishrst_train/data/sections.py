@@ -6,7 +6,11 @@ A ``DATA`` argument of ``hishrst fit`` / ``evaluate --on`` / ``cv`` is one of
 * ``PATH.h5ad:IMAGE`` — an ``.h5ad`` whose ``obsm['spatial']`` holds full-resolution pixel (x, y) of
   ``IMAGE`` (the colon pairs each ``.h5ad`` with its image, so several can be given at once);
 * a HEST-1k sample addressed by its ``<root>/st/<id>.h5ad`` (:mod:`hishrst_train.data.hest` finds
-  ``wsis/<id>.tif`` and ``metadata/<id>.json``).
+  ``wsis/<id>.tif`` and ``metadata/<id>.json``);
+* a Space Ranger 3 Visium HD output (``outs`` holding ``binned_outputs/``, ``binned_outputs/`` or a
+  ``square_XXXum`` folder): its 16 µm bins, or the 8 µm ones with the suffix ``@8um`` (``outs@8um``; any
+  :data:`~hishrst_runtime.core.vocab.RESOLUTIONS` value), read by :mod:`hishrst_train.data.visium_hd`; each
+  bin is a spot. The spec then names the ``square_XXXum`` folder, so a run's record reopens the same bins.
 
 ``--image IMAGE`` is accepted with a single ``DATA`` only (the pre-multi-section syntax): it pairs a plain
 ``.h5ad`` with its image, or replaces the image of an ``outs`` folder / HEST sample.
@@ -23,16 +27,21 @@ from typing import Any, Literal
 
 import numpy as np
 
+from hishrst_runtime.core.vocab import DEFAULT_PLATFORM, Platform
+
 from hishrst_train.data.counts import CountsMode, check_counts, check_counts_mode, count_fingerprint
 from hishrst_train.data.errors import DataError, check_section_mpp
 from hishrst_train.data.hest import is_hest_sample
+from hishrst_train.data.visium_hd import check_hd_bin_size, find_square_dir, hd_outs_dir, is_visium_hd, square_size_um
 
 __all__ = ["SectionKind", "SectionSpec", "SectionError", "Section", "parse_section", "resolve_sections",
            "section_names", "load_adata", "open_section", "check_distinct"]
 
 log = logging.getLogger("hishrst")
 
-SectionKind = Literal["visium", "h5ad", "hest"]
+#: What a ``DATA`` argument is: a platform's Space Ranger output (Visium spots, Visium HD bins), an h5ad + image
+#: pair or a HEST-1k sample.
+SectionKind = Literal[Platform, Literal["h5ad", "hest"]]
 
 
 class SectionError(DataError):
@@ -41,26 +50,33 @@ class SectionError(DataError):
 
 @dataclass(frozen=True)
 class SectionSpec:
-    """One section to read: its data path, an explicit full-resolution image (or None) and its kind."""
+    """One section to read: its data path, an explicit full-resolution image (or None), its kind and, for
+    Visium HD, the bin side in µm (``data`` is then the ``square_XXXum`` folder)."""
 
     data: Path
     image: Path | None
     kind: SectionKind
+    bin_size_um: float | None = None
 
     def record(self) -> dict[str, Any]:
-        """Resolved paths and kind, as written to a run's ``config.json``."""
+        """Resolved paths and kind (and the bin size of Visium HD bins), as written to a run's ``config.json``."""
+        hd = {} if self.bin_size_um is None else {"bin_size_um": self.bin_size_um}
         return {"kind": self.kind, "data": str(self.data.resolve()),
-                "image": str(self.image.resolve()) if self.image is not None else None}
+                "image": str(self.image.resolve()) if self.image is not None else None, **hd}
 
 
 _PAIR = re.compile(r"^(?P<h5ad>.+?\.h5ad):(?P<image>.+)$", re.IGNORECASE)
+_BINS = re.compile(r"^(?P<path>.+)@(?P<bins>[0-9]+um)$")
 
 
 def parse_section(text: str | Path | SectionSpec, *, image: str | Path | None = None) -> SectionSpec:
     """Turn a ``DATA`` argument (see the module docstring) into a :class:`SectionSpec`; ``image`` is ``--image``."""
     if isinstance(text, SectionSpec):
         return text
-    raw = str(text)
+    raw, bins = str(text), None
+    mb = _BINS.match(raw)
+    if mb and not Path(raw).exists():
+        raw, bins = mb["path"], check_hd_bin_size(mb["bins"], where=raw)
     m = _PAIR.match(raw)
     path, paired = (Path(m["h5ad"]), Path(m["image"])) if m and not Path(raw).exists() else (Path(raw), None)
     if paired is not None and image is not None:
@@ -71,8 +87,14 @@ def parse_section(text: str | Path | SectionSpec, *, image: str | Path | None = 
                            "st/<id>.h5ad")
     if img is not None and not img.is_file():
         raise SectionError(f"{img}: the full-resolution image does not exist; check the path after ':' / --image")
+    if path.is_dir() and is_visium_hd(path):
+        square = find_square_dir(path, bin_size_um=bins)
+        return SectionSpec(square, img, "visium-hd", bin_size_um=square_size_um(square))
+    if bins is not None:
+        raise SectionError(f"{raw}@{bins:g}um: a bin size applies to Visium HD outputs (binned_outputs/) only; drop "
+                           f"the @{bins:g}um suffix")
     if path.is_dir():
-        return SectionSpec(path, img, "visium")
+        return SectionSpec(path, img, DEFAULT_PLATFORM)
     if path.suffix.lower() != ".h5ad":
         raise SectionError(f"{path}: not a Space Ranger outs folder or an .h5ad; pass outs/, PATH.h5ad:IMAGE or a HEST "
                            "st/<id>.h5ad")
@@ -98,7 +120,9 @@ def resolve_sections(data: str | Path | SectionSpec | Sequence[str | Path | Sect
 
 def _base_name(spec: SectionSpec) -> str:
     p = spec.data.resolve()
-    if spec.kind == "visium":
+    if spec.kind == "visium-hd":
+        p = hd_outs_dir(p)
+    if spec.kind != "h5ad" and spec.kind != "hest":
         p = p.parent if p.name == "outs" else p
         return p.name or "section"
     return p.stem
@@ -118,9 +142,11 @@ def section_names(specs: Sequence[SectionSpec]) -> list[str]:
 
 def _matrix_file(spec: SectionSpec) -> Path:
     """The file holding the section's expression matrix (named in errors about its values)."""
-    if spec.kind != "visium":
-        return spec.data
     name = "filtered_feature_bc_matrix.h5"
+    if spec.kind == "visium-hd":
+        return spec.data / name
+    if spec.kind != DEFAULT_PLATFORM:
+        return spec.data
     outs = spec.data
     if not (outs / name).exists() and (outs / "outs" / name).exists():
         outs = outs / "outs"
@@ -149,6 +175,7 @@ def load_adata(spec: SectionSpec, *, mpp: float | None = None, counts: CountsMod
     """
     from hishrst_train import data as io
     from hishrst_train.data.hest import read_hest
+    from hishrst_train.data.visium_hd import read_visium_hd
 
     counts = check_counts_mode(counts)
     if mpp is not None:
@@ -157,6 +184,9 @@ def load_adata(spec: SectionSpec, *, mpp: float | None = None, counts: CountsMod
         adata = read_hest(spec.data, image=spec.image, mpp=mpp)
     elif spec.kind == "h5ad":
         adata = io.read_h5ad_with_image(spec.data, spec.image, mpp=mpp)
+    elif spec.kind == "visium-hd":
+        adata = read_visium_hd(spec.data, bin_size_um=spec.bin_size_um, fullres_image=spec.image, mpp=mpp)
+        adata = _in_tissue_only(adata, spec.data / "spatial")
     else:
         adata = io.read_visium(spec.data, fullres_image=spec.image, mpp=mpp)
         adata = _in_tissue_only(adata, _matrix_file(spec).parent / "spatial")
@@ -167,7 +197,8 @@ def load_adata(spec: SectionSpec, *, mpp: float | None = None, counts: CountsMod
 
 @dataclass(frozen=True)
 class Section:
-    """A section opened for fitting or prediction: spots, pixel size (µm/px) and the lazily read image."""
+    """A section opened for fitting or prediction: spots, pixel size (µm/px) and the lazily read image;
+    ``platform`` and, for Visium HD, ``bin_size_um`` (µm) say what a spot is (Visium HD bins are spots here)."""
 
     name: str
     spec: SectionSpec
@@ -178,6 +209,8 @@ class Section:
     xy: np.ndarray  # [N, 2] full-resolution px
     array_rc: np.ndarray | None  # [N, 2] Visium (array_row, array_col), None when the data has none
     fingerprint: str = ""  # content (:func:`~hishrst_train.data.counts.count_fingerprint`)
+    platform: str = DEFAULT_PLATFORM
+    bin_size_um: float | None = None
 
     def record(self) -> dict[str, Any]:
         """What a run's ``config.json`` records about this section."""
@@ -203,8 +236,10 @@ def open_section(spec: SectionSpec, *, name: str, mpp: float | None = None, coun
     if {"array_row", "array_col"} <= set(adata.obs.columns):
         array_rc = np.stack([adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy()], axis=1)
     mpp_um = check_section_mpp(meta["mpp"], where=spec.data, source="the section's pixel size")
+    size = meta.get("bin_size_um")
     return Section(name=name, spec=spec, adata=adata, mpp=mpp_um, img_path=str(img_path),
-                   img=open_fullres_image(img_path), xy=xy, array_rc=array_rc, fingerprint=count_fingerprint(adata))
+                   img=open_fullres_image(img_path), xy=xy, array_rc=array_rc, fingerprint=count_fingerprint(adata),
+                   platform=str(meta.get("platform", DEFAULT_PLATFORM)), bin_size_um=None if size is None else float(size))
 
 
 def _identity(spec: SectionSpec) -> str:

@@ -33,6 +33,21 @@ Pixel ``(col, row)`` indices are pixel centres.
 its canvas) and ``canvas_pad_px`` (background after it); sections of a multi-section dataset add
 ``section`` and ``n_sections``.
 
+``truth_bins.npz`` (every section, every preset) holds the inputs of the expected expression of every
+8 µm bin of the image that holds tissue, on an axis-aligned lattice of image pixels (bin ``(row, col)``
+covers x in ``[col·s, (col+1)·s)``, y in ``[row·s, (row+1)·s)`` px with ``s = 8 µm / mpp``): ``bin_rc``
+[n, 2], ``centre_px`` [n, 2] (x, y), ``region_fractions`` [n, 7] (4 × 4 points per bin), ``tissue_fraction``,
+``depth_um``, ``xnorm``, ``bin_um``, ``mpp`` and the expression model's arrays (:mod:`hishrst_train.synth.bins`).
+:func:`bin_truth` ``(section_dir, genes=None, *, size_um=8, rows=None)`` turns them into a table of bins
+(``array_row``, ``array_col``, ``x_px``, ``y_px``, ``tissue_fraction``) and the expected log-normalised
+expression ``[n_bins, n_genes]`` (``log1p(1e4 · proportion)`` before sampling noise; ``size_um=16`` pools
+2 × 2 bins in count space). A DLPFC-sized image has ~600k bins with tissue: pass a gene subset or ``rows``.
+
+``platform="visium-hd"`` (``hishrst synth --platform visium-hd``) writes Space Ranger 3's Visium HD layout
+instead of the spot ``outs``: ``outs/binned_outputs/square_008um`` and ``square_016um``, each with
+``filtered_feature_bc_matrix.h5``, ``spatial/tissue_positions.parquet`` and ``scalefactors_json.json`` (see
+:mod:`hishrst_train.synth.hd`), read by :func:`hishrst_train.data.read_visium_hd`.
+
 Placement: ``make_synthetic_visium(..., shift_um=(5000, 0))`` draws the same section 5 mm further right on
 a larger canvas of background glass (``canvas_pad_um`` adds glass after it), with the section's pixels
 unchanged. :func:`make_synthetic_sections` writes N sections of one expression model (same genes, same
@@ -40,9 +55,10 @@ image → expression relation) that differ in tissue shape and arrangement, arra
 the slide; see :mod:`hishrst_train.synth.sections`.
 """
 
+from hishrst_train.synth.bins import BINS_FILE, bin_truth, load_bins
 from hishrst_train.synth.model import PRESETS, REGION_NAMES, SynthPreset
 from hishrst_train.synth.sections import SECTIONS_FILE, make_synthetic_sections
 from hishrst_train.synth.writer import load_truth, make_synthetic_visium
 
-__all__ = ["PRESETS", "REGION_NAMES", "SECTIONS_FILE", "SynthPreset", "load_truth", "make_synthetic_sections",
-           "make_synthetic_visium"]
+__all__ = ["BINS_FILE", "PRESETS", "REGION_NAMES", "SECTIONS_FILE", "SynthPreset", "bin_truth", "load_bins", "load_truth",
+           "make_synthetic_sections", "make_synthetic_visium"]

@@ -12,7 +12,8 @@ import numpy as np
 
 from hishrst_runtime.core.geometry import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM
 
-__all__ = ["PRESETS", "REGION_NAMES", "SynthPreset", "SpotModel", "spot_model", "spot_counts"]
+__all__ = ["PRESETS", "REGION_NAMES", "UMI_FACTOR", "SynthPreset", "SpotModel", "spot_model", "spot_counts",
+           "log_gradient"]
 
 #: Region names, in depth order; index 7 (internal) is background glass.
 REGION_NAMES: tuple[str, ...] = ("Layer1", "Layer2", "Layer3", "Layer4", "Layer5", "Layer6", "WM")
@@ -38,7 +39,8 @@ PRESETS: dict[str, SynthPreset] = {
     "dlpfc": SynthPreset(78, 128, 0.5705, 2000, 150.0, (300, 250, 900, 250, 600, 650), 0.55, 3500.0),
 }
 
-_UMI_FACTOR = np.array([0.8, 1.1, 1.1, 1.05, 1.0, 0.95, 0.6], np.float64)
+#: Relative UMI yield of each region (library size per unit of tissue area).
+UMI_FACTOR = np.array([0.8, 1.1, 1.1, 1.05, 1.0, 0.95, 0.6], np.float64)
 _MARKERS: dict[int, tuple[str, ...]] = {
     0: ("RELN", "AQP4", "GFAP"),
     1: ("CUX2", "LAMP5"),
@@ -105,13 +107,22 @@ class _Tissue:
 
     def labels(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Region index 0..6 at µm positions, 7 = background."""
+        return self.labels_depth(x, y)[0]
+
+    def labels_depth(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels, depth)`` at µm positions: :meth:`labels` and :meth:`depth` (µm) in one evaluation."""
         d = self.depth(x, y)
         u = (np.asarray(x, np.float32) - self.cx) / self.ax
         v = (np.asarray(y, np.float32) - self.cy) / self.ay
         inside = (u**4 + v**4 + 0.35 * self.blob_noise(x, y) < 1.0) & (d >= 0)
         lab = np.searchsorted(self.bounds, d, side="right").astype(np.int8)
         lab[~inside] = _BG
-        return lab
+        return lab, d
+
+    def xnorm(self, x_um: np.ndarray) -> np.ndarray:
+        """The x-gradient variable of the expression model at lattice x (µm): 0 at the lattice centre,
+        ±0.5 at its left / right edge."""
+        return (x_um - self.cx) / (2 * self.cx)
 
 
 def _disk_offsets(radius_um: float, step_um: float = 4.0) -> np.ndarray:
@@ -208,20 +219,27 @@ def spot_model(tissue: _Tissue, spot_um: np.ndarray) -> SpotModel:
     return SpotModel(frac=frac, tfrac=tfrac, depth=depth_all, in_tissue=tfrac >= 0.5)
 
 
+def log_gradient(is_x: np.ndarray, grad_beta: np.ndarray, *, depth_um: np.ndarray, xnorm: np.ndarray,
+                 cortex_um: float) -> np.ndarray:
+    """The gradient term ``[n, g]`` of the log-rate of ``g`` genes at ``n`` places: ``grad_beta`` times the
+    normalised slide x (``xnorm``, genes with ``is_x``) or the normalised cortical depth
+    (``clip(depth_um / cortex_um, 0, 1.3) - 0.5``, the other genes; their ``grad_beta`` is 0 unless they
+    are depth-gradient genes)."""
+    dnorm = np.clip(depth_um / cortex_um, 0.0, 1.3) - 0.5
+    return np.where(is_x[None, :], xnorm[:, None], dnorm[:, None]) * grad_beta[None, :]
+
+
 def spot_counts(p: SynthPreset, tissue: _Tissue, gp: dict[str, np.ndarray], spots: SpotModel, spot_um: np.ndarray,
                 order: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Expected UMI means [n, G], library sizes [n] and negative-binomial counts [n, G] (int32) of the
     spots ``order`` (indices into the lattice)."""
     f_in = spots.frac[order] / spots.tfrac[order, None]
     rate = f_in @ np.exp(gp["logmu"])
-    cortex = float(sum(p.layer_um))
-    dnorm = np.clip(spots.depth[order] / cortex, 0.0, 1.3) - 0.5
-    xnorm = (spot_um[order, 0] - tissue.cx) / (2 * tissue.cx)
-    is_x = gp["kind"] == "x_gradient"
-    grad = np.where(is_x[None, :], xnorm[:, None], dnorm[:, None]) * gp["grad_beta"][None, :]
+    grad = log_gradient(gp["kind"] == "x_gradient", gp["grad_beta"], depth_um=spots.depth[order],
+                        xnorm=tissue.xnorm(spot_um[order, 0]), cortex_um=float(sum(p.layer_um)))
     rate = rate * np.exp(grad)
     prop = rate / rate.sum(axis=1, keepdims=True)
-    lib = p.mean_umis * (f_in @ _UMI_FACTOR) * spots.tfrac[order] * np.exp(rng.normal(0.0, 0.3, len(order)))
+    lib = p.mean_umis * (f_in @ UMI_FACTOR) * spots.tfrac[order] * np.exp(rng.normal(0.0, 0.3, len(order)))
     mean = lib[:, None] * prop
     theta = gp["theta"][None, :]
     counts = rng.poisson(rng.gamma(theta, mean / theta)).astype(np.int32)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from hishrst_runtime.core.owned import check_replaceable
+from hishrst_runtime.core.vocab import DEFAULT_PLATFORM, Platform
 from hishrst_train.rundir import building_run, claim_output
 
 __all__ = ["is_legacy_synth", "write_synth"]
@@ -42,10 +43,10 @@ def is_legacy_synth(path: Path) -> bool:
 
 
 def write_synth(out_dir: str | Path, *, sections: int = 1, preset: Literal["small", "dlpfc"] = "small", seed: int = 0,
-                overwrite: bool = False) -> list[Path]:
-    """Write ``sections`` synthetic Visium sections into ``out_dir`` (one: ``out_dir/outs``; several:
-    ``out_dir/section_<k>/outs``, see :func:`~hishrst_train.synth.make_synthetic_sections`); returns the
-    ``outs`` directories."""
+                overwrite: bool = False, platform: Platform = DEFAULT_PLATFORM) -> list[Path]:
+    """Write ``sections`` synthetic sections into ``out_dir`` (one: ``out_dir/outs``; several:
+    ``out_dir/section_<k>/outs``, see :func:`~hishrst_train.synth.make_synthetic_sections`) in the layout of
+    ``platform`` (Visium spots or Visium HD bins); returns the ``outs`` directories."""
     from hishrst_train.synth import make_synthetic_sections, make_synthetic_visium
 
     out = Path(out_dir).absolute()
@@ -54,7 +55,7 @@ def write_synth(out_dir: str | Path, *, sections: int = 1, preset: Literal["smal
                           legacy=is_legacy_synth)
         with building_run(out, kind="synth", option="OUT_DIR") as work:
             if sections == 1:
-                outs = [make_synthetic_visium(work, preset=preset, seed=seed)]
+                outs = [make_synthetic_visium(work, preset=preset, seed=seed, platform=platform)]
             else:
-                outs = make_synthetic_sections(work, sections, seed=seed, preset=preset)
+                outs = make_synthetic_sections(work, sections, seed=seed, preset=preset, platform=platform)
     return [out / o.relative_to(work) for o in outs]

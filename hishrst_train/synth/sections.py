@@ -16,8 +16,9 @@ from typing import Literal
 
 import numpy as np
 
+from hishrst_runtime.core.vocab import DEFAULT_PLATFORM, Platform
 from hishrst_train.synth.model import SynthPreset, _gene_programme
-from hishrst_train.synth.writer import Layout, canvas_px, load_truth, resolve_preset, write_section
+from hishrst_train.synth.writer import Layout, canvas_px, check_platform, load_truth, resolve_preset, write_section
 
 __all__ = ["make_synthetic_sections", "SECTIONS_FILE"]
 
@@ -44,6 +45,7 @@ def make_synthetic_sections(
     max_shift_um: float = 2000.0,
     rotate: bool = True,
     compression: Literal["jpeg", "zlib"] = "jpeg",
+    platform: Platform = DEFAULT_PLATFORM,
 ) -> list[Path]:
     """Write ``n_sections`` sections sharing one expression model; return their ``outs`` directories.
 
@@ -53,13 +55,16 @@ def make_synthetic_sections(
     preset. Per section (deterministic from ``seed`` and ``k``): tissue shape and arrangement, array
     rotation (any angle if ``rotate``, else a small random one, ±0.6°), offset on the slide (uniform in
     [0, ``max_shift_um``] µm per axis, whole pixels), nuclei, texture and counts.
-    ``preset``: a name or a :class:`SynthPreset`; ``compression``: the TIFF tiles'.
+    ``preset``: a name or a :class:`SynthPreset`; ``compression``: the TIFF tiles'; ``platform``: the
+    layout of each section's ``outs`` (``visium`` spots or ``visium-hd`` bins, see
+    :func:`~hishrst_train.synth.make_synthetic_visium`).
     """
     if int(n_sections) < 1:
         raise ValueError(f"n_sections must be ≥ 1, got {n_sections}")
     if not max_shift_um >= 0:
         raise ValueError(f"max_shift_um must be ≥ 0 µm, got {max_shift_um}")
     p, name = resolve_preset(preset)
+    platform = check_platform(platform)
     out_dir = Path(out_dir)
     gp = _gene_programme(p.n_genes, np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]).spawn(5)[3]))
     outs, summary = [], []
@@ -71,7 +76,7 @@ def make_synthetic_sections(
         o = write_section(out_dir / f"section_{k}", p=p, gp=gp, rngs=(rng_geo, rng_nuc, rng_tex, rng_count),
                           layout=layout, seed=int(seed), name=name, compression=compression,
                           library_id=f"synthetic_{name}_{seed}_section{k}", render_seed=render_seed,
-                          extra_truth={"section": np.int64(k), "n_sections": np.int64(n_sections)})
+                          extra_truth={"section": np.int64(k), "n_sections": np.int64(n_sections)}, platform=platform)
         outs.append(o)
         rotation = float(load_truth(o)["rotation_deg"])
         summary.append({"section": k, "outs": str(o.relative_to(out_dir)), "rotation_deg": rotation,
@@ -79,6 +84,7 @@ def make_synthetic_sections(
                         "shift_px": list(layout.shift_px), "shift_um": [v * p.mpp for v in layout.shift_px]})
     (out_dir / SECTIONS_FILE).write_text(json.dumps(
         {"generator": "hishrst.synth", "preset": name, "seed": int(seed), "mpp": p.mpp, "n_genes": p.n_genes,
+         **({} if platform == DEFAULT_PLATFORM else {"platform": platform}),
          "shared": "genes, gene programme and region rendering (one image → expression relation)",
          "sections": summary}, indent=2))
     return outs

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from hishrst_runtime.core.geometry import VISIUM_SPOT_DIAMETER_UM, visium_array_to_um, visium_lattice
+from hishrst_runtime.core.vocab import DEFAULT_PLATFORM, PLATFORMS, Platform
 from hishrst_train.synth.model import (
     PRESETS,
     REGION_NAMES,
@@ -27,10 +28,12 @@ from hishrst_train.synth.model import (
     spot_counts,
     spot_model,
 )
+from hishrst_train.synth.bins import BINS_FILE, BinModel, bin_inputs
 from hishrst_train.synth.canvas import CanvasRenderer
+from hishrst_train.synth.hd import write_visium_hd
 from hishrst_train.synth.render import STRIP_ROWS, Renderer, downsample2, make_nuclei
 
-__all__ = ["Layout", "canvas_px", "make_synthetic_visium", "load_truth", "resolve_preset", "write_section"]
+__all__ = ["Layout", "canvas_px", "check_platform", "make_synthetic_visium", "load_truth", "png_scales", "resolve_preset", "write_section"]
 
 log = logging.getLogger("hishrst")
 
@@ -101,12 +104,17 @@ def _write_spaceranger(outs: Path, *, p: SynthPreset, geo: _Geometry, spots: Spo
     majority = np.asarray(REGION_NAMES)[np.argmax(spots.frac[order], axis=1)]
     pd.DataFrame({"barcode": barcodes[order], "layer": majority}).to_csv(
         outs / "spatial" / "ground_truth_layers.csv", index=False)
-    hires_s, lowres_s = 2000.0 / max(geo.width, geo.height), 600.0 / max(geo.width, geo.height)
+    hires_s, lowres_s = png_scales(geo.width, geo.height)
     sf = {"spot_diameter_fullres": VISIUM_SPOT_DIAMETER_UM / p.mpp,
           "fiducial_diameter_fullres": 1.5 * VISIUM_SPOT_DIAMETER_UM / p.mpp,
           "tissue_hires_scalef": hires_s, "tissue_lowres_scalef": lowres_s}
     (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps(sf, indent=2))
     return hires_s, lowres_s
+
+
+def png_scales(width: int, height: int) -> tuple[float, float]:
+    """(hires, lowres) scale factors of Space Ranger's PNGs: longest side 2000 px and 600 px."""
+    return 2000.0 / max(width, height), 600.0 / max(width, height)
 
 
 def _strips(ren: Renderer, height: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -201,6 +209,13 @@ def resolve_preset(preset: str | SynthPreset) -> tuple[SynthPreset, str]:
     return PRESETS[preset], preset
 
 
+def check_platform(platform: str) -> Platform:
+    """``platform`` if it is one of :data:`~hishrst_runtime.core.vocab.PLATFORMS`, else a ``ValueError``."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"unknown platform {platform!r}; choose one of {list(PLATFORMS)}")
+    return platform  # type: ignore[return-value]
+
+
 def canvas_px(um: tuple[float, float], mpp: float, *, what: str) -> tuple[int, int]:
     """(x, y) µm → whole pixels at ``mpp`` µm/px (rounded); ``ValueError`` for negative values."""
     if len(um) != 2 or min(um) < 0:
@@ -217,6 +232,7 @@ def make_synthetic_visium(
     shift_um: tuple[float, float] = (0.0, 0.0),
     canvas_pad_um: tuple[float, float] = (0.0, 0.0),
     rotation_deg: float | None = None,
+    platform: Platform = DEFAULT_PLATFORM,
 ) -> Path:
     """Write a synthetic Visium section under ``out_dir`` and return its ``outs`` directory.
 
@@ -231,7 +247,9 @@ def make_synthetic_visium(
     pixels are those of the unshifted section (rounded to whole pixels, so the shift actually applied,
     ``truth["shift_um"]``, is a multiple of the pixel size; use ``compression="zlib"`` for pixel-exact
     copies — JPEG blocks depend on the tile grid). ``rotation_deg`` sets the rotation of the spot array
-    on the image (degrees; default: a small random one).
+    on the image (degrees; default: a small random one). ``platform="visium-hd"`` writes Space Ranger 3's
+    ``outs/binned_outputs/square_008um`` and ``square_016um`` instead of the spot ``outs``
+    (:mod:`hishrst_train.synth.hd`); every section also gets ``truth_bins.npz`` (:mod:`hishrst_train.synth.bins`).
     """
     p, name = resolve_preset(preset)
     ss = np.random.SeedSequence([int(seed), 0x5EED])
@@ -240,22 +258,25 @@ def make_synthetic_visium(
     layout = Layout(rotation_deg=rotation_deg, shift_px=canvas_px(shift_um, p.mpp, what="shift_um"),
                     pad_px=canvas_px(canvas_pad_um, p.mpp, what="canvas_pad_um"))
     return write_section(out_dir, p=p, gp=gp, rngs=(rng_geo, rng_nuc, rng_tex, rng_count), layout=layout,
-                         seed=int(seed), name=name, compression=compression, library_id=f"synthetic_{name}_{seed}")
+                         seed=int(seed), name=name, compression=compression, library_id=f"synthetic_{name}_{seed}",
+                         platform=check_platform(platform))
 
 
 def write_section(out_dir: str | Path, *, p: SynthPreset, gp: dict[str, np.ndarray],
                   rngs: tuple[np.random.Generator, ...], layout: Layout, seed: int, name: str,
                   compression: Literal["jpeg", "zlib"], library_id: str, render_seed: int | None = None,
-                  extra_truth: dict[str, Any] | None = None) -> Path:
+                  extra_truth: dict[str, Any] | None = None, platform: Platform = DEFAULT_PLATFORM) -> Path:
     """Write one section with the gene programme ``gp`` (shared by sections of one expression model).
 
     ``rngs``: generators for geometry and tissue, nuclei, texture and counts; ``render_seed`` keys the
-    image grain (default ``seed``). Returns the ``outs`` directory.
+    image grain (default ``seed``) and the Visium HD counts. ``platform``: ``visium`` writes Space Ranger's
+    spot ``outs``, ``visium-hd`` its ``outs/binned_outputs/`` (:mod:`hishrst_train.synth.hd`); both write
+    ``truth.npz`` and ``truth_bins.npz``. Returns the ``outs`` directory.
     """
     rng_geo, rng_nuc, rng_tex, rng_count = rngs
     out_dir = Path(out_dir)
     outs = out_dir / "outs"
-    (outs / "spatial").mkdir(parents=True, exist_ok=True)
+    outs.mkdir(parents=True, exist_ok=True)
     sec = _geometry(p, rng_geo, rotation_deg=layout.rotation_deg)
     tissue = _Tissue(p, rng_geo, sec.box, alpha_range_deg=layout.alpha_range_deg, blob_scale=layout.blob_scale)
     geo = _on_canvas(sec, layout)
@@ -264,17 +285,42 @@ def write_section(out_dir: str | Path, *, p: SynthPreset, gp: dict[str, np.ndarr
     order = np.flatnonzero(spots.in_tissue)  # in-tissue spots, sorted by barcode like Space Ranger
     order = order[np.argsort(barcodes[order], kind="stable")]
     mean, lib, counts = spot_counts(p, tissue, gp, spots, geo.spot_um, order, rng_count)
-    scales = _write_spaceranger(outs, p=p, geo=geo, spots=spots, gp=gp, barcodes=barcodes, order=order,
-                                counts=counts, library_id=library_id)
+    (sx, sy) = layout.shift_px
+    bins = bin_inputs(tissue, affine=geo.affine, image_wh=(geo.width, geo.height), mpp=p.mpp,
+                      section_box_px=(sx, sy, sx + sec.width, sy + sec.height))
+    model = BinModel.from_programme(gp, float(sum(p.layer_um)))
     rseed = seed if render_seed is None else int(render_seed)
+    if platform == DEFAULT_PLATFORM:
+        (outs / "spatial").mkdir(exist_ok=True)
+        scales = _write_spaceranger(outs, p=p, geo=geo, spots=spots, gp=gp, barcodes=barcodes, order=order,
+                                    counts=counts, library_id=library_id)
+        png_dirs = [outs / "spatial"]
+    else:
+        scales = png_scales(geo.width, geo.height)
+        png_dirs = write_visium_hd(outs, p=p, gp=gp, bins=bins, model=model, scales=scales, library_id=library_id,
+                                   rng=np.random.default_rng(np.random.SeedSequence([int(seed), 0x4844, rseed])))
     ren: Any = Renderer(tissue, make_nuclei(tissue, sec.box, rng_nuc), sec.affine, (sec.height, sec.width), p.mpp,
                         rng_tex, sec.box, rseed)
     if (geo.width, geo.height) != (sec.width, sec.height):
         ren = CanvasRenderer(ren, shape=(geo.height, geo.width), offset_px=layout.shift_px, seed=rseed)
     desc = json.dumps({"mpp": p.mpp, "generator": "hishrst.synth", "preset": name, "seed": int(seed)})
     pyramid = _write_tiff(out_dir / "image.tif", ren, geo=geo, p=p, description=desc, compression=compression)
-    _write_pngs(outs / "spatial", pyramid, geo=geo, scales=scales)
-    truth = {
+    for d in png_dirs:
+        _write_pngs(d, pyramid, geo=geo, scales=scales)
+    truth = _truth_arrays(p=p, gp=gp, geo=geo, sec=sec, layout=layout, spots=spots, barcodes=barcodes, order=order,
+                          mean=mean, lib=lib, seed=seed, name=name)
+    _save_npz(out_dir / "truth.npz", {**truth, **(extra_truth or {})})
+    _save_npz(out_dir / BINS_FILE, {**bins, **model.arrays()})
+    log.info("synthetic %s %s (seed %d): %d/%d spots in tissue, %d bins of 8 µm with tissue, image %d×%d px",
+             platform, name, seed, len(order), len(geo.rows), len(bins["bin_rc"]), geo.width, geo.height)
+    return outs
+
+
+def _truth_arrays(*, p: SynthPreset, gp: dict[str, np.ndarray], geo: _Geometry, sec: _Geometry, layout: Layout,
+                  spots: SpotModel, barcodes: np.ndarray, order: np.ndarray, mean: np.ndarray, lib: np.ndarray,
+                  seed: int, name: str) -> dict[str, Any]:
+    """The arrays of ``truth.npz`` (see :mod:`hishrst_train.synth`)."""
+    return {
         "barcodes": barcodes[order].astype(str), "region_names": np.asarray(REGION_NAMES),
         "region_fractions": spots.frac[order].astype(np.float32), "tissue_fraction": spots.tfrac[order].astype(np.float32),
         "depth_um": spots.depth[order].astype(np.float32), "expected_means": mean.astype(np.float32),
@@ -286,12 +332,7 @@ def write_section(out_dir: str | Path, *, p: SynthPreset, gp: dict[str, np.ndarr
         "shift_px": np.array(layout.shift_px, np.int64), "shift_um": np.array(layout.shift_px, np.float64) * p.mpp,
         "canvas_pad_px": np.array(layout.pad_px, np.int64),
         "rotation_deg": np.float64(np.degrees(np.arctan2(sec.affine[1, 0], sec.affine[0, 0]))),
-        **(extra_truth or {}),
     }
-    _save_npz(out_dir / "truth.npz", truth)
-    log.info("synthetic Visium %s (seed %d): %d/%d spots in tissue, image %d×%d px", name, seed, len(order),
-             len(geo.rows), geo.width, geo.height)
-    return outs
 
 
 def _resize(a: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
