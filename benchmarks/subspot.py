@@ -59,8 +59,7 @@ def fit_both(outs: list[Path], work: Path, tag: str, *, epochs: int | None, cach
 def spot_level(run: Path, section: Path, cache: Path) -> dict[str, Any]:
     from hishrst_train.evaluate import evaluate_on
 
-    s = evaluate_on(run, [section], ssim=False, ari=False, cache_dir=cache, progress=False, name="unseen",
-                    allow_test_encoder=True)
+    s = evaluate_on(run, [section], ssim=False, ari=False, cache_dir=cache, progress=False, name="unseen")
     return {"pcc": s["model"]["pcc_mean"], "mse": s["model"]["mse_mean"], "mean_mse": s["baseline_train_mean"]["mse_mean"],
             "ridge_pcc": s["baseline_ridge"]["pcc_mean"]}
 
