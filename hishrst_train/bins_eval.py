@@ -27,7 +27,8 @@ from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.tokens import TokenGeometry, lattice_shape, pool_bins_log1p, tile_lattice
 from hishrst_train.metrics import gene_map_ssim, per_gene_metrics, summarise
 
-__all__ = ["BinWindow", "choose_window", "subspot_bin_map", "interpolated_bin_map", "grid16_bin_map", "score_maps"]
+__all__ = ["BinWindow", "choose_window", "subspot_bin_map", "interpolated_bin_map", "grid16_bin_map", "score_maps",
+           "score_bins", "write_scores", "format_bin_scores", "METHODS"]
 
 METHODS = ("subspot", "interpolated_spots", "spot_grid_16um")
 
@@ -255,3 +256,17 @@ def _window_truth(section: str | Path, genes: list[str], table: Any, window: Bin
     out = np.full((rows, cols, len(genes)), np.nan, np.float32)
     out[rc[inside, 0], rc[inside, 1]] = values
     return out
+
+
+def format_bin_scores(scores: dict[str, Any]) -> list[str]:
+    """The console table of :func:`score_bins`: mean per-gene PCC and SSIM per method and bin size, the cost."""
+    lines = [f"{'method':<22} {'PCC 8µm':>8} {'SSIM 8µm':>9} {'PCC 16µm':>9} {'SSIM 16µm':>10}"]
+    for m in METHODS:
+        a, b = scores["8um"][m], scores["16um"][m]
+        lines.append(f"{m:<22} {a['pcc_mean']:>8.3f} {a['ssim_mean']:>9.3f} {b['pcc_mean']:>9.3f} {b['ssim_mean']:>10.3f}")
+    per = scores["cost"]["passes_per_mm2"]
+    lines.append(f"encoder passes per mm² of tissue: sub-spot {per['subspot']:.0f}, spot head at 16 µm "
+                 f"{per['spot_grid_16um']:.0f} ({per['spot_grid_16um'] / per['subspot']:.1f}× more)")
+    if "figure" in scores:
+        lines.append(f"figure: {scores['figure']['figure']} (gene {scores['figure']['gene']}: {scores['figure']['rule']})")
+    return lines

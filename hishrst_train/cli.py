@@ -244,12 +244,23 @@ def _check_run_encoder(run_dir: Path, *, allow_test_encoder: bool) -> None:
 @click.option("--no-ssim", is_flag=True, help="Skip SSIM of gene maps.")
 @click.option("--no-ari", is_flag=True, help="Skip k-means ARI against the layer truth.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@click.option("--bins", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A sub-spot RUN: score its 8/16 µm maps on this synthetic section's bin truth (with --spot-run).")
+@click.option("--spot-run", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="With --bins: the spot run whose interpolated predictions and 16 µm grid are the alternatives.")
+@click.option("--window-um", type=click.FloatRange(min=16), default=2000.0, show_default=True,
+              help="With --bins: side of the scored square of tissue (µm).")
 @threads_option
 @allow_test_encoder_option
 def evaluate(run_dir: Path, more: tuple[str, ...], on: tuple[str, ...], name: str | None, image: Path | None,
              mpp: float | None, counts: str | None, device: str, cache_dir: Path | None, no_ssim: bool, no_ari: bool,
-             progress: bool, threads: int | None, allow_test_encoder: bool) -> None:
-    """Score RUN: its held-out spots (recovery), or with --on DATA... sections it never saw."""
+             progress: bool, threads: int | None, allow_test_encoder: bool, bins: Path | None,
+             spot_run: Path | None, window_um: float) -> None:
+    """Score RUN: its held-out spots (recovery), with --on DATA... sections it never saw, or with --bins a
+    sub-spot run's 8/16 µm maps."""
+    if bins is not None:
+        return _evaluate_bins(run_dir, bins, spot_run, window_um=window_um, threads=threads,
+                              allow_test_encoder=allow_test_encoder)
     data = list(on) + list(more)
     if more and not on:
         raise click.UsageError(f"unexpected argument {more[0]!r}; sections to score go after --on")
@@ -267,6 +278,20 @@ def evaluate(run_dir: Path, more: tuple[str, ...], on: tuple[str, ...], name: st
         else:
             s, where = mod.evaluate_run(run_dir, ssim=not no_ssim, ari=not no_ari), run_dir
     _echo_metrics(s, where)
+
+
+def _evaluate_bins(run_dir: Path, section: Path, spot_run: Path | None, *, window_um: float, threads: int | None,
+                   allow_test_encoder: bool) -> None:
+    if spot_run is None:
+        raise click.UsageError("--bins needs --spot-run RUN (the spot model the sub-spot maps are compared with)")
+    with command_errors(run_dir):
+        for run in (run_dir, spot_run):
+            _check_run_encoder(run, allow_test_encoder=allow_test_encoder)
+        mod = training_module("hishrst_train.bins_eval", command="evaluate --bins")
+        use_threads(threads)
+        scores = mod.score_bins(run_dir, section, spot_run=spot_run, window_um=window_um)
+    for line in mod.format_bin_scores(scores):
+        click.echo(line)
 
 
 @click.command(epilog=DATA_HELP)

@@ -78,7 +78,8 @@ def gene_map_ssim(pred: np.ndarray, truth: np.ndarray, array_row: np.ndarray, ar
         span = hi - lo if hi > lo else 1.0
         a = _raster(np.clip((pred[:, g] - lo) / span, 0, 1), rows, cols, 0.0)
         b = _raster((t - lo) / span, rows, cols, 0.0)
-        win = min(7, *a.shape) | 1
+        win = min(7, *a.shape)
+        win -= 1 - win % 2  # the largest odd window that fits
         out[g] = structural_similarity(a, b, data_range=1.0, win_size=win) if win >= 3 else np.nan
     return out
 
