@@ -184,8 +184,7 @@ def fit_run(
     same ``out`` while this one runs fails at once. ``encoder``: a registered name (default ``uni``: real
     weights, resolved as in :func:`~hishrst_train.encoders.weights.resolve_weights`) or a generic form
     (:mod:`hishrst_train.encoders.generic`); a random test encoder is refused unless ``allow_test_encoder``.
-    ``head``: ``spot`` or ``subspot`` (a prediction per ``token_pitch_um`` token, :mod:`hishrst_train.subspot_fit`).
-    Returns a summary dict (also in ``config.json``)."""
+    ``head``: ``spot`` or ``subspot`` (per ``token_pitch_um`` token). Returns a summary dict (also in config.json)."""
     from hishrst_train.encoders.generic import canonical_encoder_name
 
     t0 = time.perf_counter()

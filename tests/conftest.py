@@ -73,3 +73,20 @@ def small_bundle(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     out = tmp_path_factory.mktemp("small_bundle") / "bundle"
     export_bundle(small_run, out=out, echo=lambda s: None)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_hishrst_loggers() -> Iterator[None]:
+    """A CLI test configures the hishrst loggers (own handler, no propagation): put them back afterwards so a
+    later test's ``caplog`` still sees their records, whatever the test order."""
+    import logging
+
+    from hishrst_runtime.cli.logs import LOGGERS
+
+    saved = {n: (lg.handlers[:], lg.level, lg.propagate) for n in LOGGERS for lg in [logging.getLogger(n)]}
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        lg = logging.getLogger(name)
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate

@@ -27,6 +27,7 @@ __all__ = [
     "BackendError",
     "check_model_path",
     "default_threads",
+    "named_output",
     "gpu_name",
     "has_nvidia_smi",
     "ort_errors",
@@ -110,6 +111,19 @@ class BackendBase(Backend):
 
     def _prepare(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return prepare_feeds(feeds, self.input_names, self.input_dtypes, self.input_shapes, where=self.name)
+
+
+def named_output(backend: Any, outputs: Sequence[np.ndarray], name: str) -> np.ndarray:
+    """The output called ``name`` among ``outputs`` (what ``backend.run`` returned, in ``output_names`` order):
+    e.g. ``tokens`` of a sub-spot encoder, which also outputs ``features``. A backend with a single output (the
+    benchmark stand-ins) gives that one; a missing name raises :class:`BackendError`."""
+    names = list(getattr(backend, "output_names", None) or [])
+    if name in names and len(outputs) == len(names):
+        return outputs[names.index(name)]
+    if len(outputs) == 1:
+        return outputs[0]
+    raise BackendError(f"{getattr(backend, 'name', 'engine')}: no output {name!r} among {names or len(outputs)}; the "
+                       "model does not match the bundle's manifest — re-export the bundle")
 
 
 # ----------------------------------------------------------------------------- feeds and dtypes

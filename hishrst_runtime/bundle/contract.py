@@ -10,6 +10,11 @@ Two entry points share one table of expectations (:func:`expected_io`):
   would be loaded unverified, so it is refused).
 * :func:`check_engine_io` — the same checks for I/O reported by a loaded engine (e.g. a serialized
   TensorRT engine, whose graph the loader cannot read).
+
+The names depend on the head's kind (``head.kind``): a spot bundle's models have ``ENCODER_IO`` / ``HEAD_IO``, a
+sub-spot bundle's ``ENCODER_TOKENS_IO`` (the encoder also outputs ``tokens [B, rows, cols, width]``) and
+``SUBSPOT_HEAD_IO`` (``tokens → expression [B, rows, cols, genes]``), their grid that of the manifest's
+``tokens``; :func:`check_token_width` checks that the encoder's tokens are as wide as the head takes them.
 """
 
 from __future__ import annotations
@@ -18,18 +23,39 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from hishrst_runtime.bundle.io_names import ENCODER_IO, HEAD_IO
+from hishrst_runtime.bundle.io_names import ENCODER_IO, ENCODER_TOKENS_IO, HEAD_IO, SUBSPOT_HEAD_IO
 from hishrst_runtime.core.onnx_graph import OnnxFormatError, OnnxGraphInfo, read_onnx_graph
 from hishrst_runtime.bundle.spec import BundleError, BundleSpec
 
-__all__ = ["Role", "check_engine_io", "check_onnx_file", "expected_io"]
+__all__ = ["Role", "check_engine_io", "check_onnx_file", "check_token_width", "expected_io", "io_names"]
 
 Role = Literal["encoder", "head"]
-_NAMES: dict[str, dict[str, list[str]]] = {"encoder": ENCODER_IO, "head": HEAD_IO}
+#: ``{head kind: {role: names}}``.
+_NAMES: dict[str, dict[str, dict[str, list[str]]]] = {
+    "spot": {"encoder": ENCODER_IO, "head": HEAD_IO},
+    "subspot": {"encoder": ENCODER_TOKENS_IO, "head": SUBSPOT_HEAD_IO},
+}
 
 #: One expected dimension: ``None`` (any size) or ``(size, what the manifest says about it)``.
 _Dim = tuple[int, str] | None
 Shape = Sequence[int | None]
+
+
+def io_names(spec: BundleSpec, role: Role) -> dict[str, list[str]]:
+    """``{"inputs": [...], "outputs": [...]}``: the tensor names of this bundle's ``role`` model (by head kind)."""
+    return _NAMES[spec.head_kind][role]
+
+
+def _subspot_io(spec: BundleSpec, role: Role) -> dict[str, tuple[_Dim, ...]]:
+    """The token and expression tensors of a sub-spot bundle: its grid from ``tokens``, width, genes."""
+    assert spec.tokens is not None  # build_spec requires it of sub-spot bundles
+    rows, cols = spec.tokens.grid
+    r, c = (rows, f"tokens.grid is {rows}×{cols}"), (cols, f"tokens.grid is {rows}×{cols}")
+    w = None if spec.token_width is None else (spec.token_width, f"tokens.width is {spec.token_width}")
+    g = len(spec.genes)
+    if role == "encoder":
+        return {"tokens": (None, r, c, w)}
+    return {"tokens": (None, r, c, w), "expression": (None, r, c, (g, f"genes lists {g} names"))}
 
 
 def expected_io(spec: BundleSpec, role: Role) -> dict[str, tuple[_Dim, ...]]:
@@ -38,7 +64,10 @@ def expected_io(spec: BundleSpec, role: Role) -> dict[str, tuple[_Dim, ...]]:
     size = (s, f"encoder.input_size is {s} px")
     dim = (d, f"encoder.feature_dim is {d}")
     if role == "encoder":
-        return {"tiles": (None, size, size, (3, "tiles have 3 (RGB) channels")), "features": (None, dim)}
+        tiles = {"tiles": (None, size, size, (3, "tiles have 3 (RGB) channels")), "features": (None, dim)}
+        return {**tiles, **_subspot_io(spec, role)} if spec.subspot else tiles
+    if spec.subspot:
+        return _subspot_io(spec, role)
     return {"features": (None, None, dim), "positions": (None, None, (2, "positions are (x, y) pairs")),
             "mask": (None, None), "expression": (None, None, (g, f"genes lists {g} names"))}
 
@@ -47,13 +76,22 @@ def _fmt(shape: Shape) -> str:
     return "[" + ", ".join("?" if x is None else str(x) for x in shape) + "]"
 
 
-def _check_roles(role: Role, inputs: Sequence[str], outputs: Sequence[str] | None, where: str) -> None:
-    want = _NAMES[role]
+def _check_roles(spec: BundleSpec, role: Role, inputs: Sequence[str], outputs: Sequence[str] | None,
+                 where: str) -> None:
+    want = io_names(spec, role)
     got_in, got_out = sorted(inputs), None if outputs is None else sorted(outputs)
     if got_in == sorted(want["inputs"]) and got_out in (None, sorted(want["outputs"])):
         return
     other: Role = "head" if role == "encoder" else "encoder"
-    if got_in == sorted(_NAMES[other]["inputs"]):
+    kind = "spot" if spec.subspot else "subspot"
+    theirs = _NAMES[kind][role]
+    if got_in == sorted(theirs["inputs"]) and got_out in (None, sorted(theirs["outputs"])):
+        raise BundleError(
+            f"{where}: is a {kind} {role} graph (outputs {list(outputs or [])}), but the manifest says head.kind "
+            f"{spec.head_kind} (expected outputs {want['outputs']}); the manifest and the models come from different "
+            "exports — re-export the bundle"
+        )
+    if got_in == sorted(io_names(spec, other)["inputs"]):
         raise BundleError(
             f"{where}: holds the {other} graph (inputs {', '.join(inputs)}), not the {role}: the encoder and head "
             f"files are swapped — list encoder.onnx under files.encoder and head.onnx under files.head, or re-export"
@@ -78,7 +116,7 @@ def check_engine_io(
     bundle and the file (e.g. ``"<bundle>/manifest.json: files.head (head.onnx)"``). Raises
     :class:`BundleError` for swapped roles, wrong tensor names, ranks or static sizes.
     """
-    _check_roles(role, list(inputs), None if outputs is None else list(outputs), where)
+    _check_roles(spec, role, list(inputs), None if outputs is None else list(outputs), where)
     got = {**inputs, **(outputs or {})}
     for name, dims in expected_io(spec, role).items():
         if name not in got:
@@ -118,3 +156,14 @@ def check_onnx_file(
                               f"not list (so it cannot be hash-checked); re-export the bundle, or list it with its "
                               f"SHA-256 under external_data")
     return graph
+
+
+def check_token_width(encoder: OnnxGraphInfo, head: OnnxGraphInfo, *, where: str) -> None:
+    """A sub-spot bundle's encoder must output ``tokens`` as wide (last dimension) as its head takes them;
+    ``where`` names the bundle's manifest. Raises :class:`BundleError` when both are static and differ."""
+    out, inp = encoder.output("tokens"), head.input("tokens")
+    a = out.shape[-1] if out is not None and out.shape else None
+    b = inp.shape[-1] if inp is not None and inp.shape else None
+    if a is not None and b is not None and a != b:
+        raise BundleError(f"{where}: the encoder outputs tokens {a} wide but the head takes tokens {b} wide; the two "
+                          "files come from different exports — re-export the bundle")

@@ -7,7 +7,8 @@ schema 2 two records protect the contract:
 * ``integrity.content_sha256`` in the manifest: the SHA-256 of the canonical JSON
   (:func:`canonical_json`: keys sorted, no whitespace, UTF-8, no NaN/inf) of :func:`manifest_content`:
   the sections in :data:`CONTENT_KEYS` (every field that changes the numbers a bundle produces or what
-  they mean: encoder incl. normalisation, patch, position, grouping, genes, output, head, preprocessing)
+  they mean: encoder incl. normalisation, patch, position, grouping, genes, output, head (its kind included),
+  preprocessing, tokens — the token geometry of sub-spot bundles)
   and ``files.encoder.precision`` / ``files.head.precision``. File bytes are not in it (each listed file
   has its own SHA-256), nor is the hash itself, versions, timings, parity figures or the licence text.
 * ``metadata_props`` of ``head.onnx`` (:func:`head_metadata`, written by export): the gene names in
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 #: First schema version whose bundles carry the content hash and the head's gene names.
 INTEGRITY_SINCE = 2
 #: Top-level manifest sections covered by the content hash (a missing one is left out).
-CONTENT_KEYS = ("encoder", "patch", "position", "grouping", "genes", "output", "head", "preprocessing")
+CONTENT_KEYS = ("encoder", "patch", "position", "grouping", "genes", "output", "head", "preprocessing", "tokens")
 #: Models whose ``precision`` is covered by the content hash.
 _PRECISION_FILES = ("encoder", "head")
 #: Keys of ``head.onnx``'s ``metadata_props``.

@@ -19,6 +19,11 @@ Schema (``schema = "hishrst-bundle"``, ``schema_version`` = :data:`SCHEMA_VERSIO
                        [gpu, tensorrt_version] for engines}}   keys: encoder, head, [encoder_trt, head_trt]
     onnx_opset, max_batch, parity {precision, encoder {...}, head {...}}, license {...}
     integrity   {content_sha256, covers, canonical}   (since 2; see hishrst_runtime.bundle.integrity)
+    head        {kind ("spot" | "subspot"), ...}   (optional: without ``kind`` a bundle is a ``spot`` bundle)
+    tokens      {grid [rows, cols], input_size (px), pitch_um (µm), margin (tokens), [width]}
+                (``TokenGeometry.to_dict()``; required when ``head.kind`` is ``subspot``: the encoder then also
+                outputs ``tokens`` and the head maps tokens to expression per token, ``patch.size_um`` is the
+                tile's side ``grid × pitch_um``; optional ``width``: the tokens' width, checked against both models)
 
 Versioning: every schema change bumps :data:`SCHEMA_VERSION` and adds an upgrade function
 ``vN → vN+1`` to :data:`_UPGRADES`. :func:`load_bundle` applies the chain in memory, so bundles
@@ -40,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
-from hishrst_runtime.bundle.contract import check_onnx_file
+from hishrst_runtime.bundle.contract import check_onnx_file, check_token_width
 from hishrst_runtime.bundle.integrity import check_integrity, integrity_section
 from hishrst_runtime.bundle.spec import BundleError, BundleSpec, build_spec
 from hishrst_runtime.core.files import atomic_write, sha256_file
@@ -276,8 +281,8 @@ def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
     Checks the schema name and version (upgrading older versions in memory), the required fields and
     their values (:func:`~hishrst_runtime.bundle.spec.build_spec`), that every listed file (external
     data included) stays inside the bundle and exists, (``verify_hashes=True``) that each file's
-    SHA-256 matches, that ``encoder.onnx`` / ``head.onnx`` have their roles' tensors with the
-    manifest's sizes and reference no unlisted external data
+    SHA-256 matches, that ``encoder.onnx`` / ``head.onnx`` have their roles' tensors (by ``head.kind``) with the
+    manifest's sizes (a sub-spot bundle's token grid and width included) and reference no unlisted external data
     (:func:`~hishrst_runtime.bundle.contract.check_onnx_file`), and that the manifest's genes are the head's
     and its content hash holds (:func:`~hishrst_runtime.bundle.integrity.check_integrity`; older bundles
     without them load with a logged warning). Every failure raises
@@ -303,6 +308,8 @@ def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
     for role in ("encoder", "head"):
         graphs[role] = check_onnx_file(bundle.spec, role, bundle.path(role), listed_external=bundle.external_data(role),
                                        root=root, where=f"{mpath}: files.{role} ({manifest['files'][role]['path']})")
+    if bundle.spec.subspot:
+        check_token_width(graphs["encoder"], graphs["head"], where=str(mpath))
     check_integrity(raw, graphs["head"].metadata, source_version=source_version, mpath=mpath,
                     head_where=f"files.head ({manifest['files']['head']['path']})")
     return bundle

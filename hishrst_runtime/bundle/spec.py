@@ -3,8 +3,8 @@
 :func:`build_spec` turns an upgraded manifest (see :mod:`hishrst_runtime.bundle.manifest`) into a
 :class:`BundleSpec` and checks the values the runtime computes with: positive finite patch size and
 training µm/px, positive integer sizes, unique gene names, a known position mode (older manifests'
-``continuous`` / ``grid`` included). Callers read ``bundle.spec`` instead of the
-raw dict, so no caller repeats a default.
+``continuous`` / ``grid`` included), the head's kind and token geometry. Callers read ``bundle.spec`` instead
+of the raw dict, so no caller repeats a default.
 """
 
 from __future__ import annotations
@@ -18,26 +18,14 @@ from typing import Any, cast
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.grouping import GROUPING_METHOD
 from hishrst_runtime.core.patches import PAD_VALUE, RESIZE_FILTER
-from hishrst_runtime.core.vocab import DEFAULT_PRECISION, POSITION_MODES, PRECISIONS, UM_POSITION_MODES, PositionMode
+from hishrst_runtime.core.tokens import TokenGeometry
+from hishrst_runtime.core.vocab import (DEFAULT_HEAD_KIND, DEFAULT_PRECISION, HEAD_KINDS, POSITION_MODES, PRECISIONS,
+                                        UM_POSITION_MODES, HeadKind, PositionMode)
 
 __all__ = [
-    "DEFAULT_MAX_BATCH",
-    "BundleError",
-    "BundleSpec",
-    "EncoderSpec",
-    "ExternalDataSpec",
-    "FileSpec",
-    "GroupingSpec",
-    "LicenseSpec",
-    "NormalisationSpec",
-    "OutputSpec",
-    "POSITION_MODES",
-    "PatchSpec",
-    "PositionMode",
-    "PositionSpec",
-    "ShapeRange",
-    "UM_POSITION_MODES",
-    "build_spec",
+    "DEFAULT_MAX_BATCH", "BundleError", "BundleSpec", "EncoderSpec", "ExternalDataSpec", "FileSpec", "GroupingSpec",
+    "LicenseSpec", "NormalisationSpec", "OutputSpec", "POSITION_MODES", "PatchSpec", "PositionMode", "PositionSpec",
+    "ShapeRange", "UM_POSITION_MODES", "build_spec",
 ]
 
 #: ``max_batch`` of bundles that do not record one: the largest batch the TensorRT profiles cover.
@@ -89,8 +77,6 @@ class PatchSpec:
     resize: str
     pad_value: int
     algorithm: str | None
-
-
 
 
 @dataclass(frozen=True)
@@ -178,7 +164,9 @@ class LicenseSpec:
 
 @dataclass(frozen=True)
 class BundleSpec:
-    """The whole bundle contract, typed. Build it with :func:`build_spec` (``load_bundle`` does)."""
+    """The whole bundle contract, typed. Build it with :func:`build_spec` (``load_bundle`` does). ``head_kind``:
+    ``spot`` (bundles without ``head.kind``) or ``subspot``; ``tokens``: the token geometry (required by sub-spot
+    bundles, whose tile is ``patch.size_um``); ``token_width``: ``tokens.width`` when recorded, else None."""
 
     encoder: EncoderSpec
     patch: PatchSpec
@@ -191,6 +179,14 @@ class BundleSpec:
     onnx_opset: int | None
     license: LicenseSpec
     hishrst_version: str | None
+    head_kind: HeadKind = DEFAULT_HEAD_KIND
+    tokens: TokenGeometry | None = None
+    token_width: int | None = None
+
+    @property
+    def subspot(self) -> bool:
+        """Whether the head predicts per token (``head.kind`` is ``subspot``): run on a bin lattice, not points."""
+        return self.head_kind == "subspot"
 
     @property
     def test_encoder(self) -> bool:
@@ -214,21 +210,15 @@ class BundleSpec:
         return self.files.get(key)
 
     def head_profile(self, max_batch: int | None = None) -> dict[str, ShapeRange]:
-        """The head's TensorRT optimisation profile: ``{input: (min, opt, max) shape}``.
-
-        Groups (first dimension) range from 1 to ``max_batch`` (default: the bundle's), optimal
-        ``min(8, max_batch)``; points per group from 1 to ``grouping.max_size`` (optimal = max).
-        """
+        """The spot head's TensorRT optimisation profile: ``{input: (min, opt, max) shape}``. Groups (first dimension)
+        from 1 to ``max_batch`` (default: the bundle's), optimal ``min(8, max_batch)``; points per group from 1 to
+        ``grouping.max_size`` (optimal = max). (A sub-spot head's only dynamic dimension is its batch.)"""
         m = self.max_batch if max_batch is None else int(max_batch)
         if m < 1:
             raise ValueError(f"max_batch must be >= 1, got {m}")
-        n, d = self.grouping.max_size, self.encoder.feature_dim
+        n, d, opt = self.grouping.max_size, self.encoder.feature_dim, min(HEAD_PROFILE_OPT_GROUPS, m)
         tails: dict[str, tuple[int, ...]] = {"features": (d,), "positions": (2,), "mask": ()}
-        opt = min(HEAD_PROFILE_OPT_GROUPS, m)
         return {name: ((1, 1, *tail), (opt, n, *tail), (m, n, *tail)) for name, tail in tails.items()}
-
-
-# ------------------------------------------------------------------------------------------ builder
 
 
 class _Reader:
@@ -291,9 +281,7 @@ class _Reader:
 
 
 def _normalisation(r: _Reader) -> NormalisationSpec | None:
-    if r.get("encoder.normalisation") is None:
-        return None
-    return NormalisationSpec(
+    return None if r.get("encoder.normalisation") is None else NormalisationSpec(
         scale=r.positive_float("encoder.normalisation.scale", "factor on uint8 values", 1 / 255),
         mean=r.floats("encoder.normalisation.mean", ()), std=r.floats("encoder.normalisation.std", ()),
         in_graph=bool(r.get("encoder.normalisation.in_graph", True)),
@@ -321,8 +309,7 @@ def _patch(r: _Reader) -> PatchSpec:
 def _position(r: _Reader) -> PositionSpec:
     mode = r.text("position.mode")
     if mode not in POSITION_MODES:
-        raise BundleError(f"{r.path}: position.mode must be one of {', '.join(POSITION_MODES)}, got {mode!r}; "
-                          "re-export the bundle (or upgrade hishrst if a newer release wrote it)")
+        raise r.fail("position.mode", f"must be one of {', '.join(POSITION_MODES)}, got {mode!r} (or upgrade hishrst)")
     return PositionSpec(
         mode=cast(PositionMode, mode), units=r.text("position.units", "um" if mode in UM_POSITION_MODES else "array"),
         pos_n_freqs=r.optional_int("position.pos_n_freqs", 0),
@@ -360,8 +347,7 @@ def _files(r: _Reader) -> dict[str, FileSpec]:
     out = {}
     for key, e in r.get("files", {}).items():
         if e.get("precision") is not None and e["precision"] not in PRECISIONS:
-            raise BundleError(f"{r.path}: files.{key}.precision must be one of {', '.join(PRECISIONS)}, got "
-                              f"{e['precision']!r}; re-export the bundle (or upgrade hishrst if a newer release wrote it)")
+            raise r.fail(f"files.{key}.precision", f"must be one of {', '.join(PRECISIONS)}, got {e['precision']!r}")
         ext = tuple(ExternalDataSpec(path=x["path"], sha256=x["sha256"]) for x in e.get("external_data", []))
         out[key] = FileSpec(key=key, path=e["path"], sha256=e["sha256"], precision=e.get("precision"),
                             format=e.get("format"), external_data=ext, gpu=e.get("gpu"),
@@ -375,6 +361,26 @@ def _license(r: _Reader, encoder: EncoderSpec) -> LicenseSpec:
                        notice=r.optional_text("license.notice"))
 
 
+def _head(r: _Reader, encoder: EncoderSpec, patch: PatchSpec) -> tuple[HeadKind, TokenGeometry | None, int | None]:
+    """``(head.kind, tokens geometry, tokens.width)``: the kind defaults to ``spot``; a sub-spot bundle needs
+    ``tokens`` with the encoder's input size and ``patch.size_um`` equal to the tile's side."""
+    kind, raw = r.text("head.kind", DEFAULT_HEAD_KIND), r.get("tokens")
+    if kind not in HEAD_KINDS:
+        raise r.fail("head.kind", f"must be one of {', '.join(HEAD_KINDS)}, got {kind!r} (or upgrade hishrst)")
+    if raw is None and kind == "subspot":
+        raise r.fail("tokens", "is missing; a sub-spot bundle (head.kind subspot) records its token geometry")
+    try:
+        geom = None if raw is None else TokenGeometry.from_dict(dict(raw))
+    except (InputError, TypeError, ValueError) as e:
+        raise r.fail("tokens", f"is not a token geometry {{grid, input_size, pitch_um, margin}} ({e})") from e
+    if geom is not None and geom.input_size != encoder.input_size:
+        raise r.fail("tokens.input_size", f"is {geom.input_size} px but encoder.input_size is {encoder.input_size} px")
+    if geom is not None and kind == "subspot" and not math.isclose(patch.size_um, geom.tile_um, rel_tol=1e-6):
+        raise r.fail("patch.size_um", f"is {patch.size_um} µm but a sub-spot tile is tokens.grid × tokens.pitch_um "
+                     f"= {geom.tile_um} µm")
+    return cast(HeadKind, kind), geom, r.optional_int("tokens.width", 1)
+
+
 def build_spec(manifest: Mapping[str, Any], *, path: Path | str = "manifest.json") -> BundleSpec:
     """The :class:`BundleSpec` of an upgraded, structurally validated manifest.
 
@@ -382,10 +388,11 @@ def build_spec(manifest: Mapping[str, Any], *, path: Path | str = "manifest.json
     (non-positive or non-finite patch size / µm/px, non-integer sizes, duplicate gene names, …).
     """
     r = _Reader(manifest, path)
-    encoder = _encoder(r)
+    encoder, patch = _encoder(r), _patch(r)
+    kind, tokens, width = _head(r, encoder, patch)  # before the rest: its errors name the head's contract
     return BundleSpec(
-        encoder=encoder, patch=_patch(r), position=_position(r), grouping=_grouping(r), genes=_genes(r),
+        encoder=encoder, patch=patch, position=_position(r), grouping=_grouping(r), genes=_genes(r),
         output=_output(r), files=_files(r), max_batch=r.positive_int("max_batch", DEFAULT_MAX_BATCH),
         onnx_opset=r.optional_int("onnx_opset", 1), license=_license(r, encoder),
-        hishrst_version=r.optional_text("hishrst_version"),
+        hishrst_version=r.optional_text("hishrst_version"), head_kind=kind, tokens=tokens, token_width=width,
     )

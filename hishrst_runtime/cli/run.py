@@ -23,7 +23,7 @@ from hishrst_runtime.cli.logs import configure_logging, progress_enabled
 from hishrst_runtime.core.errors import OutputStateError
 from hishrst_runtime.core.urls import redact_text
 from hishrst_runtime.core.vocab import DEFAULT_GRID, DEFAULT_PROVIDER, GRID_KINDS, PROVIDERS
-from hishrst_runtime.core.vocab import DEFAULT_MASK_MODE, DEFAULT_POINTS_OUTSIDE, MASK_MODES, POINTS_OUTSIDE
+from hishrst_runtime.core.vocab import DEFAULT_MASK_MODE, DEFAULT_POINTS_OUTSIDE, MASK_MODES, POINTS_OUTSIDE, RESOLUTIONS
 from hishrst_runtime.jobs.formats import OUTPUT_FORMATS
 from hishrst_runtime.jobs.inputs import SlideInput
 from hishrst_runtime.jobs.locks import DEFAULT_LEASE_S
@@ -33,6 +33,7 @@ from hishrst_runtime.jobs.paths import output_collisions
 from hishrst_runtime.jobs.results import SlideResult
 from hishrst_runtime.jobs.runner import run_slides
 from hishrst_runtime.jobs.shards import ShardChoice
+from hishrst_runtime.output.encoding import DEFAULT_X_DTYPE, X_DTYPES
 
 __all__ = ["run", "print_results"]
 
@@ -65,6 +66,13 @@ _OPTIONS = [
                  help="Query-point spacing in µm [default: 50, 4× Visium density]."),
     click.option("--grid", type=click.Choice(GRID_KINDS), default=DEFAULT_GRID, show_default=True,
                  help="Query-grid layout: hexagonal (as Visium) or square rows of points --pitch-um apart."),
+    click.option("--resolution", type=click.Choice(RESOLUTIONS), default=None,
+                 help="Bin size of a sub-spot bundle's output (square bins on its token lattice, as Visium HD's "
+                      "binned outputs): 8um, one bin per token, or 16um, 2 x 2 tokens pooled in count space "
+                      "[default: 8um]. Sub-spot bundles only; --points, --pitch-um, --grid and --min-tissue do not "
+                      "apply to them."),
+    click.option("--dtype", type=click.Choice(list(X_DTYPES)), default=DEFAULT_X_DTYPE, show_default=True,
+                 help="Element type of X: float16 halves the output (about 3 significant digits)."),
     click.option("--provider", type=click.Choice(PROVIDERS), default=DEFAULT_PROVIDER, show_default=True,
                  help="Inference engine; `auto` picks the fastest available and says which."),
     click.option("--batch-size", type=int, default=64, show_default=True, help="Encoder batch size (tiles)."),
@@ -179,6 +187,15 @@ def _select_shard(items: list[SlideInput], shard: str | None, claim: bool, echo:
     return chosen, sh
 
 
+def _grid_flags() -> tuple[str, ...]:
+    """The query-grid flags given on the command line (refused with a sub-spot bundle, whose bins are fixed)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    return tuple(f"--{name.replace('_', '-')}" for name in ("pitch_um", "grid", "min_tissue")
+                 if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE)
+
+
 def print_results(results: Sequence[SlideResult], *, echo: Callable[[str], Any] = click.echo) -> Counter[str]:
     """The summary table of ``results`` (one row per slide, the reason under each that is not ok)."""
     echo(f"\n{'slide':<34}{'status':<9}{'points':>9}{'tiles/s':>10}{'seconds':>9}")
@@ -252,7 +269,7 @@ def run(slides: tuple[str, ...], bundle_dir: Path, out_dir: Path, shard: str | N
                            err=True)
             with option_errors():
                 options = RunOptions(progress=progress_enabled(progress, quiet=quiet), tissue_geojson=tissue_geojson,
-                                     **settings)
+                                     grid_options=_grid_flags(), **settings)
             items, sh = _select_shard(items, shard, settings["claim"], echo)
             try:
                 with user_errors():

@@ -114,8 +114,8 @@ class TokenGeometry:
             return cls(grid=tuple(d["grid"]), input_size=int(d["input_size"]), pitch_um=float(d["pitch_um"]),
                        margin=int(d.get("margin", DEFAULT_MARGIN_TOKENS)))
         except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"token geometry {d!r} is incomplete or malformed ({e}); it needs grid, input_size "
-                             "and pitch_um") from e
+            raise InputError(f"token geometry {d!r} is incomplete or malformed ({type(e).__name__}: {e}); it needs "
+                             "grid, input_size and pitch_um (and an optional margin)") from e
 
 
 def token_offsets_um(geom: TokenGeometry) -> np.ndarray:

@@ -20,6 +20,7 @@ __all__ = [
     "HeadKind", "HEAD_KINDS", "DEFAULT_HEAD_KIND",
     "Resolution", "RESOLUTIONS", "RESOLUTION_BINS",
     "Platform", "PLATFORMS", "DEFAULT_PLATFORM",
+    "XDtype", "X_DTYPES", "DEFAULT_X_DTYPE",
 ]
 
 #: How the head sees where spots are. ``relative`` (default): distances within a neighbour group only,
@@ -89,3 +90,9 @@ RESOLUTION_BINS: dict[str, int] = {"8um": 1, "16um": 2}
 Platform = Literal["visium", "visium-hd"]
 PLATFORMS: tuple[str, ...] = get_args(Platform)
 DEFAULT_PLATFORM: Platform = "visium"
+
+#: Element type of the expression matrix X that ``hishrst-run --dtype`` writes: float32 (default) or float16
+#: (half the disk, ~3 significant digits — plenty for log-normalised expression).
+XDtype = Literal["float32", "float16"]
+X_DTYPES: tuple[str, ...] = get_args(XDtype)
+DEFAULT_X_DTYPE: XDtype = "float32"

@@ -30,10 +30,17 @@ def default_engine_threads(workers: int) -> int:
 
 def noop_engines(bundle: Any) -> Engines:
     """Zero-returning stand-ins of the bundle's encoder and head (provider ``"noop"``): the pipeline's
-    ceiling for benchmarks, and fast engines for tests. Not a ``--provider`` choice."""
+    ceiling for benchmarks, and fast engines for tests (a sub-spot bundle's: ``features`` and ``tokens`` out of the
+    encoder, expression per token out of the head). Not a ``--provider`` choice."""
     from hishrst_runtime.backends.noop import NoopBackend
 
-    d, g = bundle.spec.encoder.feature_dim, len(bundle.spec.genes)
+    spec = bundle.spec
+    d, g = spec.encoder.feature_dim, len(spec.genes)
+    if spec.subspot:  # tokens as wide as the features (a noop head ignores them)
+        grid = spec.tokens.grid
+        enc = NoopBackend(lambda f: [(len(f["tiles"]), d), (len(f["tiles"]), *grid, spec.token_width or d)],
+                          output_names=("features", "tokens"))
+        return Engines(enc, NoopBackend(lambda f: (*f["tokens"].shape[:3], g)), "noop")
     enc = NoopBackend(lambda f: (len(f["tiles"]), d))
     head = NoopBackend(lambda f: (*f["features"].shape[:2], g))
     return Engines(enc, head, "noop")
@@ -54,7 +61,7 @@ def _load_one(bundle: Any, key: str, chosen: str, *, cache_dir: Path | None, thr
     if chosen == "tensorrt":
         entry = spec.file(key)
         return load_backend(bundle.path(key), provider="tensorrt", cache_dir=cache_dir, max_batch=spec.max_batch,
-                            shapes=None if key == "encoder" else spec.head_profile(),
+                            shapes=None if key == "encoder" or spec.subspot else spec.head_profile(),
                             model_sha256=None if entry is None else entry.sha256,
                             fp16=entry is not None and entry.fp16)
     return load_backend(bundle.path(key), provider=chosen, cache_dir=cache_dir, threads=threads)  # type: ignore[arg-type]

@@ -47,7 +47,9 @@ __all__ = [
     "DEFAULT_CACHE_BYTES",
     "PreparedSlide",
     "PredictStats",
+    "UnitFinisher",
     "prepare_slide",
+    "run_units",
     "work_units",
     "predict_slide",
     "encode_slide",
@@ -57,7 +59,8 @@ __all__ = [
 @dataclass(frozen=True)
 class PredictStats:
     """What :func:`predict_slide` did: points and units computed, wall ``seconds``, chunk-cache counters,
-    the level used (index, µm / pixel), the patch side (level pixels) and per-stage seconds."""
+    the level used (index, µm / pixel), the patch side (level pixels), per-stage seconds and the tiles the
+    encoder ran on (``encoder_passes``; a sub-spot run's rows are bins, several per tile)."""
 
     points_computed: int
     units: int
@@ -68,41 +71,46 @@ class PredictStats:
     level_mpp: float
     patch_side_px: int
     stages: dict[str, float]
+    encoder_passes: int = 0
 
 
-class _Finisher:
-    """Head + write + progress for one unit at a time, in unit order; after the first failure it does nothing.
-    Without a head (``head=None``, :func:`encode_slide`) the unit's encoder features are written as they are."""
+class UnitFinisher:
+    """Rows + write + progress for one unit at a time, in unit order; after the first failure it does nothing.
+    ``compute(unit, encoded) -> (rows, values)``: the head over the unit (or the features as they are, for
+    :func:`encode_slide`; the bins of its tiles for a sub-spot run)."""
 
-    def __init__(self, plan: UnitPlan, head: Any, write: Callable[[np.ndarray, np.ndarray], None],
-                 done: np.ndarray | None, progress: Callable[[int], None] | None) -> None:
-        self.plan, self.head, self.write, self.done, self.progress = plan, head, write, done, progress
+    def __init__(self, plan: UnitPlan, compute: Callable[[list[int], np.ndarray], tuple[np.ndarray, np.ndarray]],
+                 write: Callable[[np.ndarray, np.ndarray], None], done: np.ndarray | None,
+                 progress: Callable[[int], None] | None) -> None:
+        self.plan, self.compute, self.write, self.done, self.progress = plan, compute, write, done, progress
         self.failed = threading.Event()
         self.n_done = 0
 
-    def __call__(self, unit: list[int], feats: np.ndarray) -> None:
+    def __call__(self, unit: list[int], encoded: np.ndarray) -> None:
         if self.failed.is_set():
             return
         try:
-            if self.head is None:  # features mode: the rows of the unit, in the order its tiles were cut
-                rows, values = unit_rows(self.plan.prep, unit), feats
-            else:
-                rows, values = head_rows(self.plan, self.head, unit, feats)
+            rows, values = self.compute(unit, encoded)
             t0 = time.perf_counter()
             self.write(rows, values)
             self.plan.timer.add("write", time.perf_counter() - t0)
-            idx = unit_rows(self.plan.prep, unit)
-            self.n_done += len(idx)
+            self.n_done += len(rows)
             if self.progress:  # rows new to the output (a resumed unit may rewrite rows already on disk)
-                self.progress(len(idx) if self.done is None else int((~self.done[idx]).sum()))
+                self.progress(len(rows) if self.done is None else int((~self.done[rows]).sum()))
         except BaseException:
             self.failed.set()
             raise
 
 
-def _run_threaded(plan: UnitPlan, encoder: Any, finish: _Finisher, units: list[list[int]], workers: int) -> None:
-    """Reader threads cut tiles, this thread runs the encoder, one more thread runs head + write for
-    the previous unit, so the encoder never waits for the head or the output store."""
+def run_units(plan: UnitPlan, encode: Callable[[np.ndarray], np.ndarray], finish: UnitFinisher,
+              units: list[list[int]], workers: int) -> None:
+    """Reader threads cut tiles (:func:`read_tiles`), this thread runs ``encode(tiles)``, one more thread runs
+    ``finish`` (head + write) for the previous unit, so the encoder never waits for the head or the output store;
+    ``workers`` 0: everything in this thread, unit after unit."""
+    if workers <= 0:
+        for u in units:
+            finish(u, encode(read_tiles(plan, u)))
+        return
     depth = max(2, 2 * workers)  # units of tiles in flight: bounds memory
     pending: deque[tuple[list[int], Future]] = deque()
     finishing: deque[Future] = deque()
@@ -122,7 +130,7 @@ def _run_threaded(plan: UnitPlan, encoder: Any, finish: _Finisher, units: list[l
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append((nxt, pool.submit(read_tiles, plan, nxt)))
-                feats = encode_tiles(plan, encoder, tiles)
+                feats = encode(tiles)
                 while finishing and (len(finishing) >= 2 or finishing[0].done()):
                     finishing.popleft().result()  # raises a head / write error here, in order
                 finishing.append(post.submit(finish, unit, feats))
@@ -165,20 +173,19 @@ def predict_slide(
     plan = plan_units(prep, bundle, batch_size=batch_size, head_batch=head_batch, cache_bytes=cache_bytes, timer=timer)
     all_units = work_units(prep.groups, batch_size)
     units = [u for u in all_units if done is None or not done[unit_rows(prep, u)].all()]
-    finish = _Finisher(plan, head, write, done, progress)
-    t_start = time.perf_counter()
-    if workers <= 0:
-        for u in units:
-            finish(u, encode_tiles(plan, encoder, read_tiles(plan, u)))
+    if head is None:  # features mode: the rows of the unit, in the order its tiles were cut
+        finish = UnitFinisher(plan, lambda u, f: (unit_rows(prep, u), f), write, done, progress)
     else:
-        _run_threaded(plan, encoder, finish, units, workers)
+        finish = UnitFinisher(plan, lambda u, f: head_rows(plan, head, u, f), write, done, progress)
+    t_start = time.perf_counter()
+    run_units(plan, lambda tiles: encode_tiles(plan, encoder, tiles), finish, units, workers)
     cache = plan.cache
     return PredictStats(
         points_computed=int(finish.n_done), units=len(all_units), units_computed=len(units),
         seconds=time.perf_counter() - t_start,
         chunk_cache={"hits": cache.hits, "misses": cache.misses, "peak_bytes": cache.peak_bytes},
         level=prep.level_index, level_mpp=float(plan.level.mpp), patch_side_px=plan.side,
-        stages=dict(plan.timer.seconds),
+        stages=dict(plan.timer.seconds), encoder_passes=sum(len(unit_rows(prep, u)) for u in units),
     )
 
 

@@ -30,8 +30,8 @@ from hishrst_runtime.core.vocab import (DEFAULT_GRID, DEFAULT_MASK_MODE, DEFAULT
 from hishrst_runtime.inference.points import QueryPoints, check_points_inside, points_inside
 from hishrst_runtime.slides.sources import file_url_path, is_url
 
-__all__ = ["DEFAULT_PITCH_UM", "GridKind", "PreparedSlide", "check_layout_options", "prepare_slide", "slide_location",
-           "BACKGROUND_FRACTION"]
+__all__ = ["DEFAULT_PITCH_UM", "GridKind", "PreparedSlide", "SlideSurvey", "check_layout_options", "prepare_slide",
+           "slide_location", "survey_slide", "BACKGROUND_FRACTION", "mask_info"]
 
 #: 4× Visium density: a hexagonal grid at half of Visium's 100 µm pitch (µm).
 DEFAULT_PITCH_UM = 50.0
@@ -218,7 +218,7 @@ def prepare_slide(
     try:
         qp, dropped = (None, 0) if points is None else _explicit_points(points, slide, where, points_outside)
         points_px = points_px if qp is None else qp.xy_px
-        sv = _survey(slide, bundle, thumbnail_side, allow_missing_chunks, tissue_mask, mask_mode)
+        sv = survey_slide(slide, bundle, thumbnail_side, allow_missing_chunks, tissue_mask, mask_mode)
         if points_px is None:
             lay = _grid_layout(slide, sv.fraction_at, max_group=bundle.max_group_size, pitch_um=pitch_um, grid=grid,
                                min_tissue=min_tissue)
@@ -233,12 +233,13 @@ def prepare_slide(
         tissue_fraction=lay.tissue_fraction.astype(np.float32), groups=lay.groups, thumbnail=sv.thumbnail,
         thumbnail_scale=sv.thumbnail.shape[1] / slide.shape0[1], tissue_mask=sv.mask, pitch_um=lay.pitch_um,
         grid=lay.grid, min_tissue=lay.min_tissue, seconds=time.perf_counter() - t0,
-        obs_names=None if qp is None else qp.names, info=_info(tissue_mask, mask_mode, dropped), background=background,
+        obs_names=None if qp is None else qp.names, info=mask_info(tissue_mask, mask_mode, dropped),
+        background=background,
         points_dropped=int(dropped), mask_file=None if tissue_mask is None else Path(tissue_mask),
     )
 
 
-def _info(tissue_mask: str | Path | None, mask_mode: str, dropped: int) -> dict[str, Any]:
+def mask_info(tissue_mask: str | Path | None, mask_mode: str, dropped: int) -> dict[str, Any]:
     """What besides the layout determines the rows (recorded in the output, compared on ``--resume``)."""
     info: dict[str, Any] = {}
     if tissue_mask is not None:
@@ -249,7 +250,7 @@ def _info(tissue_mask: str | Path | None, mask_mode: str, dropped: int) -> dict[
 
 
 @dataclass(frozen=True)
-class _Survey:
+class SlideSurvey:
     """An open slide's level index, overview, tissue mask used, ``fraction_at(points_px) -> [N]`` and, with
     ``mask_mode="replace"``, ``background_at(points_px) -> [N] bool`` (else None)."""
 
@@ -260,8 +261,8 @@ class _Survey:
     background_at: Any = None
 
 
-def _survey(slide: Any, bundle: Bundle, thumbnail_side: int, allow_missing_chunks: bool,
-            mask_file: str | Path | None = None, mask_mode: str = DEFAULT_MASK_MODE) -> _Survey:
+def survey_slide(slide: Any, bundle: Bundle, thumbnail_side: int, allow_missing_chunks: bool,
+                 mask_file: str | Path | None = None, mask_mode: str = DEFAULT_MASK_MODE) -> SlideSurvey:
     """The tissue of an open slide: detected on the thumbnail, or from ``mask_file`` (read at the thumbnail's
     resolution) intersected with it (``intersect``) or alone (``replace``)."""
     from hishrst_runtime.slides.tissue import detect_tissue, tissue_fraction_at
@@ -287,7 +288,7 @@ def _survey(slide: Any, bundle: Bundle, thumbnail_side: int, allow_missing_chunk
         return np.asarray(fraction_at(pts, detected) < BACKGROUND_FRACTION, dtype=bool)
 
     replace = mask_file is not None and mask_mode == "replace"
-    return _Survey(level_index, thumb, mask, fraction_at, background_at if replace else None)
+    return SlideSurvey(level_index, thumb, mask, fraction_at, background_at if replace else None)
 
 
 def _check_chunks(slide: Any, level_index: int, mask: np.ndarray, allow_missing: bool) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from hishrst_runtime.backends.base import named_output
 from hishrst_runtime.bundle.manifest import Bundle
 from hishrst_runtime.bundle.spec import BundleError
 from hishrst_runtime.core.errors import InputError
@@ -134,8 +135,8 @@ def encode_tiles(plan: UnitPlan, encoder: Any, tiles: np.ndarray) -> np.ndarray:
     """Encoder features, float32 ``[n, feature_dim]``, computed in batches of ``plan.batch_size`` tiles."""
     t0 = time.perf_counter()
     b = plan.batch_size
-    feats = np.concatenate([np.asarray(encoder.run({"tiles": tiles[i : i + b]})[0], dtype=np.float32)
-                            for i in range(0, len(tiles), b)])
+    feats = np.concatenate([np.asarray(named_output(encoder, encoder.run({"tiles": tiles[i : i + b]}), "features"),
+                                       dtype=np.float32) for i in range(0, len(tiles), b)])
     plan.timer.add("encoder", time.perf_counter() - t0)
     if feats.ndim != 2 or feats.shape[0] != len(tiles):
         raise InputError(f"{plan.bundle.root}: the encoder returned features of shape {feats.shape} for "

@@ -9,11 +9,12 @@ from typing import Any
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.units import check_mpp_option
 from hishrst_runtime.core.vocab import (DEFAULT_GRID, DEFAULT_MASK_MODE, DEFAULT_POINTS_OUTSIDE, DEFAULT_PROVIDER,
-                                        MASK_MODES, POINTS_OUTSIDE, PROVIDERS, GridKind, MaskMode, PointsOutside,
-                                        Provider)
+                                        MASK_MODES, POINTS_OUTSIDE, PROVIDERS, RESOLUTIONS, GridKind, MaskMode,
+                                        PointsOutside, Provider, Resolution)
 from hishrst_runtime.inference.prepare import DEFAULT_PITCH_UM, check_layout_options
 from hishrst_runtime.jobs.formats import parse_formats
 from hishrst_runtime.jobs.locks import DEFAULT_LEASE_S
+from hishrst_runtime.core.vocab import DEFAULT_X_DTYPE, X_DTYPES, XDtype
 from hishrst_runtime.slides.cache import DEFAULT_CACHE_BYTES
 
 __all__ = ["DEFAULT_WORKERS", "Provider", "PROVIDERS", "RunOptions"]
@@ -52,7 +53,11 @@ class RunOptions:
     path and take each one whose lock is free and whose output is not complete, sweeping again while a sweep
     took any (implies ``resume``, so a dead job's partial output is finished exactly); ``stale_after``: the
     lease of this job's slide locks (seconds): they are refreshed every ``min(60, stale_after / 4)`` s, and
-    one left unrefreshed that long (a killed job, on any host) is taken over.
+    one left unrefreshed that long (a killed job, on any host) is taken over. ``resolution``: the bin size of a
+    sub-spot bundle's output (``8um``, the default for such bundles, or ``16um``; refused with a spot bundle);
+    ``dtype``: X's element type (``float32``, or ``float16`` for half the disk); ``grid_options``: the query-grid
+    flags given explicitly on the command line (``--pitch-um``, ``--grid``, ``--min-tissue``), refused with a
+    sub-spot bundle.
     """
 
     pitch_um: float | None = None
@@ -78,10 +83,18 @@ class RunOptions:
     qc: bool = True
     claim: bool = False
     stale_after: float = DEFAULT_LEASE_S
+    resolution: Resolution | None = None
+    dtype: XDtype = DEFAULT_X_DTYPE
+    grid_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "grid_options", tuple(self.grid_options))
         if self.pitch_um is None:
             object.__setattr__(self, "pitch_um", DEFAULT_PITCH_UM)
+        if self.resolution is not None and self.resolution not in RESOLUTIONS:
+            raise InputError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {self.resolution!r}")
+        if self.dtype not in X_DTYPES:
+            raise InputError(f"--dtype must be one of {', '.join(X_DTYPES)}, got {self.dtype!r}")
         if self.cache_bytes is None:
             object.__setattr__(self, "cache_bytes", DEFAULT_CACHE_BYTES)
         check_layout_options(pitch_um=self.pitch_um, grid=self.grid, min_tissue=self.min_tissue)  # type: ignore[arg-type]

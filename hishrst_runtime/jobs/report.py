@@ -18,7 +18,8 @@ signal that stopped it, or null), and per slide ``chunks_recomputed`` (output ch
 failed verification), ``filled_chunks`` (``count`` and the ``first`` 10 names of slide chunks read as
 fill under ``--allow-missing-chunks``), ``points_dropped`` (explicit points outside the slide, ``--points-outside
 drop``) and ``qc`` (the QC thumbnail's ``path``, the ``gene`` it shows and the ``rule`` that chose it; null when
-none was written). ``summary.md`` links every QC thumbnail. Every string in it
+none was written), and for a sub-spot run (bins) its ``resolution``, ``tiles`` (its lattice's) and ``encoder_passes``
+(this run's; ``points`` / ``computed`` then count bins). ``summary.md`` links every QC thumbnail. Every string in it
 (arguments, slides, reasons) has its URLs' credentials and query strings removed
 (:func:`hishrst_runtime.core.urls.redact_text`).
 """
@@ -104,7 +105,8 @@ def _slide_entry(r: SlideResult) -> dict[str, Any]:
             "reason": r.reason or None, "points": r.points, "computed": r.computed, "engine": r.engine,
             "tiles_per_s": r.tiles_per_s, "seconds": r.seconds, "resumed": r.resumed, "timings": dict(r.timings),
             "chunks_recomputed": r.chunks_recomputed, "points_dropped": r.points_dropped,
-            "test_encoder": r.test_encoder,
+            "test_encoder": r.test_encoder, "resolution": r.resolution, "tiles": r.tiles,
+            "encoder_passes": r.encoder_passes,
             "qc": None if r.qc is None else {"path": str(r.qc), "gene": r.qc_gene, "rule": r.qc_rule},
             "filled_chunks": {"count": len(r.filled_chunks), "first": list(r.filled_chunks[:FILLED_CHUNKS_SHOWN])}}
 
@@ -156,6 +158,9 @@ def _cell(v: Any) -> str:
 def _note(entry: Mapping[str, Any]) -> str:
     """A slide's reason, and the chunks a resume recomputed or the slide read as fill, if any."""
     parts = [entry["reason"]] if entry.get("reason") else []
+    if entry.get("resolution"):
+        parts.append(f"{entry['resolution']} bins from {entry.get('tiles')} tiles "
+                     f"({entry.get('encoder_passes')} encoder passes this run)")
     if entry.get("points_dropped"):
         parts.append(f"{entry['points_dropped']} point(s) outside the slide dropped")
     if entry.get("chunks_recomputed"):

@@ -30,7 +30,9 @@ class SlideResult:
     bundle's encoder is a random test encoder (its predictions mean nothing biologically);
     ``points_dropped``: explicit points left out because they lie outside the slide (``--points-outside
     drop``); ``qc``: the QC thumbnail written (``OUT/S.qc.png``), ``qc_gene`` the gene it shows and
-    ``qc_rule`` how that gene was chosen.
+    ``qc_rule`` how that gene was chosen. A sub-spot run (bins instead of points: ``points`` / ``computed`` count
+    bins, ``tiles_per_s`` bins per second) also says its ``resolution`` (``8um`` / ``16um``), the ``tiles`` of its
+    lattice and the ``encoder_passes`` this run made (fewer than ``tiles`` after ``--resume``).
     """
 
     slide: str
@@ -52,6 +54,9 @@ class SlideResult:
     qc_gene: str | None = None
     qc_rule: str | None = None
     test_encoder: bool = False
+    resolution: str | None = None
+    tiles: int | None = None
+    encoder_passes: int | None = None
 
     def with_(self, **changes: Any) -> SlideResult:
         """A copy with ``changes`` applied."""

@@ -40,9 +40,11 @@ from hishrst_runtime.backends.registry import ENGINES
 from hishrst_runtime.bundle.manifest import Bundle, BundleError, load_bundle
 from hishrst_runtime.core.errors import OutputStateError
 from hishrst_runtime.core.vocab import DEFAULT_POSITION_MODE, UM_POSITION_MODES
+from hishrst_runtime.inference.bins import PreparedBins, prepare_bins
 from hishrst_runtime.inference.engines import Engines, default_engine_threads, load_engines
 from hishrst_runtime.inference.pipeline import PreparedSlide, prepare_slide
 from hishrst_runtime.inference.points import QueryPoints
+from hishrst_runtime.jobs.bin_run import check_bundle_options, run_prepared_bins
 from hishrst_runtime.jobs.formats import (finish_formats, foreign_format_output, foreign_tissue_geojson,
                                           formats_pending, is_done, require_formats)
 from hishrst_runtime.jobs.inputs import SlideInput
@@ -128,7 +130,8 @@ def run_slides(
     echo: Callable[[str], Any] = print,
     **settings: Any,
 ) -> list[SlideResult]:
-    """Run the pipeline over ``slides``; returns one :class:`SlideResult` per slide, in order.
+    """Run the pipeline over ``slides``; returns one :class:`SlideResult` per slide, in order (a sub-spot bundle:
+    the bins of its token lattice over tissue, ``options.resolution``, instead of query points).
 
     ``slides``: paths, URLs or :class:`SlideInput` records (each with its own points, tissue mask and output
     name). ``options`` (or the same fields as keyword ``settings``, e.g. ``pitch_um=40, provider="cpu"``):
@@ -153,6 +156,7 @@ def run_slides(
         from hishrst_runtime.jobs.report import TEST_ENCODER_WARNING
 
         echo(f"warning: {TEST_ENCODER_WARNING}")
+    check_bundle_options(bundle, opts, [i.points for i in items])
     check_output_location(items, Path(out_dir), Path(bundle_dir))
     if engines is None:
         threads = opts.engine_threads or default_engine_threads(opts.workers)
@@ -251,6 +255,9 @@ class _Runner:
 
     def _prepare(self, item: SlideInput) -> PreparedSlide:
         o = self.opts
+        if self.ctx.bundle.spec.subspot:  # bins on the token lattice (check_bundle_options refused points)
+            return prepare_bins(item.slide, self.ctx.bundle, resolution=o.resolution, mpp=o.mpp, tissue_mask=item.mask,
+                                allow_missing_chunks=o.allow_missing_chunks, mask_mode=o.mask_mode)
         explicit = {"points_px": item.points} if isinstance(item.points, np.ndarray) else {"points": item.points}
         return prepare_slide(item.slide, self.ctx.bundle, mpp=o.mpp, pitch_um=float(o.pitch_um or 0), grid=o.grid,
                              min_tissue=o.min_tissue, allow_missing_chunks=o.allow_missing_chunks,
@@ -371,7 +378,8 @@ class _Runner:
                 prep = fut.result()
             finally:
                 self._prefetch_after(i)  # the next slide is prepared while this one runs
-            res = run_prepared(prep, out, self.ctx, beat).with_(slide=res.slide)
+            run = run_prepared_bins if isinstance(prep, PreparedBins) else run_prepared
+            res = run(prep, out, self.ctx, beat).with_(slide=res.slide)
             levels = getattr(getattr(prep, "slide", None), "levels", None)
             finish_formats(self.outputs[i], self.opts.formats, levels=levels, replace=True)
         except (KeyboardInterrupt, SystemExit):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ from hishrst_runtime.jobs.results import SlideResult
 from hishrst_runtime.output.names import SlideOutputs
 from hishrst_runtime.output.store import OutputStore, SpatialImages
 
-__all__ = ["SlideContext", "run_prepared", "MAX_CHUNK_ROWS", "OUTPUT_BUFFER_BYTES", "EXPLICIT_BUFFER_BYTES",
-           "LOCK_REFRESH_S"]
+__all__ = ["SlideContext", "run_prepared", "predict_into", "MAX_CHUNK_ROWS", "OUTPUT_BUFFER_BYTES",
+           "EXPLICIT_BUFFER_BYTES", "LOCK_REFRESH_S"]
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +108,21 @@ def _open_store(prep: PreparedSlide, outs: SlideOutputs, ctx: SlideContext) -> t
     store = OutputStore.create(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
                                tissue_fraction=prep.tissue_fraction, genes=bundle.genes, uns={"hishrst": identity},
                                spatial=spatial, chunk_rows=rows, max_buffer_bytes=buffer_bytes,
-                               replace=opts.overwrite, obs_names=prep.obs_names,
+                               replace=opts.overwrite, obs_names=prep.obs_names, x_dtype=opts.dtype,
                                extra_obs=None if prep.background is None else {"background": prep.background})
     return store, False
 
 
-def _predict_into(store: OutputStore, prep: PreparedSlide, ctx: SlideContext, lock: Any, resumed: bool
-                  ) -> tuple[PredictStats, StageTimer]:
-    """Stream every missing row into ``store`` and flush; on failure keep finished rows for ``--resume``."""
+def predict_into(store: OutputStore, prep: PreparedSlide, ctx: SlideContext, lock: Any, resumed: bool, *,
+                 predict: Callable[..., PredictStats] = predict_slide, unit: str = "pt"
+                 ) -> tuple[PredictStats, StageTimer]:
+    """Stream every missing row into ``store`` with ``predict`` (:func:`predict_slide`, or the bins' twin) and
+    flush; on failure keep finished rows for ``--resume``. ``unit``: the progress bar's unit."""
     from tqdm.auto import tqdm
 
     timer = StageTimer()
     done = store.done_mask()
-    bar = tqdm(total=len(done), initial=int(done.sum()), desc=prep.name[:30], unit="pt",
+    bar = tqdm(total=len(done), initial=int(done.sum()), desc=prep.name[:30], unit=unit,
                disable=not ctx.options.progress, leave=False, position=1)
     last_refresh = [time.monotonic()]
 
@@ -131,9 +134,9 @@ def _predict_into(store: OutputStore, prep: PreparedSlide, ctx: SlideContext, lo
 
     opts = ctx.options
     try:
-        stats = predict_slide(prep, ctx.bundle, encoder=ctx.engines.encoder, head=ctx.engines.head,
-                              write=store.write_rows, done=done, batch_size=ctx.batch_size, workers=opts.workers,
-                              cache_bytes=int(opts.cache_bytes or 0), progress=advance, timer=timer)
+        stats = predict(prep, ctx.bundle, encoder=ctx.engines.encoder, head=ctx.engines.head,
+                        write=store.write_rows, done=done, batch_size=ctx.batch_size, workers=opts.workers,
+                        cache_bytes=int(opts.cache_bytes or 0), progress=advance, timer=timer)
         t0 = time.perf_counter()
         store.flush()
         timer.add("write", time.perf_counter() - t0)
@@ -183,7 +186,7 @@ def run_prepared(prep: PreparedSlide, out: Path | SlideOutputs, ctx: SlideContex
     geojson = ctx.options.tissue_geojson
     if geojson or (geojson is None and mask is not None):  # before any row: a complete output always has it
         write_tissue_geojson(outs, prep.tissue_mask, shape0=tuple(prep.slide.shape0), given=mask)
-    stats, timer = _predict_into(store, prep, ctx, lock, resumed)
+    stats, timer = predict_into(store, prep, ctx, lock, resumed)
     tiles_per_s = round(stats.points_computed / max(stats.seconds, 1e-9), 1)
     timings = {k: round(v, 3) for k, v in timer.seconds.items()} | {"prepare": round(prep.seconds, 3),
                                                                      "predict": round(stats.seconds, 3)}

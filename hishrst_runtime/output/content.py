@@ -94,7 +94,8 @@ class SpatialImages:
 class StoreContent:
     """The validated skeleton of a store: ``xy`` float64 [N, 2] level-0 px, ``grid`` int64 [N, 2],
     ``tissue_fraction`` float32 [N], ``genes`` (G names), ``uns`` (as stored), ``chunk_rows`` (X rows per chunk),
-    ``obs_names`` (N unique row names; ``None``: ``p0, p1, ...``), ``extra_obs`` (more obs columns, N each)."""
+    ``obs_names`` (N unique row names; ``None``: ``p0, p1, ...``), ``extra_obs`` (more obs columns, N each),
+    ``x_dtype`` (X's element type, a key of :data:`~hishrst_runtime.output.encoding.X_DTYPES`)."""
 
     xy: np.ndarray
     grid: np.ndarray
@@ -104,6 +105,7 @@ class StoreContent:
     chunk_rows: int
     obs_names: list[str] | None = None
     extra_obs: dict[str, np.ndarray] | None = None
+    x_dtype: str = encoding.DEFAULT_X_DTYPE
 
     @property
     def n_obs(self) -> int:
@@ -132,7 +134,7 @@ def _auto_chunk_rows(n_obs: int, n_vars: int) -> int:
 def build_content(
     *, obs_xy_px: Any, grid_index: Any, tissue_fraction: Any, genes: Sequence[str], uns: Mapping[str, Any],
     spatial: SpatialImages | None, chunk_rows: int | None, obs_names: Sequence[str] | None = None,
-    extra_obs: Mapping[str, Any] | None = None,
+    extra_obs: Mapping[str, Any] | None = None, x_dtype: str = encoding.DEFAULT_X_DTYPE,
 ) -> StoreContent:
     """Validate a new store's content (see :meth:`OutputStore.create`); raises ValueError naming the argument."""
     xy, grid, tf = _check_points(obs_xy_px, grid_index, tissue_fraction)
@@ -157,7 +159,9 @@ def build_content(
            or k in ("grid_row", "grid_col", "tissue_fraction")]
     if bad:
         raise ValueError(f"extra_obs columns {bad} must be new numeric or boolean columns of {xy.shape[0]} values")
-    return StoreContent(xy, grid, tf, gene_list, uns_dict, rows, names, extra or None)
+    if x_dtype not in encoding.X_DTYPES:
+        raise ValueError(f"x_dtype must be one of {', '.join(encoding.X_DTYPES)}, got {x_dtype!r}")
+    return StoreContent(xy, grid, tf, gene_list, uns_dict, rows, names, extra or None, x_dtype)
 
 
 def write_skeleton(work: Path, content: StoreContent, *, fsync: bool) -> None:
@@ -178,7 +182,7 @@ def write_skeleton(work: Path, content: StoreContent, *, fsync: bool) -> None:
         encoding.write_array(tmp / "obsm" / "spatial", content.xy, encoding.ARRAY_ATTRS)
         for key, value in content.uns.items():
             encoding.write_uns(tmp / "uns", key, value)
-        encoding.write_x_metadata(tmp / "X", content.n_obs, len(content.genes), content.chunk_rows)
+        encoding.write_x_metadata(tmp / "X", content.n_obs, len(content.genes), content.chunk_rows, content.x_dtype)
         (tmp / PROGRESS_DIR).mkdir()
         os.rename(tmp, work)
     except BaseException:

@@ -26,6 +26,10 @@ from typing import Any
 import numpy as np
 
 from hishrst_runtime.core.files import fsync_path, read_json, remove_tree
+from hishrst_runtime.core.vocab import DEFAULT_X_DTYPE, X_DTYPES, XDtype  # noqa: F401 - re-exported for the store modules
+
+#: The zarr dtype string of each element type of X (:data:`~hishrst_runtime.core.vocab.X_DTYPES`).
+X_ZARR_DTYPES: dict[str, str] = {"float32": "<f4", "float16": "<f2"}
 
 #: The compressor of every array written here: zarr 3.1's default for zarr-format-2 arrays (and what
 #: earlier releases wrote through zarr). Measured on a real 1,024 x 1,000 float32 prediction chunk it
@@ -183,11 +187,14 @@ def write_dataframe(path: Path, index: np.ndarray, columns: Mapping[str, np.ndar
         write_array(path / name, col, ARRAY_ATTRS)
 
 
-def write_x_metadata(path: Path, n_obs: int, n_vars: int, chunk_rows: int) -> None:
-    """The empty X array: float32 [n_obs, n_vars], chunks of ``chunk_rows`` x all genes, fill 0."""
+def write_x_metadata(path: Path, n_obs: int, n_vars: int, chunk_rows: int, dtype: str = DEFAULT_X_DTYPE) -> None:
+    """The empty X array: ``dtype`` (a key of :data:`X_DTYPES`) [n_obs, n_vars], chunks of ``chunk_rows`` x all
+    genes, fill 0."""
+    if dtype not in X_DTYPES:
+        raise ValueError(f"X dtype must be one of {', '.join(X_DTYPES)}, got {dtype!r}")
     path.mkdir()
     _write_json(path / ".zarray", {
-        "shape": [n_obs, n_vars], "chunks": [chunk_rows, n_vars], "dtype": "<f4", "fill_value": 0.0, "order": "C",
+        "shape": [n_obs, n_vars], "chunks": [chunk_rows, n_vars], "dtype": X_ZARR_DTYPES[dtype], "fill_value": 0.0, "order": "C",
         "filters": None, "dimension_separator": ".", "compressor": COMPRESSOR, "zarr_format": 2,
     })
     _write_json(path / ".zattrs", ARRAY_ATTRS)
@@ -219,7 +226,8 @@ class XChunks:
     """X's chunk files (``X/<k>.0``), encoded and decoded with the codec named in ``X/.zarray``.
 
     Only the layout :class:`~hishrst_runtime.output.OutputStore` creates is accepted: zarr format 2,
-    float32, C order, [points, genes] chunked by rows x all genes. Raises ValueError otherwise.
+    float32 or float16 (:data:`X_DTYPES`), C order, [points, genes] chunked by rows x all genes. Raises ValueError
+    otherwise. Values are read as float32 and written in the array's own type.
     """
 
     def __init__(self, array_dir: Path) -> None:
@@ -229,12 +237,12 @@ class XChunks:
         meta = read_json(array_dir / ".zarray")
         ok = isinstance(meta, dict) and meta.get("zarr_format") == 2 and meta.get("order") == "C"
         shape, chunks = (meta.get("shape"), meta.get("chunks")) if ok else (None, None)
-        if not (ok and meta.get("dtype") == "<f4" and isinstance(shape, list) and len(shape) == 2
+        if not (ok and meta.get("dtype") in X_ZARR_DTYPES.values() and isinstance(shape, list) and len(shape) == 2
                 and isinstance(chunks, list) and len(chunks) == 2 and chunks[1] == shape[1] and chunks[0] >= 1
                 and meta.get("dimension_separator", ".") == "."):
             raise ValueError(f"{array_dir}: not an X array written by hishrst (.zarray: {meta!r})")
         self.n_obs, self.n_vars = int(shape[0]), int(shape[1])
-        self.chunk_rows = int(chunks[0])
+        self.chunk_rows, self.dtype = int(chunks[0]), np.dtype(meta["dtype"])
         fill = meta.get("fill_value")
         self.fill_value = np.float32(0.0 if fill is None else fill)
         self.compressor = numcodecs.get_codec(meta["compressor"]) if meta.get("compressor") else None
@@ -253,20 +261,20 @@ class XChunks:
         buf = self.compressor.decode(raw) if self.compressor is not None else raw
         for f in reversed(self.filters):
             buf = f.decode(buf)
-        flat = np.frombuffer(memoryview(buf).cast("B"), dtype="<f4")
+        flat = np.frombuffer(memoryview(buf).cast("B"), dtype=self.dtype)
         if flat.size != self.chunk_rows * self.n_vars:
             raise ValueError(f"{self.path(k)}: chunk holds {flat.size} values, expected {self.chunk_rows * self.n_vars}")
         return flat.reshape(self.chunk_rows, self.n_vars)[:rows].astype(np.float32)
 
     def write(self, k: int, data: np.ndarray, *, fsync: bool) -> bytes:
-        """Encode float32 [rows <= chunk_rows, n_vars] ``data`` as chunk ``k`` (padded with the fill value,
-        as zarr stores edge chunks) and write it in place, fsync'd if asked; returns the SHA-256 of the
+        """Encode float [rows <= chunk_rows, n_vars] ``data`` as chunk ``k`` in the array's type (padded with the
+        fill value, as zarr stores edge chunks) and write it in place, fsync'd if asked; returns the SHA-256 of the
         file's bytes (recorded with the chunk's progress, verified on ``--resume``)."""
         if data.shape[0] < self.chunk_rows:
-            full = np.full((self.chunk_rows, self.n_vars), self.fill_value, dtype="<f4")
+            full = np.full((self.chunk_rows, self.n_vars), self.fill_value, dtype=self.dtype)
             full[: data.shape[0]] = data
             data = full
-        buf: Any = np.ascontiguousarray(data, dtype="<f4")
+        buf: Any = np.ascontiguousarray(data, dtype=self.dtype)
         for f in self.filters:
             buf = f.encode(buf)
         payload = self.compressor.encode(buf) if self.compressor is not None else buf

@@ -1,7 +1,8 @@
 """The QC thumbnail of one slide (``OUT/S.qc.png``): what the run looked at and what it predicted, at a glance.
 
 The slide's overview with the outline of the tissue mask used (cyan), every query point coloured by the
-predicted expression of one gene, a colour bar, and a scale bar in µm; a title band names the slide, the
+predicted expression of one gene (the bins of a sub-spot run painted as squares, :func:`render_qc_bins`), a
+colour bar, and a scale bar in µm; a title band names the slide, the
 gene and the rule that chose it. The rule (:data:`GENE_RULE`): the gene whose prediction varies most
 across the slide's points (population variance; ties: the first in the bundle's order), so the picture
 shows structure rather than a flat colour. Numpy and Pillow only; the X values are read chunk by chunk from
@@ -14,8 +15,10 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +26,8 @@ from hishrst_runtime.core.files import atomic_write
 from hishrst_runtime.output.encoding import XChunks
 from hishrst_runtime.output.errors import OutputExistsError
 
-__all__ = ["GENE_RULE", "QcGene", "choose_gene", "render_qc", "write_qc_png", "foreign_qc_png", "nice_length_um"]
+__all__ = ["GENE_RULE", "QcGene", "choose_gene", "render_qc", "bin_raster", "render_qc_bins", "write_qc_png",
+           "foreign_qc_png", "nice_length_um"]
 
 #: How the gene shown is chosen (written on the image and in the run report).
 GENE_RULE = "highest variance across points"
@@ -134,6 +138,33 @@ def _colour_bar(draw, w: int, h: int, lo: float, hi: float, font) -> None:  # ty
     _text(draw, (x0 + bw - 28, y0 - 13), f"{hi:.3g}", (0, 0, 0), font)
 
 
+def _frame(thumbnail: np.ndarray, tissue_mask: np.ndarray, overlay: np.ndarray | None = None) -> Any:
+    """(canvas, its drawing context, overview width, height): the overview with the tissue outline (and, where
+    ``overlay`` — RGB uint8 of the overview's shape, alpha in a 4th channel — is opaque, its colours) below the
+    title band."""
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(np.ascontiguousarray(thumbnail[..., :3]))
+    w, h = img.size
+    mask = np.asarray(Image.fromarray(tissue_mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+    base = np.asarray(img).copy()
+    if overlay is not None:
+        opaque = overlay[..., 3] > 0
+        base[opaque] = overlay[..., :3][opaque]
+    base[_outline(mask)] = _OUTLINE
+    canvas = Image.new("RGB", (w, h + _BAND), (255, 255, 255))
+    canvas.paste(Image.fromarray(base), (0, _BAND))
+    return canvas, ImageDraw.Draw(canvas), w, h
+
+
+def _annotate(draw: Any, w: int, h: int, *, title: str, line: str, um_per_px: float, lo: float, hi: float) -> None:
+    font = _font(11)
+    _text(draw, (4, 3), title[:120], (0, 0, 0), font)
+    _text(draw, (4, 18), line, (0, 0, 0), font)
+    _scale_bar(draw, w, h, um_per_px, font)
+    _colour_bar(draw, w, h, lo, hi, font)
+
+
 def render_qc(thumbnail: np.ndarray, tissue_mask: np.ndarray, points_px: np.ndarray, values: np.ndarray, *,
               thumbnail_scale: float, mpp0: float, radius_px: float, title: str, gene: str,
               rule: str = GENE_RULE) -> np.ndarray:
@@ -141,25 +172,51 @@ def render_qc(thumbnail: np.ndarray, tissue_mask: np.ndarray, points_px: np.ndar
     of ``tissue_mask`` (boolean, the overview's shape or resized to it), the ``points_px`` (level-0 (x, y))
     as dots of ``radius_px`` level-0 pixels coloured by ``values``, a title band naming ``title``, ``gene`` and
     ``rule``, a colour bar and a scale bar (``mpp0``: µm per level-0 pixel)."""
-    from PIL import Image, ImageDraw
-
-    img = Image.fromarray(np.ascontiguousarray(thumbnail[..., :3]))
-    w, h = img.size
-    mask = np.asarray(Image.fromarray(tissue_mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
-    base = np.asarray(img).copy()
-    base[_outline(mask)] = _OUTLINE
-    canvas = Image.new("RGB", (w, h + _BAND), (255, 255, 255))
-    canvas.paste(Image.fromarray(base), (0, _BAND))
-    draw = ImageDraw.Draw(canvas)
+    canvas, draw, w, h = _frame(thumbnail, tissue_mask)
     colours, lo, hi = _colours(np.asarray(values, dtype=np.float64))
     r = max(1.0, radius_px * thumbnail_scale)
     for (x, y), c in zip(np.asarray(points_px, dtype=np.float64) * thumbnail_scale, colours):
         draw.ellipse([x - r, _BAND + y - r, x + r, _BAND + y + r], fill=tuple(int(v) for v in c))
-    font = _font(11)
-    _text(draw, (4, 3), title[:120], (0, 0, 0), font)
-    _text(draw, (4, 18), f"gene {gene} ({rule}); {len(colours)} points", (0, 0, 0), font)
-    _scale_bar(draw, w, h, mpp0 / thumbnail_scale, font)
-    _colour_bar(draw, w, h, lo, hi, font)
+    _annotate(draw, w, h, title=title, line=f"gene {gene} ({rule}); {len(colours)} points",
+              um_per_px=mpp0 / thumbnail_scale, lo=lo, hi=hi)
+    return np.asarray(canvas)
+
+
+def bin_raster(xy_blocks: Iterable[np.ndarray], values: np.ndarray, *, shape0: tuple[int, int],
+               cell_px: float) -> np.ndarray:
+    """The mean of ``values`` ([N], one per bin) over square cells of ``cell_px`` level-0 pixels covering a
+    ``shape0`` (H, W) slide, float64 ``(ceil(H / cell), ceil(W / cell))``, NaN where no bin centre falls; the
+    bins' level-0 (x, y) centres come in row order as ``[m, 2]`` blocks (memory: the raster, whatever N)."""
+    hc, wc = max(1, math.ceil(shape0[0] / cell_px)), max(1, math.ceil(shape0[1] / cell_px))
+    sums, counts, lo = np.zeros(hc * wc), np.zeros(hc * wc), 0
+    for xy in xy_blocks:
+        xy = np.asarray(xy, dtype=np.float64)
+        ix = np.clip(np.floor(xy[:, 0] / cell_px), 0, wc - 1).astype(np.int64)
+        iy = np.clip(np.floor(xy[:, 1] / cell_px), 0, hc - 1).astype(np.int64)
+        idx = iy * wc + ix
+        sums += np.bincount(idx, weights=np.asarray(values[lo:lo + len(xy)], np.float64), minlength=hc * wc)
+        counts += np.bincount(idx, minlength=hc * wc)
+        lo += len(xy)
+    out = np.full(hc * wc, np.nan)
+    np.divide(sums, counts, out=out, where=counts > 0)
+    return out.reshape(hc, wc)
+
+
+def render_qc_bins(thumbnail: np.ndarray, tissue_mask: np.ndarray, raster: np.ndarray, *, thumbnail_scale: float,
+                   mpp0: float, title: str, gene: str, n_bins: int, rule: str = GENE_RULE) -> np.ndarray:
+    """The QC image of a bin output: as :func:`render_qc`, with the bins painted from ``raster`` (a
+    :func:`bin_raster` over the whole slide, stretched to the overview with nearest-neighbour sampling)."""
+    h, w = thumbnail.shape[:2]
+    rows = np.minimum((np.arange(h) + 0.5) * raster.shape[0] / h, raster.shape[0] - 1).astype(np.int64)
+    cols = np.minimum((np.arange(w) + 0.5) * raster.shape[1] / w, raster.shape[1] - 1).astype(np.int64)
+    grid = raster[np.ix_(rows, cols)]
+    have = np.isfinite(grid)
+    colours, lo, hi = _colours(grid[have])
+    overlay = np.zeros((h, w, 4), np.uint8)
+    overlay[have, :3], overlay[have, 3] = colours, 255
+    canvas, draw, w, h = _frame(thumbnail, tissue_mask, overlay)
+    _annotate(draw, w, h, title=title, line=f"gene {gene} ({rule}); {n_bins} bins", um_per_px=mpp0 / thumbnail_scale,
+              lo=lo, hi=hi)
     return np.asarray(canvas)
 
 

@@ -8,6 +8,9 @@ Layout (all elements in one coordinate system, ``"global"``, in level-0 pixels):
                           the AnnData store's ``uns['spatial']``
     shapes/<name>_spots   one circle per query point at ``obsm['spatial']`` (level-0 px), radius half
                           the point pitch (``spot_diameter_fullres / 2``), index 0..N-1, Identity
+    shapes/<name>_square_008um   instead, for the bins of a sub-spot run (``uns['bins']``): one square per bin
+                          (side ``uns['bins']['size_um']``, centred at ``obsm['spatial']``; named by the bin size,
+                          as spatialdata-io's Visium HD reader names its ``square_008um`` / ``square_016um`` shapes)
     tables/table          the AnnData output (X, obs, var, obsm, uns) annotating the shapes:
                           ``obs['region']`` = the shapes' name, ``obs['instance_id']`` = 0..N-1 (row order)
 
@@ -178,17 +181,38 @@ def _image_element(scales: list[ImageScale]) -> Any:
     return tree
 
 
+def _bin_squares(adata: Any, prefix: str) -> tuple[str, Any]:
+    """(name, shapes) of a bin output: one axis-aligned square polygon per bin, in level-0 pixels."""
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Identity
+
+    bins = adata.uns["bins"]
+    half = float(bins["size_um"]) / float(bins["mpp"]) / 2.0
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    squares = shapely.box(xy[:, 0] - half, xy[:, 1] - half, xy[:, 0] + half, xy[:, 1] + half)
+    frame = gpd.GeoDataFrame(geometry=squares, index=pd.RangeIndex(adata.n_obs))
+    name = f"{prefix}_square_{int(round(float(bins['size_um']))):03d}um"
+    return name, ShapesModel.parse(frame, transformations={COORDINATE_SYSTEM: Identity()})
+
+
 def _build(sd: Any, adata: Any, scales: list[ImageScale], prefix: str, radius: float) -> Any:
-    """The SpatialData object: image, circles and the table annotating them."""
+    """The SpatialData object: image, circles (squares for bins) and the table annotating them."""
     import pandas as pd
 
     from spatialdata.models import ShapesModel, TableModel
     from spatialdata.transformations import Identity
 
     n, shapes_name = adata.n_obs, f"{prefix}_spots"
-    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-    shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(n, radius), index=pd.RangeIndex(n),
-                               transformations={COORDINATE_SYSTEM: Identity()})
+    if "bins" in adata.uns:
+        shapes_name, shapes = _bin_squares(adata, prefix)
+    else:
+        xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+        shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(n, radius), index=pd.RangeIndex(n),
+                                   transformations={COORDINATE_SYSTEM: Identity()})
     adata.obs["region"] = pd.Categorical([shapes_name] * n)
     adata.obs["instance_id"] = np.arange(n, dtype=np.int64)
     table = TableModel.parse(adata, region=shapes_name, region_key="region", instance_key="instance_id")

@@ -4,7 +4,7 @@ Layout
 ------
 ``OUT.zarr`` is a plain AnnData store (zarr format 2, which every AnnData release reads)::
 
-    X                  float32 [points, genes], chunked by ``chunk_rows`` rows x all genes
+    X                  float32 (or float16) [points, genes], chunked by ``chunk_rows`` rows x all genes
     obs                grid_row, grid_col (int64), tissue_fraction (float32); index "p0", "p1", ...
     var                index = gene names
     obsm/spatial       float64 [points, 2], level-0 pixel (x, y)
@@ -109,6 +109,7 @@ class OutputStore:
         chunk_rows: int | None = None, overwrite: bool = False, replace: bool = False, fsync: bool = True,
         max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES, flush_interval_s: float = 60.0,
         obs_names: Sequence[str] | None = None, extra_obs: Mapping[str, np.ndarray] | None = None,
+        x_dtype: str = store_io.DEFAULT_X_DTYPE,
     ) -> OutputStore:
         """Create a new, empty (incomplete) output for ``path`` (``OUT.zarr``) in ``OUT.zarr.partial``.
 
@@ -117,7 +118,8 @@ class OutputStore:
         ``spatial``: thumbnail + scale factors for ``uns['spatial']``; ``chunk_rows``: X rows per chunk
         (default: about 4 MiB per chunk); ``obs_names``: N unique row names (default ``p0, p1, ...``);
         ``max_buffer_bytes``: bound on buffered rows (bytes);
-        ``flush_interval_s``: write buffered rows at least this often (seconds).
+        ``flush_interval_s``: write buffered rows at least this often (seconds); ``x_dtype``: X's element type
+        (``float32``, or ``float16``: rows are given as float32 and stored rounded).
 
         An existing output raises :class:`OutputExistsError`, except: ``replace=True`` keeps a complete
         ``OUT.zarr`` until :meth:`finalize` swaps the new one in (a failed or killed run leaves it as
@@ -128,7 +130,7 @@ class OutputStore:
         final = Path(path)
         content = build_content(obs_xy_px=obs_xy_px, grid_index=grid_index, tissue_fraction=tissue_fraction,
                                 genes=genes, uns=uns, spatial=spatial, chunk_rows=chunk_rows,
-                                obs_names=obs_names, extra_obs=extra_obs)
+                                obs_names=obs_names, extra_obs=extra_obs, x_dtype=x_dtype)
         with writing(final, "create the output"):
             prepare_location(final, overwrite=overwrite, replace=replace)
             write_skeleton(partial_path(final), content, fsync=fsync)

@@ -13,6 +13,10 @@ A :class:`~hishrst_runtime.slides.level.Level` reads its pixels through :meth:`L
   (:class:`~hishrst_runtime.slides.dicom_slide.DicomBoxes`) and the 2 × 2-pooled levels
   (:class:`~hishrst_runtime.slides.pooled.PooledBoxes`).
 
+A source may also have ``read_image(y0, y1, x0, x1)`` returning the same pixels as a Pillow RGB image; whole-chunk
+reads (:meth:`Level.read_chunk <hishrst_runtime.slides.level.Level.read_chunk>`, the chunk cache's form) then skip
+the numpy round trip (:class:`~hishrst_runtime.slides.jpeg_scaled.ScaledJpegBoxes` does).
+
 A new reader module therefore builds plain :class:`Level` objects with its own box source; it subclasses
 nothing and overrides nothing. A :class:`Level` is itself a :class:`BoxSource` (pooled levels read their
 parent level through it).

@@ -337,6 +337,8 @@ class Level:
             raise IndexError(f"chunk ({cy}, {cx}) is outside the level's {math.ceil(h / ch)} x {math.ceil(w / cw)} chunks")
         bh, bw = min(ch, h - y0), min(cw, w - x0)
         kept = self._kept()
+        if self.source is not None and hasattr(self.source, "read_image"):  # a source that gives Pillow images
+            return self.source.read_image(y0, y0 + bh, x0, x0 + bw)
         if self.source is not None or kept not in (["c", "y", "x"], ["y", "x", "c"]):  # a box source, unusual orders
             return Image.fromarray(self.read_box(y0, y0 + bh, x0, x0 + bw))
         if self._direct is not None:  # both orders have a c axis; it may be chunked by fewer than 3

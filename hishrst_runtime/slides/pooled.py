@@ -7,6 +7,10 @@ side exceeds 1024 pixels), each one the 2 × 2 mean of the level above it (odd e
 :func:`~hishrst_runtime.slides.pyramid._pool2`), with exactly twice its downsample. So a single-level slide
 has the same levels, pixels, thumbnails and tissue masks read directly as after ``hishrst convert``.
 
+The TIFF reader replaces the source of the 2×, 4× and 8× levels of JPEG-tiled files with reduced-scale
+decoding (:mod:`hishrst_runtime.slides.jpeg_scaled`), which keeps a :class:`PooledBoxes` for what it cannot
+decode so.
+
 Reads are blockwise: a box of a pooled level is assembled from blocks of at most
 :data:`BLOCK_PX` × :data:`BLOCK_PX` pixels, each read from the level above (itself blockwise), so
 memory stays a few blocks per level whatever the box. Pooled levels are meant for overviews and

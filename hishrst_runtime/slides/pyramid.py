@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
+from PIL import Image
 
 from hishrst_runtime.core.files import remove_tree
 from hishrst_runtime.slides.errors import ConvertError
@@ -52,8 +53,16 @@ def pyramid_shapes(
 def _pool2(block: np.ndarray, row_axis: int = 0) -> np.ndarray:
     """2 × 2 mean pooling of a uint8 block whose rows / columns are axes ``row_axis`` / ``row_axis + 1``.
 
-    Odd edges are replicated, so the result has ``ceil(h / 2) × ceil(w / 2)`` pixels.
+    Odd edges are replicated, so the result has ``ceil(h / 2) × ceil(w / 2)`` pixels; each value is
+    ``(a + b + c + d + 2) >> 2``. ``(h, w, 3)`` and ``(3, h, w)`` blocks are pooled by Pillow's
+    ``Image.reduce(2)``, which computes exactly these values (an odd edge's 1 × 2 / 2 × 1 / 1 × 1 means equal
+    the replicated ones) about 3× faster; other blocks with numpy.
     """
+    if block.dtype == np.uint8 and block.ndim == 3 and min(block.shape[row_axis : row_axis + 2]) > 0:
+        if row_axis == 0 and block.shape[2] == 3:
+            return np.array(Image.fromarray(block).reduce(2))
+        if row_axis == 1:
+            return np.stack([np.asarray(Image.fromarray(plane).reduce(2)) for plane in block])
     for ax in (row_axis, row_axis + 1):
         if block.shape[ax] % 2:
             block = np.concatenate([block, block.take([-1], axis=ax)], axis=ax)

@@ -43,6 +43,9 @@ APPMAG_TOLERANCE = 1.6
 #: Markers allowed after 0xFF inside JPEG data after the first SOS: stuffing, restarts, fill, the markers
 #: between the scans of a multi-scan image (DHT, DQT, DRI, SOS, DNL) and EOI.
 _JPEG_OK = frozenset({0x00, 0xFF, 0xC4, 0xDB, 0xDD, 0xDA, 0xDC, 0xD9, *range(0xD0, 0xD8)})
+#: The complement of :data:`_JPEG_OK` as a lookup table over byte values (one vectorised test per tile).
+_JPEG_BAD = np.ones(256, dtype=bool)
+_JPEG_BAD[sorted(_JPEG_OK)] = False
 
 #: What a damaged TIFF raises from tifffile / imagecodecs / zarr (TiffFileError is a ValueError,
 #: the imagecodecs errors are RuntimeErrors; a truncated header is a struct.error).
@@ -186,10 +189,10 @@ def jpeg_problem(raw: bytes) -> str | None:
     if sos < 0:
         return None  # an abbreviated stream without a scan is decoded (and refused) by the codec itself
     body = np.frombuffer(data, dtype=np.uint8, offset=sos + 2)[:-2]
-    ff = np.flatnonzero(body[:-1] == 0xFF)
-    bad = [int(b) for b in body[ff + 1] if int(b) not in _JPEG_OK]
-    if bad:
-        return f"the JPEG tile has corrupt data (unexpected marker 0xFF{bad[0]:02X} inside the image data)"
+    after_ff = body[1:][body[:-1] == 0xFF]
+    bad = after_ff[_JPEG_BAD[after_ff]]
+    if bad.size:
+        return f"the JPEG tile has corrupt data (unexpected marker 0xFF{int(bad[0]):02X} inside the image data)"
     return None
 
 
