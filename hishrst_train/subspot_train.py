@@ -93,18 +93,35 @@ def _spot_batch(model: SubspotHead, tokens: TokenRows, rows: np.ndarray, query: 
     return aggregate_tokens(model.forward_selected(x, query), w)
 
 
+def _neighbour_pairs(query: np.ndarray, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (in ``query``) of horizontally and vertically adjacent token pairs that are both queried."""
+    where = {int(t): k for k, t in enumerate(query)}
+    pairs = [(k, where[t + d]) for t, k in where.items() for d in (1, cols)
+             if t + d in where and (d == cols or (t + 1) % cols)]
+    a, b = (zip(*pairs) if pairs else ((), ()))
+    return torch.tensor(a, dtype=torch.long), torch.tensor(b, dtype=torch.long)
+
+
 def _loss_pass(model: SubspotHead, tokens: TokenRows, targets: np.ndarray, rows: np.ndarray, weights: np.ndarray,
-               *, batch: int, device: str, opt: Any = None, sched: Any = None) -> float:
-    """One pass over ``rows``: the mean standardised squared error (and optimiser steps when ``opt``)."""
-    query = torch.from_numpy(np.flatnonzero(weights > 0)).to(device)
+               *, batch: int, device: str, opt: Any = None, sched: Any = None, smoothness: float = 0.0) -> float:
+    """One pass over ``rows``: the mean standardised squared error of the spot aggregates (and optimiser steps
+    when ``opt``, on that error plus ``smoothness`` × the mean absolute difference of adjacent tokens'
+    standardised predictions — a total-variation prior: tissue regions are larger than a token)."""
+    qnp = np.flatnonzero(weights > 0)
+    query = torch.from_numpy(qnp).to(device)
     w = torch.from_numpy(weights[weights > 0].astype(np.float32)).to(device)
+    pa, pb = (t.to(device) for t in _neighbour_pairs(qnp, model.grid[1]))
     scale = model.output_affine[0] if model.output_affine is not None else torch.ones(1, device=device)
     total, count = 0.0, 0
     for i in range(0, len(rows), batch):
         r = rows[i:i + batch]
         y = torch.from_numpy(np.asarray(targets[r], np.float32)).to(device)
         with torch.set_grad_enabled(opt is not None):
-            loss = (((_spot_batch(model, tokens, r, query, w, device) - y) / scale) ** 2).mean()
+            x = torch.from_numpy(tokens.take(r)).to(device)
+            tok = model.forward_selected(x.reshape(len(r), -1, x.shape[-1]), query)
+            loss = (((aggregate_tokens(tok, w) - y) / scale) ** 2).mean()
+            if opt is not None and smoothness > 0 and len(pa):
+                loss = loss + smoothness * ((tok[:, pa] - tok[:, pb]).abs() / scale).mean()
         if opt is not None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -117,7 +134,7 @@ def _loss_pass(model: SubspotHead, tokens: TokenRows, targets: np.ndarray, rows:
 
 def train_subspot(tokens: TokenRows, targets: np.ndarray, *, config: SubspotConfig, train_rows: np.ndarray,
                   val_rows: np.ndarray | None = None, train_config: TrainConfig | None = None, batch_tiles: int = 32,
-                  history_out: dict[str, list[float]] | None = None, progress: bool = True,
+                  smoothness: float = 0.0, history_out: dict[str, list[float]] | None = None, progress: bool = True,
                   device: str = "cpu") -> tuple[SubspotHead, list[float]]:
     """Fit a :class:`SubspotHead` on the spots ``train_rows`` of ``tokens`` (tiles centred on the spots) and
     ``targets [N, genes]``; with ``val_rows`` stop after ``patience`` epochs without a better validation
@@ -136,7 +153,7 @@ def train_subspot(tokens: TokenRows, targets: np.ndarray, *, config: SubspotConf
     for epoch in bar:
         model.train()
         history.append(_loss_pass(model, tokens, targets, rng.permutation(train_rows), weights, batch=batch_tiles,
-                                  device=device, opt=opt, sched=sched))
+                                  device=device, opt=opt, sched=sched, smoothness=smoothness))
         if val_rows is None or len(val_rows) == 0:
             continue
         model.eval()
