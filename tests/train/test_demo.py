@@ -28,3 +28,22 @@ def test_demo_small_end_to_end(tmp_path):
     assert all(v <= 1e-4 for part in s["export_parity"].values() for v in part.values())
     png = tmp_path / "d" / s["png"].split("/")[-1]
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    # the sub-spot part: 8 µm bins of the unseen slide scored against the 8 µm truth, with its figure
+    b = s["subspot"]
+    assert b["bins"] > 10_000 and "sub-spot (8 µm bins" in r.output
+    assert set(b["pcc_8um"]) == {"subspot", "interpolated_spots"} and all(-1 <= v <= 1 for v in b["pcc_8um"].values())
+    fig = tmp_path / "d" / "demo_subspot.png"
+    assert fig.is_file() and b["figure"]["rule"] and b["figure"]["gene"]
+    assert (tmp_path / "d" / "predictions_8um" / "slide.zarr").is_dir()
+
+
+def test_demo_without_subspot_skips_it(tmp_path):
+    from click.testing import CliRunner
+
+    from hishrst.cli import main
+
+    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--preset", "small", "--epochs", "2",
+                                  "--no-subspot"])
+    assert r.exit_code == 0, r.output
+    assert "subspot" not in json.loads((tmp_path / "d" / "demo_summary.json").read_text())
+    assert "1/7" in r.output and "8/9" not in r.output
