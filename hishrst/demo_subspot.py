@@ -39,7 +39,7 @@ def _score(out: Path, section: Path, at_spots: Path, bins: Path, genes: list[str
     """Scores of both maps on the window, and the figure."""
     import anndata as ad
 
-    from hishrst_train.bins_eval import _window_truth, choose_window, interpolated_bin_map, score_maps
+    from hishrst_train.bins_eval import window_truth, choose_window, interpolated_bin_map, score_maps
     from hishrst_train.bins_figure import subspot_figure
     from hishrst_train.synth import bin_truth
     from hishrst_train.tasks import open_sections
@@ -47,7 +47,7 @@ def _score(out: Path, section: Path, at_spots: Path, bins: Path, genes: list[str
     sec = open_sections([str(section / "outs")])[0]
     table, _ = bin_truth(section, genes[:1])
     window = choose_window(table, mpp=sec.mpp, window_um=WINDOW_UM)
-    truth = _window_truth(section, genes, table, window)
+    truth = window_truth(section, genes, table, window)
     spots = ad.read_zarr(at_spots)
     maps = {"subspot": _bins_map(bins, window, genes),
             "interpolated_spots": interpolated_bin_map(np.asarray(spots[:, genes].X, np.float32),

@@ -28,7 +28,7 @@ from hishrst_runtime.core.tokens import TokenGeometry, lattice_shape, pool_bins_
 from hishrst_train.metrics import gene_map_ssim, per_gene_metrics, summarise
 
 __all__ = ["BinWindow", "choose_window", "subspot_bin_map", "interpolated_bin_map", "grid16_bin_map", "score_maps",
-           "score_bins", "write_scores", "format_bin_scores", "METHODS"]
+           "score_bins", "write_scores", "format_bin_scores", "window_truth", "METHODS"]
 
 METHODS = ("subspot", "interpolated_spots", "spot_grid_16um")
 
@@ -222,7 +222,7 @@ def score_bins(subspot_run: str | Path, section: str | Path, *, spot_run: str | 
     geometry = TokenGeometry.from_dict(sub_cfg.tokens or {})
     table, _ = bin_truth(section, genes[:1])
     window = choose_window(table, mpp=sec.mpp, bin_um=geometry.pitch_um, window_um=window_um)
-    truth = _window_truth(section, genes, table, window)
+    truth = window_truth(section, genes, table, window)
     sub_map, tiles = subspot_bin_map(sub_model, geometry, sec, sub_enc, window, batch_size=batch_size)
     spot_pred = _spot_predictions(spot_model, spot_cfg, sec, spot_enc, batch_size=batch_size, cache_dir=None,
                                   progress=False)[1]
@@ -245,7 +245,7 @@ def score_bins(subspot_run: str | Path, section: str | Path, *, spot_run: str | 
     return scores
 
 
-def _window_truth(section: str | Path, genes: list[str], table: Any, window: BinWindow) -> np.ndarray:
+def window_truth(section: str | Path, genes: list[str], table: Any, window: BinWindow) -> np.ndarray:
     """The expected log-expression ``[rows, cols, genes]`` of the window's bins (NaN where no truth bin)."""
     from hishrst_train.synth import bin_truth
 
