@@ -29,6 +29,8 @@ from hishrst_runtime.core.tokens import TokenGeometry, token_offsets_um
 
 __all__ = ["SubspotConfig", "SubspotHead", "aggregate_tokens", "SOFTPLUS_BETA"]
 
+#: Default weight of the sub-spot head's total-variation prior (:attr:`SubspotConfig.smoothness`).
+SMOOTHNESS_DEFAULT = 0.3
 #: Sharpness of the output softplus: softplus_β(x) = log(1 + e^(βx)) / β (≈ ReLU away from 0).
 SOFTPLUS_BETA = 5.0
 
@@ -48,6 +50,11 @@ class SubspotConfig:
     rel_n_freqs: int = 16
     rel_min_wavelength_um: float = 8.0
     rel_max_wavelength_um: float = 400.0
+    #: Training only (no effect on a trained head): weight of the total-variation prior on adjacent tokens'
+    #: standardised predictions (:func:`hishrst_train.subspot_train.train_subspot`). Spot measurements constrain
+    #: only a disk's mean, so without it each token is free to follow its nucleus or its neuropil;
+    #: ``benchmarks/RESULTS.md`` (sub-spot) has the evidence for the default.
+    smoothness: float = SMOOTHNESS_DEFAULT
     kind: str = "subspot"
 
     def to_dict(self) -> dict[str, Any]:

@@ -134,13 +134,14 @@ def _loss_pass(model: SubspotHead, tokens: TokenRows, targets: np.ndarray, rows:
 
 def train_subspot(tokens: TokenRows, targets: np.ndarray, *, config: SubspotConfig, train_rows: np.ndarray,
                   val_rows: np.ndarray | None = None, train_config: TrainConfig | None = None, batch_tiles: int = 32,
-                  smoothness: float = 0.0, history_out: dict[str, list[float]] | None = None, progress: bool = True,
+                  smoothness: float | None = None, history_out: dict[str, list[float]] | None = None, progress: bool = True,
                   device: str = "cpu") -> tuple[SubspotHead, list[float]]:
     """Fit a :class:`SubspotHead` on the spots ``train_rows`` of ``tokens`` (tiles centred on the spots) and
     ``targets [N, genes]``; with ``val_rows`` stop after ``patience`` epochs without a better validation
-    loss and keep the best epoch. Returns the head (eval mode, CPU, output scaling folded) and the training
+    loss and keep the best epoch. ``smoothness``: the total-variation weight (default ``config.smoothness``). Returns the head (eval mode, CPU, output scaling folded) and the training
     loss per epoch (standardised units)."""
     tc = train_config or TrainConfig()
+    smoothness = config.smoothness if smoothness is None else float(smoothness)
     seed_everything(tc.seed)
     rng = np.random.default_rng(tc.seed)
     weights = spot_weights(config)

@@ -85,3 +85,43 @@ def test_token_rows_gathers_across_parts_in_any_order() -> None:
     rows = TokenRows([a, b])
     assert len(rows) == 5 and rows.shape == (5, 2, 1)
     np.testing.assert_array_equal(rows.take(np.array([4, 0, 3, 2])), np.concatenate([b[1:2], a[0:1], b[0:1], a[2:3]]))
+
+
+def test_neighbour_pairs_are_adjacent_tokens_without_wrapping() -> None:
+    from hishrst_train.subspot_train import _neighbour_pairs
+
+    cols = 4
+    query = np.array([2, 3, 4, 6, 7, 11])  # row 0: cols 2,3; row 1: cols 0,2,3; row 2: col 3
+    a, b = _neighbour_pairs(query, cols)
+    pairs = {(int(query[i]), int(query[j])) for i, j in zip(a, b)}
+    assert pairs == {(2, 3), (2, 6), (3, 7), (6, 7), (7, 11)}  # 3→4 would wrap a row: not a pair
+
+
+def test_smoothness_adds_the_total_variation_of_the_queried_tokens() -> None:
+    from hishrst_train.subspot_train import _loss_pass
+
+    torch.manual_seed(0)
+    model = SubspotHead(_config()).train()
+    rng = np.random.default_rng(0)
+    tokens, _, spots = _deconvolution_data(4, rng)
+    rows = TokenRows([tokens])
+    w = spot_weights(_config())
+
+    class Opt:  # records the loss instead of stepping
+        def zero_grad(self, set_to_none: bool = True) -> None: ...
+        def step(self) -> None: ...
+
+    class Sched:
+        def step(self) -> None: ...
+
+    args = dict(batch=4, device="cpu", opt=Opt(), sched=Sched())
+    plain = _loss_pass(model.eval(), rows, spots, np.arange(4), w, **args)
+    with_tv = _loss_pass(model.eval(), rows, spots, np.arange(4), w, smoothness=2.0, **args)
+    with torch.no_grad():
+        q = np.flatnonzero(w > 0)
+        tok = model.forward_selected(torch.from_numpy(tokens.reshape(4, 196, 8)), torch.from_numpy(q))
+        from hishrst_train.subspot_train import _neighbour_pairs
+
+        a, b = _neighbour_pairs(q, 14)
+        tv = float((tok[:, a] - tok[:, b]).abs().mean())
+    assert with_tv == pytest.approx(plain + 2.0 * tv, rel=1e-5)
