@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = base_parser("bins_run", __doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=["dlpfc", "small"], default=None, help="default dlpfc; --quick: small")
     p.add_argument("--large-side-um", type=float, default=None,
-                   help="side of the large synthetic slide (µm; default 11000 → ≥ 1 M bins; --quick 2000)")
+                   help="side of the large synthetic slide (µm; default 13000 → ≥ 1 M bins; --quick 2000)")
     args = p.parse_args(argv)
     from benchmarks._synth_wsi import ensure_zarr
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     work = workdir_of(args)
     b = bundles(work, preset)
     slide = section_slide(work, b["section"])
-    large = ensure_zarr(work / "slides", side_um=args.large_side_um or (2000.0 if args.quick else 11000.0), mpp=0.5)
+    large = ensure_zarr(work / "slides", side_um=args.large_side_um or (2000.0 if args.quick else 13000.0), mpp=0.5)
     writer = JsonlWriter(args.out, benchmark="bins_run", quick=args.quick, append=args.append)
     rows = []
     for name, sl, bundle, res in (("spot-50um", slide, b["spot"], None), ("subspot-8um", slide, b["subspot"], "8um"),

@@ -222,15 +222,38 @@ def _threads(ok: list[dict[str, Any]]) -> list[str]:
                           ("load_avg_1m", "load")])]
 
 
+def _subspot(ok: list[dict[str, Any]]) -> list[str]:
+    rows = [{**r, "meets": "yes" if r.get("meets_pcc") else "NO"} for r in ok]
+    return [md_table(rows, [("preset", "preset"), ("seed", "seed"), ("pcc_8um_subspot", "sub-spot PCC 8 µm"),
+                            ("pcc_8um_interpolated_spots", "spot model interpolated"),
+                            ("pcc_8um_spot_grid_16um", "spot model at a 16 µm grid"), ("gain_vs_interpolated", "gain"),
+                            ("meets", "≥ interp. + 0.05 and ≥ grid"), ("pcc_16um_subspot", "sub-spot 16 µm"),
+                            ("pcc_16um_interpolated_spots", "interp. 16 µm"), ("ssim_8um_subspot", "SSIM 8 µm sub-spot"),
+                            ("ssim_8um_interpolated_spots", "SSIM interp."), ("passes_ratio", "encoder passes: grid ÷ sub-spot"),
+                            ("spots_subspot.pcc", "spot-level PCC sub-spot"), ("spots_spot.pcc", "spot-level PCC spot head"),
+                            ("load_avg_1m", "load")])]
+
+
+def _bins_run(ok: list[dict[str, Any]]) -> list[str]:
+    runs = [r for r in ok if r.get("run") != "ratios"]
+    ratios = [r for r in ok if r.get("run") == "ratios"]
+    return [md_table(runs, [("run", "run"), ("slide", "slide"), ("points", "points / bins"), ("seconds", "s"),
+                            ("rate", "points or bins / s"), ("peak_rss_mb", "peak RSS MB (process tree)"),
+                            ("torch_imported", "torch imported"), ("load_avg_1m", "load")]), "",
+            md_table(ratios, [("bins_per_s_over_points_per_s", "bins/s ÷ points/s"),
+                              ("large_bins", "bins of the large run"),
+                              ("large_rss_over_spot_rss", "its peak RSS ÷ the spot run's")])]
+
+
 #: The tables of each benchmark's section, from its successful records.
 _TABLES: dict[str, Callable[[list[dict[str, Any]]], list[str]]] = {
     "encoder": _encoder, "pipeline": _pipeline, "reference": _reference, "training": _training,
     "transfer": _transfer, "direct_wsi": _direct_wsi, "feed": _feed, "gpu": _gpu, "baselines": _baselines,
-    "claim": _claim, "int8": _int8, "threads": _threads,
+    "claim": _claim, "int8": _int8, "threads": _threads, "subspot": _subspot, "bins_run": _bins_run,
 }
 #: The benchmarks ``main`` renders, in order.
 SECTIONS = ("encoder", "gpu", "pipeline", "feed", "reference", "training", "direct_wsi", "transfer", "baselines",
-            "claim", "int8", "threads")
+            "claim", "int8", "threads", "subspot", "bins_run")
 
 
 def section(name: str, recs: list[dict[str, Any]], *, title: str | None = None) -> str:

@@ -326,3 +326,21 @@ def test_threads_quick(tmp_path: Path) -> None:
         _positive(r["wall_s"])
         assert r["chosen"].startswith("threads: ") and "load_avg_1m" in r
     assert records[2]["chosen"].startswith(f"threads: {records[0]['cores']} ")
+
+
+def test_subspot_and_bins_run_quick(tmp_path: Path) -> None:
+    """The sub-spot benchmark (spot and sub-spot fits, bin scoring with its three methods and the figure) and the
+    run-time bins benchmark (bins/s, peak RSS, torch never imported) on the small preset."""
+    work = tmp_path / "work"
+    (rec,) = _script("subspot", tmp_path / "subspot.jsonl", work)
+    for k in ("pcc_8um_subspot", "pcc_8um_interpolated_spots", "pcc_8um_spot_grid_16um", "pcc_16um_subspot"):
+        assert -1 <= rec[k] <= 1
+    assert rec["passes_ratio"] > 10 and rec["n_bins_8um"] > 1000 and isinstance(rec["meets_pcc"], bool)
+    assert (work / "runs" / "subspot-small-seed0-bins" / "figure.png").is_file()
+    records = _script("bins_run", tmp_path / "bins_run.jsonl", work)
+    runs = {r["run"]: r for r in records}
+    assert set(runs) == {"spot-50um", "subspot-8um", "subspot-8um-large", "ratios"}
+    for name in ("spot-50um", "subspot-8um", "subspot-8um-large"):
+        _positive(runs[name]["points"], runs[name]["rate"], runs[name]["peak_rss_mb"])
+        assert runs[name]["torch_imported"] is False
+    _positive(runs["ratios"]["bins_per_s_over_points_per_s"], runs["ratios"]["large_rss_over_spot_rss"])
