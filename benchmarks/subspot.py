@@ -17,15 +17,24 @@ encoder passes per mm² ≥ 10× fewer than the 16 µm grid.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from benchmarks._common import JsonlWriter, base_parser, count_list, load_average, print_table, workdir_of
 
 ENCODER = "test-vit-uni"
+
+
+def _default_smoothness() -> float:
+    from hishrst_train.subspot import SMOOTHNESS_DEFAULT
+
+    return SMOOTHNESS_DEFAULT
 
 
 def sections(work: Path, seed: int, preset: str) -> list[Path]:
@@ -41,7 +50,22 @@ def sections(work: Path, seed: int, preset: str) -> list[Path]:
     return outs
 
 
-def fit_both(outs: list[Path], work: Path, tag: str, *, epochs: int | None, cache: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def _smoothness(value: float | None) -> Iterator[None]:
+    """Make the sub-spot fit's ``SubspotConfig(...)`` carry ``smoothness=value`` (None: the default)."""
+    import hishrst_train.subspot as mod
+
+    orig = mod.SubspotConfig
+    if value is not None:
+        mod.SubspotConfig = functools.partial(orig, smoothness=value)  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        mod.SubspotConfig = orig
+
+
+def fit_both(outs: list[Path], work: Path, tag: str, *, epochs: int | None, cache: Path,
+             smoothness: float | None = None) -> dict[str, Any]:
     """Spot and sub-spot runs on sections 0 and 1; their paths and fit seconds."""
     from hishrst_train.tasks import fit_run
 
@@ -49,8 +73,9 @@ def fit_both(outs: list[Path], work: Path, tag: str, *, epochs: int | None, cach
     for head in ("spot", "subspot"):
         run = work / "runs" / f"{tag}-{head}"
         t0 = time.perf_counter()
-        s = fit_run(outs[:2], out=run, task="full", encoder=ENCODER, allow_test_encoder=True, head=head,  # type: ignore[arg-type]
-                    cache_dir=cache, progress=False, overwrite=True, **({"epochs": epochs} if epochs else {}))
+        with _smoothness(smoothness if head == "subspot" else None):
+            s = fit_run(outs[:2], out=run, task="full", encoder=ENCODER, allow_test_encoder=True, head=head,  # type: ignore[arg-type]
+                        cache_dir=cache, progress=False, overwrite=True, **({"epochs": epochs} if epochs else {}))
         runs[head] = {"run": run, "seconds_fit": round(time.perf_counter() - t0, 1), "epochs_run": s["epochs_run"],
                       "best_epoch": s["best_epoch"], "seconds_per_epoch": s["seconds_per_epoch"]}
     return runs
@@ -64,11 +89,12 @@ def spot_level(run: Path, section: Path, cache: Path) -> dict[str, Any]:
             "ridge_pcc": s["baseline_ridge"]["pcc_mean"]}
 
 
-def run_seed(outs: list[Path], work: Path, tag: str, *, epochs: int | None, window_um: float) -> dict[str, Any]:
+def run_seed(outs: list[Path], work: Path, tag: str, *, epochs: int | None, window_um: float,
+             smoothness: float | None = None) -> dict[str, Any]:
     from hishrst_train.bins_eval import score_bins
 
     cache = work / "cache"
-    runs = fit_both(outs, work, tag, epochs=epochs, cache=cache)
+    runs = fit_both(outs, work, tag, epochs=epochs, cache=cache, smoothness=smoothness)
     t0 = time.perf_counter()
     scores = score_bins(runs["subspot"]["run"], outs[2].parent, spot_run=runs["spot"]["run"], window_um=window_um,
                         out=work / "runs" / f"{tag}-bins")
@@ -104,6 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--threads", type=int, default=2, help="torch threads (the machine is shared)")
     p.add_argument("--window-um", type=float, default=2000.0, help="side of the scored window (µm)")
     p.add_argument("--preset", choices=["dlpfc", "small"], default=None, help="default dlpfc; --quick: small")
+    p.add_argument("--smoothness", type=float, default=None,
+                   help="the sub-spot head's total-variation weight (default: SubspotConfig's)")
     args = p.parse_args(argv)
     import torch
 
@@ -118,8 +146,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for seed in args.seeds[:1] if args.quick else args.seeds:
         outs = sections(work, seed, preset)
         t0 = time.perf_counter()
-        rec = run_seed(outs, work, f"subspot-{preset}-seed{seed}", epochs=epochs, window_um=window)
+        rec = run_seed(outs, work, f"subspot-{preset}-seed{seed}", epochs=epochs, window_um=window,
+                       smoothness=args.smoothness)
         rec = writer.write({"seed": seed, "preset": preset, "encoder": ENCODER, "epochs_max": epochs,
+                            "smoothness": args.smoothness if args.smoothness is not None else _default_smoothness(),
                             "threads": args.threads, "pid": os.getpid(), "seconds_wall": round(time.perf_counter() - t0, 1),
                             "load_avg_end": load_average(), **rec})
         rows.append(rec)
