@@ -241,12 +241,13 @@ def _spot_predictions(model: Any, config: RunConfig, sec: Any, enc: Any, *, batc
 
     if config.head_kind == "subspot":
         from hishrst_runtime.core.tokens import TokenGeometry
-        from hishrst_train.subspot_fit import section_tokens
+        from hishrst_train.subspot_fit import section_tokens, section_weights
         from hishrst_train.subspot_train import TokenRows, predict_spots
 
         tok = section_tokens(sec, sec.xy, encoder=enc, geometry=TokenGeometry.from_dict(config.tokens or {}),
                              batch_size=batch_size, cache_dir=cache_dir)
-        return np.asarray(tok.cls, np.float32), predict_spots(model, TokenRows([tok.tokens]))
+        weights = section_weights(model.config, [sec])
+        return np.asarray(tok.cls, np.float32), predict_spots(model, TokenRows([tok.tokens]), weights=weights)
     feats = section_features(sec, sec.xy, encoder=enc, patch_um=config.patch["size_um"], batch_size=batch_size,
                              cache_dir=cache_dir, progress=progress)
     if not config.image_features:

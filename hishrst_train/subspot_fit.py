@@ -1,7 +1,8 @@
 """``hishrst fit --head subspot``: token tiles of every section, the sub-spot head, spot-level predictions.
 
 A tile of ``geometry.tile_um`` µm (14 × 8 µm = 112 µm for UNI's geometry at the default 8 µm pitch) is cut
-around every spot of every section and encoded once; its tokens (float16, cached per section) train the
+around every spot (or Visium HD bin, whose tokens are weighted by the bin's square instead of the spot's
+disk: the head is then trained on the bins directly) of every section and encoded once; its tokens (float16, cached per section) train the
 head (:mod:`hishrst_train.subspot_train`) and its CLS feature feeds the ridge baseline, so baselines are
 fitted on the same encoder's embeddings as for a spot run. The held-out spots of a recovery run are
 predicted as the disk aggregate of their tokens, so ``evaluate`` and ``cv`` score a sub-spot run exactly
@@ -19,7 +20,7 @@ import numpy as np
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.tokens import DEFAULT_TOKEN_PITCH_UM, TokenGeometry
 
-__all__ = ["token_geometry_for", "section_tokens", "fit_subspot_model"]
+__all__ = ["token_geometry_for", "section_tokens", "section_weights", "fit_subspot_model"]
 
 
 def token_geometry_for(encoder: Any, *, pitch_um: float = DEFAULT_TOKEN_PITCH_UM) -> TokenGeometry:
@@ -41,6 +42,15 @@ def section_tokens(sec: Any, centres: np.ndarray, *, encoder: Any, geometry: Tok
                           cache_dir=cache_dir, image_key=sec.img_path)
 
 
+def section_weights(config: Any, secs: list[Any]) -> np.ndarray:
+    """Token weights of each section's measurements, ``[sections, T]``: a Visium spot's 55 µm disk, or a
+    Visium HD section's square bins (trained on the bins directly)."""
+    from hishrst_train.subspot_train import spot_weights
+
+    return np.stack([spot_weights(config, bin_size_um=s.bin_size_um if getattr(s, "platform", "visium") == "visium-hd"
+                                  else None) for s in secs])
+
+
 def fit_subspot_model(secs: list[Any], targets: np.ndarray, *, encoder: Any, train_rows: np.ndarray,
                       val_rows: np.ndarray | None, pitch_um: float, train_config: Any, batch_size: int,
                       cache_dir: str | Path | None, progress: bool, device: str) -> Any:
@@ -59,11 +69,12 @@ def fit_subspot_model(secs: list[Any], targets: np.ndarray, *, encoder: Any, tra
     config = SubspotConfig(width=int(rows.shape[-1]), n_genes=int(targets.shape[1]), geometry=geometry.to_dict())
     hist: dict[str, list[float]] = {}
     t1 = time.perf_counter()
+    weights = section_weights(config, secs)
     model, history = train_subspot(rows, targets, config=config, train_rows=train_rows, val_rows=val_rows,
-                                   train_config=train_config, history_out=hist,
+                                   train_config=train_config, weights=weights, history_out=hist,
                                    progress=progress, device=device)
     seconds_train = time.perf_counter() - t1
     return FitResult(features=np.concatenate([np.asarray(p.cls, np.float32) for p in parts]), model=model,
-                     history=history, hist=hist, predictions=predict_spots(model, rows),
+                     history=history, hist=hist, predictions=predict_spots(model, rows, weights=weights),
                      seconds_features=seconds_features, seconds_train=seconds_train, train_config=train_config,
                      geometry=geometry)

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hishrst_runtime.core.geometry import VISIUM_SPOT_DIAMETER_UM
-from hishrst_runtime.core.tokens import disk_token_weights
+from hishrst_runtime.core.tokens import disk_token_weights, square_token_weights
 from hishrst_train.subspot import SOFTPLUS_BETA, SubspotConfig, SubspotHead, aggregate_tokens
 from hishrst_train.train import TrainConfig, _optimiser, seed_everything
 
@@ -45,6 +45,10 @@ class TokenRows:
     def shape(self) -> tuple[int, ...]:
         return (len(self), *self.parts[0].shape[1:])
 
+    def part_of(self, index: np.ndarray) -> np.ndarray:
+        """Which part (section) each row of ``index`` belongs to."""
+        return np.searchsorted(self._offsets, np.asarray(index, np.int64), side="right") - 1  # type: ignore[attr-defined]
+
     def take(self, index: np.ndarray) -> np.ndarray:
         index = np.asarray(index, np.int64)
         part = np.searchsorted(self._offsets, index, side="right") - 1  # type: ignore[attr-defined]
@@ -58,9 +62,25 @@ class TokenRows:
         return out
 
 
-def spot_weights(config: SubspotConfig) -> np.ndarray:
-    """Overlap weights ``[rows·cols]`` of a Visium spot disk (55 µm) centred in its tile."""
-    return disk_token_weights(config.token_geometry, VISIUM_SPOT_DIAMETER_UM / 2.0).reshape(-1)
+def spot_weights(config: SubspotConfig, *, bin_size_um: float | None = None) -> np.ndarray:
+    """Overlap weights ``[rows·cols]`` of a measurement centred in its tile: a Visium spot's 55 µm disk, or with
+    ``bin_size_um`` a Visium HD square bin of that side (8 or 16 µm: trained on the bins directly)."""
+    geom = config.token_geometry
+    if bin_size_um is not None:
+        return square_token_weights(geom, float(bin_size_um)).reshape(-1)
+    return disk_token_weights(geom, VISIUM_SPOT_DIAMETER_UM / 2.0).reshape(-1)
+
+
+def _query(weights: np.ndarray) -> np.ndarray:
+    """Tokens any measurement needs: nonzero in ``weights`` ``[T]`` or in any row of ``[parts, T]``."""
+    return np.flatnonzero(np.atleast_2d(weights).max(axis=0) > 0)
+
+
+def _row_weights(tokens: TokenRows, rows: np.ndarray, weights: np.ndarray, query: np.ndarray) -> torch.Tensor:
+    """``[Q]`` (one measurement shape) or ``[len(rows), Q]`` (per part: spots and bins mixed) on the query."""
+    if weights.ndim == 1:
+        return torch.from_numpy(weights[query].astype(np.float32))
+    return torch.from_numpy(weights[tokens.part_of(rows)][:, query].astype(np.float32))
 
 
 def _softplus_inverse(y: np.ndarray) -> np.ndarray:
@@ -86,11 +106,11 @@ def _new_head(config: SubspotConfig, tokens: TokenRows, targets: np.ndarray, row
     return model
 
 
-def _spot_batch(model: SubspotHead, tokens: TokenRows, rows: np.ndarray, query: torch.Tensor, w: torch.Tensor,
-                device: str) -> torch.Tensor:
-    x = torch.from_numpy(tokens.take(rows)).to(device)
+def _spot_batch(model: SubspotHead, tokens: TokenRows, rows: np.ndarray, weights: np.ndarray) -> torch.Tensor:
+    q = _query(weights)
+    x = torch.from_numpy(tokens.take(rows))
     x = x.reshape(len(rows), -1, x.shape[-1])
-    return aggregate_tokens(model.forward_selected(x, query), w)
+    return aggregate_tokens(model.forward_selected(x, torch.from_numpy(q)), _row_weights(tokens, rows, weights, q))
 
 
 def _neighbour_pairs(query: np.ndarray, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,9 +127,8 @@ def _loss_pass(model: SubspotHead, tokens: TokenRows, targets: np.ndarray, rows:
     """One pass over ``rows``: the mean standardised squared error of the spot aggregates (and optimiser steps
     when ``opt``, on that error plus ``smoothness`` × the mean absolute difference of adjacent tokens'
     standardised predictions — a total-variation prior: tissue regions are larger than a token)."""
-    qnp = np.flatnonzero(weights > 0)
+    qnp = _query(weights)
     query = torch.from_numpy(qnp).to(device)
-    w = torch.from_numpy(weights[weights > 0].astype(np.float32)).to(device)
     pa, pb = (t.to(device) for t in _neighbour_pairs(qnp, model.grid[1]))
     scale = model.output_affine[0] if model.output_affine is not None else torch.ones(1, device=device)
     total, count = 0.0, 0
@@ -119,6 +138,7 @@ def _loss_pass(model: SubspotHead, tokens: TokenRows, targets: np.ndarray, rows:
         with torch.set_grad_enabled(opt is not None):
             x = torch.from_numpy(tokens.take(r)).to(device)
             tok = model.forward_selected(x.reshape(len(r), -1, x.shape[-1]), query)
+            w = _row_weights(tokens, r, weights, qnp).to(device)
             loss = (((aggregate_tokens(tok, w) - y) / scale) ** 2).mean()
             if opt is not None and smoothness > 0 and len(pa):
                 loss = loss + smoothness * ((tok[:, pa] - tok[:, pb]).abs() / scale).mean()
@@ -134,17 +154,20 @@ def _loss_pass(model: SubspotHead, tokens: TokenRows, targets: np.ndarray, rows:
 
 def train_subspot(tokens: TokenRows, targets: np.ndarray, *, config: SubspotConfig, train_rows: np.ndarray,
                   val_rows: np.ndarray | None = None, train_config: TrainConfig | None = None, batch_tiles: int = 32,
-                  smoothness: float | None = None, history_out: dict[str, list[float]] | None = None, progress: bool = True,
+                  smoothness: float | None = None, weights: np.ndarray | None = None,
+                  history_out: dict[str, list[float]] | None = None, progress: bool = True,
                   device: str = "cpu") -> tuple[SubspotHead, list[float]]:
-    """Fit a :class:`SubspotHead` on the spots ``train_rows`` of ``tokens`` (tiles centred on the spots) and
-    ``targets [N, genes]``; with ``val_rows`` stop after ``patience`` epochs without a better validation
-    loss and keep the best epoch. ``smoothness``: the total-variation weight (default ``config.smoothness``). Returns the head (eval mode, CPU, output scaling folded) and the training
-    loss per epoch (standardised units)."""
+    """Fit a :class:`SubspotHead` on the measurements ``train_rows`` of ``tokens`` (tiles centred on them) and
+    ``targets [N, genes]``; with ``val_rows`` stop after ``patience`` epochs without a better validation loss
+    and keep the best epoch. ``smoothness``: the total-variation weight (default ``config.smoothness``);
+    ``weights``: each measurement's token weights, ``[T]`` or one row per part of ``tokens`` (default: a
+    Visium spot's disk, :func:`spot_weights`). Returns the head (eval mode, CPU, output scaling folded) and
+    the training loss per epoch (standardised units)."""
     tc = train_config or TrainConfig()
     smoothness = config.smoothness if smoothness is None else float(smoothness)
     seed_everything(tc.seed)
     rng = np.random.default_rng(tc.seed)
-    weights = spot_weights(config)
+    weights = spot_weights(config) if weights is None else np.asarray(weights, np.float64)
     model = _new_head(config, tokens, targets, np.asarray(train_rows), tc, device)
     opt, sched = _optimiser(model, tc, math.ceil(len(train_rows) / batch_tiles))  # type: ignore[arg-type]
     history: list[float] = []
@@ -173,15 +196,14 @@ def train_subspot(tokens: TokenRows, targets: np.ndarray, *, config: SubspotConf
 
 
 @torch.inference_mode()
-def predict_spots(model: SubspotHead, tokens: TokenRows, rows: np.ndarray | None = None, *, batch: int = 64
-                  ) -> np.ndarray:
-    """Spot-level predictions ``[len(rows), genes]``: the disk aggregate of each tile's tokens."""
+def predict_spots(model: SubspotHead, tokens: TokenRows, rows: np.ndarray | None = None, *, batch: int = 64,
+                  weights: np.ndarray | None = None) -> np.ndarray:
+    """Measurement-level predictions ``[len(rows), genes]``: each tile's tokens aggregated with ``weights``
+    (as in :func:`train_subspot`; default a Visium spot's disk)."""
     model.eval()
-    weights = spot_weights(model.config)
+    weights = spot_weights(model.config) if weights is None else np.asarray(weights, np.float64)
     rows = np.arange(len(tokens)) if rows is None else np.asarray(rows)
-    query = torch.from_numpy(np.flatnonzero(weights > 0))
-    w = torch.from_numpy(weights[weights > 0].astype(np.float32))
-    out = [_spot_batch(model, tokens, rows[i:i + batch], query, w, "cpu").numpy() for i in range(0, len(rows), batch)]
+    out = [_spot_batch(model, tokens, rows[i:i + batch], weights).numpy() for i in range(0, len(rows), batch)]
     return np.concatenate(out) if out else np.zeros((0, model.config.n_genes), np.float32)
 
 
