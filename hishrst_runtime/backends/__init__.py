@@ -189,6 +189,7 @@ def load_backend(
     shapes: Mapping[str, tuple[Any, Any, Any]] | None = None,
     expected: Mapping[str, Any] | None = None,
     model_sha256: str | None = None,
+    opt_batch: int | None = None,
 ) -> Backend:
     """Load a model on a provider and return its :class:`Backend`.
 
@@ -209,9 +210,12 @@ def load_backend(
         shapes: ``{input: (min, opt, max)}`` shapes for inputs with dynamic non-batch dims (TensorRT provider).
         expected: ``{"gpu": ..., "tensorrt_version": ...}`` the engine was built for (from the manifest).
         model_sha256: the model's SHA-256 from the manifest (saves hashing it for the TensorRT cache key).
+        opt_batch: the batch the TensorRT provider tunes for (default ``max_batch``; see
+            :func:`hishrst_runtime.backends.profiles.batch_range`).
     """
     options = BackendOptions(cache_dir=cache_dir, engine_path=engine_path, device_id=device_id, threads=threads,
-                             fp16=fp16, max_batch=max_batch, shapes=shapes, expected=expected, model_sha256=model_sha256)
+                             fp16=fp16, max_batch=max_batch, shapes=shapes, expected=expected, model_sha256=model_sha256,
+                             opt_batch=opt_batch)
     engine_ok = engine_path is not None and Path(engine_path).is_file()
     if provider == "auto":
         avail = available_providers(device_id=device_id)

@@ -12,11 +12,16 @@ SHA-256, onnxruntime version, TensorRT version, GPU name, precision), so any cha
 directory (:func:`trt_cache_dir`); ``key.json`` inside records what the hash was made of.
 
 The optimisation profile is given explicitly (``trt_profile_min_shapes``/``_opt_shapes``/
-``_max_shapes``, format ``"name:1x224x224x3,other:..."``) from the model's dynamic batch dimension:
-min 1, opt = max = ``max_batch``. onnxruntime requires the three options to cover *every* dynamic
-input; inputs whose other dimensions are dynamic too (the head's ``[G, N, *]``) need ``shapes=``,
-otherwise no explicit profile is set and onnxruntime derives one from the shapes it sees (rebuilding
-the engine when a larger shape arrives).
+``_max_shapes``, format ``"name:1x224x224x3,other:..."``, onnxruntime's "explicit shape range for dynamic shape
+input") from the model's dynamic batch dimension: ``min_batch`` (1) … ``max_batch``, optimal ``opt_batch``
+(default ``max_batch``), i.e. the batch sizes the run uses (:mod:`hishrst_runtime.backends.profiles`: the
+run's ``--batch-size`` and its partial batches for the encoder, 1 … the head batch for the head; a sub-spot
+head's ``tokens [B, rows, cols, width]`` has only ``B`` dynamic, so its profile comes from the graph the same
+way). onnxruntime requires the three options to cover *every* dynamic input; inputs whose other dimensions are
+dynamic too (the spot head's ``[G, N, *]``) need ``shapes=``, otherwise no explicit profile is set and
+onnxruntime derives one from the shapes it sees (rebuilding the engine when a larger shape arrives). The
+profile is part of the cache key, so engines built for other batch sizes are never reused; a batch outside the
+profile raises :class:`BackendError` before the run (:func:`~hishrst_runtime.backends.profiles.check_profile`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any
 
 from hishrst_runtime.backends.base import BackendError, check_model_path, gpu_name
 from hishrst_runtime.backends.ort_cuda import OrtCudaBackend, cuda_provider_options
+from hishrst_runtime.backends.profiles import check_profile
 
 __all__ = [
     "OrtTensorrtBackend",
@@ -94,24 +100,29 @@ def trt_cache_dir(
     fp16: bool = False,
     device_id: int = 0,
     model_sha256: str | None = None,
+    profile: Mapping[str, Any] | None = None,
 ) -> Path:
     """The engine/timing-cache directory for this model on this machine (not created).
 
     ``<cache_dir or default_cache_root()>/<model stem>-<key>``, where ``key`` hashes the model file's
     SHA-256 (pass ``model_sha256`` from the bundle manifest to skip re-hashing a large file), the
-    onnxruntime and TensorRT versions, the GPU name and the precision.
+    onnxruntime and TensorRT versions, the GPU name, the precision and the explicit optimisation ``profile``.
     """
-    return _cache_location(model_path, cache_dir=cache_dir, fp16=fp16, device_id=device_id, model_sha256=model_sha256)[0]
+    return _cache_location(model_path, cache_dir=cache_dir, fp16=fp16, device_id=device_id, model_sha256=model_sha256,
+                           profile=profile)[0]
 
 
 def _cache_location(
-    model_path: str | Path, *, cache_dir: str | Path | None, fp16: bool, device_id: int, model_sha256: str | None
+    model_path: str | Path, *, cache_dir: str | Path | None, fp16: bool, device_id: int, model_sha256: str | None,
+    profile: Mapping[str, Any] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """(cache directory, the facts its name hashes)."""
+    """(cache directory, the facts its name hashes; an explicit optimisation ``profile`` is one of them)."""
     import onnxruntime as ort
 
     model_path = Path(model_path)
     facts = _cache_facts(model_path, fp16=fp16, device_id=device_id, model_sha256=model_sha256, ort_version=ort.__version__)
+    if profile:
+        facts["profile"] = {n: [list(s) for s in r] for n, r in sorted(profile.items())}
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
     return root / f"{model_path.stem}-{_facts_key(facts)}", facts
 
@@ -190,7 +201,8 @@ def _profile_option(profile: Mapping[str, tuple[tuple[int, ...], ...]], which: i
 
 
 class OrtTensorrtBackend(OrtCudaBackend):
-    """onnxruntime with ``TensorrtExecutionProvider`` (then CUDA, then CPU for leftovers).
+    """onnxruntime with ``TensorrtExecutionProvider`` (then CUDA, then CPU for leftovers), fed through the same
+    I/O binding as :class:`OrtCudaBackend` (device values of the two providers are interchangeable).
 
     Args:
         model_path: the ``.onnx`` file.
@@ -202,6 +214,11 @@ class OrtTensorrtBackend(OrtCudaBackend):
         workspace_gb: TensorRT workspace limit (``trt_max_workspace_size``); default: onnxruntime's.
         model_sha256: the model's SHA-256 if already known (bundle manifest), to skip hashing.
         threads: intra-op CPU threads for nodes left on the CPU.
+        opt_batch: the batch TensorRT tunes its kernels for (default ``max_batch``: the run's full batches).
+        min_batch: smallest batch the engines must accept (default 1: partial batches of any size).
+
+    Attributes:
+        profile: ``{input: (min, opt, max) shape}`` given to TensorRT, or ``None`` (shapes seen at run time).
     """
 
     provider = "tensorrt"
@@ -219,12 +236,38 @@ class OrtTensorrtBackend(OrtCudaBackend):
         workspace_gb: float | None = None,
         model_sha256: str | None = None,
         threads: int | None = None,
+        opt_batch: int | None = None,
+        min_batch: int = 1,
     ) -> None:
         self.model_path = check_model_path(model_path)
         self.device_id = int(device_id)
-        self.cache_dir, facts = _cache_location(
-            self.model_path, cache_dir=cache_dir, fp16=fp16, device_id=self.device_id, model_sha256=model_sha256
-        )
+        try:
+            profile = profile_shapes(onnx_input_shapes(self.model_path), min_batch=min_batch, opt_batch=opt_batch,
+                                     max_batch=max_batch, shapes=shapes)
+        except ValueError as e:
+            raise BackendError(f"{self.model_path}: invalid TensorRT profile ({e}); pass batch sizes with "
+                               "1 <= min_batch <= opt_batch <= max_batch") from e
+        self.cache_dir, facts = _cache_location(self.model_path, cache_dir=cache_dir, fp16=fp16,
+                                                device_id=self.device_id, model_sha256=model_sha256, profile=profile)
+        self._write_cache_key(facts)
+        options = self._trt_options(fp16=fp16, workspace_gb=workspace_gb, profile=profile)
+        if not any(self.cache_dir.glob("*.engine")):
+            log.warning(
+                "%s: building TensorRT engines (first run for this model/GPU/TensorRT/profile; this can take "
+                "minutes); they are cached in %s", self.model_path, self.cache_dir,
+            )
+        self.profile = profile
+        self.max_batch = int(max_batch)
+        self.fp16 = bool(fp16)
+        self.provider_options = options
+        providers = [
+            (self._EP, options),
+            ("CUDAExecutionProvider", cuda_provider_options(self.device_id)),
+            "CPUExecutionProvider",
+        ]
+        self._open(providers, threads=threads)
+
+    def _write_cache_key(self, facts: Mapping[str, Any]) -> None:
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             (self.cache_dir / "key.json").write_text(json.dumps({**facts, "model": str(self.model_path)}, indent=2) + "\n")
@@ -233,6 +276,9 @@ class OrtTensorrtBackend(OrtCudaBackend):
                 f"{self.cache_dir}: cannot create the TensorRT cache directory ({e}); "
                 "set HISHRST_CACHE_DIR to a writable directory"
             ) from e
+
+    def _trt_options(self, *, fp16: bool, workspace_gb: float | None, profile: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The TensorRT provider options: caches, precision, workspace and the explicit profile."""
         options: dict[str, Any] = {
             "device_id": self.device_id,
             "trt_fp16_enable": bool(fp16),
@@ -243,7 +289,6 @@ class OrtTensorrtBackend(OrtCudaBackend):
         }
         if workspace_gb is not None:
             options["trt_max_workspace_size"] = int(workspace_gb * (1 << 30))
-        profile = profile_shapes(onnx_input_shapes(self.model_path), max_batch=max_batch, shapes=shapes)
         if profile is None:
             log.warning(
                 "%s: some inputs have dynamic non-batch dimensions and no shapes= range; TensorRT engines will be "
@@ -253,17 +298,8 @@ class OrtTensorrtBackend(OrtCudaBackend):
             options["trt_profile_min_shapes"] = _profile_option(profile, 0)
             options["trt_profile_opt_shapes"] = _profile_option(profile, 1)
             options["trt_profile_max_shapes"] = _profile_option(profile, 2)
-        if not any(self.cache_dir.glob("*.engine")):
-            log.warning(
-                "%s: building TensorRT engines (first run for this model/GPU/TensorRT; this can take minutes); "
-                "they are cached in %s", self.model_path, self.cache_dir,
-            )
-        self.profile = profile
-        self.fp16 = bool(fp16)
-        self.provider_options = options
-        providers = [
-            (self._EP, options),
-            ("CUDAExecutionProvider", cuda_provider_options(self.device_id)),
-            "CPUExecutionProvider",
-        ]
-        self._open(providers, threads=threads)
+        return options
+
+    def _check_profile(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """A batch outside the explicit profile: :class:`BackendError` naming the largest batch, before TensorRT."""
+        check_profile(f"{self.model_path} ({self.name})", shapes, self.profile)

@@ -31,7 +31,8 @@ class BackendOptions:
     ``cache_dir``: engine/timing-cache root of the onnxruntime TensorRT provider; ``engine_path``: the
     bundle's serialized TensorRT engine (``trt-native``); ``device_id``: CUDA device ordinal;
     ``threads``: CPU intra-op threads (``None``: physical cores); ``fp16``: allow FP16 kernels (TensorRT
-    provider); ``max_batch``: largest batch of the TensorRT optimisation profile; ``shapes``:
+    provider); ``max_batch`` / ``opt_batch``: largest and optimal batch of the TensorRT optimisation profile
+(``opt_batch`` ``None``: ``max_batch``; see :mod:`hishrst_runtime.backends.profiles`); ``shapes``:
     ``{input: (min, opt, max)}`` for inputs with dynamic non-batch dimensions; ``expected``:
     ``{"gpu", "tensorrt_version"}`` a native engine was built for; ``model_sha256``: the model's hash
     from the manifest (saves hashing it for the TensorRT cache key). Bad values raise :class:`InputError`.
@@ -46,14 +47,17 @@ class BackendOptions:
     shapes: Mapping[str, tuple[Any, Any, Any]] | None = None
     expected: Mapping[str, Any] | None = None
     model_sha256: str | None = None
+    opt_batch: int | None = None
 
     def __post_init__(self) -> None:
-        for name, low in (("device_id", 0), ("threads", 1), ("max_batch", 1)):
+        for name, low in (("device_id", 0), ("threads", 1), ("max_batch", 1), ("opt_batch", 1)):
             value = getattr(self, name)
-            if value is None and name == "threads":
+            if value is None and name in ("threads", "opt_batch"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InputError(f"backend option {name} must be an integer >= {low}, got {value!r}")
+        if self.opt_batch is not None and self.opt_batch > self.max_batch:
+            raise InputError(f"backend option opt_batch ({self.opt_batch}) must not exceed max_batch ({self.max_batch})")
 
 
 Loader = Callable[[Path | None, BackendOptions], Backend]
@@ -99,7 +103,7 @@ def _load_ort_trt(model_path: Path | None, o: BackendOptions) -> Backend:
     from hishrst_runtime.backends.ort_trt import OrtTensorrtBackend
 
     return OrtTensorrtBackend(path, device_id=o.device_id, cache_dir=o.cache_dir, fp16=o.fp16, max_batch=o.max_batch,
-                              shapes=o.shapes, model_sha256=o.model_sha256, threads=o.threads)
+                              shapes=o.shapes, model_sha256=o.model_sha256, threads=o.threads, opt_batch=o.opt_batch)
 
 
 def _load_ort_cuda(model_path: Path | None, o: BackendOptions) -> Backend:

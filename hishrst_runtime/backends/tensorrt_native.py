@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from hishrst_runtime.backends.base import BackendBase, BackendError, gpu_name
+from hishrst_runtime.backends.profiles import check_profile
 
 __all__ = ["MIN_TENSORRT_MAJOR", "TensorRTNativeBackend", "check_engine_compat", "import_tensorrt"]
 
@@ -290,13 +291,8 @@ class TensorRTNativeBackend(BackendBase):
             raise BackendError(f"{self.name}: the backend was closed")
         arrays = self._prepare(feeds)
         self._mem.activate()  # CUDA's current device is per thread
+        check_profile(str(self.engine_path), {n: a.shape for n, a in zip(self.input_names, arrays)}, self.profile)
         for name, arr in zip(self.input_names, arrays):
-            lo, _, hi = self.profile[name]
-            if any(a < lo_d or a > hi_d for a, lo_d, hi_d in zip(arr.shape, lo, hi)):
-                raise BackendError(
-                    f"{self.engine_path}: input {name!r} shape {arr.shape} is outside the engine's profile "
-                    f"(min {lo}, max {hi}); split the batch (max batch {self.max_batch}) or rebuild the engine"
-                )
             self._set_shape(name, arr.shape)
             self._mem.h2d(self._buffers[name], arr)
         outputs = []

@@ -209,14 +209,16 @@ class BundleSpec:
         """The file listed under ``key``, or ``None``."""
         return self.files.get(key)
 
-    def head_profile(self, max_batch: int | None = None) -> dict[str, ShapeRange]:
+    def head_profile(self, max_batch: int | None = None, opt: int | None = None) -> dict[str, ShapeRange]:
         """The spot head's TensorRT optimisation profile: ``{input: (min, opt, max) shape}``. Groups (first dimension)
-        from 1 to ``max_batch`` (default: the bundle's), optimal ``min(8, max_batch)``; points per group from 1 to
-        ``grouping.max_size`` (optimal = max). (A sub-spot head's only dynamic dimension is its batch.)"""
+        from 1 to ``max_batch`` (default: the bundle's; a run passes its head batch), optimal ``opt`` (default
+        ``min(8, max_batch)``); points per group 1 … ``grouping.max_size`` (optimal = max). (A sub-spot head's only
+        dynamic dimension is its batch: its profile comes from the graph, ``backends.profiles.batch_range``.)"""
         m = self.max_batch if max_batch is None else int(max_batch)
-        if m < 1:
-            raise ValueError(f"max_batch must be >= 1, got {m}")
-        n, d, opt = self.grouping.max_size, self.encoder.feature_dim, min(HEAD_PROFILE_OPT_GROUPS, m)
+        if m < 1 or (opt is not None and not 1 <= opt <= m):
+            raise ValueError(f"need 1 <= opt <= max_batch, got max_batch={m}, opt={opt}")
+        n, d = self.grouping.max_size, self.encoder.feature_dim
+        opt = min(HEAD_PROFILE_OPT_GROUPS, m) if opt is None else int(opt)
         tails: dict[str, tuple[int, ...]] = {"features": (d,), "positions": (2,), "mask": ()}
         return {name: ((1, 1, *tail), (opt, n, *tail), (m, n, *tail)) for name, tail in tails.items()}
 
