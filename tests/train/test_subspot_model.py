@@ -125,3 +125,35 @@ def test_smoothness_adds_the_total_variation_of_the_queried_tokens() -> None:
         a, b = _neighbour_pairs(q, 14)
         tv = float((tok[:, a] - tok[:, b]).abs().mean())
     assert with_tv == pytest.approx(plain + 2.0 * tv, rel=1e-5)
+
+
+def test_visium_hd_sections_weight_their_bins_not_a_disk() -> None:
+    from types import SimpleNamespace
+
+    from hishrst_train.subspot_fit import section_weights
+
+    secs = [SimpleNamespace(platform="visium", bin_size_um=None), SimpleNamespace(platform="visium-hd", bin_size_um=16.0),
+            SimpleNamespace(platform="visium-hd", bin_size_um=8.0)]
+    w = section_weights(_config(), secs)
+    assert w.shape == (3, 196) and np.allclose(w.sum(axis=1), 1.0)
+    assert np.count_nonzero(w[0]) > 40  # the 55 µm disk
+    grid = w[1].reshape(14, 14)
+    assert np.count_nonzero(w[1] > 1e-9) == 4 and grid[6:8, 6:8].sum() == pytest.approx(1.0)  # 2 × 2 tokens
+    # an 8 µm bin centred in an even tile straddles the 4 central tokens equally
+    assert np.allclose(w[2].reshape(14, 14)[6:8, 6:8], 0.25)
+
+
+def test_mixed_spot_and_bin_sections_train_and_predict() -> None:
+    rng = np.random.default_rng(3)
+    tokens, _, spots = _deconvolution_data(24, rng)
+    from types import SimpleNamespace
+
+    from hishrst_train.subspot_fit import section_weights
+
+    w = section_weights(_config(), [SimpleNamespace(platform="visium", bin_size_um=None),
+                                    SimpleNamespace(platform="visium-hd", bin_size_um=16.0)])
+    rows = TokenRows([tokens[:12], tokens[12:]])
+    model, hist = train_subspot(rows, spots, config=_config(), train_rows=np.arange(24), weights=w,
+                                train_config=TrainConfig(epochs=2, seed=0), progress=False)
+    pred = predict_spots(model, rows, weights=w)
+    assert pred.shape == (24, 3) and np.isfinite(pred).all() and len(hist) == 2
