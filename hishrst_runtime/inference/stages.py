@@ -5,9 +5,9 @@ A *work unit* is a run of consecutive neighbour groups holding at least ``batch_
 encoder batches and head batches of an uninterrupted one). Per unit:
 
 1. :func:`read_tiles` cuts the unit's patches from the chosen level through a bounded LRU cache of
-   decoded whole chunks: the unit's bounding box is assembled once, each patch is cropped from it
-   and resampled to the encoder's input size (Pillow, as in training); the patch side is
-   ``round(patch_um / level_mpp)`` pixels, i.e. the trained physical size.
+   decoded whole chunks: each patch is copied from the cached chunks into its slot of the unit's uint8
+   batch and, unless its side already is the encoder's input size, resampled to it (Pillow, as in
+   training); the patch side is ``round(patch_um / level_mpp)`` pixels, i.e. the trained physical size.
 2. :func:`encode_tiles` runs the encoder in batches of ``batch_size`` tiles.
 3. :func:`head_rows` runs the head over the unit's groups (padded to the bundle's
    ``max_group_size``) and returns the output rows and their values; a NaN or infinite value fails the
@@ -42,7 +42,8 @@ class NonFiniteOutputError(BundleError):
     """The bundle's head returned NaN or infinite values; the slide fails and those rows are not written."""
 
 
-#: Largest box (pixels; 4 bytes each) a reader assembles for one work unit; sparser units go patch by patch.
+#: Formerly the largest box (pixels) a reader assembled for one work unit; :func:`read_tiles` now copies each
+#: patch straight from the cached chunks and assembles no unit box (kept for importers).
 MAX_UNIT_REGION_PX = 1 << 24
 
 
@@ -111,22 +112,25 @@ def unit_rows(prep: PreparedSlide, unit: list[int]) -> np.ndarray:
 
 
 def read_tiles(plan: UnitPlan, unit: list[int]) -> np.ndarray:
-    """The unit's tiles: uint8 ``[n, size, size, 3]`` NHWC RGB, pixel-identical to ``cut_patches`` + resize."""
+    """The unit's tiles: uint8 ``[n, size, size, 3]`` NHWC RGB, pixel-identical to ``cut_patches`` + resize.
+
+    Each patch is copied from the cached chunks straight into its slot of the batch (:meth:`ChunkCache.copy_box`).
+    When the patch side equals the encoder's input size (the level's pixel size gives exactly the trained
+    field, e.g. UNI's 224 px at 0.5 µm/px) the resize is the identity (:func:`resize_image` returns the patch
+    itself), so nothing else happens to the pixels; otherwise each patch is resized with the training resampler.
+    """
     idx = unit_rows(plan.prep, unit)
     side, size, cache = plan.side, plan.size, plan.cache
     t0 = time.perf_counter()
     origins = patch_origins(plan.prep.points_px[idx] / plan.downsample, side)
-    mosaic = Image.new("RGB", (size, size * len(idx)))  # the unit's tiles stacked: one conversion
-    (rx0, ry0), (rx1, ry1) = origins.min(axis=0), origins.max(axis=0) + side
-    if (rx1 - rx0) * (ry1 - ry0) <= min(max(4 * len(idx) * side * side, 1 << 20), MAX_UNIT_REGION_PX):
-        # A compact unit (neighbour groups): assemble its bounding box once, then crop each patch.
-        region = cache.patch(int(rx0), int(ry0), int(rx1 - rx0), int(ry1 - ry0))
-        for i, (x0, y0) in enumerate((origins - (rx0, ry0)).tolist()):
-            mosaic.paste(resize_image(region.crop((x0, y0, x0 + side, y0 + side)), size), (0, i * size))
-    else:  # scattered explicit points: patch by patch
-        for i, (x0, y0) in enumerate(origins.tolist()):
-            mosaic.paste(resize_image(cache.patch(x0, y0, side), size), (0, i * size))
-    tiles = np.array(mosaic).reshape(len(idx), size, size, 3)
+    tiles = np.empty((len(idx), size, size, 3), dtype=np.uint8)
+    if side == size:
+        for tile, (x0, y0) in zip(tiles, origins.tolist()):
+            cache.copy_box(tile, x0, y0)
+    else:
+        patch = np.empty((side, side, 3), dtype=np.uint8)
+        for tile, (x0, y0) in zip(tiles, origins.tolist()):
+            tile[...] = np.asarray(resize_image(Image.fromarray(cache.copy_box(patch, x0, y0)), size))
     plan.timer.add("cut_resample", time.perf_counter() - t0)  # includes chunk reads (also in read_decode)
     return tiles
 

@@ -19,15 +19,29 @@ __all__ = ["ChunkCache", "DEFAULT_CACHE_BYTES"]
 DEFAULT_CACHE_BYTES = 128 << 20
 
 
-class ChunkCache:
-    """Bounded LRU cache of decoded level chunks (Pillow RGB images), shared by the reader threads.
+def _chunk_pixels(level: Any, cy: int, cx: int) -> tuple[np.ndarray, bool]:
+    """Chunk (cy, cx) of ``level`` as (uint8 pixels, planar): the level's own array form when it has one
+    (:meth:`~hishrst_runtime.slides.level.Level.read_chunk_array`), else its Pillow image as ``(h, w, 3)``."""
+    read = getattr(level, "read_chunk_array", None)
+    if read is not None:
+        data, planar = read(cy, cx)
+    else:
+        data, planar = np.asarray(level.read_chunk(cy, cx)), False
+    if not data.flags.c_contiguous:  # an edge chunk's view of the padded chunk: keep only its pixels
+        data = np.ascontiguousarray(data)
+    return data, planar
 
-    Every read of the level is one whole chunk (:meth:`hishrst_runtime.slides.reader.Level.read_chunk`);
-    patches and regions are assembled from cached chunks, so neighbouring patches never decode a
-    chunk twice and no read is ever bigger than a chunk. The cache holds at most ``max(max_bytes,
-    one chunk)`` bytes of decoded pixels (4 bytes per pixel, Pillow's RGB layout), momentarily one
-    chunk more while inserting. Concurrent requests for the same chunk wait for one decode instead
-    of decoding it twice.
+
+class ChunkCache:
+    """Bounded LRU cache of decoded level chunks, shared by the reader threads.
+
+    Every read of the level is one whole chunk (:meth:`hishrst_runtime.slides.level.Level.read_chunk_array`);
+    patches and regions are assembled from cached chunks, so neighbouring patches never decode a chunk twice
+    and no read is ever bigger than a chunk. Chunks are kept as the level decodes them — planar ``(3, h, w)``
+    for ``c, y, x`` stores, else ``(h, w, 3)``, 3 bytes per pixel — and :meth:`copy_box` copies a box of them
+    straight into a caller's ``(h, w, 3)`` array (the encoder's batch), interleaving planes on the way. The
+    cache holds at most ``max(max_bytes, one chunk)`` bytes of decoded pixels, momentarily one chunk more while
+    inserting. Concurrent requests for the same chunk wait for one decode instead of decoding it twice.
     """
 
     def __init__(self, level: Any, *, max_bytes: int = DEFAULT_CACHE_BYTES, timer: StageTimer | None = None) -> None:
@@ -36,7 +50,7 @@ class ChunkCache:
         self.level, self.max_bytes, self.timer = level, int(max_bytes), timer
         self.shape = (int(level.shape[0]), int(level.shape[1]))
         self.chunks = (int(level.chunks[0]), int(level.chunks[1]))
-        self._data: OrderedDict[tuple[int, int], Image.Image] = OrderedDict()
+        self._data: OrderedDict[tuple[int, int], tuple[np.ndarray, bool]] = OrderedDict()
         self._loading: dict[tuple[int, int], threading.Event] = {}
         self._bytes = 0
         self._lock = threading.Lock()
@@ -44,16 +58,17 @@ class ChunkCache:
         #: Largest number of bytes the cache ever held (for tests and benchmarks).
         self.peak_bytes = 0
 
-    def chunk(self, cy: int, cx: int) -> Image.Image:
-        """Chunk ``(cy, cx)`` (chunk-grid row, column) as a Pillow RGB image, decoded at most once while cached."""
+    def chunk_array(self, cy: int, cx: int) -> tuple[np.ndarray, bool]:
+        """Chunk ``(cy, cx)`` (chunk-grid row, column) as (uint8 pixels, planar) — ``(3, h, w)`` when planar, else
+        ``(h, w, 3)``, clipped to the level — decoded at most once while cached. Do not write to the pixels."""
         key = (cy, cx)
         while True:
             with self._lock:
-                img = self._data.get(key)
-                if img is not None:
+                got = self._data.get(key)
+                if got is not None:
                     self._data.move_to_end(key)
                     self.hits += 1
-                    return img
+                    return got
                 event = self._loading.get(key)
                 if event is None:  # this thread decodes it
                     event = self._loading[key] = threading.Event()
@@ -62,45 +77,60 @@ class ChunkCache:
             event.wait()  # another thread is decoding it; then look again (it may be evicted already)
         try:
             t0 = time.perf_counter()
-            img = self.level.read_chunk(cy, cx)
+            got = _chunk_pixels(self.level, cy, cx)
             if self.timer:
                 self.timer.add("read_decode", time.perf_counter() - t0)
-            nbytes = img.width * img.height * 4
             with self._lock:
-                self._data[key] = img
-                self._bytes += nbytes
+                self._data[key] = got
+                self._bytes += got[0].nbytes
                 self.peak_bytes = max(self.peak_bytes, self._bytes)
                 while self._bytes > self.max_bytes and len(self._data) > 1:
-                    _, old = self._data.popitem(last=False)
-                    self._bytes -= old.width * old.height * 4
+                    _, (old, _planar) = self._data.popitem(last=False)
+                    self._bytes -= old.nbytes
         finally:
             with self._lock:
                 self._loading.pop(key).set()
-        return img
+        return got
+
+    def chunk(self, cy: int, cx: int) -> Image.Image:
+        """Chunk ``(cy, cx)`` as a Pillow RGB image (through the cache)."""
+        data, planar = self.chunk_array(cy, cx)
+        return Image.fromarray(np.ascontiguousarray(data.transpose(1, 2, 0) if planar else data))
+
+    def copy_box(self, out: np.ndarray, x0: int, y0: int, *, fill: int = PAD_VALUE) -> np.ndarray:
+        """Write the level box ``[y0 : y0+h, x0 : x0+w]`` into ``out`` (uint8 ``(h, w, 3)``, e.g. one tile of the
+        encoder's batch), ``fill`` outside the level: exactly :func:`hishrst_runtime.core.patches.cut_patch`'s
+        pixels, copied once from the cached chunks. Returns ``out``."""
+        bh, bw = int(out.shape[0]), int(out.shape[1])
+        (h, w), (ch, cw) = self.shape, self.chunks
+        x1, y1 = x0 + bw, y0 + bh
+        sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        if (sx0, sy0, sx1, sy1) != (x0, y0, x1, y1):  # over the level's edge: the outside is fill
+            out[...] = fill
+        if sx1 <= sx0 or sy1 <= sy0:
+            return out
+        for cy in range(sy0 // ch, (sy1 - 1) // ch + 1):
+            oy = cy * ch
+            ya, yb = max(sy0, oy), min(sy1, oy + ch)
+            for cx in range(sx0 // cw, (sx1 - 1) // cw + 1):
+                ox = cx * cw
+                xa, xb = max(sx0, ox), min(sx1, ox + cw)
+                data, planar = self.chunk_array(cy, cx)
+                dst = out[ya - y0 : yb - y0, xa - x0 : xb - x0]
+                if planar:  # one channel at a time: contiguous source rows, the GIL released by numpy
+                    for c in range(3):
+                        np.copyto(dst[..., c], data[c, ya - oy : yb - oy, xa - ox : xb - ox])
+                else:
+                    np.copyto(dst, data[ya - oy : yb - oy, xa - ox : xb - ox])
+        return out
 
     def patch(self, x0: int, y0: int, side_x: int, side_y: int | None = None, *, fill: int = PAD_VALUE) -> Image.Image:
         """The box ``[y0 : y0+side_y, x0 : x0+side_x]`` (level pixels) as an RGB image, ``fill`` outside the level.
 
-        Exactly :func:`hishrst_runtime.core.patches.cut_patch`'s pixels, without a numpy round trip.
+        Exactly :func:`hishrst_runtime.core.patches.cut_patch`'s pixels.
         """
         side_y = side_x if side_y is None else side_y
-        (h, w), (ch, cw) = self.shape, self.chunks
-        x1, y1 = x0 + side_x, y0 + side_y
-        sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-        if sx1 <= sx0 or sy1 <= sy0:
-            return Image.new("RGB", (side_x, side_y), (fill,) * 3)
-        cy0, cy1, cx0, cx1 = sy0 // ch, (sy1 - 1) // ch, sx0 // cw, (sx1 - 1) // cw
-        if cy0 == cy1 and cx0 == cx1 and (sx0, sy0, sx1, sy1) == (x0, y0, x1, y1):  # inside one chunk
-            return self.chunk(cy0, cx0).crop((x0 - cx0 * cw, y0 - cy0 * ch, x1 - cx0 * cw, y1 - cy0 * ch))
-        out = Image.new("RGB", (side_x, side_y), (fill,) * 3)
-        for cy in range(cy0, cy1 + 1):
-            for cx in range(cx0, cx1 + 1):
-                oy, ox = cy * ch, cx * cw
-                bx0, by0 = max(sx0, ox), max(sy0, oy)
-                bx1, by1 = min(sx1, ox + cw), min(sy1, oy + ch)
-                piece = self.chunk(cy, cx).crop((bx0 - ox, by0 - oy, bx1 - ox, by1 - oy))
-                out.paste(piece, (bx0 - x0, by0 - y0))
-        return out
+        return Image.fromarray(self.copy_box(np.empty((side_y, side_x, 3), np.uint8), x0, y0, fill=fill))
 
     def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         """Region ``[y0:y1, x0:x1]`` (level pixels, clipped to the level) as uint8 ``(h, w, 3)``."""
@@ -108,4 +138,4 @@ class ChunkCache:
         x0, y0, x1, y1 = max(int(x0), 0), max(int(y0), 0), min(int(x1), w), min(int(y1), h)
         if x1 <= x0 or y1 <= y0:
             return np.empty((max(0, y1 - y0), max(0, x1 - x0), 3), dtype=np.uint8)
-        return np.array(self.patch(x0, y0, x1 - x0, y1 - y0))
+        return self.copy_box(np.empty((y1 - y0, x1 - x0, 3), np.uint8), x0, y0)

@@ -324,31 +324,45 @@ class Level:
         """Chunk ``(cy, cx)`` of this level (chunk-grid row and column) as a Pillow RGB image.
 
         The image covers level pixels ``[cy*ch : (cy+1)*ch, cx*cw : (cx+1)*cw]`` clipped to the
-        level, so edge chunks are smaller. This is the streaming pipeline's read primitive: for a
-        simple local store the chunk file is decompressed directly (and its checksum verified)
-        (:class:`hishrst_runtime.slides.chunks.DirectChunkReader`), and planar ``c, y, x`` data becomes
-        an RGB image without a strided numpy transpose.
+        level, so edge chunks are smaller. For a simple local store the chunk file is decompressed directly
+        (and its checksum verified) (:class:`hishrst_runtime.slides.chunks.DirectChunkReader`), and planar
+        ``c, y, x`` data becomes an RGB image without a strided numpy transpose.
         """
-        self._open_array()
-        ch, cw = self.chunks
-        h, w = self.shape
-        y0, x0 = int(cy) * ch, int(cx) * cw
-        if not (0 <= y0 < h and 0 <= x0 < w):
-            raise IndexError(f"chunk ({cy}, {cx}) is outside the level's {math.ceil(h / ch)} x {math.ceil(w / cw)} chunks")
-        bh, bw = min(ch, h - y0), min(cw, w - x0)
-        kept = self._kept()
+        y0, x0, bh, bw = self._chunk_box(cy, cx)
         if self.source is not None and hasattr(self.source, "read_image"):  # a source that gives Pillow images
             return self.source.read_image(y0, y0 + bh, x0, x0 + bw)
+        data, planar = self.read_chunk_array(cy, cx)
+        if planar:
+            planes = [np.ascontiguousarray(data[i]) for i in range(3)]
+            return Image.merge("RGB", [Image.frombuffer("L", (bw, bh), p, "raw", "L", 0, 1) for p in planes])
+        return Image.fromarray(np.ascontiguousarray(data))
+
+    def read_chunk_array(self, cy: int, cx: int) -> tuple[np.ndarray, bool]:
+        """Chunk ``(cy, cx)``, clipped like :meth:`read_chunk`, as uint8 pixels and whether they are planar:
+        ``((3, h, w), True)`` when the level stores ``c, y, x`` (the decoded chunk as it is, no interleave), else
+        ``((h, w, 3), False)``. The streaming pipeline's read primitive (the chunk cache keeps these arrays and
+        copies patches from them straight into the encoder's batch); may be a read-only view."""
+        y0, x0, bh, bw = self._chunk_box(cy, cx)
+        kept = self._kept()
+        if self.source is not None and hasattr(self.source, "read_image"):
+            return np.asarray(self.source.read_image(y0, y0 + bh, x0, x0 + bw)), False
         if self.source is not None or kept not in (["c", "y", "x"], ["y", "x", "c"]):  # a box source, unusual orders
-            return Image.fromarray(self.read_box(y0, y0 + bh, x0, x0 + bw))
+            return self.read_box(y0, y0 + bh, x0, x0 + bw), False
         if self._direct is not None:  # both orders have a c axis; it may be chunked by fewer than 3
             data = self._direct_block(int(cy), int(cx), bh, bw, kept)
         else:
             data = self._array_read(y0, y0 + bh, x0, x0 + bw)
-        if kept == ["c", "y", "x"]:
-            planes = [np.ascontiguousarray(data[i], dtype=np.uint8) for i in range(3)]
-            return Image.merge("RGB", [Image.frombuffer("L", (bw, bh), p, "raw", "L", 0, 1) for p in planes])
-        return Image.fromarray(np.ascontiguousarray(data, dtype=np.uint8))  # y, x, c
+        data = data if data.dtype == np.uint8 else data.astype(np.uint8)
+        return (data[:3], True) if kept == ["c", "y", "x"] else (data[..., :3], False)
+
+    def _chunk_box(self, cy: int, cx: int) -> tuple[int, int, int, int]:
+        """(y0, x0, h, w) of chunk (cy, cx) clipped to the level; IndexError outside the chunk grid."""
+        self._open_array()
+        (ch, cw), (h, w) = self.chunks, self.shape
+        y0, x0 = int(cy) * ch, int(cx) * cw
+        if not (0 <= y0 < h and 0 <= x0 < w):
+            raise IndexError(f"chunk ({cy}, {cx}) is outside the level's {math.ceil(h / ch)} x {math.ceil(w / cw)} chunks")
+        return y0, x0, min(ch, h - y0), min(cw, w - x0)
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         """``level[y0:y1, x0:x1]`` → uint8 RGB ``(h, w, 3)`` (step-less slices, clipped to bounds)."""
