@@ -14,15 +14,25 @@ Part 2, engine busy: ``run_slides`` (what ``hishrst-run`` runs, writing its outp
 of mixed sizes with the latency engine (:class:`hishrst_runtime.backends.latency.LatencyBackend`:
 sleeps batch / ``--engine-rate`` s per call, GIL released, like a GPU engine) injected through
 ``run_slides(engines=...)``; reported: the engine's busy time as a share of the run's wall time and of
-the engine's own span (first call → last call).
+the engine's own span (first call → last call), and where it idled (before its first call, between slides,
+within slides, after its last call). ``--compare-overlap`` runs each point without the slide overlap first (the
+slide loop before issue 19: the next slide prepared in the background, but its first tiles read only at its turn
+and each slide finished before the next one starts). When the reader side is slower than ``--engine-rate``
+(two cores), the engine waits for tiles within slides whatever the overlap does: a rate below the feed rate
+(e.g. ``--engine-rate 500``) shows the slide boundaries alone.
+
+Part 3 (``--cpu-encoder ENCODER.onnx``, an encoder at UNI geometry): the same 5 slides on the CPU engine,
+end-to-end tiles/s against the engine alone on random tiles in the batches the run made (same intra-op threads).
 
     python -m benchmarks.feed            # 6 mm slides, 3 repeats
     python -m benchmarks.feed --quick    # 1.5 mm slides, 1 repeat (smoke test)
     python -m benchmarks.feed --threads 1,2,4 --engine-rate 2000
+    python -m benchmarks.feed --skip-feed --engine-rate 4000,500 --compare-overlap --cpu-encoder uni.onnx
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import statistics
@@ -122,34 +132,115 @@ def latency_engines(bundle: Any, tiles_per_s: float) -> Any:
     return Engines(enc, NoopBackend(lambda f: (*f["features"].shape[:2], g)), "latency")
 
 
-def engine_busy(slides: list[Path], bundle_dir: Path, out_dir: Path, *, tiles_per_s: float,
-                workers: int) -> dict[str, Any]:
-    """``run_slides`` over ``slides`` with the latency engine injected: the engine's busy share of the run."""
-    from hishrst_runtime.bundle.manifest import load_bundle
-    from hishrst_runtime.jobs.runner import run_slides
+class CallLog:
+    """An encoder wrapper recording each call's (start, end, tiles) on ``time.perf_counter``."""
 
-    engines = latency_engines(load_bundle(bundle_dir), tiles_per_s)
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.calls = inner, []
+
+    def run(self, feeds: Any) -> Any:
+        t0 = time.perf_counter()
+        out = self.inner.run(feeds)
+        self.calls.append((t0, time.perf_counter(), len(next(iter(feeds.values())))))
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def idle_breakdown(calls: list[tuple[float, float, int]], t0: float, wall: float, tiles: list[int]) -> dict[str, Any]:
+    """Where the engine idled (seconds): before its first call (``start``: opening the first slide and reading its
+    first tiles), between slides (a slide's last call to the next one's first), within slides (between calls of
+    one slide: waiting for tiles), after its last call (``end``: finishing the last slide). Calls are assigned to
+    slides by the slides' tile counts (slides stream one after another, in order)."""
+    if not calls:
+        return {}
+    k, done, first, last = 0, 0, [], []
+    for n_slide in (n for n in tiles if n):
+        first.append(k)
+        while k < len(calls) and done < n_slide:
+            done += calls[k][2]
+            k += 1
+        last.append(k - 1)
+        done = 0
+    between = [calls[first[j + 1]][0] - calls[last[j]][1] for j in range(len(first) - 1)]
+    gaps = [calls[c + 1][0] - calls[c][1] for c in range(len(calls) - 1)]
+    bounds = {"start_s": calls[0][0] - t0, "end_s": t0 + wall - calls[-1][1], "between_slides_s": sum(between),
+              "within_slides_s": sum(gaps) - sum(between), "between_slides_each_s": [round(b, 3) for b in between]}
+    return {key: (round(v, 3) if isinstance(v, float) else v) for key, v in bounds.items()}
+
+
+def engine_busy(slides: list[Path], bundle_dir: Path, out_dir: Path, *, tiles_per_s: float | None,
+                workers: int, overlap: bool = True, engines: Any = None, pitch_um: float = UNI_PATCH_UM,
+                batch_size: int = BATCH, keep_calls: bool = False) -> dict[str, Any]:
+    """``run_slides`` over ``slides`` with the latency engine at ``tiles_per_s`` injected (or ``engines``, e.g.
+    the CPU engine): the engine's busy share of the run and where it idled (:func:`idle_breakdown`).
+    ``overlap=False``: the slide loop without read-ahead and with each slide finished before the next (before)."""
+    from hishrst_runtime.bundle.manifest import load_bundle
+    from hishrst_runtime.jobs import runner
+
+    engines = engines or latency_engines(load_bundle(bundle_dir), float(tiles_per_s or 0))
+    log = CallLog(engines.encoder)
+    engines = engines._replace(encoder=log)
     shutil.rmtree(out_dir, ignore_errors=True)
     said: list[str] = []
     load_before = load_average()
-    t0 = time.perf_counter()
-    results = run_slides(slides, bundle_dir=bundle_dir, out_dir=out_dir, engines=engines, pitch_um=UNI_PATCH_UM,
-                         grid="square", batch_size=BATCH, workers=workers, overwrite=True, progress=False,
-                         echo=said.append)
-    wall = time.perf_counter() - t0
+    saved, runner._Runner.overlap = runner._Runner.overlap, overlap
+    try:
+        t0 = time.perf_counter()
+        results = runner.run_slides(slides, bundle_dir=bundle_dir, out_dir=out_dir, engines=engines, pitch_um=pitch_um,
+                                    grid="square", batch_size=batch_size, workers=workers, overwrite=True,
+                                    progress=False, echo=said.append)
+        wall = time.perf_counter() - t0
+    finally:
+        runner._Runner.overlap = saved
     shutil.rmtree(out_dir, ignore_errors=True)
     failed = [f"{r.slide}: {r.reason}" for r in results if r.status != "ok"]
     if failed:
         raise RuntimeError("hishrst-run failed: " + "; ".join(failed))
-    st = engines.encoder.stats(wall_s=wall)
+    busy = sum(b - a for a, b, _ in log.calls)
+    span = log.calls[-1][1] - log.calls[0][0] if log.calls else 0.0
     tiles = sum(int(r.computed or 0) for r in results)
-    return {**st, "tiles": tiles, "tiles_per_s": tiles / wall, "workers": workers, "slides": len(slides),
+    st = {"engine": engines.provider, "tiles_per_s_set": tiles_per_s, "calls": len(log.calls), "busy_s": busy,
+          "span_s": span, "wall_s": wall, "busy_fraction": busy / span if span else None,
+          "busy_fraction_of_wall": busy / wall}
+    if hasattr(log.inner, "stats"):  # the latency engine's own figures (time inside its calls)
+        st |= log.inner.stats(wall_s=wall)
+    if keep_calls:
+        st["call_log"] = log.calls
+    return {**st, "overlap": overlap,
+            "idle": idle_breakdown(log.calls, t0, wall, [int(r.computed or 0) for r in results]),
+            "tiles": tiles, "tiles_per_s": tiles / wall, "workers": workers, "slides": len(slides),
             "per_slide": [{"slide": Path(r.slide).name, "points": r.points, "seconds": r.seconds,
                            "tiles_per_s": r.tiles_per_s, "wait_for_tiles_s": (r.stats.stages or {}).get("wait_for_tiles")}
                           for r in results],
             "load_avg_before": load_before, "load_avg_after": load_average(),
             "hook": "hishrst_runtime.jobs.runner.run_slides(engines=Engines(encoder, head, provider))",
             "engine_line": next((s for s in said if s.startswith("engine:")), None)}
+
+
+def engine_only(engines: Any, sizes: list[int]) -> dict[str, Any]:
+    """The encoder alone on random uint8 tiles at UNI geometry, one call per entry of ``sizes`` (the batches a
+    run made, so the same work; after one untimed call): tiles/s."""
+    import numpy as np
+
+    tiles = np.random.default_rng(0).integers(0, 256, (max(sizes), UNI_INPUT, UNI_INPUT, 3), dtype=np.uint8)
+    engines.encoder.run({"tiles": tiles[:sizes[0]]})
+    t0 = time.perf_counter()
+    for n in sizes:
+        engines.encoder.run({"tiles": tiles[:n]})
+    seconds = time.perf_counter() - t0
+    return {"engine_only_tiles_per_s": sum(sizes) / seconds, "engine_only_s": seconds, "engine_only_calls": len(sizes)}
+
+
+def print_busy(b: dict[str, Any]) -> None:
+    idle = b.get("idle") or {}
+    print(f"engine busy ({'overlap' if b['overlap'] else 'no overlap'}): {100 * b['busy_fraction_of_wall']:.1f} % "
+          f"of the run's wall time ({100 * (b['busy_fraction'] or 0):.1f} % of the engine's span), {b['tiles']} tiles "
+          f"over {b['slides']} slides at {b['tiles_per_s']:.0f} tiles/s end to end in {b['wall_s']:.2f} s; engine "
+          f"{b['engine']} {b['tiles_per_s_set'] or ''}; idle s: start {idle.get('start_s')}, between slides "
+          f"{idle.get('between_slides_s')}, within slides {idle.get('within_slides_s')}, end {idle.get('end_s')}; "
+          f"load {b['load_avg_before']} → {b['load_avg_after']}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -161,9 +252,16 @@ def _parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--repeats", type=int, default=None, help="timed passes per point (default 3; --quick 1)")
     p.add_argument("--side-mm", type=float, default=None, help="side of the feed-rate slides, mm (default 6; --quick 1.5)")
     p.add_argument("--patch-um", type=float, default=UNI_PATCH_UM, help="tile side, µm (default 112: UNI's 224 px at 0.5 µm/px)")
-    p.add_argument("--engine-rate", type=float, default=4000.0, help="latency engine speed, tiles/s (default 4000)")
+    p.add_argument("--engine-rate", type=float_list, default=[4000.0],
+                   help="latency engine speeds, tiles/s (default 4000; several: 4000,500)")
     p.add_argument("--busy-workers", type=int, default=None, help="reader threads of the engine-busy run (default: hishrst-run's)")
     p.add_argument("--skip-busy", action="store_true", help="measure the feed rate only")
+    p.add_argument("--skip-feed", action="store_true", help="measure the engine-busy part only")
+    p.add_argument("--compare-overlap", action="store_true",
+                   help="run each engine-busy point without the slide overlap too (the slide loop before issue 19)")
+    p.add_argument("--cpu-encoder", type=Path, default=None,
+                   help="an encoder ONNX at UNI geometry (uint8 [B,224,224,3] → [B,1024]): also run the 5 slides on "
+                        "the CPU engine and report end-to-end / engine-only tiles/s")
     return p.parse_args(argv)
 
 
@@ -191,6 +289,56 @@ def _feed_records(out: JsonlWriter, work: Path, args: Any, common: dict[str, Any
     return rows
 
 
+def float_list(text: str) -> list[float]:
+    """``"4000,500"`` → ``[4000.0, 500.0]`` (argparse type; every value > 0)."""
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+    if not vals or min(vals) <= 0:
+        raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
+    return vals
+
+
+def _busy_records(out: JsonlWriter, work: Path, args: Any, common: dict[str, Any]) -> None:
+    """Part 2 (each ``--engine-rate``; without the overlap first with ``--compare-overlap``) and, with
+    ``--cpu-encoder``, the same slides on the CPU engine beside that engine alone."""
+    from benchmarks._synth_wsi import ensure_placeholder_bundle
+    from hishrst_runtime.jobs.runner import DEFAULT_WORKERS
+
+    _, sides = _sizes(args.quick, None)
+    slides = busy_slides(work, sides)
+    workers = args.busy_workers if args.busy_workers is not None else DEFAULT_WORKERS
+    modes = [False, True] if args.compare_overlap else [True]
+    bundle = ensure_placeholder_bundle(work, args.patch_um)
+    for rate in args.engine_rate:
+        for overlap in modes:
+            b = engine_busy(slides, bundle, work / "feed" / "out-busy", tiles_per_s=rate, workers=workers,
+                            overlap=overlap)
+            out.write({**common, "kind": "engine_busy", "status": "ok", "sides_mm": sides, **b})
+            print_busy(b)
+    if args.cpu_encoder is None:
+        return
+    from hishrst_runtime.bundle.manifest import load_bundle
+    from hishrst_runtime.inference.engines import default_engine_threads, load_engines
+
+    cpu_bundle = ensure_placeholder_bundle(work, args.patch_um, encoder=args.cpu_encoder)
+    threads = default_engine_threads(workers)
+    for overlap in modes:
+        engines = load_engines(load_bundle(cpu_bundle), "cpu", cache_dir=None, threads=threads)
+        b = engine_busy(slides, cpu_bundle, work / "feed" / "out-cpu", tiles_per_s=None, workers=workers,
+                        overlap=overlap, engines=engines, keep_calls=True)
+        alone = engine_only(load_engines(load_bundle(cpu_bundle), "cpu", cache_dir=None, threads=threads),
+                            [n for _, _, n in b.pop("call_log")])
+        b |= alone | {"engine_threads": threads, "encoder_onnx": str(args.cpu_encoder),
+                      "end_to_end_over_engine_only": b["tiles_per_s"] / alone["engine_only_tiles_per_s"]}
+        out.write({**common, "kind": "cpu_engine", "status": "ok", "sides_mm": sides, **b})
+        print_busy(b)
+        print(f"  CPU engine: end to end {b['tiles_per_s']:.1f} tiles/s, the engine alone on the same batches "
+              f"{alone['engine_only_tiles_per_s']:.1f} tiles/s ({threads} intra-op thread(s)): "
+              f"{b['end_to_end_over_engine_only']:.2f} of engine-only", flush=True)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = _parse_args(argv)
     work = workdir_of(args)
@@ -199,7 +347,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with JsonlWriter(args.out, benchmark="feed", quick=args.quick, append=args.append) as out:
         print(f"feed rate at UNI geometry ({args.patch_um:g} µm → {UNI_INPUT} px, batch {BATCH}), no-op engine; "
               f"reader threads {args.threads}; load {load_average()}", flush=True)
-        rows = _feed_records(out, work, args, common)
+        rows = [] if args.skip_feed else _feed_records(out, work, args, common)
         print_table([r for r in rows if r["kind"] == "feed"],
                     [("slide_kind", "slide"), ("workers", "reader threads"), ("tiles_per_s", "tiles/s"),
                      ("median_tiles_per_s", "median"), ("tiles", "tiles"), ("level_mpp", "level µm/px"),
@@ -207,18 +355,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for r in (r for r in rows if r["kind"] == "scaling"):
             print(f"  scaling {r['slide_kind']}: " + ", ".join(f"{k} → {v:.2f}×" for k, v in r["scaling"].items()))
         if not args.skip_busy:
-            from benchmarks._synth_wsi import ensure_placeholder_bundle
-            from hishrst_runtime.jobs.runner import DEFAULT_WORKERS
-
-            _, sides = _sizes(args.quick, None)
-            workers = args.busy_workers if args.busy_workers is not None else DEFAULT_WORKERS
-            b = engine_busy(busy_slides(work, sides), ensure_placeholder_bundle(work, args.patch_um),
-                            work / "feed" / "out-busy", tiles_per_s=args.engine_rate, workers=workers)
-            out.write({**common, "kind": "engine_busy", "status": "ok", "sides_mm": sides, **b})
-            print(f"engine busy: {100 * b['busy_fraction_of_wall']:.0f} % of the run's wall time "
-                  f"({100 * b['busy_fraction']:.0f} % of the engine's span), {b['tiles']} tiles over {b['slides']} "
-                  f"slides at {b['tiles_per_s']:.0f} tiles/s end to end; engine set to {args.engine_rate:g} tiles/s, "
-                  f"{workers} reader thread(s); load {b['load_avg_before']} → {b['load_avg_after']}")
+            _busy_records(out, work, args, common)
         print(f"-> {args.out}")
         return out.records
 

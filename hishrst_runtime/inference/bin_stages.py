@@ -28,7 +28,7 @@ from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.timing import StageTimer
 from hishrst_runtime.core.tokens import pool_bins_log1p
 from hishrst_runtime.inference.bins import BinLayout, PreparedBins
-from hishrst_runtime.inference.pipeline import PredictStats, UnitFinisher, run_units
+from hishrst_runtime.inference.pipeline import PredictStats, ReadAhead, UnitFinisher, run_units
 from hishrst_runtime.inference.stages import UnitPlan, check_finite, plan_units, work_units
 from hishrst_runtime.slides.cache import DEFAULT_CACHE_BYTES
 
@@ -100,6 +100,8 @@ def predict_bins(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     progress: Callable[[int], None] | None = None,
     timer: StageTimer | None = None,
+    ahead: ReadAhead | None = None,
+    on_read_all: Callable[[], None] | None = None,
 ) -> PredictStats:
     """Encoder + head over every work unit of ``prep`` whose bins are not all ``done``; ``write(rows, values)``
     per unit (rows: int64 bin rows, values: float32 ``[len(rows), genes]``), in unit order from one thread.
@@ -108,14 +110,21 @@ def predict_bins(
     ``max_batch``); ``workers``: reader threads; ``cache_bytes``: chunk-cache bound (bytes); ``progress(n)``: after
     each unit, its bins not ``done`` before. A unit with any bin missing is recomputed whole (bins already on disk
     are rewritten with identical values). Returns counters (``points_computed``: bins written, ``encoder_passes``:
-    tiles encoded) and stage timings."""
+    tiles encoded) and stage timings. ``ahead`` / ``on_read_all``: as :func:`~hishrst_runtime.inference.pipeline.
+    run_units` (``ahead`` is closed on return)."""
     layout = prep.bins
     plan = plan_units(prep, bundle, batch_size=batch_size, head_batch=head_batch, cache_bytes=cache_bytes, timer=timer)
+    plan = plan if ahead is None else ahead.share_cache(plan)
     all_units = work_units(prep.groups, batch_size)
     units = [u for u in all_units if done is None or not done[unit_bin_rows(layout, u)].all()]
     finish = UnitFinisher(plan, lambda u, tok: head_bins(plan, layout, head, u, tok), write, done, progress)
     t_start = time.perf_counter()
-    run_units(plan, lambda tiles: encode_tokens(plan, encoder, tiles), finish, units, workers)
+    try:
+        run_units(plan, lambda tiles: encode_tokens(plan, encoder, tiles), finish, units, workers, ahead=ahead,
+                  on_read_all=on_read_all)
+    finally:
+        if ahead is not None:
+            ahead.close()
     cache = plan.cache
     return PredictStats(
         points_computed=int(finish.n_done), units=len(all_units), units_computed=len(units),

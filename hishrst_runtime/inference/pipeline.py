@@ -13,11 +13,14 @@ For one slide:
 Peak memory is bounded independently of the slide's size: the chunk cache (``cache_bytes``), one
 unit box per reader thread (at most ``MAX_UNIT_REGION_PX`` pixels), at most ``max(2, 2 * workers)``
 units of tiles in flight, and the per-point arrays (points, groups, done mask). The next slide is
-prepared in the background while the current one runs (:func:`hishrst_runtime.jobs.runner.run_slides`).
+prepared in the background while the current one runs (:func:`hishrst_runtime.jobs.runner.run_slides`), and
+once the current one has read all its units, the next one's first units are read ahead (:class:`ReadAhead`, at
+most :data:`READ_AHEAD_BYTES` of tiles), so the engine goes on from one slide to the next without waiting for tiles.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -47,6 +50,8 @@ __all__ = [
     "DEFAULT_CACHE_BYTES",
     "PreparedSlide",
     "PredictStats",
+    "READ_AHEAD_BYTES",
+    "ReadAhead",
     "UnitFinisher",
     "prepare_slide",
     "run_units",
@@ -102,34 +107,128 @@ class UnitFinisher:
             raise
 
 
+#: Bytes of tiles :class:`ReadAhead` holds for the next slide (at most ``max(2, 2 * workers)`` units, at least one):
+#: three units of 256 UNI tiles (224 px).
+READ_AHEAD_BYTES = 128 << 20
+
+
+class ReadAhead:
+    """The first work units' tiles of a prepared slide, read on ``workers`` threads of their own once
+    :meth:`start` is called (while the previous slide's engine works through its last units).
+
+    Holds at most ``max_bytes`` of tiles (at least one unit) and, while reading, a chunk cache of at most
+    ``cache_bytes``. The tiles are those :func:`read_tiles` cuts for the unit (a pure function of the slide and
+    the unit), so a slide computes the same values with or without them; units :func:`run_units` does not
+    take (e.g. already done on ``--resume``) are dropped. :meth:`close` cancels what is not read yet."""
+
+    def __init__(self, prep: PreparedSlide, bundle: Bundle, *, batch_size: int, workers: int,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, max_bytes: int = READ_AHEAD_BYTES) -> None:
+        self.prep, self.bundle, self.batch_size, self.workers = prep, bundle, batch_size, max(1, workers)
+        self.cache_bytes, self.max_bytes = cache_bytes, max_bytes
+        self._lock = threading.Lock()
+        self._reads: dict[tuple[int, ...], Future] = {}
+        self._cache: Any = None
+        self.started = self.closed = False
+
+    def start(self) -> None:
+        """Start reading (once; a no-op after :meth:`close`). Never raises: a unit that cannot be read raises
+        when :func:`run_units` takes it, as if it were read then."""
+        with self._lock:
+            if self.started or self.closed:
+                return
+            self.started = True
+            try:
+                plan = plan_units(self.prep, self.bundle, batch_size=self.batch_size, cache_bytes=self.cache_bytes)
+                unit_bytes = self.batch_size * plan.size * plan.size * 3
+                n = min(max(2, 2 * self.workers), max(1, self.max_bytes // max(1, unit_bytes)))
+                units = work_units(self.prep.groups, self.batch_size)[:n]
+            except Exception:  # noqa: BLE001 - the slide's own run meets (and reports) the same problem
+                return
+            self._cache = plan.cache
+            pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hishrst-ahead")
+            for u in units:
+                self._reads[tuple(u)] = pool.submit(read_tiles, plan, u)
+            pool.shutdown(wait=False)  # its threads end with the last read; the plan (and its cache) goes then
+
+    def share_cache(self, plan: UnitPlan) -> UnitPlan:
+        """``plan`` with the chunk cache the read-ahead filled (same level and bound), so the chunks it decoded
+        are not decoded again for the slide's next units; ``plan`` itself when nothing was read ahead."""
+        with self._lock:
+            cache = self._cache
+        if cache is None or cache.level is not plan.level or cache.max_bytes != plan.cache.max_bytes:
+            return plan
+        cache.timer = plan.timer  # its reads from now on count for the slide
+        return dataclasses.replace(plan, cache=cache)
+
+    def take(self, unit: list[int]) -> Future | None:
+        """The read of ``unit`` (a future of its tiles), or None when it was not read ahead."""
+        with self._lock:
+            return self._reads.pop(tuple(unit), None)
+
+    @property
+    def pending(self) -> int:
+        """Units read ahead and not taken."""
+        return len(self._reads)
+
+    def close(self) -> None:
+        """Drop the tiles not taken and cancel the reads not started."""
+        with self._lock:
+            self.closed = True
+            for f in self._reads.values():
+                f.cancel()
+            self._reads.clear()
+            self._cache = None
+
+
 def run_units(plan: UnitPlan, encode: Callable[[np.ndarray], np.ndarray], finish: UnitFinisher,
-              units: list[list[int]], workers: int) -> None:
+              units: list[list[int]], workers: int, *, ahead: ReadAhead | None = None,
+              on_read_all: Callable[[], None] | None = None) -> None:
     """Reader threads cut tiles (:func:`read_tiles`), this thread runs ``encode(tiles)``, one more thread runs
     ``finish`` (head + write) for the previous unit, so the encoder never waits for the head or the output store;
-    ``workers`` 0: everything in this thread, unit after unit."""
+    ``workers`` 0: everything in this thread, unit after unit. ``ahead``: units already read (taken instead of
+    read again); ``on_read_all()``: called (in this thread) once the last unit's read is under way."""
     if workers <= 0:
         for u in units:
-            finish(u, encode(read_tiles(plan, u)))
+            fut = ahead.take(u) if ahead is not None else None
+            finish(u, encode(read_tiles(plan, u) if fut is None else fut.result()))
+        if on_read_all is not None:
+            on_read_all()
         return
+    _run_threaded(plan, encode, finish, units, workers, ahead, on_read_all)
+
+
+def _run_threaded(plan: UnitPlan, encode: Callable[[np.ndarray], np.ndarray], finish: UnitFinisher,
+                  units: list[list[int]], workers: int, ahead: ReadAhead | None,
+                  on_read_all: Callable[[], None] | None) -> None:
     depth = max(2, 2 * workers)  # units of tiles in flight: bounds memory
     pending: deque[tuple[list[int], Future]] = deque()
     finishing: deque[Future] = deque()
     it: Iterator[list[int]] = iter(units)
+    told = [on_read_all is None]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hishrst-read") as pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="hishrst-head") as post:
+
+        def read(u: list[int] | None) -> None:
+            if u is not None:
+                fut = ahead.take(u) if ahead is not None else None
+                pending.append((u, fut if fut is not None else pool.submit(read_tiles, plan, u)))
+            elif not told[0]:  # every read is under way: the next slide may read ahead
+                told[0] = True
+                on_read_all()  # type: ignore[misc]
+
         try:
             for u in it:
-                pending.append((u, pool.submit(read_tiles, plan, u)))
+                read(u)
                 if len(pending) >= depth:
                     break
+            else:
+                read(None)
             while pending:
                 t0 = time.perf_counter()
                 unit, fut = pending.popleft()
                 tiles = fut.result()
                 plan.timer.add("wait_for_tiles", time.perf_counter() - t0)
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(read_tiles, plan, nxt)))
+                read(next(it, None))
                 feats = encode(tiles)
                 while finishing and (len(finishing) >= 2 or finishing[0].done()):
                     finishing.popleft().result()  # raises a head / write error here, in order
@@ -155,6 +254,8 @@ def predict_slide(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     progress: Callable[[int], None] | None = None,
     timer: StageTimer | None = None,
+    ahead: ReadAhead | None = None,
+    on_read_all: Callable[[], None] | None = None,
 ) -> PredictStats:
     """Run encoder + head over every work unit of ``prep`` not yet ``done``; ``write(rows, values)`` per unit.
 
@@ -168,9 +269,11 @@ def predict_slide(
     A unit whose rows are all ``done`` is skipped; any other unit is recomputed whole (rows already
     on disk are rewritten with identical values), so a resumed run computes exactly the batches an
     uninterrupted run does and writes exactly its values. Returns counters and stage timings.
-    ``head=None`` writes the encoder features instead (:func:`encode_slide`).
+    ``head=None`` writes the encoder features instead (:func:`encode_slide`). ``ahead`` / ``on_read_all``: as
+    :func:`run_units` (``ahead`` is closed on return).
     """
     plan = plan_units(prep, bundle, batch_size=batch_size, head_batch=head_batch, cache_bytes=cache_bytes, timer=timer)
+    plan = plan if ahead is None else ahead.share_cache(plan)
     all_units = work_units(prep.groups, batch_size)
     units = [u for u in all_units if done is None or not done[unit_rows(prep, u)].all()]
     if head is None:  # features mode: the rows of the unit, in the order its tiles were cut
@@ -178,7 +281,12 @@ def predict_slide(
     else:
         finish = UnitFinisher(plan, lambda u, f: head_rows(plan, head, u, f), write, done, progress)
     t_start = time.perf_counter()
-    run_units(plan, lambda tiles: encode_tiles(plan, encoder, tiles), finish, units, workers)
+    try:
+        run_units(plan, lambda tiles: encode_tiles(plan, encoder, tiles), finish, units, workers, ahead=ahead,
+                  on_read_all=on_read_all)
+    finally:
+        if ahead is not None:
+            ahead.close()
     cache = plan.cache
     return PredictStats(
         points_computed=int(finish.n_done), units=len(all_units), units_computed=len(units),

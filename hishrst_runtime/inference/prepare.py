@@ -73,7 +73,9 @@ class PreparedSlide:
     stays a string, see :func:`slide_location`); ``background``: ``[N]`` bool, points whose patch is mostly
     detected background (only with a tissue mask and ``mask_mode="replace"``, else None);
     ``points_dropped``: explicit points left out because they lie outside the slide; ``mask_file``: the
-    tissue-mask file used (None: detected tissue only).
+    tissue-mask file used (None: detected tissue only). Set by ``run_slides`` for the run: ``ahead``, the
+    :class:`~hishrst_runtime.inference.pipeline.ReadAhead` of its first units, and ``on_read_all()``, called once
+    every unit's read is under way (the next slide then reads ahead).
     """
 
     path: Path | str
@@ -95,6 +97,8 @@ class PreparedSlide:
     background: np.ndarray | None = None
     points_dropped: int = 0
     mask_file: Path | None = None
+    ahead: Any = field(default=None, repr=False, compare=False)
+    on_read_all: Any = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -108,7 +112,9 @@ class PreparedSlide:
         return redact_url(self.path) if isinstance(self.path, str) else str(self.path.resolve())
 
     def close(self) -> None:
-        """Release the slide's array handles."""
+        """Release the slide's array handles (and drop any tiles read ahead)."""
+        if self.ahead is not None:
+            self.ahead.close()
         close = getattr(self.slide, "close", None)
         if close is not None:
             close()

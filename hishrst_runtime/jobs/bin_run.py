@@ -23,7 +23,7 @@ from hishrst_runtime.inference.bin_stages import predict_bins
 from hishrst_runtime.inference.bins import PreparedBins
 from hishrst_runtime.jobs.formats import write_tissue_geojson
 from hishrst_runtime.jobs.options import RunOptions
-from hishrst_runtime.jobs.results import SlideResult
+from hishrst_runtime.jobs.results import Pending, SlideResult
 from hishrst_runtime.jobs.slide_run import MAX_CHUNK_ROWS, OUTPUT_BUFFER_BYTES, SlideContext, predict_into
 from hishrst_runtime.output.bins_store import create_bin_store
 from hishrst_runtime.output.names import SlideOutputs
@@ -124,9 +124,11 @@ def _qc(prep: PreparedBins, outs: SlideOutputs, ctx: SlideContext) -> dict[str, 
     return {"qc": path, "qc_gene": gene.name, "qc_rule": gene.rule}
 
 
-def run_prepared_bins(prep: PreparedBins, out: Path | SlideOutputs, ctx: SlideContext, lock: Any) -> SlideResult:
+def run_prepared_bins(prep: PreparedBins, out: Path | SlideOutputs, ctx: SlideContext, lock: Any
+                      ) -> SlideResult | Pending:
     """Predict the bins of one prepared slide into ``out`` (``OUT/S.zarr``, holding ``lock``), finalize it and
-    write its QC thumbnail and tissue GeoJSON as :func:`~hishrst_runtime.jobs.slide_run.run_prepared` does."""
+    write its QC thumbnail and tissue GeoJSON as :func:`~hishrst_runtime.jobs.slide_run.run_prepared` does
+    (a :class:`Pending` with ``ctx.defer_finish``)."""
     from hishrst_runtime.core.version import __version__
 
     outs, layout = SlideOutputs.of(out), prep.bins
@@ -141,17 +143,22 @@ def run_prepared_bins(prep: PreparedBins, out: Path | SlideOutputs, ctx: SlideCo
     timings = {k: round(v, 3) for k, v in timer.seconds.items()} | {"prepare": round(prep.seconds, 3),
                                                                      "predict": round(stats.seconds, 3)}
     density = round(passes_per_mm2(prep), 1)
-    store.finalize({"hishrst_run": {
-        "slide": prep.location, "bundle": str(Path(ctx.bundle.root).resolve()), "engine": ctx.engines.provider,
-        "hishrst_version": __version__, "resumed": resumed, "chunks_recomputed": len(store.chunks_recomputed),
-        "bins_computed": stats.points_computed, "resolution": layout.resolution, "tiles": layout.n_tiles,
-        "encoder_passes": stats.encoder_passes, "encoder_passes_per_mm2": density,
-        "patch_side_px": int(stats.patch_side_px), "bins_per_s": bins_per_s, "timings": timings,
-        "test_encoder": ctx.bundle.spec.test_encoder,
-    }})
-    qc = _qc(prep, outs, ctx) if ctx.options.qc else {}
-    return SlideResult(slide=str(prep.path), output=outs.store, status="ok", points=layout.n_obs,
-                       computed=stats.points_computed, engine=ctx.engines.provider, tiles_per_s=bins_per_s,
-                       resumed=resumed, timings=timings, stats=stats, chunks_recomputed=len(store.chunks_recomputed),
-                       test_encoder=ctx.bundle.spec.test_encoder, resolution=layout.resolution,
-                       encoder_passes=stats.encoder_passes, tiles=layout.n_tiles, **qc)
+
+    def finish() -> SlideResult:
+        store.finalize({"hishrst_run": {
+            "slide": prep.location, "bundle": str(Path(ctx.bundle.root).resolve()), "engine": ctx.engines.provider,
+            "hishrst_version": __version__, "resumed": resumed, "chunks_recomputed": len(store.chunks_recomputed),
+            "bins_computed": stats.points_computed, "resolution": layout.resolution, "tiles": layout.n_tiles,
+            "encoder_passes": stats.encoder_passes, "encoder_passes_per_mm2": density,
+            "patch_side_px": int(stats.patch_side_px), "bins_per_s": bins_per_s, "timings": timings,
+            "test_encoder": ctx.bundle.spec.test_encoder,
+        }})
+        qc = _qc(prep, outs, ctx) if ctx.options.qc else {}
+        return SlideResult(slide=str(prep.path), output=outs.store, status="ok", points=layout.n_obs,
+                           computed=stats.points_computed, engine=ctx.engines.provider, tiles_per_s=bins_per_s,
+                           resumed=resumed, timings=timings, stats=stats,
+                           chunks_recomputed=len(store.chunks_recomputed), test_encoder=ctx.bundle.spec.test_encoder,
+                           resolution=layout.resolution, encoder_passes=stats.encoder_passes, tiles=layout.n_tiles,
+                           **qc)
+
+    return Pending(finish) if ctx.defer_finish else finish()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from hishrst_runtime.core.urls import redact_url
 
-__all__ = ["SlideStatus", "SlideResult"]
+__all__ = ["SlideStatus", "SlideResult", "Pending"]
 
 SlideStatus = Literal["ok", "skipped", "failed", "interrupted"]
 
@@ -66,3 +67,12 @@ class SlideResult:
     def name(self) -> str:
         """The slide's file name (or the URL's last path segment, without credentials or query), for tables."""
         return redact_url(str(self.slide)).rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A slide whose every row is in its (flushed) ``.partial`` store, with what is left to do: ``finish()``
+    finalizes the store, writes its QC thumbnail and returns its :class:`SlideResult` (the caller runs it, e.g. on
+    a thread while the next slide streams, holding the slide's lock until it returns)."""
+
+    finish: Callable[[], SlideResult]

@@ -19,11 +19,16 @@ A held lock is refreshed by a heartbeat thread (its lease: ``--stale-after``). `
 the slides are walked sorted by path, each free and incomplete one taken, and the walk repeated over the
 slides locked by others while a walk took any, so a killed worker's slide (its lock stale) is finished
 (``--claim`` implies ``--resume``). :func:`run_slide` runs one slide (for Ray, Dask and other task mappers).
+The engine is kept busy across slides (:mod:`hishrst_runtime.jobs.overlap`): the next slide is prepared in the
+background and its first work units read ahead while the current one streams, and each slide is finished
+(finalize, QC thumbnail, other formats, lock release) on a thread while the next one streams.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -42,25 +47,25 @@ from hishrst_runtime.core.errors import OutputStateError
 from hishrst_runtime.core.vocab import DEFAULT_POSITION_MODE, UM_POSITION_MODES
 from hishrst_runtime.inference.bins import PreparedBins, prepare_bins
 from hishrst_runtime.inference.engines import Engines, default_engine_threads, load_engines
-from hishrst_runtime.inference.pipeline import PreparedSlide, prepare_slide
+from hishrst_runtime.inference.pipeline import DEFAULT_CACHE_BYTES, PreparedSlide, ReadAhead, prepare_slide
 from hishrst_runtime.inference.points import QueryPoints
+from hishrst_runtime.jobs.admission import Admission
 from hishrst_runtime.jobs.bin_run import check_bundle_options, run_prepared_bins
-from hishrst_runtime.jobs.formats import (finish_formats, foreign_format_output, foreign_tissue_geojson,
-                                          formats_pending, is_done, require_formats)
+from hishrst_runtime.jobs.formats import finish_formats, is_done, require_formats
 from hishrst_runtime.jobs.inputs import SlideInput
 from hishrst_runtime.jobs.interrupts import Interrupted
 from hishrst_runtime.jobs.locks import LockHeartbeat, SlideLock, lock_path
 from hishrst_runtime.jobs.options import DEFAULT_WORKERS, RunOptions
+from hishrst_runtime.jobs.overlap import Finisher, read_ahead_when_prepared
 from hishrst_runtime.jobs.paths import (
     SlideArg,
     as_slide_arg,
     check_output_location,
-    foreign_output,
     output_collisions,
     slide_output_path,
     slide_problem,
 )
-from hishrst_runtime.jobs.results import SlideResult
+from hishrst_runtime.jobs.results import Pending, SlideResult
 from hishrst_runtime.jobs.slide_run import SlideContext, run_prepared
 
 __all__ = ["run_slides", "run_slide", "slide_output_path", "output_collisions", "DEFAULT_WORKERS", "RunOptions",
@@ -190,17 +195,23 @@ def run_slide(slide: SlideArg | SlideInput, *, bundle: str | os.PathLike[str], o
     return results[0]
 
 
-class _Runner:
-    """The slide loop of one run: skip / lock / prepare (the next slide in the background) / predict."""
+class _Runner(Admission):
+    """The slide loop of one run: skip / lock / prepare (the next slide in the background, its first units read
+    ahead) / predict, each slide finished (finalize, QC, formats, lock release) on a thread while the next streams."""
+
+    #: Read the next slide's first units ahead and finish slides on a thread (False: the slide loop of before,
+    #: for comparisons in tests and benchmarks).
+    overlap = True
 
     def __init__(self, items: list[SlideInput], out_dir: Path, ctx: SlideContext) -> None:
-        self.items, self.ctx = items, ctx
+        self.items, self.ctx = items, dataclasses.replace(ctx, defer_finish=self.overlap)
         self.slides = [i.slide for i in items]
         self.opts = ctx.options
         self.outputs = [i.outputs(out_dir) for i in items]
         self.outs = [o.store for o in self.outputs]
         self.collided = set(output_collisions(items, out_dir))
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hishrst-prefetch")
+        self.finisher = Finisher()
         self.futures: dict[int, Future] = {}
         self.locked: set[int] = set()  # slides skipped because another live job holds their lock
         self.ran = 0  # slides this run took the lock of and predicted
@@ -212,11 +223,12 @@ class _Runner:
         for j in list(self.futures):
             self._drop(j)
         self.prefetch.shutdown(wait=True, cancel_futures=True)
+        self.finisher.shutdown()
 
     def run_all(self) -> list[SlideResult]:
         """Every slide's result, in order. A SIGTERM / SIGINT (:class:`Interrupted`, or a plain
         ``KeyboardInterrupt``) raises :class:`Interrupted` carrying the results so far, the slide in flight
-        ``interrupted``."""
+        ``interrupted`` (a slide being finished on the finishing thread is finished first)."""
         from tqdm.auto import tqdm
 
         results: dict[int, SlideResult] = {}
@@ -227,9 +239,12 @@ class _Runner:
                 for i in self._order():
                     current[:] = [i]
                     known = i in results
-                    results[i] = self._one(i)
+                    res = self._one(i)
+                    if res is not None:  # None: being finished (collected below)
+                        results[i] = res
                     current.clear()
                     overall.update(0 if known else 1)
+            self.finisher.collect(results)
         except KeyboardInterrupt as e:
             stop = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
             if current:
@@ -238,6 +253,7 @@ class _Runner:
                     slide=str(self.slides[i]), output=self.outs[i], status="interrupted",
                     reason=f"interrupted by {stop.name}; rerun with --resume to finish it (the rows already "
                            "written are kept)")
+            self.finisher.collect(results)  # a slide that streamed every row is finished, not interrupted
             stop.results = [results[i] for i in sorted(results)]
             raise stop from (None if stop is e else e)
         return [results[i] for i in sorted(results)]
@@ -264,6 +280,19 @@ class _Runner:
                              tissue_mask=item.mask, mask_mode=o.mask_mode, points_outside=o.points_outside,
                              **explicit)
 
+    def _prepare_ahead(self, item: SlideInput) -> PreparedSlide:
+        """:meth:`_prepare`, with a :class:`ReadAhead` of its first units (started by :meth:`_read_ahead_next`)."""
+        prep = self._prepare(item)
+        if not self.overlap:
+            return prep
+        prep.ahead = ReadAhead(prep, self.ctx.bundle, batch_size=self.ctx.batch_size, workers=self.opts.workers,
+                               cache_bytes=int(self.opts.cache_bytes or DEFAULT_CACHE_BYTES))
+        return prep
+
+    def _read_ahead_next(self) -> None:
+        """The slide streaming now has every read under way: the next slide reads its first units."""
+        read_ahead_when_prepared(self.futures.values())
+
     def _drop(self, i: int) -> None:
         """Forget slide i's prefetch; close its slide once (and if) it is ready."""
         fut = self.futures.pop(i, None)
@@ -281,95 +310,25 @@ class _Runner:
         """Prepare (in the background) the next slide after i that will need work."""
         j = next((j for j in range(i + 1, len(self.slides)) if self._needs_work(j)), None)
         if j is not None and j not in self.futures:
-            self.futures[j] = self.prefetch.submit(self._prepare, self.items[j])
+            self.futures[j] = self.prefetch.submit(self._prepare_ahead, self.items[j])
 
-    def _take(self, i: int, res: SlideResult, lock: SlideLock) -> SlideResult | None:
-        """Take slide i's lock without waiting: None when held now, else the slide's result (skipped:
-        locked by another job; failed: the lock file cannot be created)."""
-        try:
-            lock.path.parent.mkdir(parents=True, exist_ok=True)  # OUT/p1/ of a slide found in sub-folder p1
-            held = lock.acquire()
-        except (OutputStateError, OSError) as e:  # no lock file: this slide fails, the others go on
-            self._drop(i)
-            return res.with_(status="failed", reason=f"{type(e).__name__}: {e}")
-        if held:
-            return None
-        self._drop(i)
-        self.locked.add(i)
-        info = lock.holder()
-        who = info.describe() if info is not None else "another job"
-        return res.with_(status="skipped", reason=f"locked by {who} ({lock.path}); it is being processed "
-                         "elsewhere (delete the lock file if that job is gone)")
-
-    def _skip_complete(self, i: int, res: SlideResult, lock: SlideLock, *, held: bool = False) -> SlideResult:
-        """Skip the complete slide i, finishing what it lacks (its other ``--format`` outputs) under its lock,
-        taken without waiting unless ``held``; a slide locked by another job is left to it untouched."""
-        self._drop(i)
-        res = res.with_(status="skipped", reason="already complete (use --overwrite to recompute)")
-        outs, formats = self.outputs[i], self.opts.formats
-        if not formats_pending(outs, formats):
-            if held:
-                lock.release()
-            return res
-        if not held:
-            refused = self._take(i, res, lock)
-            if refused is not None:
-                return refused
-        try:  # a run killed between the AnnData store and its other outputs
-            notes = finish_formats(outs, formats)
-            res = res.with_(reason="; ".join([res.reason, *notes]))
-        except (OSError, ValueError, RuntimeError) as e:
-            res = res.with_(reason=f"{res.reason}; finishing its outputs failed ({type(e).__name__}: {e})")
-        finally:
-            lock.release()
-        return res
-
-    def _foreign(self, i: int) -> str | None:
-        """Why an existing file at one of slide i's outputs must be left alone (hishrst did not write it)."""
-        outs, mask, geojson = self.outputs[i], self.items[i].mask, self.opts.tissue_geojson
-        return (foreign_output(outs.store) or foreign_format_output(outs, self.opts.formats)
-                or (foreign_tissue_geojson(outs, mask) if geojson or (geojson is None and mask is not None) else None))
-
-    def _refused(self, i: int, res: SlideResult, lock: SlideLock) -> SlideResult | None:
-        """The result of a slide that is not run (collision, complete, locked, lock impossible, a foreign file
-        at an output), else None; when None is returned ``lock`` is held."""
-        out = self.outs[i]
-        assert out is not None
-        problem = slide_problem(self.slides[i], out)
-        if problem is not None:
-            self._drop(i)
-            return res.with_(status="failed", reason=problem)
-        foreign = self._foreign(i)
-        if foreign is not None:
-            self._drop(i)
-            return res.with_(status="failed", reason=foreign)
-        if out in self.collided:
-            others = ", ".join(str(s) for s, o in zip(self.slides, self.outs) if o == out)
-            return res.with_(status="failed", reason=f"{out}: several slides would write this output ({others}); "
-                             "rename the slides or run them with different --out")
-        if not self.opts.overwrite and is_done(out, self.opts.formats):
-            return self._skip_complete(i, res, lock)
-        refused = self._take(i, res, lock)
-        if refused is not None:
-            return refused
-        if not self.opts.overwrite and is_done(out, self.opts.formats):  # finished by another job meanwhile
-            return self._skip_complete(i, res, lock, held=True)
-        return None
-
-    def _one(self, i: int) -> SlideResult:
+    def _one(self, i: int) -> SlideResult | None:
+        """Slide i's result, or None when it streamed and is being finished (:attr:`finisher`, holding its lock)."""
         out = self.outs[i]
         res = SlideResult(slide=str(self.slides[i]), output=out, status="failed")
         lock = SlideLock(out, lease_s=self.opts.stale_after)
         refused = self._refused(i, res, lock)
         if refused is not None:
             return refused
-        try:
-            with LockHeartbeat(lock) as beat:  # other jobs, on any host, see this lock refreshed
-                return self._run_locked(i, res, out, beat)
-        finally:
-            lock.release()
+        with contextlib.ExitStack() as held:
+            held.callback(lock.release)
+            beat = held.enter_context(LockHeartbeat(lock))  # other jobs, on any host, see this lock refreshed
+            return self._run_locked(i, res, out, beat, held)
 
-    def _run_locked(self, i: int, res: SlideResult, out: Path, beat: LockHeartbeat) -> SlideResult:
+    def _run_locked(self, i: int, res: SlideResult, out: Path, beat: LockHeartbeat,
+                    held: contextlib.ExitStack) -> SlideResult | None:
+        """Prepare (or take the prefetched) slide i and stream it; its finishing goes to the finishing thread
+        with ``held`` (its heartbeat and lock), and None is returned, unless it failed or was not deferred."""
         t0, prep = time.perf_counter(), None
         self.ran += 1
         try:
@@ -378,19 +337,47 @@ class _Runner:
                 prep = fut.result()
             finally:
                 self._prefetch_after(i)  # the next slide is prepared while this one runs
+            prep.on_read_all = self._read_ahead_next
             run = run_prepared_bins if isinstance(prep, PreparedBins) else run_prepared
-            res = run(prep, out, self.ctx, beat).with_(slide=res.slide)
-            levels = getattr(getattr(prep, "slide", None), "levels", None)
-            finish_formats(self.outputs[i], self.opts.formats, levels=levels, replace=True)
+            done = run(prep, out, self.ctx, beat)
+        except (KeyboardInterrupt, SystemExit):
+            self._closed(prep, res)
+            raise
+        except Exception as e:  # noqa: BLE001 - one slide's failure must not stop the others
+            return self._complete(i, res, prep, t0, error=e)
+        if isinstance(done, Pending):
+            self.finisher.submit(i, functools.partial(self._complete, i, res, prep, t0, done.finish, held.pop_all()))
+            return None
+        return self._complete(i, res, prep, t0, lambda: done)
+
+    def _complete(self, i: int, res: SlideResult, prep: Any, t0: float, finish: Callable[[], SlideResult] | None = None,
+                  held: contextlib.ExitStack | None = None, error: Exception | None = None) -> SlideResult:
+        """Slide i's result: ``finish()`` (finalize and QC) and its other ``--format`` outputs, or the slide's
+        ``error``; then its slide is closed and ``held`` (its heartbeat and lock, when handed over) released."""
+        try:
+            if error is None and finish is not None:
+                res = finish().with_(slide=res.slide)
+                levels = getattr(getattr(prep, "slide", None), "levels", None)
+                finish_formats(self.outputs[i], self.opts.formats, levels=levels, replace=True)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 - one slide's failure must not stop the others
-            res = res.with_(status="failed", reason=f"{type(e).__name__}: {e}")
-            if os.environ.get("HISHRST_DEBUG"):
-                traceback.print_exc()
+            error = e
         finally:
-            if prep is not None:
-                filled = getattr(getattr(prep, "slide", None), "filled_chunks", None) or ()
-                res = res.with_(filled_chunks=tuple(str(c) for c in filled))
-                prep.close()
+            res = self._closed(prep, res)
+            if held is not None:
+                held.close()
+        if error is not None:
+            res = res.with_(status="failed", reason=f"{type(error).__name__}: {error}")
+            if os.environ.get("HISHRST_DEBUG"):
+                traceback.print_exception(error)
         return res.with_(seconds=round(time.perf_counter() - t0, 2))
+
+    @staticmethod
+    def _closed(prep: Any, res: SlideResult) -> SlideResult:
+        """Close ``prep`` (if any), noting its slide chunks read as fill in ``res``."""
+        if prep is None:
+            return res
+        filled = getattr(getattr(prep, "slide", None), "filled_chunks", None) or ()
+        prep.close()
+        return res.with_(filled_chunks=tuple(str(c) for c in filled))

@@ -22,7 +22,7 @@ from hishrst_runtime.inference.engines import Engines
 from hishrst_runtime.inference.pipeline import PredictStats, PreparedSlide, predict_slide
 from hishrst_runtime.jobs.formats import write_tissue_geojson
 from hishrst_runtime.jobs.options import RunOptions
-from hishrst_runtime.jobs.results import SlideResult
+from hishrst_runtime.jobs.results import Pending, SlideResult
 from hishrst_runtime.output.names import SlideOutputs
 from hishrst_runtime.output.store import OutputStore, SpatialImages
 
@@ -45,12 +45,15 @@ LOCK_REFRESH_S = 60.0
 
 @dataclass(frozen=True)
 class SlideContext:
-    """What every slide of one run shares: bundle, engines, options and the effective encoder batch."""
+    """What every slide of one run shares: bundle, engines, options and the effective encoder batch;
+    ``defer_finish``: :func:`run_prepared` returns a :class:`~hishrst_runtime.jobs.results.Pending` (finalize and
+    QC left to the caller) instead of finishing the slide itself."""
 
     bundle: Bundle
     engines: Engines
     options: RunOptions
     batch_size: int
+    defer_finish: bool = False
 
 
 def _identity(prep: PreparedSlide, bundle: Bundle) -> dict[str, Any]:
@@ -136,7 +139,8 @@ def predict_into(store: OutputStore, prep: PreparedSlide, ctx: SlideContext, loc
     try:
         stats = predict(prep, ctx.bundle, encoder=ctx.engines.encoder, head=ctx.engines.head,
                         write=store.write_rows, done=done, batch_size=ctx.batch_size, workers=opts.workers,
-                        cache_bytes=int(opts.cache_bytes or 0), progress=advance, timer=timer)
+                        cache_bytes=int(opts.cache_bytes or 0), progress=advance, timer=timer,
+                        ahead=getattr(prep, "ahead", None), on_read_all=getattr(prep, "on_read_all", None))
         t0 = time.perf_counter()
         store.flush()
         timer.add("write", time.perf_counter() - t0)
@@ -169,10 +173,13 @@ def _qc(prep: PreparedSlide, outs: SlideOutputs, ctx: SlideContext) -> dict[str,
     return {"qc": path, "qc_gene": gene.name, "qc_rule": gene.rule}
 
 
-def run_prepared(prep: PreparedSlide, out: Path | SlideOutputs, ctx: SlideContext, lock: Any) -> SlideResult:
+def run_prepared(prep: PreparedSlide, out: Path | SlideOutputs, ctx: SlideContext, lock: Any
+                 ) -> SlideResult | Pending:
     """Predict one prepared slide into ``out`` (``OUT/S.zarr``, holding ``lock``) and finalize it, then write its
     QC thumbnail (``options.qc``). Its tissue GeoJSON is written when ``options.tissue_geojson``, or when that
-    is None and the slide has a tissue-mask file (``prep.mask_file``). Status ``ok``."""
+    is None and the slide has a tissue-mask file (``prep.mask_file``). Status ``ok``. With ``ctx.defer_finish``
+    the finalize and the QC thumbnail are returned as a :class:`Pending` instead (``prep`` must stay open, and
+    ``lock`` held, until its ``finish()`` returns)."""
     from hishrst_runtime.core.version import __version__
 
     outs, mask = SlideOutputs.of(out), prep.mask_file
@@ -190,15 +197,20 @@ def run_prepared(prep: PreparedSlide, out: Path | SlideOutputs, ctx: SlideContex
     tiles_per_s = round(stats.points_computed / max(stats.seconds, 1e-9), 1)
     timings = {k: round(v, 3) for k, v in timer.seconds.items()} | {"prepare": round(prep.seconds, 3),
                                                                      "predict": round(stats.seconds, 3)}
-    store.finalize({"hishrst_run": {
-        "slide": prep.location, "bundle": str(Path(ctx.bundle.root).resolve()),
-        "engine": ctx.engines.provider, "hishrst_version": __version__, "resumed": resumed,
-        "chunks_recomputed": len(store.chunks_recomputed), "points_computed": stats.points_computed,
-        "points_dropped": prep.points_dropped, "patch_side_px": int(stats.patch_side_px),
-        "tiles_per_s": tiles_per_s, "timings": timings, "test_encoder": ctx.bundle.spec.test_encoder,
-    }})
-    qc = _qc(prep, outs, ctx) if ctx.options.qc else {}
-    return SlideResult(slide=str(prep.path), output=outs.store, status="ok", points=n, computed=stats.points_computed,
-                       engine=ctx.engines.provider, tiles_per_s=tiles_per_s, resumed=resumed, timings=timings,
-                       stats=stats, chunks_recomputed=len(store.chunks_recomputed),
-                       points_dropped=prep.points_dropped, test_encoder=ctx.bundle.spec.test_encoder, **qc)
+
+    def finish() -> SlideResult:
+        store.finalize({"hishrst_run": {
+            "slide": prep.location, "bundle": str(Path(ctx.bundle.root).resolve()),
+            "engine": ctx.engines.provider, "hishrst_version": __version__, "resumed": resumed,
+            "chunks_recomputed": len(store.chunks_recomputed), "points_computed": stats.points_computed,
+            "points_dropped": prep.points_dropped, "patch_side_px": int(stats.patch_side_px),
+            "tiles_per_s": tiles_per_s, "timings": timings, "test_encoder": ctx.bundle.spec.test_encoder,
+        }})
+        qc = _qc(prep, outs, ctx) if ctx.options.qc else {}
+        return SlideResult(slide=str(prep.path), output=outs.store, status="ok", points=n,
+                           computed=stats.points_computed, engine=ctx.engines.provider, tiles_per_s=tiles_per_s,
+                           resumed=resumed, timings=timings, stats=stats,
+                           chunks_recomputed=len(store.chunks_recomputed), points_dropped=prep.points_dropped,
+                           test_encoder=ctx.bundle.spec.test_encoder, **qc)
+
+    return Pending(finish) if ctx.defer_finish else finish()
