@@ -46,9 +46,23 @@ def noop_engines(bundle: Any) -> Engines:
     return Engines(enc, head, "noop")
 
 
-def _load_one(bundle: Any, key: str, chosen: str, *, cache_dir: Path | None, threads: int | None) -> Any:
+def _profile(spec: Any, key: str, batch_size: int | None) -> tuple[int, int]:
+    """(max, opt) batch of ``key``'s TensorRT profile for a run of ``batch_size`` tiles: the encoder (and a sub-spot
+    head, fed the encoder's batches) from 1 to the run's batch, capped by the bundle's ``max_batch``; a spot head's
+    groups 1 … ``max_batch``, optimal as the bundle's profile says."""
+    from hishrst_runtime.backends.profiles import batch_range, run_batch_sizes
+
+    if key == "head" and not spec.subspot:
+        return spec.max_batch, min(8, spec.max_batch)
+    _, opt, hi = batch_range(run_batch_sizes(batch_size or spec.max_batch), cap=spec.max_batch)
+    return hi, opt
+
+
+def _load_one(bundle: Any, key: str, chosen: str, *, cache_dir: Path | None, threads: int | None,
+              batch_size: int | None = None) -> Any:
     """The backend of ``key`` (``encoder`` / ``head``) for the resolved provider ``chosen``, from the bundle's
-    typed file entries (:class:`~hishrst_runtime.bundle.spec.FileSpec`)."""
+    typed file entries (:class:`~hishrst_runtime.bundle.spec.FileSpec`); TensorRT profiles follow the run's
+    ``batch_size`` (:func:`_profile`)."""
     from hishrst_runtime.backends import load_backend
 
     spec = bundle.spec
@@ -60,24 +74,27 @@ def _load_one(bundle: Any, key: str, chosen: str, *, cache_dir: Path | None, thr
         return load_backend(bundle.path(f"{key}_trt"), provider="trt-native", expected=trt.engine_target)
     if chosen == "tensorrt":
         entry = spec.file(key)
-        return load_backend(bundle.path(key), provider="tensorrt", cache_dir=cache_dir, max_batch=spec.max_batch,
-                            shapes=None if key == "encoder" or spec.subspot else spec.head_profile(),
+        hi, opt = _profile(spec, key, batch_size)
+        return load_backend(bundle.path(key), provider="tensorrt", cache_dir=cache_dir, max_batch=hi, opt_batch=opt,
+                            shapes=None if key == "encoder" or spec.subspot else spec.head_profile(hi, opt),
                             model_sha256=None if entry is None else entry.sha256,
                             fp16=entry is not None and entry.fp16)
     return load_backend(bundle.path(key), provider=chosen, cache_dir=cache_dir, threads=threads)  # type: ignore[arg-type]
 
 
-def load_engines(bundle: Any, provider: str, *, cache_dir: Path | None, threads: int | None = None) -> Engines:
+def load_engines(bundle: Any, provider: str, *, cache_dir: Path | None, threads: int | None = None,
+                 batch_size: int | None = None) -> Engines:
     """The bundle's (encoder, head) backends for ``provider`` exactly as ``hishrst-run`` loads them, and
     the provider chosen (``auto`` resolved). ``threads``: ONNX Runtime intra-op threads (default:
-    physical cores); ``cache_dir``: TensorRT engine cache."""
+    physical cores); ``cache_dir``: TensorRT engine cache; ``batch_size``: the run's encoder batch (TensorRT
+    profiles are built for it)."""
     from hishrst_runtime.backends import resolve_provider
 
     chosen = resolve_provider(provider, engine_available=bundle.spec.has_engines)  # type: ignore[arg-type]
     engines: list[Any] = []
     try:
         for key in ("encoder", "head"):
-            engines.append(_load_one(bundle, key, chosen, cache_dir=cache_dir, threads=threads))
+            engines.append(_load_one(bundle, key, chosen, cache_dir=cache_dir, threads=threads, batch_size=batch_size))
     except BaseException:
         for eng in engines:
             with contextlib.suppress(Exception):

@@ -165,7 +165,8 @@ def run_slides(
     check_output_location(items, Path(out_dir), Path(bundle_dir))
     if engines is None:
         threads = opts.engine_threads or default_engine_threads(opts.workers)
-        engines = load_engines(bundle, opts.provider, cache_dir=opts.cache_dir, threads=threads)
+        engines = load_engines(bundle, opts.provider, cache_dir=opts.cache_dir, threads=threads,
+                               batch_size=opts.batch_size)
     try:
         ctx = _context(bundle, engines, opts, echo)
         _make_out_dir(Path(out_dir))
