@@ -18,7 +18,7 @@ __all__ = [
     "MaskMode", "MASK_MODES", "DEFAULT_MASK_MODE",
     "PointsOutside", "POINTS_OUTSIDE", "DEFAULT_POINTS_OUTSIDE",
     "HeadKind", "HEAD_KINDS", "DEFAULT_HEAD_KIND",
-    "Resolution", "RESOLUTIONS", "RESOLUTION_BINS",
+    "Resolution", "RESOLUTIONS", "RESOLUTION_BINS", "DEFAULT_RESOLUTION",
     "Platform", "PLATFORMS", "DEFAULT_PLATFORM",
     "XDtype", "X_DTYPES", "DEFAULT_X_DTYPE",
 ]
@@ -83,6 +83,8 @@ Resolution = Literal["8um", "16um"]
 RESOLUTIONS: tuple[str, ...] = get_args(Resolution)
 #: Side of one output bin in tokens of the 8 µm lattice, per resolution (16 µm = 2 × 2 tokens pooled).
 RESOLUTION_BINS: dict[str, int] = {"8um": 1, "16um": 2}
+#: ``--resolution`` of a sub-spot run when none is given: the token lattice itself.
+DEFAULT_RESOLUTION: Resolution = "8um"
 
 #: Spatial platforms ``hishrst synth --platform`` writes and the training readers accept: ``visium``
 #: (55 µm spots, Space Ranger ``outs``) and ``visium-hd`` (Space Ranger 3 ``binned_outputs/square_008um`` /

@@ -34,14 +34,13 @@ import numpy as np
 from hishrst_runtime.bundle.manifest import Bundle
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.tokens import TileLattice, TokenGeometry, lattice_shape, tile_lattice
-from hishrst_runtime.core.vocab import DEFAULT_MASK_MODE, RESOLUTION_BINS, RESOLUTIONS, MaskMode, Resolution
+from hishrst_runtime.core.vocab import DEFAULT_MASK_MODE, DEFAULT_RESOLUTION, RESOLUTION_BINS, RESOLUTIONS, MaskMode, \
+    Resolution
 from hishrst_runtime.inference.prepare import PreparedSlide, mask_info, slide_location, survey_slide
 
 __all__ = ["DEFAULT_RESOLUTION", "BinLayout", "PreparedBins", "TileGroups", "bin_layout", "check_resolution",
            "prepare_bins"]
 
-#: ``--resolution`` of a sub-spot run when none is given: the token lattice itself (8 µm).
-DEFAULT_RESOLUTION: Resolution = "8um"
 #: Tiles per block of :meth:`BinLayout.blocks` (a few hundred thousand bins at most).
 _BLOCK_TILES = 4096
 
