@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from hishrst_runtime.core.geometry import VISIUM_SPOT_DIAMETER_UM
 from hishrst_runtime.core.tokens import disk_token_weights, square_token_weights
 from hishrst_train.subspot import SOFTPLUS_BETA, SubspotConfig, SubspotHead, aggregate_tokens
-from hishrst_train.train import TrainConfig, _optimiser, seed_everything
+from hishrst_train.train import BestEpoch, TrainConfig, _optimiser, seed_everything
 
 __all__ = ["TokenRows", "spot_weights", "train_subspot", "predict_spots", "predict_tokens"]
 
@@ -172,7 +172,7 @@ def train_subspot(tokens: TokenRows, targets: np.ndarray, *, config: SubspotConf
     opt, sched = _optimiser(model, tc, math.ceil(len(train_rows) / batch_tiles))  # type: ignore[arg-type]
     history: list[float] = []
     val_hist: list[float] = []
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    best = BestEpoch(tc.patience)
     bar = tqdm(range(tc.epochs), desc="training (sub-spot)", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
@@ -182,16 +182,10 @@ def train_subspot(tokens: TokenRows, targets: np.ndarray, *, config: SubspotConf
             continue
         model.eval()
         val_hist.append(_loss_pass(model, tokens, targets, np.asarray(val_rows), weights, batch=64, device=device))
-        if best is None or val_hist[-1] < best[0]:
-            best = (val_hist[-1], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
         bar.set_postfix(loss=f"{history[-1]:.4f}", val=f"{val_hist[-1]:.4f}")
-        if epoch - best[1] >= tc.patience:
+        if best.update(model, val_hist[-1], epoch):
             break
-    if best is not None:
-        model.load_state_dict(best[2])
-    model.fold_output_affine()
-    if history_out is not None:
-        history_out.update(train_mse=history, val_mse=val_hist, best_epoch=[best[1] + 1] if best else [len(history)])
+    best.finish(model, history, val_hist, history_out)
     return model.eval().cpu(), history
 
 

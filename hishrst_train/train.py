@@ -30,7 +30,7 @@ from hishrst_runtime.core.files import atomic_write
 from hishrst_train.model import HisHRST, HisHRSTConfig
 from hishrst_train.runconfig import RunConfig, RunConfigError
 
-__all__ = ["DeviceError", "resolve_device", "TrainConfig", "train_model", "predict", "save_checkpoint", "load_checkpoint", "load_run", "seed_everything"]
+__all__ = ["BestEpoch", "DeviceError", "resolve_device", "TrainConfig", "train_model", "predict", "save_checkpoint", "load_checkpoint", "load_run", "seed_everything"]
 
 
 class DeviceError(EnvironmentProblem):
@@ -197,7 +197,7 @@ def train_model(
     data = tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (features, positions, targets))
     history: list[float] = []
     val_hist: list[float] = []
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    best = BestEpoch(tc.patience)
     model.train()
     bar = tqdm(range(tc.epochs), desc="training", unit="epoch", disable=not progress)
     for epoch in bar:
@@ -206,17 +206,35 @@ def train_model(
             bar.set_postfix(mse=f"{history[-1]:.4f}")
             continue
         val_hist.append(_val_mse(model, *data, val_groups, device))
-        if best is None or val_hist[-1] < best[0]:
-            best = (val_hist[-1], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
         bar.set_postfix(mse=f"{history[-1]:.4f}", val=f"{val_hist[-1]:.4f}")
-        if epoch - best[1] >= tc.patience:
+        if best.update(model, val_hist[-1], epoch):
             break
-    if best is not None:
-        model.load_state_dict(best[2])
-    model.fold_output_affine()
-    if history_out is not None:
-        history_out.update(train_mse=history, val_mse=val_hist, best_epoch=[best[1] + 1] if best else [len(history)])
+    best.finish(model, history, val_hist, history_out)
     return model.eval().cpu(), history
+
+
+class BestEpoch:
+    """Early stopping on a validation loss: keeps the best epoch's weights; :meth:`update` says when
+    ``patience`` epochs have passed without improvement; :meth:`finish` restores the best weights, folds the
+    training-time output scaling and fills ``history_out`` (``train_mse``, ``val_mse``, ``best_epoch``)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = int(patience)
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+
+    def update(self, model: torch.nn.Module, loss: float, epoch: int) -> bool:
+        if self.best is None or loss < self.best[0]:
+            self.best = (loss, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        return epoch - self.best[1] >= self.patience
+
+    def finish(self, model: Any, history: list[float], val_hist: list[float],
+               history_out: dict[str, list[float]] | None) -> None:
+        if self.best is not None:
+            model.load_state_dict(self.best[2])
+        model.fold_output_affine()
+        if history_out is not None:
+            best_epoch = [self.best[1] + 1] if self.best else [len(history)]
+            history_out.update(train_mse=history, val_mse=val_hist, best_epoch=best_epoch)
 
 
 @torch.no_grad()
