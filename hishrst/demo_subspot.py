@@ -23,15 +23,21 @@ WINDOW_UM = 2000.0
 
 
 def _bins_map(store: Path, window: Any, genes: list[str]) -> np.ndarray:
-    """The runtime's 8 µm bins of ``genes`` on the window (NaN where the run wrote no bin)."""
-    import anndata as ad
+    """The runtime's 8 µm bins of ``genes`` on the window (NaN where the run wrote no bin). Only the window's rows
+    of X are read (a slide's X is hundreds of thousands of bins × all genes)."""
+    import zarr
+    from anndata.io import read_elem
 
-    a = ad.read_zarr(store)
-    rc = np.stack([a.obs["array_row"].to_numpy(), a.obs["array_col"].to_numpy()], axis=1) - [window.r0, window.c0]
+    root = zarr.open_group(str(store), mode="r")
+    obs = read_elem(root["obs"])
+    names = list(read_elem(root["var"]).index)
+    rc = np.stack([obs["array_row"].to_numpy(), obs["array_col"].to_numpy()], axis=1) - [window.r0, window.c0]
     rows, cols = window.shape
     inside = np.flatnonzero((rc >= 0).all(axis=1) & (rc[:, 0] < rows) & (rc[:, 1] < cols))
     out = np.full((rows, cols, len(genes)), np.nan, np.float32)
-    out[rc[inside, 0], rc[inside, 1]] = np.asarray(a[inside][:, genes].X, np.float32)
+    if len(inside):
+        x = root["X"].oindex[inside, :]
+        out[rc[inside, 0], rc[inside, 1]] = np.asarray(x, np.float32)[:, [names.index(g) for g in genes]]
     return out
 
 
