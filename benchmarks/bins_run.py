@@ -95,10 +95,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                   ("subspot-8um-large", large, b["subspot"], "8um")):
         r = run_child("benchmarks.bins_run:run_once", {"slide": str(sl), "bundle": str(bundle),
                                                         "out": str(work / "bins_out" / name), "resolution": res})
-        rows.append(writer.write({"run": name, "slide": Path(sl).name, "preset": preset, **r,
+        rows.append(writer.write({"status": "ok", "run": name, "slide": Path(sl).name, "preset": preset, **r,
                                   "peak_rss_mb": mb(r["tree_peak_rss_bytes"]), "load_end": load_average()}))
     spot, sub, big = rows
-    summary = {"run": "ratios", "bins_per_s_over_points_per_s": sub["rate"] / spot["rate"],
+    summary = {"status": "ok", "run": "ratios", "bins_per_s_over_points_per_s": sub["rate"] / spot["rate"],
                "large_rss_over_spot_rss": big["peak_rss_mb"] / spot["peak_rss_mb"], "large_bins": big["points"]}
     rows.append(writer.write(summary))
     writer.close()

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         rec = run_seed(outs, work, f"subspot-{preset}-seed{seed}", epochs=epochs, window_um=window,
                        smoothness=args.smoothness)
-        rec = writer.write({"seed": seed, "preset": preset, "encoder": ENCODER, "epochs_max": epochs,
+        rec = writer.write({"status": "ok", "seed": seed, "preset": preset, "encoder": ENCODER, "epochs_max": epochs,
                             "smoothness": args.smoothness if args.smoothness is not None else _default_smoothness(),
                             "threads": args.threads, "pid": os.getpid(), "seconds_wall": round(time.perf_counter() - t0, 1),
                             "load_avg_end": load_average(), **rec})
