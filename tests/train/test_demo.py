@@ -37,6 +37,7 @@ def test_demo_small_end_to_end(tmp_path):
     assert (tmp_path / "d" / "predictions_8um" / "slide.zarr").is_dir()
 
 
+@pytest.mark.slow
 def test_demo_without_subspot_skips_it(tmp_path):
     from click.testing import CliRunner
 

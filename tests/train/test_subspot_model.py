@@ -64,10 +64,10 @@ def _deconvolution_data(n: int, rng: np.random.Generator) -> tuple[np.ndarray, n
 
 def test_learns_token_expression_from_spot_measurements() -> None:
     rng = np.random.default_rng(0)
-    tokens, truth, spots = _deconvolution_data(240, rng)
-    rows = TokenRows([tokens[:120], tokens[120:]])
-    model, hist = train_subspot(rows, spots, config=_config(), train_rows=np.arange(200), val_rows=np.arange(200, 240),
-                                train_config=TrainConfig(epochs=40, lr=3e-3, seed=0, patience=40), batch_tiles=16,
+    tokens, truth, spots = _deconvolution_data(144, rng)
+    rows = TokenRows([tokens[:72], tokens[72:]])
+    model, hist = train_subspot(rows, spots, config=_config(), train_rows=np.arange(120), val_rows=np.arange(120, 144),
+                                train_config=TrainConfig(epochs=30, lr=5e-3, seed=0, patience=30), batch_tiles=16,
                                 progress=False)
     assert hist[-1] < hist[0]
     test_tokens, test_truth, test_spots = _deconvolution_data(20, np.random.default_rng(1))
