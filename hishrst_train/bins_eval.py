@@ -178,7 +178,7 @@ def write_scores(folder: Path, scores: dict[str, Any], genes: list[str]) -> None
     atomic_write(folder / "metrics.json", json.dumps(slim, indent=2).encode())
 
 
-def _spot_run(run_dir: str | Path, *, device: str) -> tuple[Any, Any, Any]:
+def _run_with_encoder(run_dir: str | Path, *, device: str) -> tuple[Any, Any, Any]:
     from hishrst_train.evaluate import _load_encoder
     from hishrst_train.train import load_run
 
@@ -211,10 +211,10 @@ def score_bins(subspot_run: str | Path, section: str | Path, *, spot_run: str | 
     from hishrst_train.synth import bin_truth
     from hishrst_train.tasks import open_sections
 
-    sub_model, sub_cfg, sub_enc = _spot_run(subspot_run, device=device)
+    sub_model, sub_cfg, sub_enc = _run_with_encoder(subspot_run, device=device)
     if sub_cfg.head_kind != "subspot":
         raise InputError(f"{subspot_run}: a {sub_cfg.head_kind} run; bin scoring needs a `hishrst fit --head subspot` run")
-    spot_model, spot_cfg, spot_enc = _spot_run(spot_run, device=device)
+    spot_model, spot_cfg, spot_enc = _run_with_encoder(spot_run, device=device)
     genes = [g for g in sub_cfg.genes if g in set(spot_cfg.genes)]
     if not genes:
         raise InputError(f"{subspot_run} and {spot_run} share no genes; train both on the same sections")
