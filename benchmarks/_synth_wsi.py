@@ -82,13 +82,17 @@ def _build(final: Path, build: Any) -> Path:
     return final
 
 
-def ensure_zarr(work: Path, *, side_um: float, mpp: float, seed: int = 0) -> Path:
-    """The synthetic slide as a pyramidal OME-Zarr (``write_ome_zarr`` defaults: 512-px chunks, zstd)."""
+def ensure_zarr(work: Path, *, side_um: float, mpp: float, seed: int = 0, codec: str | None = None) -> Path:
+    """The synthetic slide as a pyramidal OME-Zarr (``write_ome_zarr`` defaults: 512-px chunks; chunks compressed
+    with ``codec``, default the writer's default)."""
+    from hishrst_runtime.core.vocab import DEFAULT_CHUNK_CODEC
     from hishrst_runtime.slides.pyramid import write_ome_zarr
 
+    codec = codec or DEFAULT_CHUNK_CODEC
     img = SynthTissue(side_um, mpp, seed=seed)
-    final = work / "feed" / f"synth-{side_um / 1000:g}mm-{mpp:g}mpp-s{seed}.ome.zarr"
-    return _build(final, lambda tmp: write_ome_zarr(img, tmp, mpp=mpp))
+    tag = "" if codec == "zstd" else f"-{codec}"  # zstd stores keep the names of the stores already built
+    final = work / "feed" / f"synth-{side_um / 1000:g}mm-{mpp:g}mpp-s{seed}{tag}.ome.zarr"
+    return _build(final, lambda tmp: write_ome_zarr(img, tmp, mpp=mpp, codec=codec))
 
 
 def ensure_jpeg_tiff(work: Path, *, side_um: float, mpp: float, tile: int = 256, quality: int = 85) -> Path:
@@ -118,17 +122,19 @@ def ensure_jpeg_tiff(work: Path, *, side_um: float, mpp: float, tile: int = 256,
 # ------------------------------------------------------------------------------------ placeholder bundle
 
 
-def _placeholder_models(input_size: int, feature_dim: int, n_genes: int) -> tuple[Any, Any]:
-    """Tiny (encoder, head) ONNX graphs with the bundle contract's tensors and sizes."""
+def _placeholder_models(input_size: int, feature_dim: int, n_genes: int, layout: str = "NHWC") -> tuple[Any, Any]:
+    """Tiny (encoder, head) ONNX graphs with the bundle contract's tensors and sizes (tiles in ``layout``)."""
     from onnx import TensorProto, helper, numpy_helper
+
+    from hishrst_runtime.core.patches import tile_batch_shape
 
     f32 = TensorProto.FLOAT
     enc = helper.make_graph(
         [helper.make_node("Cast", ["tiles"], ["xf"], to=f32),
-         helper.make_node("ReduceMean", ["xf"], ["m"], axes=[1, 2], keepdims=0),
+         helper.make_node("ReduceMean", ["xf"], ["m"], axes=[2, 3] if layout == "NCHW" else [1, 2], keepdims=0),
          helper.make_node("MatMul", ["m", "w"], ["features"])],
         "placeholder_encoder",
-        [helper.make_tensor_value_info("tiles", TensorProto.UINT8, ["batch", input_size, input_size, 3])],
+        [helper.make_tensor_value_info("tiles", TensorProto.UINT8, ["batch", *tile_batch_shape(1, input_size, layout)[1:]])],
         [helper.make_tensor_value_info("features", f32, ["batch", feature_dim])],
         initializer=[numpy_helper.from_array(np.zeros((3, feature_dim), np.float32), "w")])
     head = helper.make_graph(
@@ -148,10 +154,12 @@ def _placeholder_models(input_size: int, feature_dim: int, n_genes: int) -> tupl
             helper.make_model(head, opset_imports=opset, ir_version=8))
 
 
-def placeholder_manifest(patch_um: float, *, input_size: int, feature_dim: int, n_genes: int) -> dict[str, Any]:
-    """A bundle manifest with UNI's geometry (``patch_um`` µm at 0.5 µm/px → ``input_size`` px) and no files."""
+def placeholder_manifest(patch_um: float, *, input_size: int, feature_dim: int, n_genes: int,
+                         layout: str = "NHWC") -> dict[str, Any]:
+    """A bundle manifest with UNI's geometry (``patch_um`` µm at 0.5 µm/px → ``input_size`` px; tiles in ``layout``)
+    and no files."""
     enc = {"name": "placeholder-uni-geometry", "fingerprint": "none", "input_size": input_size,
-           "feature_dim": feature_dim, "input": {"name": "tiles", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
+           "feature_dim": feature_dim, "input": {"name": "tiles", "dtype": "uint8", "layout": layout, "channels": "RGB"},
            "normalisation": {"scale": 1 / 255, "mean": [0.0] * 3, "std": [1.0] * 3, "in_graph": True},
            "gated": False, "license": "MIT"}
     return {"hishrst_version": "bench", "encoder": enc, "genes": [f"G{i}" for i in range(n_genes)], "files": {},
@@ -163,10 +171,11 @@ def placeholder_manifest(patch_um: float, *, input_size: int, feature_dim: int, 
 
 
 def ensure_placeholder_bundle(work: Path, patch_um: float, *, input_size: int = 224, feature_dim: int = 1024,
-                              n_genes: int = 1000, encoder: Path | None = None, precision: str = "fp32") -> Path:
-    """A loadable bundle directory of :func:`placeholder_manifest` with the graphs of :func:`_placeholder_models`;
-    ``encoder``: a real encoder ONNX (single file, e.g. the UNI architecture's export) to use instead, of
-    ``precision`` (``fp32`` / ``fp16``), hard-linked (or copied) into the bundle."""
+                              n_genes: int = 1000, encoder: Path | None = None, precision: str = "fp32",
+                              layout: str = "NHWC") -> Path:
+    """A loadable bundle directory of :func:`placeholder_manifest` with the graphs of :func:`_placeholder_models`
+    (tiles in ``layout``); ``encoder``: a real encoder ONNX (single file, e.g. the UNI architecture's export, in
+    ``layout``) to use instead, of ``precision`` (``fp32`` / ``fp16``), hard-linked (or copied) into the bundle."""
     import onnx
 
     from hishrst_runtime.bundle.integrity import META_GENES, META_N_GENES, head_metadata
@@ -175,8 +184,8 @@ def ensure_placeholder_bundle(work: Path, patch_um: float, *, input_size: int = 
 
     def build(root: Path) -> None:
         root.mkdir(parents=True)
-        m = placeholder_manifest(patch_um, input_size=input_size, feature_dim=feature_dim, n_genes=n_genes)
-        enc, head = _placeholder_models(input_size, feature_dim, n_genes)
+        m = placeholder_manifest(patch_um, input_size=input_size, feature_dim=feature_dim, n_genes=n_genes, layout=layout)
+        enc, head = _placeholder_models(input_size, feature_dim, n_genes, layout)
         onnx.helper.set_model_props(head, {k: v for k, v in head_metadata(m).items() if k in (META_GENES, META_N_GENES)})
         for key, model in (("encoder", enc), ("head", head)):
             path = root / f"{key}.onnx"
@@ -188,7 +197,7 @@ def ensure_placeholder_bundle(work: Path, patch_um: float, *, input_size: int = 
                                "precision": precision if key == "encoder" and encoder is not None else "fp32"}
         write_manifest(root, m)
 
-    tag = "" if encoder is None else f"-{Path(encoder).stem}"
+    tag = ("" if encoder is None else f"-{Path(encoder).stem}") + ("" if layout == "NHWC" else f"-{layout.lower()}")
     return _build(work / "feed" / f"bundle-uni-geometry-{patch_um:g}um-g{n_genes}{tag}", build)
 
 

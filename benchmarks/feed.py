@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hishrst_runtime.core.vocab import CHUNK_CODECS, DEFAULT_CHUNK_CODEC, DEFAULT_TILE_LAYOUT, TILE_LAYOUTS
+
 from benchmarks._common import JsonlWriter, base_parser, int_list, load_average, print_table, workdir_of
 
 #: UNI's field: 224 px at 0.5 µm/px.
@@ -71,14 +73,19 @@ def thread_settings() -> dict[str, Any]:
             "physical_cores": default_threads(), "runtime_default_workers": DEFAULT_WORKERS}
 
 
-def feed_slides(work: Path, side_mm: float) -> dict[str, Path]:
-    """The three slide kinds of the feed-rate part (same tissue, same physical size)."""
+def feed_slides(work: Path, side_mm: float, codecs: list[str] | None = None) -> dict[str, tuple[Path, str]]:
+    """The three slide kinds of the feed-rate part (same tissue, same physical size): kind → (slide, chunk codec).
+    The OME-Zarr kinds come once per chunk codec of ``codecs`` (default: the writer's default only)."""
     from benchmarks._synth_wsi import ensure_jpeg_tiff, ensure_zarr
+    from hishrst_runtime.core.vocab import DEFAULT_CHUNK_CODEC
 
     um = 1000.0 * side_mm
-    return {"ome-zarr 0.5 µm/px": ensure_zarr(work, side_um=um, mpp=0.5),
-            "ome-zarr 0.25 µm/px": ensure_zarr(work, side_um=um, mpp=0.25),
-            "tiff-jpeg 40× single level": ensure_jpeg_tiff(work, side_um=um, mpp=0.25)}
+    kinds: dict[str, tuple[Path, str]] = {}
+    for mpp in (0.5, 0.25):
+        for codec in codecs or [DEFAULT_CHUNK_CODEC]:
+            kinds[f"ome-zarr {mpp:g} µm/px, {codec}"] = (ensure_zarr(work, side_um=um, mpp=mpp, codec=codec), codec)
+    kinds["tiff-jpeg 40× single level"] = (ensure_jpeg_tiff(work, side_um=um, mpp=0.25), "jpeg")
+    return kinds
 
 
 def feed_pass(slide: Path, bundle: Any, *, workers: int, batch_size: int = BATCH,
@@ -114,11 +121,11 @@ def measure_feed(slide: Path, bundle: Any, *, workers: int, repeats: int) -> dic
 # ------------------------------------------------------------------------------------------ engine busy
 
 
-def busy_slides(work: Path, sides_mm: list[float]) -> list[Path]:
-    """The engine-busy part's OME-Zarr slides at 0.5 µm/px (one texture seed each)."""
+def busy_slides(work: Path, sides_mm: list[float], codec: str | None = None) -> list[Path]:
+    """The engine-busy part's OME-Zarr slides at 0.5 µm/px (one texture seed each; chunks compressed with ``codec``)."""
     from benchmarks._synth_wsi import ensure_zarr
 
-    return [ensure_zarr(work, side_um=1000.0 * s, mpp=0.5, seed=i) for i, s in enumerate(sides_mm)]
+    return [ensure_zarr(work, side_um=1000.0 * s, mpp=0.5, seed=i, codec=codec) for i, s in enumerate(sides_mm)]
 
 
 def latency_engines(bundle: Any, tiles_per_s: float) -> Any:
@@ -255,6 +262,14 @@ def _parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--engine-rate", type=float_list, default=[4000.0],
                    help="latency engine speeds, tiles/s (default 4000; several: 4000,500)")
     p.add_argument("--busy-workers", type=int, default=None, help="reader threads of the engine-busy run (default: hishrst-run's)")
+    p.add_argument("--codecs", type=_codec_list, default=list(CHUNK_CODECS),
+                   help=f"chunk codecs of the OME-Zarr feed slides (default {','.join(CHUNK_CODECS)})")
+    p.add_argument("--layouts", type=_layout_list, default=list(TILE_LAYOUTS),
+                   help=f"encoder tile layouts of the feed part (default {','.join(TILE_LAYOUTS)})")
+    p.add_argument("--busy-layout", choices=TILE_LAYOUTS, default=DEFAULT_TILE_LAYOUT,
+                   help=f"encoder tile layout of the engine-busy part (default {DEFAULT_TILE_LAYOUT})")
+    p.add_argument("--busy-codec", choices=CHUNK_CODECS, default=DEFAULT_CHUNK_CODEC,
+                   help=f"chunk codec of the engine-busy slides (default {DEFAULT_CHUNK_CODEC})")
     p.add_argument("--skip-busy", action="store_true", help="measure the feed rate only")
     p.add_argument("--skip-feed", action="store_true", help="measure the engine-busy part only")
     p.add_argument("--compare-overlap", action="store_true",
@@ -270,23 +285,41 @@ def _feed_records(out: JsonlWriter, work: Path, args: Any, common: dict[str, Any
     from hishrst_runtime.bundle.manifest import load_bundle
 
     side, _ = _sizes(args.quick, args.side_mm)
-    bundle = load_bundle(ensure_placeholder_bundle(work, args.patch_um))
     repeats = args.repeats or (1 if args.quick else 3)
     rows = []
-    for kind, path in feed_slides(work, side).items():
-        by: dict[int, float] = {}
-        for n in args.threads:
-            r = measure_feed(path, bundle, workers=n, repeats=repeats)
-            by[n] = r["tiles_per_s"]
-            rows.append(out.write({**common, "kind": "feed", "status": "ok", "slide_kind": kind, "slide": str(path),
-                                   "side_mm": side, "workers": n, **r}))
-            print(f"  {kind:28s} {n} reader thread(s): {r['tiles_per_s']:8.0f} tiles/s ({r['tiles']} tiles, "
-                  f"load {r['load_avg_before']} → {r['load_avg_after']})", flush=True)
-        if 1 in by and len(by) > 1:
-            rows.append(out.write({**common, "kind": "scaling", "status": "ok", "slide_kind": kind,
-                                   "tiles_per_s_by_threads": {str(k): v for k, v in by.items()},
-                                   "scaling": {str(k): v / by[1] for k, v in by.items()}}))
+    for kind, (path, codec) in feed_slides(work, side, args.codecs).items():
+        for layout in args.layouts:
+            bundle = load_bundle(ensure_placeholder_bundle(work, args.patch_um, layout=layout))
+            by: dict[int, float] = {}
+            for n in args.threads:
+                r = measure_feed(path, bundle, workers=n, repeats=repeats)
+                by[n] = r["tiles_per_s"]
+                rows.append(out.write({**common, "kind": "feed", "status": "ok", "slide_kind": kind, "slide": str(path),
+                                       "codec": codec, "layout": layout, "side_mm": side, "workers": n, **r}))
+                print(f"  {kind:28s} {layout} {n} reader thread(s): {r['tiles_per_s']:8.0f} tiles/s ({r['tiles']} "
+                      f"tiles, load {r['load_avg_before']} → {r['load_avg_after']})", flush=True)
+            if 1 in by and len(by) > 1:
+                rows.append(out.write({**common, "kind": "scaling", "status": "ok", "slide_kind": kind, "layout": layout,
+                                       "tiles_per_s_by_threads": {str(k): v for k, v in by.items()},
+                                       "scaling": {str(k): v / by[1] for k, v in by.items()}}))
     return rows
+
+
+def _layout_list(text: str) -> list[str]:
+    """``"NHWC,NCHW"`` → ``["NHWC", "NCHW"]`` (argparse type; each a tile layout)."""
+    vals = [v.strip().upper() for v in text.split(",") if v.strip()]
+    if not vals or any(v not in TILE_LAYOUTS for v in vals):
+        raise argparse.ArgumentTypeError(f"expected layouts among {', '.join(TILE_LAYOUTS)}, got {text!r}")
+    return vals
+
+
+def _codec_list(text: str) -> list[str]:
+    """``"zstd,lz4"`` → ``["zstd", "lz4"]`` (argparse type; each one of the writer's chunk codecs)."""
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in vals if v not in CHUNK_CODECS]
+    if not vals or bad:
+        raise argparse.ArgumentTypeError(f"expected codecs among {', '.join(CHUNK_CODECS)}, got {text!r}")
+    return vals
 
 
 def float_list(text: str) -> list[float]:
@@ -307,15 +340,16 @@ def _busy_records(out: JsonlWriter, work: Path, args: Any, common: dict[str, Any
     from hishrst_runtime.jobs.runner import DEFAULT_WORKERS
 
     _, sides = _sizes(args.quick, None)
-    slides = busy_slides(work, sides)
+    slides = busy_slides(work, sides, args.busy_codec)
     workers = args.busy_workers if args.busy_workers is not None else DEFAULT_WORKERS
     modes = [False, True] if args.compare_overlap else [True]
-    bundle = ensure_placeholder_bundle(work, args.patch_um)
+    bundle = ensure_placeholder_bundle(work, args.patch_um, layout=args.busy_layout)
     for rate in args.engine_rate:
         for overlap in modes:
             b = engine_busy(slides, bundle, work / "feed" / "out-busy", tiles_per_s=rate, workers=workers,
                             overlap=overlap)
-            out.write({**common, "kind": "engine_busy", "status": "ok", "sides_mm": sides, **b})
+            out.write({**common, "kind": "engine_busy", "status": "ok", "sides_mm": sides, "codec": args.busy_codec,
+                       "layout": args.busy_layout, **b})
             print_busy(b)
     if args.cpu_encoder is None:
         return
@@ -349,11 +383,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               f"reader threads {args.threads}; load {load_average()}", flush=True)
         rows = [] if args.skip_feed else _feed_records(out, work, args, common)
         print_table([r for r in rows if r["kind"] == "feed"],
-                    [("slide_kind", "slide"), ("workers", "reader threads"), ("tiles_per_s", "tiles/s"),
+                    [("slide_kind", "slide"), ("layout", "tiles"), ("workers", "reader threads"), ("tiles_per_s", "tiles/s"),
                      ("median_tiles_per_s", "median"), ("tiles", "tiles"), ("level_mpp", "level µm/px"),
                      ("load_avg_before", "load before"), ("load_avg_after", "load after")], title="feed rate")
         for r in (r for r in rows if r["kind"] == "scaling"):
-            print(f"  scaling {r['slide_kind']}: " + ", ".join(f"{k} → {v:.2f}×" for k, v in r["scaling"].items()))
+            print(f"  scaling {r['slide_kind']} {r.get('layout', '')}: " + ", ".join(f"{k} → {v:.2f}×" for k, v in r["scaling"].items()))
         if not args.skip_busy:
             _busy_records(out, work, args, common)
         print(f"-> {args.out}")

@@ -54,10 +54,10 @@ def _versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__}
 
 
-def contract_sections(model: Any, config: RunConfig, encoder: Any) -> dict[str, Any]:
-    """The manifest sections that define what the bundle computes: encoder (with its normalisation, pooling and
-    ``test_encoder`` — true for a randomly initialised test encoder), patch, position, grouping, genes, output,
-    head and preprocessing (all covered by the content hash)."""
+def contract_sections(model: Any, config: RunConfig, encoder: Any, *, layout: str = "NHWC") -> dict[str, Any]:
+    """The manifest sections that define what the bundle computes: encoder (with its tile ``layout``, normalisation,
+    pooling and ``test_encoder`` — true for a randomly initialised test encoder), patch, position, grouping, genes,
+    output, head and preprocessing (all covered by the content hash)."""
     from hishrst_train.encoders.module import encoder_fingerprint
 
     mcfg = model.config.to_dict()
@@ -67,7 +67,7 @@ def contract_sections(model: Any, config: RunConfig, encoder: Any) -> dict[str, 
             "name": config.encoder["name"], "architecture": encoder.spec.arch,
             "fingerprint": encoder_fingerprint(encoder),
             "input_size": int(encoder.input_size), "feature_dim": int(encoder.feature_dim),
-            "input": {"name": "tiles", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
+            "input": {"name": "tiles", "dtype": "uint8", "layout": layout, "channels": "RGB"},
             "normalisation": {"scale": 1 / 255, "mean": list(encoder.spec.mean), "std": list(encoder.spec.std),
                               "formula": "(tiles / 255 - mean) / std, per RGB channel", "in_graph": True},
             "gated": bool(config.encoder.get("gated")), "license": config.encoder.get("license"),

@@ -1,6 +1,7 @@
 """PyTorch → ONNX export of the encoder and the HisHRST head, each followed by a parity check.
 
-* ``encoder.onnx``: ``tiles`` uint8 ``[B, S, S, 3]`` (RGB, NHWC) → ``features`` float32 ``[B, D]`` (and with
+* ``encoder.onnx``: ``tiles`` uint8 ``[B, S, S, 3]`` (RGB, NHWC; ``[B, 3, S, S]`` with ``layout="NCHW"``) →
+  ``features`` float32 ``[B, D]`` (and with
   ``tokens=True`` the patch tokens ``tokens`` float32 ``[B, rows, cols, width]``, sub-spot bundles).
   Scaling to [0, 1] and mean/std normalisation are inside the graph, so the runtime ships bytes.
   Dynamic batch, fixed spatial size ``S`` (the encoder's input size in pixels). Attention is exported
@@ -40,9 +41,11 @@ import torch
 from torch import nn
 from hishrst_runtime.bundle.io_names import ENCODER_IO, ENCODER_TOKENS_IO, HEAD_IO
 from hishrst_runtime.core.errors import HishrstError
-from hishrst_runtime.core.vocab import Precision
+from hishrst_runtime.core.patches import shape_tile_layout, tile_batch_shape, to_tile_layout
+from hishrst_runtime.core.vocab import DEFAULT_TILE_LAYOUT, TILE_LAYOUTS, Precision, TileLayout
 from hishrst_export.parity import PARITY_TOLERANCE as _PARITY
 from hishrst_export.parity import compare, passes
+from hishrst_export.toposort import toposort as _toposort
 
 if TYPE_CHECKING:
     from hishrst_train.encoders import EncoderModule
@@ -153,36 +156,6 @@ def _torch_export(module: nn.Module, args: tuple, path: Path, *, input_names: li
         _resave(raw, path)
 
 
-def _toposort(graph: Any) -> None:
-    """Reorder ``graph.node`` topologically in place (stable: keeps the original order where it can)."""
-    nodes = list(graph.node)
-    produced = {out: i for i, n in enumerate(nodes) for out in n.output if out}
-    deps: list[set[int]] = []
-    for i, n in enumerate(nodes):
-        deps.append({produced[x] for x in n.input if x in produced and produced[x] != i})
-    users: dict[int, list[int]] = {i: [] for i in range(len(nodes))}
-    for i, d in enumerate(deps):
-        for j in d:
-            users[j].append(i)
-    import heapq
-
-    remaining = [len(d) for d in deps]
-    ready = [i for i, r in enumerate(remaining) if r == 0]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for u in users[i]:
-            remaining[u] -= 1
-            if remaining[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) != len(nodes):
-        raise RuntimeError("the fp16 graph has a cycle; cannot sort it topologically (report this as a bug)")
-    del graph.node[:]
-    graph.node.extend(nodes[i] for i in order)
-
-
 def _to_fp16(path: Path, *, keep_fp32_prefixes: tuple[str, ...] = (), keep_fp32_nodes: tuple[str, ...] = ()) -> None:
     """Convert the fp32 ONNX file ``path`` to mixed fp16 in place (see the module docstring).
 
@@ -266,17 +239,22 @@ def _declare_dims(path: Path, output: str, dims: tuple[int, ...]) -> None:
 
 
 def export_encoder_onnx(encoder: EncoderModule, out_path: str | Path, *, opset: int = 17, precision: Precision = "fp32",
-                        tokens: bool = False) -> Path:
-    """Export an encoder taking uint8 NHWC tiles (``hishrst_train.encoders.EncoderModule``) to ONNX.
+                        tokens: bool = False, layout: TileLayout = DEFAULT_TILE_LAYOUT) -> Path:
+    """Export an encoder (``hishrst_train.encoders.EncoderModule``) taking uint8 RGB tiles in ``layout`` to ONNX:
+    ``[B, S, S, 3]`` (``NHWC``) or ``[B, 3, S, S]`` (``NCHW``; :data:`~hishrst_runtime.core.vocab.TileLayout`).
 
     ``encoder.input_size`` (pixels) fixes the spatial size; the batch is dynamic. ``tokens=True`` adds the patch
     tokens of ``encoder.forward_tokens`` (:data:`ENCODER_TOKENS_IO`; float32 in fp16 too). Returns ``out_path``."""
-    from hishrst_train.encoders.module import EncoderTokens, plain_attention
+    from hishrst_train.encoders.module import ChannelsFirst, EncoderTokens, plain_attention
 
+    if layout not in TILE_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(TILE_LAYOUTS)}, got {layout!r}")
     out_path, io = Path(out_path), ENCODER_TOKENS_IO if tokens else ENCODER_IO
-    dummy = torch.randint(0, 256, (2, int(encoder.input_size), int(encoder.input_size), 3), dtype=torch.uint8)
+    s = int(encoder.input_size)
+    dummy = torch.randint(0, 256, tile_batch_shape(2, s, layout), dtype=torch.uint8)
     encoder = encoder.eval().cpu()
-    traced = EncoderTokens(encoder) if tokens else encoder
+    traced: nn.Module = EncoderTokens(encoder) if tokens else encoder
+    traced = ChannelsFirst(traced) if layout == "NCHW" else traced
     with plain_attention(encoder), torch.inference_mode(False), torch.no_grad():
         _torch_export(traced, (dummy,), out_path, input_names=io["inputs"], output_names=io["outputs"],
                       dynamic_axes={k: {0: "batch"} for k in io["inputs"] + io["outputs"]}, opset=opset)
@@ -286,6 +264,11 @@ def export_encoder_onnx(encoder: EncoderModule, out_path: str | Path, *, opset: 
         _to_fp16(out_path)
     _check(out_path)
     return out_path
+
+
+def session_tile_layout(sess: Any) -> str:
+    """The tile layout of an encoder ONNX Runtime session (its ``tiles`` input ``[?, 3, S, S]`` is ``NCHW``)."""
+    return shape_tile_layout(next(i.shape for i in sess.get_inputs() if i.name == "tiles"))
 
 
 def _set_metadata(path: Path, metadata: Mapping[str, str]) -> None:
@@ -357,19 +340,21 @@ def encoder_parity(encoder: EncoderModule, onnx_path: str | Path, *, tiles: dict
                    precision: Precision = "fp32", batch_sizes: tuple[int, ...] = (1, 7)) -> dict[str, Any]:
     """Run ONNX Runtime (CPU) vs PyTorch on sets of uint8 tiles; raise :class:`ParityError` on failure.
 
-    ``tiles`` maps a label (e.g. ``"random"``, ``"real"``) to ``[B, S, S, 3]`` uint8 arrays; each set is
+    ``tiles`` maps a label (e.g. ``"random"``, ``"real"``) to ``[B, S, S, 3]`` uint8 arrays (NHWC, as PyTorch's
+    encoder takes them; fed to the graph in its own layout, :func:`session_tile_layout`); each set is
     run through ONNX Runtime in chunks of every size in ``batch_sizes`` (exercising the dynamic batch)
     and the worst chunking is reported. A token encoder's ``tokens`` output (compared with
     ``encoder.forward_tokens``, per channel) is reported under ``report[label]["tokens"]``.
     """
     sess = _session(Path(onnx_path))
-    outputs = [o.name for o in sess.get_outputs()]
+    outputs, layout = [o.name for o in sess.get_outputs()], session_tile_layout(sess)
     report: dict[str, Any] = {}
     encoder = encoder.eval().cpu()
     for label, t in tiles.items():
         with torch.no_grad():
             want = encoder.forward_tokens(torch.from_numpy(t)) if len(outputs) > 1 else (encoder(torch.from_numpy(t)),)
-        chunked = [[np.concatenate(o) for o in zip(*(sess.run(None, {"tiles": t[i : i + bs]})
+        fed = to_tile_layout(t, layout)
+        chunked = [[np.concatenate(o) for o in zip(*(sess.run(None, {"tiles": fed[i : i + bs]})
                                                      for i in range(0, len(t), bs)))] for bs in batch_sizes]
         for k, out in enumerate(outputs):
             name = f"{onnx_path} ({label} tiles{', ' + out if k else ''})"

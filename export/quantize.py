@@ -137,14 +137,16 @@ def training_tiles(config: Any, encoder: Any, *, data: str | Path | None = None,
     return TileSets(np.concatenate(cal), heldout, source + (f"; unreadable: {'; '.join(problems)}" if problems else ""))
 
 
-def _reader(tiles: np.ndarray, batch: int) -> Any:
-    """An ONNX Runtime ``CalibrationDataReader`` over ``tiles`` in batches of ``batch``."""
+def _reader(tiles: np.ndarray, batch: int, layout: str = "NHWC") -> Any:
+    """An ONNX Runtime ``CalibrationDataReader`` over NHWC ``tiles`` in batches of ``batch``, fed in ``layout``."""
     from onnxruntime.quantization import CalibrationDataReader
+
+    from hishrst_runtime.core.patches import to_tile_layout
 
     class _Tiles(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
             self._it: Iterator[dict[str, np.ndarray]] = iter(
-                {"tiles": tiles[i : i + batch]} for i in range(0, len(tiles), batch))
+                {"tiles": to_tile_layout(tiles[i : i + batch], layout)} for i in range(0, len(tiles), batch))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)
@@ -178,7 +180,7 @@ def quantize_encoder(fp32_path: str | Path, out_path: str | Path, calibration: n
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.stem}-int8-") as scratch:
         raw = Path(scratch) / out_path.name
         with contextlib.redirect_stdout(None), _quiet_root_logger():  # progress prints; "consider pre-processing"
-            quantize_static(str(fp32_path), str(raw), _reader(calibration, batch),
+            quantize_static(str(fp32_path), str(raw), _reader(calibration, batch, _graph_layout(Path(fp32_path))),
                             quant_format=getattr(QuantFormat, QUANT_FORMAT), op_types_to_quantize=list(QUANTIZED_OPS),
                             per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
@@ -188,11 +190,25 @@ def quantize_encoder(fp32_path: str | Path, out_path: str | Path, calibration: n
     return out_path
 
 
+def _graph_layout(path: Path) -> str:
+    """The tile layout of the encoder graph ``path`` (its ``tiles`` input's shape; weights not loaded)."""
+    import onnx
+
+    from hishrst_runtime.core.patches import shape_tile_layout
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    tiles = next(i for i in graph.input if i.name == "tiles")
+    return shape_tile_layout([d.dim_value or d.dim_param for d in tiles.type.tensor_type.shape.dim])
+
+
 def _features(path: Path, tiles: np.ndarray, batch: int = BATCH) -> np.ndarray:
-    from hishrst_export.onnx_export import _session
+    """Features of NHWC ``tiles`` from the encoder graph ``path`` (fed in its own layout)."""
+    from hishrst_export.onnx_export import _session, session_tile_layout
+    from hishrst_runtime.core.patches import to_tile_layout
 
     sess = _session(path)
-    return np.concatenate([sess.run(None, {"tiles": tiles[i : i + batch]})[0] for i in range(0, len(tiles), batch)])
+    fed = to_tile_layout(tiles, session_tile_layout(sess))
+    return np.concatenate([sess.run(None, {"tiles": fed[i : i + batch]})[0] for i in range(0, len(fed), batch)])
 
 
 def embedding_cosine(got: np.ndarray, want: np.ndarray) -> np.ndarray:

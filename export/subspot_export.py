@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from hishrst_runtime.bundle.io_names import SUBSPOT_HEAD_IO
-from hishrst_runtime.core.vocab import Precision
+from hishrst_runtime.core.patches import to_tile_layout
+from hishrst_runtime.core.vocab import DEFAULT_TILE_LAYOUT, Precision, TileLayout
 from hishrst_export.onnx_export import _check, _session, _set_metadata, _to_fp16, _torch_export, _verdict
 
 __all__ = ["export_subspot_head_onnx", "subspot_head_parity", "subspot_head_feeds"]
@@ -85,7 +86,8 @@ def subspot_head_parity(model: Any, onnx_path: str | Path, *, feeds: dict[str, n
 
 def export_subspot_models(tmp: Path, model: Any, encoder: Any, *, precision: Precision, opset: int,
                           tiles: dict[str, np.ndarray], head_meta: Mapping[str, str], seed: int,
-                          batch_sizes: tuple[int, ...]) -> tuple[Path, Path, dict[str, Any], dict[str, Any]]:
+                          batch_sizes: tuple[int, ...], layout: TileLayout = DEFAULT_TILE_LAYOUT
+                          ) -> tuple[Path, Path, dict[str, Any], dict[str, Any]]:
     """A sub-spot bundle's two graphs in ``tmp``: the encoder with its ``tokens`` output and the sub-spot head,
     each parity-checked against PyTorch (encoder: ``tiles``; head: random tokens and the real tiles' tokens).
     Returns both paths and both parity reports."""
@@ -93,7 +95,8 @@ def export_subspot_models(tmp: Path, model: Any, encoder: Any, *, precision: Pre
 
     if tuple(model.grid) != tuple(encoder.spec.token_grid):
         raise ValueError(f"the head's token grid {tuple(model.grid)} is not the encoder's {encoder.spec.token_grid}")
-    enc_path = export_encoder_onnx(encoder, tmp / "encoder.onnx", opset=opset, precision=precision, tokens=True)
+    enc_path = export_encoder_onnx(encoder, tmp / "encoder.onnx", opset=opset, precision=precision, tokens=True,
+                                   layout=layout)
     enc_report = encoder_parity(encoder, enc_path, tiles=tiles, precision=precision, batch_sizes=batch_sizes)
     head_path = export_subspot_head_onnx(model, tmp / "head.onnx", opset=opset, precision=precision, metadata=head_meta)
     feeds = subspot_head_feeds(model, encoder, rng=np.random.default_rng(seed), real_tiles=tiles.get("real"))
@@ -117,7 +120,8 @@ def subspot_contract(model: Any, config: Any) -> dict[str, Any]:
 def export_subspot_bundle_models(tmp: Path, model: Any, encoder: Any, *, precision: str, opset: int,
                                  tiles: dict[str, np.ndarray], head_meta: Mapping[str, str], seed: int,
                                  batch_sizes: tuple[int, ...], real_status: str, trt_info: dict[str, Any] | None,
-                                 max_batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                                 max_batch: int, layout: TileLayout = DEFAULT_TILE_LAYOUT
+                                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``hishrst export`` of a sub-spot run: both graphs, parity, TensorRT engines when asked (the head's profile
     covers batches of 1…``max_batch`` token tiles); the manifest's ``files`` and ``parity``."""
     from hishrst_export.bundle import ExportError
@@ -128,11 +132,11 @@ def export_subspot_bundle_models(tmp: Path, model: Any, encoder: Any, *, precisi
                           "spot predictions); nothing was written")
     enc_path, head_path, enc_report, head_report = export_subspot_models(
         tmp, model, encoder, precision=precision, opset=opset, tiles=tiles, head_meta=head_meta, seed=seed,  # type: ignore[arg-type]
-        batch_sizes=batch_sizes)
+        batch_sizes=batch_sizes, layout=layout)
     files = {"encoder": file_entry(enc_path, precision), "head": file_entry(head_path, precision)}
     if trt_info is not None:
         files.update(_subspot_engines(tmp, enc_path, head_path, model=model, tiles=tiles, precision=precision,
-                                      max_batch=max_batch, trt_info=trt_info))
+                                      max_batch=max_batch, trt_info=trt_info, layout=layout))
     parity = {"reference": "PyTorch fp32 (CPU) vs ONNX Runtime CPU; for fp16 the figures are the accuracy cost of "
                            "half precision", "precision": precision, "seed": seed, "real_tiles": real_status,
               "encoder": enc_report, "head": head_report}
@@ -140,7 +144,7 @@ def export_subspot_bundle_models(tmp: Path, model: Any, encoder: Any, *, precisi
 
 
 def _subspot_engines(tmp: Path, enc_path: Path, head_path: Path, *, model: Any, tiles: dict[str, np.ndarray],
-                     precision: str, max_batch: int, trt_info: dict[str, Any]) -> dict[str, Any]:
+                     precision: str, max_batch: int, trt_info: dict[str, Any], layout: str) -> dict[str, Any]:
     """TensorRT engines of both graphs (the vendors' documented builder, :mod:`hishrst_export.tensorrt`)."""
     from hishrst_export.bundle import ExportError
     from hishrst_export.tensorrt import (EngineParityError, TensorRTBuildError, TensorRTUnavailable, build_engine,
@@ -153,7 +157,7 @@ def _subspot_engines(tmp: Path, enc_path: Path, head_path: Path, *, model: Any, 
     sample_tokens = np.random.default_rng(0).standard_normal((2, *tail)).astype(np.float32)
     entries: dict[str, Any] = {}
     try:
-        for key, path, shp, sample in (("encoder", enc_path, None, {"tiles": tiles["random"][:4]}),
+        for key, path, shp, sample in (("encoder", enc_path, None, {"tiles": to_tile_layout(tiles["random"][:4], layout)}),
                                        ("head", head_path, shapes, {"tokens": sample_tokens})):
             eng = build_engine(path, out_path=tmp / f"{key}.plan", precision=precision,  # type: ignore[arg-type]
                                max_batch=max_batch, shapes=shp, timing_cache=tmp / "timing.cache")

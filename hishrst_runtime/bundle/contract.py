@@ -64,7 +64,9 @@ def expected_io(spec: BundleSpec, role: Role) -> dict[str, tuple[_Dim, ...]]:
     size = (s, f"encoder.input_size is {s} px")
     dim = (d, f"encoder.feature_dim is {d}")
     if role == "encoder":
-        tiles = {"tiles": (None, size, size, (3, "tiles have 3 (RGB) channels")), "features": (None, dim)}
+        rgb = (3, "tiles have 3 (RGB) channels")
+        hw = (rgb, size, size) if spec.encoder.layout == "NCHW" else (size, size, rgb)
+        tiles = {"tiles": (None, *hw), "features": (None, dim)}
         return {**tiles, **_subspot_io(spec, role)} if spec.subspot else tiles
     if spec.subspot:
         return _subspot_io(spec, role)

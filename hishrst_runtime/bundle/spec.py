@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from hishrst_runtime.bundle.fields import BundleError
+from hishrst_runtime.bundle.fields import ManifestReader as _Reader
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.grouping import GROUPING_METHOD
 from hishrst_runtime.core.patches import PAD_VALUE, RESIZE_FILTER
 from hishrst_runtime.core.tokens import TokenGeometry
 from hishrst_runtime.core.vocab import (DEFAULT_HEAD_KIND, DEFAULT_PRECISION, HEAD_KINDS, POSITION_MODES, PRECISIONS,
-                                        UM_POSITION_MODES, HeadKind, PositionMode)
+                                        TILE_LAYOUTS, UM_POSITION_MODES, HeadKind, PositionMode, TileLayout)
 
 __all__ = [
     "DEFAULT_MAX_BATCH", "BundleError", "BundleSpec", "EncoderSpec", "ExternalDataSpec", "FileSpec", "GroupingSpec",
@@ -37,10 +39,6 @@ HEAD_PROFILE_OPT_GROUPS = 8
 ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
-class BundleError(InputError):
-    """A model bundle is missing, malformed, tampered with or unsupported."""
-
-
 @dataclass(frozen=True)
 class NormalisationSpec:
     """Input scaling inside the encoder graph: ``(tiles * scale - mean) / std`` per RGB channel."""
@@ -53,9 +51,10 @@ class NormalisationSpec:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """The image encoder: uint8 NHWC tiles of ``input_size`` px → ``feature_dim`` features. ``test_encoder``:
-    randomly initialised (tests and smoke runs only; its predictions mean nothing); False for bundles written
-    before the key existed. ``pooling``: how tokens became the feature (``cls``, ``cls+mean``; None if unrecorded)."""
+    """The image encoder: uint8 RGB tiles of ``input_size`` px in ``layout`` (``NHWC`` or ``NCHW``; ``NHWC`` for
+    bundles that do not record it) → ``feature_dim`` features. ``test_encoder``: randomly initialised (tests and
+    smoke runs only; its predictions mean nothing); False for bundles written before the key existed.
+    ``pooling``: how tokens became the feature (``cls``, ``cls+mean``; None if unrecorded)."""
 
     name: str
     input_size: int
@@ -66,6 +65,7 @@ class EncoderSpec:
     license: str | None
     test_encoder: bool = False
     pooling: str | None = None
+    layout: TileLayout = "NHWC"
 
 
 @dataclass(frozen=True)
@@ -223,65 +223,6 @@ class BundleSpec:
         return {name: ((1, 1, *tail), (opt, n, *tail), (m, n, *tail)) for name, tail in tails.items()}
 
 
-class _Reader:
-    """Typed field access on one manifest, every error naming the manifest and the field."""
-
-    def __init__(self, manifest: Mapping[str, Any], path: Path | str) -> None:
-        self.m, self.path = manifest, path
-
-    def fail(self, field: str, problem: str) -> BundleError:
-        return BundleError(f"{self.path}: {field} {problem}; re-export the bundle")
-
-    def get(self, field: str, default: Any = None) -> Any:
-        node: Any = self.m
-        for part in field.split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                return default
-            node = node[part]
-        return default if node is None else node
-
-    def int_at_least(self, field: str, low: int, default: int | None = None, *, high: int | None = None) -> int:
-        v = self.get(field, default)
-        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or int(v) != v or v < low
-                or (high is not None and v > high)):
-            what = (f"an integer from {low} to {high}" if high is not None
-                    else "a positive integer" if low == 1 else f"an integer >= {low}")
-            raise self.fail(field, f"must be {what}, got {v!r}")
-        return int(v)
-
-    def positive_int(self, field: str, default: int | None = None) -> int:
-        return self.int_at_least(field, 1, default)
-
-    def optional_int(self, field: str, low: int) -> int | None:
-        return None if self.get(field) is None else self.int_at_least(field, low)
-
-    def positive_float(self, field: str, unit: str, default: float | None = None) -> float:
-        v = self.get(field, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise self.fail(field, f"must be a positive finite number ({unit}), got {v!r}")
-        return float(v)
-
-    def optional_positive_float(self, field: str, unit: str) -> float | None:
-        return None if self.get(field) is None else self.positive_float(field, unit)
-
-    def floats(self, field: str, default: Any) -> tuple[float, ...]:
-        v = self.get(field, default)
-        if not isinstance(v, (list, tuple)) or not all(
-                not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) for x in v):
-            raise self.fail(field, f"must be a list of finite numbers, got {v!r}")
-        return tuple(float(x) for x in v)
-
-    def text(self, field: str, default: str | None = None) -> str:
-        v = self.get(field, default)
-        if not isinstance(v, str) or not v:
-            raise self.fail(field, f"must be a non-empty string, got {v!r}")
-        return v
-
-    def optional_text(self, field: str) -> str | None:
-        v = self.get(field)
-        return None if v is None else str(v)
-
-
 def _normalisation(r: _Reader) -> NormalisationSpec | None:
     return None if r.get("encoder.normalisation") is None else NormalisationSpec(
         scale=r.positive_float("encoder.normalisation.scale", "factor on uint8 values", 1 / 255),
@@ -296,8 +237,15 @@ def _encoder(r: _Reader) -> EncoderSpec:
         feature_dim=r.positive_int("encoder.feature_dim"), fingerprint=r.optional_text("encoder.fingerprint"),
         normalisation=_normalisation(r), gated=bool(r.get("encoder.gated", False)),
         license=r.optional_text("encoder.license"), test_encoder=r.get("encoder.test_encoder", False) is True,
-        pooling=r.optional_text("encoder.pooling"),
+        pooling=r.optional_text("encoder.pooling"), layout=_layout(r),
     )
+
+
+def _layout(r: _Reader) -> TileLayout:
+    layout = r.text("encoder.input.layout", "NHWC")
+    if layout not in TILE_LAYOUTS:
+        raise r.fail("encoder.input.layout", f"must be one of {', '.join(TILE_LAYOUTS)}, got {layout!r} (or upgrade hishrst)")
+    return cast(TileLayout, layout)
 
 
 def _patch(r: _Reader) -> PatchSpec:

@@ -25,6 +25,9 @@ __all__ = [
     "resize_patch",
     "resize_image",
     "cut_patches",
+    "tile_batch_shape",
+    "to_tile_layout",
+    "shape_tile_layout",
 ]
 
 #: The paper cut 112-pixel patches on DLPFC, whose full-resolution images have 55 µm spots of
@@ -32,6 +35,24 @@ __all__ = [
 DEFAULT_PATCH_UM = 64.0
 PAD_VALUE = 255
 RESIZE_FILTER = "bilinear"
+
+
+def tile_batch_shape(n: int, size: int, layout: str = "NHWC") -> tuple[int, int, int, int]:
+    """Shape of a batch of ``n`` RGB tiles of ``size`` px in the encoder's ``layout``
+    (:data:`~hishrst_runtime.core.vocab.TileLayout`): ``(n, size, size, 3)`` or ``(n, 3, size, size)``."""
+    return (int(n), 3, int(size), int(size)) if layout == "NCHW" else (int(n), int(size), int(size), 3)
+
+
+def to_tile_layout(tiles: np.ndarray, layout: str) -> np.ndarray:
+    """NHWC uint8 ``tiles`` ``[B, S, S, 3]`` in the encoder's ``layout`` (a contiguous copy for ``NCHW``, else
+    ``tiles`` itself): how anything that cut tiles in NHWC (parity checks, calibration) feeds an encoder graph."""
+    return np.ascontiguousarray(tiles.transpose(0, 3, 1, 2)) if layout == "NCHW" else tiles
+
+
+def shape_tile_layout(shape: Sequence[Any]) -> str:
+    """The layout of a graph's tiles input of ``shape`` (``[batch, 3, S, S]``: ``NCHW``; else ``NHWC``)."""
+    dims = list(shape)
+    return "NCHW" if len(dims) == 4 and dims[1] == 3 and dims[3] != 3 else "NHWC"
 
 
 def patch_side_px(patch_um: float, mpp: float) -> int:

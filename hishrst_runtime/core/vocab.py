@@ -21,6 +21,8 @@ __all__ = [
     "Resolution", "RESOLUTIONS", "RESOLUTION_BINS", "DEFAULT_RESOLUTION",
     "Platform", "PLATFORMS", "DEFAULT_PLATFORM",
     "XDtype", "X_DTYPES", "DEFAULT_X_DTYPE",
+    "ChunkCodec", "CHUNK_CODECS", "DEFAULT_CHUNK_CODEC",
+    "TileLayout", "TILE_LAYOUTS", "DEFAULT_TILE_LAYOUT",
 ]
 
 #: How the head sees where spots are. ``relative`` (default): distances within a neighbour group only,
@@ -98,3 +100,20 @@ DEFAULT_PLATFORM: Platform = "visium"
 XDtype = Literal["float32", "float16"]
 X_DTYPES: tuple[str, ...] = get_args(XDtype)
 DEFAULT_X_DTYPE: XDtype = "float32"
+
+#: How the OME-Zarr stores hishrst writes (``hishrst convert``, ``write_ome_zarr``) compress their chunks, both
+#: lossless and checksummed (zarr v3). ``zstd`` (default): smallest stores, ~1 ms to decode a 512² RGB tissue
+#: chunk on one core. ``lz4`` (blosc): stores about as large on tissue (H&E tissue barely compresses either way;
+#: glass does, zstd more), decoded ~6× faster: for stores that feed GPU nodes (benchmarks/RESULTS.md, feed rate).
+ChunkCodec = Literal["zstd", "lz4"]
+CHUNK_CODECS: tuple[str, ...] = get_args(ChunkCodec)
+DEFAULT_CHUNK_CODEC: ChunkCodec = "zstd"
+
+#: How the encoder graph takes its uint8 RGB tiles. ``NHWC`` (default; every bundle written before the choice
+#: existed): ``[B, S, S, 3]``, channels interleaved as in TIFF / JPEG pixels. ``NCHW`` (``hishrst export
+#: --tile-layout NCHW``): ``[B, 3, S, S]``, channel planes as OME-Zarr stores them, so the runtime copies whole rows
+#: of each plane instead of interleaving every pixel (about 2× less reader CPU per tile; the graph's first
+#: op reorders nothing it would not reorder anyway — the backbone's convolution takes planes).
+TileLayout = Literal["NHWC", "NCHW"]
+TILE_LAYOUTS: tuple[str, ...] = get_args(TileLayout)
+DEFAULT_TILE_LAYOUT: TileLayout = "NHWC"

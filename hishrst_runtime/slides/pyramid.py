@@ -4,7 +4,8 @@
 array-like with ``[y0:y1, x0:x1]`` slicing) as an NGFF multiscale pyramid in either format of
 :mod:`hishrst_runtime.slides.ngff`. Every level is 2× smaller than the one before (2 × 2 mean
 pooling), with ``scale`` transformations in micrometres. Chunks are zstd frames **with a content
-checksum**, so a flipped bit in a chunk file is detected when it is read. Levels are streamed in
+checksum** (default) or blosc-lz4 frames followed by a crc32c checksum (``codec="lz4"``, zarr v3), so a
+flipped bit in a chunk file is detected when it is read. Levels are streamed in
 column bands of chunk rows; each lower level is built from the level just written.
 """
 
@@ -19,8 +20,9 @@ import numpy as np
 from PIL import Image
 
 from hishrst_runtime.core.files import remove_tree
+from hishrst_runtime.core.vocab import DEFAULT_CHUNK_CODEC, ChunkCodec
 from hishrst_runtime.slides.errors import ConvertError
-from hishrst_runtime.slides.ngff import NgffFormat, format_for, multiscale_metadata
+from hishrst_runtime.slides.ngff import NgffFormat, check_codec, format_for, multiscale_metadata
 
 __all__ = ["DEFAULT_CHUNK", "pyramid_shapes", "write_ome_zarr"]
 
@@ -137,7 +139,8 @@ def _zarr_reader(arr: Any, axes: str) -> _Reader:
     return read
 
 
-def _create_arrays(out: Path, shapes: list[tuple[int, int]], *, chunk: int, axes: str, fmt: NgffFormat) -> tuple[Any, list]:
+def _create_arrays(out: Path, shapes: list[tuple[int, int]], *, chunk: int, axes: str, fmt: NgffFormat,
+                   codec: ChunkCodec = DEFAULT_CHUNK_CODEC) -> tuple[Any, list]:
     import zarr
 
     root = zarr.open_group(str(out), mode="w-", zarr_format=fmt.zarr_format)
@@ -148,7 +151,7 @@ def _create_arrays(out: Path, shapes: list[tuple[int, int]], *, chunk: int, axes
         # Every chunk is written, background too: in a store hishrst converted, an absent chunk is lost data,
         # never "empty" (the missing-data rule then needs no guess from neighbouring pixels).
         arrays.append(root.create_array(str(k), shape=shp, chunks=chk, dtype="uint8", fill_value=255,
-                                        config={"write_empty_chunks": True}, **fmt.array_kwargs(axes)))
+                                        config={"write_empty_chunks": True}, **fmt.array_kwargs(axes, codec)))
     return root, arrays
 
 
@@ -191,6 +194,7 @@ def write_ome_zarr(
     n_levels: int | None = None,
     version: Literal["0.4", "0.5"] = "0.5",
     axes: Literal["yxc", "cyx"] = "cyx",
+    codec: ChunkCodec = DEFAULT_CHUNK_CODEC,
     name: str = "image",
     overwrite: bool = False,
     progress: bool = False,
@@ -204,13 +208,16 @@ def write_ome_zarr(
     (``None`` writes unit-less scales — a store without pixel size, for tests). ``chunk`` is the
     chunk side in pixels; ``n_levels`` the number of levels (default: halve until the smaller side
     is ≤ 1024 pixels). ``version`` "0.5" writes zarr v3, "0.4" zarr v2; ``axes`` "cyx" is the
-    NGFF-conformant order, "yxc" (channel last) is written for readers that accept it.
+    NGFF-conformant order, "yxc" (channel last) is written for readers that accept it. ``codec``
+    compresses the chunks (:data:`~hishrst_runtime.core.vocab.ChunkCodec`: ``zstd`` smallest, ``lz4`` fastest
+    to read; both checksummed in zarr v3).
     ``source_align_rows`` is the source's natural row block (e.g. its TIFF tile height) so each
     source row block is read once. Memory is bounded by a few ``chunk × 8192``-pixel bands.
     Metadata is written last: an interrupted write leaves a store without ``multiscales``.
     """
     fmt = format_for(version)
     _check_options(chunk, axes, mpp)
+    check_codec(codec)
     from tqdm import tqdm
 
     height, width, read = _array_reader(image, axes)
@@ -220,7 +227,7 @@ def write_ome_zarr(
             raise FileExistsError(f"{out}: already exists; remove it or pass overwrite=True")
         remove_tree(out)
     shapes = pyramid_shapes(height, width, n_levels=n_levels)
-    root, arrays = _create_arrays(out, shapes, chunk=chunk, axes=axes, fmt=fmt)
+    root, arrays = _create_arrays(out, shapes, chunk=chunk, axes=axes, fmt=fmt, codec=codec)
     total = sum(h * w for h, w in shapes)
     with tqdm(total=total, unit="px", unit_scale=True, desc=f"writing {out.name}", disable=not progress,
               leave=False) as bar:

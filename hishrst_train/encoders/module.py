@@ -26,7 +26,7 @@ from hishrst_train.encoders.registry import EncoderSpec, get_encoder_spec
 from hishrst_train.encoders.state_dict import check_state_dict, load_state_dict_file
 from hishrst_train.encoders.weights import WeightsError, resolve_weights
 
-__all__ = ["EncoderModule", "EncoderTokens", "EncoderBuildError", "build_backbone", "load_encoder",
+__all__ = ["ChannelsFirst", "EncoderModule", "EncoderTokens", "EncoderBuildError", "build_backbone", "load_encoder",
            "encoder_fingerprint", "set_fused_attn", "plain_attention", "pool_tokens"]
 
 
@@ -211,6 +211,19 @@ class EncoderModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.spec.name!r}, input_size={self.input_size}, feature_dim={self.feature_dim}"
+
+
+class ChannelsFirst(nn.Module):
+    """An encoder (or :class:`EncoderTokens`) taking ``[B, 3, S, S]`` uint8 planes: reorders them to the NHWC tiles
+    it takes (``hishrst export --tile-layout NCHW``). In the exported graph this reorder meets the encoder's own NHWC
+    → NCHW one and ONNX Runtime's transpose optimiser cancels the pair."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, tiles: torch.Tensor) -> Any:
+        return self.inner(tiles.permute(0, 2, 3, 1))
 
 
 class EncoderTokens(nn.Module):

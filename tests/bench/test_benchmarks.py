@@ -259,8 +259,12 @@ def test_feed_quick(tmp_path: Path) -> None:
     latency engine's busy share over a 5-slide run (injected through ``run_slides(engines=...)``)."""
     records = _script("feed", tmp_path / "feed.jsonl", tmp_path / "work")
     feed = [r for r in records if r.get("kind") == "feed"]
-    kinds = {"ome-zarr 0.5 µm/px", "ome-zarr 0.25 µm/px", "tiff-jpeg 40× single level"}
-    assert {(r["slide_kind"], r["workers"]) for r in feed} == {(k, n) for k in kinds for n in (1, 2)}
+    kinds = {f"ome-zarr {mpp} µm/px, {codec}" for mpp in ("0.5", "0.25") for codec in ("zstd", "lz4")}
+    kinds.add("tiff-jpeg 40× single level")
+    layouts = ("NHWC", "NCHW")
+    assert {(r["slide_kind"], r["layout"], r["workers"]) for r in feed} == {
+        (k, lay, n) for k in kinds for lay in layouts for n in (1, 2)}
+    assert {r["codec"] for r in feed} == {"zstd", "lz4", "jpeg"}
     tiles = {r["tiles"] for r in feed}
     assert len(tiles) == 1 and tiles.pop() > 0  # the same tissue at every pixel size: the same tiles
     for r in feed:
@@ -268,8 +272,8 @@ def test_feed_quick(tmp_path: Path) -> None:
         assert r["batch_size"] == 256 and r["input_size"] == 224 and r["level_mpp"] == 0.5
         assert r["patch_side_px"] == 224 and r["threads"]["cores_usable"] >= 1
         assert "OMP_NUM_THREADS" in r["threads"]["env"] and "load_avg_before" in r
-    scaling = {r["slide_kind"]: r for r in records if r.get("kind") == "scaling"}
-    assert set(scaling) == kinds
+    scaling = {(r["slide_kind"], r["layout"]): r for r in records if r.get("kind") == "scaling"}
+    assert set(scaling) == {(k, lay) for k in kinds for lay in layouts}
     for s in scaling.values():
         assert s["scaling"]["1"] == 1.0 and s["scaling"]["2"] > 0
     (busy,) = [r for r in records if r.get("kind") == "engine_busy"]

@@ -304,6 +304,30 @@ def test_external_data_is_listed_hashed_and_verified(small_run: Path, tmp_path: 
         load_bundle(out, verify_hashes=False)
 
 
+def test_nchw_export_takes_planes_and_computes_the_same_features(small_run: Path, small_bundle: Path,
+                                                                tmp_path: Path) -> None:
+    """``--tile-layout NCHW``: the graph takes ``[B, 3, S, S]``, the manifest says so, parity passed, and its features
+    are the NHWC bundle's on the same tiles; the CLI passes the option through."""
+    out = tmp_path / "nchw"
+    result = CliRunner().invoke(export_cmd, [str(small_run), "--out", str(out), "--tile-layout", "NCHW"])
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["encoder"]["input"]["layout"] == "NCHW" and m["parity"]["encoder"]["random"]["passed"]
+    assert load_bundle(out).spec.encoder.layout == "NCHW" and load_bundle(small_bundle).spec.encoder.layout == "NHWC"
+    dims = [d.dim_value or d.dim_param for d in onnx.load(str(out / "encoder.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [3, 64, 64]
+    tiles = np.random.default_rng(3).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    want = _session(small_bundle / "encoder.onnx").run(None, {"tiles": tiles})[0]
+    got = _session(out / "encoder.onnx").run(None, {"tiles": np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    from hishrst_export import quantize  # int8's calibration and gate feed the graph in its own layout
+
+    assert quantize._graph_layout(out / "encoder.onnx") == "NCHW"
+    np.testing.assert_allclose(quantize._features(out / "encoder.onnx", tiles), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ExportError, match="tile-layout"):
+        export_bundle(small_run, out=tmp_path / "x", tile_layout="CHWN", **QUIET)  # type: ignore[arg-type]
+
+
 def test_export_rejects_bad_arguments(small_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="precision"):
         export_bundle(small_run, out=tmp_path / "x", precision="int4", **QUIET)  # type: ignore[arg-type]

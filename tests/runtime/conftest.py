@@ -45,8 +45,9 @@ def _save(model: Any, path: Path, *, external: bool) -> None:
         onnx.save_model(model, str(path))
 
 
-def tiny_encoder_model(*, input_size: int = 8, feature_dim: int = 4, seed: int = 0) -> Any:
-    """uint8 tiles [B, S, S, 3] → Cast → ×1/255 → ReduceMean(H, W) → MatMul W[3, D] → features [B, D]."""
+def tiny_encoder_model(*, input_size: int = 8, feature_dim: int = 4, seed: int = 0, layout: str = "NHWC") -> Any:
+    """uint8 tiles [B, S, S, 3] (``layout`` NCHW: [B, 3, S, S]) → Cast → ×1/255 → ReduceMean(H, W) → MatMul W[3, D]
+    → features [B, D]."""
     _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
@@ -54,12 +55,13 @@ def tiny_encoder_model(*, input_size: int = 8, feature_dim: int = 4, seed: int =
     nodes = [
         helper.make_node("Cast", ["tiles"], ["xf"], to=TensorProto.FLOAT),
         helper.make_node("Mul", ["xf", "scale"], ["xs"]),
-        helper.make_node("ReduceMean", ["xs"], ["m"], axes=[1, 2], keepdims=0),
+        helper.make_node("ReduceMean", ["xs"], ["m"], axes=[2, 3] if layout == "NCHW" else [1, 2], keepdims=0),
         helper.make_node("MatMul", ["m", "w"], ["features"]),
     ]
+    hw = [3, input_size, input_size] if layout == "NCHW" else [input_size, input_size, 3]
     graph = helper.make_graph(
         nodes, "tiny_encoder",
-        [helper.make_tensor_value_info("tiles", TensorProto.UINT8, ["batch", input_size, input_size, 3])],
+        [helper.make_tensor_value_info("tiles", TensorProto.UINT8, ["batch", *hw])],
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", feature_dim])],
         initializer=[numpy_helper.from_array(np.array(1 / 255, np.float32), "scale"), numpy_helper.from_array(w, "w")],
     )
@@ -94,12 +96,12 @@ def tiny_head_model(*, feature_dim: int = 4, n_genes: int = 3, seed: int = 1) ->
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", TINY_OPSET)], ir_version=8)
 
 
-def tiny_manifest(*, input_size: int = 8, feature_dim: int = 4, n_genes: int = 3) -> dict[str, Any]:
+def tiny_manifest(*, input_size: int = 8, feature_dim: int = 4, n_genes: int = 3, layout: str = "NHWC") -> dict[str, Any]:
     """A manifest with every section ``hishrst export`` writes (``files`` left empty)."""
     return {
         "hishrst_version": "0.0.0-test",
         "encoder": {"name": "tiny", "fingerprint": "tiny-0", "input_size": input_size, "feature_dim": feature_dim,
-                    "input": {"name": "tiles", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
+                    "input": {"name": "tiles", "dtype": "uint8", "layout": layout, "channels": "RGB"},
                     "normalisation": {"scale": 1 / 255, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "in_graph": True},
                     "gated": False, "license": "MIT"},
         "patch": {"size_um": 32.0, "train_mpp": 0.5, "resize": "bilinear", "pad_value": 255},
@@ -122,16 +124,17 @@ def build_tiny_bundle(
     input_size: int = 8,
     feature_dim: int = 4,
     n_genes: int = 3,
+    layout: str = "NHWC",
 ) -> Path:
-    """Write the tiny bundle into the new directory ``root`` and return ``root``."""
+    """Write the tiny bundle (encoder tiles in ``layout``) into the new directory ``root`` and return ``root``."""
     from hishrst_runtime.bundle.integrity import META_GENES, META_N_GENES, head_metadata
     from hishrst_runtime.bundle.manifest import write_manifest
     from hishrst_runtime.core.files import sha256_file
 
     root.mkdir(parents=True)
-    models = {"encoder": tiny_encoder_model(input_size=input_size, feature_dim=feature_dim),
+    models = {"encoder": tiny_encoder_model(input_size=input_size, feature_dim=feature_dim, layout=layout),
               "head": tiny_head_model(feature_dim=feature_dim, n_genes=n_genes)}
-    m = tiny_manifest(input_size=input_size, feature_dim=feature_dim, n_genes=n_genes)
+    m = tiny_manifest(input_size=input_size, feature_dim=feature_dim, n_genes=n_genes, layout=layout)
     _onnx().helper.set_model_props(models["head"], {k: v for k, v in head_metadata(m).items()
                                                      if k in (META_GENES, META_N_GENES)})
     for key, model in models.items():

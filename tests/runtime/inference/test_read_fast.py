@@ -41,12 +41,12 @@ def _slide(kind: str, tmp_path: Path) -> tuple[Path, int]:
     return write_ome_zarr(img, tmp_path / "s.zarr", mpp=0.5, chunk=64, n_levels=1, axes=kind), 0  # type: ignore[arg-type]
 
 
-def _plan(level: Any, points: np.ndarray, side: int, size: int, cache_bytes: int) -> UnitPlan:
+def _plan(level: Any, points: np.ndarray, side: int, size: int, cache_bytes: int, layout: str = "NHWC") -> UnitPlan:
     groups = [np.arange(i, min(i + 5, len(points))) for i in range(0, len(points), 5)]
     prep = SimpleNamespace(points_px=points, groups=groups)
     return UnitPlan(prep=prep, bundle=None, level=level, cache=ChunkCache(level, max_bytes=cache_bytes),  # type: ignore[arg-type]
                     side=side, size=size, downsample=1.0, mpp0=0.5, pad_to=5, max_groups=4, batch_size=16,
-                    timer=StageTimer())
+                    timer=StageTimer(), layout=layout)
 
 
 def _points(level: Any, side: int) -> np.ndarray:
@@ -73,22 +73,28 @@ def _previous_read_tiles(level: Any, centers: np.ndarray, side: int, size: int) 
     return np.array(mosaic).reshape(len(centers), size, size, 3)
 
 
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("kind", ["cyx", "yxc", "jpeg-tiff"])
 @pytest.mark.parametrize("side,size", [(48, 48), (48, 40), (37, 64)])
 def test_tiles_equal_training_and_the_previous_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str,
-                                                      side: int, size: int) -> None:
+                                                      side: int, size: int, layout: str) -> None:
+    """... in either tile layout of the encoder (NCHW: the same pixels, channel planes first)."""
     path, li = _slide(kind, tmp_path)
     calls = []
     monkeypatch.setattr(stages, "resize_image", lambda im, s: calls.append(s) or resize_image(im, s))
     with open_slide(path) as s:
         level = s.levels[li]
         pts = _points(level, side)
-        plan = _plan(level, pts, side, size, cache_bytes=4 * 64 * 64 * 3)  # a few chunks: evictions happen
+        plan = _plan(level, pts, side, size, cache_bytes=4 * 64 * 64 * 3, layout=layout)  # a few chunks: evictions
         units = work_units(plan.prep.groups, 16)
         with ThreadPoolExecutor(3) as pool:  # reader threads share the cache
             got = np.concatenate(list(pool.map(lambda u: read_tiles(plan, u), units)))
         idx = np.concatenate([plan.prep.groups[g] for u in units for g in u])
-        assert got.shape == (len(pts), size, size, 3) and got.dtype == np.uint8 and got.flags.c_contiguous
+        assert got.dtype == np.uint8 and got.flags.c_contiguous
+        if layout == "NCHW":
+            assert got.shape == (len(pts), 3, size, size)
+            got = got.transpose(0, 2, 3, 1)
+        assert got.shape == (len(pts), size, size, 3)
         np.testing.assert_array_equal(got, cut_patches(level.image, pts[idx], side=side, out_size=size))
         np.testing.assert_array_equal(got, _previous_read_tiles(level, pts[idx], side, size))
     # The resize is skipped exactly when it is the identity, and nowhere else: once per tile otherwise.
