@@ -80,8 +80,12 @@ def count_list(text: str) -> list[int]:
     return int_list(text, minimum=0)
 
 
-def str_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+def str_list(text: str, *, choices: Sequence[str] | None = None) -> list[str]:
+    """``"a,b"`` → ``["a", "b"]`` (argparse type; with ``choices``, via ``functools.partial``: each one of them)."""
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    if choices is not None and (not vals or any(v not in choices for v in vals)):
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(choices)}, got {text!r}")
+    return vals
 
 
 # --------------------------------------------------------------------------------------- machine info

@@ -182,6 +182,15 @@ def ensure_placeholder_bundle(work: Path, patch_um: float, *, input_size: int = 
     from hishrst_runtime.bundle.manifest import write_manifest
     from hishrst_runtime.core.files import sha256_file
 
+    if encoder is not None:  # the given graph's own layout and feature width
+        from hishrst_runtime.core.patches import shape_tile_layout
+
+        graph = onnx.load(str(encoder), load_external_data=False).graph
+        tiles = next(i for i in graph.input if i.name == "tiles")
+        layout = shape_tile_layout([d.dim_value or d.dim_param for d in tiles.type.tensor_type.shape.dim])
+        feats = next(o for o in graph.output if o.name == "features").type.tensor_type.shape.dim
+        feature_dim = int(feats[1].dim_value) or feature_dim
+
     def build(root: Path) -> None:
         root.mkdir(parents=True)
         m = placeholder_manifest(patch_um, input_size=input_size, feature_dim=feature_dim, n_genes=n_genes, layout=layout)
@@ -198,6 +207,7 @@ def ensure_placeholder_bundle(work: Path, patch_um: float, *, input_size: int = 
         write_manifest(root, m)
 
     tag = ("" if encoder is None else f"-{Path(encoder).stem}") + ("" if layout == "NHWC" else f"-{layout.lower()}")
+    tag += "" if feature_dim == 1024 else f"-d{feature_dim}"
     return _build(work / "feed" / f"bundle-uni-geometry-{patch_um:g}um-g{n_genes}{tag}", build)
 
 

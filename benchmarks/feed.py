@@ -37,12 +37,13 @@ import os
 import shutil
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from hishrst_runtime.core.vocab import CHUNK_CODECS, DEFAULT_CHUNK_CODEC, DEFAULT_TILE_LAYOUT, TILE_LAYOUTS
 
-from benchmarks._common import JsonlWriter, base_parser, int_list, load_average, print_table, workdir_of
+from benchmarks._common import JsonlWriter, base_parser, int_list, load_average, print_table, str_list, workdir_of
 
 #: UNI's field: 224 px at 0.5 µm/px.
 UNI_PATCH_UM = 112.0
@@ -226,12 +227,14 @@ def engine_busy(slides: list[Path], bundle_dir: Path, out_dir: Path, *, tiles_pe
             "engine_line": next((s for s in said if s.startswith("engine:")), None)}
 
 
-def engine_only(engines: Any, sizes: list[int]) -> dict[str, Any]:
-    """The encoder alone on random uint8 tiles at UNI geometry, one call per entry of ``sizes`` (the batches a
-    run made, so the same work; after one untimed call): tiles/s."""
+def engine_only(engines: Any, sizes: list[int], layout: str = DEFAULT_TILE_LAYOUT) -> dict[str, Any]:
+    """The encoder alone on random uint8 tiles at UNI geometry in its ``layout``, one call per entry of ``sizes``
+    (the batches a run made, so the same work; after one untimed call): tiles/s."""
     import numpy as np
 
-    tiles = np.random.default_rng(0).integers(0, 256, (max(sizes), UNI_INPUT, UNI_INPUT, 3), dtype=np.uint8)
+    from hishrst_runtime.core.patches import tile_batch_shape
+
+    tiles = np.random.default_rng(0).integers(0, 256, tile_batch_shape(max(sizes), UNI_INPUT, layout), dtype=np.uint8)
     engines.encoder.run({"tiles": tiles[:sizes[0]]})
     t0 = time.perf_counter()
     for n in sizes:
@@ -262,9 +265,9 @@ def _parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--engine-rate", type=float_list, default=[4000.0],
                    help="latency engine speeds, tiles/s (default 4000; several: 4000,500)")
     p.add_argument("--busy-workers", type=int, default=None, help="reader threads of the engine-busy run (default: hishrst-run's)")
-    p.add_argument("--codecs", type=_codec_list, default=list(CHUNK_CODECS),
+    p.add_argument("--codecs", type=partial(str_list, choices=CHUNK_CODECS), default=list(CHUNK_CODECS),
                    help=f"chunk codecs of the OME-Zarr feed slides (default {','.join(CHUNK_CODECS)})")
-    p.add_argument("--layouts", type=_layout_list, default=list(TILE_LAYOUTS),
+    p.add_argument("--layouts", type=partial(str_list, choices=TILE_LAYOUTS), default=list(TILE_LAYOUTS),
                    help=f"encoder tile layouts of the feed part (default {','.join(TILE_LAYOUTS)})")
     p.add_argument("--busy-layout", choices=TILE_LAYOUTS, default=DEFAULT_TILE_LAYOUT,
                    help=f"encoder tile layout of the engine-busy part (default {DEFAULT_TILE_LAYOUT})")
@@ -303,23 +306,6 @@ def _feed_records(out: JsonlWriter, work: Path, args: Any, common: dict[str, Any
                                        "tiles_per_s_by_threads": {str(k): v for k, v in by.items()},
                                        "scaling": {str(k): v / by[1] for k, v in by.items()}}))
     return rows
-
-
-def _layout_list(text: str) -> list[str]:
-    """``"NHWC,NCHW"`` → ``["NHWC", "NCHW"]`` (argparse type; each a tile layout)."""
-    vals = [v.strip().upper() for v in text.split(",") if v.strip()]
-    if not vals or any(v not in TILE_LAYOUTS for v in vals):
-        raise argparse.ArgumentTypeError(f"expected layouts among {', '.join(TILE_LAYOUTS)}, got {text!r}")
-    return vals
-
-
-def _codec_list(text: str) -> list[str]:
-    """``"zstd,lz4"`` → ``["zstd", "lz4"]`` (argparse type; each one of the writer's chunk codecs)."""
-    vals = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in vals if v not in CHUNK_CODECS]
-    if not vals or bad:
-        raise argparse.ArgumentTypeError(f"expected codecs among {', '.join(CHUNK_CODECS)}, got {text!r}")
-    return vals
 
 
 def float_list(text: str) -> list[float]:
@@ -362,8 +348,9 @@ def _busy_records(out: JsonlWriter, work: Path, args: Any, common: dict[str, Any
         engines = load_engines(load_bundle(cpu_bundle), "cpu", cache_dir=None, threads=threads)
         b = engine_busy(slides, cpu_bundle, work / "feed" / "out-cpu", tiles_per_s=None, workers=workers,
                         overlap=overlap, engines=engines, keep_calls=True)
-        alone = engine_only(load_engines(load_bundle(cpu_bundle), "cpu", cache_dir=None, threads=threads),
-                            [n for _, _, n in b.pop("call_log")])
+        loaded = load_bundle(cpu_bundle)
+        alone = engine_only(load_engines(loaded, "cpu", cache_dir=None, threads=threads),
+                            [n for _, _, n in b.pop("call_log")], loaded.spec.encoder.layout)
         b |= alone | {"engine_threads": threads, "encoder_onnx": str(args.cpu_encoder),
                       "end_to_end_over_engine_only": b["tiles_per_s"] / alone["engine_only_tiles_per_s"]}
         out.write({**common, "kind": "cpu_engine", "status": "ok", "sides_mm": sides, **b})

@@ -150,7 +150,9 @@ def torch_eager_runner(ctx: Ctx) -> tuple[Callable[[], Any], str, Callable[[], N
 
 def export_onnx(ctx: Ctx) -> Path:
     """The UNI architecture (random init) exported to fp16 ONNX by ``export_encoder_onnx`` (cached in the work dir)."""
-    path = ctx.work / "gpu" / "uni-random-fp16.onnx"
+    from hishrst_runtime.core.vocab import DEFAULT_TILE_LAYOUT
+
+    path = ctx.work / "gpu" / f"uni-random-fp16-{DEFAULT_TILE_LAYOUT.lower()}.onnx"  # the layout bundles take
     if not path.exists():
         from hishrst_export.onnx_export import export_encoder_onnx
 
@@ -161,6 +163,14 @@ def export_onnx(ctx: Ctx) -> Path:
         export_encoder_onnx(load_encoder("uni", random_init=True), tmp, precision="fp16")
         tmp.rename(path)
     return path
+
+
+def export_tiles(ctx: Ctx) -> np.ndarray:
+    """:meth:`Ctx.tiles` in the layout of the export (:func:`export_onnx`): the exported graph's own input."""
+    from hishrst_runtime.core.patches import to_tile_layout
+    from hishrst_runtime.core.vocab import DEFAULT_TILE_LAYOUT
+
+    return to_tile_layout(ctx.tiles(), DEFAULT_TILE_LAYOUT)
 
 
 def require_ort_cuda() -> None:
@@ -188,7 +198,7 @@ def ort_cuda_runner(ctx: Ctx) -> tuple[Callable[[], Any], str, Callable[[], None
 
     ctx.onnx = ctx.onnx or export_onnx(ctx)
     be = load_backend(ctx.onnx, provider="cuda")
-    tiles = ctx.tiles()
+    tiles = export_tiles(ctx)
     return (lambda: be.run({"tiles": tiles})[0]), f"{be.name} fp16 ONNX", be.close
 
 
@@ -207,7 +217,7 @@ def tensorrt_runner(ctx: Ctx) -> tuple[Callable[[], Any], str, Callable[[], None
         build_engine(ctx.onnx, out_path=engine, precision="fp16", max_batch=ctx.batch, opt_batch=ctx.batch,
                      timing_cache=ctx.work / "gpu" / "timing.cache")
     be = load_backend(engine, provider="trt-native", engine_path=engine)
-    tiles = ctx.tiles()
+    tiles = export_tiles(ctx)
     return (lambda: be.run({"tiles": tiles})[0]), f"{be.name} fp16 engine", be.close
 
 

@@ -102,8 +102,11 @@ def _export(name: str, work: Path, calibration: np.ndarray) -> tuple[Path, Path,
     from hishrst_export.quantize import quantize_encoder
     from hishrst_train.encoders.module import load_encoder
 
+    from hishrst_runtime.core.vocab import DEFAULT_TILE_LAYOUT
+
     enc = load_encoder(name, random_init=name != "test-vit")
-    fp32, int8 = work / f"{name}-fp32.onnx", work / f"{name}-int8-calib{len(calibration)}.onnx"
+    lay = DEFAULT_TILE_LAYOUT.lower()
+    fp32, int8 = work / f"{name}-fp32-{lay}.onnx", work / f"{name}-int8-calib{len(calibration)}-{lay}.onnx"
     t0 = time.perf_counter()
     if not fp32.exists():
         export_encoder_onnx(enc, fp32)
@@ -121,6 +124,10 @@ def measure(name: str, work: Path, *, threads: int, batch: int, repeats: int, n_
     tiles = _tiles(work, size, n_calib + n_held)
     calibration, held = tiles[:n_calib], tiles[n_calib:]
     fp32, int8, export_s, quant_s = _export(name, work / "int8", calibration)
+    from hishrst_runtime.core.patches import to_tile_layout
+    from hishrst_runtime.core.vocab import DEFAULT_TILE_LAYOUT
+
+    held = to_tile_layout(held, DEFAULT_TILE_LAYOUT)  # the export's own input layout
     sessions = {"fp32": _session(fp32, threads), "int8": _session(int8, threads)}
     parity = _parity(_embed(sessions["int8"], held, batch), _embed(sessions["fp32"], held, batch))
     load_before = os.getloadavg()[0]

@@ -15,6 +15,7 @@ from typing import Any
 from hishrst_runtime.bundle.integrity import head_metadata
 from hishrst_runtime.bundle.manifest import sha256_file
 from hishrst_runtime.core.version import __version__
+from hishrst_runtime.core.vocab import DEFAULT_TILE_LAYOUT
 from hishrst_train.runconfig import RunConfig
 
 __all__ = ["POSITION_PARAMS", "build_manifest", "contract_sections", "file_entry", "file_precisions",
@@ -54,7 +55,7 @@ def _versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__}
 
 
-def contract_sections(model: Any, config: RunConfig, encoder: Any, *, layout: str = "NHWC") -> dict[str, Any]:
+def contract_sections(model: Any, config: RunConfig, encoder: Any, *, layout: str = DEFAULT_TILE_LAYOUT) -> dict[str, Any]:
     """The manifest sections that define what the bundle computes: encoder (with its tile ``layout``, normalisation,
     pooling and ``test_encoder`` — true for a randomly initialised test encoder), patch, position, grouping, genes,
     output, head and preprocessing (all covered by the content hash)."""

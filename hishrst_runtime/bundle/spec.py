@@ -22,7 +22,8 @@ from hishrst_runtime.core.grouping import GROUPING_METHOD
 from hishrst_runtime.core.patches import PAD_VALUE, RESIZE_FILTER
 from hishrst_runtime.core.tokens import TokenGeometry
 from hishrst_runtime.core.vocab import (DEFAULT_HEAD_KIND, DEFAULT_PRECISION, HEAD_KINDS, POSITION_MODES, PRECISIONS,
-                                        TILE_LAYOUTS, UM_POSITION_MODES, HeadKind, PositionMode, TileLayout)
+                                        LEGACY_TILE_LAYOUT, TILE_LAYOUTS, UM_POSITION_MODES, HeadKind, PositionMode,
+                                        TileLayout)
 
 __all__ = [
     "DEFAULT_MAX_BATCH", "BundleError", "BundleSpec", "EncoderSpec", "ExternalDataSpec", "FileSpec", "GroupingSpec",
@@ -65,7 +66,7 @@ class EncoderSpec:
     license: str | None
     test_encoder: bool = False
     pooling: str | None = None
-    layout: TileLayout = "NHWC"
+    layout: TileLayout = LEGACY_TILE_LAYOUT
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,7 @@ def _encoder(r: _Reader) -> EncoderSpec:
 
 
 def _layout(r: _Reader) -> TileLayout:
-    layout = r.text("encoder.input.layout", "NHWC")
+    layout = r.text("encoder.input.layout", LEGACY_TILE_LAYOUT)
     if layout not in TILE_LAYOUTS:
         raise r.fail("encoder.input.layout", f"must be one of {', '.join(TILE_LAYOUTS)}, got {layout!r} (or upgrade hishrst)")
     return cast(TileLayout, layout)

@@ -32,6 +32,7 @@ from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.grouping import local_groups, safe_index
 from hishrst_runtime.core.patches import patch_origins, patch_side_px, resize_image, tile_batch_shape
 from hishrst_runtime.core.timing import StageTimer
+from hishrst_runtime.core.vocab import LEGACY_TILE_LAYOUT
 from hishrst_runtime.inference.prepare import PreparedSlide
 from hishrst_runtime.slides.cache import DEFAULT_CACHE_BYTES, ChunkCache
 
@@ -88,7 +89,7 @@ class UnitPlan:
     max_groups: int
     batch_size: int
     timer: StageTimer
-    layout: str = "NHWC"
+    layout: str = LEGACY_TILE_LAYOUT
 
 
 def plan_units(prep: PreparedSlide, bundle: Bundle, *, batch_size: int = 64, head_batch: int | None = None,

@@ -64,7 +64,7 @@ def test_bundle_manifest_contents(small_bundle: Path, small_run: Path) -> None:
     assert m["encoder"]["name"] == "test-vit" and m["encoder"]["input_size"] == 64 and m["encoder"]["feature_dim"] == 64
     norm = m["encoder"]["normalisation"]
     assert norm["in_graph"] and norm["scale"] == pytest.approx(1 / 255) and len(norm["mean"]) == len(norm["std"]) == 3
-    assert m["encoder"]["input"] == {"name": "tiles", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"}
+    assert m["encoder"]["input"] == {"name": "tiles", "dtype": "uint8", "layout": "NCHW", "channels": "RGB"}
     assert m["patch"]["size_um"] == config["patch"]["size_um"] and m["patch"]["train_mpp"] == config["patch"]["train_mpp"]
     assert m["position"]["mode"] == "relative" and m["position"]["units"] == "um" and "rel_n_freqs" in m["position"]
     assert set(m["position"]["invariant_to"]) == {"translation", "rotation", "reflection"}
@@ -96,7 +96,7 @@ def test_onnx_graphs_pass_checker_and_have_the_contracted_io(small_bundle: Path)
     (inp,), (outp,) = enc.graph.input, enc.graph.output
     assert inp.name == "tiles" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     dims = inp.type.tensor_type.shape.dim
-    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [64, 64, 3]  # dynamic batch, fixed size
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 64, 64]  # dynamic batch, fixed size, NCHW
     assert outp.name == "features" and outp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     ops = {n.op_type for n in enc.graph.node}
     assert {"Softmax", "MatMul", "LayerNormalization"} <= ops  # plain attention, no fused SDPA
@@ -116,7 +116,7 @@ def test_ort_matches_pytorch_at_batch_sizes(small_bundle: Path, small_run: Path,
     rng = np.random.default_rng(batch)
     encoder = load_encoder("test-vit")
     tiles = rng.integers(0, 256, (batch, 64, 64, 3), dtype=np.uint8)
-    got = _session(small_bundle / "encoder.onnx").run(None, {"tiles": tiles})[0]
+    got = _session(small_bundle / "encoder.onnx").run(None, {"tiles": np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))})[0]
     with torch.no_grad():
         want = encoder(torch.from_numpy(tiles)).numpy()
     assert got.shape == (batch, 64)
@@ -304,26 +304,27 @@ def test_external_data_is_listed_hashed_and_verified(small_run: Path, tmp_path: 
         load_bundle(out, verify_hashes=False)
 
 
-def test_nchw_export_takes_planes_and_computes_the_same_features(small_run: Path, small_bundle: Path,
-                                                                tmp_path: Path) -> None:
-    """``--tile-layout NCHW``: the graph takes ``[B, 3, S, S]``, the manifest says so, parity passed, and its features
-    are the NHWC bundle's on the same tiles; the CLI passes the option through."""
-    out = tmp_path / "nchw"
-    result = CliRunner().invoke(export_cmd, [str(small_run), "--out", str(out), "--tile-layout", "NCHW"])
+def test_both_tile_layouts_compute_the_same_features(small_run: Path, small_bundle: Path, tmp_path: Path) -> None:
+    """NCHW is the default (the graph takes ``[B, 3, S, S]``); ``--tile-layout NHWC`` takes ``[B, S, S, 3]``: the
+    manifest says which, parity passed, and both compute the same features on the same tiles (int8's calibration and
+    gate feed each graph in its own layout); the CLI passes the option through."""
+    out = tmp_path / "nhwc"
+    result = CliRunner().invoke(export_cmd, [str(small_run), "--out", str(out), "--tile-layout", "NHWC"])
     assert result.exit_code == 0, result.output
     m = json.loads((out / "manifest.json").read_text())
-    assert m["encoder"]["input"]["layout"] == "NCHW" and m["parity"]["encoder"]["random"]["passed"]
-    assert load_bundle(out).spec.encoder.layout == "NCHW" and load_bundle(small_bundle).spec.encoder.layout == "NHWC"
+    assert m["encoder"]["input"]["layout"] == "NHWC" and m["parity"]["encoder"]["random"]["passed"]
+    assert load_bundle(out).spec.encoder.layout == "NHWC" and load_bundle(small_bundle).spec.encoder.layout == "NCHW"
     dims = [d.dim_value or d.dim_param for d in onnx.load(str(out / "encoder.onnx")).graph.input[0].type.tensor_type.shape.dim]
-    assert dims[1:] == [3, 64, 64]
+    assert dims[1:] == [64, 64, 3]
     tiles = np.random.default_rng(3).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
-    want = _session(small_bundle / "encoder.onnx").run(None, {"tiles": tiles})[0]
-    got = _session(out / "encoder.onnx").run(None, {"tiles": np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))})[0]
+    want = _session(out / "encoder.onnx").run(None, {"tiles": tiles})[0]
+    got = _session(small_bundle / "encoder.onnx").run(None, {"tiles": np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    from hishrst_export import quantize  # int8's calibration and gate feed the graph in its own layout
+    from hishrst_export import quantize
 
-    assert quantize._graph_layout(out / "encoder.onnx") == "NCHW"
-    np.testing.assert_allclose(quantize._features(out / "encoder.onnx", tiles), want, rtol=1e-4, atol=1e-5)
+    for bundle in (out, small_bundle):
+        assert quantize._graph_layout(bundle / "encoder.onnx") == load_bundle(bundle).spec.encoder.layout
+        np.testing.assert_allclose(quantize._features(bundle / "encoder.onnx", tiles), want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ExportError, match="tile-layout"):
         export_bundle(small_run, out=tmp_path / "x", tile_layout="CHWN", **QUIET)  # type: ignore[arg-type]
 

@@ -39,18 +39,18 @@ def test_subspot_bundle_is_parity_checked_and_self_describing(subspot_run: Path,
     assert bundle.spec.subspot and bundle.spec.tokens.grid == (14, 14)
     enc = ort.InferenceSession(str(tmp_path / "b" / "encoder.onnx"), providers=["CPUExecutionProvider"])
     head = ort.InferenceSession(str(tmp_path / "b" / "head.onnx"), providers=["CPUExecutionProvider"])
-    tiles = np.full((2, 224, 224, 3), 200, np.uint8)
+    tiles = np.full((2, 3, 224, 224), 200, np.uint8)  # NCHW, the default layout
     feats, tokens = enc.run(None, {"tiles": tiles})
     assert feats.shape == (2, 64) and tokens.shape == (2, 14, 14, 64)
     expr = head.run(None, {"tokens": tokens})[0]
     assert expr.shape == (2, 14, 14, 40) and np.isfinite(expr).all() and (expr >= 0).all()
-    # --tile-layout NCHW: the token encoder takes planes and gives the same features and tokens
-    m2 = export_bundle(subspot_run, out=tmp_path / "p", tile_layout="NCHW", echo=lambda _m: None)
-    assert m2["encoder"]["input"]["layout"] == "NCHW" and load_bundle(tmp_path / "p").spec.encoder.layout == "NCHW"
-    planar = ort.InferenceSession(str(tmp_path / "p" / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    # --tile-layout NHWC: the token encoder takes interleaved tiles and gives the same features and tokens
+    m2 = export_bundle(subspot_run, out=tmp_path / "p", tile_layout="NHWC", echo=lambda _m: None)
+    assert m2["encoder"]["input"]["layout"] == "NHWC" and load_bundle(tmp_path / "p").spec.encoder.layout == "NHWC"
+    nhwc = ort.InferenceSession(str(tmp_path / "p" / "encoder.onnx"), providers=["CPUExecutionProvider"])
     rng_tiles = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
-    want = enc.run(None, {"tiles": rng_tiles})
-    got = planar.run(None, {"tiles": np.ascontiguousarray(rng_tiles.transpose(0, 3, 1, 2))})
+    want = nhwc.run(None, {"tiles": rng_tiles})
+    got = enc.run(None, {"tiles": np.ascontiguousarray(rng_tiles.transpose(0, 3, 1, 2))})
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 

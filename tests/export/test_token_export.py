@@ -36,7 +36,7 @@ def test_token_encoder_graph_names_shapes_and_parity(encoder, tmp_path: Path) ->
     model = onnx.load(str(path))
     assert [i.name for i in model.graph.input] == ENCODER_TOKENS_IO["inputs"]
     assert [o.name for o in model.graph.output] == ENCODER_TOKENS_IO["outputs"]
-    assert _dims(model.graph.input[0]) == ["batch", 224, 224, 3]
+    assert _dims(model.graph.input[0]) == ["batch", 3, 224, 224]  # NCHW, the default layout
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     feats, tokens = model.graph.output
     assert _dims(feats) == ["batch", 64] and _dims(tokens) == ["batch", 14, 14, 64]
@@ -45,7 +45,7 @@ def test_token_encoder_graph_names_shapes_and_parity(encoder, tmp_path: Path) ->
     t = _tiles(5)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for b in (1, 5):  # dynamic batch
-        got_f, got_t = sess.run(None, {"tiles": t[:b]})
+        got_f, got_t = sess.run(None, {"tiles": np.ascontiguousarray(t[:b].transpose(0, 3, 1, 2))})
         with torch.no_grad():
             want_f, want_t = encoder.forward_tokens(torch.from_numpy(t[:b]))
         assert got_f.shape == (b, 64) and got_t.shape == (b, 14, 14, 64)

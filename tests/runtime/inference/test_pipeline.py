@@ -226,7 +226,7 @@ class _Recorder:
 def test_pipeline_tiles_are_exactly_cut_patches(slide: Path, small_bundle: Path, workers: int) -> None:
     """The streaming reader (chunk images, unit regions, one mosaic per unit) feeds the encoder exactly
     the uint8 tiles that training's ``cut_patches`` makes — including patches over the slide's edges."""
-    from hishrst_runtime.core.patches import cut_patches, patch_side_px
+    from hishrst_runtime.core.patches import cut_patches, patch_side_px, to_tile_layout
     from hishrst_runtime.backends.noop import NoopBackend
 
     bundle = load_bundle(small_bundle)
@@ -246,7 +246,7 @@ def test_pipeline_tiles_are_exactly_cut_patches(slide: Path, small_bundle: Path,
         got = np.concatenate(rec.batches)
         idx = np.concatenate([np.concatenate([p.groups[g] for g in u]) for u in work_units(p.groups, 16)])
         ref = cut_patches(level.image, p.points_px[idx] / float(level.downsample), side=side, out_size=size)
-        np.testing.assert_array_equal(got, ref)
+        np.testing.assert_array_equal(got, to_tile_layout(ref, bundle.spec.encoder.layout))  # the encoder's layout
         p.close()
 
 
