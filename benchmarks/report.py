@@ -157,23 +157,32 @@ def _pct(v: Any) -> float | None:
 
 def _feed(ok: list[dict[str, Any]]) -> list[str]:
     feed = [r for r in ok if r.get("kind") == "feed"]
-    out = [md_table(feed, [("slide_kind", "slide"), ("workers", "reader threads"), ("tiles_per_s", "tiles/s (best)"),
-                           ("median_tiles_per_s", "median"), ("tiles", "tiles"), ("level_mpp", "level read µm/px"),
-                           ("patch_side_px", "patch px"), ("load_avg_before", "load before"),
-                           ("load_avg_after", "load after")])]
+    out = [md_table(feed, [("slide_kind", "slide"), ("layout", "tile layout"), ("workers", "reader threads"),
+                           ("tiles_per_s", "tiles/s (best)"), ("median_tiles_per_s", "median"), ("tiles", "tiles"),
+                           ("level_mpp", "level read µm/px"), ("patch_side_px", "patch px"),
+                           ("load_avg_before", "load before"), ("load_avg_after", "load after")])]
     scaling = [{**r, **{f"tps_{k}": v for k, v in r["tiles_per_s_by_threads"].items()},
                 **{f"x_{k}": v for k, v in r["scaling"].items()}} for r in ok if r.get("kind") == "scaling"]
     if scaling:
         keys = sorted({k for r in scaling for k in r["scaling"]}, key=int)
-        out += ["", md_table(scaling, [("slide_kind", "slide"), *[(f"tps_{k}", f"{k} thr tiles/s") for k in keys],
+        out += ["", md_table(scaling, [("slide_kind", "slide"), ("layout", "tile layout"),
+                                       *[(f"tps_{k}", f"{k} thr tiles/s") for k in keys],
                                        *[(f"x_{k}", f"{k} thr / 1 thr") for k in keys if k != "1"]])]
-    busy = [{**r, "busy_pct": _pct(r.get("busy_fraction_of_wall")), "span_pct": _pct(r.get("busy_fraction"))}
-            for r in ok if r.get("kind") == "engine_busy"]
+    busy = [{**r, "busy_pct": _pct(r.get("busy_fraction_of_wall")), "span_pct": _pct(r.get("busy_fraction")),
+             **{f"idle_{k}": v for k, v in (r.get("idle") or {}).items()}}
+            for r in ok if r.get("kind") in ("engine_busy", "cpu_engine")]
     if busy:
-        out += ["", md_table(busy, [("slides", "slides"), ("tiles", "tiles"), ("tiles_per_s_set", "engine set to tiles/s"),
-                                    ("workers", "reader threads"), ("tiles_per_s", "run tiles/s"),
-                                    ("busy_pct", "engine busy % of wall"), ("span_pct", "busy % of engine span"),
-                                    ("wall_s", "wall s"), ("busy_s", "busy s"), ("load_avg_before", "load before")])]
+        out += ["", md_table(busy, [("kind", "engine"), ("codec", "chunks"), ("layout", "tiles"),
+                                    ("overlap", "overlap"), ("tiles", "tiles"), ("tiles_per_s_set", "engine set to tiles/s"),
+                                    ("tiles_per_s", "run tiles/s"), ("busy_pct", "engine busy % of wall"),
+                                    ("span_pct", "busy % of engine span"), ("idle_start_s", "idle: start s"),
+                                    ("idle_between_slides_s", "between slides s"), ("idle_within_slides_s", "within s"),
+                                    ("idle_end_s", "end s"), ("wall_s", "wall s"), ("load_avg_before", "load before")])]
+    cpu = [r for r in ok if r.get("kind") == "cpu_engine"]
+    if cpu:
+        out += ["", md_table(cpu, [("encoder_onnx", "encoder"), ("overlap", "overlap"), ("engine_threads", "engine threads"),
+                                   ("tiles_per_s", "end-to-end tiles/s"), ("engine_only_tiles_per_s", "engine alone tiles/s"),
+                                   ("end_to_end_over_engine_only", "end to end ÷ engine alone")])]
     th = next((r.get("threads") for r in ok if r.get("threads")), None)
     if th:
         env = ", ".join(f"{k}={v}" for k, v in th["env"].items() if v is not None) or "none set"

@@ -7,7 +7,8 @@ exactly the batches of an uninterrupted one), read by :func:`~hishrst_runtime.in
 (``tokens.tile_um`` around each tile centre, resized to the encoder's input size), then
 
 1. :func:`encode_tokens` runs the encoder (``batch_size`` tiles a call) and keeps its ``tokens`` output
-   ``[n, rows, cols, width]``;
+   ``[n, rows, cols, width]`` — on the GPU when the encoder and head are onnxruntime GPU engines of one device
+   (:func:`~hishrst_runtime.backends.device.device_link`), so the tokens never make a host round trip;
 2. :func:`head_bins` runs the head over the tokens (``head_batch`` tiles a call) → expression per token, keeps the
    central ``keep × keep`` tokens, pools ``2 × 2`` of them in count space for ``16um``
    (:func:`~hishrst_runtime.core.tokens.pool_bins_log1p`) and returns the unit's rows (its tiles' in-tissue bins,
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from hishrst_runtime.backends.base import named_output
+from hishrst_runtime.backends.device import DeviceTensor, device_link
 from hishrst_runtime.bundle.manifest import Bundle
 from hishrst_runtime.core.errors import InputError
 from hishrst_runtime.core.timing import StageTimer
@@ -35,16 +37,26 @@ from hishrst_runtime.slides.cache import DEFAULT_CACHE_BYTES
 __all__ = ["encode_tokens", "head_bins", "predict_bins", "unit_bin_rows"]
 
 
-def encode_tokens(plan: UnitPlan, encoder: Any, tiles: np.ndarray) -> np.ndarray:
-    """The encoder's ``tokens`` of ``tiles``, float32 ``[n, rows, cols, width]``, ``plan.batch_size`` tiles a call."""
+def encode_tokens(plan: UnitPlan, encoder: Any, tiles: np.ndarray, *, on_device: bool = False) -> Any:
+    """The encoder's ``tokens`` of ``tiles``, float32 ``[n, rows, cols, width]``, ``plan.batch_size`` tiles a call.
+
+    ``on_device`` (the encoder and head share a GPU, :func:`~hishrst_runtime.backends.device.device_link`): the
+    tokens stay on the GPU as a :class:`~hishrst_runtime.backends.device.DeviceTensor` the head takes without a
+    host round trip (a unit is one encoder call; a unit of several calls is joined on the host)."""
     t0 = time.perf_counter()
     b = plan.batch_size
-    tokens = np.concatenate([np.asarray(named_output(encoder, encoder.run({"tiles": tiles[i:i + b]}), "tokens"),
-                                        dtype=np.float32) for i in range(0, len(tiles), b)])
+    if on_device:
+        parts = [encoder.run_device({"tiles": tiles[i:i + b]}, keep=("tokens",), fetch=())["tokens"]
+                 for i in range(0, len(tiles), b)]
+        tokens = parts[0] if len(parts) == 1 else np.concatenate([p.to_host() for p in parts])
+    else:
+        tokens = np.concatenate([np.asarray(named_output(encoder, encoder.run({"tiles": tiles[i:i + b]}), "tokens"),
+                                            dtype=np.float32) for i in range(0, len(tiles), b)])
     plan.timer.add("encoder", time.perf_counter() - t0)
     grid = plan.bundle.spec.tokens.grid if plan.bundle.spec.tokens is not None else None
-    if tokens.ndim != 4 or tokens.shape[0] != len(tiles) or tuple(tokens.shape[1:3]) != grid:
-        raise InputError(f"{plan.bundle.root}: the encoder returned tokens of shape {tokens.shape} for {len(tiles)} "
+    shape = tuple(tokens.shape)
+    if len(shape) != 4 or shape[0] != len(tiles) or tuple(shape[1:3]) != grid:
+        raise InputError(f"{plan.bundle.root}: the encoder returned tokens of shape {shape} for {len(tiles)} "
                          f"tiles, expected [{len(tiles)}, {grid}, width]; re-export the bundle")
     return tokens
 
@@ -69,14 +81,16 @@ def _crop_pool(plan: UnitPlan, layout: BinLayout, expr: np.ndarray) -> np.ndarra
     return pool_bins_log1p(kept.reshape(b * k, k, g), f).reshape(b, k // f, k // f, g)
 
 
-def head_bins(plan: UnitPlan, layout: BinLayout, head: Any, unit: list[int], tokens: np.ndarray
+def head_bins(plan: UnitPlan, layout: BinLayout, head: Any, unit: list[int], tokens: Any
               ) -> tuple[np.ndarray, np.ndarray]:
-    """The head over a unit's tiles: (int64 rows, float32 ``[rows, genes]`` values of their in-tissue bins)."""
+    """The head over a unit's tiles (``tokens``: a host array, or a device value sliced on the device): (int64 rows,
+    float32 ``[rows, genes]`` values of their in-tissue bins)."""
     t0 = time.perf_counter()
     tiles = np.asarray(unit, dtype=np.int64)
     outs = []
     for s in range(0, len(tiles), plan.max_groups):
-        expr = named_output(head, head.run({"tokens": tokens[s:s + plan.max_groups]}), "expression")
+        part = tokens.slice(s, s + plan.max_groups) if isinstance(tokens, DeviceTensor) else tokens[s:s + plan.max_groups]
+        expr = named_output(head, head.run({"tokens": part}), "expression")
         bins = _crop_pool(plan, layout, np.asarray(expr, dtype=np.float32))
         outs.append(bins[layout.in_tissue[tiles[s:s + plan.max_groups]]])
     values = np.ascontiguousarray(np.concatenate(outs), dtype=np.float32)
@@ -118,10 +132,11 @@ def predict_bins(
     all_units = work_units(prep.groups, batch_size)
     units = [u for u in all_units if done is None or not done[unit_bin_rows(layout, u)].all()]
     finish = UnitFinisher(plan, lambda u, tok: head_bins(plan, layout, head, u, tok), write, done, progress)
+    on_device = device_link(encoder, head)  # tokens stay on the GPU between encoder and head
     t_start = time.perf_counter()
     try:
-        run_units(plan, lambda tiles: encode_tokens(plan, encoder, tiles), finish, units, workers, ahead=ahead,
-                  on_read_all=on_read_all)
+        run_units(plan, lambda tiles: encode_tokens(plan, encoder, tiles, on_device=on_device), finish, units, workers,
+                  ahead=ahead, on_read_all=on_read_all)
     finally:
         if ahead is not None:
             ahead.close()

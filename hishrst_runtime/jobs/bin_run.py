@@ -24,7 +24,8 @@ from hishrst_runtime.inference.bins import PreparedBins
 from hishrst_runtime.jobs.formats import write_tissue_geojson
 from hishrst_runtime.jobs.options import RunOptions
 from hishrst_runtime.jobs.results import Pending, SlideResult
-from hishrst_runtime.jobs.slide_run import MAX_CHUNK_ROWS, OUTPUT_BUFFER_BYTES, SlideContext, predict_into
+from hishrst_runtime.jobs.slide_run import (MAX_CHUNK_ROWS, OUTPUT_BUFFER_BYTES, SlideContext, StoreInCreation, created,
+                                            predict_into)
 from hishrst_runtime.output.bins_store import create_bin_store
 from hishrst_runtime.output.names import SlideOutputs
 from hishrst_runtime.output.store import OutputStore, SpatialImages
@@ -81,8 +82,9 @@ def _identity(prep: PreparedBins, bundle: Bundle) -> dict[str, Any]:
     }
 
 
-def _open_store(prep: PreparedBins, outs: SlideOutputs, ctx: SlideContext) -> tuple[OutputStore, bool]:
-    """(store, resumed): the incomplete bin store reopened for ``--resume``, else a new one."""
+def _open_store(prep: PreparedBins, outs: SlideOutputs, ctx: SlideContext) -> tuple[OutputStore | StoreInCreation, bool]:
+    """(store, resumed): the incomplete bin store reopened for ``--resume``, else a new one (created on a thread
+    while the first units stream, :class:`~hishrst_runtime.jobs.slide_run.StoreInCreation`)."""
     bundle, layout, opts = ctx.bundle, prep.bins, ctx.options
     identity, bins = _identity(prep, bundle), layout.uns()
     state = OutputStore.status(outs.store)
@@ -98,11 +100,10 @@ def _open_store(prep: PreparedBins, outs: SlideOutputs, ctx: SlideContext) -> tu
     spatial = SpatialImages(library_id=outs.stem or "slide", lowres=prep.thumbnail, lowres_scalef=prep.thumbnail_scale,
                             spot_diameter_fullres=layout.size_px)
     rows = max(1, min(layout.n_obs, MAX_BIN_CHUNK_ROWS, max(MAX_CHUNK_ROWS, BIN_CHUNK_BYTES // (4 * len(bundle.genes)))))
-    store = create_bin_store(outs.store, n_obs=layout.n_obs, blocks=layout.blocks(), size_um=layout.size_um,
-                             genes=bundle.genes, uns={"hishrst": identity, "bins": bins}, spatial=spatial,
-                             chunk_rows=rows, replace=opts.overwrite, max_buffer_bytes=OUTPUT_BUFFER_BYTES,
-                             x_dtype=opts.dtype)
-    return store, False
+    return StoreInCreation(lambda: create_bin_store(
+        outs.store, n_obs=layout.n_obs, blocks=layout.blocks(), size_um=layout.size_um, genes=bundle.genes,
+        uns={"hishrst": identity, "bins": bins}, spatial=spatial, chunk_rows=rows, replace=opts.overwrite,
+        max_buffer_bytes=OUTPUT_BUFFER_BYTES, x_dtype=opts.dtype), layout.n_obs), False
 
 
 def _qc(prep: PreparedBins, outs: SlideOutputs, ctx: SlideContext) -> dict[str, Any]:
@@ -139,6 +140,7 @@ def run_prepared_bins(prep: PreparedBins, out: Path | SlideOutputs, ctx: SlideCo
     if geojson or (geojson is None and prep.mask_file is not None):
         write_tissue_geojson(outs, prep.tissue_mask, shape0=tuple(prep.slide.shape0), given=prep.mask_file)
     stats, timer = predict_into(store, prep, ctx, lock, resumed, predict=predict_bins, unit="bin")
+    store = created(store)
     bins_per_s = round(stats.points_computed / max(stats.seconds, 1e-9), 1)
     timings = {k: round(v, 3) for k, v in timer.seconds.items()} | {"prepare": round(prep.seconds, 3),
                                                                      "predict": round(stats.seconds, 3)}

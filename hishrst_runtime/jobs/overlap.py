@@ -16,12 +16,16 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["Finisher", "read_ahead_when_prepared"]
+__all__ = ["FINISH_QUEUE", "Finisher", "read_ahead_when_prepared"]
+
+#: Slides that may wait to be finished behind the one finishing (each keeps its slide open and its lock held).
+FINISH_QUEUE = 2
 
 
 class Finisher:
-    """Slide finishing on one thread, in the order submitted; at most one slide waits behind the one finishing
-    (:meth:`submit` returns once the slides before the new one are finished)."""
+    """Slide finishing on one thread, in the order submitted. At most :data:`FINISH_QUEUE` slides wait behind the
+    one finishing (:meth:`submit` returns at once while fewer do): the engine goes on to the next slide while a
+    short slide's finish queues behind a long one's."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hishrst-finish")
@@ -29,11 +33,11 @@ class Finisher:
         self._lock = threading.Lock()
 
     def submit(self, i: int, task: Callable[[], Any]) -> None:
-        """Queue slide ``i``'s ``task``, then wait for the slides queued before it."""
+        """Queue slide ``i``'s ``task``, then wait until at most :data:`FINISH_QUEUE` slides wait to be finished."""
         with self._lock:
-            before = list(self._futures.values())
             self._futures[i] = self._pool.submit(task)
-        for f in before:
+            pending = [f for f in self._futures.values() if not f.done()]
+        for f in pending[: max(0, len(pending) - 1 - FINISH_QUEUE)]:
             f.exception()  # wait; an unexpected error is raised by collect()
 
     @property

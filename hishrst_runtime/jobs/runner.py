@@ -73,6 +73,9 @@ __all__ = ["run_slides", "run_slide", "slide_output_path", "output_collisions", 
 
 #: Explicit points of one slide: a ``[N, 2]`` level-0 pixel (x, y) array, or points read from a file.
 Points = np.ndarray | QueryPoints
+#: Slides prepared ahead of the one streaming, on as many threads (opened, tissue detected, query grid laid out;
+#: only the next one reads tiles ahead). Two: a big slide after a short one is prepared in time.
+PREFETCH_SLIDES = 2
 
 
 #: Position modes whose positions exist on any slide (absolute µm at run time); ``grid`` (Visium array
@@ -211,7 +214,7 @@ class _Runner(Admission):
         self.outputs = [i.outputs(out_dir) for i in items]
         self.outs = [o.store for o in self.outputs]
         self.collided = set(output_collisions(items, out_dir))
-        self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hishrst-prefetch")
+        self.prefetch = ThreadPoolExecutor(max_workers=PREFETCH_SLIDES, thread_name_prefix="hishrst-prefetch")
         self.finisher = Finisher()
         self.futures: dict[int, Future] = {}
         self.locked: set[int] = set()  # slides skipped because another live job holds their lock
@@ -292,7 +295,8 @@ class _Runner(Admission):
 
     def _read_ahead_next(self) -> None:
         """The slide streaming now has every read under way: the next slide reads its first units."""
-        read_ahead_when_prepared(self.futures.values())
+        if self.futures:
+            read_ahead_when_prepared([self.futures[min(self.futures)]])
 
     def _drop(self, i: int) -> None:
         """Forget slide i's prefetch; close its slide once (and if) it is ready."""
@@ -308,10 +312,17 @@ class _Runner(Admission):
             self.opts.overwrite or not is_done(out, self.opts.formats))
 
     def _prefetch_after(self, i: int) -> None:
-        """Prepare (in the background) the next slide after i that will need work."""
-        j = next((j for j in range(i + 1, len(self.slides)) if self._needs_work(j)), None)
-        if j is not None and j not in self.futures:
-            self.futures[j] = self.prefetch.submit(self._prepare_ahead, self.items[j])
+        """Prepare (in the background, one after the other) the next :data:`PREFETCH_SLIDES` slides after i that will
+        need work: a big slide after a short one is then prepared while the slide before the short one streams."""
+        ahead: list[int] = []
+        for j in range(i + 1, len(self.slides)):
+            if len(ahead) == PREFETCH_SLIDES:
+                break
+            if j in self.futures or self._needs_work(j):
+                ahead.append(j)
+        for j in ahead:
+            if j not in self.futures:
+                self.futures[j] = self.prefetch.submit(self._prepare_ahead, self.items[j])
 
     def _one(self, i: int) -> SlideResult | None:
         """Slide i's result, or None when it streamed and is being finished (:attr:`finisher`, holding its lock)."""
@@ -334,10 +345,8 @@ class _Runner(Admission):
         self.ran += 1
         try:
             fut = self.futures.pop(i, None) or self.prefetch.submit(self._prepare, self.items[i])
-            try:
-                prep = fut.result()
-            finally:
-                self._prefetch_after(i)  # the next slide is prepared while this one runs
+            self._prefetch_after(i)  # the next slides are prepared while this one is (on the other thread) and runs
+            prep = fut.result()
             prep.on_read_all = self._read_ahead_next
             run = run_prepared_bins if isinstance(prep, PreparedBins) else run_prepared
             done = run(prep, out, self.ctx, beat)

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from hishrst_runtime.jobs.results import Pending, SlideResult
 from hishrst_runtime.output.names import SlideOutputs
 from hishrst_runtime.output.store import OutputStore, SpatialImages
 
-__all__ = ["SlideContext", "run_prepared", "predict_into", "MAX_CHUNK_ROWS", "OUTPUT_BUFFER_BYTES",
+__all__ = ["SlideContext", "StoreInCreation", "created", "run_prepared", "predict_into", "MAX_CHUNK_ROWS", "OUTPUT_BUFFER_BYTES",
            "EXPLICIT_BUFFER_BYTES", "LOCK_REFRESH_S"]
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,45 @@ def _buffer_bytes(prep: PreparedSlide, n_genes: int) -> int:
     return max(OUTPUT_BUFFER_BYTES, min(need, EXPLICIT_BUFFER_BYTES))
 
 
-def _open_store(prep: PreparedSlide, outs: SlideOutputs, ctx: SlideContext) -> tuple[OutputStore, bool]:
-    """(store, resumed): the incomplete output reopened for ``--resume``, else a new one."""
+class StoreInCreation:
+    """A new output store being created on a thread of its own while the slide's first units stream, so the
+    engine does not wait for its skeleton between slides (obs, var, uns and images: hundreds of small files,
+    ~0.1 s on a local disk and more on network filesystems). A new store has no row done (:meth:`done_mask` while
+    it is being created); any other use waits for the store and raises its creation error, so the first write of a slide whose store
+    cannot be created fails the slide with that error."""
+
+    def __init__(self, create: Callable[[], OutputStore], n_obs: int) -> None:
+        self._n_obs = int(n_obs)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hishrst-store")
+        self._future = pool.submit(create)
+        pool.shutdown(wait=False)
+
+    def result(self) -> OutputStore:
+        """The created store (waits for it)."""
+        return self._future.result()
+
+    def done_mask(self) -> np.ndarray:
+        """The store's rows written so far: none while it is being created (a new store), else the store's own."""
+        fut = self._future
+        if fut.done() and fut.exception() is None:
+            return fut.result().done_mask()
+        return np.zeros(self._n_obs, dtype=bool)
+
+    def write_rows(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """:meth:`OutputStore.write_rows` once the store exists (bound before the first unit is computed)."""
+        self.result().write_rows(rows, values)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._future.result(), name)
+
+
+def created(store: OutputStore | StoreInCreation) -> OutputStore:
+    """The store itself (waiting for a :class:`StoreInCreation`)."""
+    return store.result() if isinstance(store, StoreInCreation) else store
+
+
+def _open_store(prep: PreparedSlide, outs: SlideOutputs, ctx: SlideContext) -> tuple[OutputStore | StoreInCreation, bool]:
+    """(store, resumed): the incomplete output reopened for ``--resume``, else a new one (:class:`StoreInCreation`)."""
     bundle, n, out = ctx.bundle, len(prep.points_px), outs.store
     identity = _identity(prep, bundle)
     buffer_bytes = _buffer_bytes(prep, len(bundle.genes))
@@ -108,15 +146,14 @@ def _open_store(prep: PreparedSlide, outs: SlideOutputs, ctx: SlideContext) -> t
     spatial = SpatialImages(library_id=library_id, lowres=prep.thumbnail, lowres_scalef=prep.thumbnail_scale,
                             spot_diameter_fullres=(prep.pitch_um or bundle.patch_um) / float(prep.slide.mpp0))
     rows = max(1, min(MAX_CHUNK_ROWS, n, (4 << 20) // (4 * len(bundle.genes))))
-    store = OutputStore.create(out, obs_xy_px=prep.points_px, grid_index=prep.grid_index,
-                               tissue_fraction=prep.tissue_fraction, genes=bundle.genes, uns={"hishrst": identity},
-                               spatial=spatial, chunk_rows=rows, max_buffer_bytes=buffer_bytes,
-                               replace=opts.overwrite, obs_names=prep.obs_names, x_dtype=opts.dtype,
-                               extra_obs=None if prep.background is None else {"background": prep.background})
-    return store, False
+    return StoreInCreation(lambda: OutputStore.create(
+        out, obs_xy_px=prep.points_px, grid_index=prep.grid_index, tissue_fraction=prep.tissue_fraction,
+        genes=bundle.genes, uns={"hishrst": identity}, spatial=spatial, chunk_rows=rows, max_buffer_bytes=buffer_bytes,
+        replace=opts.overwrite, obs_names=prep.obs_names, x_dtype=opts.dtype,
+        extra_obs=None if prep.background is None else {"background": prep.background}), n), False
 
 
-def predict_into(store: OutputStore, prep: PreparedSlide, ctx: SlideContext, lock: Any, resumed: bool, *,
+def predict_into(store: OutputStore | StoreInCreation, prep: PreparedSlide, ctx: SlideContext, lock: Any, resumed: bool, *,
                  predict: Callable[..., PredictStats] = predict_slide, unit: str = "pt"
                  ) -> tuple[PredictStats, StageTimer]:
     """Stream every missing row into ``store`` with ``predict`` (:func:`predict_slide`, or the bins' twin) and
@@ -194,6 +231,7 @@ def run_prepared(prep: PreparedSlide, out: Path | SlideOutputs, ctx: SlideContex
     if geojson or (geojson is None and mask is not None):  # before any row: a complete output always has it
         write_tissue_geojson(outs, prep.tissue_mask, shape0=tuple(prep.slide.shape0), given=mask)
     stats, timer = predict_into(store, prep, ctx, lock, resumed)
+    store = created(store)
     tiles_per_s = round(stats.points_computed / max(stats.seconds, 1e-9), 1)
     timings = {k: round(v, 3) for k, v in timer.seconds.items()} | {"prepare": round(prep.seconds, 3),
                                                                      "predict": round(stats.seconds, 3)}

@@ -328,3 +328,37 @@ def test_native_engine_over_profile_error() -> None:
     be._context, be._mem = object(), types.SimpleNamespace(activate=lambda: None)
     with pytest.raises(BackendError, match=r"batch of 33 .* \(1\.\.32\)"):
         be.run({"tiles": _tiles(33)})
+
+
+def test_bin_stages_keep_the_tokens_on_the_device(models: dict[str, Path]) -> None:
+    """``hishrst-run --resolution``'s stages with two GPU engines of one device: the encoder's tokens stay on the
+    GPU (one device value per unit), the head takes row slices of it, and the bins equal the host path's."""
+    from types import SimpleNamespace
+
+    from hishrst_runtime.core.timing import StageTimer
+    from hishrst_runtime.inference.bin_stages import encode_tokens, head_bins
+
+    enc, head = _cuda(models["encoder"]), _cuda(models["head"])
+    assert device_link(enc, head)
+    n, genes = 7, 5
+    spec = SimpleNamespace(tokens=SimpleNamespace(grid=(2, 2)))
+    plan = SimpleNamespace(batch_size=8, max_groups=3, timer=StageTimer(), prep=SimpleNamespace(name="slide"),
+                           bundle=SimpleNamespace(spec=spec, root="bundle", genes=[f"G{i}" for i in range(genes)]))
+    in_tissue = np.random.default_rng(2).random((n, 2, 2)) > 0.3
+    layout = SimpleNamespace(lattice=SimpleNamespace(geometry=SimpleNamespace(margin=0, keep=2, grid=(2, 2))),
+                             factor=1, in_tissue=in_tissue, tile_rows=lambda a, b: np.arange(int(in_tissue.sum())))
+    tiles, unit = _tiles(n, seed=3), list(range(n))
+    LOG.clear()
+    tok = encode_tokens(plan, enc, tiles, on_device=True)
+    assert isinstance(tok, DeviceTensor) and tok.shape == (n, 2, 2, 3)
+    rows, values = head_bins(plan, layout, head, unit, tok)
+    sliced = [e for e in LOG if e[0] in ("bind_input", "bind_ortvalue_input") and e[1] == "head.onnx"]
+    assert len(sliced) == 3  # 7 tiles in head batches of 3: three device row slices, no host round trip
+    copies = [e for e in LOG if e[0] in ("to_cpu", "copy_outputs_to_cpu")]
+    assert copies == [("copy_outputs_to_cpu", "head.onnx")] * 3  # only the head's expression came to the host
+    host_tok = encode_tokens(plan, enc, tiles)
+    assert isinstance(host_tok, np.ndarray)
+    want_rows, want = head_bins(plan, layout, head, unit, host_tok)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(values, want)
+    assert values.shape == (int(in_tissue.sum()), genes)
