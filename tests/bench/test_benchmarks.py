@@ -292,15 +292,21 @@ def test_report_renders_feed_and_gpu_sections(tmp_path: Path) -> None:
     machine = {"cpu_model": "cpu", "cores_usable": 2, "cores_logical": 2, "memory_gb": 8, "gpu": None, "versions": {}}
     stamp = {"timestamp": "t", "command": "python -m benchmarks.feed", "machine": machine, "load_avg_1m": 1.0}
     threads = {"env": {"OMP_NUM_THREADS": "1"}, "cores_usable": 2, "physical_cores": 2, "runtime_default_workers": 2}
-    recs = [{**stamp, "kind": "feed", "status": "ok", "slide_kind": "ome-zarr 0.5 µm/px", "workers": 1,
-             "tiles_per_s": 500.0, "threads": threads},
-            {**stamp, "kind": "scaling", "status": "ok", "slide_kind": "ome-zarr 0.5 µm/px",
+    recs = [{**stamp, "kind": "feed", "status": "ok", "slide_kind": "ome-zarr 0.5 µm/px, lz4", "layout": "NCHW",
+             "workers": 1, "tiles_per_s": 500.0, "threads": threads},
+            {**stamp, "kind": "scaling", "status": "ok", "slide_kind": "ome-zarr 0.5 µm/px, lz4", "layout": "NCHW",
              "tiles_per_s_by_threads": {"1": 500.0, "2": 900.0}, "scaling": {"1": 1.0, "2": 1.8}},
-            {**stamp, "kind": "engine_busy", "status": "ok", "slides": 5, "tiles": 100, "busy_fraction_of_wall": 0.25,
-             "busy_fraction": 0.5}]
+            {**stamp, "kind": "engine_busy", "status": "ok", "codec": "lz4", "layout": "NCHW", "overlap": True,
+             "slides": 5, "tiles": 100, "busy_fraction_of_wall": 0.25, "busy_fraction": 0.5,
+             "idle": {"start_s": 0.4, "between_slides_s": 0.2, "within_slides_s": 0.1, "end_s": 0.3}},
+            {**stamp, "kind": "cpu_engine", "status": "ok", "encoder_onnx": "enc.onnx", "overlap": True,
+             "engine_threads": 1, "tiles_per_s": 90.0, "engine_only_tiles_per_s": 100.0,
+             "end_to_end_over_engine_only": 0.9, "busy_fraction_of_wall": 0.8, "busy_fraction": 0.9}]
     text = section("feed", recs)
-    assert "| ome-zarr 0.5 µm/px | 1 | 500 |" in text and "| ome-zarr 0.5 µm/px | 500 | 900 | 1.80 |" in text
-    assert "| 5 | 100 |" in text and "| 25.0 | 50.0 |" in text and "OMP_NUM_THREADS=1" in text
+    assert "| ome-zarr 0.5 µm/px, lz4 | NCHW | 1 | 500 |" in text
+    assert "| ome-zarr 0.5 µm/px, lz4 | NCHW | 500 | 900 | 1.80 |" in text
+    assert "| engine_busy | lz4 | NCHW | yes | 100 |" in text and "| 25.0 | 50.0 | 0.4 | 0.2 | 0.1 | 0.3 |" in text
+    assert "| enc.onnx | yes | 1 | 90.0 | 100 | 0.9 |" in text and "OMP_NUM_THREADS=1" in text
 
 
 def test_claim_quick(tmp_path: Path) -> None:
