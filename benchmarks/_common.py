@@ -361,11 +361,17 @@ def _poll_tree_rss(pid: int, peak: list[int], stop: threading.Event, poll_s: flo
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak RSS so far, in bytes (``getrusage(RUSAGE_SELF).ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """This process's peak RSS (bytes): Linux ``VmHWM`` (``ru_maxrss`` keeps the pre-``exec`` mark there: a forked
+    benchmark child's would be its parent's RSS), else ``ru_maxrss`` (bytes on macOS)."""
     import resource
 
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(ru if sys.platform == "darwin" else ru * 1024)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
 
 
 def _child_main(target: str, args_file: str, result_file: str) -> None:

@@ -125,7 +125,10 @@ def ensure_bundle(workdir: Path, preset: str, *, epochs: int, n_genes: int) -> t
     """A ``test-vit`` recovery run fitted on the synthetic section and its exported fp32 bundle: (run, bundle)."""
     section = ensure_section(workdir, preset)
     tag = f"{preset}-e{epochs}-g{n_genes}"
-    run_dir, bundle_dir = workdir / f"run-{tag}", workdir / f"bundle-{tag}"
+    from hishrst_runtime.core.vocab import DEFAULT_TILE_LAYOUT
+
+    # the bundle's name carries the tile layout its encoder takes (a bundle cached by an older version is NHWC)
+    run_dir, bundle_dir = workdir / f"run-{tag}", workdir / f"bundle-{tag}-{DEFAULT_TILE_LAYOUT.lower()}"
     if not run_dir.exists():
         from hishrst_train.tasks import fit_run
 
