@@ -228,9 +228,11 @@ def _tile_error(e: SlideError) -> ConvertError:
     return ConvertError(str(e))
 
 
-def _discard(tmp: Path, *, settle_s: float = 2.0) -> None:
+def _discard(tmp: Path, *, settle_s: float = 0.5) -> None:
     """Remove a failed store. zarr writes chunks concurrently and, when one write fails, the others may still
-    land (re-creating folders) after the error reached us: remove again until the path stays gone."""
+    land (re-creating folders) after the error reached us: remove again until the path stays gone (``settle_s``
+    seconds, 0.2 s more after each re-created path; a straggler after that is a hidden ``.partial-…`` sibling the
+    next conversion to the same output removes)."""
     deadline = time.monotonic() + settle_s
     remove_tree(tmp)
     while time.monotonic() < deadline:
