@@ -82,7 +82,7 @@ def format_summary(m: dict[str, Any], out: Path) -> list[str]:
               help="Training section (Space Ranger outs), if it moved since `hishrst fit` (real-tile parity check).")
 @click.option("--tile-layout", type=click.Choice(TILE_LAYOUTS), default=DEFAULT_TILE_LAYOUT, show_default=True,
               help="How the encoder graph takes its uint8 tiles: NHWC [B,S,S,3] or NCHW [B,3,S,S] (OME-Zarr's channel "
-                   "planes: hishrst-run cuts them with about half the CPU per tile, for GPU nodes).")
+                   "planes: hishrst-run copies whole plane rows, 55 instead of 130 us a tile; the default).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
 @threads_option
 def export(run_dir: Path, out: Path, precision: str, max_batch: int, tensorrt: bool, opset: int,
