@@ -330,6 +330,8 @@ def _busy_records(out: JsonlWriter, work: Path, args: Any, common: dict[str, Any
     workers = args.busy_workers if args.busy_workers is not None else DEFAULT_WORKERS
     modes = [False, True] if args.compare_overlap else [True]
     bundle = ensure_placeholder_bundle(work, args.patch_um, layout=args.busy_layout)
+    # untimed: the smallest slide once, so the first point does not pay the process's first imports (anndata, ...)
+    engine_busy(slides[-1:], bundle, work / "feed" / "out-busy", tiles_per_s=args.engine_rate[0], workers=workers)
     for rate in args.engine_rate:
         for overlap in modes:
             b = engine_busy(slides, bundle, work / "feed" / "out-busy", tiles_per_s=rate, workers=workers,

@@ -87,8 +87,8 @@ def detect_tissue(
         return np.zeros(img.shape[:2], dtype=bool)
     rgb = img[..., :3].astype(np.float32)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    vmax = rgb.max(axis=-1)
-    vmin = rgb.min(axis=-1)
+    vmax = np.maximum(np.maximum(r, g), b)  # the same values as rgb.max(axis=-1), ~5x faster than reducing a
+    vmin = np.minimum(np.minimum(r, g), b)  # length-3 axis
     black = vmax < 50.0
     if method == "otsu-saturation":
         feat = np.divide(vmax - vmin, vmax, out=np.zeros_like(vmax), where=vmax > 0)
