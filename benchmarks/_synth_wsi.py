@@ -183,13 +183,11 @@ def ensure_placeholder_bundle(work: Path, patch_um: float, *, input_size: int = 
     from hishrst_runtime.core.files import sha256_file
 
     if encoder is not None:  # the given graph's own layout and feature width
-        from hishrst_runtime.core.patches import shape_tile_layout
+        from hishrst_runtime.core.onnx_graph import graph_tile_layout, read_onnx_graph
 
-        graph = onnx.load(str(encoder), load_external_data=False).graph
-        tiles = next(i for i in graph.input if i.name == "tiles")
-        layout = shape_tile_layout([d.dim_value or d.dim_param for d in tiles.type.tensor_type.shape.dim])
-        feats = next(o for o in graph.output if o.name == "features").type.tensor_type.shape.dim
-        feature_dim = int(feats[1].dim_value) or feature_dim
+        layout = graph_tile_layout(encoder)
+        feats = read_onnx_graph(encoder).output("features")
+        feature_dim = int(feats.shape[1] or feature_dim) if feats is not None else feature_dim
 
     def build(root: Path) -> None:
         root.mkdir(parents=True)

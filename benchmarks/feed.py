@@ -78,7 +78,6 @@ def feed_slides(work: Path, side_mm: float, codecs: list[str] | None = None) -> 
     """The three slide kinds of the feed-rate part (same tissue, same physical size): kind → (slide, chunk codec).
     The OME-Zarr kinds come once per chunk codec of ``codecs`` (default: the writer's default only)."""
     from benchmarks._synth_wsi import ensure_jpeg_tiff, ensure_zarr
-    from hishrst_runtime.core.vocab import DEFAULT_CHUNK_CODEC
 
     um = 1000.0 * side_mm
     kinds: dict[str, tuple[Path, str]] = {}
@@ -278,8 +277,8 @@ def _parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--compare-overlap", action="store_true",
                    help="run each engine-busy point without the slide overlap too (the slide loop before issue 19)")
     p.add_argument("--cpu-encoder", type=Path, default=None,
-                   help="an encoder ONNX at UNI geometry (uint8 [B,224,224,3] → [B,1024]): also run the 5 slides on "
-                        "the CPU engine and report end-to-end / engine-only tiles/s")
+                   help="an encoder ONNX at UNI geometry (uint8 224-px tiles, either layout → features): also run "
+                        "the 5 slides on the CPU engine and report end-to-end / engine-only tiles/s")
     return p.parse_args(argv)
 
 

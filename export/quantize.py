@@ -38,6 +38,7 @@ import numpy as np
 from hishrst_export.bundle import ExportError
 from hishrst_export.parity import compare
 from hishrst_runtime.core.grouping import group_points, pad_groups, safe_index
+from hishrst_runtime.core.onnx_graph import graph_tile_layout
 
 __all__ = ["INT8_GATE", "N_CALIBRATION", "N_HELDOUT", "QUANTIZED_OPS", "QuantizationGateError", "TileSets",
            "embedding_cosine", "int8_gate", "quantize_bundle_encoder", "quantize_encoder", "training_tiles"]
@@ -180,7 +181,7 @@ def quantize_encoder(fp32_path: str | Path, out_path: str | Path, calibration: n
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.stem}-int8-") as scratch:
         raw = Path(scratch) / out_path.name
         with contextlib.redirect_stdout(None), _quiet_root_logger():  # progress prints; "consider pre-processing"
-            quantize_static(str(fp32_path), str(raw), _reader(calibration, batch, _graph_layout(Path(fp32_path))),
+            quantize_static(str(fp32_path), str(raw), _reader(calibration, batch, graph_tile_layout(fp32_path)),
                             quant_format=getattr(QuantFormat, QUANT_FORMAT), op_types_to_quantize=list(QUANTIZED_OPS),
                             per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
@@ -188,17 +189,6 @@ def quantize_encoder(fp32_path: str | Path, out_path: str | Path, calibration: n
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
         _resave(raw, out_path)
     return out_path
-
-
-def _graph_layout(path: Path) -> str:
-    """The tile layout of the encoder graph ``path`` (its ``tiles`` input's shape; weights not loaded)."""
-    import onnx
-
-    from hishrst_runtime.core.patches import shape_tile_layout
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    tiles = next(i for i in graph.input if i.name == "tiles")
-    return shape_tile_layout([d.dim_value or d.dim_param for d in tiles.type.tensor_type.shape.dim])
 
 
 def _features(path: Path, tiles: np.ndarray, batch: int = BATCH) -> np.ndarray:

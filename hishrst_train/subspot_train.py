@@ -51,7 +51,7 @@ class TokenRows:
 
     def take(self, index: np.ndarray) -> np.ndarray:
         index = np.asarray(index, np.int64)
-        part = np.searchsorted(self._offsets, index, side="right") - 1  # type: ignore[attr-defined]
+        part = self.part_of(index)
         out = np.empty((len(index), *self.shape[1:]), np.float32)
         for k in np.unique(part):
             sel = part == k

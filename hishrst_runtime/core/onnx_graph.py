@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OnnxFormatError", "OnnxGraphInfo", "TensorInfo", "read_onnx_graph"]
+__all__ = ["OnnxFormatError", "OnnxGraphInfo", "TensorInfo", "graph_tile_layout", "read_onnx_graph"]
 
 # ModelProto / GraphProto / NodeProto / AttributeProto / TensorProto / ValueInfoProto field numbers.
 _MODEL_GRAPH, _MODEL_METADATA = 7, 14  # ModelProto.graph, ModelProto.metadata_props
@@ -230,3 +230,14 @@ def read_onnx_graph(path: str | Path) -> OnnxGraphInfo:
         info = _graph_info(buf, *graphs[-1])
         return OnnxGraphInfo(inputs=info.inputs, outputs=info.outputs, external_data=info.external_data,
                              metadata=metadata)
+
+
+def graph_tile_layout(path: str | Path) -> str:
+    """The tile layout (``NHWC`` / ``NCHW``) of the encoder graph at ``path``, from its ``tiles`` input's shape
+    (:func:`~hishrst_runtime.core.patches.shape_tile_layout`); :class:`OnnxFormatError` when it has no ``tiles``."""
+    from hishrst_runtime.core.patches import shape_tile_layout
+
+    tiles = read_onnx_graph(path).input("tiles")
+    if tiles is None:
+        raise OnnxFormatError(f"{path}: no 'tiles' input (not an encoder graph)")
+    return shape_tile_layout(tiles.shape)

@@ -10,10 +10,9 @@ For one slide:
    thread runs ``encode_tiles``, one more thread runs ``head_rows`` and hands the rows to ``write``,
    one unit at a time in unit order, while the encoder goes on with the next unit.
 
-Peak memory is bounded independently of the slide's size: the chunk cache (``cache_bytes``), one
-unit box per reader thread (at most ``MAX_UNIT_REGION_PX`` pixels), at most ``max(2, 2 * workers)``
-units of tiles in flight, and the per-point arrays (points, groups, done mask). The next slide is
-prepared in the background while the current one runs (:func:`hishrst_runtime.jobs.runner.run_slides`), and
+Peak memory is bounded independently of the slide's size: the chunk cache (``cache_bytes``), at most
+``max(2, 2 * workers)`` units of tiles in flight, and the per-point arrays (points, groups, done mask). The next
+slide is prepared in the background while the current one runs (:func:`hishrst_runtime.jobs.runner.run_slides`), and
 once the current one has read all its units, the next one's first units are read ahead (:class:`ReadAhead`, at
 most :data:`READ_AHEAD_BYTES` of tiles), so the engine goes on from one slide to the next without waiting for tiles.
 """

@@ -36,16 +36,11 @@ from hishrst_runtime.core.vocab import LEGACY_TILE_LAYOUT
 from hishrst_runtime.inference.prepare import PreparedSlide
 from hishrst_runtime.slides.cache import DEFAULT_CACHE_BYTES, ChunkCache
 
-__all__ = ["MAX_UNIT_REGION_PX", "NonFiniteOutputError", "UnitPlan", "plan_units", "work_units", "unit_rows",
+__all__ = ["NonFiniteOutputError", "UnitPlan", "plan_units", "work_units", "unit_rows",
            "read_tiles", "encode_tiles", "head_rows", "check_finite"]
 
 class NonFiniteOutputError(BundleError):
     """The bundle's head returned NaN or infinite values; the slide fails and those rows are not written."""
-
-
-#: Formerly the largest box (pixels) a reader assembled for one work unit; :func:`read_tiles` now copies each
-#: patch straight from the cached chunks and assembles no unit box (kept for importers).
-MAX_UNIT_REGION_PX = 1 << 24
 
 
 def work_units(groups: list[np.ndarray], batch_size: int) -> list[list[int]]:

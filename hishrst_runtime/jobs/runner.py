@@ -312,8 +312,8 @@ class _Runner(Admission):
             self.opts.overwrite or not is_done(out, self.opts.formats))
 
     def _prefetch_after(self, i: int) -> None:
-        """Prepare (in the background, one after the other) the next :data:`PREFETCH_SLIDES` slides after i that will
-        need work: a big slide after a short one is then prepared while the slide before the short one streams."""
+        """Prepare (in the background, on the prefetch threads) the next :data:`PREFETCH_SLIDES` slides after i that
+        will need work: a big slide after a short one is then prepared while the slide before the short one streams."""
         ahead: list[int] = []
         for j in range(i + 1, len(self.slides)):
             if len(ahead) == PREFETCH_SLIDES:

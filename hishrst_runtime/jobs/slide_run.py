@@ -96,9 +96,9 @@ def _buffer_bytes(prep: PreparedSlide, n_genes: int) -> int:
 class StoreInCreation:
     """A new output store being created on a thread of its own while the slide's first units stream, so the
     engine does not wait for its skeleton between slides (obs, var, uns and images: hundreds of small files,
-    ~0.1 s on a local disk and more on network filesystems). A new store has no row done (:meth:`done_mask` while
-    it is being created); any other use waits for the store and raises its creation error, so the first write of a slide whose store
-    cannot be created fails the slide with that error."""
+    ~0.1 s on a local disk and more on network filesystems). A new store has no row done (:meth:`done_mask`
+    while it is being created); any other use waits for the store and raises its creation error, so the first
+    write of a slide whose store cannot be created fails the slide with that error."""
 
     def __init__(self, create: Callable[[], OutputStore], n_obs: int) -> None:
         self._n_obs = int(n_obs)

@@ -39,7 +39,7 @@ class ChunkCache:
     patches and regions are assembled from cached chunks, so neighbouring patches never decode a chunk twice
     and no read is ever bigger than a chunk. Chunks are kept as the level decodes them — planar ``(3, h, w)``
     for ``c, y, x`` stores, else ``(h, w, 3)``, 3 bytes per pixel — and :meth:`copy_box` copies a box of them
-    straight into a caller's ``(h, w, 3)`` array (the encoder's batch), interleaving planes on the way. The
+    straight into a caller's ``(h, w, 3)`` or ``(3, h, w)`` array (a tile of the encoder's batch). The
     cache holds at most ``max(max_bytes, one chunk)`` bytes of decoded pixels, momentarily one chunk more while
     inserting. Concurrent requests for the same chunk wait for one decode instead of decoding it twice.
     """

@@ -321,9 +321,10 @@ def test_both_tile_layouts_compute_the_same_features(small_run: Path, small_bund
     got = _session(small_bundle / "encoder.onnx").run(None, {"tiles": np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     from hishrst_export import quantize
+    from hishrst_runtime.core.onnx_graph import graph_tile_layout
 
     for bundle in (out, small_bundle):
-        assert quantize._graph_layout(bundle / "encoder.onnx") == load_bundle(bundle).spec.encoder.layout
+        assert graph_tile_layout(bundle / "encoder.onnx") == load_bundle(bundle).spec.encoder.layout
         np.testing.assert_allclose(quantize._features(bundle / "encoder.onnx", tiles), want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ExportError, match="tile-layout"):
         export_bundle(small_run, out=tmp_path / "x", tile_layout="CHWN", **QUIET)  # type: ignore[arg-type]

@@ -117,3 +117,12 @@ def test_flipped_bit_in_an_lz4_chunk_names_the_file(tmp_path: Path) -> None:
 def test_unknown_codec_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="codec must be one of zstd, lz4"):
         write_ome_zarr(disc_image(64), tmp_path / "s.zarr", mpp=0.5, codec="brotli")  # type: ignore[arg-type]
+
+
+def test_graph_tile_layout_reads_the_tiles_input(tmp_path: Path, make_tiny_bundle: Callable[..., Path]) -> None:
+    from hishrst_runtime.core.onnx_graph import OnnxFormatError, graph_tile_layout
+
+    for layout in ("NHWC", "NCHW"):
+        assert graph_tile_layout(make_tiny_bundle(tmp_path / layout, layout=layout) / "encoder.onnx") == layout
+    with pytest.raises(OnnxFormatError, match="no 'tiles' input"):
+        graph_tile_layout(tmp_path / "NHWC" / "head.onnx")
